@@ -1,0 +1,210 @@
+"""The `remat` command line: parse, call the library, print. No planning logic lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from remat.units import format_bytes, format_seconds, parse_size
+
+EXIT_BAD_INPUT = 2  # bad input and infeasible budgets: the user has something to change
+
+stderr = Console(stderr=True)
+
+
+class UserError(Exception):
+    """A one-line message for the user; exit status 2, no traceback."""
+
+
+def fail(message: str) -> None:
+    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """remat: rematerialization (activation checkpointing) plans for PyTorch training."""
+
+
+@main.command()
+@click.option("--model", required=True, help="Zoo name (gpt2, gpt2-medium, resnet50, ...) or path/to/file.py:factory.")
+@click.option("--budget", required=True, help="Whole device memory for the step: 16GB (1e9 bytes), 16GiB (2^30).")
+@click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--seq", default=None, type=click.IntRange(min=1), help="Sequence length [default: the model's context].")
+@click.option("--device", default="h100", show_default=True, help="Device profile: h100, a100, v100, cpu or a JSON file.")
+@click.option("--precision", default="bf16-mixed", show_default=True, type=click.Choice(["bf16-mixed", "fp32"]))
+@click.option("--optimizer", default="adamw", show_default=True,
+              type=click.Choice(["adamw", "adam", "sgd", "sgd-momentum", "none"]))
+@click.option("--solver", default="auto", show_default=True, help="auto, checkmate, or a baseline name.")
+@click.option("--time-limit", default=60.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds for the MILP; the best plan so far is returned when it runs out.")
+@click.option("--backend", default="highs", show_default=True, type=click.Choice(["highs", "cbc", "gurobi"]),
+              help="MILP back-end.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the plan (graph hash + schedule) as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the report.")
+def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_limit, backend, out, as_json) -> None:
+    """Plan the training step of MODEL under a memory BUDGET."""
+    from solvers import SOLVER_NAMES
+
+    started = time.perf_counter()
+    try:
+        budget_bytes = parse_size(budget)
+    except ValueError as error:
+        fail(f"--budget: {error}")
+    if solver not in SOLVER_NAMES:
+        fail(f"unknown solver {solver!r}: choose one of {', '.join(SOLVER_NAMES)}")
+
+    graph = _trace(model, batch, seq, precision, device, optimizer)
+    from remat.plan import solve as solve_plan
+
+    with stderr.status("planning", spinner="dots") as status:
+        try:
+            plan = solve_plan(graph, budget_bytes, solver=solver, time_limit_s=time_limit, backend=backend,
+                              progress=lambda stage: status.update(f"planning: {stage}"))
+        except ValueError as error:  # an unavailable back-end, say
+            fail(str(error))
+    wall_s = time.perf_counter() - started
+
+    if out and plan.schedule is not None:
+        Path(out).write_text(json.dumps(plan.to_json()))
+    if as_json:
+        click.echo(json.dumps(_plan_summary(plan, wall_s)))
+    else:
+        _print_plan(plan, wall_s, out)
+    if plan.schedule is None:
+        fail(f"no plan fits {format_bytes(budget_bytes)} ({budget_bytes} bytes) for {model}: the minimum feasible "
+             f"budget found is {_fmt(plan.min_feasible_bytes)} ({plan.min_feasible_bytes} bytes); "
+             f"use --budget {_ceil_gb(plan.min_feasible_bytes)} or more, or a smaller --batch")
+
+
+def _trace(model, batch, seq, precision, device, optimizer):
+    from remat.capture import CaptureError
+    from remat.models import ModelError
+    from remat.trace import trace_model
+
+    with stderr.status(f"tracing {model} (batch {batch}) on fake tensors", spinner="dots"):
+        try:
+            return trace_model(model, batch=batch, seq=seq, precision=precision, device=device, optimizer=optimizer)
+        except (ModelError, CaptureError, ValueError) as error:
+            fail(str(error))
+
+
+def _ceil_gb(num_bytes: int | None) -> str:
+    if num_bytes is None:
+        return "?"
+    return f"{(num_bytes + 10**7 - 1) // 10**7 / 100:.2f}GB"
+
+
+def _fmt(num_bytes: int | None) -> str:
+    return format_bytes(num_bytes) if num_bytes is not None else "unknown"
+
+
+def _plan_summary(plan, wall_s: float) -> dict:
+    graph, sim = plan.graph, plan.simulation
+    return {
+        "model": graph.meta.get("model"),
+        "batch": graph.meta.get("batch"),
+        "seq": graph.meta.get("seq"),
+        "device": graph.meta.get("device"),
+        "precision": graph.meta.get("precision"),
+        "optimizer": graph.meta.get("optimizer"),
+        "budget_bytes": plan.budget_bytes,
+        "fixed_bytes": graph.fixed.total_bytes,
+        "fixed": {"parameters": graph.fixed.parameter_bytes, "gradients": graph.fixed.gradient_bytes,
+                  "optimizer": graph.fixed.optimizer_bytes, "inputs": graph.fixed.input_bytes},
+        "solver": plan.method,
+        "status": plan.status,
+        "peak_bytes": sim.peak_bytes if sim else None,
+        "compute_s": sim.compute_s if sim else None,
+        "store_all_s": plan.store_all.compute_s,
+        "store_all_peak_bytes": plan.store_all.peak_bytes,
+        "overhead": plan.overhead,
+        "lower_bound_s": plan.lower_bound_s,
+        "gap": plan.gap,
+        "wall_s": wall_s,
+        "nodes": len(graph),
+        "coarse_nodes": plan.coarse_nodes,
+        "min_feasible_bytes": plan.min_feasible_bytes,
+        "min_budget_lower_bound_bytes": plan.min_budget_lower_bound_bytes,
+        "recomputed_nodes": len(plan.schedule.recomputed_nodes()) if plan.schedule else None,
+        "graph_hash": graph.content_hash,
+        "message": plan.message,
+        "candidates": [
+            {"method": c.method, "status": c.status, "wall_s": c.wall_s,
+             "peak_bytes": c.simulation.peak_bytes if c.simulation else None,
+             "compute_s": c.simulation.compute_s if c.simulation else None,
+             "fits": c.fits(plan.budget_bytes)}
+            for c in plan.candidates
+        ],
+    }
+
+
+def _print_plan(plan, wall_s: float, out: str | None) -> None:
+    console = Console(highlight=False)
+    graph, fixed, sim = plan.graph, plan.graph.fixed, plan.simulation
+    meta = graph.meta
+    forward = len(graph.forward_nodes)
+    console.print(f"[bold]{meta.get('model')}[/]: {meta.get('description', '')}")
+    console.print(f"  batch {meta.get('batch')}, seq {meta.get('seq')}, {meta.get('precision')}, "
+                  f"optimizer {meta.get('optimizer')}, costed for {meta.get('device')}")
+    console.print(f"budget         {format_bytes(plan.budget_bytes)} = {plan.budget_bytes:,} bytes")
+    console.print(f"fixed memory   {format_bytes(fixed.total_bytes)} = parameters {format_bytes(fixed.parameter_bytes)}"
+                  f" + gradients {format_bytes(fixed.gradient_bytes)} + optimizer {format_bytes(fixed.optimizer_bytes)}"
+                  f" + inputs {format_bytes(fixed.input_bytes)}")
+    console.print(f"activations    {format_bytes(max(0, plan.budget_bytes - fixed.total_bytes))} of the budget left "
+                  f"for activations")
+    console.print(f"graph          {len(graph)} nodes ({forward} forward, {len(graph) - forward} backward)"
+                  + (f", solved as {plan.coarse_nodes} coarse nodes" if plan.coarse_nodes else "")
+                  + f", hash {graph.content_hash}")
+    console.print(f"store-all      peak {format_bytes(plan.store_all.peak_bytes)}, "
+                  f"{format_seconds(plan.store_all.compute_s)} per step (no rematerialization)")
+    console.print(f"minimum budget {_fmt(plan.min_feasible_bytes)} is the lowest peak found "
+                  f"(no schedule fits below {format_bytes(plan.min_budget_lower_bound_bytes)}: fixed memory + "
+                  f"the largest single op's working set)")
+    if sim is None:
+        console.print(f"[bold red]plan           none fits[/]: {plan.message}")
+    else:
+        console.print(f"[bold]plan[/]           {plan.method} ({plan.status}): peak {format_bytes(sim.peak_bytes)}, "
+                      f"{format_seconds(sim.compute_s)} per step, overhead {plan.overhead:+.2%} vs store-all")
+        bound = "unknown" if plan.lower_bound_s is None else format_seconds(plan.lower_bound_s)
+        gap = "unknown" if plan.gap is None else f"{plan.gap:.2%}"
+        console.print(f"bound          {bound} lower bound on the optimal step time, gap {gap}")
+        if plan.message:
+            console.print(f"note           {plan.message}")
+        _print_recomputed(console, plan)
+    table = Table(title="every method on this graph (simulated)", title_justify="left")
+    for column in ("method", "status", "peak", "step time", "overhead", "fits", "wall"):
+        table.add_column(column, justify="left" if column in ("method", "status") else "right")
+    for c in plan.candidates:
+        s = c.simulation
+        table.add_row(c.method, c.status, _fmt(s.peak_bytes) if s else "-",
+                      format_seconds(s.compute_s) if s else "-",
+                      f"{s.compute_s / plan.store_all.compute_s - 1:+.1%}" if s else "-",
+                      "yes" if c.fits(plan.budget_bytes) else "no", f"{c.wall_s:.1f} s")
+    console.print(table)
+    console.print(f"wall time      {wall_s:.1f} s" + (f"; plan written to {out}" if out and plan.schedule else ""))
+
+
+def _print_recomputed(console: Console, plan) -> None:
+    graph, schedule = plan.graph, plan.schedule
+    counts = schedule.compute_counts()
+    again = [i for i, c in enumerate(counts) if c > 1]
+    if not again:
+        console.print("recomputed     nothing")
+        return
+    extra = sum((counts[i] - 1) * graph.nodes[i].compute_s for i in again)
+    by_op = Counter(graph.nodes[i].op.removeprefix("aten.").split(".")[0] for i in again)
+    ops = ", ".join(f"{op} x{n}" for op, n in by_op.most_common(6))
+    console.print(f"recomputed     {len(again)} of {len(graph.forward_nodes)} forward nodes, "
+                  f"{sum(counts[i] - 1 for i in again)} extra runs, +{format_seconds(extra)}: {ops}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""remat: rematerialization (activation checkpointing) planning for PyTorch training."""

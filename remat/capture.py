@@ -1,0 +1,236 @@
+"""Capture a training step (forward, loss, backward) as one joint FX graph.
+
+This module and remat/execute.py are the only homes of private torch APIs.
+
+The joint graph comes from AOTAutograd (`aot_export_joint_with_descriptors`): placeholders are
+parameters, buffers, user inputs and the loss tangent; outputs are the loss, then one gradient
+per parameter. Planning traces on fake tensors, so GPT-2 at batch 16 x 1024 tokens costs no
+device memory and a few hundred MB of host memory.
+
+Module paths ("transformer.h.3.attn") are recorded on every node, backward nodes included,
+through forward hooks that annotate the FX node metadata while AOTAutograd traces: the
+repeated-block baselines and the reports need them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx.traceback as fx_traceback
+from torch import nn
+from torch._functorch.aot_autograd import aot_export_joint_with_descriptors
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+PRECISIONS = ("fp32", "bf16-mixed")
+
+
+class CaptureError(ValueError):
+    """The model could not be traced into a training graph; the message says why."""
+
+
+@dataclass
+class CapturedStep:
+    joint: torch.fx.GraphModule
+    input_kinds: list[str]  # per placeholder: "param", "buffer", "input" or "tangent"
+    input_names: list[str]  # parameter / buffer name, or a description of the input
+    tied_to: dict[str, str]  # parameter name -> the name of the parameter it shares storage with
+    output_kinds: list[str]  # per joint output: "loss", "grad", "mutation" or "none"
+    output_names: list[str]  # parameter name for gradients
+    precision: str
+
+
+class LossStep(nn.Module):
+    """model + loss function + autocast as one module whose output is the scalar loss."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable | None, precision: str):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+        self.precision = precision
+
+    def forward(self, *inputs: Any) -> torch.Tensor:
+        with _autocast(self.model, self.precision):
+            output = self.model(*inputs)
+            loss = self.loss_fn(output) if self.loss_fn is not None else output
+        loss = getattr(loss, "loss", loss)  # Hugging Face ModelOutput
+        if isinstance(loss, (tuple, list)):
+            loss = loss[0]
+        if not isinstance(loss, torch.Tensor):
+            raise CaptureError(f"the model returned {type(loss).__name__}, not a loss tensor: "
+                               "return a scalar loss or pass a loss_fn")
+        if loss.dim() != 0:
+            loss = loss.sum()  # a non-scalar output is trained as if its sum were the loss
+        return loss.float()
+
+
+def _autocast(model: nn.Module, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16-mixed":
+        first = next(model.parameters(), None)
+        device_type = first.device.type if first is not None else "cpu"
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    raise CaptureError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+
+
+@contextlib.contextmanager
+def _record_module_paths(model: nn.Module):
+    """Annotate every traced node with the path of the innermost module that issued it."""
+    active: list[str] = []
+
+    def enter(name: str):
+        def hook(module, args):
+            active.append(name)
+            fx_traceback.current_meta["custom"] = {"module": name}
+        return hook
+
+    def leave(module, args, output):
+        active.pop()
+        fx_traceback.current_meta["custom"] = {"module": active[-1] if active else ""}
+
+    handles = []
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(enter(name)))
+        handles.append(module.register_forward_hook(leave))
+    try:
+        with fx_traceback.preserve_node_meta():
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def capture_step(model: nn.Module, example_inputs: Sequence[Any], loss_fn: Callable | None = None,
+                 precision: str = "fp32") -> CapturedStep:
+    """Trace model(*example_inputs) -> loss -> backward into a joint FX graph.
+
+    Works on real or fake tensors alike; `capture_fake` is the memory-free path for planning.
+    """
+    if precision not in PRECISIONS:
+        raise CaptureError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise CaptureError("the model has no parameter that requires grad: nothing to train")
+    step = LossStep(model, loss_fn, precision)
+    with _record_module_paths(model), contextlib.ExitStack() as stack:
+        try:
+            joint = aot_export_joint_with_descriptors(stack, step, tuple(example_inputs))
+        except CaptureError:
+            raise
+        except Exception as error:  # torch raises many types; the user needs the gist
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise CaptureError(f"could not trace the training step: {type(error).__name__}: {first_line}") from error
+    gm = joint.graph_module
+    input_kinds, input_names = [], []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        kind, name = _describe_input(node.meta.get("desc"))
+        input_kinds.append(kind)
+        input_names.append(name)
+    output_node = gm.graph.find_nodes(op="output")[0]
+    output_kinds, output_names = [], []
+    for value, desc in zip(output_node.args[0], output_node.meta.get("desc", []), strict=False):
+        kind, name = _describe_output(desc, value)
+        output_kinds.append(kind)
+        output_names.append(name)
+    return CapturedStep(gm, input_kinds, input_names, _tied_parameters(step), output_kinds, output_names, precision)
+
+
+def capture_fake(build: Callable[[], Any], precision: str = "fp32") -> tuple[Any, CapturedStep]:
+    """Build a model spec (an object with .model, .example_inputs, .loss_fn) and trace it on
+    fake tensors: shapes and dtypes only, no parameter or activation memory."""
+    with FakeTensorMode(allow_non_fake_inputs=False):
+        spec = build()
+        step = capture_step(spec.model, spec.example_inputs, spec.loss_fn, precision)
+    return spec, step
+
+
+def _tied_parameters(module: nn.Module) -> dict[str, str]:
+    """Tied weights (GPT-2's wte and lm_head) trace as two placeholders of one storage."""
+    first_name: dict[int, str] = {}
+    tied = {}
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        canonical = first_name.setdefault(id(parameter), name)
+        if canonical != name:
+            tied[name] = canonical
+    return tied
+
+
+def _describe_input(desc: Any) -> tuple[str, str]:
+    kind = type(desc).__name__
+    if kind == "ParamAOTInput":
+        return "param", desc.target
+    if kind == "BufferAOTInput":
+        return "buffer", desc.target
+    if kind == "TangentAOTInput":
+        return "tangent", repr(desc)
+    return "input", repr(desc)
+
+
+def _describe_output(desc: Any, value: Any) -> tuple[str, str]:
+    kind = type(desc).__name__
+    if value is None:
+        return "none", ""
+    if kind == "GradAOTOutput":
+        grad_of = desc.grad_of
+        return "grad", getattr(grad_of, "target", repr(grad_of))
+    if kind == "PlainAOTOutput":
+        return "loss", "loss"
+    return "mutation", repr(desc)
+
+
+def tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in an FX node's `val` (a tensor, or a tuple/list of them)."""
+    if isinstance(value, torch.Tensor):
+        try:
+            return value.untyped_storage().nbytes()
+        except Exception:  # some tensor subclasses have no storage
+            return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
+def view_bytes(value: Any) -> int:
+    """Bytes a kernel touches through this value (numel x itemsize, not the whole storage)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(view_bytes(v) for v in value)
+    return 0
+
+
+def describe_value(value: Any) -> str:
+    """"bf16[16, 1024, 768]" for a tensor, "(f32[16, 1024], f32[16, 1])" for several."""
+    if isinstance(value, torch.Tensor):
+        dtype = str(value.dtype).removeprefix("torch.")
+        short = {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "float64": "f64", "int64": "i64",
+                 "bool": "bool", "int32": "i32", "uint8": "u8"}.get(dtype, dtype)
+        return f"{short}[{', '.join(str(s) for s in value.shape)}]"
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(describe_value(v) for v in value if isinstance(v, torch.Tensor)) + ")"
+    return ""
+
+
+def aliasing_input(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The FX input whose storage `node`'s output aliases (a view, getitem, detach), or None
+    when the op allocates fresh storage. Read off the op schema's alias annotations."""
+    import operator
+
+    if node.target is operator.getitem:
+        return node.args[0]  # getitem of a fresh multi-output op is folded into that op
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return None
+    if node.target in (torch.ops.aten._unsafe_view.default, torch.ops.aten._reshape_alias.default):
+        return node.args[0]  # views in all but their schema annotation
+    returns = schema.returns
+    if not returns or returns[0].alias_info is None:
+        return None
+    alias_sets = returns[0].alias_info.before_set
+    for argument, value in zip(schema.arguments, node.args, strict=False):
+        if argument.alias_info is not None and argument.alias_info.before_set & alias_sets:
+            return value if isinstance(value, torch.fx.Node) else None
+    return None

@@ -1,0 +1,52 @@
+"""Cost model: seconds per op from a device profile.
+
+Roofline: an op takes max(FLOPs / achievable FLOP/s, bytes moved / achievable bandwidth)
+plus a launch overhead. FLOPs are counted for matmuls, convolutions and attention (torch's
+FlopCounter formulas); every other op is memory-bound and costed by the bytes it reads and
+writes. Profiles are JSON files in profiles/ (see profiles/h100.json).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    description: str
+    memory_bytes: int
+    memory_bandwidth_bytes_per_s: float
+    flops_per_s: dict[str, float]  # peak per compute dtype: fp64, fp32, tf32, bf16, fp16
+    matmul_efficiency: float = 0.6  # fraction of peak FLOP/s that large matmuls reach
+    memory_efficiency: float = 0.75  # fraction of peak bandwidth that elementwise kernels reach
+    launch_overhead_s: float = 4e-6
+
+    def op_seconds(self, flops: float, bytes_moved: float, dtype: str) -> float:
+        peak = self.flops_per_s.get(dtype, self.flops_per_s["fp32"])
+        compute_s = flops / (peak * self.matmul_efficiency) if flops else 0.0
+        memory_s = bytes_moved / (self.memory_bandwidth_bytes_per_s * self.memory_efficiency)
+        return max(compute_s, memory_s) + self.launch_overhead_s
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.json"))
+
+
+def load_profile(name_or_path: str) -> DeviceProfile:
+    """A profile by name ("h100") from profiles/, or from a JSON file path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PROFILES_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        raise ValueError(f"unknown device {name_or_path!r}: choose one of {', '.join(available_profiles())} "
+                         "or give a profile JSON file")
+    try:
+        data = json.loads(path.read_text())
+        return DeviceProfile(**{k: v for k, v in data.items() if k in DeviceProfile.__dataclass_fields__})
+    except (json.JSONDecodeError, TypeError) as error:
+        raise ValueError(f"device profile {path} is not valid: {error}") from None

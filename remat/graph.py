@@ -1,0 +1,151 @@
+"""Graph IR: the training step as compute nodes with sizes, costs and dependencies.
+
+Pure data. Every other stage reads it; nothing here knows about torch or solvers.
+Nodes are stored in a topological order (the order of the captured joint graph), so a
+dependency always has a smaller index than its user. That order is also the frontier order
+of Checkmate's formulation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Node:
+    """One operation that allocates storage (views and tuple unpacking are folded into it)."""
+
+    name: str  # name of the FX node that allocates the storage
+    op: str  # aten overload, e.g. "aten.mm.default"
+    deps: tuple[int, ...]  # indices of the nodes whose values this op reads
+    output_bytes: int  # bytes of storage this op allocates (all of its outputs together)
+    compute_s: float  # seconds for one execution
+    is_backward: bool = False
+    workspace_bytes: int = 0  # transient bytes held only while the op runs
+    flops: float = 0.0
+    bytes_moved: int = 0  # bytes read + written, for the roofline
+    module: str = ""  # module path that issued the op ("transformer.h.3.attn"), "" if unknown
+    shape: str = ""  # human-readable output, e.g. "bf16[16, 1024, 768]"
+    fx_nodes: tuple[str, ...] = ()  # FX nodes folded into this one (views, getitem), for execute
+
+
+@dataclass(frozen=True)
+class FixedMemory:
+    """Memory that stays allocated for the whole step, whatever the schedule."""
+
+    parameter_bytes: int = 0
+    gradient_bytes: int = 0
+    optimizer_bytes: int = 0
+    input_bytes: int = 0  # batch inputs, buffers, and the loss tangent
+
+    @property
+    def total_bytes(self) -> int:
+        return self.parameter_bytes + self.gradient_bytes + self.optimizer_bytes + self.input_bytes
+
+
+@dataclass(frozen=True)
+class Graph:
+    nodes: tuple[Node, ...]
+    outputs: tuple[int, ...]  # nodes the step must produce: the loss and every gradient
+    fixed: FixedMemory = field(default_factory=FixedMemory)
+    meta: dict = field(default_factory=dict, compare=False)  # model, batch, seq, device, ...
+
+    def __post_init__(self) -> None:
+        for index, node in enumerate(self.nodes):
+            for dep in node.deps:
+                if not 0 <= dep < index:
+                    raise ValueError(f"node {index} ({node.name}) depends on {dep}: not topological")
+        for out in self.outputs:
+            if not 0 <= out < len(self.nodes):
+                raise ValueError(f"output {out} is not a node")
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    @cached_property
+    def users(self) -> tuple[tuple[int, ...], ...]:
+        """users[i]: indices of the nodes that read node i, ascending."""
+        users: list[list[int]] = [[] for _ in self.nodes]
+        for index, node in enumerate(self.nodes):
+            for dep in sorted(set(node.deps)):
+                users[dep].append(index)
+        return tuple(tuple(u) for u in users)
+
+    @property
+    def compute_s(self) -> float:
+        """Seconds to run every node once (the store-all cost)."""
+        return sum(node.compute_s for node in self.nodes)
+
+    @property
+    def forward_nodes(self) -> list[int]:
+        return [i for i, node in enumerate(self.nodes) if not node.is_backward]
+
+    def working_set_bytes(self, index: int) -> int:
+        """Bytes that must be live while node `index` runs: its inputs, its output, its workspace."""
+        node = self.nodes[index]
+        inputs = sum(self.nodes[d].output_bytes for d in set(node.deps))
+        return inputs + node.output_bytes + node.workspace_bytes
+
+    def min_budget_lower_bound(self) -> int:
+        """No schedule fits below this: fixed memory plus the largest single-op working set."""
+        largest = max((self.working_set_bytes(i) for i in range(len(self.nodes))), default=0)
+        return self.fixed.total_bytes + largest
+
+    # --- serialisation -------------------------------------------------------------------
+
+    def structure(self) -> dict:
+        """What identifies the graph a plan fits: ops, dependencies, shapes, sizes (not costs)."""
+        return {
+            "nodes": [[n.name, n.op, list(n.deps), n.output_bytes, n.workspace_bytes, n.shape, n.is_backward]
+                      for n in self.nodes],
+            "outputs": list(self.outputs),
+            "fixed": asdict(self.fixed),
+        }
+
+    @cached_property
+    def content_hash(self) -> str:
+        blob = json.dumps(self.structure(), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_json(self) -> dict:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "content_hash": self.content_hash,
+            "meta": self.meta,
+            "fixed": asdict(self.fixed),
+            "outputs": list(self.outputs),
+            "nodes": [asdict(n) for n in self.nodes],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> Graph:
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"graph schema version {version!r}, this remat reads version {SCHEMA_VERSION}")
+        nodes = tuple(
+            Node(**{**n, "deps": tuple(n["deps"]), "fx_nodes": tuple(n.get("fx_nodes", ()))})
+            for n in data["nodes"]
+        )
+        graph = cls(nodes=nodes, outputs=tuple(data["outputs"]), fixed=FixedMemory(**data["fixed"]),
+                    meta=dict(data.get("meta", {})))
+        if data.get("content_hash") not in (None, graph.content_hash):
+            raise ValueError("graph content hash does not match its contents: the file is corrupted or edited")
+        return graph
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Graph:
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+    def with_costs(self, costs_s: list[float]) -> Graph:
+        """The same graph with new per-node seconds (e.g. another device profile)."""
+        nodes = tuple(replace(n, compute_s=c) for n, c in zip(self.nodes, costs_s, strict=True))
+        return replace(self, nodes=nodes)

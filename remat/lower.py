@@ -1,0 +1,155 @@
+"""Lower a captured joint FX graph to the Graph IR.
+
+- Views, getitem and other aliasing ops are folded into the node that owns the storage they
+  alias, so a node's bytes are counted once however many views read it.
+- Placeholders (parameters, buffers, inputs, tangent) are fixed memory, not nodes.
+- Gradients are outputs whose memory is the fixed gradient memory: their nodes hold 0 bytes.
+- Each node is costed with a device profile (remat.cost).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.fx
+from torch.utils.flop_counter import flop_registry
+
+from remat.capture import CapturedStep, aliasing_input, describe_value, tensor_bytes, view_bytes
+from remat.cost import DeviceProfile
+from remat.graph import FixedMemory, Graph, Node
+
+OPTIMIZERS = {"adamw": 2, "adam": 2, "sgd-momentum": 1, "sgd": 0, "none": 0}  # state tensors per parameter
+
+# torch's FlopCounter has formulas for the CUDA attention kernels; the CPU ones take the same leading arguments.
+_FLOP_ALIASES = {
+    "_scaled_dot_product_flash_attention_for_cpu": torch.ops.aten._scaled_dot_product_flash_attention,
+    "_scaled_dot_product_flash_attention_for_cpu_backward":
+        torch.ops.aten._scaled_dot_product_flash_attention_backward,
+}
+_DTYPE_CLASS = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def lower(step: CapturedStep, profile: DeviceProfile, optimizer: str = "adamw", meta: dict | None = None) -> Graph:
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+    fx_graph = step.joint.graph
+    placeholders = list(fx_graph.find_nodes(op="placeholder"))
+    kind_of = {node: kind for node, kind in zip(placeholders, step.input_kinds, strict=True)}
+
+    # 1. Storage owners: every FX value maps to the call_function node (or placeholder) owning its storage.
+    owner: dict[torch.fx.Node, torch.fx.Node] = {p: p for p in placeholders}
+    folded: dict[torch.fx.Node, list[str]] = {}
+    compute_fx: list[torch.fx.Node] = []
+    for fx_node in _call_functions(fx_graph):
+        base = aliasing_input(fx_node)
+        if base is not None and base in owner:
+            owner[fx_node] = owner[base]
+            folded.setdefault(owner[base], []).append(fx_node.name)
+            continue
+        if not _has_tensor(fx_node.meta.get("val")):
+            continue  # asserts, symbolic sizes: no storage, nothing to schedule
+        owner[fx_node] = fx_node
+        compute_fx.append(fx_node)
+
+    # 2. Outputs: the loss, buffer updates and gradients (whose storage is fixed gradient memory).
+    output_fx = fx_graph.find_nodes(op="output")[0].args[0]
+    grad_owners: set[torch.fx.Node] = set()
+    output_owners: list[torch.fx.Node] = []
+    for value, kind in zip(output_fx, step.output_kinds, strict=True):
+        if kind == "none" or not isinstance(value, torch.fx.Node) or owner.get(value) not in compute_fx:
+            continue
+        output_owners.append(owner[value])
+        if kind == "grad":
+            grad_owners.add(owner[value])
+
+    # 3. Nodes, in the joint graph's order (topological).
+    index_of = {fx_node: i for i, fx_node in enumerate(compute_fx)}
+    tangents = {p for p in placeholders if kind_of[p] == "tangent"}
+    backward: dict[torch.fx.Node, bool] = {}
+    nodes = []
+    for fx_node in compute_fx:
+        inputs = list(_input_nodes(fx_node))
+        deps = sorted({index_of[owner[x]] for x in inputs if owner.get(x) in index_of} - {index_of[fx_node]})
+        tag = fx_node.meta.get("partitioner_tag")
+        backward[fx_node] = tag == "is_backward" if tag else any(
+            owner.get(x) in tangents or backward.get(owner.get(x), False) for x in inputs)
+        val = fx_node.meta["val"]
+        flops, dtype = _flops(fx_node)
+        bytes_moved = view_bytes(val) + sum(view_bytes(x.meta.get("val")) for x in inputs)
+        nodes.append(Node(
+            name=fx_node.name,
+            op=str(fx_node.target),
+            deps=tuple(deps),
+            output_bytes=0 if fx_node in grad_owners else tensor_bytes(val),
+            compute_s=profile.op_seconds(flops, bytes_moved, dtype),
+            is_backward=backward[fx_node],
+            flops=flops,
+            bytes_moved=bytes_moved,
+            module=(fx_node.meta.get("custom") or {}).get("module", ""),
+            shape=describe_value(val),
+            fx_nodes=(fx_node.name, *folded.get(fx_node, ())),
+        ))
+
+    # 4. Fixed memory. Tied parameters share one storage and one gradient.
+    def unique_bytes(names_and_nodes) -> int:
+        seen = {}
+        for name, p in names_and_nodes:
+            seen[step.tied_to.get(name, name)] = tensor_bytes(p.meta["val"])
+        return sum(seen.values())
+
+    params = [(name, p) for p, name in zip(placeholders, step.input_names, strict=True) if kind_of[p] == "param"]
+    trained = {name for name, kind in zip(step.output_names, step.output_kinds, strict=True) if kind == "grad"}
+    trained_bytes = unique_bytes((name, p) for name, p in params if name in trained)
+    other_bytes = sum(tensor_bytes(p.meta["val"]) for p in placeholders if kind_of[p] != "param")
+    fixed = FixedMemory(parameter_bytes=unique_bytes(params), gradient_bytes=trained_bytes,
+                        optimizer_bytes=OPTIMIZERS[optimizer] * trained_bytes, input_bytes=other_bytes)
+    outputs = tuple(dict.fromkeys(index_of[o] for o in output_owners))
+    return Graph(nodes=tuple(nodes), outputs=outputs, fixed=fixed,
+                 meta={**(meta or {}), "optimizer": optimizer, "profile": profile.name,
+                       "precision": step.precision})
+
+
+def _call_functions(fx_graph: torch.fx.Graph) -> Iterator[torch.fx.Node]:
+    return (n for n in fx_graph.nodes if n.op == "call_function")
+
+
+def _has_tensor(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
+    return isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value)
+
+
+def _input_nodes(fx_node: torch.fx.Node) -> Iterator[torch.fx.Node]:
+    seen = set()
+    for x in fx_node.all_input_nodes:
+        if x not in seen:
+            seen.add(x)
+            yield x
+
+
+def _flops(fx_node: torch.fx.Node) -> tuple[float, str]:
+    """(FLOPs, compute dtype class) of a matmul / conv / attention; (0, dtype) otherwise."""
+    target = fx_node.target
+    packet = getattr(target, "overloadpacket", None)
+    formula = flop_registry.get(packet)
+    if formula is None:
+        alias = _FLOP_ALIASES.get(getattr(packet, "__name__", ""))
+        formula = flop_registry.get(alias) if alias is not None else None
+    dtype = _dtype_class(fx_node)
+    if formula is None:
+        return 0.0, dtype
+    args, kwargs = torch.fx.node.map_arg((fx_node.args, fx_node.kwargs), lambda x: x.meta.get("val"))
+    try:
+        return float(formula(*args, **kwargs, out_val=fx_node.meta.get("val"))), dtype
+    except Exception:  # a formula that does not fit this overload: cost it as memory-bound
+        return 0.0, dtype
+
+
+def _dtype_class(fx_node: torch.fx.Node) -> str:
+    for x in fx_node.all_input_nodes:
+        val = x.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.is_floating_point():
+            return _DTYPE_CLASS.get(val.dtype, "fp32")
+    return "fp32"

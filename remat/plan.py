@@ -1,0 +1,202 @@
+"""Graph + budget -> the best schedule we can find, judged by the simulator.
+
+The orchestration around the solvers: run the baselines, pick a warm start, solve the MILP on
+the whole graph or on a coarsened one, expand, simulate everything, and return the cheapest
+schedule that fits together with every candidate's figures. No torch here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from remat.graph import Graph
+from remat.schedule import Schedule
+from remat.simulate import Simulation, simulate
+from solvers import SOLVER_NAMES, solve_with
+from solvers.base import FEASIBLE, INFEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions, SolverResult
+from solvers.baselines import BASELINES
+from solvers.coarsen import Coarsening, coarsen, contiguous_groups
+
+MAX_EXACT_NODES = 100  # the MILP solves graphs up to this size whole; larger ones are coarsened to it
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One method's schedule for the graph, with the simulator's verdict."""
+
+    method: str
+    status: str
+    schedule: Schedule | None
+    simulation: Simulation | None
+    wall_s: float
+    message: str = ""
+
+    def fits(self, budget_bytes: int) -> bool:
+        return self.simulation is not None and self.simulation.fits(budget_bytes)
+
+
+@dataclass(frozen=True)
+class Plan:
+    graph: Graph
+    budget_bytes: int
+    method: str  # the method whose schedule this is
+    status: str  # optimal, feasible or infeasible
+    schedule: Schedule | None
+    simulation: Simulation | None
+    lower_bound_s: float | None  # valid lower bound on the optimal seconds for this budget
+    store_all: Simulation
+    min_feasible_bytes: int | None  # the lowest peak any schedule we found reaches
+    min_budget_lower_bound_bytes: int  # no schedule can go below this
+    wall_s: float
+    message: str = ""
+    coarse_nodes: int | None = None  # nodes the MILP saw when the graph was coarsened
+    candidates: tuple[Candidate, ...] = field(default=())
+
+    @property
+    def compute_s(self) -> float | None:
+        return self.simulation.compute_s if self.simulation else None
+
+    @property
+    def overhead(self) -> float | None:
+        if self.simulation is None or self.store_all.compute_s <= 0:
+            return None
+        return self.simulation.compute_s / self.store_all.compute_s - 1
+
+    @property
+    def gap(self) -> float | None:
+        if self.simulation is None or self.lower_bound_s is None or self.simulation.compute_s <= 0:
+            return None
+        return max(0.0, (self.simulation.compute_s - self.lower_bound_s) / self.simulation.compute_s)
+
+    def to_json(self) -> dict:
+        """The plan file: enough to check it fits a graph and to run it."""
+        return {
+            "format": "remat-plan",
+            "version": 1,
+            "graph_hash": self.graph.content_hash,
+            "graph_meta": self.graph.meta,
+            "budget_bytes": self.budget_bytes,
+            "method": self.method,
+            "status": self.status,
+            "peak_bytes": self.simulation.peak_bytes if self.simulation else None,
+            "compute_s": self.compute_s,
+            "schedule": self.schedule.to_json() if self.schedule else None,
+        }
+
+
+def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: float = 60.0,
+          backend: str = "highs", progress: Callable[[str], None] | None = None) -> Plan:
+    """The cheapest schedule of `graph` whose simulated peak fits `budget_bytes`."""
+    if solver not in SOLVER_NAMES:
+        raise ValueError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVER_NAMES)}")
+    started = time.perf_counter()
+    say = progress or (lambda message: None)
+
+    say("baselines")
+    candidates = [_run(graph, name, budget_bytes, SolveOptions(time_limit_s=time_limit_s)) for name in BASELINES]
+    store_all = next(c for c in candidates if c.method == "store-all").simulation
+    assert store_all is not None and store_all.valid, "store-all must always be a valid schedule"
+    bound = graph.min_budget_lower_bound()
+
+    if solver in BASELINES:
+        chosen = next(c for c in candidates if c.method == solver)
+        return _finish(graph, budget_bytes, [chosen], candidates, store_all, bound, started, lower_bound_s=None)
+
+    lower_bound_s: float | None = graph.compute_s  # every node runs at least once
+    coarse_nodes = None
+    if store_all.peak_bytes <= budget_bytes:
+        # Nothing to recompute: store-all is optimal.
+        chosen = next(c for c in candidates if c.method == "store-all")
+        chosen = Candidate("store-all", OPTIMAL, chosen.schedule, chosen.simulation, chosen.wall_s,
+                           "the budget holds every activation: no rematerialization needed")
+        return _finish(graph, budget_bytes, [chosen], candidates, store_all, bound, started, lower_bound_s)
+
+    # The MILP sees the whole graph when it is small enough, a coarsened graph otherwise.
+    coarsening: Coarsening | None = None
+    working = graph
+    if len(graph) > MAX_EXACT_NODES and solver in ("auto", "checkmate"):
+        coarsening = coarsen(graph, contiguous_groups(graph, MAX_EXACT_NODES))
+        working = coarsening.coarse
+        coarse_nodes = len(working)
+
+    def to_fine(schedule: Schedule | None) -> Schedule | None:
+        return coarsening.expand(schedule) if coarsening and schedule is not None else schedule
+
+    # Warm start: the cheapest fitting baseline schedule of the graph the MILP sees.
+    say("warm start")
+    if coarsening is None:
+        working_candidates = candidates
+    else:
+        working_candidates = []
+        for name in BASELINES:
+            result = BASELINES[name](working, budget_bytes, SolveOptions(time_limit_s=time_limit_s))
+            working_candidates.append(Candidate(name, result.status, result.schedule,
+                                                simulate(working, result.schedule) if result.schedule else None,
+                                                result.wall_s))
+    fitting = sorted((c for c in working_candidates if c.fits(budget_bytes)), key=lambda c: c.simulation.compute_s)
+
+    say("minimum feasible budget")
+    min_peak = solve_with("checkmate-min-peak", working, budget_bytes,
+                          SolveOptions(time_limit_s=max(5.0, time_limit_s / 4), backend=backend))
+    min_peak_candidate = _candidate(graph, "checkmate-min-peak", min_peak, to_fine(min_peak.schedule))
+    candidates.append(min_peak_candidate)
+    warm = fitting[0].schedule if fitting else None
+    if warm is None and min_peak.schedule is not None and simulate(working, min_peak.schedule).fits(budget_bytes):
+        warm = min_peak.schedule
+
+    say("solving the MILP" + (f" on {len(working)} coarse nodes" if coarsening else f" on {len(working)} nodes"))
+    name = "checkmate" if solver == "auto" else solver
+    result = solve_with(name, working, budget_bytes,
+                        SolveOptions(time_limit_s=time_limit_s, warm_start=warm, backend=backend))
+    milp = _candidate(graph, name + ("-coarse" if coarsening else ""), result, to_fine(result.schedule))
+    candidates.append(milp)
+    if coarsening is None and result.lower_bound_s is not None:
+        lower_bound_s = max(lower_bound_s, result.lower_bound_s)
+    if result.status == INFEASIBLE and coarsening is None:
+        lower_bound_s = None
+    return _finish(graph, budget_bytes, [milp] + [c for c in candidates if c is not milp], candidates, store_all,
+                   bound, started, lower_bound_s, coarse_nodes,
+                   proven_optimal=result.status == OPTIMAL and coarsening is None)
+
+
+def _run(graph: Graph, name: str, budget_bytes: int, options: SolveOptions) -> Candidate:
+    result = solve_with(name, graph, budget_bytes, options)
+    return _candidate(graph, name, result, result.schedule)
+
+
+def _candidate(graph: Graph, method: str, result: SolverResult, schedule: Schedule | None) -> Candidate:
+    simulation = simulate(graph, schedule) if schedule is not None else None
+    status = result.status
+    if simulation is not None and not simulation.valid:
+        status, schedule = NO_SOLUTION, None
+        message = f"{method} produced an invalid schedule: {simulation.errors[0]}"
+        return Candidate(method, status, None, simulation, result.wall_s, message)
+    return Candidate(method, status, schedule, simulation, result.wall_s, result.message)
+
+
+def _finish(graph: Graph, budget_bytes: int, preference: list[Candidate], candidates: list[Candidate],
+            store_all: Simulation, bound: int, started: float, lower_bound_s: float | None,
+            coarse_nodes: int | None = None, proven_optimal: bool = False) -> Plan:
+    """Pick the cheapest fitting candidate (ties go to the earlier one in `preference`)."""
+    valid_peaks = [c.simulation.peak_bytes for c in candidates if c.simulation is not None and c.simulation.valid]
+    min_feasible = min(valid_peaks) if valid_peaks else None
+    fitting = [c for c in preference if c.fits(budget_bytes)]
+    wall_s = time.perf_counter() - started
+    if not fitting:
+        message = (f"no schedule fits {budget_bytes} bytes; the lowest peak found is {min_feasible} bytes "
+                   f"(no schedule can go below {bound} bytes)")
+        return Plan(graph, budget_bytes, preference[0].method, INFEASIBLE, None, None, None, store_all,
+                    min_feasible, bound, wall_s, message, coarse_nodes, tuple(candidates))
+    best = min(fitting, key=lambda c: c.simulation.compute_s)
+    first = fitting[0]
+    if first.simulation.compute_s <= best.simulation.compute_s * (1 + 1e-9):
+        best = first
+    status = OPTIMAL if (best.status == OPTIMAL and (proven_optimal or best.method == "store-all")) else FEASIBLE
+    message = best.message
+    if best is not preference[0] and preference[0].simulation is not None and preference[0].fits(budget_bytes):
+        message = (f"{best.method} is cheaper than {preference[0].method} "
+                   f"({best.simulation.compute_s:.6g} s vs {preference[0].simulation.compute_s:.6g} s)")
+    return Plan(graph, budget_bytes, best.method, status, best.schedule, best.simulation, lower_bound_s, store_all,
+                min_feasible, bound, wall_s, message, coarse_nodes, tuple(candidates))

@@ -1,0 +1,94 @@
+"""The single judge of a schedule: validity, peak memory, memory timeline, seconds.
+
+Every figure that remat prints for a schedule comes from `simulate`, whatever produced it.
+
+Memory model (the one Checkmate's MILP uses): while node i runs, memory holds the fixed
+memory, every live value, i's output and i's workspace; after it, i's output stays live until a
+free instruction releases it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from remat.graph import Graph
+from remat.schedule import COMPUTE, Schedule
+
+
+@dataclass(frozen=True)
+class Simulation:
+    valid: bool
+    errors: tuple[str, ...]
+    peak_bytes: int  # fixed + activations, the figure compared with the budget
+    activation_peak_bytes: int  # peak_bytes less fixed memory
+    compute_s: float  # seconds of every compute instruction
+    timeline_bytes: tuple[int, ...]  # memory in use at each instruction (fixed included)
+    peak_op: int  # index of the instruction at the peak, -1 for an empty schedule
+    compute_counts: tuple[int, ...]
+
+    def fits(self, budget_bytes: int) -> bool:
+        return self.valid and self.peak_bytes <= budget_bytes
+
+
+def simulate(graph: Graph, schedule: Schedule, max_errors: int = 10) -> Simulation:
+    if schedule.num_nodes != len(graph):
+        return Simulation(False, (f"schedule is for {schedule.num_nodes} nodes, graph has {len(graph)}",),
+                          0, 0, 0.0, (), -1, ())
+    nodes = graph.nodes
+    fixed = graph.fixed.total_bytes
+    errors: list[str] = []
+    live = [False] * len(nodes)
+    counts = [0] * len(nodes)
+    live_bytes = 0
+    peak = 0
+    peak_op = -1
+    compute_s = 0.0
+    timeline: list[int] = []
+
+    for position, op in enumerate(schedule.ops):
+        i = op.node
+        if not 0 <= i < len(nodes):
+            errors.append(f"instruction {position}: node {i} does not exist")
+            timeline.append(fixed + live_bytes)
+            continue
+        node = nodes[i]
+        if op.kind == COMPUTE:
+            missing = [d for d in node.deps if not live[d]]
+            if missing:
+                errors.append(f"instruction {position}: compute {node.name} needs "
+                              f"{', '.join(nodes[d].name for d in missing[:3])} which is not in memory")
+            if live[i]:
+                errors.append(f"instruction {position}: compute {node.name} while it is already in memory")
+            during = live_bytes + (0 if live[i] else node.output_bytes) + node.workspace_bytes
+            if during > peak:
+                peak, peak_op = during, position
+            timeline.append(fixed + during)
+            if not live[i]:
+                live[i] = True
+                live_bytes += node.output_bytes
+            counts[i] += 1
+            compute_s += node.compute_s
+        else:
+            if not live[i]:
+                errors.append(f"instruction {position}: free {node.name} which is not in memory")
+            else:
+                live[i] = False
+                live_bytes -= node.output_bytes
+            timeline.append(fixed + live_bytes)
+        if len(errors) >= max_errors:
+            break
+
+    never = [i for i in graph.outputs if counts[i] == 0]
+    if never:
+        names = ", ".join(nodes[i].name for i in never[:3])
+        errors.append(f"{len(never)} output(s) never computed (loss or gradients): {names}")
+    return Simulation(
+        valid=not errors,
+        errors=tuple(errors),
+        peak_bytes=fixed + peak,
+        activation_peak_bytes=peak,
+        compute_s=compute_s,
+        timeline_bytes=tuple(timeline),
+        peak_op=peak_op,
+        compute_counts=tuple(counts),
+    )

@@ -1,0 +1,59 @@
+"""Sizes at the edges: "16GB" = 16e9 bytes, "16GiB" = 16 * 2**30 bytes, "75%" of a reference."""
+
+from __future__ import annotations
+
+import re
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int | float, reference_bytes: int | None = None) -> int:
+    """Bytes in `text`: "16GB", "16 GiB", "1.5e9", "512MiB", or "75%" of `reference_bytes`."""
+    if isinstance(text, bool):
+        raise ValueError(f"not a size: {text!r}")
+    if isinstance(text, (int, float)):
+        if text <= 0:
+            raise ValueError(f"size must be positive, got {text!r}")
+        return int(text)
+    raw = str(text).strip()
+    if raw.endswith("%"):
+        if reference_bytes is None:
+            raise ValueError(f"a percentage ({raw}) needs a reference size here")
+        try:
+            percent = float(raw[:-1])
+        except ValueError:
+            raise ValueError(f"not a percentage: {raw!r}") from None
+        if percent <= 0:
+            raise ValueError(f"percentage must be positive, got {raw!r}")
+        return int(reference_bytes * percent / 100)
+    match = _SIZE.match(raw)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read size {raw!r}: use a number with a unit such as 16GB, 16GiB or 512MiB")
+    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if value <= 0:
+        raise ValueError(f"size must be positive, got {raw!r}")
+    return int(value)
+
+
+def format_bytes(num_bytes: int | float) -> str:
+    """Decimal units, as GPU marketing and `--budget 16GB` use them."""
+    value = float(num_bytes)
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(value) < 1000:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1000
+    return f"{value:.2f} TB"
+
+
+def format_seconds(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f} us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.2f} s"

@@ -1,0 +1,47 @@
+"""What every solver returns, and the options every solver accepts.
+
+Solvers turn (Graph, budget) into a Schedule. They import remat.graph, remat.schedule and
+remat.simulate (pure Python), never torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from remat.schedule import Schedule
+
+OPTIMAL = "optimal"  # proven optimal for this graph and budget
+FEASIBLE = "feasible"  # a valid schedule, optimality not proven (time limit, heuristic)
+INFEASIBLE = "infeasible"  # proven: no schedule fits the budget
+NO_SOLUTION = "no_solution"  # none found in the time limit, nothing proven
+
+
+@dataclass(frozen=True)
+class SolveOptions:
+    time_limit_s: float = 60.0
+    warm_start: Schedule | None = None  # a valid schedule to start from (MILP solvers)
+    backend: str = "highs"  # MILP back-end: highs, cbc, gurobi
+    threads: int = 0  # 0: the back-end's default
+    verbose: bool = False
+    mip_gap: float = 1e-4  # relative gap at which a MILP stops as optimal
+
+
+@dataclass(frozen=True)
+class SolverResult:
+    solver: str
+    status: str
+    schedule: Schedule | None
+    objective_s: float | None = None  # the solver's own objective: seconds of compute
+    lower_bound_s: float | None = None  # proven lower bound on the optimal seconds, if known
+    wall_s: float = 0.0
+    message: str = ""
+    detail: dict = field(default_factory=dict)
+
+    @property
+    def gap(self) -> float | None:
+        """Relative gap (objective - bound) / objective, None when either is unknown."""
+        if self.objective_s is None or self.lower_bound_s is None:
+            return None
+        if self.objective_s <= 0:
+            return 0.0
+        return max(0.0, (self.objective_s - self.lower_bound_s) / self.objective_s)

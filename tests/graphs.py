@@ -1,0 +1,52 @@
+"""Hand-made graphs for tests: no torch, known sizes and costs."""
+
+from __future__ import annotations
+
+from remat.graph import FixedMemory, Graph, Node
+
+
+def make_graph(
+    deps: list[list[int]],
+    output_bytes: list[int],
+    compute_s: list[float] | None = None,
+    outputs: list[int] | None = None,
+    fixed_bytes: int = 0,
+    backward: list[bool] | None = None,
+    modules: list[str] | None = None,
+) -> Graph:
+    n = len(deps)
+    compute_s = compute_s or [1.0] * n
+    backward = backward or [False] * n
+    modules = modules or [""] * n
+    nodes = tuple(
+        Node(name=f"n{i}", op="test", deps=tuple(deps[i]), output_bytes=output_bytes[i],
+             compute_s=compute_s[i], is_backward=backward[i], module=modules[i])
+        for i in range(n)
+    )
+    return Graph(nodes=nodes, outputs=tuple(outputs if outputs is not None else [n - 1]),
+                 fixed=FixedMemory(parameter_bytes=fixed_bytes))
+
+
+def chain_training_graph(layers: int, activation_bytes: int = 10, cost_s: float = 1.0) -> Graph:
+    """A linear network's training step: forward f0..f{L-1}, loss, backward b{L-1}..b0.
+
+    Backward b_k reads the forward activation f_k's input (f_{k-1}, or nothing for k = 0)
+    and the gradient from b_{k+1} (or the loss).
+    """
+    deps: list[list[int]] = []
+    for k in range(layers):
+        deps.append([k - 1] if k else [])
+    loss = layers
+    deps.append([layers - 1])
+    grad_of_next = loss
+    backward_index = {}
+    for k in reversed(range(layers)):
+        index = len(deps)
+        deps.append([grad_of_next] + ([k - 1] if k else []) + [k])
+        backward_index[k] = index
+        grad_of_next = index
+    n = len(deps)
+    sizes = [activation_bytes] * layers + [1] + [activation_bytes] * layers
+    is_backward = [False] * (layers + 1) + [True] * layers
+    modules = [f"layers.{k}" for k in range(layers)] + ["loss"] + [f"layers.{k}" for k in reversed(range(layers))]
+    return make_graph(deps, sizes, [cost_s] * n, outputs=[loss, n - 1], backward=is_backward, modules=modules)

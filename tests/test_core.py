@@ -1,0 +1,144 @@
+"""Graph IR, schedules, the simulator and sizes, on hand-made graphs with known answers."""
+
+import json
+
+import pytest
+
+from remat.graph import Graph
+from remat.schedule import Schedule
+from remat.simulate import simulate
+from remat.units import format_bytes, parse_size
+from tests.graphs import chain_training_graph, make_graph
+
+
+def store_all_ops(graph: Graph) -> Schedule:
+    last = {d: i for i, node in enumerate(graph.nodes) for d in node.deps}
+    ops = []
+    for i, node in enumerate(graph.nodes):
+        ops.append(("compute", i))
+        ops += [("free", d) for d in sorted(set(node.deps)) if last[d] == i]
+    return Schedule.from_pairs(ops, len(graph))
+
+
+def test_simulator_peak_on_a_chain_by_hand():
+    # a -> b -> c with sizes 10, 20, 30 and 5 bytes fixed: peak while computing c is 5 + 20 + 30.
+    graph = make_graph([[], [0], [1]], [10, 20, 30], [1.0, 2.0, 3.0], outputs=[2], fixed_bytes=5)
+    schedule = Schedule.from_pairs([("compute", 0), ("compute", 1), ("free", 0), ("compute", 2), ("free", 1)], 3)
+    sim = simulate(graph, schedule)
+    assert sim.valid, sim.errors
+    assert sim.peak_bytes == 55
+    assert sim.activation_peak_bytes == 50
+    assert sim.compute_s == 6.0
+    assert sim.timeline_bytes == (15, 35, 25, 55, 35)
+    assert sim.peak_op == 3
+
+
+def test_simulator_counts_workspace_and_recomputation():
+    graph = make_graph([[], [0], [1]], [10, 20, 30], [1.0, 2.0, 3.0], outputs=[2])
+    graph = Graph(nodes=(graph.nodes[0], graph.nodes[1].__class__(**{**graph.nodes[1].__dict__, "workspace_bytes": 100}),
+                         graph.nodes[2]), outputs=graph.outputs)
+    ops = [("compute", 0), ("compute", 1), ("free", 0), ("free", 1), ("compute", 0), ("compute", 1), ("compute", 2)]
+    sim = simulate(graph, Schedule.from_pairs(ops, 3))
+    assert sim.valid
+    assert sim.peak_bytes == 130  # 10 live + 20 output + 100 workspace while node 1 runs
+    assert sim.compute_s == 1 + 2 + 1 + 2 + 3
+    assert sim.compute_counts == (2, 2, 1)
+
+
+@pytest.mark.parametrize("ops, error", [
+    ([("compute", 1)], "not in memory"),
+    ([("compute", 0), ("compute", 0)], "already in memory"),
+    ([("free", 0)], "free n0 which is not in memory"),
+    ([("compute", 0), ("compute", 1)], "never computed"),
+    ([("compute", 7)], "does not exist"),
+])
+def test_simulator_rejects_invalid_schedules(ops, error):
+    graph = make_graph([[], [0], [1]], [1, 1, 1], outputs=[2])
+    sim = simulate(graph, Schedule.from_pairs(ops, 3))
+    assert not sim.valid
+    assert any(error in e for e in sim.errors), sim.errors
+
+
+def test_store_all_peak_of_training_chain():
+    graph = chain_training_graph(4, activation_bytes=10)
+    sim = simulate(graph, store_all_ops(graph))
+    assert sim.valid
+    # all four activations + the loss (1 byte) + the first gradient (10) while b3 runs
+    assert sim.peak_bytes == 4 * 10 + 1 + 10
+
+
+def test_matrices_round_trip_keeps_cost_and_does_not_raise_peak():
+    graph = chain_training_graph(5)
+    schedule = store_all_ops(graph)
+    R, S = schedule.to_matrices()
+    assert all(R[t][t] == 1 for t in range(len(graph)))
+    again = Schedule.from_matrices(graph, R, S)
+    a, b = simulate(graph, schedule), simulate(graph, again)
+    assert b.valid and b.compute_s == a.compute_s and b.peak_bytes <= a.peak_bytes
+
+
+def test_matrices_express_recomputation():
+    graph = chain_training_graph(3)  # f0 f1 f2 loss b2 b1 b0 = nodes 0..6; b2 reads f1 and f2
+    n = len(graph)
+    R = [[int(i == t) for i in range(n)] for t in range(n)]
+    S = [[0] * n for _ in range(n)]
+    for t in range(1, n):  # keep everything, except f1 during stages 3 and 4
+        for i in range(t):
+            S[t][i] = 1
+    S[3][1] = S[4][1] = 0
+    R[4][1] = 1  # b2's stage recomputes f1 and keeps it for b1
+    sim = simulate(graph, Schedule.from_matrices(graph, R, S))
+    assert sim.valid, sim.errors
+    assert sim.compute_counts[1] == 2
+    R2, S2 = Schedule.from_matrices(graph, R, S).to_matrices()
+    assert R2 == R
+
+
+def test_to_matrices_refuses_schedules_that_do_not_advance_the_frontier():
+    graph = make_graph([[], []], [1, 1], outputs=[0, 1])
+    with pytest.raises(ValueError, match="frontier"):
+        Schedule.from_pairs([("compute", 1), ("compute", 0)], 2).to_matrices()
+
+
+def test_graph_json_round_trip_and_hash(tmp_path):
+    graph = chain_training_graph(3)
+    path = tmp_path / "g.json"
+    graph.save(path)
+    again = Graph.load(path)
+    assert again == graph and again.content_hash == graph.content_hash
+    data = json.loads(path.read_text())
+    data["nodes"][0]["output_bytes"] += 1
+    with pytest.raises(ValueError, match="hash"):
+        Graph.from_json(data)
+    data["schema_version"] = 99
+    with pytest.raises(ValueError, match="schema version"):
+        Graph.from_json(data)
+
+
+def test_graph_rejects_non_topological_dependencies():
+    with pytest.raises(ValueError, match="not topological"):
+        make_graph([[1], []], [1, 1])
+
+
+def test_min_budget_lower_bound_is_the_largest_working_set():
+    graph = make_graph([[], [0], [0, 1]], [10, 20, 30], outputs=[2], fixed_bytes=7)
+    assert graph.min_budget_lower_bound() == 7 + 10 + 20 + 30
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("16GB", 16 * 10**9), ("16GiB", 16 * 2**30), ("512MiB", 512 * 2**20), ("1.5e9", 1_500_000_000),
+    ("16 gb", 16 * 10**9), ("2048", 2048),
+])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["16XB", "-3GB", "", "GB", "0GB", "abc", "0%"])
+def test_parse_size_rejects_bad_input(text):
+    with pytest.raises(ValueError):
+        parse_size(text, reference_bytes=100)
+
+
+def test_percent_and_format():
+    assert parse_size("75%", reference_bytes=200) == 150
+    assert format_bytes(16 * 10**9) == "16.00 GB"
