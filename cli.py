@@ -51,7 +51,7 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the report.")
 def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_limit, backend, out, as_json) -> None:
     """Plan the training step of MODEL under a memory BUDGET."""
-    from solvers import SOLVER_NAMES
+    from solvers.registry import SOLVER_NAMES
 
     started = time.perf_counter()
     try:

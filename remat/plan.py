@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from remat.graph import Graph
 from remat.schedule import Schedule
 from remat.simulate import Simulation, simulate
-from solvers import SOLVER_NAMES, solve_with
+from solvers.registry import SOLVER_NAMES, solve_with
 from solvers.base import FEASIBLE, INFEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions, SolverResult
 from solvers.baselines import BASELINES
 from solvers.coarsen import Coarsening, coarsen, contiguous_groups
