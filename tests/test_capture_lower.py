@@ -1,0 +1,109 @@
+"""Capture and lowering: a real module becomes a Graph with the right sizes, outputs and fixed memory."""
+
+import torch
+from torch import nn
+
+from remat.capture import CaptureError, capture_fake, capture_step
+from remat.cost import load_profile
+from remat.lower import lower
+from remat.schedule import Schedule
+from remat.simulate import simulate
+
+
+class TiedNet(nn.Module):
+    """Embedding -> 2 linear layers -> output head tied to the embedding, with a view in the middle."""
+
+    def __init__(self, vocab=64, dim=32):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList([nn.Linear(dim, dim) for _ in range(2)])
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        x = self.embed(ids)  # (B, T, D)
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        logits = self.head(x)  # (B, T, V)
+        return nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), ids.view(-1))
+
+
+def build():
+    from types import SimpleNamespace
+    return SimpleNamespace(model=TiedNet(), example_inputs=(torch.randint(0, 64, (4, 8)),), loss_fn=None)
+
+
+def test_fake_capture_lowers_to_a_graph_with_fixed_memory_and_outputs():
+    _, step = capture_fake(build, "fp32")
+    assert step.tied_to == {"model.head.weight": "model.embed.weight"}
+    graph = lower(step, load_profile("h100"), optimizer="adamw")
+    params = 64 * 32 + 2 * (32 * 32 + 32)
+    assert graph.fixed.parameter_bytes == 4 * params  # the tied head weight is counted once
+    assert graph.fixed.gradient_bytes == 4 * params
+    assert graph.fixed.optimizer_bytes == 2 * 4 * params
+    assert graph.fixed.input_bytes >= 4 * 8 * 8  # int64 ids (+ the loss tangent)
+    assert graph.forward_nodes and any(n.is_backward for n in graph.nodes)
+    # views are folded: no node is a view, and the logits (B*T x V fp32) appear with their true size
+    assert not any(n.op.startswith(("aten.view", "aten.t.", "aten.transpose")) for n in graph.nodes)
+    assert any(n.output_bytes == 4 * 8 * 64 * 4 for n in graph.nodes)
+    # the loss is an output with its bytes; gradients are outputs held in fixed memory (0 bytes)
+    loss_like = [i for i in graph.outputs if not graph.nodes[i].is_backward]
+    assert len(loss_like) == 1
+    grads = [i for i in graph.outputs if graph.nodes[i].is_backward]
+    assert grads and all(graph.nodes[i].output_bytes == 0 for i in grads)
+    assert {n.module for n in graph.nodes} >= {"layers.0", "layers.1", "embed", "head"}
+    assert all(n.compute_s > 0 for n in graph.nodes)
+    assert any(n.flops > 0 for n in graph.nodes)  # the matmuls
+
+
+def test_eager_order_of_a_captured_graph_is_valid():
+    _, step = capture_fake(build, "bf16-mixed")
+    graph = lower(step, load_profile("a100"), optimizer="sgd")
+    assert graph.fixed.optimizer_bytes == 0
+    last = {d: i for i, node in enumerate(graph.nodes) for d in node.deps}
+    ops = []
+    for i, node in enumerate(graph.nodes):
+        ops.append(("compute", i))
+        ops += [("free", d) for d in sorted(set(node.deps)) if last[d] == i]
+    sim = simulate(graph, Schedule.from_pairs(ops, len(graph)))
+    assert sim.valid, sim.errors
+    assert sim.peak_bytes > graph.fixed.total_bytes
+    assert "bf16" in " ".join(n.shape for n in graph.nodes)  # autocast made bf16 matmuls
+
+
+def test_real_tensors_capture_the_same_graph_as_fake_ones():
+    torch.manual_seed(0)
+    spec = build()
+    real = lower(capture_step(spec.model, spec.example_inputs), load_profile("h100"))
+    _, fake_step = capture_fake(build)
+    fake = lower(fake_step, load_profile("h100"))
+    assert real.content_hash == fake.content_hash
+
+
+def test_a_model_without_trainable_parameters_is_a_clear_error():
+    model = nn.Linear(4, 4)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        capture_step(model, (torch.randn(2, 4),))
+    except CaptureError as error:
+        assert "requires grad" in str(error)
+    else:
+        raise AssertionError("expected a CaptureError")
+
+
+def test_a_model_that_fails_to_trace_is_a_clear_error():
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x):
+            raise RuntimeError("shape mismatch in user code")
+
+    try:
+        capture_step(Broken(), (torch.randn(2, 4),))
+    except CaptureError as error:
+        assert "shape mismatch in user code" in str(error)
+    else:
+        raise AssertionError("expected a CaptureError")
