@@ -34,7 +34,7 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--model", required=True, help="Zoo name (gpt2, gpt2-medium, resnet50, ...) or path/to/file.py:factory.")
+@click.option("--model", required=True, help="Zoo name (gpt2, resnet50, ...) or path/to/file.py:factory.")
 @click.option("--budget", required=True, help="Whole device memory for the step: 16GB (1e9 bytes), 16GiB (2^30).")
 @click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option("--seq", default=None, type=click.IntRange(min=1), help="Sequence length [default: the model's context].")
@@ -85,8 +85,9 @@ def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_
 
 
 def _trace(model, batch, seq, precision, device, optimizer):
-    from remat.capture import CaptureError
     from remat.models import ModelError
+
+    from remat.capture import CaptureError
     from remat.trace import trace_model
 
     with stderr.status(f"tracing {model} (batch {batch}) on fake tensors", spinner="dots"):

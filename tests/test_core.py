@@ -1,5 +1,6 @@
 """Graph IR, schedules, the simulator and sizes, on hand-made graphs with known answers."""
 
+import dataclasses
 import json
 
 import pytest
@@ -35,8 +36,8 @@ def test_simulator_peak_on_a_chain_by_hand():
 
 def test_simulator_counts_workspace_and_recomputation():
     graph = make_graph([[], [0], [1]], [10, 20, 30], [1.0, 2.0, 3.0], outputs=[2])
-    graph = Graph(nodes=(graph.nodes[0], graph.nodes[1].__class__(**{**graph.nodes[1].__dict__, "workspace_bytes": 100}),
-                         graph.nodes[2]), outputs=graph.outputs)
+    with_workspace = dataclasses.replace(graph.nodes[1], workspace_bytes=100)
+    graph = Graph(nodes=(graph.nodes[0], with_workspace, graph.nodes[2]), outputs=graph.outputs)
     ops = [("compute", 0), ("compute", 1), ("free", 0), ("free", 1), ("compute", 0), ("compute", 1), ("compute", 2)]
     sim = simulate(graph, Schedule.from_pairs(ops, 3))
     assert sim.valid
@@ -95,7 +96,6 @@ def test_matrices_express_recomputation():
 
 
 def test_to_matrices_refuses_schedules_that_do_not_advance_the_frontier():
-    graph = make_graph([[], []], [1, 1], outputs=[0, 1])
     with pytest.raises(ValueError, match="frontier"):
         Schedule.from_pairs([("compute", 1), ("compute", 0)], 2).to_matrices()
 
