@@ -38,7 +38,8 @@ def main() -> None:
 @click.option("--budget", required=True, help="Whole device memory for the step: 16GB (1e9 bytes), 16GiB (2^30).")
 @click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option("--seq", default=None, type=click.IntRange(min=1), help="Sequence length [default: the model's context].")
-@click.option("--device", default="h100", show_default=True, help="Device profile: h100, a100, v100, cpu or a JSON file.")
+@click.option("--device", default="h100", show_default=True,
+              help="Device profile: h100, a100, v100, cpu, or a JSON file.")
 @click.option("--precision", default="bf16-mixed", show_default=True, type=click.Choice(["bf16-mixed", "fp32"]))
 @click.option("--optimizer", default="adamw", show_default=True,
               type=click.Choice(["adamw", "adam", "sgd", "sgd-momentum", "none"]))
