@@ -78,6 +78,22 @@ def _autocast(model: nn.Module, precision: str) -> contextlib.AbstractContextMan
 
 
 @contextlib.contextmanager
+def _compiling():
+    """Tell model code that it is being traced, as torch.export does.
+
+    Hugging Face skips value-dependent checks (e.g. on position_ids in the causal-mask code)
+    when `torch.compiler.is_compiling()`; AOTAutograd's functional tensors are not the fake
+    tensors it otherwise recognises, so without this the trace stops at `.item()`.
+    """
+    previous = torch.compiler._is_compiling_flag
+    torch.compiler._is_compiling_flag = True
+    try:
+        yield
+    finally:
+        torch.compiler._is_compiling_flag = previous
+
+
+@contextlib.contextmanager
 def _record_module_paths(model: nn.Module):
     """Annotate every traced node with the path of the innermost module that issued it."""
     active: list[str] = []
@@ -115,7 +131,7 @@ def capture_step(model: nn.Module, example_inputs: Sequence[Any], loss_fn: Calla
     if not any(p.requires_grad for p in model.parameters()):
         raise CaptureError("the model has no parameter that requires grad: nothing to train")
     step = LossStep(model, loss_fn, precision)
-    with _record_module_paths(model), contextlib.ExitStack() as stack:
+    with _record_module_paths(model), _compiling(), contextlib.ExitStack() as stack:
         try:
             joint = aot_export_joint_with_descriptors(stack, step, tuple(example_inputs))
         except CaptureError:
