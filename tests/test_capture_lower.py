@@ -107,3 +107,21 @@ def test_a_model_that_fails_to_trace_is_a_clear_error():
         assert "shape mismatch in user code" in str(error)
     else:
         raise AssertionError("expected a CaptureError")
+
+
+def test_hugging_face_gpt2_traces_with_tied_weights_and_flash_attention():
+    from remat.trace import trace_model
+
+    graph = trace_model("gpt2-tiny", batch=2, seq=64, precision="bf16-mixed", device="h100", optimizer="adamw")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from remat.models import build_model
+
+    with FakeTensorMode():
+        params = sum(p.numel() for p in build_model("gpt2-tiny", batch=2, seq=64).model.parameters())
+    assert graph.fixed.parameter_bytes == 4 * params  # the tied lm_head is not counted twice
+    ops = {n.op for n in graph.nodes}
+    assert "aten._scaled_dot_product_flash_attention_for_cpu.default" in ops
+    assert "aten._log_softmax_backward_data.default" in ops
+    assert any(n.module.startswith("lm.transformer.h.1") and n.is_backward for n in graph.nodes)
+    assert graph.meta["seq"] == 64 and graph.meta["batch"] == 2
