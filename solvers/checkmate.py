@@ -1,0 +1,529 @@
+"""Checkmate's MILP (Jain et al., MLSys 2020, section 4) written with PuLP.
+
+Frontier-advancing stages: stage t computes node t for the first time, after recomputing
+whatever earlier nodes it needs. Binary decision matrices, lower triangular (the upper triangles
+are never created):
+
+    R[t, i]  node i is computed in stage t            (i <= t, R[t, t] = 1)
+    S[t, i]  node i is in memory when stage t starts  (i < t, no S[0, .])
+
+and, for the memory accounting inside a stage,
+
+    FREE[t, i, k]  value i is freed right after node k runs in stage t  (i in deps(k) + {k})
+    U[t, k]        activation bytes in memory while node k runs in stage t (continuous)
+
+Equation labels follow the paper: (1a) objective, (1b) dependencies, (1c) storage,
+(1d)/(1e) frontier advancing; (M1)-(M4) the memory accounting of its section 4.
+FREE is linearised tightly (the product of its factors, no big-M):
+FREE <= R[t, k], FREE + S[t+1, i] <= 1, FREE + R[t, j] <= 1 for every user j > k of i.
+
+The accounting is an upper bound of what remat.simulate measures for
+Schedule.from_matrices(graph, R, S), and equal to it for solutions without redundant entries
+(a value both stored and recomputed, or stored but neither used nor kept), which an optimum
+has no reason to contain. The emitted schedule is simulated before it is returned anyway.
+
+Units inside the model: bytes in `byte_unit` (about 1/1000 of the budget) and seconds in
+`second_unit` (the mean node cost), so that HiGHS sees coefficients near 1.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+
+import pulp
+
+from remat.graph import Graph
+from remat.schedule import COMPUTE, Schedule
+from remat.simulate import simulate
+from solvers.base import FEASIBLE, INFEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions, SolverResult
+
+BACKENDS = ("highs", "cbc", "gurobi")
+MEMORY_SCALE = 1000.0  # the budget (or the store-all peak) is this many model units of memory
+
+
+# --- the model -------------------------------------------------------------------------------
+
+
+@dataclass
+class CheckmateModel:
+    """The PuLP problem and its variables, indexed as in the paper."""
+
+    graph: Graph
+    problem: pulp.LpProblem
+    R: dict[tuple[int, int], pulp.LpVariable]  # (t, i), i <= t
+    S: dict[tuple[int, int], pulp.LpVariable]  # (t, i), 1 <= t, i < t
+    FREE: dict[tuple[int, int, int], pulp.LpVariable]  # (t, i, k), i in deps(k) + {k}, output_bytes[i] > 0
+    U: dict[tuple[int, int], pulp.LpVariable]  # (t, k), k <= t
+    peak: pulp.LpVariable | None  # the peak (fixed memory included) in byte units, min-peak objective only
+    byte_unit: float  # bytes per model unit of memory
+    second_unit: float  # seconds per model unit of time
+    compute_weight: float  # weight of the seconds term in the objective
+
+
+def build_model(
+    graph: Graph,
+    budget_bytes: int | None,
+    byte_unit: float,
+    second_unit: float,
+    relax: bool = False,
+) -> CheckmateModel:
+    """Checkmate's MILP. budget_bytes=None: minimise the peak instead of the seconds.
+
+    relax=True gives the LP relaxation (every binary becomes continuous in [0, 1]).
+    """
+    n = len(graph)
+    nodes = graph.nodes
+    users = graph.users
+    category = pulp.LpContinuous if relax else pulp.LpBinary
+    mem = [node.output_bytes / byte_unit for node in nodes]  # m_i in model units
+    workspace = [node.workspace_bytes / byte_unit for node in nodes]
+    cost = [node.compute_s / second_unit for node in nodes]  # C_i in model units
+    fixed = graph.fixed.total_bytes / byte_unit
+    problem = pulp.LpProblem("checkmate", pulp.LpMinimize)
+
+    # Index sets: stages t, nodes i <= t (lower triangle), the values each node's run may free.
+    stages = range(n)
+    freeable = [sorted({k, *nodes[k].deps}) for k in range(n)]  # deps(k) + {k}
+
+    # Variables; (1e) frontier advancing: nothing above the diagonal is created.
+    R = {(t, i): problem.add_variable(f"R_{t}_{i}", 0, 1, category) for t in stages for i in range(t + 1)}
+    S = {(t, i): problem.add_variable(f"S_{t}_{i}", 0, 1, category) for t in range(1, n) for i in range(t)}
+    FREE = {(t, i, k): problem.add_variable(f"FREE_{t}_{i}_{k}", 0, 1, category)
+            for t in stages for k in range(t + 1) for i in freeable[k] if mem[i] > 0}
+    U = {(t, k): problem.add_variable(f"U_{t}_{k}", 0) for t in stages for k in range(t + 1)}
+
+    def stored(t: int, i: int) -> pulp.LpVariable | int:
+        return S.get((t, i), 0)  # S[0, .] and S[n, .] are 0
+
+    # (1d) frontier advancing: stage t computes node t.
+    for t in stages:
+        problem += R[t, t] == 1, f"frontier_{t}"
+
+    # (1b) dependencies: a node runs only if each of its inputs is computed earlier in the stage or stored.
+    for t in stages:
+        for j in range(t + 1):
+            for i in sorted(set(nodes[j].deps)):
+                problem += R[t, j] <= R[t, i] + stored(t, i), f"dep_{t}_{i}_{j}"
+
+    # (1c) storage: a value is in memory at the start of stage t+1 only if it was at the start of
+    # stage t or was computed during it.
+    for t in range(n - 1):
+        for i in range(t + 1):
+            problem += S[t + 1, i] <= stored(t, i) + R[t, i], f"store_{t + 1}_{i}"
+
+    # (M1) memory when the first node of the stage runs: what is stored, plus node 0 if it runs.
+    for t in stages:
+        problem += (U[t, 0] == pulp.lpSum(mem[i] * S[t, i] for i in range(t) if mem[i] > 0)
+                    + mem[0] * R[t, 0]), f"mem_start_{t}"
+
+    # (M2) memory when node k+1 runs: U[t, k] less what node k's run freed, plus node k+1 if it runs.
+    for t in stages:
+        for k in range(t):
+            freed = pulp.lpSum(mem[i] * FREE[t, i, k] for i in freeable[k] if mem[i] > 0)
+            problem += U[t, k + 1] == U[t, k] - freed + mem[k + 1] * R[t, k + 1], f"mem_{t}_{k + 1}"
+
+    # (M3) FREE[t, i, k] = R[t, k] * (1 - S[t+1, i]) * prod over users j > k of (1 - R[t, j]), linearised
+    # tightly: FREE is at most each factor (FREE may stay 0: the model then frees less than the simulator).
+    for (t, i, k), free in FREE.items():
+        problem += free <= R[t, k], f"free_runs_{t}_{i}_{k}"
+        if t + 1 < n:
+            problem += free + S[t + 1, i] <= 1, f"free_not_kept_{t}_{i}_{k}"
+        for j in users[i]:
+            if k < j <= t:
+                problem += free + R[t, j] <= 1, f"free_last_use_{t}_{i}_{k}_{j}"
+
+    # (M4) budget: fixed memory + activations + the running node's workspace, at every step of every stage.
+    seconds = pulp.lpSum(cost[i] * R[t, i] for (t, i) in R if cost[i] > 0)
+    peak = None
+    if budget_bytes is not None:
+        capacity = budget_bytes / byte_unit - fixed
+        for (t, k), held in U.items():
+            problem += held + workspace[k] * R[t, k] <= capacity, f"budget_{t}_{k}"
+        compute_weight = 1.0
+        problem += seconds  # (1a) objective: seconds of every computation, recomputations included
+    else:
+        peak = problem.add_variable("PEAK", 0)
+        for (t, k), held in U.items():
+            problem += peak >= fixed + held + workspace[k] * R[t, k], f"peak_{t}_{k}"
+        # Objective: the peak, plus the seconds with a weight small enough that all the seconds a schedule can
+        # spend (node i runs at most once in each of the n - i stages) are worth less than half a byte, or
+        # where a byte is below HiGHS's tolerances, less than a millionth of the reference memory.
+        most_seconds = sum(cost[i] * (n - i) for i in range(n))
+        worth = max(0.5 / byte_unit, 1e-6 * MEMORY_SCALE)
+        compute_weight = min(1e-3, worth / most_seconds) if most_seconds > 0 else 0.0
+        problem += peak + compute_weight * seconds
+
+    return CheckmateModel(graph, problem, R, S, FREE, U, peak, byte_unit, second_unit, compute_weight)
+
+
+def model_values(model: CheckmateModel, R: list[list[int]], S: list[list[int]]) -> dict[str, float]:
+    """Every variable's value for given stage matrices (FREE exact, U by (M1)/(M2)); for warm starts."""
+    graph, n = model.graph, len(model.graph)
+    users = graph.users
+    values: dict[str, float] = {}
+    for (t, i), var in model.R.items():
+        values[var.name] = float(R[t][i] or i == t)
+    for (t, i), var in model.S.items():
+        values[var.name] = float(S[t][i])
+    for (t, i, k), var in model.FREE.items():
+        kept = t + 1 < n and S[t + 1][i]
+        used_later = any(R[t][j] for j in users[i] if k < j <= t)
+        values[var.name] = float(bool(R[t][k]) and not kept and not used_later)
+    mem = [node.output_bytes / model.byte_unit for node in graph.nodes]
+    for t in range(n):
+        held = sum(mem[i] for i in range(t) if S[t][i]) + mem[0] * R[t][0]
+        values[model.U[t, 0].name] = held
+        for k in range(t):
+            held -= sum(mem[i] * values[model.FREE[t, i, k].name] for i in {k, *graph.nodes[k].deps}
+                        if (t, i, k) in model.FREE)
+            held += mem[k + 1] * R[t][k + 1]
+            values[model.U[t, k + 1].name] = held
+    return values
+
+
+def rounded_matrices(model: CheckmateModel) -> tuple[list[list[int]], list[list[int]]]:
+    """R and S as 0/1 lists from the solver's values."""
+    n = len(model.graph)
+    R = [[0] * n for _ in range(n)]
+    S = [[0] * n for _ in range(n)]
+    for (t, i), var in model.R.items():
+        R[t][i] = int(i == t or (var.value() or 0.0) > 0.5)
+    for (t, i), var in model.S.items():
+        S[t][i] = int((var.value() or 0.0) > 0.5)
+    return R, S
+
+
+def minimal_storage(graph: Graph, R: list[list[int]]) -> list[list[int]]:
+    """The smallest S that (1b) and (1c) allow for R: store a value only where the stage, or a later
+    stage it is carried into, reads it before computing it."""
+    n = len(graph)
+    S = [[0] * n for _ in range(n)]
+    for t in reversed(range(1, n)):
+        for j in range(t + 1):
+            if R[t][j] or j == t:
+                for i in graph.nodes[j].deps:
+                    if not R[t][i]:
+                        S[t][i] = 1
+        if t + 1 < n:
+            for i in range(t):
+                if S[t + 1][i] and not R[t][i]:
+                    S[t][i] = 1
+    return S
+
+
+def compute_seconds(graph: Graph, schedule: Schedule) -> float:
+    """Seconds of every compute instruction, summed in instruction order as remat.simulate does."""
+    return sum(graph.nodes[op.node].compute_s for op in schedule.ops if op.kind == COMPUTE)
+
+
+# --- back-ends ------------------------------------------------------------------------------
+
+
+def _cbc(**kwargs) -> pulp.LpSolver:
+    with warnings.catch_warnings():  # PuLP 3.3 announces that PULP_CBC_CMD (its bundled CBC) goes in 4.0
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return pulp.PULP_CBC_CMD(**kwargs)
+
+
+def backend_available(name: str) -> bool:
+    if name == "highs":
+        return pulp.HiGHS().available() or pulp.HiGHS_CMD(msg=False).available()
+    if name == "cbc":
+        return _cbc(msg=False).available()
+    if name == "gurobi":
+        return pulp.GUROBI(msg=False).available()
+    return False
+
+
+def available_backends() -> list[str]:
+    return [name for name in BACKENDS if backend_available(name)]
+
+
+@dataclass
+class SolveOutcome:
+    """What a back-end reports, in one form for all of them."""
+
+    status: str  # OPTIMAL, FEASIBLE (an incumbent, not proven), INFEASIBLE, NO_SOLUTION
+    objective: float | None  # model units
+    bound: float | None  # dual bound, model units
+    message: str
+
+
+class _HighsWithStart(pulp.HiGHS):
+    """pulp.HiGHS (highspy in-process) that hands HiGHS a starting solution before it runs."""
+
+    def __init__(self, start: dict[str, float] | None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.start = start
+
+    def callSolver(self, lp: pulp.LpProblem) -> None:  # noqa: N802 (PuLP's name)
+        if self.start:
+            import highspy
+
+            solution = highspy.HighsSolution()
+            solution.col_value = [self.start.get(var.name, 0.0) for var in lp.variables()]  # by var.index order
+            solution.value_valid = True
+            lp.solverModel.setSolution(solution)
+        lp.solverModel.run()
+
+
+def _solve_highs(problem: pulp.LpProblem, options: SolveOptions, start: dict[str, float] | None,
+                 mip: bool) -> SolveOutcome:
+    settings = dict(mip=mip, msg=options.verbose, gapRel=options.mip_gap, threads=options.threads or None)
+    solver = _HighsWithStart(start, timeLimit=options.time_limit_s, **settings)
+    if not solver.available():  # no highspy: the command-line HiGHS through files
+        return _solve_command(problem, pulp.HiGHS_CMD(timeLimit=options.time_limit_s,
+                                                      warmStart=start is not None, **settings), start)
+    import highspy
+
+    started = time.perf_counter()
+    problem.solve(solver)
+    highs = problem.solverModel
+    model_status = highs.getModelStatus()
+    if model_status in (highspy.HighsModelStatus.kSolveError, highspy.HighsModelStatus.kPostsolveError):
+        # HiGHS 1.15's presolve can hand back a solution that breaks the model (seen on 3-node graphs, then
+        # reported as a solve error): solve again without presolve in the time left.
+        left = max(options.time_limit_s - (time.perf_counter() - started), 1e-3)
+        problem.solve(_HighsWithStart(start, timeLimit=left, presolve="off", **settings))
+        highs = problem.solverModel
+        model_status = highs.getModelStatus()
+        retried = " (solved again without presolve after a presolve error)"
+    else:
+        retried = ""
+    info = highs.getInfo()
+    has_incumbent = info.primal_solution_status == highspy.SolutionStatus.kSolutionStatusFeasible
+    bound = info.mip_dual_bound if mip else info.objective_function_value
+    bound = bound if math.isfinite(bound) else None
+    message = f"HiGHS: {highs.modelStatusToString(model_status)}{retried}"
+    if model_status == highspy.HighsModelStatus.kOptimal:
+        objective = info.objective_function_value
+        return SolveOutcome(OPTIMAL, objective, bound if bound is not None else objective, message)
+    if model_status in (highspy.HighsModelStatus.kInfeasible, highspy.HighsModelStatus.kUnboundedOrInfeasible):
+        return SolveOutcome(INFEASIBLE, None, None, message)  # the objective is bounded: infeasible
+    if has_incumbent:
+        return SolveOutcome(FEASIBLE, info.objective_function_value, bound, message)
+    return SolveOutcome(NO_SOLUTION, None, bound, message)
+
+
+def _solve_command(problem: pulp.LpProblem, solver: pulp.LpSolver, start: dict[str, float] | None) -> SolveOutcome:
+    """A back-end that PuLP runs as a command (CBC, HiGHS_CMD): status and incumbent, no dual bound."""
+    if start:
+        for var in problem.variables():
+            var.setInitialValue(start.get(var.name, 0.0))
+    problem.solve(solver)
+    message = f"{solver.name}: {pulp.LpStatus[problem.status]}, {pulp.LpSolution[problem.sol_status]}"
+    if problem.status == pulp.LpStatusInfeasible:
+        return SolveOutcome(INFEASIBLE, None, None, message)
+    objective = pulp.value(problem.objective)
+    if problem.sol_status == pulp.LpSolutionOptimal:
+        return SolveOutcome(OPTIMAL, objective, objective, message)
+    if problem.sol_status == pulp.LpSolutionIntegerFeasible:
+        return SolveOutcome(FEASIBLE, objective, None, message)
+    return SolveOutcome(NO_SOLUTION, None, None, message)
+
+
+def _solve_gurobi(problem: pulp.LpProblem, options: SolveOptions, start: dict[str, float] | None) -> SolveOutcome:
+    if start:
+        for var in problem.variables():
+            var.setInitialValue(start.get(var.name, 0.0))
+    solver = pulp.GUROBI(msg=options.verbose, timeLimit=options.time_limit_s, gapRel=options.mip_gap,
+                         warmStart=start is not None, threads=options.threads or None)
+    problem.solve(solver)
+    gurobi = problem.solverModel
+    status, count = gurobi.Status, gurobi.SolCount  # 2 optimal, 3 infeasible, 4 infeasible or unbounded
+    message = f"Gurobi: status {status}"
+    if status in (3, 4):
+        return SolveOutcome(INFEASIBLE, None, None, message)
+    bound = gurobi.ObjBound if math.isfinite(gurobi.ObjBound) else None
+    if count == 0:
+        return SolveOutcome(NO_SOLUTION, None, bound, message)
+    return SolveOutcome(OPTIMAL if status == 2 else FEASIBLE, gurobi.ObjVal, bound, message)
+
+
+def solve_problem(problem: pulp.LpProblem, options: SolveOptions, start: dict[str, float] | None = None,
+                  mip: bool = True) -> SolveOutcome:
+    """Run the back-end options.backend names; a missing one is a ValueError naming those present."""
+    if not backend_available(options.backend):
+        raise ValueError(f"MILP back-end {options.backend!r} is not available here; "
+                         f"available: {', '.join(available_backends()) or 'none'}")
+    if options.backend == "highs":
+        return _solve_highs(problem, options, start, mip)
+    if options.backend == "cbc":
+        cbc = _cbc(msg=options.verbose, timeLimit=options.time_limit_s, gapRel=options.mip_gap,
+                   warmStart=start is not None, threads=options.threads or None, mip=mip)
+        return _solve_command(problem, cbc, start)
+    return _solve_gurobi(problem, options, start)
+
+
+# --- warm starts ----------------------------------------------------------------------------
+
+
+@dataclass
+class WarmStart:
+    schedule: Schedule  # the schedule given, when it is valid (and fits the budget)
+    values: dict[str, float] | None  # the model's variables for it, None when it breaks the model's accounting
+    note: str
+
+
+def prepare_warm_start(model: CheckmateModel, schedule: Schedule | None, budget_bytes: int | None) -> WarmStart | None:
+    """Check a warm start and turn it into the model's variable values.
+
+    values is None when the solver cannot use it (the note says why); schedule is still a valid fallback
+    unless the note starts with "skipped" (invalid, or over the budget)."""
+    if schedule is None:
+        return None
+    graph = model.graph
+    sim = simulate(graph, schedule)
+    if not sim.valid:
+        return WarmStart(schedule, None, f"skipped: not a valid schedule ({sim.errors[0]})")
+    if budget_bytes is not None and sim.peak_bytes > budget_bytes:
+        return WarmStart(schedule, None, f"skipped: peak {sim.peak_bytes} bytes does not fit the budget")
+    try:
+        R, _ = schedule.to_matrices()
+    except ValueError as error:
+        return WarmStart(schedule, None, f"not used by the solver: not frontier-advancing ({error})")
+    S = minimal_storage(graph, R)  # to_matrices keeps what is freed later in the stage; drop it
+    values = model_values(model, R, S)
+    if budget_bytes is not None:
+        capacity = (budget_bytes - graph.fixed.total_bytes) / model.byte_unit
+        workspace = [node.workspace_bytes / model.byte_unit for node in graph.nodes]
+        over = [(t, k) for (t, k), var in model.U.items()
+                if values[var.name] + workspace[k] * values[model.R[t, k].name] > capacity * (1 + 1e-9)]
+        if over:
+            return WarmStart(schedule, None, "not used by the solver: over the budget in the model's accounting "
+                                             f"at stage {over[0][0]}")
+    else:
+        fixed = graph.fixed.total_bytes / model.byte_unit
+        workspace = [node.workspace_bytes / model.byte_unit for node in graph.nodes]
+        values[model.peak.name] = max(fixed + values[var.name] + workspace[k] * values[model.R[t, k].name]
+                                      for (t, k), var in model.U.items())
+    return WarmStart(schedule, values, "given to the solver")
+
+
+# --- solvers --------------------------------------------------------------------------------
+
+
+def _second_unit(graph: Graph) -> float:
+    mean = graph.compute_s / len(graph) if len(graph) else 0.0
+    return mean if mean > 0 else 1.0
+
+
+def _solve(graph: Graph, budget_bytes: int | None, options: SolveOptions, name: str) -> SolverResult:
+    """Build, solve, and turn the solution into a simulated Schedule (both objectives)."""
+    started = time.perf_counter()
+    fixed_bytes = graph.fixed.total_bytes
+    if budget_bytes is not None:
+        reference = budget_bytes - fixed_bytes
+    else:
+        reference = sum(node.output_bytes for node in graph.nodes) + max(node.workspace_bytes for node in graph.nodes)
+    byte_unit = max(reference, 1) / MEMORY_SCALE
+    model = build_model(graph, budget_bytes, byte_unit, _second_unit(graph))
+    warm = prepare_warm_start(model, options.warm_start, budget_bytes)
+    detail: dict = {"variables": len(model.problem.variables()), "constraints": model.problem.numConstraints(),
+                    "backend": options.backend, "build_s": time.perf_counter() - started}
+    if warm is not None:
+        detail["warm_start"] = warm.note
+    outcome = solve_problem(model.problem, options, warm.values if warm else None)
+    detail["solver_message"] = outcome.message
+
+    def bound_s(bound: float | None) -> float:
+        """A lower bound on the seconds: each node runs at least once, and the solver's dual bound."""
+        if budget_bytes is None or bound is None:
+            return graph.compute_s
+        return max(graph.compute_s, bound * model.second_unit)
+
+    def result(status: str, schedule: Schedule | None, lower_bound_s: float | None, message: str) -> SolverResult:
+        objective_s = compute_seconds(graph, schedule) if schedule is not None else None
+        if objective_s is not None and lower_bound_s is not None:
+            lower_bound_s = min(lower_bound_s, objective_s)
+        if budget_bytes is None:
+            lower_bound_s = None  # the bound is on the peak, given in detail
+        return SolverResult(solver=name, status=status, schedule=schedule, objective_s=objective_s,
+                            lower_bound_s=lower_bound_s, wall_s=time.perf_counter() - started,
+                            message=message, detail=detail)
+
+    if outcome.status == INFEASIBLE:
+        return result(INFEASIBLE, None, None, f"no schedule fits {budget_bytes} bytes ({outcome.message})")
+    fallback = warm.schedule if warm is not None and not warm.note.startswith("skipped") else None
+    if outcome.status == NO_SOLUTION:
+        if fallback is not None:
+            return result(FEASIBLE, fallback, bound_s(outcome.bound),
+                          f"no solution found in {options.time_limit_s} s: returning the warm start")
+        return result(NO_SOLUTION, None, bound_s(outcome.bound), f"no solution found ({outcome.message})")
+
+    R, S = rounded_matrices(model)
+    schedule = Schedule.from_matrices(graph, R, S)
+    sim = simulate(graph, schedule)
+    if not sim.valid or (budget_bytes is not None and sim.peak_bytes > budget_bytes):
+        # Only a rounding or tolerance accident can get here: never return a schedule that breaks the budget.
+        problem = sim.errors[0] if sim.errors else f"simulated peak {sim.peak_bytes} bytes over the budget"
+        detail["rejected_solution"] = problem
+        if fallback is not None:
+            return result(FEASIBLE, fallback, bound_s(outcome.bound), f"solver solution rejected ({problem}): "
+                                                                      "returning the warm start")
+        return result(NO_SOLUTION, None, bound_s(outcome.bound), f"solver solution rejected: {problem}")
+    if fallback is not None and warm.values is None:  # a warm start the solver never saw may still be better
+        given = simulate(graph, fallback)
+        better = (given.compute_s < sim.compute_s if budget_bytes is not None
+                  else (given.peak_bytes, given.compute_s) < (sim.peak_bytes, sim.compute_s))
+        if better:
+            detail["solver_schedule_compute_s"] = sim.compute_s
+            if budget_bytes is None:
+                detail["peak_bytes"] = detail["simulated_peak_bytes"] = given.peak_bytes
+            return result(FEASIBLE, fallback, bound_s(outcome.bound),
+                          f"the warm start beats the solver's schedule ({outcome.message})")
+    if budget_bytes is None:
+        detail["peak_bytes"] = round(model.peak.value() * byte_unit)
+        detail["simulated_peak_bytes"] = sim.peak_bytes
+        if outcome.bound is not None:  # less the most the seconds term can add
+            most_seconds = sum(node.compute_s * (len(graph) - i) for i, node in enumerate(graph.nodes))
+            slack = model.compute_weight * most_seconds / model.second_unit
+            detail["peak_lower_bound_bytes"] = max(graph.min_budget_lower_bound(),
+                                                   math.ceil((outcome.bound - slack) * byte_unit - 1e-6))
+    verdict = "optimal" if outcome.status == OPTIMAL else "time limit: best schedule found"
+    return result(outcome.status, schedule, bound_s(outcome.bound), f"{verdict} ({outcome.message})")
+
+
+def solve_checkmate(graph: Graph, budget_bytes: int, options: SolveOptions | None = None) -> SolverResult:
+    """The fastest frontier-advancing schedule whose peak (fixed memory included) fits budget_bytes."""
+    options = options or SolveOptions()
+    if len(graph) == 0:
+        return SolverResult("checkmate", OPTIMAL, Schedule((), 0), 0.0, 0.0)
+    floor = graph.min_budget_lower_bound()
+    if budget_bytes < floor:
+        return SolverResult("checkmate", INFEASIBLE, None,
+                            message=f"budget {budget_bytes} bytes is below {floor} bytes, the fixed memory plus "
+                                    "the largest single-op working set", detail={"min_budget_lower_bound": floor})
+    return _solve(graph, budget_bytes, options, "checkmate")
+
+
+def solve_min_peak(graph: Graph, options: SolveOptions | None = None) -> SolverResult:
+    """The frontier-advancing schedule with the smallest peak, and among those the fastest (nearly).
+
+    detail["peak_bytes"] is the model's peak: the minimum feasible budget when the status is OPTIMAL;
+    detail["peak_lower_bound_bytes"] bounds it from below when the time limit stopped the search.
+    """
+    options = options or SolveOptions()
+    if len(graph) == 0:
+        return SolverResult("checkmate-min-peak", OPTIMAL, Schedule((), 0), 0.0, None,
+                            detail={"peak_bytes": graph.fixed.total_bytes})
+    return _solve(graph, None, options, "checkmate-min-peak")
+
+
+def lower_bound_lp(graph: Graph, budget_bytes: int, options: SolveOptions | None = None) -> float | None:
+    """Seconds of the LP relaxation: a lower bound on the optimum; None when even the LP is infeasible
+    (then no schedule fits)."""
+    options = options or SolveOptions()
+    if budget_bytes < graph.min_budget_lower_bound():
+        return None
+    byte_unit = max(budget_bytes - graph.fixed.total_bytes, 1) / MEMORY_SCALE
+    model = build_model(graph, budget_bytes, byte_unit, _second_unit(graph), relax=True)
+    outcome = solve_problem(model.problem, options, mip=False)
+    if outcome.status == INFEASIBLE:
+        return None
+    if outcome.status != OPTIMAL or outcome.objective is None:
+        return graph.compute_s  # the LP did not finish: fall back to the trivial bound
+    return max(graph.compute_s, outcome.objective * model.second_unit)

@@ -1,0 +1,233 @@
+"""Checkmate's MILP against exhaustive search, the simulator, time limits, warm starts and back-ends."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from remat.graph import Graph
+from remat.schedule import Op, Schedule
+from remat.simulate import simulate
+from solvers.base import FEASIBLE, INFEASIBLE, OPTIMAL, SolveOptions
+from solvers.checkmate import lower_bound_lp, minimal_storage, solve_checkmate, solve_min_peak
+from tests.bruteforce import cheapest_schedule, smallest_peak_schedule
+from tests.graphs import chain_training_graph, make_graph
+
+EXACT = SolveOptions(mip_gap=1e-9, time_limit_s=60)
+
+
+def store_all(graph: Graph) -> Schedule:
+    """Compute every node once and free each value after its last use (the eager schedule)."""
+    n = len(graph)
+    R = [[int(i == t) for i in range(n)] for t in range(n)]
+    return Schedule.from_matrices(graph, R, minimal_storage(graph, R))
+
+
+def checkpoint_schedule(graph: Graph, checkpoints: set[int]) -> Schedule:
+    """Store the checkpoints; stage t recomputes the ancestors of t that are reachable without crossing one."""
+    n = len(graph)
+    R = [[0] * n for _ in range(n)]
+    for t in range(n):
+        stack = [t]
+        while stack:
+            i = stack.pop()
+            if not R[t][i] and (i == t or i not in checkpoints):
+                R[t][i] = 1
+                stack.extend(graph.nodes[i].deps)
+    return Schedule.from_matrices(graph, R, minimal_storage(graph, R))
+
+
+@functools.cache
+def lowest_peak(layers: int) -> int:
+    """The minimum feasible budget of chain_training_graph(layers)."""
+    return solve_min_peak(chain_training_graph(layers), EXACT).detail["peak_bytes"]
+
+
+@st.composite
+def small_training_graphs(draw) -> Graph:
+    """Up to 7 nodes: each reads one to three earlier ones (sometimes none); the last node and a few others
+    are outputs (loss, gradients); some values are free (0 bytes), some ops need workspace."""
+    n = draw(st.integers(2, 7))
+    deps = [[]]
+    for i in range(1, n):
+        count = draw(st.integers(0 if i > 1 else 1, min(i, 3)))
+        deps.append(sorted(draw(st.sets(st.integers(0, i - 1), min_size=count, max_size=count))))
+    sizes = draw(st.lists(st.sampled_from([0, 1, 2, 3, 5, 8, 13]), min_size=n, max_size=n))
+    costs = draw(st.lists(st.floats(0.1, 5.0, allow_nan=False).map(lambda c: round(c, 3)), min_size=n, max_size=n))
+    outputs = sorted({n - 1} | draw(st.sets(st.integers(0, n - 1), max_size=2)))
+    graph = make_graph(deps, sizes, costs, outputs=outputs, fixed_bytes=draw(st.integers(0, 5)))
+    workspaces = draw(st.lists(st.sampled_from([0, 0, 0, 1, 4]), min_size=n, max_size=n))
+    nodes = tuple(dataclasses.replace(node, workspace_bytes=w) for node, w in zip(graph.nodes, workspaces, strict=True))
+    return dataclasses.replace(graph, nodes=nodes)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(graph=small_training_graphs(), fraction=st.floats(0.0, 1.0))
+def test_milp_optimum_equals_exhaustive_search(graph, fraction):
+    low, high = graph.min_budget_lower_bound(), simulate(graph, store_all(graph)).peak_bytes
+    budget = low + round(fraction * max(0, high - low))
+    best = cheapest_schedule(graph, budget)
+    result = solve_checkmate(graph, budget, EXACT)
+    if best is None:
+        assert result.status == INFEASIBLE and result.schedule is None
+        return
+    # the search's own figures are the simulator's
+    assert best.simulation.valid and best.simulation.peak_bytes <= budget
+    assert best.simulation.compute_s == pytest.approx(best.compute_s, rel=1e-12)
+    assert result.status == OPTIMAL
+    assert result.objective_s == pytest.approx(best.compute_s, rel=1e-6)
+    sim = simulate(graph, result.schedule)
+    assert sim.valid and sim.peak_bytes <= budget
+    assert result.objective_s == sim.compute_s
+    assert result.lower_bound_s <= result.objective_s and result.gap == pytest.approx(0.0, abs=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(graph=small_training_graphs())
+def test_min_peak_equals_exhaustive_search(graph):
+    best = smallest_peak_schedule(graph)
+    assert best.simulation.valid and best.simulation.peak_bytes == best.peak_bytes
+    result = solve_min_peak(graph, EXACT)
+    assert result.status == OPTIMAL
+    assert result.detail["peak_bytes"] == best.peak_bytes
+    sim = simulate(graph, result.schedule)
+    assert sim.valid and sim.peak_bytes == best.peak_bytes
+    assert result.objective_s == sim.compute_s
+    # the minimum peak is the minimum feasible budget: one byte less is infeasible
+    assert solve_checkmate(graph, best.peak_bytes, EXACT).status == OPTIMAL
+    assert solve_checkmate(graph, best.peak_bytes - 1, EXACT).status == INFEASIBLE
+
+
+@pytest.mark.parametrize("layers", [4, 6])
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 0.8])
+def test_objective_is_the_simulated_cost_and_the_peak_fits(layers, fraction):
+    graph = chain_training_graph(layers)
+    budget = max(lowest_peak(layers), int(fraction * simulate(graph, store_all(graph)).peak_bytes))
+    result = solve_checkmate(graph, budget, EXACT)
+    assert result.status == OPTIMAL
+    sim = simulate(graph, result.schedule)
+    assert sim.valid and sim.peak_bytes <= budget
+    assert result.objective_s == sim.compute_s
+    assert result.objective_s >= graph.compute_s
+    assert graph.compute_s <= lower_bound_lp(graph, budget) <= result.objective_s + 1e-9
+
+
+def test_optimal_cost_does_not_increase_with_the_budget():
+    graph = chain_training_graph(6)
+    lowest, peak = lowest_peak(6), simulate(graph, store_all(graph)).peak_bytes
+    costs = [solve_checkmate(graph, budget, EXACT).objective_s for budget in [*range(lowest, peak, 5), peak]]
+    assert all(later <= earlier + 1e-9 for earlier, later in zip(costs, costs[1:], strict=False))
+    assert costs[-1] == graph.compute_s and costs[0] > graph.compute_s
+
+
+def test_budget_below_the_lower_bound_is_infeasible():
+    graph = chain_training_graph(5)
+    result = solve_checkmate(graph, graph.min_budget_lower_bound() - 1, EXACT)
+    assert result.status == INFEASIBLE and result.schedule is None
+    assert str(graph.min_budget_lower_bound()) in result.message
+
+
+def test_milp_proves_infeasible_above_the_working_set_bound():
+    # 4 reads 2 and 3, computed from 0 and 1 (4 bytes each): any stage 4 holds 6 bytes, every working set is 5
+    graph = make_graph([[], [], [0], [1], [2, 3]], [4, 4, 1, 1, 1], outputs=[4])
+    assert graph.min_budget_lower_bound() == 5
+    assert cheapest_schedule(graph, 5) is None
+    assert solve_checkmate(graph, 5, EXACT).status == INFEASIBLE
+    assert solve_checkmate(graph, 6, EXACT).status == OPTIMAL
+    assert lower_bound_lp(graph, 4) is None
+
+
+def test_highs_presolve_error_is_solved_without_presolve():
+    # HiGHS 1.15's presolve returns a solution that breaks the bounds on this model and calls it a solve error
+    graph = make_graph([[], [0], [0]], [5, 10, 5], [4.847, 3.954, 3.424], outputs=[1, 2], fixed_bytes=2)
+    graph = dataclasses.replace(graph, nodes=(*graph.nodes[:2], dataclasses.replace(graph.nodes[2], workspace_bytes=4)))
+    assert cheapest_schedule(graph, 17).compute_s == pytest.approx(12.225)
+    result = solve_checkmate(graph, 17, EXACT)
+    assert result.status == OPTIMAL and result.objective_s == pytest.approx(12.225)
+    assert simulate(graph, result.schedule).fits(17)
+
+
+def _medium_graph() -> tuple[Graph, int, Schedule]:
+    """A 51-node training chain at half its store-all peak, and a schedule that fits: every backward value and
+    every fifth forward activation checkpointed (Chen et al.'s segments)."""
+    graph = chain_training_graph(25)
+    warm = checkpoint_schedule(graph, {i for i in range(len(graph)) if i >= 25 or i % 5 == 4})
+    budget = simulate(graph, store_all(graph)).peak_bytes // 2
+    return graph, budget, warm
+
+
+def test_time_limit_with_a_warm_start_returns_a_valid_schedule_and_a_bound():
+    graph, budget, warm = _medium_graph()
+    assert simulate(graph, warm).fits(budget)
+    for limit in (0.01, 0.2):
+        result = solve_checkmate(graph, budget, SolveOptions(time_limit_s=limit, warm_start=warm))
+        assert result.status == FEASIBLE, result.message
+        assert result.detail["warm_start"] == "given to the solver"
+        sim = simulate(graph, result.schedule)
+        assert sim.valid and sim.peak_bytes <= budget
+        assert result.objective_s == sim.compute_s <= simulate(graph, warm).compute_s
+        assert graph.compute_s <= result.lower_bound_s <= result.objective_s
+        assert result.gap is not None and 0.0 <= result.gap < 1.0
+
+
+def test_time_limit_without_a_warm_start_never_raises():
+    graph, budget, _ = _medium_graph()
+    result = solve_checkmate(graph, budget, SolveOptions(time_limit_s=0.01))
+    assert result.status in (FEASIBLE, "no_solution")
+    assert result.lower_bound_s is not None and result.lower_bound_s >= graph.compute_s
+    if result.schedule is not None:
+        assert simulate(graph, result.schedule).fits(budget)
+        assert result.lower_bound_s <= result.objective_s
+
+
+def test_time_limit_keeps_a_valid_warm_start_the_solver_cannot_use():
+    graph, budget, warm = _medium_graph()
+    # compute node 0 twice in a row: still valid and within the budget, but no longer frontier-advancing
+    detour = Schedule((warm.ops[0], Op("free", 0), *warm.ops), warm.num_nodes)
+    assert simulate(graph, detour).fits(budget)
+    result = solve_checkmate(graph, budget, SolveOptions(time_limit_s=0.01, warm_start=detour))
+    assert "not frontier-advancing" in result.detail["warm_start"]
+    assert result.status == FEASIBLE and simulate(graph, result.schedule).fits(budget)
+    assert result.objective_s <= simulate(graph, detour).compute_s
+    assert graph.compute_s <= result.lower_bound_s <= result.objective_s
+
+
+def test_warm_start_that_is_not_frontier_advancing_is_skipped_and_said():
+    # 2 is computed before 1: valid, but not in frontier order
+    graph = make_graph([[], [0], [0], [1, 2]], [2, 2, 2, 1], outputs=[3])
+    warm = Schedule.from_pairs([("compute", 0), ("compute", 2), ("compute", 1), ("free", 0),
+                                ("compute", 3)], len(graph))
+    assert simulate(graph, warm).valid
+    result = solve_checkmate(graph, 10, SolveOptions(warm_start=warm))
+    assert result.status == OPTIMAL and "not frontier-advancing" in result.detail["warm_start"]
+
+
+def test_warm_start_over_the_budget_is_not_used():
+    graph = chain_training_graph(4)
+    full = store_all(graph)
+    budget = simulate(graph, full).peak_bytes - 10
+    result = solve_checkmate(graph, budget, SolveOptions(warm_start=full))
+    assert result.status == OPTIMAL and result.detail["warm_start"].startswith("skipped")
+    assert simulate(graph, result.schedule).fits(budget)
+
+
+def test_cbc_finds_the_same_optimum_as_highs():
+    graph = chain_training_graph(6)
+    budget = lowest_peak(6) + 10
+    highs = solve_checkmate(graph, budget, EXACT)
+    cbc = solve_checkmate(graph, budget, dataclasses.replace(EXACT, backend="cbc"))
+    assert highs.status == cbc.status == OPTIMAL
+    assert cbc.objective_s == pytest.approx(highs.objective_s, rel=1e-9)
+    assert simulate(graph, cbc.schedule).fits(budget)
+    tight = make_graph([[], [], [0], [1], [2, 3]], [4, 4, 1, 1, 1], outputs=[4])  # needs 6 bytes, see above
+    assert solve_checkmate(tight, 5, dataclasses.replace(EXACT, backend="cbc")).status == INFEASIBLE
+
+
+def test_unavailable_backend_is_a_clear_error():
+    graph = chain_training_graph(2)
+    with pytest.raises(ValueError, match="available: highs, cbc"):
+        solve_checkmate(graph, 100, SolveOptions(backend="nosuchsolver"))
