@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from remat.graph import Graph
 from remat.schedule import Schedule
 from remat.simulate import Simulation, simulate
-from solvers.registry import SOLVER_NAMES, solve_with
 from solvers.base import FEASIBLE, INFEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions, SolverResult
 from solvers.baselines import BASELINES
 from solvers.coarsen import Coarsening, coarsen, contiguous_groups
+from solvers.registry import SOLVER_NAMES, solve_with
 
 MAX_EXACT_NODES = 100  # the MILP solves graphs up to this size whole; larger ones are coarsened to it
 

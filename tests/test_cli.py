@@ -1,0 +1,126 @@
+"""The command line as a user meets it: bad input is one line and exit status 2; plans print and save."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FACTORY = '''
+import torch
+from torch import nn
+
+def make(batch=4):
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1))
+    return model, (torch.randn(batch, 64),), lambda out: out.pow(2).mean()
+
+def broken():
+    raise RuntimeError("factory exploded")
+'''
+
+
+def remat(*args, cwd=None):
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def factory_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("user") / "mymodel.py"
+    path.write_text(FACTORY)
+    return path
+
+
+def assert_one_line_error(result, *words):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("budget", ["16XB", "-3GB", "lots"])
+def test_unreadable_budget(budget):
+    assert_one_line_error(remat("solve", "--model", "mlp", "--budget", budget), "--budget")
+
+
+def test_unknown_model():
+    assert_one_line_error(remat("solve", "--model", "gpt5", "--budget", "16GB"), "gpt5", "gpt2")
+
+
+def test_unknown_solver():
+    assert_one_line_error(remat("solve", "--model", "mlp", "--budget", "16GB", "--solver", "magic"),
+                          "magic", "checkmate")
+
+
+def test_missing_factory_file(tmp_path):
+    assert_one_line_error(remat("solve", "--model", f"{tmp_path}/nope.py:make", "--budget", "1GB"), "nope.py")
+
+
+def test_factory_that_raises(factory_file):
+    assert_one_line_error(remat("solve", "--model", f"{factory_file}:broken", "--budget", "1GB"), "factory exploded")
+
+
+def test_unknown_device(factory_file):
+    assert_one_line_error(remat("solve", "--model", f"{factory_file}:make", "--budget", "1GB", "--device", "tpu9"),
+                          "tpu9", "h100")
+
+
+def test_infeasible_budget_names_the_minimum(factory_file):
+    result = remat("solve", "--model", f"{factory_file}:make", "--budget", "100KB", "--json", "--time-limit", "5")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "infeasible"
+    minimum = summary["min_feasible_bytes"]
+    assert minimum > 100_000
+    assert str(minimum) in result.stderr and "minimum feasible budget" in result.stderr
+    # and a budget 1% above that minimum gets a plan
+    again = remat("solve", "--model", f"{factory_file}:make", "--budget", str(int(minimum * 1.01)), "--json",
+                  "--time-limit", "5")
+    assert again.returncode == 0, again.stderr
+    plan = json.loads(again.stdout)
+    assert plan["status"] in ("optimal", "feasible") and plan["peak_bytes"] <= int(minimum * 1.01)
+
+
+@pytest.fixture(scope="module")
+def probe(factory_file):
+    """A plan with room to spare: store-all, and the figures to pick a tighter budget from."""
+    summary = json.loads(remat("solve", "--model", f"{factory_file}:make", "--budget", "1GB", "--json").stdout)
+    assert summary["status"] == "optimal" and summary["overhead"] == 0 and summary["solver"] == "store-all"
+    return summary
+
+
+def test_user_model_plan_json_and_plan_file(factory_file, probe, tmp_path):
+    out = tmp_path / "plan.json"
+    budget = (probe["store_all_peak_bytes"] + probe["min_feasible_bytes"]) // 2
+    result = remat("solve", "--model", f"{factory_file}:make", "--budget", str(budget), "--json", "--out", str(out),
+                   "--time-limit", "20")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    for key in ("model", "batch", "seq", "device", "budget_bytes", "fixed_bytes", "solver", "status", "peak_bytes",
+                "compute_s", "store_all_s", "store_all_peak_bytes", "overhead", "lower_bound_s", "gap", "wall_s",
+                "nodes"):
+        assert key in summary
+    assert summary["budget_bytes"] == budget
+    assert summary["peak_bytes"] <= budget < summary["store_all_peak_bytes"]
+    assert summary["overhead"] == pytest.approx(summary["compute_s"] / summary["store_all_s"] - 1)
+    assert summary["overhead"] > 0
+    baselines = [c for c in summary["candidates"] if c["fits"]]
+    assert summary["compute_s"] <= min(c["compute_s"] for c in baselines) * (1 + 1e-9)
+    plan = json.loads(out.read_text())
+    assert plan["graph_hash"] and plan["schedule"]["ops"]
+
+
+def test_human_output_explains_the_budget(factory_file, probe):
+    budget_mib = (probe["store_all_peak_bytes"] + probe["min_feasible_bytes"]) / 2 / 2**20
+    result = remat("solve", "--model", f"{factory_file}:make", "--budget", f"{budget_mib:.3f}MiB", "--time-limit", "5")
+    text = result.stdout
+    assert result.returncode == 0, result.stderr
+    assert f"{int(budget_mib * 2**20):,} bytes" in text
+    for words in ("fixed memory", "store-all", "plan", "recomputed", "minimum budget", "chen-sqrtn"):
+        assert words in text
