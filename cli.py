@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from collections import Counter
@@ -86,9 +87,8 @@ def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_
 
 
 def _trace(model, batch, seq, precision, device, optimizer):
-    from remat.models import ModelError
-
     from remat.capture import CaptureError
+    from remat.models import ModelError
     from remat.trace import trace_model
 
     with stderr.status(f"tracing {model} (batch {batch}) on fake tensors", spinner="dots"):
@@ -149,7 +149,8 @@ def _plan_summary(plan, wall_s: float) -> dict:
 
 
 def _print_plan(plan, wall_s: float, out: str | None) -> None:
-    console = Console(highlight=False)
+    # piped output keeps whole lines: rich would wrap at 80 columns when stdout is not a terminal
+    console = Console(highlight=False, width=shutil.get_terminal_size((140, 24)).columns)
     graph, fixed, sim = plan.graph, plan.graph.fixed, plan.simulation
     meta = graph.meta
     forward = len(graph.forward_nodes)

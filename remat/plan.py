@@ -138,8 +138,11 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
     fitting = sorted((c for c in working_candidates if c.fits(budget_bytes)), key=lambda c: c.simulation.compute_s)
 
     say("minimum feasible budget")
+    lowest = min((c for c in working_candidates if c.simulation is not None and c.simulation.valid),
+                 key=lambda c: (c.simulation.peak_bytes, c.simulation.compute_s))
     min_peak = solve_with("checkmate-min-peak", working, budget_bytes,
-                          SolveOptions(time_limit_s=max(5.0, time_limit_s / 4), backend=backend))
+                          SolveOptions(time_limit_s=max(5.0, time_limit_s / 4), backend=backend,
+                                       warm_start=lowest.schedule))
     min_peak_candidate = _candidate(graph, "checkmate-min-peak", min_peak, to_fine(min_peak.schedule))
     candidates.append(min_peak_candidate)
     warm = fitting[0].schedule if fitting else None

@@ -117,10 +117,10 @@ def test_user_model_plan_json_and_plan_file(factory_file, probe, tmp_path):
 
 
 def test_human_output_explains_the_budget(factory_file, probe):
-    budget_mib = (probe["store_all_peak_bytes"] + probe["min_feasible_bytes"]) / 2 / 2**20
-    result = remat("solve", "--model", f"{factory_file}:make", "--budget", f"{budget_mib:.3f}MiB", "--time-limit", "5")
+    budget_mib = f"{(probe['store_all_peak_bytes'] + probe['min_feasible_bytes']) / 2 / 2**20:.3f}"
+    result = remat("solve", "--model", f"{factory_file}:make", "--budget", f"{budget_mib}MiB", "--time-limit", "5")
     text = result.stdout
     assert result.returncode == 0, result.stderr
-    assert f"{int(budget_mib * 2**20):,} bytes" in text
+    assert f"{int(float(budget_mib) * 2**20):,} bytes" in text
     for words in ("fixed memory", "store-all", "plan", "recomputed", "minimum budget", "chen-sqrtn"):
         assert words in text
