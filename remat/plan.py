@@ -137,17 +137,19 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
                                                 result.wall_s))
     fitting = sorted((c for c in working_candidates if c.fits(budget_bytes)), key=lambda c: c.simulation.compute_s)
 
-    say("minimum feasible budget")
-    lowest = min((c for c in working_candidates if c.simulation is not None and c.simulation.valid),
-                 key=lambda c: (c.simulation.peak_bytes, c.simulation.compute_s))
-    min_peak = solve_with("checkmate-min-peak", working, budget_bytes,
-                          SolveOptions(time_limit_s=max(5.0, time_limit_s / 4), backend=backend,
-                                       warm_start=lowest.schedule))
-    min_peak_candidate = _candidate(graph, "checkmate-min-peak", min_peak, to_fine(min_peak.schedule))
-    candidates.append(min_peak_candidate)
     warm = fitting[0].schedule if fitting else None
-    if warm is None and min_peak.schedule is not None and simulate(working, min_peak.schedule).fits(budget_bytes):
-        warm = min_peak.schedule
+    lowest_peak = min(c.simulation.peak_bytes for c in candidates if c.simulation is not None and c.simulation.valid)
+    if lowest_peak > bound:
+        # A baseline may not reach the floor: ask the MILP for the lowest peak it can find.
+        say("minimum feasible budget")
+        lowest = min((c for c in working_candidates if c.simulation is not None and c.simulation.valid),
+                     key=lambda c: (c.simulation.peak_bytes, c.simulation.compute_s))
+        min_peak = solve_with("checkmate-min-peak", working, budget_bytes,
+                              SolveOptions(time_limit_s=max(5.0, time_limit_s / 4), backend=backend,
+                                           warm_start=lowest.schedule))
+        candidates.append(_candidate(graph, "checkmate-min-peak", min_peak, to_fine(min_peak.schedule)))
+        if warm is None and min_peak.schedule is not None and simulate(working, min_peak.schedule).fits(budget_bytes):
+            warm = min_peak.schedule
 
     say("solving the MILP" + (f" on {len(working)} coarse nodes" if coarsening else f" on {len(working)} nodes"))
     name = "checkmate" if solver == "auto" else solver
