@@ -113,57 +113,72 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
                            "the budget holds every activation: no rematerialization needed")
         return _finish(graph, budget_bytes, [chosen], candidates, store_all, bound, started, lower_bound_s)
 
-    # The MILP sees the whole graph when it is small enough, a coarsened graph otherwise.
-    coarsening: Coarsening | None = None
-    working = graph
-    if len(graph) > MAX_EXACT_NODES and solver in ("auto", "checkmate"):
-        coarsening = coarsen(graph, contiguous_groups(graph, MAX_EXACT_NODES))
-        working = coarsening.coarse
-        coarse_nodes = len(working)
+    # The MILP sees the whole graph when it is small enough. A larger graph is coarsened twice, to
+    # about MAX_EXACT_NODES and half that; the small one is solved first and its plan, expanded,
+    # warm-starts the larger one (multilevel refinement: each level's plan is valid on the next).
+    levels: list[Coarsening] = []  # levels[0].fine is `graph`, levels[d].fine is levels[d - 1].coarse
+    if len(graph) > MAX_EXACT_NODES:
+        levels.append(coarsen(graph, contiguous_groups(graph, MAX_EXACT_NODES)))
+        middle = levels[0].coarse
+        levels.append(coarsen(middle, contiguous_groups(middle, MAX_EXACT_NODES // 2)))
+        coarse_nodes = len(middle)
+    graphs = [graph] + [level.coarse for level in levels]  # depth 0 is the graph itself
 
-    def to_fine(schedule: Schedule | None) -> Schedule | None:
-        return coarsening.expand(schedule) if coarsening and schedule is not None else schedule
+    def to_graph(schedule: Schedule | None, depth: int) -> Schedule | None:
+        """A schedule of graphs[depth] as a schedule of the original graph."""
+        for level in reversed(levels[:depth]):
+            schedule = level.expand(schedule) if schedule is not None else None
+        return schedule
 
-    # Warm start: the cheapest fitting baseline schedule of the graph the MILP sees.
-    say("warm start")
-    if coarsening is None:
-        working_candidates = candidates
-    else:
-        working_candidates = []
-        for name in BASELINES:
-            result = BASELINES[name](working, budget_bytes, SolveOptions(time_limit_s=time_limit_s))
-            working_candidates.append(Candidate(name, result.status, result.schedule,
-                                                simulate(working, result.schedule) if result.schedule else None,
-                                                result.wall_s))
-    fitting = sorted((c for c in working_candidates if c.fits(budget_bytes)), key=lambda c: c.simulation.compute_s)
-
-    warm = fitting[0].schedule if fitting else None
-    lowest_peak = min(c.simulation.peak_bytes for c in candidates if c.simulation is not None and c.simulation.valid)
-    if lowest_peak > bound:
-        # A baseline may not reach the floor: ask the MILP for the lowest peak it can find.
-        say("minimum feasible budget")
-        lowest = min((c for c in working_candidates if c.simulation is not None and c.simulation.valid),
-                     key=lambda c: (c.simulation.peak_bytes, c.simulation.compute_s))
-        min_peak = solve_with("checkmate-min-peak", working, budget_bytes,
-                              SolveOptions(time_limit_s=max(5.0, time_limit_s / 4), backend=backend,
-                                           warm_start=lowest.schedule))
-        candidates.append(_candidate(graph, "checkmate-min-peak", min_peak, to_fine(min_peak.schedule)))
-        if warm is None and min_peak.schedule is not None and simulate(working, min_peak.schedule).fits(budget_bytes):
-            warm = min_peak.schedule
-
-    say("solving the MILP" + (f" on {len(working)} coarse nodes" if coarsening else f" on {len(working)} nodes"))
     name = "checkmate" if solver == "auto" else solver
-    result = solve_with(name, working, budget_bytes,
-                        SolveOptions(time_limit_s=time_limit_s, warm_start=warm, backend=backend))
-    milp = _candidate(graph, name + ("-coarse" if coarsening else ""), result, to_fine(result.schedule))
-    candidates.append(milp)
-    if coarsening is None and result.lower_bound_s is not None:
+    coarser: Schedule | None = None  # the previous level's plan, expanded to this level
+    lowest_peak = min(c.simulation.peak_bytes for c in candidates if c.simulation is not None and c.simulation.valid)
+    milp_candidates: list[Candidate] = []
+    result = None
+    for depth in reversed(range(1 if levels else 0, len(graphs))):  # the whole graph only when it is small
+        working = graphs[depth]
+        label = name if depth == 0 else f"{name}-coarse-{len(working)}"
+        say(f"warm start for {len(working)} nodes")
+        baselines = candidates if depth == 0 else [_run(working, b, budget_bytes, SolveOptions()) for b in BASELINES]
+        options = [(c.simulation.compute_s, c.schedule) for c in baselines if c.fits(budget_bytes)]
+        if coarser is not None:
+            coarser_sim = simulate(working, coarser)
+            if coarser_sim.fits(budget_bytes):
+                options.append((coarser_sim.compute_s, coarser))
+        if depth == len(graphs) - 1 and lowest_peak > bound:
+            # No baseline reaches the single-op floor: ask the MILP for the lowest peak it can find.
+            say("minimum feasible budget")
+            lowest = min((c for c in baselines if c.simulation is not None and c.simulation.valid),
+                         key=lambda c: (c.simulation.peak_bytes, c.simulation.compute_s))
+            min_peak = solve_with("checkmate-min-peak", working, budget_bytes,
+                                  SolveOptions(time_limit_s=max(5.0, time_limit_s / 4), backend=backend,
+                                               warm_start=lowest.schedule))
+            candidates.append(_candidate(graph, "checkmate-min-peak", min_peak, to_graph(min_peak.schedule, depth)))
+            if min_peak.schedule is not None:
+                min_peak_sim = simulate(working, min_peak.schedule)
+                if min_peak_sim.fits(budget_bytes):
+                    options.append((min_peak_sim.compute_s, min_peak.schedule))
+        warm = min(options, key=lambda option: option[0])[1] if options else None
+
+        # the coarsest level gets a third of the time, the next one what is left
+        left = time_limit_s - (time.perf_counter() - started) if depth < len(graphs) - 1 else time_limit_s
+        share = time_limit_s / 3 if depth > 0 and depth == len(graphs) - 1 else max(1.0, left)
+        say(f"solving the MILP on {len(working)} nodes ({share:.0f} s)")
+        result = solve_with(name, working, budget_bytes,
+                            SolveOptions(time_limit_s=share, warm_start=warm, backend=backend))
+        milp_candidates.append(_candidate(graph, label, result, to_graph(result.schedule, depth)))
+        coarser = levels[depth - 1].expand(result.schedule) if depth > 0 and result.schedule is not None else None
+
+    assert result is not None
+    candidates.extend(milp_candidates)
+    if not levels and result.lower_bound_s is not None:
         lower_bound_s = max(lower_bound_s, result.lower_bound_s)
-    if result.status == INFEASIBLE and coarsening is None:
+    if result.status == INFEASIBLE and not levels:
         lower_bound_s = None
-    return _finish(graph, budget_bytes, [milp] + [c for c in candidates if c is not milp], candidates, store_all,
-                   bound, started, lower_bound_s, coarse_nodes,
-                   proven_optimal=result.status == OPTIMAL and coarsening is None)
+    finest = milp_candidates[-1]
+    return _finish(graph, budget_bytes, [finest] + [c for c in candidates if c is not finest], candidates,
+                   store_all, bound, started, lower_bound_s, coarse_nodes,
+                   proven_optimal=result.status == OPTIMAL and not levels)
 
 
 def _run(graph: Graph, name: str, budget_bytes: int, options: SolveOptions) -> Candidate:

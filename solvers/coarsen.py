@@ -113,12 +113,14 @@ def contiguous_groups(graph: Graph, max_nodes: int) -> list[list[int]]:
         return [[i] for i in range(n)]
     largest = max(graph.working_set_bytes(i) for i in range(n))
     big = {i for i in range(n) if graph.nodes[i].output_bytes * 8 >= largest}
+    if len(big) > max_nodes // 4:  # many similar big tensors (CNNs): isolating them all leaves no room
+        big = set()
     crossing = _forward_crossing_bytes(graph)
     for size in range(2, n + 1):
         groups = _greedy_groups(graph, size, big, crossing)
         if len(groups) <= max_nodes:
             return groups
-    return [list(range(n))]
+    return [list(range(n))]  # only when max_nodes < 2 (the forward/backward boundary needs two groups)
 
 
 def _greedy_groups(graph: Graph, size: int, big: set[int], crossing: list[int]) -> list[list[int]]:
