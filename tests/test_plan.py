@@ -1,0 +1,93 @@
+"""Planning end to end on graphs without torch: the plan fits, is judged by the simulator, and is never
+worse than a baseline that fits."""
+
+import pytest
+
+from remat.plan import MAX_EXACT_NODES, solve
+from remat.simulate import simulate
+from tests.graphs import chain_training_graph, make_graph
+
+
+def residual_training_graph(blocks: int) -> tuple:
+    """Blocks of (norm -> wide -> narrow) with a residual add, a loss, and a mirrored backward."""
+    deps, sizes, backward = [[]], [4], [False]
+    stream = 0
+    forward_of = {}
+    for b in range(blocks):
+        norm, wide, narrow, add = range(len(deps), len(deps) + 4)
+        deps += [[stream], [norm], [wide], [stream, narrow]]
+        sizes += [4, 16, 4, 4]
+        backward += [False] * 4
+        forward_of[b] = (norm, wide, narrow, add)
+        stream = add
+    loss = len(deps)
+    deps.append([stream])
+    sizes.append(1)
+    backward.append(True)
+    grad = loss
+    for b in reversed(range(blocks)):
+        norm, wide, narrow, add = forward_of[b]
+        g_narrow = len(deps)
+        deps += [[grad, wide], [len(deps), norm, wide], [len(deps) + 1, grad]]
+        sizes += [16, 4, 4]
+        backward += [True] * 3
+        grad = g_narrow + 2
+    n = len(deps)
+    return make_graph(deps, sizes, [1.0 + (i % 3) for i in range(n)], outputs=[loss, n - 1], backward=backward)
+
+
+def test_store_all_is_optimal_when_everything_fits():
+    graph = chain_training_graph(5)
+    plan = solve(graph, 10**9)
+    assert plan.method == "store-all" and plan.status == "optimal"
+    assert plan.overhead == 0 and plan.gap == 0
+
+
+def test_small_graph_is_solved_whole_and_never_worse_than_a_fitting_baseline():
+    graph = residual_training_graph(4)
+    assert len(graph) <= MAX_EXACT_NODES
+    budget = (plan_peak := solve(graph, 10**9).store_all.peak_bytes) * 2 // 3
+    plan = solve(graph, budget, time_limit_s=20)
+    assert plan.status == "optimal" and plan.coarse_nodes is None
+    sim = simulate(graph, plan.schedule)
+    assert sim == plan.simulation and sim.valid and sim.peak_bytes <= budget < plan_peak
+    assert plan.lower_bound_s is not None and plan.compute_s >= plan.lower_bound_s - 1e-9
+    for candidate in plan.candidates:
+        if candidate.fits(budget):
+            assert plan.compute_s <= candidate.simulation.compute_s + 1e-9
+
+
+def test_large_graph_is_coarsened_twice_and_the_plan_is_valid():
+    graph = chain_training_graph(70)  # 141 nodes, more than MAX_EXACT_NODES
+    assert len(graph) > MAX_EXACT_NODES
+    store_all_peak = solve(graph, 10**9).store_all.peak_bytes
+    budget = store_all_peak // 2
+    plan = solve(graph, budget, time_limit_s=6)
+    assert plan.schedule is not None and plan.simulation.fits(budget)
+    assert plan.coarse_nodes is not None and plan.coarse_nodes <= MAX_EXACT_NODES
+    methods = [c.method for c in plan.candidates]
+    assert any(m.startswith("checkmate-coarse-") for m in methods)
+    assert plan.lower_bound_s == pytest.approx(graph.compute_s)  # the only valid bound for a coarsened solve
+    fitting = [c.simulation.compute_s for c in plan.candidates if c.fits(budget)]
+    assert plan.compute_s == pytest.approx(min(fitting))
+
+
+def test_infeasible_budget_reports_the_lowest_peak_found():
+    graph = chain_training_graph(6)
+    floor = graph.min_budget_lower_bound()
+    plan = solve(graph, floor - 1)
+    assert plan.status == "infeasible" and plan.schedule is None
+    assert plan.min_feasible_bytes is not None and plan.min_feasible_bytes >= floor
+    again = solve(graph, int(plan.min_feasible_bytes * 1.01) + 1, time_limit_s=10)
+    assert again.schedule is not None and again.simulation.fits(int(plan.min_feasible_bytes * 1.01) + 1)
+
+
+def test_a_baseline_can_be_asked_for_by_name():
+    graph = chain_training_graph(8)
+    plan = solve(graph, solve(graph, 10**9).store_all.peak_bytes // 2, solver="chen-sqrtn")
+    assert plan.method == "chen-sqrtn" and plan.lower_bound_s is None
+
+
+def test_unknown_solver_is_a_value_error():
+    with pytest.raises(ValueError, match="unknown solver"):
+        solve(chain_training_graph(2), 10**9, solver="magic")
