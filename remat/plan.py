@@ -118,10 +118,18 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
     # warm-starts the larger one (multilevel refinement: each level's plan is valid on the next).
     levels: list[Coarsening] = []  # levels[0].fine is `graph`, levels[d].fine is levels[d - 1].coarse
     if len(graph) > MAX_EXACT_NODES:
-        levels.append(coarsen(graph, contiguous_groups(graph, MAX_EXACT_NODES)))
-        middle = levels[0].coarse
-        levels.append(coarsen(middle, contiguous_groups(middle, MAX_EXACT_NODES // 2)))
-        coarse_nodes = len(middle)
+        for target in (MAX_EXACT_NODES, MAX_EXACT_NODES // 2):
+            finer = levels[-1].coarse if levels else graph
+            level = coarsen(finer, contiguous_groups(finer, target))
+            if level.coarse.min_budget_lower_bound() > budget_bytes:
+                break  # merging ops raised the single-op floor above the budget: stop coarsening here
+            levels.append(level)
+        if not levels:
+            message = ("every coarsening of this graph has a single-op floor above the budget, and the graph is too "
+                       f"big for the MILP whole ({len(graph)} nodes): the best baseline is the plan")
+            return _finish(graph, budget_bytes, candidates, candidates, store_all, bound, started, lower_bound_s,
+                           note=message)
+        coarse_nodes = len(levels[0].coarse)
     graphs = [graph] + [level.coarse for level in levels]  # depth 0 is the graph itself
 
     def to_graph(schedule: Schedule | None, depth: int) -> Schedule | None:
@@ -198,7 +206,7 @@ def _candidate(graph: Graph, method: str, result: SolverResult, schedule: Schedu
 
 def _finish(graph: Graph, budget_bytes: int, preference: list[Candidate], candidates: list[Candidate],
             store_all: Simulation, bound: int, started: float, lower_bound_s: float | None,
-            coarse_nodes: int | None = None, proven_optimal: bool = False) -> Plan:
+            coarse_nodes: int | None = None, proven_optimal: bool = False, note: str = "") -> Plan:
     """Pick the cheapest fitting candidate (ties go to the earlier one in `preference`)."""
     valid_peaks = [c.simulation.peak_bytes for c in candidates if c.simulation is not None and c.simulation.valid]
     min_feasible = min(valid_peaks) if valid_peaks else None
@@ -214,7 +222,7 @@ def _finish(graph: Graph, budget_bytes: int, preference: list[Candidate], candid
     if first.simulation.compute_s <= best.simulation.compute_s * (1 + 1e-9):
         best = first
     status = OPTIMAL if (best.status == OPTIMAL and (proven_optimal or best.method == "store-all")) else FEASIBLE
-    message = best.message
+    message = note or best.message
     if best is not preference[0] and preference[0].simulation is not None and preference[0].fits(budget_bytes):
         message = (f"{best.method} is cheaper than {preference[0].method} "
                    f"({best.simulation.compute_s:.6g} s vs {preference[0].simulation.compute_s:.6g} s)")
