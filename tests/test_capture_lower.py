@@ -1,5 +1,6 @@
 """Capture and lowering: a real module becomes a Graph with the right sizes, outputs and fixed memory."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -125,3 +126,31 @@ def test_hugging_face_gpt2_traces_with_tied_weights_and_flash_attention():
     assert "aten._log_softmax_backward_data.default" in ops
     assert any(n.module.startswith("lm.transformer.h.1") and n.is_backward for n in graph.nodes)
     assert graph.meta["seq"] == 64 and graph.meta["batch"] == 2
+
+
+def test_roofline_costs_matmuls_by_flops_and_elementwise_ops_by_bytes():
+    profile = load_profile("h100")
+    matmul_s = profile.op_seconds(2 * 4096**3, 3 * 4096 * 4096 * 2, "bf16")
+    assert matmul_s == pytest.approx(2 * 4096**3 / (989.4e12 * 0.6) + 4e-6)
+    relu_s = profile.op_seconds(0, 2 * 10**9, "bf16")
+    assert relu_s == pytest.approx(2e9 / (3.35e12 * 0.75) + 4e-6)
+
+    class Matmul(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(256, 128))
+
+        def forward(self, x):
+            return torch.relu(x @ self.weight).sum()
+
+    graph = lower(capture_step(Matmul(), (torch.randn(64, 256),)), profile)
+    mm = next(n for n in graph.nodes if n.op == "aten.mm.default" and not n.is_backward)
+    assert mm.flops == 2 * 64 * 256 * 128
+    assert mm.compute_s == pytest.approx(profile.op_seconds(mm.flops, mm.bytes_moved, "fp32"))
+    relu = next(n for n in graph.nodes if n.op == "aten.relu.default")
+    assert relu.flops == 0 and relu.bytes_moved == 2 * 64 * 128 * 4
+
+
+def test_unknown_device_profile_is_a_clear_error():
+    with pytest.raises(ValueError, match="h100"):
+        load_profile("tpu9")
