@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from remat.graph import FixedMemory, Graph, Node
+from remat.schedule import Schedule
 
 
 def make_graph(
@@ -50,3 +51,13 @@ def chain_training_graph(layers: int, activation_bytes: int = 10, cost_s: float 
     is_backward = [False] * (layers + 1) + [True] * layers
     modules = [f"layers.{k}" for k in range(layers)] + ["loss"] + [f"layers.{k}" for k in reversed(range(layers))]
     return make_graph(deps, sizes, [cost_s] * n, outputs=[loss, n - 1], backward=is_backward, modules=modules)
+
+
+def eager_schedule(graph: Graph) -> Schedule:
+    """Every node once in index order, each value freed right after its last use (eager PyTorch)."""
+    last = {d: i for i, node in enumerate(graph.nodes) for d in node.deps}
+    ops = []
+    for i, node in enumerate(graph.nodes):
+        ops.append(("compute", i))
+        ops += [("free", d) for d in sorted(set(node.deps)) if last[d] == i]
+    return Schedule.from_pairs(ops, len(graph))

@@ -7,8 +7,8 @@ from torch import nn
 from remat.capture import CaptureError, capture_fake, capture_step
 from remat.cost import load_profile
 from remat.lower import lower
-from remat.schedule import Schedule
 from remat.simulate import simulate
+from tests.graphs import eager_schedule
 
 
 class TiedNet(nn.Module):
@@ -61,12 +61,7 @@ def test_eager_order_of_a_captured_graph_is_valid():
     _, step = capture_fake(build, "bf16-mixed")
     graph = lower(step, load_profile("a100"), optimizer="sgd")
     assert graph.fixed.optimizer_bytes == 0
-    last = {d: i for i, node in enumerate(graph.nodes) for d in node.deps}
-    ops = []
-    for i, node in enumerate(graph.nodes):
-        ops.append(("compute", i))
-        ops += [("free", d) for d in sorted(set(node.deps)) if last[d] == i]
-    sim = simulate(graph, Schedule.from_pairs(ops, len(graph)))
+    sim = simulate(graph, eager_schedule(graph))
     assert sim.valid, sim.errors
     assert sim.peak_bytes > graph.fixed.total_bytes
     assert "bf16" in " ".join(n.shape for n in graph.nodes)  # autocast made bf16 matmuls

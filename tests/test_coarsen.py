@@ -7,16 +7,7 @@ from hypothesis import strategies as st
 from remat.schedule import Schedule
 from remat.simulate import simulate
 from solvers.coarsen import coarsen, contiguous_groups
-from tests.graphs import chain_training_graph, make_graph
-
-
-def eager(graph):
-    last = {d: i for i, node in enumerate(graph.nodes) for d in node.deps}
-    ops = []
-    for i, node in enumerate(graph.nodes):
-        ops.append(("compute", i))
-        ops += [("free", d) for d in sorted(set(node.deps)) if last[d] == i]
-    return Schedule.from_pairs(ops, len(graph))
+from tests.graphs import chain_training_graph, eager_schedule, make_graph
 
 
 def recompute_everything(graph):
@@ -54,7 +45,7 @@ def test_expanded_schedules_are_valid_and_within_the_coarse_peak(graph, max_node
     coarse = coarsening.coarse
     assert len(coarse) <= max(max_nodes, 1) or len(coarse) == 1
     assert sorted(m for g in coarsening.groups for m in g) == list(range(len(graph)))
-    for coarse_schedule in (eager(coarse), recompute_everything(coarse)):
+    for coarse_schedule in (eager_schedule(coarse), recompute_everything(coarse)):
         coarse_sim = simulate(coarse, coarse_schedule)
         fine_sim = simulate(graph, coarsening.expand(coarse_schedule))
         assert coarse_sim.valid and fine_sim.valid, fine_sim.errors

@@ -9,16 +9,7 @@ from remat.graph import Graph
 from remat.schedule import Schedule
 from remat.simulate import simulate
 from remat.units import format_bytes, parse_size
-from tests.graphs import chain_training_graph, make_graph
-
-
-def store_all_ops(graph: Graph) -> Schedule:
-    last = {d: i for i, node in enumerate(graph.nodes) for d in node.deps}
-    ops = []
-    for i, node in enumerate(graph.nodes):
-        ops.append(("compute", i))
-        ops += [("free", d) for d in sorted(set(node.deps)) if last[d] == i]
-    return Schedule.from_pairs(ops, len(graph))
+from tests.graphs import chain_training_graph, eager_schedule, make_graph
 
 
 def test_simulator_peak_on_a_chain_by_hand():
@@ -62,7 +53,7 @@ def test_simulator_rejects_invalid_schedules(ops, error):
 
 def test_store_all_peak_of_training_chain():
     graph = chain_training_graph(4, activation_bytes=10)
-    sim = simulate(graph, store_all_ops(graph))
+    sim = simulate(graph, eager_schedule(graph))
     assert sim.valid
     # all four activations + the loss (1 byte) + the first gradient (10) while b3 runs
     assert sim.peak_bytes == 4 * 10 + 1 + 10
@@ -70,7 +61,7 @@ def test_store_all_peak_of_training_chain():
 
 def test_matrices_round_trip_keeps_cost_and_does_not_raise_peak():
     graph = chain_training_graph(5)
-    schedule = store_all_ops(graph)
+    schedule = eager_schedule(graph)
     R, S = schedule.to_matrices()
     assert all(R[t][t] == 1 for t in range(len(graph)))
     again = Schedule.from_matrices(graph, R, S)
