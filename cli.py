@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -27,6 +29,21 @@ class UserError(Exception):
 def fail(message: str) -> None:
     stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     sys.exit(EXIT_BAD_INPUT)
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Send whatever libraries print to stdout (HiGHS prints a banner from C++) to stderr, so that
+    stdout carries only remat's report or its one JSON object."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -63,15 +80,9 @@ def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_
     if solver not in SOLVER_NAMES:
         fail(f"unknown solver {solver!r}: choose one of {', '.join(SOLVER_NAMES)}")
 
-    graph = _trace(model, batch, seq, precision, device, optimizer)
-    from remat.plan import solve as solve_plan
-
-    with stderr.status("planning", spinner="dots") as status:
-        try:
-            plan = solve_plan(graph, budget_bytes, solver=solver, time_limit_s=time_limit, backend=backend,
-                              progress=lambda stage: status.update(f"planning: {stage}"))
-        except ValueError as error:  # an unavailable back-end, say
-            fail(str(error))
+    with _stdout_to_stderr():
+        graph = _trace(model, batch, seq, precision, device, optimizer)
+        plan = _solve(graph, budget_bytes, solver, time_limit, backend)
     wall_s = time.perf_counter() - started
 
     if out and plan.schedule is not None:
@@ -84,6 +95,17 @@ def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_
         fail(f"no plan fits {format_bytes(budget_bytes)} ({budget_bytes} bytes) for {model}: the minimum feasible "
              f"budget found is {_fmt(plan.min_feasible_bytes)} ({plan.min_feasible_bytes} bytes); "
              f"use --budget {_ceil_gb(plan.min_feasible_bytes)} or more, or a smaller --batch")
+
+
+def _solve(graph, budget_bytes, solver, time_limit, backend):
+    from remat.plan import solve as solve_plan
+
+    with stderr.status("planning", spinner="dots") as status:
+        try:
+            return solve_plan(graph, budget_bytes, solver=solver, time_limit_s=time_limit, backend=backend,
+                              progress=lambda stage: status.update(f"planning: {stage}"))
+        except ValueError as error:  # an unavailable back-end, say
+            fail(str(error))
 
 
 def _trace(model, batch, seq, precision, device, optimizer):
