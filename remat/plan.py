@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from remat.graph import Graph
 from remat.schedule import Schedule
@@ -174,7 +174,10 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
         say(f"solving the MILP on {len(working)} nodes ({share:.0f} s)")
         result = solve_with(name, working, budget_bytes,
                             SolveOptions(time_limit_s=share, warm_start=warm, backend=backend))
-        milp_candidates.append(_candidate(graph, label, result, to_graph(result.schedule, depth)))
+        candidate = _candidate(graph, label, result, to_graph(result.schedule, depth))
+        if depth > 0 and candidate.status == OPTIMAL:  # optimal among coarse schedules, not proven for the graph
+            candidate = replace(candidate, status=FEASIBLE, message="optimal for the coarsened graph")
+        milp_candidates.append(candidate)
         coarser = levels[depth - 1].expand(result.schedule) if depth > 0 and result.schedule is not None else None
 
     assert result is not None
