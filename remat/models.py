@@ -12,6 +12,7 @@ import importlib.util
 import inspect
 import itertools
 import sys
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,11 +111,12 @@ def _build_gpt2(name: str, batch: int, seq: int | None) -> ModelSpec:
 # paths read "features.3", "layer2.1.conv1" and parameter counts match torchvision's.
 
 
-class Classifier(nn.Module):
+class Classifier(nn.Module, ABC):
     """Base: subclasses define logits(images); forward adds the cross-entropy loss."""
 
+    @abstractmethod
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """(B, num_classes) class scores."""
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.logits(images), labels)
