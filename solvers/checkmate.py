@@ -406,7 +406,7 @@ def prepare_warm_start(model: CheckmateModel, schedule: Schedule | None, budget_
 # --- solvers --------------------------------------------------------------------------------
 
 
-def _second_unit(graph: Graph) -> float:
+def second_unit(graph: Graph) -> float:
     mean = graph.compute_s / len(graph) if len(graph) else 0.0
     return mean if mean > 0 else 1.0
 
@@ -420,7 +420,7 @@ def _solve(graph: Graph, budget_bytes: int | None, options: SolveOptions, name: 
     else:
         reference = sum(node.output_bytes for node in graph.nodes) + max(node.workspace_bytes for node in graph.nodes)
     byte_unit = max(reference, 1) / MEMORY_SCALE
-    model = build_model(graph, budget_bytes, byte_unit, _second_unit(graph))
+    model = build_model(graph, budget_bytes, byte_unit, second_unit(graph))
     warm = prepare_warm_start(model, options.warm_start, budget_bytes)
     detail: dict = {"variables": len(model.problem.variables()), "constraints": model.problem.numConstraints(),
                     "backend": options.backend, "build_s": time.perf_counter() - started}
@@ -520,7 +520,7 @@ def lower_bound_lp(graph: Graph, budget_bytes: int, options: SolveOptions | None
     if budget_bytes < graph.min_budget_lower_bound():
         return None
     byte_unit = max(budget_bytes - graph.fixed.total_bytes, 1) / MEMORY_SCALE
-    model = build_model(graph, budget_bytes, byte_unit, _second_unit(graph), relax=True)
+    model = build_model(graph, budget_bytes, byte_unit, second_unit(graph), relax=True)
     outcome = solve_problem(model.problem, options, mip=False)
     if outcome.status == INFEASIBLE:
         return None

@@ -10,7 +10,7 @@ from remat.graph import Graph
 from solvers.base import SolveOptions, SolverResult
 from solvers.baselines import BASELINES
 
-MILP_SOLVERS = ("checkmate",)
+MILP_SOLVERS = ("checkmate", "lp-round")
 SOLVER_NAMES = ("auto", *MILP_SOLVERS, *BASELINES)
 
 
@@ -23,6 +23,10 @@ def solve_with(name: str, graph: Graph, budget_bytes: int, options: SolveOptions
         from solvers.checkmate import solve_checkmate
 
         return solve_checkmate(graph, budget_bytes, options)
+    if name == "lp-round":
+        from solvers.lp_round import solve_lp_round
+
+        return solve_lp_round(graph, budget_bytes, options)
     if name == "checkmate-min-peak":
         from solvers.checkmate import solve_min_peak
 
