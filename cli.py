@@ -61,7 +61,7 @@ def main() -> None:
 @click.option("--precision", default="bf16-mixed", show_default=True, type=click.Choice(["bf16-mixed", "fp32"]))
 @click.option("--optimizer", default="adamw", show_default=True,
               type=click.Choice(["adamw", "adam", "sgd", "sgd-momentum", "none"]))
-@click.option("--solver", default="auto", show_default=True, help="auto, checkmate, or a baseline name.")
+@click.option("--solver", default="auto", show_default=True, help="auto, checkmate, lp-round, cpsat, or a baseline.")
 @click.option("--time-limit", default=60.0, show_default=True, type=click.FloatRange(min=0.1),
               help="Seconds for the MILP; the best plan so far is returned when it runs out.")
 @click.option("--backend", default="highs", show_default=True, type=click.Choice(["highs", "cbc", "gurobi"]),

@@ -6,11 +6,18 @@ imported lazily: OR-Tools and highspy both ship libhighs, and loading both in on
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 from remat.graph import Graph
+from remat.schedule import Schedule
 from solvers.base import SolveOptions, SolverResult
 from solvers.baselines import BASELINES
 
-MILP_SOLVERS = ("checkmate", "lp-round")
+MILP_SOLVERS = ("checkmate", "lp-round", "cpsat")
 SOLVER_NAMES = ("auto", *MILP_SOLVERS, *BASELINES)
 
 
@@ -27,8 +34,27 @@ def solve_with(name: str, graph: Graph, budget_bytes: int, options: SolveOptions
         from solvers.lp_round import solve_lp_round
 
         return solve_lp_round(graph, budget_bytes, options)
+    if name == "cpsat":
+        return _solve_cpsat_in_child(graph, budget_bytes, options)
     if name == "checkmate-min-peak":
         from solvers.checkmate import solve_min_peak
 
         return solve_min_peak(graph, options)
     raise ValueError(f"unknown solver {name!r}: choose one of {', '.join(SOLVER_NAMES)}")
+
+
+def _solve_cpsat_in_child(graph: Graph, budget_bytes: int, options: SolveOptions) -> SolverResult:
+    """CP-SAT in a child process: OR-Tools cannot load beside highspy (see solvers/cpsat.py)."""
+    fields = dataclasses.asdict(dataclasses.replace(options, warm_start=None))
+    fields["warm_start"] = options.warm_start.to_json() if options.warm_start else None
+    request = json.dumps({"graph": graph.to_json(), "budget_bytes": budget_bytes, "options": fields})
+    root = Path(__file__).resolve().parent.parent
+    child = subprocess.run([sys.executable, "-m", "solvers.cpsat"], input=request, capture_output=True, text=True,
+                           cwd=root, timeout=options.time_limit_s + 120)
+    if child.returncode != 0:
+        last = (child.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"the CP-SAT process failed ({child.returncode}): {last}")
+    data = json.loads(child.stdout)
+    schedule = Schedule.from_json(data.pop("schedule")) if data.get("schedule") else None
+    data.pop("schedule", None)
+    return SolverResult(schedule=schedule, **data)

@@ -91,3 +91,16 @@ def test_a_baseline_can_be_asked_for_by_name():
 def test_unknown_solver_is_a_value_error():
     with pytest.raises(ValueError, match="unknown solver"):
         solve(chain_training_graph(2), 10**9, solver="magic")
+
+
+@pytest.mark.parametrize("solver", ["cpsat", "lp-round"])
+def test_other_solvers_by_name_agree_with_the_milp_or_do_no_better(solver):
+    # cpsat runs in a child process (OR-Tools cannot load beside highspy, which this process has loaded)
+    graph = residual_training_graph(3)
+    budget = solve(graph, 10**9).store_all.peak_bytes * 2 // 3
+    exact = solve(graph, budget, solver="checkmate", time_limit_s=20)
+    other = solve(graph, budget, solver=solver, time_limit_s=20)
+    assert exact.status == "optimal" and other.simulation.fits(budget)
+    assert other.compute_s >= exact.compute_s - 1e-9
+    if solver == "cpsat":
+        assert other.method == "cpsat" and other.compute_s == pytest.approx(exact.compute_s)

@@ -1,0 +1,309 @@
+"""Checkmate's model (Jain et al., MLSys 2020, section 4) solved with OR-Tools CP-SAT instead of a MILP.
+
+The model is the one in solvers/checkmate.py, variable for variable:
+
+    R[t, i]        node i is computed in stage t            (i <= t, R[t, t] = 1)      Boolean
+    S[t, i]        node i is in memory when stage t starts  (i < t, no S[0, .])        Boolean
+    FREE[t, i, k]  value i is freed right after node k runs in stage t                 Boolean
+    U[t, k]        activation memory while node k runs in stage t, in memory units     integer
+
+with the same tight linearisation of FREE (no big-M) and the same (M1)-(M4) accounting.
+
+CP-SAT needs integers, so:
+
+* memory: sizes and the budget are divided by their gcd when that leaves at most MAX_MEMORY_UNITS units
+  of capacity (exact). Otherwise one unit is ceil(capacity / MAX_MEMORY_UNITS) bytes, every size is rounded
+  UP and the capacity DOWN, so the model over-estimates memory and never accepts a schedule that breaks the
+  budget. It may then reject some that fit, so infeasibility and optimality are no longer proofs: that
+  case reports NO_SOLUTION instead of INFEASIBLE, FEASIBLE instead of OPTIMAL, and no solver bound.
+* seconds: one unit is max(compute_s) / COST_UNITS, and each node's cost is FLOORED to whole units. The
+  floored objective of every schedule is at most its true seconds (in units), so CP-SAT's
+  best_objective_bound on the floored objective, times the unit, is a valid lower bound on the true
+  seconds of every schedule of the model. The price: the floored optimum can differ from the true
+  optimum by at most one unit per computation (about 1e-6 of the largest cost each). objective_s is
+  always the simulator's seconds of the returned schedule, never the scaled objective.
+
+This module imports only ortools (never pulp, highspy or solvers.checkmate): OR-Tools and highspy ship
+their own libhighs, and loading both in one process can crash it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from functools import reduce
+
+from ortools.sat.python import cp_model
+
+from remat.graph import Graph
+from remat.schedule import COMPUTE, Schedule
+from remat.simulate import simulate
+from solvers.base import FEASIBLE, INFEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions, SolverResult
+
+MAX_MEMORY_UNITS = 1_000_000  # capacity in model units at most (when the gcd does not already give fewer)
+COST_UNITS = 1_000_000  # the largest node cost in model units
+
+
+def memory_scale(graph: Graph, capacity_bytes: int) -> tuple[int, bool]:
+    """(bytes per model unit, exact): exact when every size and the capacity are whole multiples of the unit."""
+    sizes = [node.output_bytes for node in graph.nodes] + [node.workspace_bytes for node in graph.nodes]
+    g = reduce(math.gcd, [s for s in sizes if s > 0] + [capacity_bytes], 0)
+    if g == 0:  # nothing takes memory
+        return 1, True
+    if capacity_bytes // g <= MAX_MEMORY_UNITS:
+        return g, True
+    return max(1, math.ceil(capacity_bytes / MAX_MEMORY_UNITS)), False
+
+
+def minimal_storage(graph: Graph, R: list[list[int]]) -> list[list[int]]:
+    """The smallest S that the dependency and storage constraints allow for R (as in solvers.checkmate)."""
+    n = len(graph)
+    S = [[0] * n for _ in range(n)]
+    for t in reversed(range(1, n)):
+        for j in range(t + 1):
+            if R[t][j] or j == t:
+                for i in graph.nodes[j].deps:
+                    if not R[t][i]:
+                        S[t][i] = 1
+        if t + 1 < n:
+            for i in range(t):
+                if S[t + 1][i] and not R[t][i]:
+                    S[t][i] = 1
+    return S
+
+
+def compute_seconds(graph: Graph, schedule: Schedule) -> float:
+    """Seconds of every compute instruction, summed in instruction order as remat.simulate does."""
+    return sum(graph.nodes[op.node].compute_s for op in schedule.ops if op.kind == COMPUTE)
+
+
+class CpsatModel:
+    """Checkmate's model in CP-SAT, indexed as in the paper."""
+
+    def __init__(self, graph: Graph, budget_bytes: int) -> None:
+        self.graph = graph
+        n = len(graph)
+        nodes = graph.nodes
+        users = graph.users
+        capacity_bytes = budget_bytes - graph.fixed.total_bytes
+        self.byte_unit, self.exact_memory = memory_scale(graph, capacity_bytes)
+        unit = self.byte_unit
+        self.mem = [-(-node.output_bytes // unit) for node in nodes]  # ceil: memory over-estimated, never under
+        self.workspace = [-(-node.workspace_bytes // unit) for node in nodes]
+        self.capacity = capacity_bytes // unit  # floor
+        largest = max(node.compute_s for node in nodes)
+        self.second_unit = largest / COST_UNITS if largest > 0 else 1.0
+        self.cost = [max(0, math.floor(node.compute_s / self.second_unit)) for node in nodes]  # floor: see above
+        self.freeable = [sorted({k, *nodes[k].deps}) for k in range(n)]
+
+        model = self.model = cp_model.CpModel()
+        stages = range(n)
+        R = self.R = {(t, i): model.new_bool_var(f"R_{t}_{i}") for t in stages for i in range(t + 1)}
+        S = self.S = {(t, i): model.new_bool_var(f"S_{t}_{i}") for t in range(1, n) for i in range(t)}
+        FREE = self.FREE = {(t, i, k): model.new_bool_var(f"FREE_{t}_{i}_{k}")
+                            for t in stages for k in range(t + 1) for i in self.freeable[k] if self.mem[i] > 0}
+        # (M4) budget as the upper end of U's domain, plus the running node's workspace below.
+        U = self.U = {(t, k): model.new_int_var(0, max(self.capacity, 0), f"U_{t}_{k}")
+                      for t in stages for k in range(t + 1)}
+
+        def stored(t: int, i: int):
+            return S.get((t, i), 0)
+
+        # (1d) frontier advancing: stage t computes node t.
+        for t in stages:
+            model.add(R[t, t] == 1)
+        # (1b) dependencies.
+        for t in stages:
+            for j in range(t + 1):
+                for i in sorted(set(nodes[j].deps)):
+                    model.add(R[t, j] <= R[t, i] + stored(t, i))
+        # (1c) storage.
+        for t in range(n - 1):
+            for i in range(t + 1):
+                model.add(S[t + 1, i] <= stored(t, i) + R[t, i])
+        # (M1) memory while the first node of the stage runs.
+        for t in stages:
+            model.add(U[t, 0] == sum(self.mem[i] * S[t, i] for i in range(t) if self.mem[i] > 0)
+                      + self.mem[0] * R[t, 0])
+        # (M2) memory while node k+1 runs.
+        for t in stages:
+            for k in range(t):
+                freed = sum(self.mem[i] * FREE[t, i, k] for i in self.freeable[k] if self.mem[i] > 0)
+                model.add(U[t, k + 1] == U[t, k] - freed + self.mem[k + 1] * R[t, k + 1])
+        # (M3) FREE[t, i, k] <= each factor of R[t, k] * (1 - S[t+1, i]) * prod_{users j > k} (1 - R[t, j]).
+        for (t, i, k), free in FREE.items():
+            model.add(free <= R[t, k])
+            if t + 1 < n:
+                model.add(free + S[t + 1, i] <= 1)
+            for j in users[i]:
+                if k < j <= t:
+                    model.add(free + R[t, j] <= 1)
+        # (M4) budget with the running node's workspace.
+        for (t, k), held in U.items():
+            if self.workspace[k] > 0:
+                model.add(held + self.workspace[k] * R[t, k] <= self.capacity)
+        # (1a) objective: floored seconds of every computation, recomputations included.
+        model.minimize(sum(self.cost[i] * var for (t, i), var in R.items() if self.cost[i] > 0))
+
+    def hint(self, R: list[list[int]], S: list[list[int]]) -> None:
+        """Every variable's value for the stage matrices R, S (FREE exact, U by (M1)/(M2)) as a CP-SAT hint."""
+        graph, n = self.graph, len(self.graph)
+        users = graph.users
+        for (t, i), var in self.R.items():
+            self.model.add_hint(var, bool(R[t][i] or i == t))
+        for (t, i), var in self.S.items():
+            self.model.add_hint(var, bool(S[t][i]))
+        free_values = {}
+        for (t, i, k), var in self.FREE.items():
+            kept = t + 1 < n and S[t + 1][i]
+            used_later = any(R[t][j] for j in users[i] if k < j <= t)
+            free_values[t, i, k] = int(bool(R[t][k]) and not kept and not used_later)
+            self.model.add_hint(var, bool(free_values[t, i, k]))
+        for t in range(n):
+            held = sum(self.mem[i] for i in range(t) if S[t][i]) + self.mem[0] * R[t][0]
+            self.model.add_hint(self.U[t, 0], held)
+            for k in range(t):
+                held -= sum(self.mem[i] * free_values.get((t, i, k), 0) for i in self.freeable[k])
+                held += self.mem[k + 1] * R[t][k + 1]
+                self.model.add_hint(self.U[t, k + 1], held)
+
+    def matrices(self, solver: cp_model.CpSolver) -> tuple[list[list[int]], list[list[int]]]:
+        n = len(self.graph)
+        R = [[0] * n for _ in range(n)]
+        S = [[0] * n for _ in range(n)]
+        for (t, i), var in self.R.items():
+            R[t][i] = int(i == t or solver.boolean_value(var))
+        for (t, i), var in self.S.items():
+            S[t][i] = int(solver.boolean_value(var))
+        return R, S
+
+
+def solve_cpsat(graph: Graph, budget_bytes: int, options: SolveOptions | None = None) -> SolverResult:
+    """The fastest frontier-advancing schedule whose peak (fixed memory included) fits budget_bytes, by CP-SAT."""
+    options = options or SolveOptions()
+    started = time.perf_counter()
+    name = "cpsat"
+    if len(graph) == 0:
+        return SolverResult(name, OPTIMAL, Schedule((), 0), 0.0, 0.0)
+    floor = graph.min_budget_lower_bound()
+    if budget_bytes < floor:
+        return SolverResult(name, INFEASIBLE, None,
+                            message=f"budget {budget_bytes} bytes is below {floor} bytes, the fixed memory plus "
+                                    "the largest single-op working set", detail={"min_budget_lower_bound": floor})
+
+    model = CpsatModel(graph, budget_bytes)
+    proto = model.model.proto
+    detail: dict = {"variables": len(proto.variables), "constraints": len(proto.constraints),
+                    "byte_unit": model.byte_unit, "exact_memory": model.exact_memory,
+                    "second_unit": model.second_unit}
+
+    # Warm start: a valid schedule within the budget is the fallback; a frontier-advancing one is also a hint.
+    fallback = None
+    hinted = False
+    if options.warm_start is not None:
+        given = simulate(graph, options.warm_start)
+        if not given.valid:
+            detail["warm_start"] = f"skipped: not a valid schedule ({given.errors[0]})"
+        elif given.peak_bytes > budget_bytes:
+            detail["warm_start"] = f"skipped: peak {given.peak_bytes} bytes does not fit the budget"
+        else:
+            fallback = options.warm_start
+            try:
+                R0, _ = options.warm_start.to_matrices()
+            except ValueError as error:
+                detail["warm_start"] = f"not used by the solver: not frontier-advancing ({error})"
+            else:
+                model.hint(R0, minimal_storage(graph, R0))  # to_matrices keeps values freed later in the stage
+                hinted = True
+                detail["warm_start"] = "given to the solver as a hint"
+    detail["build_s"] = time.perf_counter() - started
+
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = max(float(options.time_limit_s), 1e-3)
+    solver.parameters.num_workers = options.threads or 8  # CP-SAT's portfolio needs several workers, even on 2 cores
+    solver.parameters.log_search_progress = options.verbose
+    if hinted:
+        solver.parameters.repair_hint = True
+    status = solver.solve(model.model)
+    message = f"CP-SAT: {solver.status_name(status)}"
+    detail["solver_message"] = message
+    detail["solve_s"] = solver.wall_time
+
+    def lower_bound(status_code: int) -> float:
+        """Each node runs at least once; with exact memory, CP-SAT's bound on the floored objective too."""
+        bound = graph.compute_s
+        if model.exact_memory and status_code in (cp_model.OPTIMAL, cp_model.FEASIBLE, cp_model.UNKNOWN):
+            scaled = solver.best_objective_bound
+            if math.isfinite(scaled):
+                bound = max(bound, scaled * model.second_unit)
+        return bound
+
+    def result(status_name: str, schedule: Schedule | None, lower_bound_s: float | None, text: str) -> SolverResult:
+        objective_s = compute_seconds(graph, schedule) if schedule is not None else None
+        if objective_s is not None and lower_bound_s is not None:
+            lower_bound_s = min(lower_bound_s, objective_s)
+        return SolverResult(solver=name, status=status_name, schedule=schedule, objective_s=objective_s,
+                            lower_bound_s=lower_bound_s, wall_s=time.perf_counter() - started,
+                            message=text, detail=detail)
+
+    if status == cp_model.INFEASIBLE:
+        if model.exact_memory:
+            return result(INFEASIBLE, None, None, f"no schedule fits {budget_bytes} bytes ({message})")
+        if fallback is not None:
+            return result(FEASIBLE, fallback, graph.compute_s,
+                          f"rounded-up memory model infeasible ({message}): returning the warm start")
+        return result(NO_SOLUTION, None, graph.compute_s,
+                      f"no schedule fits the rounded-up memory model ({message}); not a proof of infeasibility")
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        if fallback is not None:
+            return result(FEASIBLE, fallback, lower_bound(status),
+                          f"no solution found in {options.time_limit_s} s: returning the warm start ({message})")
+        return result(NO_SOLUTION, None, lower_bound(status), f"no solution found ({message})")
+
+    R, S = model.matrices(solver)
+    schedule = Schedule.from_matrices(graph, R, S)
+    sim = simulate(graph, schedule)
+    if not sim.valid or sim.peak_bytes > budget_bytes:
+        # The accounting over-estimates the simulator, so this would be a bug: never return such a schedule.
+        problem = sim.errors[0] if sim.errors else f"simulated peak {sim.peak_bytes} bytes over the budget"
+        detail["rejected_solution"] = problem
+        if fallback is not None:
+            return result(FEASIBLE, fallback, lower_bound(status),
+                          f"solver solution rejected ({problem}): returning the warm start")
+        return result(NO_SOLUTION, None, lower_bound(status), f"solver solution rejected: {problem}")
+    if fallback is not None:
+        given = simulate(graph, fallback)
+        if given.compute_s < sim.compute_s:  # a warm start the solver never saw (or a time-limited search)
+            detail["solver_schedule_compute_s"] = sim.compute_s
+            return result(FEASIBLE, fallback, lower_bound(status),
+                          f"the warm start beats the solver's schedule ({message})")
+    proven = status == cp_model.OPTIMAL and model.exact_memory
+    verdict = "optimal" if proven else "time limit or rounded memory: best schedule found"
+    return result(OPTIMAL if proven else FEASIBLE, schedule, lower_bound(status), f"{verdict} ({message})")
+
+
+# --- running in a process of its own ---------------------------------------------------------------
+# OR-Tools and highspy each ship libhighs: once highspy is loaded, importing OR-Tools fails (undefined
+# symbol). The registry therefore runs CP-SAT in a child process: `python -m solvers.cpsat` reads
+# {"graph", "budget_bytes", "options"} as JSON on stdin and writes the result as JSON on stdout.
+
+
+def _main() -> None:
+    import json
+    import sys
+
+    request = json.load(sys.stdin)
+    options = request["options"]
+    warm = options.pop("warm_start", None)
+    result = solve_cpsat(Graph.from_json(request["graph"]), int(request["budget_bytes"]),
+                         SolveOptions(**options, warm_start=Schedule.from_json(warm) if warm else None))
+    json.dump({
+        "solver": result.solver, "status": result.status,
+        "schedule": result.schedule.to_json() if result.schedule else None,
+        "objective_s": result.objective_s, "lower_bound_s": result.lower_bound_s, "wall_s": result.wall_s,
+        "message": result.message, "detail": json.loads(json.dumps(result.detail, default=str)),
+    }, sys.stdout)
+
+
+if __name__ == "__main__":
+    _main()
