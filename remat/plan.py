@@ -8,7 +8,7 @@ schedule that fits together with every candidate's figures. No torch here.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from remat.graph import Graph
@@ -87,8 +87,12 @@ class Plan:
 
 
 def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: float = 60.0,
-          backend: str = "highs", progress: Callable[[str], None] | None = None) -> Plan:
-    """The cheapest schedule of `graph` whose simulated peak fits `budget_bytes`."""
+          backend: str = "highs", progress: Callable[[str], None] | None = None,
+          known: Sequence[Candidate] = ()) -> Plan:
+    """The cheapest schedule of `graph` whose simulated peak fits `budget_bytes`.
+
+    `known`: schedules found earlier for this graph (a smaller budget's plan, say), weighed like the baselines.
+    """
     if solver not in SOLVER_NAMES:
         raise ValueError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVER_NAMES)}")
     started = time.perf_counter()
@@ -96,6 +100,7 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
 
     say("baselines")
     candidates = [_run(graph, name, budget_bytes, SolveOptions(time_limit_s=time_limit_s)) for name in BASELINES]
+    candidates += known
     store_all = next(c for c in candidates if c.method == "store-all").simulation
     assert store_all is not None and store_all.valid, "store-all must always be a valid schedule"
     bound = graph.min_budget_lower_bound()
@@ -190,6 +195,24 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
     return _finish(graph, budget_bytes, [finest] + [c for c in candidates if c is not finest], candidates,
                    store_all, bound, started, lower_bound_s, coarse_nodes,
                    proven_optimal=result.status == OPTIMAL and not levels)
+
+
+def sweep(graph: Graph, budgets_bytes: Sequence[int], solver: str = "auto", time_limit_s: float = 60.0,
+          backend: str = "highs", progress: Callable[[str], None] | None = None) -> list[Plan]:
+    """Plans for several budgets, smallest first: the budget -> cost curve.
+
+    A schedule that fits a budget fits every larger one, so each budget also weighs the plan of the
+    budget below it: the curve never rises, whatever the time limit cut short.
+    """
+    plans: list[Plan] = []
+    known: list[Candidate] = []
+    for budget in sorted(set(budgets_bytes)):
+        plan = solve(graph, budget, solver, time_limit_s, backend, progress, known=known)
+        plans.append(plan)
+        if plan.schedule is not None:
+            known = [Candidate(f"{plan.method}@{plan.budget_bytes}", FEASIBLE, plan.schedule, plan.simulation, 0.0,
+                               f"the plan for {plan.budget_bytes} bytes")]
+    return plans
 
 
 def _run(graph: Graph, name: str, budget_bytes: int, options: SolveOptions) -> Candidate:

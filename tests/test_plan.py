@@ -3,7 +3,7 @@ worse than a baseline that fits."""
 
 import pytest
 
-from remat.plan import MAX_EXACT_NODES, solve
+from remat.plan import MAX_EXACT_NODES, solve, sweep
 from remat.simulate import simulate
 from tests.graphs import chain_training_graph, make_graph
 
@@ -104,3 +104,16 @@ def test_other_solvers_by_name_agree_with_the_milp_or_do_no_better(solver):
     assert other.compute_s >= exact.compute_s - 1e-9
     if solver == "cpsat":
         assert other.method == "cpsat" and other.compute_s == pytest.approx(exact.compute_s)
+
+
+def test_sweep_cost_never_rises_with_the_budget():
+    graph = chain_training_graph(20)
+    store_all_peak = solve(graph, 10**9).store_all.peak_bytes
+    floor = graph.min_budget_lower_bound()
+    budgets = [floor + (store_all_peak - floor) * k // 5 for k in range(1, 6)]
+    plans = sweep(graph, list(reversed(budgets)), time_limit_s=2)
+    assert [p.budget_bytes for p in plans] == sorted(budgets)
+    costs = [p.compute_s for p in plans]
+    assert all(p.schedule is not None and p.simulation.fits(p.budget_bytes) for p in plans)
+    assert all(later <= earlier + 1e-9 for earlier, later in zip(costs, costs[1:], strict=False))
+    assert costs[-1] == pytest.approx(graph.compute_s)  # the largest budget holds everything
