@@ -1,1 +1,28 @@
-"""remat: rematerialization (activation checkpointing) planning for PyTorch training."""
+"""remat: rematerialization (activation checkpointing) planning for PyTorch training.
+
+    import remat
+    graph = remat.trace_model("gpt2", batch=16)          # fake tensors: no memory allocated
+    plan = remat.solve(graph, remat.parse_size("16GB"))  # cheapest schedule that fits, simulated
+    print(plan.method, plan.simulation.peak_bytes, plan.overhead)
+"""
+
+from remat.graph import FixedMemory, Graph, Node
+from remat.schedule import Schedule
+from remat.simulate import Simulation, simulate
+from remat.units import format_bytes, parse_size
+
+# Loaded on first use: remat.plan imports the solvers (which import remat's data modules), and
+# remat.trace loads torch and transformers.
+_LAZY = {"Plan": "remat.plan", "solve": "remat.plan", "sweep": "remat.plan", "trace_model": "remat.trace"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'remat' has no attribute {name!r}")
+
+
+__all__ = ["FixedMemory", "Graph", "Node", "Plan", "Schedule", "Simulation", "format_bytes", "parse_size",
+           "simulate", "solve", "sweep", "trace_model"]

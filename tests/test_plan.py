@@ -117,3 +117,15 @@ def test_sweep_cost_never_rises_with_the_budget():
     assert all(p.schedule is not None and p.simulation.fits(p.budget_bytes) for p in plans)
     assert all(later <= earlier + 1e-9 for earlier, later in zip(costs, costs[1:], strict=False))
     assert costs[-1] == pytest.approx(graph.compute_s)  # the largest budget holds everything
+
+
+def test_public_api_plans_without_loading_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, remat; from tests.graphs import chain_training_graph; "
+            "plan = remat.solve(chain_training_graph(4), remat.parse_size('1GB')); "
+            "print(plan.method, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=__import__("pathlib").Path(__file__).resolve().parent.parent).stdout.split()
+    assert out == ["store-all", "False"]
