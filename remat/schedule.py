@@ -125,3 +125,27 @@ class Schedule:
                         ops.append(Op(FREE, i))
                         live.discard(i)
         return cls(tuple(ops), n)
+
+
+def minimal_storage(graph: Graph, R: list[list[int]]) -> list[list[int]]:
+    """The smallest S that Checkmate's dependency and storage constraints allow for R: store a value
+    only where the stage, or a later stage it is carried into, reads it before computing it.
+    (to_matrices keeps every live value, including those the stage frees later: this drops them.)"""
+    n = len(graph)
+    S = [[0] * n for _ in range(n)]
+    for t in reversed(range(1, n)):
+        for j in range(t + 1):
+            if R[t][j] or j == t:
+                for i in graph.nodes[j].deps:
+                    if not R[t][i]:
+                        S[t][i] = 1
+        if t + 1 < n:
+            for i in range(t):
+                if S[t + 1][i] and not R[t][i]:
+                    S[t][i] = 1
+    return S
+
+
+def compute_seconds(graph: Graph, schedule: Schedule) -> float:
+    """Seconds of every compute instruction, summed in instruction order as remat.simulate does."""
+    return sum(graph.nodes[op.node].compute_s for op in schedule.ops if op.kind == COMPUTE)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import pulp
 
 from remat.graph import Graph
-from remat.schedule import COMPUTE, Schedule
+from remat.schedule import Schedule, compute_seconds, minimal_storage
 from remat.simulate import simulate
 from solvers.base import FEASIBLE, INFEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions, SolverResult
 
@@ -194,29 +194,6 @@ def rounded_matrices(model: CheckmateModel) -> tuple[list[list[int]], list[list[
     for (t, i), var in model.S.items():
         S[t][i] = int((var.value() or 0.0) > 0.5)
     return R, S
-
-
-def minimal_storage(graph: Graph, R: list[list[int]]) -> list[list[int]]:
-    """The smallest S that (1b) and (1c) allow for R: store a value only where the stage, or a later
-    stage it is carried into, reads it before computing it."""
-    n = len(graph)
-    S = [[0] * n for _ in range(n)]
-    for t in reversed(range(1, n)):
-        for j in range(t + 1):
-            if R[t][j] or j == t:
-                for i in graph.nodes[j].deps:
-                    if not R[t][i]:
-                        S[t][i] = 1
-        if t + 1 < n:
-            for i in range(t):
-                if S[t + 1][i] and not R[t][i]:
-                    S[t][i] = 1
-    return S
-
-
-def compute_seconds(graph: Graph, schedule: Schedule) -> float:
-    """Seconds of every compute instruction, summed in instruction order as remat.simulate does."""
-    return sum(graph.nodes[op.node].compute_s for op in schedule.ops if op.kind == COMPUTE)
 
 
 # --- back-ends ------------------------------------------------------------------------------

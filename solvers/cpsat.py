@@ -36,7 +36,7 @@ from functools import reduce
 from ortools.sat.python import cp_model
 
 from remat.graph import Graph
-from remat.schedule import COMPUTE, Schedule
+from remat.schedule import Schedule, compute_seconds, minimal_storage
 from remat.simulate import simulate
 from solvers.base import FEASIBLE, INFEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions, SolverResult
 
@@ -53,28 +53,6 @@ def memory_scale(graph: Graph, capacity_bytes: int) -> tuple[int, bool]:
     if capacity_bytes // g <= MAX_MEMORY_UNITS:
         return g, True
     return max(1, math.ceil(capacity_bytes / MAX_MEMORY_UNITS)), False
-
-
-def minimal_storage(graph: Graph, R: list[list[int]]) -> list[list[int]]:
-    """The smallest S that the dependency and storage constraints allow for R (as in solvers.checkmate)."""
-    n = len(graph)
-    S = [[0] * n for _ in range(n)]
-    for t in reversed(range(1, n)):
-        for j in range(t + 1):
-            if R[t][j] or j == t:
-                for i in graph.nodes[j].deps:
-                    if not R[t][i]:
-                        S[t][i] = 1
-        if t + 1 < n:
-            for i in range(t):
-                if S[t + 1][i] and not R[t][i]:
-                    S[t][i] = 1
-    return S
-
-
-def compute_seconds(graph: Graph, schedule: Schedule) -> float:
-    """Seconds of every compute instruction, summed in instruction order as remat.simulate does."""
-    return sum(graph.nodes[op.node].compute_s for op in schedule.ops if op.kind == COMPUTE)
 
 
 class CpsatModel:

@@ -16,10 +16,10 @@ import random
 import time
 
 from remat.graph import Graph
-from remat.schedule import Schedule
+from remat.schedule import Schedule, minimal_storage
 from remat.simulate import simulate
 from solvers.base import FEASIBLE, INFEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions, SolverResult
-from solvers.checkmate import MEMORY_SCALE, build_model, minimal_storage, second_unit, solve_problem
+from solvers.checkmate import MEMORY_SCALE, build_model, second_unit, solve_problem
 
 THRESHOLDS = tuple(k / 10 for k in range(1, 10))  # deterministic roundings: store where S >= threshold
 RANDOM_TRIALS = 20  # randomized roundings: store with probability S

@@ -10,10 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from remat.graph import Graph
-from remat.schedule import Op, Schedule
+from remat.schedule import Op, Schedule, minimal_storage
 from remat.simulate import simulate
 from solvers.base import FEASIBLE, INFEASIBLE, OPTIMAL, SolveOptions
-from solvers.checkmate import lower_bound_lp, minimal_storage, solve_checkmate, solve_min_peak
+from solvers.checkmate import lower_bound_lp, solve_checkmate, solve_min_peak
 from tests.bruteforce import cheapest_schedule, smallest_peak_schedule
 from tests.graphs import chain_training_graph, make_graph
 
