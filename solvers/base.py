@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from remat.graph import Graph
 from remat.schedule import Schedule
 
 OPTIMAL = "optimal"  # proven optimal for this graph and budget
@@ -45,3 +46,15 @@ class SolverResult:
         if self.objective_s <= 0:
             return 0.0
         return max(0.0, (self.objective_s - self.lower_bound_s) / self.objective_s)
+
+
+def settled_without_solving(solver: str, graph: Graph, budget_bytes: int) -> SolverResult | None:
+    """The answer for an empty graph or a budget below the single-op floor; None when a solve is needed."""
+    if len(graph) == 0:
+        return SolverResult(solver, OPTIMAL, Schedule((), 0), 0.0, 0.0)
+    floor = graph.min_budget_lower_bound()
+    if budget_bytes < floor:
+        return SolverResult(solver, INFEASIBLE, None,
+                            message=f"budget {budget_bytes} bytes is below {floor} bytes, the fixed memory plus "
+                                    "the largest single-op working set", detail={"min_budget_lower_bound": floor})
+    return None

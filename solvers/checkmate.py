@@ -38,7 +38,7 @@ import pulp
 from remat.graph import Graph
 from remat.schedule import Schedule, compute_seconds, minimal_storage
 from remat.simulate import simulate
-from solvers.base import FEASIBLE, INFEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions, SolverResult
+from solvers.base import FEASIBLE, INFEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions, SolverResult, settled_without_solving
 
 BACKENDS = ("highs", "cbc", "gurobi")
 MEMORY_SCALE = 1000.0  # the budget (or the store-all peak) is this many model units of memory
@@ -467,13 +467,9 @@ def _solve(graph: Graph, budget_bytes: int | None, options: SolveOptions, name: 
 def solve_checkmate(graph: Graph, budget_bytes: int, options: SolveOptions | None = None) -> SolverResult:
     """The fastest frontier-advancing schedule whose peak (fixed memory included) fits budget_bytes."""
     options = options or SolveOptions()
-    if len(graph) == 0:
-        return SolverResult("checkmate", OPTIMAL, Schedule((), 0), 0.0, 0.0)
-    floor = graph.min_budget_lower_bound()
-    if budget_bytes < floor:
-        return SolverResult("checkmate", INFEASIBLE, None,
-                            message=f"budget {budget_bytes} bytes is below {floor} bytes, the fixed memory plus "
-                                    "the largest single-op working set", detail={"min_budget_lower_bound": floor})
+    settled = settled_without_solving("checkmate", graph, budget_bytes)
+    if settled is not None:
+        return settled
     return _solve(graph, budget_bytes, options, "checkmate")
 
 

@@ -38,7 +38,7 @@ from ortools.sat.python import cp_model
 from remat.graph import Graph
 from remat.schedule import Schedule, compute_seconds, minimal_storage
 from remat.simulate import simulate
-from solvers.base import FEASIBLE, INFEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions, SolverResult
+from solvers.base import FEASIBLE, INFEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions, SolverResult, settled_without_solving
 
 MAX_MEMORY_UNITS = 1_000_000  # capacity in model units at most (when the gcd does not already give fewer)
 COST_UNITS = 1_000_000  # the largest node cost in model units
@@ -161,13 +161,9 @@ def solve_cpsat(graph: Graph, budget_bytes: int, options: SolveOptions | None = 
     options = options or SolveOptions()
     started = time.perf_counter()
     name = "cpsat"
-    if len(graph) == 0:
-        return SolverResult(name, OPTIMAL, Schedule((), 0), 0.0, 0.0)
-    floor = graph.min_budget_lower_bound()
-    if budget_bytes < floor:
-        return SolverResult(name, INFEASIBLE, None,
-                            message=f"budget {budget_bytes} bytes is below {floor} bytes, the fixed memory plus "
-                                    "the largest single-op working set", detail={"min_budget_lower_bound": floor})
+    settled = settled_without_solving(name, graph, budget_bytes)
+    if settled is not None:
+        return settled
 
     model = CpsatModel(graph, budget_bytes)
     proto = model.model.proto

@@ -18,7 +18,7 @@ import time
 from remat.graph import Graph
 from remat.schedule import Schedule, minimal_storage
 from remat.simulate import simulate
-from solvers.base import FEASIBLE, INFEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions, SolverResult
+from solvers.base import FEASIBLE, INFEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions, SolverResult, settled_without_solving
 from solvers.checkmate import MEMORY_SCALE, build_model, second_unit, solve_problem
 
 THRESHOLDS = tuple(k / 10 for k in range(1, 10))  # deterministic roundings: store where S >= threshold
@@ -78,13 +78,9 @@ def solve_lp_round(graph: Graph, budget_bytes: int, options: SolveOptions | None
     """Checkmate's LP rounding: a fast, valid schedule within budget_bytes, with the LP value as a bound."""
     options = options or SolveOptions()
     started = time.perf_counter()
-    if len(graph) == 0:
-        return SolverResult("lp-round", OPTIMAL, Schedule((), 0), 0.0, 0.0)
-    floor = graph.min_budget_lower_bound()
-    if budget_bytes < floor:
-        return SolverResult("lp-round", INFEASIBLE, None,
-                            message=f"budget {budget_bytes} bytes is below {floor} bytes, the fixed memory plus "
-                                    "the largest single-op working set", detail={"min_budget_lower_bound": floor})
+    settled = settled_without_solving("lp-round", graph, budget_bytes)
+    if settled is not None:
+        return settled
 
     n = len(graph)
     detail: dict = {"lp_seconds": 0.0, "lp_budgets": []}
@@ -99,7 +95,7 @@ def solve_lp_round(graph: Graph, budget_bytes: int, options: SolveOptions | None
     for attempt, scale in enumerate(BUDGET_SCALES):
         if best is not None or time.perf_counter() - started > options.time_limit_s:
             break
-        lp_budget = max(floor, int(budget_bytes * scale))
+        lp_budget = max(graph.min_budget_lower_bound(), int(budget_bytes * scale))
         if attempt and lp_budget == detail["lp_budgets"][-1]:
             break  # the budget cannot shrink any further
         detail["lp_budgets"].append(lp_budget)
