@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -42,7 +41,7 @@ def lower(step: CapturedStep, profile: DeviceProfile, optimizer: str = "adamw", 
     owner: dict[torch.fx.Node, torch.fx.Node] = {p: p for p in placeholders}
     folded: dict[torch.fx.Node, list[str]] = {}
     compute_fx: list[torch.fx.Node] = []
-    for fx_node in _call_functions(fx_graph):
+    for fx_node in (n for n in fx_graph.nodes if n.op == "call_function"):  # in graph order
         base = aliasing_input(fx_node)
         if base is not None and base in owner:
             owner[fx_node] = owner[base]
@@ -70,7 +69,7 @@ def lower(step: CapturedStep, profile: DeviceProfile, optimizer: str = "adamw", 
     backward: dict[torch.fx.Node, bool] = {}
     nodes = []
     for fx_node in compute_fx:
-        inputs = list(_input_nodes(fx_node))
+        inputs = fx_node.all_input_nodes  # each input once
         deps = sorted({index_of[owner[x]] for x in inputs if owner.get(x) in index_of} - {index_of[fx_node]})
         tag = fx_node.meta.get("partitioner_tag")
         backward[fx_node] = tag == "is_backward" if tag else any(
@@ -111,22 +110,10 @@ def lower(step: CapturedStep, profile: DeviceProfile, optimizer: str = "adamw", 
                        "precision": step.precision})
 
 
-def _call_functions(fx_graph: torch.fx.Graph) -> Iterator[torch.fx.Node]:
-    return (n for n in fx_graph.nodes if n.op == "call_function")
-
-
 def _has_tensor(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         return True
     return isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value)
-
-
-def _input_nodes(fx_node: torch.fx.Node) -> Iterator[torch.fx.Node]:
-    seen = set()
-    for x in fx_node.all_input_nodes:
-        if x not in seen:
-            seen.add(x)
-            yield x
 
 
 def _flops(fx_node: torch.fx.Node) -> tuple[float, str]:
