@@ -61,3 +61,14 @@ def eager_schedule(graph: Graph) -> Schedule:
         ops.append(("compute", i))
         ops += [("free", d) for d in sorted(set(node.deps)) if last[d] == i]
     return Schedule.from_pairs(ops, len(graph))
+
+
+def ancestors(graph: Graph, node: int) -> set[int]:
+    """`node` and every node it depends on, directly or not."""
+    found, stack = set(), [node]
+    while stack:
+        i = stack.pop()
+        if i not in found:
+            found.add(i)
+            stack.extend(graph.nodes[i].deps)
+    return found

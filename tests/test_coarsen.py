@@ -7,20 +7,14 @@ from hypothesis import strategies as st
 from remat.schedule import Schedule
 from remat.simulate import simulate
 from solvers.coarsen import coarsen, contiguous_groups
-from tests.graphs import chain_training_graph, eager_schedule, make_graph
+from tests.graphs import ancestors, chain_training_graph, eager_schedule, make_graph
 
 
 def recompute_everything(graph):
     """Run each node after recomputing all of its ancestors; keep nothing in between."""
     ops = []
     for target in range(len(graph)):
-        needed, stack = set(), [target]
-        while stack:
-            i = stack.pop()
-            if i not in needed:
-                needed.add(i)
-                stack.extend(graph.nodes[i].deps)
-        order = sorted(needed)
+        order = sorted(ancestors(graph, target))
         last = {d: i for i in order for d in graph.nodes[i].deps}
         for i in order:
             ops.append(("compute", i))

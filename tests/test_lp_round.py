@@ -14,7 +14,7 @@ from solvers.base import FEASIBLE, INFEASIBLE, NO_SOLUTION, OPTIMAL, SolveOption
 from solvers.checkmate import solve_checkmate
 from solvers.lp_round import recompute_given_storage, schedule_for_storage, solve_lp_round
 from tests.bruteforce import cheapest_schedule
-from tests.graphs import chain_training_graph, eager_schedule, make_graph
+from tests.graphs import ancestors, chain_training_graph, eager_schedule, make_graph
 from tests.test_checkmate import EXACT, small_training_graphs, store_all
 
 FAST = SolveOptions(time_limit_s=20)
@@ -96,13 +96,7 @@ def test_all_zero_storage_recomputes_every_ancestor():
     n = len(graph)
     R = recompute_given_storage(graph, [[0] * n for _ in range(n)])
     for t in range(n):  # stage t computes exactly t and its ancestors
-        ancestors, stack = set(), [t]
-        while stack:
-            i = stack.pop()
-            if i not in ancestors:
-                ancestors.add(i)
-                stack.extend(graph.nodes[i].deps)
-        assert {i for i in range(n) if R[t][i]} == ancestors
+        assert {i for i in range(n) if R[t][i]} == ancestors(graph, t)
     sim = simulate(graph, schedule_for_storage(graph, [[0] * n for _ in range(n)]))
     assert sim.valid, sim.errors
     assert sim.compute_s > graph.compute_s

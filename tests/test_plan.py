@@ -3,12 +3,13 @@ worse than a baseline that fits."""
 
 import pytest
 
+from remat.graph import Graph
 from remat.plan import MAX_EXACT_NODES, solve, sweep
 from remat.simulate import simulate
 from tests.graphs import chain_training_graph, make_graph
 
 
-def residual_training_graph(blocks: int) -> tuple:
+def residual_training_graph(blocks: int) -> Graph:
     """Blocks of (norm -> wide -> narrow) with a residual add, a loss, and a mirrored backward."""
     deps, sizes, backward = [[]], [4], [False]
     stream = 0
