@@ -7,9 +7,11 @@ schedule that fits together with every candidate's figures. No torch here.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from remat.graph import Graph
 from remat.schedule import Schedule
@@ -84,6 +86,10 @@ class Plan:
             "compute_s": self.compute_s,
             "schedule": self.schedule.to_json() if self.schedule else None,
         }
+
+    def save(self, path: str | Path) -> None:
+        """Write the plan file that `remat.apply(model, plan=path)` runs."""
+        Path(path).write_text(json.dumps(self.to_json(), indent=1))
 
 
 def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: float = 60.0,
