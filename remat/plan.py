@@ -18,7 +18,9 @@ from remat.schedule import Schedule
 from remat.simulate import Simulation, simulate
 from solvers.base import FEASIBLE, INFEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions, SolverResult
 from solvers.baselines import BASELINES
+from solvers.bounds import covering_bound
 from solvers.coarsen import Coarsening, coarsen, contiguous_groups
+from solvers.decompose import decompose_applies
 from solvers.registry import SOLVER_NAMES, solve_with
 
 MAX_EXACT_NODES = 100  # the MILP solves graphs up to this size whole; larger ones are coarsened to it
@@ -55,6 +57,8 @@ class Plan:
     message: str = ""
     coarse_nodes: int | None = None  # nodes the MILP saw when the graph was coarsened
     candidates: tuple[Candidate, ...] = field(default=())
+    lower_bound_method: str = ""  # what proves lower_bound_s: "milp", "covering", "store-all" (solvers/bounds.py)
+    picked: str = ""  # which solver `auto` (or the name given) ran, and why
 
     @property
     def compute_s(self) -> float | None:
@@ -113,7 +117,8 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
 
     if solver in BASELINES:
         chosen = next(c for c in candidates if c.method == solver)
-        return _finish(graph, budget_bytes, [chosen], candidates, store_all, bound, started, lower_bound_s=None)
+        return _finish(graph, budget_bytes, [chosen], candidates, store_all, bound, started, lower_bound_s=None,
+                       picked=f"{solver} (asked for by name)")
 
     lower_bound_s: float | None = graph.compute_s  # every node runs at least once
     coarse_nodes = None
@@ -122,7 +127,37 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
         chosen = next(c for c in candidates if c.method == "store-all")
         chosen = Candidate("store-all", OPTIMAL, chosen.schedule, chosen.simulation, chosen.wall_s,
                            "the budget holds every activation: no rematerialization needed")
-        return _finish(graph, budget_bytes, [chosen], candidates, store_all, bound, started, lower_bound_s)
+        return _finish(graph, budget_bytes, [chosen], candidates, store_all, bound, started, lower_bound_s,
+                       bound_method="store-all", picked="store-all: the budget holds every activation")
+
+    # A valid lower bound on the fine graph, whatever solves it (solvers/bounds.py): cheap, so always.
+    say("lower bound")
+    covering = covering_bound(graph, budget_bytes, SolveOptions(time_limit_s=min(10.0, max(1.0, time_limit_s / 6))))
+    if covering.proven_infeasible:
+        lower_bound_s, bound_method = None, "covering: no schedule fits"
+    else:
+        lower_bound_s, bound_method = covering.lower_bound_s, covering.method
+
+    wants_decompose = solver == "decompose" or (solver == "auto" and len(graph) > MAX_EXACT_NODES)
+    if wants_decompose and covering.proven_infeasible is False:
+        applies, why = decompose_applies(graph, budget_bytes)
+        if applies or solver == "decompose":
+            say("block decomposition")
+            left = max(1.0, time_limit_s - (time.perf_counter() - started))
+            result = solve_with("decompose", graph, budget_bytes,
+                                SolveOptions(time_limit_s=left, backend=backend))
+            decomposed = _candidate(graph, "decompose", result, result.schedule)
+            candidates.append(decomposed)
+            picked = (f"decompose: {len(graph)} nodes (more than {MAX_EXACT_NODES}) with {why}" if solver == "auto"
+                      else "decompose (asked for by name)")
+            if decomposed.fits(budget_bytes) or solver == "decompose":
+                return _finish(graph, budget_bytes, [decomposed] + [c for c in candidates if c is not decomposed],
+                               candidates, store_all, bound, started, lower_bound_s, bound_method=bound_method,
+                               picked=picked)
+            say("the decomposition found no plan that fits: coarsened MILP")
+        auto_note = f"coarsened checkmate ({why})"
+    else:
+        auto_note = ""
 
     # The MILP sees the whole graph when it is small enough. A larger graph is coarsened twice, to
     # about MAX_EXACT_NODES and half that; the small one is solved first and its plan, expanded,
@@ -139,7 +174,7 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
             message = ("every coarsening of this graph has a single-op floor above the budget, and the graph is too "
                        f"big for the MILP whole ({len(graph)} nodes): the best baseline is the plan")
             return _finish(graph, budget_bytes, candidates, candidates, store_all, bound, started, lower_bound_s,
-                           note=message)
+                           note=message, bound_method=bound_method, picked="baselines only")
         coarse_nodes = len(levels[0].coarse)
     graphs = [graph] + [level.coarse for level in levels]  # depth 0 is the graph itself
 
@@ -150,6 +185,8 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
         return schedule
 
     name = "checkmate" if solver == "auto" else solver
+    milp_started = time.perf_counter()
+    milp_limit_s = max(5.0, time_limit_s - (milp_started - started))  # what the bound and a decomposition left
     coarser: Schedule | None = None  # the previous level's plan, expanded to this level
     lowest_peak = min(c.simulation.peak_bytes for c in candidates if c.simulation is not None and c.simulation.valid)
     milp_candidates: list[Candidate] = []
@@ -170,7 +207,7 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
             lowest = min((c for c in baselines if c.simulation is not None and c.simulation.valid),
                          key=lambda c: (c.simulation.peak_bytes, c.simulation.compute_s))
             min_peak = solve_with("checkmate-min-peak", working, budget_bytes,
-                                  SolveOptions(time_limit_s=max(5.0, time_limit_s / 4), backend=backend,
+                                  SolveOptions(time_limit_s=max(5.0, milp_limit_s / 4), backend=backend,
                                                warm_start=lowest.schedule))
             candidates.append(_candidate(graph, "checkmate-min-peak", min_peak, to_graph(min_peak.schedule, depth)))
             if min_peak.schedule is not None:
@@ -180,8 +217,8 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
         warm = min(options, key=lambda option: option[0])[1] if options else None
 
         # the coarsest level gets a third of the time, the next one what is left
-        left = time_limit_s - (time.perf_counter() - started) if depth < len(graphs) - 1 else time_limit_s
-        share = time_limit_s / 3 if depth > 0 and depth == len(graphs) - 1 else max(1.0, left)
+        left = milp_limit_s - (time.perf_counter() - milp_started) if depth < len(graphs) - 1 else milp_limit_s
+        share = milp_limit_s / 3 if depth > 0 and depth == len(graphs) - 1 else max(1.0, left)
         say(f"solving the MILP on {len(working)} nodes ({share:.0f} s)")
         result = solve_with(name, working, budget_bytes,
                             SolveOptions(time_limit_s=share, warm_start=warm, backend=backend))
@@ -193,14 +230,22 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
 
     assert result is not None
     candidates.extend(milp_candidates)
-    if not levels and result.lower_bound_s is not None:
-        lower_bound_s = max(lower_bound_s, result.lower_bound_s)
+    if not levels and result.lower_bound_s is not None and lower_bound_s is not None \
+            and result.lower_bound_s > lower_bound_s:
+        lower_bound_s, bound_method = result.lower_bound_s, "milp"  # the MILP's dual bound on the whole graph
     if result.status == INFEASIBLE and not levels:
         lower_bound_s = None
     finest = milp_candidates[-1]
+    if solver == "auto":
+        picked = auto_note or f"checkmate: {len(graph)} nodes"
+        if levels:
+            picked = auto_note or f"coarsened checkmate: {len(graph)} nodes and no repeated blocks"
+            picked += f", MILP on {coarse_nodes} coarse nodes"
+    else:
+        picked = f"{solver} (asked for by name)" + (f" on {coarse_nodes} coarse nodes" if levels else "")
     return _finish(graph, budget_bytes, [finest] + [c for c in candidates if c is not finest], candidates,
                    store_all, bound, started, lower_bound_s, coarse_nodes,
-                   proven_optimal=result.status == OPTIMAL and not levels)
+                   proven_optimal=result.status == OPTIMAL and not levels, bound_method=bound_method, picked=picked)
 
 
 def sweep(graph: Graph, budgets_bytes: Sequence[int], solver: str = "auto", time_limit_s: float = 60.0,
@@ -238,7 +283,8 @@ def _candidate(graph: Graph, method: str, result: SolverResult, schedule: Schedu
 
 def _finish(graph: Graph, budget_bytes: int, preference: list[Candidate], candidates: list[Candidate],
             store_all: Simulation, bound: int, started: float, lower_bound_s: float | None,
-            coarse_nodes: int | None = None, proven_optimal: bool = False, note: str = "") -> Plan:
+            coarse_nodes: int | None = None, proven_optimal: bool = False, note: str = "", bound_method: str = "",
+            picked: str = "") -> Plan:
     """Pick the cheapest fitting candidate (ties go to the earlier one in `preference`)."""
     valid_peaks = [c.simulation.peak_bytes for c in candidates if c.simulation is not None and c.simulation.valid]
     min_feasible = min(valid_peaks) if valid_peaks else None
@@ -248,7 +294,7 @@ def _finish(graph: Graph, budget_bytes: int, preference: list[Candidate], candid
         message = (f"no schedule fits {budget_bytes} bytes; the lowest peak found is {min_feasible} bytes "
                    f"(no schedule can go below {bound} bytes)")
         return Plan(graph, budget_bytes, preference[0].method, INFEASIBLE, None, None, None, store_all,
-                    min_feasible, bound, wall_s, message, coarse_nodes, tuple(candidates))
+                    min_feasible, bound, wall_s, message, coarse_nodes, tuple(candidates), bound_method, picked)
     best = min(fitting, key=lambda c: c.simulation.compute_s)
     first = fitting[0]
     if first.simulation.compute_s <= best.simulation.compute_s * (1 + 1e-9):
@@ -258,5 +304,9 @@ def _finish(graph: Graph, budget_bytes: int, preference: list[Candidate], candid
     if best is not preference[0] and preference[0].simulation is not None and preference[0].fits(budget_bytes):
         message = (f"{best.method} is cheaper than {preference[0].method} "
                    f"({best.simulation.compute_s:.6g} s vs {preference[0].simulation.compute_s:.6g} s)")
+    if lower_bound_s is not None and best.simulation.compute_s <= lower_bound_s * (1 + 1e-9):
+        status = OPTIMAL  # the plan meets a valid lower bound
+    if lower_bound_s is not None:
+        lower_bound_s = min(lower_bound_s, best.simulation.compute_s)  # float rounding only (bounds are shaved)
     return Plan(graph, budget_bytes, best.method, status, best.schedule, best.simulation, lower_bound_s, store_all,
-                min_feasible, bound, wall_s, message, coarse_nodes, tuple(candidates))
+                min_feasible, bound, wall_s, message, coarse_nodes, tuple(candidates), bound_method, picked)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pulp
@@ -388,8 +389,12 @@ def second_unit(graph: Graph) -> float:
     return mean if mean > 0 else 1.0
 
 
-def _solve(graph: Graph, budget_bytes: int | None, options: SolveOptions, name: str) -> SolverResult:
-    """Build, solve, and turn the solution into a simulated Schedule (both objectives)."""
+def _solve(graph: Graph, budget_bytes: int | None, options: SolveOptions, name: str,
+           constrain: Callable[[CheckmateModel], None] | None = None) -> SolverResult:
+    """Build, solve, and turn the solution into a simulated Schedule (both objectives).
+
+    `constrain` adds constraints of the caller's to the model before it is solved (solvers/decompose.py
+    forbids recomputation in a block's gap stage); a warm start must satisfy them."""
     started = time.perf_counter()
     fixed_bytes = graph.fixed.total_bytes
     if budget_bytes is not None:
@@ -398,6 +403,8 @@ def _solve(graph: Graph, budget_bytes: int | None, options: SolveOptions, name: 
         reference = sum(node.output_bytes for node in graph.nodes) + max(node.workspace_bytes for node in graph.nodes)
     byte_unit = max(reference, 1) / MEMORY_SCALE
     model = build_model(graph, budget_bytes, byte_unit, second_unit(graph))
+    if constrain is not None:
+        constrain(model)
     warm = prepare_warm_start(model, options.warm_start, budget_bytes)
     detail: dict = {"variables": len(model.problem.variables()), "constraints": model.problem.numConstraints(),
                     "backend": options.backend, "build_s": time.perf_counter() - started}
@@ -464,13 +471,14 @@ def _solve(graph: Graph, budget_bytes: int | None, options: SolveOptions, name: 
     return result(outcome.status, schedule, bound_s(outcome.bound), f"{verdict} ({outcome.message})")
 
 
-def solve_checkmate(graph: Graph, budget_bytes: int, options: SolveOptions | None = None) -> SolverResult:
+def solve_checkmate(graph: Graph, budget_bytes: int, options: SolveOptions | None = None,
+                    constrain: Callable[[CheckmateModel], None] | None = None) -> SolverResult:
     """The fastest frontier-advancing schedule whose peak (fixed memory included) fits budget_bytes."""
     options = options or SolveOptions()
     settled = settled_without_solving("checkmate", graph, budget_bytes)
     if settled is not None:
         return settled
-    return _solve(graph, budget_bytes, options, "checkmate")
+    return _solve(graph, budget_bytes, options, "checkmate", constrain)
 
 
 def solve_min_peak(graph: Graph, options: SolveOptions | None = None) -> SolverResult:

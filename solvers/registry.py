@@ -17,7 +17,7 @@ from remat.schedule import Schedule
 from solvers.base import SolveOptions, SolverResult
 from solvers.baselines import BASELINES
 
-MILP_SOLVERS = ("checkmate", "lp-round", "cpsat")
+MILP_SOLVERS = ("checkmate", "lp-round", "cpsat", "decompose")
 SOLVER_NAMES = ("auto", *MILP_SOLVERS, *BASELINES)
 
 
@@ -36,6 +36,10 @@ def solve_with(name: str, graph: Graph, budget_bytes: int, options: SolveOptions
         return solve_lp_round(graph, budget_bytes, options)
     if name == "cpsat":
         return _solve_cpsat_in_child(graph, budget_bytes, options)
+    if name == "decompose":
+        from solvers.decompose import solve_decompose
+
+        return solve_decompose(graph, budget_bytes, options)
     if name == "checkmate-min-peak":
         from solvers.checkmate import solve_min_peak
 

@@ -1,0 +1,512 @@
+"""Repeated-block decomposition (in the line of Rockmate, Zhao et al. 2023, and rotor, Beaumont et al. 2019):
+plans for graphs too large for the MILP whole, made of identical blocks (GPT-2's 12 transformer blocks).
+
+1. Layout: each block's forward is a contiguous range of the topological order (find_blocks, by module
+   path) and so is its backward; everything else (embeddings, the head and loss, the last gradient sums)
+   is "outside" and runs as in store-all.
+2. Block trade-off curve: one block's forward and backward, with a "gap" node between them that stands for
+   the rest of the step (a workspace of E bytes, nothing recomputed in it), is a small Checkmate MILP.
+   Raising E forces the block to hold fewer bytes across the gap; each E gives one option: the block's
+   recomputation rows, its seconds, the bytes it holds across the gap and its forward and backward peaks.
+   Blocks with the same structure (ops, sizes, costs, local dependencies) share one curve.
+3. Combination: a dynamic program over the blocks in forward order picks one option per block. Memory at
+   any stage is the outside bytes (option-independent, measured on a probe schedule) plus the gap bytes of
+   the blocks before the current one plus the current block's own live bytes, so the state is the prefix
+   sum of gap bytes and the program is exact for that accounting (Pareto front of (prefix bytes, seconds)).
+4. The chosen rows are stitched into one recomputation matrix R of the whole fine graph and emitted with
+   minimal storage (every value is kept from its last computation to its last read before the next one),
+   which is a valid schedule for any R. The simulator judges it; if it overshoots the budget (the
+   accounting is conservative, but outside bytes can shift), the program is rerun with the overshoot as a
+   margin.
+
+No coarsening: every fine node is scheduled on its own. The result is feasible, not proven optimal; a
+valid lower bound comes from solvers/bounds.py.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+from remat.graph import FixedMemory, Graph, Node
+from remat.schedule import COMPUTE, FREE, Op, Schedule
+from remat.simulate import simulate
+from solvers.base import FEASIBLE, NO_SOLUTION, SolveOptions, SolverResult, settled_without_solving
+from solvers.baselines import _in_module, find_blocks, first_backward_index
+
+CURVE_POINTS = 6  # spread options per block class, between the least gap bytes and store-all's
+LOCAL_MIP_GAP = 5e-3  # the block MILP stops within 0.5% of its optimum: the curve needs many points more
+CURVE_SHARE = 0.8  # of the time limit, for the block MILPs
+MAX_REPAIRS = 4  # DP reruns with a margin when the stitched schedule overshoots the budget
+MIN_BLOCK_NODES = 8  # mean forward nodes per block below which `auto` does not decompose (VGG's single layers)
+
+
+# --- layout ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Contiguous index ranges of each block's forward and backward (forward order of blocks)."""
+
+    names: tuple[str, ...]
+    forward: tuple[range, ...]
+    backward: tuple[range, ...]
+
+
+def find_layout(graph: Graph) -> BlockLayout | None:
+    """The blocks of `graph` as contiguous forward and backward ranges; None when there are fewer than two
+    or their nodes are not contiguous (then the decomposition does not apply)."""
+    blocks = find_blocks(graph)
+    if len(blocks) < 2:
+        return None
+    names = sorted(blocks, key=lambda prefix: blocks[prefix][0])
+    forward_end = first_backward_index(graph)
+    forward, backward = [], []
+    for prefix in names:
+        members = blocks[prefix]
+        if members != list(range(members[0], members[-1] + 1)):
+            return None
+        forward.append(range(members[0], members[-1] + 1))
+        mine = [i for i in range(forward_end, len(graph)) if _in_module(graph.nodes[i].module, prefix)]
+        if not mine:
+            return None
+        backward.append(range(mine[0], mine[-1] + 1))
+    for k in range(len(names) - 1):  # forwards in order, backwards in reverse order, nothing shared
+        if forward[k].stop > forward[k + 1].start or backward[k + 1].stop > backward[k].start:
+            return None
+    return BlockLayout(tuple(names), tuple(forward), tuple(backward))
+
+
+# --- one block's local problem -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalProblem:
+    """A block's forward + gap node + backward as a graph of its own."""
+
+    graph: Graph  # local nodes: forward, the gap (index `gap`), backward
+    to_global: tuple[int, ...]  # local index -> global index (-1 for the gap)
+    gap: int
+    signature: tuple  # equal for blocks with the same structure
+
+
+def local_problem(graph: Graph, forward: range, backward: range) -> LocalProblem:
+    members = [*forward, *backward]
+    gap = len(forward)
+    to_global = tuple([*forward, -1, *backward])
+    local_of = {g: l for l, g in enumerate(to_global) if g >= 0}
+    member_set = set(members)
+    boundary = sorted({d for m in members for d in graph.nodes[m].deps if d not in member_set})
+    # Values the block hands to the rest of the step from its forward (the next block's input): the gap
+    # node reads them, so they are held through the gap.
+    exports = [local_of[v] for v in forward if any(u not in member_set for u in graph.users[v])]
+    nodes: list[Node] = []
+    for g in to_global:
+        if g < 0:
+            nodes.append(Node(name="gap", op="gap", deps=tuple(exports), output_bytes=0, compute_s=0.0,
+                              is_backward=False))
+            continue
+        node = graph.nodes[g]
+        nodes.append(replace(node, deps=tuple(local_of[d] for d in node.deps if d in local_of), fx_nodes=()))
+    outputs = tuple(l for l, g in enumerate(to_global) if g >= 0 and g in backward
+                    and (g in graph.outputs or any(u not in member_set for u in graph.users[g])))
+    # The values read from outside (the block input, a shared mask, the incoming gradient) count as fixed
+    # memory for the whole local schedule: more than they take globally, never less.
+    fixed = FixedMemory(input_bytes=sum(graph.nodes[b].output_bytes for b in boundary))
+    local = Graph(nodes=tuple(nodes), outputs=outputs or (len(nodes) - 1,), fixed=fixed)
+    signature = tuple((n.op, n.deps, n.output_bytes, n.workspace_bytes, round(n.compute_s, 15), n.is_backward)
+                      for n in nodes) + (outputs, fixed.input_bytes)
+    return LocalProblem(local, to_global, gap, signature)
+
+
+@dataclass(frozen=True)
+class BlockOption:
+    """One point of a block's trade-off curve (bytes are activation bytes owned by the block)."""
+
+    gap_bytes: int  # held from the end of the forward to the start of the backward, exports included
+    compute_s: float  # the block's seconds, recomputation included
+    forward_peak_bytes: int
+    backward_peak_bytes: int
+    rows: tuple[tuple[int, ...], ...]  # rows[l]: local nodes computed in local stage l (the gap's row empty)
+    status: str
+
+
+def with_gap_workspace(problem: LocalProblem, workspace_bytes: int) -> Graph:
+    nodes = list(problem.graph.nodes)
+    nodes[problem.gap] = replace(nodes[problem.gap], workspace_bytes=workspace_bytes)
+    return replace(problem.graph, nodes=tuple(nodes))
+
+
+def option_from_rows(problem: LocalProblem, rows: list[list[int]], status: str) -> BlockOption:
+    """Measure a local R (rows) with the local simulator: seconds, gap bytes, peaks on each side."""
+    local = problem.graph
+    rows = prune_rows(local, rows)
+    schedule, stage_of_op = emit(local, rows)
+    sim = simulate(local, schedule)
+    assert sim.valid, sim.errors
+    fixed = local.fixed.total_bytes
+    gap_op = next(p for p, op in enumerate(schedule.ops) if op.kind == COMPUTE and op.node == problem.gap)
+    forward = [sim.timeline_bytes[p] - fixed for p in range(gap_op) ]
+    backward = [sim.timeline_bytes[p] - fixed for p in range(gap_op + 1, len(schedule.ops))]
+    return BlockOption(gap_bytes=sim.timeline_bytes[gap_op] - fixed, compute_s=sim.compute_s,
+                       forward_peak_bytes=max(forward, default=0), backward_peak_bytes=max(backward, default=0),
+                       rows=tuple(tuple(r) for r in rows), status=status)
+
+
+def block_options(problem: LocalProblem, targets: list[int], options: SolveOptions,
+                  deadline: float) -> list[BlockOption]:
+    """Options from the block's MILP, one per target of gap bytes (in the order given, most useful first):
+    the gap node's workspace is set so that only `target` bytes fit beside it. A solution for a smaller
+    target warm-starts a larger one (holding fewer bytes across the gap fits a smaller gap workspace)."""
+    from solvers.checkmate import CheckmateModel, solve_checkmate
+
+    local = problem.graph
+    n = len(local)
+    store_all = option_from_rows(problem, [[t] for t in range(n)], FEASIBLE)
+    capacity = max(store_all.forward_peak_bytes, store_all.backward_peak_bytes, store_all.gap_bytes)
+    budget = local.fixed.total_bytes + capacity
+
+    def block_rules(model: CheckmateModel) -> None:
+        # The gap stands for the rest of the step: the block runs nothing there. And the only recomputation
+        # worth its time in a block is of forward values in the backward: fixing the rest to zero shrinks
+        # the MILP several times (HiGHS's presolve drops the fixed columns).
+        for (t, i), run in model.R.items():
+            if i < t and (t <= problem.gap or i > problem.gap):
+                model.problem += run == 0, f"block_rule_{t}_{i}"
+
+    found: list[BlockOption] = [store_all]
+    solved: list[tuple[int, Schedule]] = []
+    for position, target in enumerate(targets):
+        left = deadline - time.perf_counter()
+        if left <= 0.5:
+            break
+        share = left / (len(targets) - position)
+        warm = max((s for s in solved if s[0] <= target), default=None, key=lambda s: s[0])
+        graph = with_gap_workspace(problem, capacity - target)
+        result = solve_checkmate(graph, budget, replace(options, time_limit_s=share, mip_gap=LOCAL_MIP_GAP,
+                                                        warm_start=warm[1] if warm else None),
+                                 constrain=block_rules)
+        if result.schedule is None:
+            continue
+        R, _ = result.schedule.to_matrices()
+        rows = [[i for i in range(t + 1) if R[t][i]] for t in range(n)]
+        if any(i != problem.gap for i in rows[problem.gap]):
+            continue  # a fallback schedule that runs something in the gap is not an option of this block
+        found.append(option_from_rows(problem, rows, result.status))
+        solved.append((target, result.schedule))
+    return found
+
+
+def curve_targets(least: int, most: int, wanted: int | None) -> list[int]:
+    """Gap-byte targets, most useful first: the even share of the budget (`wanted`), its neighbours, then
+    points spread between the least a block can hold and what store-all holds."""
+    spread = [round(least + (most - least) * k / (CURVE_POINTS - 1)) for k in range(CURVE_POINTS - 1)]
+    first = []
+    if wanted is not None:
+        first = [wanted, round(wanted * 0.9), round(wanted * 1.1)]
+    targets = []
+    for target in first + spread:
+        target = min(max(target, least), most)
+        if target < most and all(abs(target - t) > 0.02 * (most - least) for t in targets):
+            targets.append(target)
+    return targets
+
+
+def pareto(curve: list[BlockOption]) -> list[BlockOption]:
+    """Drop options that another beats on seconds, gap bytes and both peaks."""
+    def dominated(a: BlockOption, b: BlockOption) -> bool:
+        return (b.compute_s <= a.compute_s and b.gap_bytes <= a.gap_bytes
+                and b.forward_peak_bytes <= a.forward_peak_bytes and b.backward_peak_bytes <= a.backward_peak_bytes
+                and b != a)
+    kept = []
+    for a in curve:
+        if not any(dominated(a, b) for b in curve) and a not in kept:
+            kept.append(a)
+    return sorted(kept, key=lambda o: o.gap_bytes)
+
+
+# --- emitting a schedule from R ----------------------------------------------------------------------
+
+
+def prune_rows(graph: Graph, rows: list[list[int]]) -> list[list[int]]:
+    """Remove recomputations that nothing reads before the value is computed again (they only cost time)."""
+    rows = [sorted(set(r) | {t}) for t, r in enumerate(rows)]
+    while True:
+        read_after: set[tuple[int, int]] = set()  # (value, stage of the computation that serves the read)
+        last_computed = [-1] * len(graph)
+        for t, row in enumerate(rows):
+            for k in row:
+                for d in graph.nodes[k].deps:
+                    read_after.add((d, last_computed[d]))
+                last_computed[k] = t
+        new_rows = [[k for k in row if k == t or (k, t) in read_after]
+                    for t, row in enumerate(rows)]
+        if new_rows == rows:
+            return rows
+        rows = new_rows
+
+
+def emit(graph: Graph, rows: list[list[int]]) -> tuple[Schedule, list[int]]:
+    """The schedule that runs stage t's row in ascending order for every t, holding each computed value
+    until its last read before it is computed again (minimal storage). Valid for any rows that contain
+    their own stage: every read is served by the value's latest computation, at this stage or before.
+    Also returns the stage of each instruction."""
+    n = len(graph)
+    last_read: dict[tuple[int, int], tuple[int, int]] = {}  # (value, stage computed) -> (stage, node) read last
+    latest = [-1] * n
+    for t, row in enumerate(rows):
+        for k in row:
+            for d in graph.nodes[k].deps:
+                last_read[d, latest[d]] = (t, k)
+            latest[k] = t
+    frees_at: dict[tuple[int, int], list[int]] = {}  # (stage, node) -> values freed right after it runs
+    for t, row in enumerate(rows):
+        for k in row:
+            frees_at.setdefault(last_read.get((k, t), (t, k)), []).append(k)
+    ops: list[Op] = []
+    stages: list[int] = []
+    for t, row in enumerate(rows):
+        for k in row:
+            ops.append(Op(COMPUTE, k))
+            stages.append(t)
+            for v in sorted(frees_at.get((t, k), ())):
+                ops.append(Op(FREE, v))
+                stages.append(t)
+    return Schedule(tuple(ops), n), stages
+
+
+# --- combining blocks ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Phases:
+    """For every phase (a block's forward, a block's backward, or a run of outside stages) the most
+    outside-owned activation bytes live in it, and which blocks are in their gap then."""
+
+    forward_outside: tuple[int, ...]  # per block
+    backward_outside: tuple[int, ...]  # per block
+    between: tuple[tuple[int, int], ...]  # (outside bytes, number of blocks already past their forward)
+
+
+def measure_phases(graph: Graph, layout: BlockLayout, schedule: Schedule, stages: list[int]) -> Phases:
+    """Outside bytes per phase on a probe schedule: memory less fixed less every block-owned live value
+    (a block owns its forward and backward values from its forward's start to its backward's end)."""
+    owner = {}
+    for k, (fwd, bwd) in enumerate(zip(layout.forward, layout.backward, strict=True)):
+        for i in (*fwd, *bwd):
+            owner[i] = k
+    sim = simulate(graph, schedule)
+    fixed = graph.fixed.total_bytes
+    blocks = len(layout.names)
+    region = {}
+    for k in range(blocks):
+        for t in layout.forward[k]:
+            region[t] = ("f", k)
+        for t in layout.backward[k]:
+            region[t] = ("b", k)
+    live = [False] * len(graph)
+    owned = 0
+    forward_outside, backward_outside = [0] * blocks, [0] * blocks
+    between: dict[int, list[int]] = {}  # stage-run key -> [outside bytes, blocks in gap]
+    for position, op in enumerate(schedule.ops):
+        node = graph.nodes[op.node]
+        t = stages[position]
+        k_owner = owner.get(op.node)
+        if op.kind == COMPUTE and not live[op.node] and k_owner is not None and _active(layout, k_owner, t):
+            owned_during = owned + node.output_bytes + node.workspace_bytes
+        else:
+            owned_during = owned
+        outside = sim.timeline_bytes[position] - fixed - (owned_during if op.kind == COMPUTE else owned)
+        if op.kind == COMPUTE:
+            if not live[op.node]:
+                live[op.node] = True
+                if k_owner is not None and _active(layout, k_owner, t):
+                    owned += node.output_bytes
+        else:
+            live[op.node] = False
+            if k_owner is not None and _active(layout, k_owner, t):
+                owned -= node.output_bytes
+        where = region.get(t)
+        if where is None:
+            past = sum(1 for k in range(blocks) if layout.forward[k].stop <= t and layout.backward[k].start > t)
+            entry = between.setdefault(t, [0, past])
+            entry[0] = max(entry[0], outside)
+        elif where[0] == "f":
+            forward_outside[where[1]] = max(forward_outside[where[1]], outside)
+        else:
+            backward_outside[where[1]] = max(backward_outside[where[1]], outside)
+        # values of a finished block's backward stay (the gradient it hands on): from now on they are outside
+        if position + 1 < len(stages) and stages[position + 1] != t:
+            for k in range(blocks):
+                if layout.backward[k].stop - 1 == t:
+                    owned -= sum(graph.nodes[i].output_bytes for i in (*layout.forward[k], *layout.backward[k])
+                                 if live[i])
+    merged: dict[int, int] = {}
+    for outside, past in between.values():
+        merged[past] = max(merged.get(past, 0), outside)
+    return Phases(tuple(forward_outside), tuple(backward_outside), tuple(sorted(merged.items(), key=lambda x: x[1])))
+
+
+def _active(layout: BlockLayout, k: int, t: int) -> bool:
+    return layout.forward[k].start <= t < layout.backward[k].stop
+
+
+def combine(layout: BlockLayout, curves: list[list[BlockOption]], phases: Phases,
+            capacity_bytes: int) -> list[BlockOption] | None:
+    """The cheapest option per block under the phase accounting, by DP on the prefix of gap bytes."""
+    blocks = len(curves)
+    between_by_past = dict(phases.between)
+    # state: prefix gap bytes -> (seconds, choice); kept as a Pareto front
+    front: dict[int, tuple[float, tuple[int, ...]]] = {0: (0.0, ())}
+    for k in range(blocks):
+        following: dict[int, tuple[float, tuple[int, ...]]] = {}
+        for prefix, (seconds, chosen) in front.items():
+            if between_by_past.get(k, 0) + prefix > capacity_bytes:
+                continue
+            for index, option in enumerate(curves[k]):
+                if phases.forward_outside[k] + prefix + option.forward_peak_bytes > capacity_bytes:
+                    continue
+                if phases.backward_outside[k] + prefix + option.backward_peak_bytes > capacity_bytes:
+                    continue
+                key = prefix + option.gap_bytes
+                value = (seconds + option.compute_s, (*chosen, index))
+                if key not in following or value[0] < following[key][0]:
+                    following[key] = value
+        front = _pareto_front(following)
+    final = [(seconds, chosen) for prefix, (seconds, chosen) in front.items()
+             if between_by_past.get(blocks, 0) + prefix <= capacity_bytes]
+    if not final:
+        return None
+    _, chosen = min(final)
+    return [curves[k][index] for k, index in enumerate(chosen)]
+
+
+def _pareto_front(states: dict[int, tuple[float, tuple[int, ...]]]) -> dict[int, tuple[float, tuple[int, ...]]]:
+    kept: dict[int, tuple[float, tuple[int, ...]]] = {}
+    best = float("inf")
+    for prefix in sorted(states):
+        if states[prefix][0] < best - 1e-15:
+            kept[prefix] = states[prefix]
+            best = states[prefix][0]
+    return kept
+
+
+def stitch(graph: Graph, problems: list[LocalProblem], chosen: list[BlockOption]) -> list[list[int]]:
+    """The whole graph's rows: every outside stage runs its own node; block stages run their option's row."""
+    rows = [[t] for t in range(len(graph))]
+    for problem, option in zip(problems, chosen, strict=True):
+        for local_stage, row in enumerate(option.rows):
+            stage = problem.to_global[local_stage]
+            if stage >= 0:
+                rows[stage] = sorted({problem.to_global[i] for i in row})
+    return rows
+
+
+# --- the solver ---------------------------------------------------------------------------------------
+
+
+def probe(graph: Graph, layout: BlockLayout) -> tuple[list[LocalProblem], list[BlockOption], Phases]:
+    """Each block's local problem and store-all option, and the outside bytes of every phase measured on the
+    schedule that runs store-all in every block."""
+    problems = [local_problem(graph, f, b) for f, b in zip(layout.forward, layout.backward, strict=True)]
+    store_all = [option_from_rows(p, [[t] for t in range(len(p.graph))], FEASIBLE) for p in problems]
+    schedule, stages = emit(graph, prune_rows(graph, stitch(graph, problems, store_all)))
+    return problems, store_all, measure_phases(graph, layout, schedule, stages)
+
+
+def decompose_applies(graph: Graph, budget_bytes: int) -> tuple[bool, str]:
+    """Whether the decomposition can fit this budget, and why (cheap: no MILP). It cannot when the graph has
+    no repeated blocks, or when holding only every block's exports (its inputs to the next block) across
+    the head of the step is already over the budget: then whole blocks must be recomputed, which it does not do."""
+    layout = find_layout(graph)
+    if layout is None:
+        return False, "no repeated blocks"
+    sizes = [len(f) for f in layout.forward]
+    if sum(sizes) < MIN_BLOCK_NODES * len(sizes):
+        return False, f"{len(sizes)} blocks of {sum(sizes) / len(sizes):.1f} forward nodes on average: too small"
+    problems, _, phases = probe(graph, layout)
+    shapes = {tuple(node.deps for node in p.graph.nodes) for p in problems}
+    if 2 * len(shapes) > len(problems):
+        return False, f"{len(problems)} blocks of {len(shapes)} different shapes: too few repeats"
+    least = sum(sum(p.graph.nodes[d].output_bytes for d in p.graph.nodes[p.gap].deps) for p in problems)
+    outside = dict(phases.between).get(len(problems), 0)
+    if outside + least > budget_bytes - graph.fixed.total_bytes:
+        return False, (f"{len(problems)} repeated blocks, but holding every block's inputs does not fit "
+                       "the budget")
+    return True, f"{len(problems)} repeated blocks"
+
+
+
+def solve_decompose(graph: Graph, budget_bytes: int, options: SolveOptions | None = None) -> SolverResult:
+    """Block decomposition: block trade-off curves by MILP, combined by DP, stitched on the fine graph."""
+    options = options or SolveOptions()
+    started = time.perf_counter()
+    settled = settled_without_solving("decompose", graph, budget_bytes)
+    if settled is not None:
+        return settled
+    layout = find_layout(graph)
+    if layout is None:
+        return SolverResult("decompose", NO_SOLUTION, None, wall_s=time.perf_counter() - started,
+                            message="no repeated blocks with contiguous forward and backward ranges: "
+                                    "the decomposition does not apply")
+    capacity = budget_bytes - graph.fixed.total_bytes
+    problems, store_all_options, phases = probe(graph, layout)
+    store_all = [[option] for option in store_all_options]
+    classes: dict[tuple, list[int]] = {}  # blocks with the same local dependencies share one MILP curve
+    for k, problem in enumerate(problems):
+        shape = tuple(node.deps for node in problem.graph.nodes)
+        classes.setdefault(shape, []).append(k)
+    # the even share of the budget each block may hold across its gap when every block holds the same
+    wanted = (capacity - dict(phases.between).get(len(problems), 0)) // len(problems)
+
+    curves: list[list[BlockOption]] = [list(c) for c in store_all]
+    class_list = sorted(classes.values(), key=len, reverse=True)
+    curve_deadline = started + CURVE_SHARE * options.time_limit_s
+    for position, members in enumerate(class_list):
+        problem = problems[members[0]]
+        least = sum(problem.graph.nodes[d].output_bytes for d in problem.graph.nodes[problem.gap].deps)
+        left = curve_deadline - time.perf_counter()
+        found = block_options(problem, curve_targets(least, store_all[members[0]][0].gap_bytes, wanted), options,
+                              time.perf_counter() + left / (len(class_list) - position))
+        for k in members:  # the rows fit every block of the class; measure them on each block's own sizes
+            curves[k] = pareto(store_all[k] + [option_from_rows(problems[k], [list(r) for r in o.rows], o.status)
+                                               for o in found[1:]])
+
+    margin = 0
+    best: tuple[Schedule, float, int] | None = None
+    tried = []
+    for _ in range(MAX_REPAIRS + 1):
+        chosen = combine(layout, curves, phases, capacity - margin)
+        if chosen is None:
+            break
+        rows = prune_rows(graph, stitch(graph, problems, chosen))
+        schedule, _ = emit(graph, rows)
+        sim = simulate(graph, schedule)
+        assert sim.valid, sim.errors  # emit is valid for any rows
+        tried.append({"margin_bytes": margin, "peak_bytes": sim.peak_bytes, "compute_s": sim.compute_s})
+        if sim.peak_bytes <= budget_bytes:
+            best = (schedule, sim.compute_s, sim.peak_bytes)
+            break
+        margin = max(2 * margin, margin + sim.peak_bytes - budget_bytes)  # outside bytes shifted: a wider margin
+    detail = {"blocks": len(problems), "block_classes": len(classes), "wanted_gap_bytes": wanted,
+              "block_nodes": [len(p.graph) - 1 for p in problems[:1]],
+              "curve": [{"gap_bytes": o.gap_bytes, "compute_s": o.compute_s, "status": o.status,
+                         "forward_peak_bytes": o.forward_peak_bytes, "backward_peak_bytes": o.backward_peak_bytes}
+                        for o in class_curve(curves)],
+              "repairs": tried}
+    wall_s = time.perf_counter() - started
+    if best is None:
+        return SolverResult("decompose", NO_SOLUTION, None, wall_s=wall_s, detail=detail,
+                            message="no combination of block options fits the budget (block inputs are always "
+                                    "kept; a budget this tight needs recomputing whole blocks)")
+    schedule, seconds, peak = best
+    detail["peak_bytes"] = peak
+    return SolverResult("decompose", FEASIBLE, schedule, objective_s=seconds, lower_bound_s=None, wall_s=wall_s,
+                        message=f"{len(problems)} blocks in {len(classes)} class(es), "
+                                f"{len(class_curve(curves))} options per block, combined by DP", detail=detail)
+
+
+def class_curve(curves: list[list[BlockOption]]) -> list[BlockOption]:
+    return curves[0] if curves else []
+
+

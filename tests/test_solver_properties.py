@@ -1,0 +1,196 @@
+"""Properties every solver must have, on random DAGs of at most 8 nodes, against exhaustive search
+(tests/bruteforce.py): the MILP finds the optimum; lp-round, cpsat and the block decomposition return valid
+schedules that fit and cost no less than it; every lower bound is at most it; the swept cost never rises."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from remat.graph import Graph
+from remat.plan import solve, sweep
+from remat.simulate import simulate
+from solvers.base import INFEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions
+from solvers.baselines import store_all
+from solvers.bounds import covering_bound
+from solvers.checkmate import lower_bound_lp, solve_checkmate
+from solvers.decompose import find_layout, solve_decompose
+from solvers.registry import solve_with
+from tests.bruteforce import cheapest_schedule
+from tests.graphs import make_graph
+
+EXACT = SolveOptions(mip_gap=1e-9, time_limit_s=60)
+FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def random_dags(draw, max_nodes: int = 8) -> Graph:
+    """Each node reads up to three earlier ones; a few outputs; some values free, some ops with workspace."""
+    n = draw(st.integers(2, max_nodes))
+    deps: list[list[int]] = [[]]
+    for i in range(1, n):
+        count = draw(st.integers(0 if i > 1 else 1, min(i, 3)))
+        deps.append(sorted(draw(st.sets(st.integers(0, i - 1), min_size=count, max_size=count))))
+    sizes = draw(st.lists(st.sampled_from([0, 1, 2, 3, 5, 8, 13]), min_size=n, max_size=n))
+    costs = draw(st.lists(st.sampled_from([0.1, 0.5, 1.0, 1.5, 2.0, 3.25, 5.0]), min_size=n, max_size=n))
+    outputs = sorted({n - 1} | draw(st.sets(st.integers(0, n - 1), max_size=2)))
+    graph = make_graph(deps, sizes, costs, outputs=outputs, fixed_bytes=draw(st.integers(0, 5)))
+    workspaces = draw(st.lists(st.sampled_from([0, 0, 0, 1, 4]), min_size=n, max_size=n))
+    nodes = tuple(dataclasses.replace(node, workspace_bytes=w) for node, w in zip(graph.nodes, workspaces, strict=True))
+    return dataclasses.replace(graph, nodes=nodes)
+
+
+@st.composite
+def block_graphs(draw) -> Graph:
+    """Two repeated blocks (module paths "layers.0", "layers.1") of one or two forward ops each, a loss, and each
+    block's backward (one or two ops reading the incoming gradient and the block's forward values): at most 8
+    nodes, the shape of a transformer's training step in miniature. Sizes and costs differ per node."""
+    forward_ops = draw(st.integers(1, 2))
+    backward_ops = draw(st.integers(1, 2)) if forward_ops == 1 else 1
+    deps: list[list[int]] = []
+    modules: list[str] = []
+    backward: list[bool] = []
+    block_forward: list[list[int]] = []
+    stream = None
+    for block in range(2):
+        members = []
+        for op in range(forward_ops):
+            reads = [stream] if stream is not None else []
+            if op and draw(st.booleans()):
+                reads = [len(deps) - 1] + reads
+            elif op:
+                reads = [len(deps) - 1]
+            deps.append(sorted(set(reads)))
+            modules.append(f"layers.{block}")
+            backward.append(False)
+            members.append(len(deps) - 1)
+        block_forward.append(members)
+        stream = members[-1]
+    deps.append([stream])  # the loss
+    modules.append("loss")
+    backward.append(True)
+    grad = len(deps) - 1
+    for block in reversed(range(2)):
+        for op in range(backward_ops):
+            saved = draw(st.sets(st.sampled_from(block_forward[block]), min_size=1, max_size=len(block_forward[block])))
+            reads = sorted({grad, *saved} | ({len(deps) - 1} if op else set()))
+            deps.append(reads)
+            modules.append(f"layers.{block}")
+            backward.append(True)
+        grad = len(deps) - 1
+    n = len(deps)
+    sizes = draw(st.lists(st.sampled_from([1, 2, 3, 5, 8]), min_size=n, max_size=n))
+    costs = draw(st.lists(st.sampled_from([0.5, 1.0, 2.0, 3.0]), min_size=n, max_size=n))
+    return make_graph(deps, sizes, costs, outputs=[forward_ops * 2, n - 1], backward=backward, modules=modules)
+
+
+def budget_between(graph: Graph, fraction: float) -> int:
+    low = graph.min_budget_lower_bound()
+    high = simulate(graph, store_all(graph, 0, SolveOptions()).schedule).peak_bytes
+    return low + round(fraction * max(0, high - low))
+
+
+@FAST
+@given(graph=random_dags(), fraction=st.floats(0.0, 1.0))
+def test_milp_equals_the_exhaustive_optimum(graph, fraction):
+    budget = budget_between(graph, fraction)
+    best = cheapest_schedule(graph, budget)
+    result = solve_checkmate(graph, budget, EXACT)
+    if best is None:
+        assert result.status == INFEASIBLE
+        return
+    assert result.status == OPTIMAL and result.objective_s == pytest.approx(best.compute_s, rel=1e-6)
+    assert simulate(graph, result.schedule).fits(budget)
+
+
+@FAST
+@given(graph=random_dags(), fraction=st.floats(0.0, 1.0))
+def test_lower_bounds_never_exceed_the_optimum(graph, fraction):
+    budget = budget_between(graph, fraction)
+    best = cheapest_schedule(graph, budget)
+    covering = covering_bound(graph, budget, SolveOptions(time_limit_s=10))
+    lp = lower_bound_lp(graph, budget)
+    if best is None:
+        return  # nothing to bound (an infeasible budget may or may not be proven so)
+    assert not covering.proven_infeasible
+    assert graph.compute_s - 1e-9 <= covering.lower_bound_s <= best.compute_s * (1 + 1e-9)
+    assert lp is not None and lp <= best.compute_s * (1 + 1e-6)
+
+
+@FAST
+@given(graph=random_dags(), fraction=st.floats(0.0, 1.0))
+def test_lp_rounding_is_valid_and_never_beats_the_optimum(graph, fraction):
+    budget = budget_between(graph, fraction)
+    best = cheapest_schedule(graph, budget)
+    result = solve_with("lp-round", graph, budget, SolveOptions(time_limit_s=10))
+    if result.schedule is None:
+        assert result.status in (INFEASIBLE, NO_SOLUTION)
+        return
+    sim = simulate(graph, result.schedule)
+    assert sim.fits(budget) and best is not None
+    assert sim.compute_s >= best.compute_s * (1 - 1e-9)
+    if result.lower_bound_s is not None:
+        assert result.lower_bound_s <= best.compute_s * (1 + 1e-6)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(graph=random_dags(), fraction=st.floats(0.0, 1.0))
+def test_cpsat_in_its_own_process_is_valid_and_never_beats_the_optimum(graph, fraction):
+    budget = budget_between(graph, fraction)
+    best = cheapest_schedule(graph, budget)
+    result = solve_with("cpsat", graph, budget, SolveOptions(time_limit_s=20))
+    if result.schedule is None:
+        assert result.status in (INFEASIBLE, NO_SOLUTION)
+        return
+    sim = simulate(graph, result.schedule)
+    assert sim.fits(budget) and best is not None
+    assert sim.compute_s >= best.compute_s * (1 - 1e-9)
+    if result.lower_bound_s is not None:
+        assert result.lower_bound_s <= best.compute_s * (1 + 1e-6)
+
+
+@FAST
+@given(graph=block_graphs(), fraction=st.floats(0.0, 1.0))
+def test_decomposition_is_valid_and_never_beats_the_optimum(graph, fraction):
+    assert find_layout(graph) is not None
+    budget = budget_between(graph, fraction)
+    best = cheapest_schedule(graph, budget)
+    result = solve_decompose(graph, budget, SolveOptions(time_limit_s=20))
+    if result.schedule is None:
+        assert result.status in (INFEASIBLE, NO_SOLUTION)
+        return
+    sim = simulate(graph, result.schedule)
+    assert sim.valid and sim.fits(budget) and best is not None
+    assert sim.compute_s == pytest.approx(result.objective_s)
+    assert sim.compute_s >= best.compute_s * (1 - 1e-9)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(graph=random_dags(max_nodes=7))
+def test_swept_cost_never_rises_and_matches_the_optimum(graph):
+    budgets = sorted({budget_between(graph, f) for f in (0.0, 0.3, 0.6, 1.0)})
+    plans = sweep(graph, budgets, time_limit_s=10)
+    costs = [p.compute_s for p in plans if p.schedule is not None]
+    assert all(later <= earlier + 1e-9 for earlier, later in zip(costs, costs[1:], strict=False))
+    for plan in plans:
+        best = cheapest_schedule(graph, plan.budget_bytes)
+        if best is None:
+            continue
+        assert plan.compute_s == pytest.approx(best.compute_s, rel=1e-6)  # whole-graph MILP: exact
+        assert plan.lower_bound_s is not None and plan.lower_bound_s <= best.compute_s * (1 + 1e-9)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(graph=block_graphs(), fraction=st.floats(0.0, 1.0))
+def test_decompose_by_name_in_the_planner_keeps_a_valid_bound(graph, fraction):
+    budget = budget_between(graph, fraction)
+    best = cheapest_schedule(graph, budget)
+    plan = solve(graph, budget, solver="decompose", time_limit_s=10)
+    if best is None or plan.schedule is None:
+        return
+    assert plan.simulation.fits(budget) and plan.compute_s >= best.compute_s * (1 - 1e-9)
+    assert plan.lower_bound_s is not None and plan.lower_bound_s <= best.compute_s * (1 + 1e-9)
+    assert plan.picked.startswith("decompose")
