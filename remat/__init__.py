@@ -13,7 +13,8 @@ from remat.units import format_bytes, parse_size
 
 # Loaded on first use: remat.plan imports the solvers (which import remat's data modules), and
 # remat.trace loads torch and transformers.
-_LAZY = {"Plan": "remat.plan", "solve": "remat.plan", "sweep": "remat.plan", "trace_model": "remat.trace"}
+_LAZY = {"Plan": "remat.plan", "solve": "remat.plan", "sweep": "remat.plan", "trace_model": "remat.trace",
+         "apply": "remat.apply", "RematModule": "remat.apply", "PlanError": "remat.apply"}
 
 
 def __getattr__(name: str):
@@ -24,5 +25,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'remat' has no attribute {name!r}")
 
 
-__all__ = ["FixedMemory", "Graph", "Node", "Plan", "Schedule", "Simulation", "format_bytes", "parse_size",
-           "simulate", "solve", "sweep", "trace_model"]
+__all__ = ["FixedMemory", "Graph", "Node", "Plan", "PlanError", "RematModule", "Schedule", "Simulation", "apply",
+           "format_bytes", "parse_size", "simulate", "solve", "sweep", "trace_model"]

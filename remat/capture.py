@@ -39,7 +39,7 @@ class CapturedStep:
     input_names: list[str]  # parameter / buffer name, or a description of the input
     tied_to: dict[str, str]  # parameter name -> the name of the parameter it shares storage with
     output_kinds: list[str]  # per joint output: "loss", "grad", "mutation" or "none"
-    output_names: list[str]  # parameter name for gradients
+    output_names: list[str]  # parameter name for gradients, buffer name for mutations
     precision: str
 
 
@@ -194,7 +194,8 @@ def _describe_output(desc: Any, value: Any) -> tuple[str, str]:
         return "grad", getattr(grad_of, "target", repr(grad_of))
     if kind == "PlainAOTOutput":
         return "loss", "loss"
-    return "mutation", repr(desc)
+    mutated = getattr(desc, "mutated_input", None)  # InputMutationAOTOutput: a buffer updated in place
+    return "mutation", getattr(mutated, "target", repr(desc))
 
 
 def tensor_bytes(value: Any) -> int:
@@ -250,3 +251,34 @@ def aliasing_input(node: torch.fx.Node) -> torch.fx.Node | None:
         if argument.alias_info is not None and argument.alias_info.before_set & alias_sets:
             return value if isinstance(value, torch.fx.Node) else None
     return None
+
+
+def compile_budget_saved(step: CapturedStep, activation_memory_budget: float) -> set[str]:
+    """Names of the joint-graph values that torch.compile's min-cut partitioner saves for the backward
+    under `torch._functorch.config.activation_memory_budget` (1.0: its default choice; 0.0: the least memory).
+
+    Runs the partitioner on a copy of the joint graph (fake tensors: no memory). The forward graph's
+    outputs after the real ones (loss, buffer updates) are the saved values; parameters and inputs
+    among them are fixed memory anyway.
+    """
+    import copy
+    import warnings
+
+    import torch._functorch.config as functorch_config
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # pytree's LeafSpec deprecation, raised while copying
+        joint = copy.deepcopy(step.joint)
+    fake_inputs = [node.meta.get("val") for node in joint.graph.find_nodes(op="placeholder")]
+    num_fwd_outputs = sum(kind in ("loss", "mutation") for kind in step.output_kinds)
+    with functorch_config.patch(activation_memory_budget=activation_memory_budget):
+        forward, _ = min_cut_rematerialization_partition(joint, fake_inputs, num_fwd_outputs=num_fwd_outputs)
+    outputs = forward.graph.find_nodes(op="output")[0].args[0]
+    return {value.name for value in outputs[num_fwd_outputs:] if isinstance(value, torch.fx.Node)}
+
+
+def fake_tensor_mode() -> contextlib.AbstractContextManager:
+    """A fake-tensor mode to enter several times, for captures that share one model built on fake tensors
+    (capture_fake builds and captures once): remat.split captures the split head from the unsplit step's model."""
+    return FakeTensorMode(allow_non_fake_inputs=False)

@@ -1,0 +1,275 @@
+"""remat.apply and remat.plan: the public API that runs a user's model with a planned schedule.
+
+    model = remat.apply(model, budget="16GB", example_inputs=(batch,))
+    loss = model(batch); loss.backward(); optimizer.step()
+
+`apply` wraps the model in a `RematModule`. For each input signature (shapes, dtypes, devices,
+train/eval) it traces the training step once, plans it for the budget (or takes a given plan,
+checked against the traced graph's hash), and builds the forward and backward graphs that run
+the schedule (remat/execute.py). The module's parameters are the user's own, so any optimizer
+works on `model.parameters()`; BatchNorm running statistics are written back to its buffers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from remat.capture import LossStep, capture_step
+from remat.cost import load_profile
+from remat.execute import ExecuteError, PartitionedStep, StepMemory, StepRunner, partition
+from remat.graph import Graph
+from remat.lower import lower
+from remat.plan import Plan, solve
+from remat.schedule import Schedule
+from remat.simulate import Simulation, simulate
+from remat.units import format_bytes, parse_size
+from solvers.base import INFEASIBLE, SolveOptions
+from solvers.baselines import store_all
+
+BACKENDS = ("eager", "inductor")
+
+
+class PlanError(ValueError):
+    """A plan cannot be used: infeasible budget, a plan file for another graph, a corrupted file."""
+
+
+@dataclass(frozen=True)
+class PlanFile:
+    """What `remat solve --out` writes and `remat.apply(model, plan=path)` reads."""
+
+    graph_hash: str
+    graph_meta: dict
+    budget_bytes: int
+    method: str
+    peak_bytes: int | None
+    schedule: Schedule
+
+    @classmethod
+    def load(cls, path: str | Path) -> PlanFile:
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise PlanError(f"plan file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise PlanError(f"plan file {path} is not valid JSON ({error}): is it a remat plan?") from None
+        return cls.from_json(data, str(path))
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = "the plan") -> PlanFile:
+        if not isinstance(data, dict) or data.get("format") != "remat-plan":
+            raise PlanError(f"{source} is not a remat plan (no \"format\": \"remat-plan\")")
+        if data.get("version") != 1:
+            raise PlanError(f"{source} has plan version {data.get('version')!r}; this remat reads version 1")
+        if data.get("schedule") is None:
+            raise PlanError(f"{source} holds no schedule: its budget was infeasible when it was made")
+        try:
+            schedule = Schedule.from_json(data["schedule"])
+            return cls(str(data["graph_hash"]), dict(data.get("graph_meta") or {}), int(data["budget_bytes"]),
+                       str(data.get("method", "")), data.get("peak_bytes"), schedule)
+        except (KeyError, TypeError, ValueError) as error:
+            raise PlanError(f"{source} is corrupted: {type(error).__name__}: {error}") from None
+
+
+def plan_from(source: Plan | PlanFile | str | Path) -> PlanFile:
+    if isinstance(source, PlanFile):
+        return source
+    if isinstance(source, Plan):
+        return PlanFile.from_json(source.to_json(), "the plan")
+    return PlanFile.load(source)
+
+
+def check_plan(plan: PlanFile, graph: Graph) -> Simulation:
+    """The plan's schedule must be for this very graph; returns its simulation on it."""
+    if plan.graph_hash != graph.content_hash:
+        made_for = ", ".join(f"{k}={v}" for k, v in plan.graph_meta.items()
+                             if k in ("model", "batch", "seq", "precision", "optimizer")) or "unknown"
+        raise PlanError(
+            f"the plan was made for another graph (hash {plan.graph_hash}: {made_for}); this model and these inputs "
+            f"trace to {graph.content_hash} ({len(graph)} nodes): the model, the input shapes, the precision or the "
+            "optimizer differ. Plan again for this model (remat.apply with a budget, or remat solve).")
+    simulation = simulate(graph, plan.schedule)
+    if not simulation.valid:
+        raise PlanError(f"the plan's schedule is not valid for this graph: {simulation.errors[0]}")
+    return simulation
+
+
+@dataclass
+class PreparedStep:
+    """One input signature's traced step, its plan, and the runner that executes it."""
+
+    graph: Graph
+    plan: PlanFile
+    simulation: Simulation  # the simulator's verdict on the plan: planned peak and seconds
+    parts: PartitionedStep
+    runner: StepRunner
+    solved: Plan | None  # the solver's full result when the plan was made here
+
+
+class RematModule(nn.Module):
+    """The user's module, run with a planned schedule. `forward(*inputs)` returns the loss."""
+
+    def __init__(self, model: nn.Module, budget: str | int | float | None, *, loss_fn: Callable | None,
+                 precision: str, solver: str, device: str | None, optimizer: str, time_limit: float,
+                 plan: Plan | PlanFile | str | Path | None, backend: str,
+                 progress: Callable[[str], None] | None):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        if budget is None and plan is None:
+            raise ValueError("give a budget (e.g. budget=\"16GB\") or a plan")
+        self.model = model
+        self.budget = budget
+        self.loss_fn = loss_fn
+        self.precision = precision
+        self.solver = solver
+        self.device = device
+        self.optimizer = optimizer
+        self.time_limit = time_limit
+        self.given_plan = plan_from(plan) if plan is not None else None  # a bad file fails here, before any trace
+        self.backend = backend
+        self.progress = progress
+        self.steps: dict[tuple, PreparedStep] = {}
+
+    def forward(self, *inputs: Any) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return LossStep(self.model, self.loss_fn, self.precision)(*inputs)  # evaluation: nothing to plan
+        step = self.prepare(*inputs)
+        return step.runner.loss(self._primals(step.parts, inputs))
+
+    def prepare(self, *inputs: Any) -> PreparedStep:
+        """Trace, plan and partition the step for inputs of this signature (cached)."""
+        key = _signature(self.model, inputs)
+        if key not in self.steps:
+            self.steps[key] = self._prepare(inputs)
+        return self.steps[key]
+
+    def measure(self, *inputs: Any) -> tuple[torch.Tensor, StepMemory]:
+        """Run forward and backward once while counting live bytes; returns the loss and the memory."""
+        step = self.prepare(*inputs)
+        with step.runner.measuring() as memory:
+            loss = self(*inputs)
+            loss.backward()
+        return loss.detach(), memory
+
+    @property
+    def planned(self) -> PreparedStep:
+        """The most recently prepared step (for reports: plan, simulation, graph)."""
+        if not self.steps:
+            raise RuntimeError("no step prepared yet: call the module, or pass example_inputs to remat.apply")
+        return next(reversed(self.steps.values()))
+
+    def _prepare(self, inputs: Sequence[Any]) -> PreparedStep:
+        say = self.progress or (lambda message: None)
+        say("tracing the training step")
+        graph, captured = trace_step(self.model, inputs, self.loss_fn, self.precision, self.device, self.optimizer)
+        solved = None
+        if self.given_plan is not None:
+            plan = self.given_plan
+            simulation = check_plan(plan, graph)
+        else:
+            say(f"planning {len(graph)} nodes")
+            solved = plan_graph(graph, self.budget, self.solver, self.time_limit)
+            plan = plan_from(solved)
+            simulation = solved.simulation
+        say("building the forward and backward graphs")
+        try:
+            parts = partition(captured, graph, plan.schedule)
+        except ExecuteError as error:
+            raise PlanError(f"the plan cannot run on this model: {error}") from None
+        return PreparedStep(graph, plan, simulation, parts, StepRunner(parts, graph, self.backend), solved)
+
+    def _primals(self, parts: PartitionedStep, inputs: Sequence[Any]) -> list[Any]:
+        """The graphs' primal inputs from the live module: its parameters (so that autograd hands
+        them their gradients), its buffers (updated in place), then the call's inputs."""
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        buffers = dict(self.model.named_buffers(remove_duplicate=False))
+        user = iter(inputs)
+        values = []
+        for kind, name in zip(parts.primal_kinds, parts.primal_names, strict=True):
+            key = name.removeprefix("model.")  # capture wraps the model in LossStep
+            values.append(params[key] if kind == "param" else buffers[key] if kind == "buffer" else next(user))
+        return values
+
+
+def _signature(model: nn.Module, inputs: Sequence[Any]) -> tuple:
+    def describe(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return ("tensor", tuple(value.shape), value.dtype, value.device.type, value.requires_grad)
+        return ("value", repr(value))
+
+    return (model.training, torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"),
+            *(describe(v) for v in inputs))
+
+
+def default_device_profile(model: nn.Module) -> str:
+    """The cost profile for where the model lives: the GPU's own when known, else h100; cpu on CPU."""
+    first = next(model.parameters(), None)
+    if first is None or first.device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(first.device).lower()
+    return next((p for p in ("h100", "a100", "v100") if p in name), "h100")
+
+
+def trace_step(model: nn.Module, inputs: Sequence[Any], loss_fn: Callable | None = None, precision: str = "fp32",
+               device: str | None = None, optimizer: str = "adamw"):
+    """The user's model -> (Graph, CapturedStep), without touching its parameters or the RNG."""
+    profile = load_profile(device or default_device_profile(model))
+    with torch.random.fork_rng(devices=[]):
+        captured = capture_step(model, tuple(inputs), loss_fn, precision)
+    meta = {"model": type(model).__name__, "precision": precision, "device": profile.name,
+            "inputs": [list(v.shape) if isinstance(v, torch.Tensor) else repr(v) for v in inputs]}
+    return lower(captured, profile, optimizer=optimizer, meta=meta), captured
+
+
+def plan_graph(graph: Graph, budget: str | int | float, solver: str = "auto", time_limit: float = 60.0) -> Plan:
+    """Solve `graph` for `budget` (bytes, "16GB", or "60%" of the store-all peak); infeasible -> PlanError."""
+    store_all_peak = simulate(graph, store_all(graph, 0, SolveOptions()).schedule).peak_bytes
+    budget_bytes = parse_size(budget, reference_bytes=store_all_peak)
+    result = solve(graph, budget_bytes, solver=solver, time_limit_s=time_limit)
+    if result.status == INFEASIBLE or result.schedule is None:
+        lowest = result.min_feasible_bytes
+        raise PlanError(
+            f"no schedule fits a budget of {format_bytes(budget_bytes)} ({budget_bytes} bytes): the minimum feasible "
+            f"budget found for this model and input is {format_bytes(lowest)} ({lowest} bytes); fixed memory "
+            f"(parameters, gradients, optimizer state, inputs) alone is {format_bytes(graph.fixed.total_bytes)}")
+    return result
+
+
+def apply(model: nn.Module, budget: str | int | float | None = None, example_inputs: Sequence[Any] | None = None,
+          *, solver: str = "auto", device: str | None = None, time_limit: float = 60.0,
+          plan: Plan | PlanFile | str | Path | None = None, backend: str = "eager", loss_fn: Callable | None = None,
+          precision: str = "fp32", optimizer: str = "adamw",
+          progress: Callable[[str], None] | None = None) -> RematModule:
+    """Wrap `model` so that its training step runs a schedule that fits `budget`.
+
+    budget: the whole memory of the step (parameters, gradients, optimizer state, inputs,
+        activations): bytes, "16GB", "16GiB", or "60%" of the store-all peak.
+    example_inputs: plan now (errors surface here, and the first step is not slowed); without
+        them the plan is made at the first call, and again for each new input signature.
+    plan: a Plan, or a plan file written by `remat solve --out`; refused if the model traces to
+        another graph. device: the cost profile (h100, a100, cpu, a JSON file); default: where
+        the model is. precision: "fp32" or "bf16-mixed" (autocast inside the planned graphs).
+    optimizer: whose state the budget must hold (adamw, adam, sgd-momentum, sgd, none).
+    The returned module's forward returns the loss (the model's output, or `loss_fn(output)`).
+    """
+    module = RematModule(model, budget, loss_fn=loss_fn, precision=precision, solver=solver, device=device,
+                         optimizer=optimizer, time_limit=time_limit, plan=plan, backend=backend, progress=progress)
+    if example_inputs is not None:
+        module.prepare(*example_inputs)
+    return module
+
+
+def plan(model: nn.Module, example_inputs: Sequence[Any], budget: str | int | float, *, solver: str = "auto",
+         device: str | None = None, time_limit: float = 60.0, loss_fn: Callable | None = None,
+         precision: str = "fp32", optimizer: str = "adamw") -> Plan:
+    """The plan (schedule + simulated figures) for `model` on `example_inputs`; `.save(path)` writes a
+    plan file that `remat.apply(model, plan=path)` runs."""
+    graph, _ = trace_step(model, example_inputs, loss_fn, precision, device, optimizer)
+    return plan_graph(graph, budget, solver, time_limit)

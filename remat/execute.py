@@ -1,0 +1,421 @@
+"""Schedule -> forward and backward FX GraphModules that save, free and recompute exactly as planned.
+
+This module and remat/capture.py are the only homes of private torch APIs.
+
+`partition(step, graph, schedule)` cuts the schedule's instruction list where the first backward
+node is computed and interprets each part into an FX graph, node by node, the same way
+remat/replay.py interprets it on real tensors:
+  - compute(i) copies the FX nodes of Graph node i (the storage owner, then the views folded into
+    it) into the graph being built; a node computed three times is copied three times;
+  - free(i) forgets the copies, so a later read of i must come from a recomputation (an
+    `ExecuteError` otherwise). FX's code generator deletes a value right after its last read,
+    which is never later than the planned free;
+  - the forward returns the loss, the buffer updates it computed, and then exactly the values
+    the schedule holds at the cut: the saved tensors;
+  - the backward takes the saved tensors, the RNG states of random ops it recomputes, every
+    primal (parameters, buffers, inputs: fixed memory, no copy) and the loss tangent, and
+    returns the gradients (and any buffer update computed after the cut).
+Random ops (dropout) that the schedule computes more than once run first through
+`run_and_save_rng_state` and are recomputed with `run_with_rng_state`, so every copy draws the
+same mask, and the generator advances as in a run without recomputation.
+
+Both graphs use the boxed calling convention: they take one list and clear it, so a saved tensor
+is freed after its last read in the backward, not when the step ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+from torch._prims.rng_prims import run_and_save_rng_state, run_with_rng_state
+
+from remat.capture import CapturedStep
+from remat.graph import Graph
+from remat.schedule import COMPUTE, FREE, Schedule
+
+
+class ExecuteError(RuntimeError):
+    """The schedule cannot be turned into forward and backward graphs; the message says where and why."""
+
+
+@dataclass
+class PartitionedStep:
+    """The planned training step as two graphs, and what their inputs and outputs are."""
+
+    forward: torch.fx.GraphModule  # [*primals] -> (loss, *forward_mutations, *saved, *rng_states)
+    backward: torch.fx.GraphModule  # [*saved, *rng_states, *primals, tangent] -> (*grads, *backward_mutations)
+    primal_kinds: list[str]  # per primal: "param", "buffer" or "input" (the joint placeholders but the tangent)
+    primal_names: list[str]
+    forward_mutations: list[str]  # buffer names updated by the forward's outputs 1..
+    backward_mutations: list[str]  # buffer names updated by the backward's outputs after the grads
+    grad_names: list[str]  # parameter name of each gradient the backward returns
+    saved_names: list[str]  # joint FX names of the saved tensors
+    rng_names: list[str]  # joint FX names of the random ops recomputed in the backward
+    tangent: Any  # a fake (meta) tensor: the loss tangent's shape and dtype
+    # Per FX node name of either graph: the Graph node it computes (for memory accounting).
+    graph_node_of: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def num_saved(self) -> int:
+        return len(self.saved_names)
+
+
+def is_random(fx_node: torch.fx.Node) -> bool:
+    return torch.Tag.nondeterministic_seeded in getattr(fx_node.target, "tags", ())
+
+
+def first_backward_position(graph: Graph, schedule: Schedule) -> int:
+    """Index of the first instruction that computes a backward node (len(ops) if none)."""
+    for position, op in enumerate(schedule.ops):
+        if op.kind == COMPUTE and graph.nodes[op.node].is_backward:
+            return position
+    return len(schedule.ops)
+
+
+def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> PartitionedStep:
+    """Forward and backward GraphModules that run `schedule` on `step`'s joint graph (module docstring)."""
+    joint = step.joint.graph
+    if schedule.num_nodes != len(graph):
+        raise ExecuteError(f"the schedule is for {schedule.num_nodes} nodes, the graph has {len(graph)}")
+    by_name = {n.name: n for n in joint.nodes}
+    node_of: dict[str, int] = {}
+    for index, node in enumerate(graph.nodes):
+        for name in node.fx_nodes or (node.name,):
+            if name not in by_name:
+                raise ExecuteError(f"graph node {index} ({node.name}) names FX node {name!r}, not in the traced "
+                                   "step: the plan was made for another graph")
+            node_of[name] = index
+    placeholders = list(joint.find_nodes(op="placeholder"))
+    tangents = [p for p, kind in zip(placeholders, step.input_kinds, strict=True) if kind == "tangent"]
+    if len(tangents) != 1:
+        raise ExecuteError(f"the traced step has {len(tangents)} loss tangents; remat runs steps with one loss")
+    tangent = tangents[0]
+    primals = [p for p in placeholders if p is not tangent]
+    primal_info = [(kind, name) for p, kind, name in zip(placeholders, step.input_kinds, step.input_names,
+                                                         strict=True) if p is not tangent]
+    # FX nodes in no Graph node: views of placeholders, symbolic sizes. Copied where they are read.
+    side = {n.name for n in joint.nodes if n.op not in ("placeholder", "output") and n.name not in node_of}
+
+    output_values = joint.find_nodes(op="output")[0].args[0]
+    outputs = [(value.name, kind, name) for value, kind, name in
+               zip(output_values, step.output_kinds, step.output_names, strict=True)
+               if kind in ("loss", "grad", "mutation") and isinstance(value, torch.fx.Node)]
+    counts = schedule.compute_counts()
+    replayed = {name for name, index in node_of.items() if counts[index] > 1 and is_random(by_name[name])}
+    cut = first_backward_position(graph, schedule)
+
+    graph_node_of: dict[str, int] = {}
+    first_copy: dict[str, torch.fx.Node] = {}  # joint name -> its first copy, for the outputs
+    rng_state: dict[str, torch.fx.Node] = {}  # joint name of a random op -> its saved RNG state
+
+    def build(target: torch.fx.Graph, ops, current: dict[str, torch.fx.Node], part: str) -> None:
+        def lookup(joint_node: torch.fx.Node, reader: str) -> torch.fx.Node:
+            name = joint_node.name
+            if name in current:
+                return current[name]
+            if name in side:
+                current[name] = target.node_copy(joint_node, lambda x: lookup(x, reader))
+                return current[name]
+            owner = node_of.get(name)
+            held = f"graph node {owner} ({graph.nodes[owner].name})" if owner is not None else "no graph node"
+            raise ExecuteError(f"{reader}: reads {name}, held by {held}, which is not in memory at that point")
+
+        for position, op in ops:
+            node = graph.nodes[op.node]
+            names = node.fx_nodes or (node.name,)
+            if op.kind == FREE:
+                for name in names:
+                    current.pop(name, None)
+                continue
+            if op.kind != COMPUTE:
+                raise ExecuteError(f"instruction {position}: unknown kind {op.kind!r}")
+            reader = f"{part} instruction {position}: compute({op.node}) {node.name}"
+            for name in names:
+                copy = _copy(target, by_name[name], lambda x, r=reader: lookup(x, r), name in replayed,
+                             rng_state, current)
+                current[name] = copy
+                graph_node_of[copy.name] = op.node
+                first_copy.setdefault(name, copy)
+
+    # Forward: the instructions before the cut.
+    forward = torch.fx.Graph()
+    current: dict[str, torch.fx.Node] = {}
+    for p in primals:
+        current[p.name] = _placeholder(forward, p)
+    build(forward, list(enumerate(schedule.ops))[:cut], current, "forward")
+    loss = [name for name, kind, _ in outputs if kind == "loss"]
+    if len(loss) != 1 or loss[0] not in first_copy:
+        raise ExecuteError("the schedule does not compute the loss before the first backward op")
+    forward_mutations = [(name, buffer) for name, kind, buffer in outputs if kind == "mutation" and name in first_copy]
+    live_at_cut = _live_after(schedule, cut)
+    saved_names = [name for index in live_at_cut for name in (graph.nodes[index].fx_nodes or (graph.nodes[index].name,))
+                   if name in current]
+    forward_values = dict(current)
+    forward_rng = dict(rng_state)
+
+    # Backward: the saved values, RNG states, primals and tangent in; the rest of the schedule.
+    backward = torch.fx.Graph()
+    current = {}
+    saved = {name: _placeholder(backward, by_name[name], f"saved_{name}") for name in saved_names}
+    current.update(saved)
+    rng_inputs = {name: backward.placeholder(f"rng_state_{name}") for name in forward_rng}
+    rng_state.update(rng_inputs)
+    for p in primals:
+        current[p.name] = _placeholder(backward, p)
+    current[tangent.name] = _placeholder(backward, tangent)
+    build(backward, list(enumerate(schedule.ops))[cut:], current, "backward")
+    grads = [(name, parameter) for name, kind, parameter in outputs if kind == "grad"]
+    missing = [name for name, _ in grads if name not in first_copy and name not in side]
+    if missing:
+        raise ExecuteError(f"the schedule never computes the gradient(s) {', '.join(missing[:3])}")
+    grad_values = [first_copy[name] if name in first_copy else
+                   backward.node_copy(by_name[name], lambda x: current[x.name]) for name, _ in grads]
+    backward_mutations = [(name, buffer) for name, kind, buffer in outputs
+                          if kind == "mutation" and name not in {n for n, _ in forward_mutations}]
+    for name, _ in backward_mutations:
+        if name not in first_copy:
+            raise ExecuteError(f"the schedule never computes the buffer update {name}")
+    backward.output((*grad_values, *(first_copy[name] for name, _ in backward_mutations)))
+
+    # Save only what the backward reads: an unread input would stay alive for the whole backward.
+    saved_names = [name for name in saved_names if _used(backward, saved[name])]
+    rng_names = [name for name in forward_rng if _used(backward, rng_inputs[name])]
+    forward.output((first_copy[loss[0]], *(first_copy[name] for name, _ in forward_mutations),
+                    *(forward_values[name] for name in saved_names), *(forward_rng[name] for name in rng_names)))
+
+    return PartitionedStep(
+        forward=_module(step.joint, forward),
+        backward=_module(step.joint, backward),
+        primal_kinds=[kind for kind, _ in primal_info],
+        primal_names=[name for _, name in primal_info],
+        forward_mutations=[buffer for _, buffer in forward_mutations],
+        backward_mutations=[buffer for _, buffer in backward_mutations],
+        grad_names=[parameter for _, parameter in grads],
+        saved_names=saved_names,
+        rng_names=rng_names,
+        tangent=tangent.meta.get("val"),
+        graph_node_of=graph_node_of,
+    )
+
+
+def _copy(target: torch.fx.Graph, joint_node: torch.fx.Node, lookup, replayed: bool,
+          rng_state: dict[str, torch.fx.Node], current: dict[str, torch.fx.Node]) -> torch.fx.Node:
+    """Copy one joint FX node; a random op that runs more than once saves or reuses its RNG state."""
+    if not replayed:
+        return target.node_copy(joint_node, lookup)
+    args, kwargs = torch.fx.node.map_arg((joint_node.args, joint_node.kwargs), lookup)
+    name = joint_node.name
+    if name not in rng_state:  # first run: remember the generator state it starts from
+        both = target.call_function(run_and_save_rng_state, (joint_node.target, *args), kwargs)
+        rng_state[name] = target.call_function(operator.getitem, (both, 0))
+        value = target.call_function(operator.getitem, (both, 1))
+    else:
+        value = target.call_function(run_with_rng_state, (rng_state[name], joint_node.target, *args), kwargs)
+    value.meta = dict(joint_node.meta)
+    return value
+
+
+def _used(graph: torch.fx.Graph, placeholder: torch.fx.Node) -> bool:
+    """Whether a placeholder is read; an unread one is removed."""
+    if placeholder.users:
+        return True
+    graph.erase_node(placeholder)
+    return False
+
+
+def _placeholder(target: torch.fx.Graph, joint_node: torch.fx.Node, name: str | None = None) -> torch.fx.Node:
+    node = target.placeholder(name or joint_node.name)
+    node.meta = dict(joint_node.meta)
+    return node
+
+
+def _live_after(schedule: Schedule, position: int) -> list[int]:
+    """Graph nodes in memory after the first `position` instructions, in the order they were computed."""
+    live: dict[int, None] = {}
+    for op in schedule.ops[:position]:
+        if op.kind == COMPUTE:
+            live[op.node] = None
+        else:
+            live.pop(op.node, None)
+    return list(live)
+
+
+def _module(root: torch.fx.GraphModule, graph: torch.fx.Graph) -> torch.fx.GraphModule:
+    """A GraphModule with the boxed calling convention: it takes one list of inputs and clears it."""
+    graph.set_codegen(torch.fx.graph._BoxedCodeGen())
+    graph.eliminate_dead_code()  # e.g. the unused outputs of a multi-output op copied for one of them
+    graph.lint()
+    module = torch.fx.GraphModule(root, graph)
+    return module
+
+
+# --- running the two graphs ------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def no_autocast():
+    """The graphs already hold autocast's casts: a surrounding autocast must not cast again."""
+    with contextlib.ExitStack() as stack:
+        for device_type in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
+
+
+@dataclass
+class StepMemory:
+    """Bytes measured while the two graphs ran, comparable with `simulate(graph, schedule)`.
+
+    Counted: the distinct storages of the values the graphs hold (FX's interpreter frees a value
+    after its last read, as the generated code does), measured after each op with its inputs still
+    held. Not counted, like the simulator: primals (parameters, buffers, inputs, tangent: fixed
+    memory) and gradients (fixed gradient memory). RNG states saved for replayed random ops are
+    counted apart: the plan does not know them.
+    """
+
+    peak_live_bytes: int = 0  # activations only: compare with Simulation.activation_peak_bytes
+    peak_bytes: int = 0  # peak_live_bytes + the graph's fixed memory: compare with Simulation.peak_bytes
+    rng_state_bytes: int = 0
+
+
+class StepRunner:
+    """Runs a PartitionedStep as one autograd op: `StepRunner.loss(primals)` returns the loss, and
+    `loss.backward()` runs the planned backward and hands each parameter its gradient."""
+
+    def __init__(self, parts: PartitionedStep, graph: Graph, backend: str = "eager"):
+        self.parts = parts
+        self.graph = graph
+        self.backend = backend
+        self.run_forward = parts.forward
+        self.run_backward = parts.backward
+        if backend == "inductor":
+            self.run_forward, self.run_backward = compile_inductor(parts)
+        elif backend != "eager":
+            raise ValueError(f"unknown backend {backend!r}: choose eager or inductor")
+        self.memory: StepMemory | None = None  # set by `measuring()`: run through the counting interpreter
+        self._zero_byte = {i for i in graph.outputs if graph.nodes[i].output_bytes == 0}  # gradients
+
+    def loss(self, primals: list[Any]) -> torch.Tensor:
+        return _PlannedStep.apply(self, *primals)
+
+    @contextlib.contextmanager
+    def measuring(self):
+        """Run the steps inside this block through an interpreter that counts live bytes."""
+        self.memory = StepMemory()
+        try:
+            yield self.memory
+        finally:
+            memory, self.memory = self.memory, None
+            memory.peak_bytes = memory.peak_live_bytes + self.graph.fixed.total_bytes
+
+    def _call(self, module: torch.fx.GraphModule, compiled: Any, values: list[Any], counted: int = 0) -> list[Any]:
+        """Run one graph on `values` (a list it clears). When measuring, the first `counted` values
+        (the saved tensors) are activations; the others are primals, RNG states or the tangent."""
+        with no_autocast(), torch.no_grad():
+            if self.memory is None:
+                return list(compiled(values))
+            excluded = {t.untyped_storage().data_ptr() for v in values[counted:] for t in _tensors(v)}
+            interpreter = _CountingInterpreter(module, self, excluded)
+            outputs = interpreter.run(*values, enable_io_processing=False)
+            values.clear()
+            return list(outputs)
+
+
+class _PlannedStep(torch.autograd.Function):
+    """forward: the planned forward graph; backward: the planned backward graph."""
+
+    @staticmethod
+    def forward(ctx, runner: StepRunner, *primals: Any) -> torch.Tensor:
+        parts = runner.parts
+        outputs = runner._call(parts.forward, runner.run_forward, list(primals))
+        loss, mutations = outputs[0], outputs[1:1 + len(parts.forward_mutations)]
+        _write_buffers(parts, primals, parts.forward_mutations, mutations)
+        ctx.runner = runner
+        ctx.saved = outputs[1 + len(parts.forward_mutations):]  # saved tensors, then RNG states
+        # Primals are parameters, buffers and inputs: persistent memory, held by reference.
+        ctx.primals = [p.detach() if isinstance(p, torch.Tensor) else p for p in primals]
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        runner, parts = ctx.runner, ctx.runner.parts
+        values = [*ctx.saved, *ctx.primals, grad_loss]
+        primals = ctx.primals
+        ctx.saved = ctx.primals = None  # the backward graph clears `values`: saved tensors die at their last read
+        outputs = runner._call(parts.backward, runner.run_backward, values, counted=len(parts.saved_names))
+        grads = dict(zip(parts.grad_names, outputs, strict=False))
+        _write_buffers(parts, primals, parts.backward_mutations, outputs[len(parts.grad_names):])
+        per_primal = [grads.get(name) if kind == "param" else None
+                      for kind, name in zip(parts.primal_kinds, parts.primal_names, strict=True)]
+        return (None, *per_primal)
+
+
+def _write_buffers(parts: PartitionedStep, primals, names: list[str], values: list[Any]) -> None:
+    """Buffer updates (BatchNorm running statistics) go back into the module's buffers."""
+    if not names:
+        return
+    index = {name: i for i, (kind, name) in enumerate(zip(parts.primal_kinds, parts.primal_names, strict=True))
+             if kind == "buffer"}
+    with torch.no_grad():
+        for name, value in zip(names, values, strict=True):
+            primals[index[name]].copy_(value)
+
+
+def _tensors(value: Any):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+
+
+class _CountingInterpreter(torch.fx.Interpreter):
+    """Runs a graph node by node and records the peak bytes of the storages its live values hold."""
+
+    def __init__(self, module: torch.fx.GraphModule, runner: StepRunner, excluded: set[int]):
+        super().__init__(module)
+        self.runner = runner
+        self.excluded = excluded
+
+    def run_node(self, node: torch.fx.Node) -> Any:
+        result = super().run_node(node)
+        memory = self.runner.memory
+        if node.op == "placeholder":
+            if node.name.startswith("rng_state_"):
+                self._exclude(result, memory)
+            return result
+        if node.target is run_and_save_rng_state:
+            self._exclude(result[0], memory)
+        index = self.runner.parts.graph_node_of.get(node.name)
+        if index in self.runner._zero_byte:
+            self.excluded.update(t.untyped_storage().data_ptr() for t in _tensors(result))
+        held: dict[int, int] = {}
+        for value in (*self.env.values(), result):
+            for tensor in _tensors(value):
+                storage = tensor.untyped_storage()
+                if storage.data_ptr() not in self.excluded:
+                    held[storage.data_ptr()] = storage.nbytes()
+        memory.peak_live_bytes = max(memory.peak_live_bytes, sum(held.values()))
+        return result
+
+    def _exclude(self, value: Any, memory: StepMemory) -> None:
+        for tensor in _tensors(value):
+            if tensor.untyped_storage().data_ptr() not in self.excluded:
+                self.excluded.add(tensor.untyped_storage().data_ptr())
+                memory.rng_state_bytes += tensor.untyped_storage().nbytes()
+
+
+def compile_inductor(parts: PartitionedStep):
+    """Both graphs compiled by Inductor (which may reorder and fuse: measure its memory, don't assume it)."""
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    compiled = []
+    for module in (parts.forward, parts.backward):
+        example = [n.meta.get("val") for n in module.graph.find_nodes(op="placeholder")]
+        compiled.append(compile_fx_inner(module, example))
+    return compiled[0], compiled[1]

@@ -1,0 +1,304 @@
+"""remat.apply: the planned step gives eager's loss, gradients and buffer updates, bit for bit in float64,
+and holds the bytes the simulator planned, for budgets from store-all down to the minimum feasible."""
+
+import copy
+import json
+from functools import cache
+
+import pytest
+import torch
+from torch import nn
+
+import remat
+from remat.apply import PlanError, apply, plan_graph, trace_step
+from remat.capture import LossStep
+from remat.models import UNet, build_model
+from remat.plan import solve
+from tests.test_capture_lower import TiedNet
+from tests.test_replay import ConvNet, DropoutNet
+
+TIME_LIMIT = 5.0  # seconds per plan: the graphs here have 20 to 400 nodes
+
+
+class InPlaceNet(nn.Module):
+    """In-place activations and an in-place add on an activation (functionalised by the capture)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.l3 = nn.Linear(12, 24), nn.Linear(24, 24), nn.Linear(24, 1)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        h = self.act(self.l1(x))
+        h2 = self.l2(h)
+        h2.add_(h).mul_(0.5)
+        return self.l3(torch.tanh_(h2)).pow(2).mean()
+
+
+def _mlp():
+    torch.manual_seed(0)
+    layers = [m for _ in range(4) for m in (nn.Linear(16, 16), nn.Tanh())]
+    return nn.Sequential(*layers, nn.Linear(16, 1)).double(), (torch.randn(8, 16, dtype=torch.float64),)
+
+
+def _tied():
+    torch.manual_seed(0)
+    return TiedNet().double(), (torch.randint(0, 64, (4, 8)),)
+
+
+def _conv_bn():
+    torch.manual_seed(0)
+    return ConvNet().double(), (torch.randn(2, 3, 8, 8, dtype=torch.float64),)
+
+
+def _dropout():
+    torch.manual_seed(0)
+    return DropoutNet().double(), (torch.randn(8, 8, dtype=torch.float64),)
+
+
+def _inplace():
+    torch.manual_seed(0)
+    return InPlaceNet().double(), (torch.randn(6, 12, dtype=torch.float64),)
+
+
+def _gpt2():
+    torch.manual_seed(0)
+    spec = build_model("gpt2-tiny", batch=2, seq=16)
+    return spec.model.double(), spec.example_inputs
+
+
+def _unet():
+    torch.manual_seed(0)
+    images = torch.randn(1, 3, 16, 16, dtype=torch.float64)
+    labels = torch.randint(0, 2, (1, 16, 16))
+    return UNet(base=4, depth=2).double(), (images, labels)
+
+
+MODELS = {"mlp": _mlp, "tied": _tied, "conv-bn": _conv_bn, "dropout": _dropout, "inplace": _inplace,
+          "gpt2-tiny": _gpt2, "unet": _unet}
+
+
+@cache
+def _range(name: str) -> tuple[int, int]:
+    """(minimum feasible, store-all) peak bytes of the model's step."""
+    model, inputs = MODELS[name]()
+    graph, _ = trace_step(model, inputs, device="cpu")
+    lowest = solve(graph, 1, time_limit_s=TIME_LIMIT)
+    return lowest.min_feasible_bytes, lowest.store_all.peak_bytes
+
+
+def _eager(name: str, seed: int = 1):
+    model, inputs = MODELS[name]()
+    torch.manual_seed(seed)
+    loss = LossStep(model, None, "fp32")(*inputs)
+    loss.backward()
+    return model, loss
+
+
+# The lowest budget (most recomputation) for every model runs by default; the whole matrix with -m slow.
+FAST_CASES = {(name, 0.0) for name in MODELS if name not in ("mlp", "unet")}
+CASES = [pytest.param(name, fraction, marks=() if (name, fraction) in FAST_CASES else pytest.mark.slow)
+         for name in MODELS for fraction in (1.0, 0.5, 0.0)]
+
+
+@pytest.mark.parametrize("name, fraction", CASES)
+def test_planned_step_equals_eager_and_holds_the_planned_bytes(name, fraction):
+    lowest, store_all = _range(name)
+    budget = int(lowest + fraction * (store_all - lowest))
+    reference, reference_loss = _eager(name)
+    model, inputs = MODELS[name]()
+    planned = apply(model, budget=budget, example_inputs=inputs, device="cpu", time_limit=TIME_LIMIT)
+    step = planned.planned
+    assert step.simulation.peak_bytes <= budget
+    if fraction < 1.0 and store_all > lowest:
+        assert step.plan.schedule.recomputed_nodes(), "a budget below store-all must recompute something"
+
+    torch.manual_seed(1)
+    loss, memory = planned.measure(*inputs)
+
+    assert torch.equal(loss, reference_loss.detach())
+    for (pname, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), pname
+    for (bname, b), c in zip(model.named_buffers(), reference.buffers(), strict=True):
+        assert torch.equal(b, c), bname
+    # The run frees each value at its last read, so it never holds more than planned. The planner
+    # counts all outputs of a multi-output op (BatchNorm's output with its saved statistics) as one
+    # value; the run frees the output while the statistics stay: that is the only gap allowed.
+    planned_bytes = step.simulation.activation_peak_bytes
+    assert memory.peak_live_bytes <= planned_bytes
+    assert memory.peak_live_bytes >= planned_bytes - _multi_output_slack(step.graph)
+    assert (memory.rng_state_bytes > 0) == bool(step.parts.rng_names)  # random ops recomputed: states kept
+
+
+def _multi_output_slack(graph) -> int:
+    """Bytes the simulator may over-count: the largest multi-output op's storage, per op that has one."""
+    multi = [n.output_bytes for n in graph.nodes if any(name.startswith("getitem") for name in n.fx_nodes)]
+    return sum(multi)
+
+
+def test_exact_memory_on_single_output_chains():
+    """Where no op has several outputs, the measured peak equals the planned one to the byte."""
+    lowest, store_all = _range("mlp")
+    for budget in (store_all, lowest):
+        model, inputs = _mlp()
+        planned = apply(model, budget=budget, example_inputs=inputs, device="cpu", time_limit=TIME_LIMIT)
+        _, memory = planned.measure(*inputs)
+        assert memory.peak_live_bytes == planned.planned.simulation.activation_peak_bytes
+        assert memory.peak_bytes == planned.planned.simulation.peak_bytes
+
+
+def test_dropout_recomputation_replays_the_same_masks():
+    lowest, _ = _range("dropout")
+    model, inputs = _dropout()
+    planned = apply(model, budget=lowest, example_inputs=inputs, device="cpu", time_limit=TIME_LIMIT)
+    step = planned.planned
+    recomputed = {step.graph.nodes[i].op for i in step.plan.schedule.recomputed_nodes()}
+    assert "aten.native_dropout.default" in recomputed
+    assert step.parts.rng_names
+    reference, reference_loss = _eager("dropout", seed=7)
+    torch.manual_seed(7)
+    loss = planned(*inputs)
+    loss.backward()
+    assert torch.equal(loss, reference_loss.detach())
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+    # The generator moved on exactly as in the eager step.
+    after_planned = torch.rand(4)
+    _eager("dropout", seed=7)
+    assert torch.equal(after_planned, torch.rand(4))
+
+
+def test_training_loop_with_an_optimizer_matches_eager():
+    reference, inputs = _conv_bn()
+    model = copy.deepcopy(reference)
+    lowest, store_all = _range("conv-bn")
+    planned = apply(model, budget=(lowest + store_all) // 2, example_inputs=inputs, device="cpu",
+                    time_limit=TIME_LIMIT)
+    for module in (reference, planned):
+        params = module.parameters()
+        optimizer = torch.optim.AdamW(params, lr=1e-2)
+        for _ in range(3):
+            step_loss = LossStep(module, None, "fp32")(*inputs) if module is reference else module(*inputs)
+            step_loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p, q)
+    for b, c in zip(model.buffers(), reference.buffers(), strict=True):
+        assert torch.equal(b, c)
+
+
+def test_bf16_mixed_matches_eager_autocast_within_tolerance():
+    spec = build_model("gpt2-tiny", batch=2, seq=32)
+    torch.manual_seed(0)
+    reference = spec.model
+    model = copy.deepcopy(reference)
+    loss = LossStep(reference, None, "bf16-mixed")(*spec.example_inputs)
+    loss.backward()
+    graph, _ = trace_step(model, spec.example_inputs, precision="bf16-mixed", device="cpu")
+    lowest = solve(graph, 1, time_limit_s=TIME_LIMIT).min_feasible_bytes
+    planned = apply(model, budget=lowest, example_inputs=spec.example_inputs, precision="bf16-mixed",
+                    device="cpu", time_limit=TIME_LIMIT)
+    planned_loss = planned(*spec.example_inputs)
+    planned_loss.backward()
+    # Same bf16 kernels on the same inputs: equal up to the order of float reductions.
+    torch.testing.assert_close(planned_loss, loss, rtol=1e-3, atol=1e-3)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=2e-2, atol=1e-3)
+
+
+def test_new_input_shape_is_planned_again_and_cached():
+    model, (x,) = _mlp()
+    planned = apply(model, budget="97%", device="cpu", solver="chen-sqrtn")
+    planned(x).backward()
+    planned(torch.randn(4, 16, dtype=torch.float64)).backward()
+    planned(x).backward()
+    assert len(planned.steps) == 2
+
+
+def test_evaluation_without_grad_runs_the_model_directly():
+    model, inputs = _conv_bn()
+    planned = apply(model, budget="80%", device="cpu", time_limit=TIME_LIMIT)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(planned(*inputs), LossStep(model, None, "fp32")(*inputs))
+    assert not planned.steps
+
+
+# --- plans as files -------------------------------------------------------------------------------
+
+
+def test_plan_file_round_trip(tmp_path):
+    model, inputs = _gpt2()
+    lowest, store_all = _range("gpt2-tiny")
+    made = remat.plan(model, inputs, budget=(lowest + store_all) // 2, device="cpu", time_limit=TIME_LIMIT)
+    path = tmp_path / "plan.json"
+    made.save(path)
+    planned = apply(model, plan=path, example_inputs=inputs)
+    assert planned.planned.plan.schedule == made.schedule
+    reference, reference_loss = _eager("gpt2-tiny")
+    loss = planned(*inputs)
+    loss.backward()
+    assert torch.equal(loss, reference_loss.detach())
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+
+
+def test_plan_for_another_model_or_shape_is_refused(tmp_path):
+    model, inputs = _mlp()
+    made = remat.plan(model, inputs, budget="80%", device="cpu", time_limit=TIME_LIMIT)
+    path = tmp_path / "plan.json"
+    made.save(path)
+    with pytest.raises(PlanError, match="made for another graph"):
+        apply(model, plan=path, example_inputs=(torch.randn(4, 16, dtype=torch.float64),))
+    other, other_inputs = _tied()
+    with pytest.raises(PlanError, match="made for another graph"):
+        apply(other, plan=path, example_inputs=other_inputs)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "not valid JSON"),
+    ('{"format": "something-else"}', "not a remat plan"),
+    ('{"format": "remat-plan", "version": 7}', "version"),
+    ('{"format": "remat-plan", "version": 1, "graph_hash": "x", "budget_bytes": 1, "schedule": {"ops": 3}}',
+     "corrupted"),
+])
+def test_corrupted_plan_files_are_refused_before_tracing(tmp_path, content, message):
+    path = tmp_path / "plan.json"
+    path.write_text(content)
+    model, _ = _mlp()
+    with pytest.raises(PlanError, match=message):
+        apply(model, plan=path)
+
+
+def test_edited_schedule_is_refused(tmp_path):
+    model, inputs = _mlp()
+    made = remat.plan(model, inputs, budget="80%", device="cpu", time_limit=TIME_LIMIT)
+    data = made.to_json()
+    data["schedule"]["ops"] = data["schedule"]["ops"][1:]  # drop the first compute
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(PlanError, match="not valid for this graph"):
+        apply(model, plan=path, example_inputs=inputs)
+
+
+def test_budget_below_the_minimum_names_it_and_leaves_the_model_alone():
+    model, inputs = _mlp()
+    before = copy.deepcopy(model.state_dict())
+    graph, _ = trace_step(model, inputs, device="cpu")
+    with pytest.raises(PlanError, match="minimum feasible budget"):
+        plan_graph(graph, graph.fixed.total_bytes, time_limit=TIME_LIMIT)
+    with pytest.raises(PlanError, match="minimum feasible budget"):
+        apply(model, budget=graph.fixed.total_bytes, example_inputs=inputs, device="cpu", time_limit=TIME_LIMIT)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_bad_arguments():
+    model, inputs = _mlp()
+    with pytest.raises(ValueError, match="budget"):
+        apply(model)
+    with pytest.raises(ValueError, match="backend"):
+        apply(model, budget="1GB", backend="tvm")
+    with pytest.raises(ValueError, match="size"):
+        apply(model, budget="lots", example_inputs=inputs, device="cpu")
