@@ -231,5 +231,219 @@ def _print_recomputed(console: Console, plan) -> None:
                   f"{sum(counts[i] - 1 for i in again)} extra runs, +{format_seconds(extra)}: {ops}")
 
 
+def _sizes(text: str) -> list[int]:
+    try:
+        return [parse_size(part) for part in text.split(",") if part.strip()] or [parse_size(text)]
+    except ValueError as error:
+        fail(f"--budget: {error}")
+
+
+def _trace_step(model, batch, seq, precision, device, optimizer):
+    from remat.capture import CaptureError
+    from remat.models import ModelError
+    from remat.trace import trace_step
+
+    with stderr.status(f"tracing {model} (batch {batch}) on fake tensors", spinner="dots"):
+        try:
+            return trace_step(model, batch=batch, seq=seq, precision=precision, device=device, optimizer=optimizer)
+        except (ModelError, CaptureError, ValueError) as error:
+            fail(str(error))
+
+
+def _console() -> Console:
+    return Console(highlight=False, width=shutil.get_terminal_size((140, 24)).columns)
+
+
+@main.command()
+@click.option("--model", required=True, help="Zoo name (gpt2, resnet50, ...) or path/to/file.py:factory.")
+@click.option("--budget", required=True, help="One size or several, comma-separated: 12GB,16GB,24GB.")
+@click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--seq", default=None, type=click.IntRange(min=1), help="Sequence length [default: the model's context].")
+@click.option("--device", default="h100", show_default=True,
+              help="Device profile: h100, a100, v100, cpu, or a JSON file.")
+@click.option("--precision", default="bf16-mixed", show_default=True, type=click.Choice(["bf16-mixed", "fp32"]))
+@click.option("--optimizer", default="adamw", show_default=True,
+              type=click.Choice(["adamw", "adam", "sgd", "sgd-momentum", "none"]))
+@click.option("--solvers", default="checkmate,store-all,checkpoint-all,chen-sqrtn,per-block,compile-budget",
+              show_default=True, help="Methods to compare: MILP solvers, baselines, compile-budget[-B].")
+@click.option("--time-limit", default=30.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds for each MILP solve (one per budget).")
+@click.option("--max-batch", "with_max_batch", is_flag=True,
+              help="Add each row's largest batch under its budget (traces the model at more batches).")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write a self-contained HTML report (plots inlined).")
+@click.option("--md", type=click.Path(dir_okay=False), help="Write a Markdown report, its PNG plots beside it.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+def compare(model, budget, batch, seq, device, precision, optimizer, solvers, time_limit, with_max_batch, out, md,
+            as_json) -> None:
+    """Compare methods (remat's plan, baselines, torch.compile's budgets) on MODEL at one or more BUDGETs."""
+    from remat.compare import compare as compare_methods
+    from remat.compare import parse_methods
+    from remat.maxbatch import BatchTraces
+
+    started = time.perf_counter()
+    budgets = _sizes(budget)
+    try:
+        methods = parse_methods(solvers.split(","))
+    except ValueError as error:
+        fail(f"--solvers: {error}")
+    with _stdout_to_stderr():
+        traced = _trace_step(model, batch, seq, precision, device, optimizer)
+        with stderr.status("comparing", spinner="dots") as status:
+            traces = None
+            if with_max_batch:
+                traces = BatchTraces(model, seq, precision, device, optimizer,
+                                     on_trace=lambda b: status.update(f"comparing: tracing batch {b}"))
+            comparison = compare_methods(traced, budgets, methods, time_limit_s=time_limit,
+                                         progress=lambda stage: status.update(f"comparing: {stage}"),
+                                         batch_traces=traces)
+        written = []
+        if out or md:
+            from remat.report import write_reports
+
+            with stderr.status("plotting", spinner="dots"):
+                written = write_reports(comparison, out, md)
+    wall_s = time.perf_counter() - started
+    if as_json:
+        click.echo(json.dumps({**comparison.to_json(), "wall_s": wall_s, "files": [str(p) for p in written]}))
+        return
+    from remat.report import cells, headers, summary_lines
+
+    console = _console()
+    for line in summary_lines(comparison):
+        console.print(line)
+    table = Table(title="methods x budgets (simulated)", title_justify="left")
+    columns = headers(comparison)
+    for header in columns:
+        table.add_column(header, justify="left" if header in ("method", "status", "schedule") else "right")
+    for row in comparison.rows:
+        table.add_row(*cells(row, "max batch" in columns), style=None if row.fits else "dim")
+    console.print(table)
+    console.print(f"wall time {wall_s:.1f} s" + (f"; wrote {', '.join(str(p) for p in written)}" if written else ""))
+
+
+@main.command()
+@click.option("--model", required=True, help="Zoo name (gpt2, resnet50, ...) or path/to/file.py:factory.")
+@click.option("--budget", required=True, help="Whole device memory for the step: 16GB (1e9 bytes), 16GiB (2^30).")
+@click.option("--seq", default=None, type=click.IntRange(min=1), help="Sequence length [default: the model's context].")
+@click.option("--start-batch", default=16, show_default=True, type=click.IntRange(min=1),
+              help="The search doubles or halves from here.")
+@click.option("--device", default="h100", show_default=True,
+              help="Device profile: h100, a100, v100, cpu, or a JSON file.")
+@click.option("--precision", default="bf16-mixed", show_default=True, type=click.Choice(["bf16-mixed", "fp32"]))
+@click.option("--optimizer", default="adamw", show_default=True,
+              type=click.Choice(["adamw", "adam", "sgd", "sgd-momentum", "none"]))
+@click.option("--solvers", default="store-all,per-block,compile-budget,checkmate", show_default=True,
+              help="Methods: baselines, compile-budget (best of 1.0/0.5/0.2/0.0) or compile-budget-B, checkmate.")
+@click.option("--time-limit", default=20.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds for a MILP solve at one batch (only where no other method's schedule fits).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+def maxbatch(model, budget, seq, start_batch, device, precision, optimizer, solvers, time_limit, as_json) -> None:
+    """The largest batch each method fits under BUDGET (fixed memory counted), with its overhead there."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from remat.capture import CaptureError
+    from remat.maxbatch import BatchTraces, max_batch, parse_methods
+    from remat.models import ModelError
+
+    started = time.perf_counter()
+    try:
+        budget_bytes = parse_size(budget)
+    except ValueError as error:
+        fail(f"--budget: {error}")
+    try:
+        methods = parse_methods(solvers.split(","))
+    except ValueError as error:
+        fail(f"--solvers: {error}")
+    results = []
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with _stdout_to_stderr(), Progress(*columns, console=stderr, transient=True) as progress:
+        task = progress.add_task("")
+        traces = BatchTraces(model, seq, precision, device, optimizer)
+        for method in methods:
+            progress.update(task, description=f"{method}: searching")
+            traces.on_trace = lambda b, m=method: progress.update(task, description=f"{m}: tracing batch {b}")
+            try:
+                results.append(max_batch(traces, method, budget_bytes, start=start_batch, time_limit_s=time_limit))
+            except (ModelError, CaptureError, ValueError) as error:
+                fail(str(error))
+    wall_s = time.perf_counter() - started
+    graph = next(iter(traces.graphs.values()))
+    if as_json:
+        click.echo(json.dumps({"model": model, "seq": graph.meta.get("seq"), "device": graph.meta.get("device"),
+                               "precision": precision, "optimizer": optimizer, "budget_bytes": budget_bytes,
+                               "results": [r.to_json() for r in results], "wall_s": wall_s}))
+        return
+    console = _console()
+    console.print(f"[bold]{model}[/]: {graph.meta.get('description', '')}; {precision}, optimizer {optimizer}, "
+                  f"costed for {graph.meta.get('device')}")
+    console.print(f"budget {format_bytes(budget_bytes)} = {budget_bytes:,} bytes, fixed memory counted (it grows "
+                  "with the batch only through the inputs)")
+    table = Table(title="largest batch under the budget (simulated)", title_justify="left")
+    for column in ("method", "max batch", "schedule", "peak", "step time", "overhead", "samples/s", "batches tried",
+                   "wall"):
+        table.add_column(column, justify="left" if column in ("method", "schedule", "batches tried") else "right")
+    for r in results:
+        tried = " ".join(f"{p.batch}{'' if p.fits else 'x'}" for p in r.probes)
+        table.add_row(r.method, f"{r.batch}{'+' if r.capped else ''}", r.schedule_from or "-",
+                      _fmt(r.peak_bytes) if r.peak_bytes is not None else "-",
+                      format_seconds(r.compute_s) if r.compute_s is not None else "-",
+                      f"{r.overhead:+.1%}" if r.overhead is not None else "-",
+                      f"{r.samples_per_s:,.0f}" if r.samples_per_s else "-", tried, f"{r.wall_s:.1f} s")
+    console.print(table)
+    console.print(f"batches tried: x = does not fit; overhead is against store-all's step time at the same batch; "
+                  f"wall time {wall_s:.1f} s")
+
+
+@main.command()
+@click.option("--model", required=True, help="Zoo name (gpt2, resnet50, ...) or path/to/file.py:factory.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Profile JSON to write.")
+@click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--seq", default=None, type=click.IntRange(min=1), help="Sequence length [default: the model's context].")
+@click.option("--precision", default="bf16-mixed", show_default=True, type=click.Choice(["bf16-mixed", "fp32"]))
+@click.option("--base", default="auto", show_default=True,
+              help="Roofline profile for ops without a measurement (h100, a100, v100; auto: from the GPU's name).")
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0))
+@click.option("--repeats", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the summary.")
+def profile(model, out, batch, seq, precision, base, warmup, repeats, as_json) -> None:
+    """Measure every op of MODEL's training step on this CUDA GPU; `remat solve --device OUT` then uses it."""
+    import torch
+
+    if not torch.cuda.is_available():
+        fail("remat profile measures op times on a CUDA GPU and torch sees none here "
+             "(torch.cuda.is_available() is False); run it on the GPU you plan for")
+    from remat.cost import load_profile
+    from remat.profile import base_profile_for, measure_ops, profile_json, write_profile
+
+    started = time.perf_counter()
+    gpu = torch.cuda.get_device_name()
+    base_name = base_profile_for(gpu) if base == "auto" else base
+    try:
+        base_profile = load_profile(base_name)
+    except ValueError as error:
+        fail(f"--base: {error}")
+    with _stdout_to_stderr():
+        traced = _trace_step(model, batch, seq, precision, base_name, "adamw")
+        with stderr.status("measuring", spinner="dots") as status:
+            measurement = measure_ops(traced.step, "cuda", warmup, repeats,
+                                      progress=lambda done, total: status.update(f"measuring op {done}/{total}"))
+    meta = {k: traced.graph.meta.get(k) for k in ("model", "batch", "seq", "precision")}
+    name = f"{base_name}-{Path(out).stem}"
+    data = profile_json(base_profile, measurement, name, {**meta, "gpu": gpu, "torch": torch.__version__,
+                                                            "warmup": warmup, "repeats": repeats})
+    write_profile(out, data)
+    wall_s = time.perf_counter() - started
+    summary = {"profile": str(out), "name": name, "gpu": gpu, "base": base_name, "ops": measurement.ops,
+               "measured": len(measurement.measured_s), "unmeasured": len(measurement.failed),
+               "measured_s_total": sum(measurement.measured_s.values()), "wall_s": wall_s}
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    console = _console()
+    console.print(f"{gpu}: {len(measurement.measured_s)} distinct ops measured ({measurement.ops} ops in the graph), "
+                  f"{len(measurement.failed)} left to the {base_name} roofline; wrote {out} in {wall_s:.1f} s")
+    console.print(f"use it: remat solve --model {model} --batch {batch} --device {out} --budget ...")
+
+
 if __name__ == "__main__":
     main()

@@ -4,12 +4,15 @@ Roofline: an op takes max(FLOPs / achievable FLOP/s, bytes moved / achievable ba
 plus a launch overhead. FLOPs are counted for matmuls, convolutions and attention (torch's
 FlopCounter formulas); every other op is memory-bound and costed by the bytes it reads and
 writes. Profiles are JSON files in profiles/ (see profiles/h100.json).
+
+Measured profiles (`remat profile`) add `measured_s`: seconds per op, keyed by the op and its arguments
+(`remat.lower.cost_key`); an op found there takes its measured time, any other op the roofline.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
@@ -25,6 +28,12 @@ class DeviceProfile:
     matmul_efficiency: float = 0.6  # fraction of peak FLOP/s that large matmuls reach
     memory_efficiency: float = 0.75  # fraction of peak bandwidth that elementwise kernels reach
     launch_overhead_s: float = 4e-6
+    measured_s: dict[str, float] = field(default_factory=dict)  # cost key -> measured seconds (remat profile)
+
+    def node_seconds(self, key: str, flops: float, bytes_moved: float, dtype: str) -> float:
+        """The measured time of the op called `key` if this profile has one, else the roofline's."""
+        measured = self.measured_s.get(key)
+        return measured if measured is not None else self.op_seconds(flops, bytes_moved, dtype)
 
     def op_seconds(self, flops: float, bytes_moved: float, dtype: str) -> float:
         peak = self.flops_per_s.get(dtype, self.flops_per_s["fp32"])

@@ -82,7 +82,7 @@ def lower(step: CapturedStep, profile: DeviceProfile, optimizer: str = "adamw", 
             op=str(fx_node.target),
             deps=tuple(deps),
             output_bytes=0 if fx_node in grad_owners else tensor_bytes(val),
-            compute_s=profile.op_seconds(flops, bytes_moved, dtype),
+            compute_s=profile.node_seconds(cost_key(fx_node), flops, bytes_moved, dtype),
             is_backward=backward[fx_node],
             flops=flops,
             bytes_moved=bytes_moved,
@@ -108,6 +108,13 @@ def lower(step: CapturedStep, profile: DeviceProfile, optimizer: str = "adamw", 
     return Graph(nodes=tuple(nodes), outputs=outputs, fixed=fixed,
                  meta={**(meta or {}), "optimizer": optimizer, "profile": profile.name,
                        "precision": step.precision})
+
+
+def cost_key(fx_node: torch.fx.Node) -> str:
+    """How a measured profile names an op: its overload and arguments, tensors as dtype[shape]
+    ("aten.mm.default('bf16[2048, 768]', 'bf16[768, 2304]')")."""
+    args, kwargs = torch.fx.node.map_arg((fx_node.args, fx_node.kwargs), lambda x: describe_value(x.meta.get("val")))
+    return f"{fx_node.target}{tuple(args)!r}" + (f"{kwargs!r}" if kwargs else "")
 
 
 def _has_tensor(value: Any) -> bool:

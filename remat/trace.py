@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
-from remat.capture import capture_fake
+from dataclasses import dataclass
+
+from remat.capture import CapturedStep, capture_fake
 from remat.cost import load_profile
 from remat.graph import Graph
 from remat.lower import lower
 from remat.models import build_model
 
 
+@dataclass(frozen=True)
+class TracedStep:
+    step: CapturedStep  # the joint FX graph on fake tensors (for torch's own partitioner, the profiler)
+    graph: Graph  # the lowered, costed Graph IR
+
+
 def trace_model(model: str, batch: int = 16, seq: int | None = None, precision: str = "bf16-mixed",
                 device: str = "h100", optimizer: str = "adamw") -> Graph:
     """The training-step graph of a zoo model or a `file.py:factory`, costed for `device`."""
+    return trace_step(model, batch, seq, precision, device, optimizer).graph
+
+
+def trace_step(model: str, batch: int = 16, seq: int | None = None, precision: str = "bf16-mixed",
+               device: str = "h100", optimizer: str = "adamw") -> TracedStep:
+    """trace_model, keeping the captured joint FX graph beside the Graph."""
     profile = load_profile(device)  # fail on a bad device before the slow trace
     spec, step = capture_fake(lambda: build_model(model, batch=batch, seq=seq), precision)
     meta = {"model": model, "batch": batch, "seq": spec.seq, "device": profile.name, "precision": precision,
             "description": spec.description}
-    return lower(step, profile, optimizer=optimizer, meta=meta)
+    return TracedStep(step, lower(step, profile, optimizer=optimizer, meta=meta))

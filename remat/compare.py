@@ -1,0 +1,161 @@
+"""Schedules of one graph side by side: every method at every budget, judged by the one simulator.
+
+Methods: the MILP solvers (checkmate, lp-round, cpsat: remat's plan, which weighs every baseline, torch's
+choices and the previous budget's plan, so its curve never rises and never loses to theirs), every baseline
+by name, and `compile-budget` (torch.compile's partitioner at budgets 1.0, 0.5, 0.2, 0.0) or
+`compile-budget-B`. Optionally each row gets the largest batch its method fits under its budget.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from remat.comparators import (
+    COMPILE_BUDGETS,
+    COMPILE_PREFIX,
+    compile_budget_candidate,
+    compile_budget_of,
+    compile_method,
+)
+from remat.graph import Graph
+from remat.maxbatch import MILP_METHODS, BatchTraces, max_batch
+from remat.plan import Candidate, solve
+from remat.schedule import Schedule
+from remat.simulate import Simulation, simulate
+from remat.trace import TracedStep
+from solvers.base import FEASIBLE
+from solvers.baselines import BASELINES
+from solvers.registry import solve_with
+
+DEFAULT_METHODS = ("checkmate", "store-all", "checkpoint-all", "chen-sqrtn", "per-block", COMPILE_PREFIX)
+
+
+@dataclass(frozen=True)
+class Row:
+    method: str
+    budget_bytes: int
+    status: str  # the solver's: optimal, feasible, infeasible, no_solution
+    fits: bool  # the simulated peak is within the budget
+    peak_bytes: int | None
+    compute_s: float | None
+    overhead: float | None  # compute_s / store-all's - 1
+    gap: float | None  # (compute_s - lower bound) / compute_s, MILP methods only
+    wall_s: float  # seconds the method took for this budget
+    schedule_from: str  # the method whose schedule it is (remat's plan may be a baseline's)
+    max_batch: int | None = None  # the largest batch this method fits under this budget, when asked for
+    message: str = ""
+
+    def to_json(self) -> dict:
+        return {"method": self.method, "budget_bytes": self.budget_bytes, "status": self.status, "fits": self.fits,
+                "peak_bytes": self.peak_bytes, "compute_s": self.compute_s, "overhead": self.overhead,
+                "gap": self.gap, "wall_s": self.wall_s, "schedule_from": self.schedule_from,
+                "max_batch": self.max_batch, "message": self.message}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    graph: Graph
+    budgets_bytes: tuple[int, ...]
+    methods: tuple[str, ...]
+    rows: tuple[Row, ...]
+    store_all: Simulation
+    schedules: dict[tuple[str, int], Schedule] = field(default_factory=dict)  # (method, budget) -> schedule
+    wall_s: float = 0.0
+
+    def simulation(self, method: str, budget_bytes: int) -> Simulation | None:
+        schedule = self.schedules.get((method, budget_bytes))
+        return simulate(self.graph, schedule) if schedule is not None else None
+
+    def to_json(self) -> dict:
+        meta, fixed = self.graph.meta, self.graph.fixed
+        return {
+            "model": meta.get("model"), "batch": meta.get("batch"), "seq": meta.get("seq"),
+            "device": meta.get("device"), "precision": meta.get("precision"), "optimizer": meta.get("optimizer"),
+            "nodes": len(self.graph), "graph_hash": self.graph.content_hash, "fixed_bytes": fixed.total_bytes,
+            "store_all_peak_bytes": self.store_all.peak_bytes, "store_all_s": self.store_all.compute_s,
+            "min_budget_lower_bound_bytes": self.graph.min_budget_lower_bound(),
+            "budgets_bytes": list(self.budgets_bytes), "methods": list(self.methods),
+            "rows": [row.to_json() for row in self.rows], "wall_s": self.wall_s,
+        }
+
+
+def parse_methods(names: Sequence[str]) -> tuple[str, ...]:
+    """Method names, `compile-budget` expanded to its four budgets and `auto` read as checkmate."""
+    methods: list[str] = []
+    for name in names:
+        name = name.strip()
+        if name == COMPILE_PREFIX:
+            methods += [compile_method(b) for b in COMPILE_BUDGETS]
+        elif name in ("auto", *MILP_METHODS):
+            methods.append("checkmate" if name == "auto" else name)
+        elif name in BASELINES or compile_budget_of(name) is not None:
+            methods.append(name)
+        else:
+            known = ", ".join((*MILP_METHODS, *BASELINES, COMPILE_PREFIX, f"{COMPILE_PREFIX}-B"))
+            raise ValueError(f"unknown method {name!r}: choose from {known} (B between 0 and 1)")
+    return tuple(dict.fromkeys(methods))
+
+
+def compare(traced: TracedStep, budgets_bytes: Sequence[int], methods: Sequence[str] = DEFAULT_METHODS,
+            time_limit_s: float = 30.0, progress: Callable[[str], None] | None = None,
+            batch_traces: BatchTraces | None = None, probe_time_limit_s: float = 10.0) -> Comparison:
+    """Every method at every budget on `traced.graph`; with `batch_traces`, each row's largest batch too."""
+    started = time.perf_counter()
+    say = progress or (lambda message: None)
+    graph = traced.graph
+    methods = parse_methods(methods)
+    budgets = tuple(sorted(set(budgets_bytes)))
+    store_all = simulate(graph, solve_with("store-all", graph, 0).schedule)
+    rows: list[Row] = []
+    schedules: dict[tuple[str, int], Schedule] = {}
+
+    def add(method: str, budget: int, candidate: Candidate, status: str, gap: float | None = None) -> None:
+        sim = candidate.simulation if candidate.schedule is not None else None
+        if sim is not None:
+            schedules[(method, budget)] = candidate.schedule
+        rows.append(Row(method, budget, status, sim is not None and sim.fits(budget),
+                        sim.peak_bytes if sim else None, sim.compute_s if sim else None,
+                        sim.compute_s / store_all.compute_s - 1 if sim and store_all.compute_s else None,
+                        gap, candidate.wall_s, candidate.method, message=candidate.message))
+
+    compiled: list[Candidate] = []
+    for method in methods:
+        budget_value = compile_budget_of(method)
+        if budget_value is not None:
+            say(f"torch.compile's partitioner at activation_memory_budget={budget_value}")
+            candidate = compile_budget_candidate(traced.step, graph, budget_value)
+            compiled.append(candidate)
+            for budget in budgets:
+                add(method, budget, candidate, candidate.status)
+        elif method in BASELINES:
+            say(method)
+            for budget in budgets:
+                result = solve_with(method, graph, budget)
+                simulation = simulate(graph, result.schedule) if result.schedule is not None else None
+                add(method, budget, Candidate(method, result.status, result.schedule, simulation, result.wall_s,
+                                              result.message), result.status)
+
+    for method in (m for m in methods if m in MILP_METHODS):
+        known: list[Candidate] = []
+        for budget in budgets:  # smallest first: each budget weighs the plan of the one below
+            say(f"{method} at {budget / 1e9:.2f} GB")
+            plan = solve(graph, budget, solver=method, time_limit_s=time_limit_s, known=[*compiled, *known])
+            candidate = Candidate(plan.method, plan.status, plan.schedule, plan.simulation, plan.wall_s, plan.message)
+            add(method, budget, candidate, plan.status, plan.gap)
+            if plan.schedule is not None:
+                known = [Candidate(f"{plan.method}@{budget}", FEASIBLE, plan.schedule, plan.simulation, 0.0)]
+
+    order = {m: i for i, m in enumerate(methods)}
+    rows.sort(key=lambda r: (r.budget_bytes, order[r.method]))
+    if batch_traces is not None:
+        batch_traces.add(traced)
+        start = graph.meta.get("batch", 16)
+        with_batch = []
+        for row in rows:
+            say(f"largest batch for {row.method} under {row.budget_bytes / 1e9:.2f} GB")
+            found = max_batch(batch_traces, row.method, row.budget_bytes, start=start, time_limit_s=probe_time_limit_s)
+            with_batch.append(Row(**{**row.__dict__, "max_batch": found.batch}))
+        rows = with_batch
+    return Comparison(graph, budgets, methods, tuple(rows), store_all, schedules, time.perf_counter() - started)

@@ -1,0 +1,290 @@
+"""The largest batch each method fits under a memory budget (fixed memory counted).
+
+Every probe traces the model at that batch (fake tensors: no memory) and simulates the method's
+schedule; the search doubles (or halves) from a start batch until the answer changes, then narrows the
+bracket, guessing from the peaks at its ends (peak memory is close to affine in the batch) with bisection
+as the safeguard. It returns a batch that fits and a batch + 1 that does not, both probed.
+
+Methods: any baseline by name, `compile-budget` (the best of torch.compile's budgets 1.0, 0.5, 0.2, 0.0),
+`compile-budget-B`, and `checkmate` (remat's plan: the cheapest schedule found among the MILP, every baseline
+and torch's choices, so its largest batch is never below theirs).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from remat.comparators import COMPILE_BUDGETS, COMPILE_PREFIX, compile_budget_candidate, compile_budget_of
+from remat.graph import Graph
+from remat.plan import Candidate, solve
+from remat.simulate import Simulation, simulate
+from remat.trace import TracedStep, trace_step
+from solvers.baselines import BASELINES
+from solvers.registry import solve_with
+
+MAX_BATCH = 1 << 16  # the search stops here
+MILP_METHODS = ("checkmate", "lp-round", "cpsat")
+DEFAULT_METHODS = ("store-all", "per-block", COMPILE_PREFIX, "checkmate")
+
+
+def parse_methods(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Method names for max_batch (`compile-budget` stays one method: the best of its budgets)."""
+    methods = []
+    for name in (n.strip() for n in names):
+        name = "checkmate" if name == "auto" else name
+        if name not in (*MILP_METHODS, *BASELINES, COMPILE_PREFIX) and compile_budget_of(name) is None:
+            known = ", ".join((*MILP_METHODS, *BASELINES, COMPILE_PREFIX, f"{COMPILE_PREFIX}-B"))
+            raise ValueError(f"unknown method {name!r}: choose from {known} (B between 0 and 1)")
+        methods.append(name)
+    return tuple(dict.fromkeys(methods))
+
+
+@dataclass(frozen=True)
+class Probe:
+    batch: int
+    fits: bool
+    peak_bytes: int | None  # the method's lowest peak at this batch (for the next guess), None if unknown
+
+
+@dataclass(frozen=True)
+class MaxBatch:
+    method: str
+    budget_bytes: int
+    batch: int  # 0: not even batch 1 fits
+    schedule_from: str  # the method whose schedule runs at that batch ("compile-budget-0.5", "per-block", ...)
+    peak_bytes: int | None
+    compute_s: float | None
+    store_all_s: float | None  # store-all's step time at that batch (the overhead reference)
+    probes: tuple[Probe, ...]
+    wall_s: float
+    capped: bool = False  # the search stopped at MAX_BATCH
+
+    def to_json(self) -> dict:
+        return {"method": self.method, "budget_bytes": self.budget_bytes, "max_batch": self.batch,
+                "schedule_from": self.schedule_from, "peak_bytes": self.peak_bytes, "compute_s": self.compute_s,
+                "store_all_s": self.store_all_s, "overhead": self.overhead, "samples_per_s": self.samples_per_s,
+                "probes": [[p.batch, p.fits] for p in self.probes], "capped": self.capped, "wall_s": self.wall_s}
+
+    @property
+    def overhead(self) -> float | None:
+        if self.compute_s is None or not self.store_all_s:
+            return None
+        return self.compute_s / self.store_all_s - 1
+
+    @property
+    def samples_per_s(self) -> float | None:
+        return self.batch / self.compute_s if self.compute_s else None
+
+
+def largest_batch(probe: Callable[[int], Probe], budget_bytes: int, start: int = 16,
+                  cap: int = MAX_BATCH) -> tuple[int, dict[int, Probe]]:
+    """The largest batch b <= cap with probe(b).fits, where probe(b + 1) does not fit (or b == cap).
+    Assumes fitting is monotone in the batch; the returned pair is probed either way."""
+    probes: dict[int, Probe] = {}
+
+    def at(batch: int) -> Probe:
+        if batch not in probes:
+            probes[batch] = probe(batch)
+        return probes[batch]
+
+    start = max(1, min(start, cap))
+    lo, hi = 0, None  # lo fits (0 trivially), hi does not
+    if at(start).fits:
+        lo = start
+        while hi is None:
+            if lo == cap:
+                return cap, probes
+            nxt = min(2 * lo, cap)
+            if at(nxt).fits:
+                lo = nxt
+            else:
+                hi = nxt
+    else:
+        hi = start
+        while lo == 0 and hi > 1:
+            nxt = hi // 2
+            if at(nxt).fits:
+                lo = nxt
+            else:
+                hi = nxt
+        if lo == 0:
+            return 0, probes
+    bisect_next = False
+    while hi - lo > 1:
+        guess = None if bisect_next else _interpolate(probes[lo], probes[hi], budget_bytes)
+        mid = guess if guess is not None else (lo + hi) // 2
+        mid = min(max(mid, lo + 1), hi - 1)
+        width = hi - lo
+        if at(mid).fits:
+            lo = mid
+        else:
+            hi = mid
+        bisect_next = guess is not None and hi - lo > width / 2  # the guess did not halve the bracket
+    return lo, probes
+
+
+def _interpolate(low: Probe, high: Probe, budget_bytes: int) -> int | None:
+    """The batch where the line through the two probes' peaks meets the budget."""
+    if low.peak_bytes is None or high.peak_bytes is None or high.peak_bytes <= low.peak_bytes:
+        return None
+    slope = (high.peak_bytes - low.peak_bytes) / (high.batch - low.batch)
+    return low.batch + int((budget_bytes - low.peak_bytes) // slope)
+
+
+# --- traces per batch ---------------------------------------------------------------------------
+
+
+@dataclass
+class BatchTraces:
+    """Traces of one model at several batches: Graphs are kept, joint FX graphs (hundreds of MB for GPT-2)
+    only for the last few batches, and re-traced when needed again."""
+
+    model: str
+    seq: int | None = None
+    precision: str = "bf16-mixed"
+    device: str = "h100"
+    optimizer: str = "adamw"
+    keep_steps: int = 2
+    on_trace: Callable[[int], None] | None = None  # called before each trace (progress)
+    graphs: dict[int, Graph] = field(default_factory=dict)
+    _steps: OrderedDict = field(default_factory=OrderedDict)
+    _compile: dict[tuple[int, float], Candidate] = field(default_factory=dict)
+    _store_all: dict[int, Simulation] = field(default_factory=dict)
+
+    def traced(self, batch: int) -> TracedStep:
+        if batch in self._steps:
+            self._steps.move_to_end(batch)
+            return self._steps[batch]
+        if self.on_trace:
+            self.on_trace(batch)
+        traced = trace_step(self.model, batch=batch, seq=self.seq, precision=self.precision, device=self.device,
+                            optimizer=self.optimizer)
+        self._steps[batch] = traced
+        while len(self._steps) > self.keep_steps:
+            self._steps.popitem(last=False)
+        self.graphs.setdefault(batch, traced.graph)
+        return traced
+
+    def graph(self, batch: int) -> Graph:
+        return self.graphs[batch] if batch in self.graphs else self.traced(batch).graph
+
+    def add(self, traced: TracedStep) -> None:
+        """A trace made elsewhere (the batch the user asked for)."""
+        batch = traced.graph.meta["batch"]
+        self._steps[batch] = traced
+        self.graphs[batch] = traced.graph
+
+    def compile_candidate(self, batch: int, activation_memory_budget: float) -> Candidate:
+        key = (batch, activation_memory_budget)
+        if key not in self._compile:
+            traced = self.traced(batch)
+            self._compile[key] = compile_budget_candidate(traced.step, self.graph(batch), activation_memory_budget)
+        return self._compile[key]
+
+    def store_all(self, batch: int) -> Simulation:
+        if batch not in self._store_all:
+            graph = self.graph(batch)
+            self._store_all[batch] = simulate(graph, solve_with("store-all", graph, 0).schedule)
+        return self._store_all[batch]
+
+
+# --- one method at one batch --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A method's best schedule at one batch and budget."""
+
+    fits: bool
+    schedule_from: str
+    simulation: Simulation | None  # of the cheapest fitting schedule, else of the lowest-memory one
+
+
+def method_candidates(traces: BatchTraces, method: str, batch: int, budget_bytes: int) -> list[Candidate]:
+    """The schedules a non-MILP method offers at this batch (several for `compile-budget`)."""
+    if method == COMPILE_PREFIX:
+        return [traces.compile_candidate(batch, b) for b in COMPILE_BUDGETS]
+    budget = compile_budget_of(method)
+    if budget is not None:
+        return [traces.compile_candidate(batch, budget)]
+    if method in BASELINES:
+        graph = traces.graph(batch)
+        result = solve_with(method, graph, budget_bytes)
+        simulation = simulate(graph, result.schedule) if result.schedule is not None else None
+        return [Candidate(method, result.status, result.schedule, simulation, result.wall_s, result.message)]
+    raise ValueError(f"unknown method {method!r}")
+
+
+def best_outcome(candidates: list[Candidate], budget_bytes: int) -> Outcome:
+    valid = [c for c in candidates if c.simulation is not None and c.simulation.valid and c.schedule is not None]
+    fitting = [c for c in valid if c.fits(budget_bytes)]
+    if fitting:
+        best = min(fitting, key=lambda c: c.simulation.compute_s)
+        return Outcome(True, best.method, best.simulation)
+    if valid:
+        lowest = min(valid, key=lambda c: c.simulation.peak_bytes)
+        return Outcome(False, lowest.method, lowest.simulation)
+    return Outcome(False, candidates[0].method if candidates else "", None)
+
+
+def milp_outcome(traces: BatchTraces, method: str, batch: int, budget_bytes: int, time_limit_s: float,
+                 others: list[Candidate]) -> Outcome:
+    """remat's plan at this batch: the MILP weighed against every baseline and `others`."""
+    graph = traces.graph(batch)
+    if graph.min_budget_lower_bound() > budget_bytes:
+        return Outcome(False, method, None)
+    plan = solve(graph, budget_bytes, solver=method, time_limit_s=time_limit_s, known=others)
+    return Outcome(plan.schedule is not None, plan.method, plan.simulation)
+
+
+def _lowest_peak(candidates: list[Candidate]) -> int | None:
+    peaks = [c.simulation.peak_bytes for c in candidates if c.simulation is not None and c.simulation.valid]
+    return min(peaks) if peaks else None
+
+
+def max_batch(traces: BatchTraces, method: str, budget_bytes: int, start: int = 16, time_limit_s: float = 20.0,
+              cap: int = MAX_BATCH) -> MaxBatch:
+    """The largest batch `method` fits under `budget_bytes`, and its figures there.
+
+    For a MILP method a probe is cheap when another method's schedule fits (the plan weighs them all) or the
+    single-op floor is above the budget; otherwise it is a solve with `time_limit_s`. The final batch is solved
+    once more with the same limit for its step time.
+    """
+    started = time.perf_counter()
+    outcomes: dict[int, Outcome] = {}
+
+    def others(batch: int) -> list[Candidate]:
+        found = method_candidates(traces, COMPILE_PREFIX, batch, budget_bytes)
+        return found + [c for name in BASELINES for c in method_candidates(traces, name, batch, budget_bytes)]
+
+    def probe(batch: int) -> Probe:
+        if method in MILP_METHODS:
+            graph = traces.graph(batch)
+            if graph.min_budget_lower_bound() > budget_bytes:
+                return Probe(batch, False, graph.min_budget_lower_bound())
+            candidates = others(batch)
+            outcome = best_outcome(candidates, budget_bytes)
+            if not outcome.fits:
+                outcome = milp_outcome(traces, method, batch, budget_bytes, time_limit_s, candidates)
+            outcomes[batch] = outcome
+            return Probe(batch, outcome.fits, _lowest_peak(candidates))
+        candidates = method_candidates(traces, method, batch, budget_bytes)
+        outcome = best_outcome(candidates, budget_bytes)
+        outcomes[batch] = outcome
+        return Probe(batch, outcome.fits, _lowest_peak(candidates))
+
+    batch, probes = largest_batch(probe, budget_bytes, start=start, cap=cap)
+    if batch == 0:
+        return MaxBatch(method, budget_bytes, 0, "", None, None, None, tuple(probes.values()),
+                        time.perf_counter() - started)
+    outcome = outcomes[batch]
+    if method in MILP_METHODS:  # the probe may have stopped at the first schedule that fits: plan for step time
+        outcome = milp_outcome(traces, method, batch, budget_bytes, time_limit_s, others(batch))
+    simulation = outcome.simulation
+    return MaxBatch(method, budget_bytes, batch, outcome.schedule_from,
+                    simulation.peak_bytes if simulation else None, simulation.compute_s if simulation else None,
+                    traces.store_all(batch).compute_s, tuple(sorted(probes.values(), key=lambda p: p.batch)),
+                    time.perf_counter() - started, capped=batch >= cap)

@@ -1,0 +1,115 @@
+"""remat maxbatch: the search returns a batch that fits and a batch + 1 that does not, and remat's plan fits
+a batch at least as large as every other method's."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from remat.maxbatch import BatchTraces, Probe, largest_batch, max_batch, method_candidates, parse_methods
+from remat.simulate import simulate
+from remat.trace import trace_model
+from solvers.registry import solve_with
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def affine(fixed: int, per_example: int, curve: int = 0):
+    """A probe whose peak is fixed + per_example * batch (+ curve * batch^2)."""
+    calls = []
+
+    def probe(budget: int):
+        def at(batch: int) -> Probe:
+            calls.append(batch)
+            peak = fixed + per_example * batch + curve * batch * batch
+            return Probe(batch, peak <= budget, peak)
+        return at
+    return probe, calls
+
+
+@pytest.mark.parametrize("start", [1, 3, 16, 1000])
+@pytest.mark.parametrize("curve", [0, 7])
+def test_search_finds_the_threshold(start, curve):
+    for budget in (99, 100, 103, 517, 5_000, 123_457):
+        make, calls = affine(100, 3, curve)
+        batch, probes = largest_batch(make(budget), budget, start=start, cap=1 << 16)
+        expected = max((b for b in range(0, 300) if 100 + 3 * b + curve * b * b <= budget), default=0)
+        if budget >= 100 + 3 * 300 + curve * 300 * 300:  # beyond the brute-force range: check the pair only
+            expected = batch
+        assert batch == expected
+        if batch:
+            assert probes[batch].fits and not probes[batch + 1].fits  # both ends probed
+        else:
+            assert not probes[1].fits
+        assert len(calls) == len(set(calls))  # no batch probed twice
+        assert len(calls) <= 2 * 17 + 2
+
+
+def test_search_stops_at_the_cap():
+    make, _ = affine(0, 1)
+    batch, probes = largest_batch(make(10**9), 10**9, start=16, cap=100)
+    assert batch == 100 and probes[100].fits
+
+
+def test_interpolation_needs_few_probes_on_affine_peaks():
+    make, calls = affine(1_000, 10)
+    batch, _ = largest_batch(make(1_000 + 10 * 777), 1_000 + 10 * 777, start=16)
+    assert batch == 777
+    assert len(calls) <= 10  # 16..1024 doubling (7), then the guess and its neighbour
+
+
+@pytest.fixture(scope="module")
+def traces():
+    return BatchTraces("gpt2-tiny", seq=32, precision="fp32", device="h100")
+
+
+BUDGET = 14_000_000  # bytes: gpt2-tiny (seq 32, fp32) fits a few dozen examples
+
+
+@pytest.mark.parametrize("method", ["store-all", "checkpoint-all"])
+def test_fits_at_the_result_and_not_one_above(traces, method):
+    result = max_batch(traces, method, BUDGET, start=8)
+    assert result.batch > 0 and result.peak_bytes <= BUDGET
+    for batch, fits in ((result.batch, True), (result.batch + 1, False)):
+        graph = trace_model("gpt2-tiny", batch=batch, seq=32, precision="fp32", device="h100")  # a fresh trace
+        simulation = simulate(graph, solve_with(method, graph, BUDGET).schedule)
+        assert simulation.fits(BUDGET) == fits, (method, batch, simulation.peak_bytes)
+    assert result.probes == tuple(sorted(result.probes, key=lambda p: p.batch))
+    if method == "store-all":
+        assert result.overhead == pytest.approx(0.0)
+
+
+def test_remat_plan_fits_the_largest_batch(traces):
+    found = {m: max_batch(traces, m, BUDGET, start=8, time_limit_s=3)
+             for m in ("store-all", "per-block", "compile-budget", "checkmate")}
+    assert found["checkmate"].batch >= max(r.batch for r in found.values())
+    assert found["checkmate"].batch > found["store-all"].batch  # recomputation buys batch
+    compile_best = found["compile-budget"]
+    assert compile_best.schedule_from.startswith("compile-budget-")
+    candidates = method_candidates(traces, "compile-budget", compile_best.batch, BUDGET)
+    assert any(c.fits(BUDGET) for c in candidates)
+    assert not any(c.fits(BUDGET) for c in method_candidates(traces, "compile-budget", compile_best.batch + 1, BUDGET))
+
+
+def test_methods_parse():
+    assert parse_methods(["auto", "compile-budget", "compile-budget-0.5"]) == (
+        "checkmate", "compile-budget", "compile-budget-0.5")
+    with pytest.raises(ValueError, match="nope"):
+        parse_methods(["nope"])
+
+
+@pytest.mark.slow
+def test_cli_maxbatch_json():
+    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "maxbatch", "--model", "mlp", "--budget", "200MB",
+                             "--solvers", "store-all,checkpoint-all", "--json"], capture_output=True, text=True,
+                            cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["budget_bytes"] == 200_000_000
+    by_method = {r["method"]: r for r in data["results"]}
+    assert by_method["checkpoint-all"]["max_batch"] >= by_method["store-all"]["max_batch"] > 0
+    for r in data["results"]:
+        assert {"max_batch", "peak_bytes", "compute_s", "overhead", "samples_per_s", "probes"} <= set(r)
+        assert r["peak_bytes"] <= 200_000_000

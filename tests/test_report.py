@@ -1,0 +1,164 @@
+"""remat compare: every row is the simulator's verdict on that method's schedule, remat's plan never loses to
+a method that fits, torch.compile's saved sets become valid schedules, and the reports carry their plots."""
+
+import base64
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from remat.comparators import compile_budget_candidate, saved_set_plan
+from remat.compare import Comparison, compare, parse_methods
+from remat.report import cells, headers, stage_matrix, write_reports
+from remat.simulate import simulate
+from remat.trace import trace_step
+from solvers.baselines import RematPlan, build_schedule, first_backward_index
+from tests.graphs import chain_training_graph
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = ("checkmate", "store-all", "checkpoint-all", "per-block", "compile-budget-1.0", "compile-budget-0.0")
+ROW_KEYS = {"method", "budget_bytes", "status", "fits", "peak_bytes", "compute_s", "overhead", "gap", "wall_s",
+            "schedule_from", "max_batch", "message"}
+
+
+@pytest.fixture(scope="module")
+def traced():
+    return trace_step("gpt2-tiny", batch=2, seq=32, precision="fp32", device="h100")
+
+
+@pytest.fixture(scope="module")
+def comparison(traced) -> Comparison:
+    graph = traced.graph
+    store_all_peak = simulate(graph, build_schedule(graph, RematPlan())).peak_bytes
+    lowest_peak = simulate(graph, build_schedule(graph, RematPlan(frozenset(range(first_backward_index(graph))))))
+    budgets = [(lowest_peak.peak_bytes + store_all_peak) // 2, int(store_all_peak * 1.1)]  # some fit, some not
+    return compare(traced, budgets, METHODS, time_limit_s=2)
+
+
+def test_rows_agree_with_the_simulator(comparison):
+    graph = comparison.graph
+    assert len(comparison.rows) == len(METHODS) * len(comparison.budgets_bytes)
+    for row in comparison.rows:
+        schedule = comparison.schedules.get((row.method, row.budget_bytes))
+        if schedule is None:
+            assert row.peak_bytes is None and not row.fits
+            continue
+        sim = simulate(graph, schedule)
+        assert sim.valid, (row.method, sim.errors)
+        assert row.peak_bytes == sim.peak_bytes
+        assert row.compute_s == pytest.approx(sim.compute_s, rel=1e-12)
+        assert row.fits == (sim.peak_bytes <= row.budget_bytes)
+        assert row.overhead == pytest.approx(sim.compute_s / comparison.store_all.compute_s - 1, abs=1e-12)
+
+
+def test_remat_plan_never_loses_and_never_rises(comparison):
+    previous = None
+    for budget in comparison.budgets_bytes:
+        rows = [r for r in comparison.rows if r.budget_bytes == budget]
+        plan = next(r for r in rows if r.method == "checkmate")
+        assert plan.fits
+        for other in rows:
+            if other.fits:
+                assert plan.compute_s <= other.compute_s * (1 + 1e-9), other.method
+        if previous is not None:
+            assert plan.compute_s <= previous * (1 + 1e-9)
+        previous = plan.compute_s
+
+
+def test_compile_budget_saved_sets_are_valid_schedules(traced):
+    graph = traced.graph
+    forward_end = first_backward_index(graph)
+    for budget in (1.0, 0.0):
+        candidate = compile_budget_candidate(traced.step, graph, budget)
+        assert candidate.schedule is not None, candidate.message
+        assert candidate.simulation.valid
+        assert "not in our graph" not in candidate.message  # every saved value maps to a node (views to owners)
+        counts = candidate.simulation.compute_counts
+        assert all(c >= 1 for c in counts)
+        recomputed = [i for i, c in enumerate(counts) if c > 1]
+        assert all(i < forward_end for i in recomputed)  # only forward values are recomputed
+        if budget == 0.0:  # torch saves nothing but parameters and inputs: the backward recomputes the forward
+            assert recomputed
+            assert "saves 0 forward values" in candidate.message
+
+
+def test_saved_set_recomputes_each_value_once():
+    """A chain whose saved set is only the first node: every dropped value the backward reads comes back
+    exactly once (torch's backward graph holds each recomputed node once)."""
+    graph = chain_training_graph(6)
+    schedule = build_schedule(graph, saved_set_plan(graph, [0]))
+    sim = simulate(graph, schedule)
+    assert sim.valid
+    assert max(sim.compute_counts) <= 2
+
+
+def test_stage_matrix_marks_first_computations_on_the_diagonal(comparison):
+    graph = comparison.graph
+    schedule = comparison.schedules[("checkpoint-all", comparison.budgets_bytes[0])]
+    matrix = stage_matrix(graph, schedule)
+    assert all(matrix[t][t] == 2 for t in range(len(graph)))
+    assert sum(v == 2 for row in matrix for v in row) == len(schedule.ops) - sum(op.kind == "free"
+                                                                                for op in schedule.ops)
+
+
+def test_reports_are_self_contained_with_plots(comparison, tmp_path):
+    written = write_reports(comparison, tmp_path / "report.html", tmp_path / "report.md")
+    page = (tmp_path / "report.html").read_text()
+    images = re.findall(r"<img [^>]*src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+    assert len(images) == len(comparison.budgets_bytes) + 2  # memory per budget, the curve, R/S
+    for data in images:
+        assert base64.b64decode(data).startswith(b"\x89PNG\r\n\x1a\n")
+    assert "http://" not in page and "https://" not in page  # nothing fetched
+    for row in comparison.rows:
+        assert "".join(f"<td>{c}</td>" for c in cells(row, with_max_batch=False)) in page.replace("&#x27;", "'")
+    markdown = (tmp_path / "report.md").read_text()
+    pngs = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", markdown)
+    assert len(pngs) == len(images)
+    for name in pngs:
+        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
+    assert "| " + " | ".join(headers(comparison)) + " |" in markdown
+    assert "max batch" not in headers(comparison)  # not asked for
+    assert set(written) == {tmp_path / "report.html", tmp_path / "report.md", *(tmp_path / n for n in pngs)}
+
+
+def test_json_keys_are_stable(comparison):
+    data = json.loads(json.dumps(comparison.to_json()))
+    assert {"model", "batch", "seq", "device", "nodes", "graph_hash", "fixed_bytes", "store_all_peak_bytes",
+            "store_all_s", "budgets_bytes", "methods", "rows", "wall_s"} <= set(data)
+    assert all(set(row) == ROW_KEYS for row in data["rows"])
+
+
+def test_methods_parse_and_unknown_ones_fail():
+    assert parse_methods(["auto", "compile-budget", "per-block"]) == (
+        "checkmate", "compile-budget-1.0", "compile-budget-0.5", "compile-budget-0.2", "compile-budget-0.0",
+        "per-block")
+    with pytest.raises(ValueError, match="magic"):
+        parse_methods(["magic"])
+    with pytest.raises(ValueError):
+        parse_methods(["compile-budget-2"])
+
+
+def remat(*args):
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+
+
+@pytest.mark.slow
+def test_cli_compare_json_and_markdown(tmp_path):
+    result = remat("compare", "--model", "mlp", "--batch", "256", "--budget", "150MB,0.2GB",
+                   "--solvers", "store-all,checkpoint-all,compile-budget-0.5", "--md", str(tmp_path / "r.md"), "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["budgets_bytes"] == [150_000_000, 200_000_000]
+    assert [r["method"] for r in data["rows"]] == ["store-all", "checkpoint-all", "compile-budget-0.5"] * 2
+    assert (tmp_path / "r.md").is_file() and str(tmp_path / "r.md") in data["files"]
+
+
+def test_cli_compare_bad_solver_is_one_line():
+    result = remat("compare", "--model", "mlp", "--budget", "1GB", "--solvers", "store-all,magic")
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "magic" in lines[0]
