@@ -103,6 +103,7 @@ def memory_plot(comparison: Comparison, budget_bytes: int) -> bytes:
     figure, axes = plt.subplots(figsize=(10, 4.8))
     scale, unit = _scale(max(comparison.store_all.peak_bytes, budget_bytes))
     right_ms = 2.5 * comparison.store_all.compute_s * 1e3  # checkpoint-all's +1000% would squash the others
+    colors = _colors(comparison)
     for method in comparison.methods:
         schedule = comparison.schedules.get((method, budget_bytes))
         if schedule is None:
@@ -115,7 +116,7 @@ def memory_plot(comparison: Comparison, budget_bytes: int) -> bytes:
             times.append(elapsed * 1e3)
         label = method if times[-1] <= right_ms else f"{method} (to {times[-1]:,.0f} ms)"
         axes.plot(times, [b / scale for b in simulation.timeline_bytes], label=label, linewidth=1.1, alpha=0.85,
-                  drawstyle="steps-post")
+                  drawstyle="steps-post", color=colors[method])
     axes.set_xlim(left=0, right=right_ms)
     axes.axhline(budget_bytes / scale, color="black", linestyle="--", linewidth=1, label="budget")
     axes.axhline(graph.fixed.total_bytes / scale, color="gray", linestyle=":", linewidth=1, label="fixed memory")
@@ -134,25 +135,28 @@ def curve_plot(comparison: Comparison) -> bytes:
     figure, axes = plt.subplots(figsize=(8, 4.8))
     scale, unit = _scale(max(comparison.store_all.peak_bytes, *comparison.budgets_bytes))
     compile_points = []
+    colors = _colors(comparison)
     for method in comparison.methods:
         rows = [r for r in comparison.rows if r.method == method and r.compute_s is not None]
         if method in MILP_METHODS:
             points = sorted((r.budget_bytes / scale, r.overhead * 100) for r in rows if r.fits)
             if points:
-                axes.plot(*zip(*points, strict=True), marker="o", linewidth=2, label=f"{method} (remat plan)")
+                # a plan that fits budget b fits every larger one: its overhead holds until the next budget
+                axes.plot(*zip(*points, strict=True), marker="o", linewidth=2, label=f"{method} (remat plan)",
+                          color=colors[method], drawstyle="steps-post")
             continue
         if not rows:
             continue
         point = (rows[0].peak_bytes / scale, rows[0].overhead * 100)
         if method.startswith("compile-budget-"):
-            compile_points.append((*point, method.removeprefix("compile-budget-")))
+            compile_points.append((*point, method.removeprefix("compile-budget-"), colors[method]))
         else:
-            axes.scatter(*point, marker="s", label=method, zorder=3)
+            axes.scatter(*point, marker="s", label=method, zorder=3, color=colors[method])
     if compile_points:
         ordered = sorted(compile_points)
         axes.plot([p[0] for p in ordered], [p[1] for p in ordered], marker="^", linestyle="--",
-                  label="torch.compile activation_memory_budget")
-        for x, y, value in compile_points:
+                  label="torch.compile activation_memory_budget", color=compile_points[0][3])
+        for x, y, value, _ in compile_points:
             axes.annotate(value, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     for budget in comparison.budgets_bytes:
         axes.axvline(budget / scale, color="gray", linestyle=":", linewidth=0.8)
@@ -166,6 +170,12 @@ def curve_plot(comparison: Comparison) -> bytes:
     axes.legend(fontsize=8)
     axes.grid(alpha=0.3)
     return _png(figure)
+
+
+def _colors(comparison: Comparison) -> dict[str, str]:
+    """One colour per method, the same in every plot (torch's budgets share one in the curve)."""
+    palette = [f"C{i}" for i in range(10)]
+    return {method: palette[i % len(palette)] for i, method in enumerate(comparison.methods)}
 
 
 def _scale(num_bytes: int) -> tuple[float, str]:
