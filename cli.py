@@ -306,7 +306,7 @@ def compare(model, budget, batch, seq, device, precision, optimizer, solvers, ti
     if as_json:
         click.echo(json.dumps({**comparison.to_json(), "wall_s": wall_s, "files": [str(p) for p in written]}))
         return
-    from remat.report import cells, headers, summary_lines
+    from remat.report import cells, headers, notes, summary_lines
 
     console = _console()
     for line in summary_lines(comparison):
@@ -318,6 +318,8 @@ def compare(model, budget, batch, seq, device, precision, optimizer, solvers, ti
     for row in comparison.rows:
         table.add_row(*cells(row, "max batch" in columns), style=None if row.fits else "dim")
     console.print(table)
+    for note in notes(comparison):
+        console.print(f"note: {note}")
     console.print(f"wall time {wall_s:.1f} s" + (f"; wrote {', '.join(str(p) for p in written)}" if written else ""))
 
 

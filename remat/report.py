@@ -62,7 +62,8 @@ def summary_lines(comparison: Comparison) -> list[str]:
     meta = graph.meta
     return [
         f"{meta.get('model')}: {meta.get('description', '')}",
-        f"batch {meta.get('batch')}, seq {meta.get('seq')}, {meta.get('precision')}, optimizer "
+        f"batch {meta.get('batch')}" + (f", seq {meta.get('seq')}" if meta.get("seq") else "")
+        + f", {meta.get('precision')}, optimizer "
         f"{meta.get('optimizer')}, costed for {meta.get('device')}; {len(graph)} nodes, hash {graph.content_hash}",
         f"fixed memory {format_bytes(fixed.total_bytes)} (parameters {format_bytes(fixed.parameter_bytes)}, gradients "
         f"{format_bytes(fixed.gradient_bytes)}, optimizer {format_bytes(fixed.optimizer_bytes)}, inputs "
@@ -73,6 +74,12 @@ def summary_lines(comparison: Comparison) -> list[str]:
         "every figure is the simulator's (remat/simulate.py), every method on this same graph; "
         "overhead = step time / store-all's - 1",
     ]
+
+
+def notes(comparison: Comparison) -> list[str]:
+    """Why a MILP row has no plan (a budget below every schedule found, with the lowest peak found)."""
+    return [f"{row.method} at {format_bytes(row.budget_bytes)}: {row.message}" for row in comparison.rows
+            if row.method in MILP_METHODS and row.peak_bytes is None and row.message]
 
 
 # --- plots ----------------------------------------------------------------------------------------
@@ -259,6 +266,7 @@ def markdown(comparison: Comparison, images: list[tuple[str, str]]) -> str:
     columns, with_batch = headers(comparison), _with_max_batch(comparison)
     lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cells(row, with_batch)) + " |" for row in comparison.rows]
+    lines += ["", *(f"Note: {note}" for note in notes(comparison))]
     for title, image in images:
         lines += ["", f"## {title}", "", f"![{title}]({image})"]
     lines += ["", f"Compared in {comparison.wall_s:.1f} s.", ""]
@@ -282,6 +290,7 @@ def html_page(comparison: Comparison, figure_list: list[Figure]) -> str:
         parts.append(f"<tr class='{'yes' if row.fits else 'no'}'>"
                      + "".join(f"<td>{html.escape(c)}</td>" for c in cells(row, with_batch)) + "</tr>")
     parts.append("</table>")
+    parts += [f"<p>Note: {html.escape(note)}</p>" for note in notes(comparison)]
     for figure in figure_list:
         data = base64.b64encode(figure.png).decode("ascii")
         parts.append(f"<h2>{html.escape(figure.title)}</h2><img alt='{html.escape(figure.title)}' "
