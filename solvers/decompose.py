@@ -38,6 +38,7 @@ CURVE_POINTS = 6  # spread options per block class, between the least gap bytes 
 LOCAL_MIP_GAP = 5e-3  # the block MILP stops within 0.5% of its optimum: the curve needs many points more
 CURVE_SHARE = 0.8  # of the time limit, for the block MILPs
 MAX_REPAIRS = 4  # DP reruns with a margin when the stitched schedule overshoots the budget
+DP_BINS = 512  # the DP rounds bytes up to this fraction of the capacity
 MIN_BLOCK_NODES = 8  # mean forward nodes per block below which `auto` does not decompose (VGG's single layers)
 
 
@@ -97,9 +98,12 @@ def local_problem(graph: Graph, forward: range, backward: range) -> LocalProblem
     local_of = {g: l for l, g in enumerate(to_global) if g >= 0}
     member_set = set(members)
     boundary = sorted({d for m in members for d in graph.nodes[m].deps if d not in member_set})
-    # Values the block hands to the rest of the step from its forward (the next block's input): the gap
-    # node reads them, so they are held through the gap.
-    exports = [local_of[v] for v in forward if any(u not in member_set for u in graph.users[v])]
+    # Values the block hands to the rest of the step from its forward that the backward reads outside the
+    # block too (the next block's input, read again by its backward): the gap node reads them, so they are
+    # held through the gap. One read only by the next forward is freed there (the probe's phases count it).
+    backward_start = first_backward_index(graph)
+    exports = [local_of[v] for v in forward
+               if any(u not in member_set and u >= backward_start for u in graph.users[v])]
     nodes: list[Node] = []
     for g in to_global:
         if g < 0:
@@ -351,54 +355,96 @@ def _active(layout: BlockLayout, k: int, t: int) -> bool:
     return layout.forward[k].start <= t < layout.backward[k].stop
 
 
-def combine(layout: BlockLayout, curves: list[list[BlockOption]], phases: Phases,
-            capacity_bytes: int) -> list[BlockOption] | None:
-    """The cheapest option per block under the phase accounting, by DP on the prefix of gap bytes."""
+@dataclass(frozen=True)
+class Choice:
+    """A block's option, and whether the block's exports (the next block's input) are dropped: then they are
+    freed after the next block's forward, and the run of blocks dropping theirs (a segment) is recomputed,
+    whole, at the start of the backward of the block after it (rotor's "checkpoint only the input")."""
+
+    option: BlockOption
+    drops_export: bool = False
+
+
+def combine(layout: BlockLayout, curves: list[list[BlockOption]], phases: Phases, capacity_bytes: int,
+            forward_s: list[float]) -> list[Choice] | None:
+    """The cheapest choice per block under the phase accounting, by DP over the blocks in forward order.
+
+    State: (bytes held by blocks whose exports are kept, bytes the open segment will hold once recomputed,
+    whether a segment is open). A kept block holds its gap bytes from its forward to its backward; a segment
+    holds nothing until it is recomputed at the start of the next block's backward, then its gap bytes. So
+    at block k's forward the kept bytes count; at its backward the kept bytes and the open segment's
+    (recomputed just before); at the head only the kept bytes. Bytes are rounded up to 1/DP_BINS of the
+    capacity (conservative); the last block keeps its exports (the head reads them)."""
     blocks = len(curves)
-    between_by_past = dict(phases.between)
-    # state: prefix gap bytes -> (seconds, choice); kept as a Pareto front
-    front: dict[int, tuple[float, tuple[int, ...]]] = {0: (0.0, ())}
+    between = dict(phases.between)
+    unit = max(1, capacity_bytes // DP_BINS)
+
+    def units(size: int) -> int:
+        return -(-size // unit)
+
+    State = tuple[int, int, bool]
+    front: dict[State, tuple[float, tuple[tuple[int, bool], ...]]] = {(0, 0, False): (0.0, ())}
     for k in range(blocks):
-        following: dict[int, tuple[float, tuple[int, ...]]] = {}
-        for prefix, (seconds, chosen) in front.items():
-            if between_by_past.get(k, 0) + prefix > capacity_bytes:
+        following: dict[State, tuple[float, tuple[tuple[int, bool], ...]]] = {}
+        for (kept, pending, open_segment), (seconds, chosen) in front.items():
+            if between.get(k, 0) + (kept + pending) * unit > capacity_bytes:
                 continue
             for index, option in enumerate(curves[k]):
-                if phases.forward_outside[k] + prefix + option.forward_peak_bytes > capacity_bytes:
+                if phases.forward_outside[k] + kept * unit + option.forward_peak_bytes > capacity_bytes:
                     continue
-                if phases.backward_outside[k] + prefix + option.backward_peak_bytes > capacity_bytes:
+                if phases.backward_outside[k] + (kept + pending) * unit + option.backward_peak_bytes > capacity_bytes:
                     continue
-                key = prefix + option.gap_bytes
-                value = (seconds + option.compute_s, (*chosen, index))
-                if key not in following or value[0] < following[key][0]:
-                    following[key] = value
-        front = _pareto_front(following)
-    final = [(seconds, chosen) for prefix, (seconds, chosen) in front.items()
-             if between_by_past.get(blocks, 0) + prefix <= capacity_bytes]
+                gap = units(option.gap_bytes)
+                moves = [((kept + gap, 0, False), option.compute_s, False)]
+                if k < blocks - 1:
+                    moves.append(((kept, (pending if open_segment else 0) + gap, True),
+                                  option.compute_s + forward_s[k], True))
+                for key, cost, drops in moves:
+                    value = (seconds + cost, (*chosen, (index, drops)))
+                    if key not in following or value[0] < following[key][0]:
+                        following[key] = value
+        front = _dominant(following)
+    final = [(seconds, chosen) for (kept, _, open_segment), (seconds, chosen) in front.items()
+             if not open_segment and between.get(blocks, 0) + kept * unit <= capacity_bytes]
     if not final:
         return None
     _, chosen = min(final)
-    return [curves[k][index] for k, index in enumerate(chosen)]
+    return [Choice(curves[k][index], drops) for k, (index, drops) in enumerate(chosen)]
 
 
-def _pareto_front(states: dict[int, tuple[float, tuple[int, ...]]]) -> dict[int, tuple[float, tuple[int, ...]]]:
-    kept: dict[int, tuple[float, tuple[int, ...]]] = {}
-    best = float("inf")
-    for prefix in sorted(states):
-        if states[prefix][0] < best - 1e-15:
-            kept[prefix] = states[prefix]
-            best = states[prefix][0]
-    return kept
+def _dominant(states: dict) -> dict:
+    """Drop a state when another with the same flag holds no more bytes of either kind for no more seconds."""
+    kept_states = {}
+    for flag in (False, True):
+        best_by_pending: list[tuple[int, float]] = []  # (pending, seconds) of states kept so far, kept ascending
+        for key in sorted(k for k in states if k[2] == flag):
+            seconds = states[key][0]
+            if any(pending <= key[1] and other <= seconds for pending, other in best_by_pending):
+                continue
+            best_by_pending.append((key[1], seconds))
+            kept_states[key] = states[key]
+    return kept_states
 
 
-def stitch(graph: Graph, problems: list[LocalProblem], chosen: list[BlockOption]) -> list[list[int]]:
-    """The whole graph's rows: every outside stage runs its own node; block stages run their option's row."""
+def stitch(graph: Graph, layout: BlockLayout, problems: list[LocalProblem], chosen: list[Choice]) -> list[list[int]]:
+    """The whole graph's rows: every outside stage runs its own node; block stages run their option's row;
+    the first stage of a block's backward also recomputes the segment before it (every node from the
+    segment's first block's forward to the block's own forward), if the blocks before it dropped exports."""
     rows = [[t] for t in range(len(graph))]
-    for problem, option in zip(problems, chosen, strict=True):
-        for local_stage, row in enumerate(option.rows):
+    for problem, choice in zip(problems, chosen, strict=True):
+        for local_stage, row in enumerate(choice.option.rows):
             stage = problem.to_global[local_stage]
             if stage >= 0:
                 rows[stage] = sorted({problem.to_global[i] for i in row})
+    segment_start = None
+    for k, choice in enumerate(chosen):
+        if choice.drops_export:
+            segment_start = k if segment_start is None else segment_start
+        elif segment_start is not None:
+            first = layout.backward[k].start
+            chain = range(layout.forward[segment_start].start, layout.forward[k].start)
+            rows[first] = sorted(set(rows[first]) | set(chain))
+            segment_start = None
     return rows
 
 
@@ -410,14 +456,14 @@ def probe(graph: Graph, layout: BlockLayout) -> tuple[list[LocalProblem], list[B
     schedule that runs store-all in every block."""
     problems = [local_problem(graph, f, b) for f, b in zip(layout.forward, layout.backward, strict=True)]
     store_all = [option_from_rows(p, [[t] for t in range(len(p.graph))], FEASIBLE) for p in problems]
-    schedule, stages = emit(graph, prune_rows(graph, stitch(graph, problems, store_all)))
+    schedule, stages = emit(graph, prune_rows(graph, stitch(graph, layout, problems, [Choice(o) for o in store_all])))
     return problems, store_all, measure_phases(graph, layout, schedule, stages)
 
 
 def decompose_applies(graph: Graph, budget_bytes: int) -> tuple[bool, str]:
     """Whether the decomposition can fit this budget, and why (cheap: no MILP). It cannot when the graph has
-    no repeated blocks, or when holding only every block's exports (its inputs to the next block) across
-    the head of the step is already over the budget: then whole blocks must be recomputed, which it does not do."""
+    no repeated blocks worth the name, or when the head of the step with only the last block's exports (which
+    the head reads) is already over the budget."""
     layout = find_layout(graph)
     if layout is None:
         return False, "no repeated blocks"
@@ -428,13 +474,11 @@ def decompose_applies(graph: Graph, budget_bytes: int) -> tuple[bool, str]:
     shapes = {tuple(node.deps for node in p.graph.nodes) for p in problems}
     if 2 * len(shapes) > len(problems):
         return False, f"{len(problems)} blocks of {len(shapes)} different shapes: too few repeats"
-    least = sum(sum(p.graph.nodes[d].output_bytes for d in p.graph.nodes[p.gap].deps) for p in problems)
-    outside = dict(phases.between).get(len(problems), 0)
-    if outside + least > budget_bytes - graph.fixed.total_bytes:
-        return False, (f"{len(problems)} repeated blocks, but holding every block's inputs does not fit "
-                       "the budget")
+    last = problems[-1]
+    least = sum(last.graph.nodes[d].output_bytes for d in last.graph.nodes[last.gap].deps)
+    if dict(phases.between).get(len(problems), 0) + least > budget_bytes - graph.fixed.total_bytes:
+        return False, f"{len(problems)} repeated blocks, but the head of the step alone does not fit the budget"
     return True, f"{len(problems)} repeated blocks"
-
 
 
 def solve_decompose(graph: Graph, budget_bytes: int, options: SolveOptions | None = None) -> SolverResult:
@@ -472,18 +516,20 @@ def solve_decompose(graph: Graph, budget_bytes: int, options: SolveOptions | Non
             curves[k] = pareto(store_all[k] + [option_from_rows(problems[k], [list(r) for r in o.rows], o.status)
                                                for o in found[1:]])
 
+    forward_s = [sum(graph.nodes[i].compute_s for i in f) for f in layout.forward]  # a segment's recomputation
     margin = 0
     best: tuple[Schedule, float, int] | None = None
     tried = []
     for _ in range(MAX_REPAIRS + 1):
-        chosen = combine(layout, curves, phases, capacity - margin)
+        chosen = combine(layout, curves, phases, capacity - margin, forward_s)
         if chosen is None:
             break
-        rows = prune_rows(graph, stitch(graph, problems, chosen))
+        rows = prune_rows(graph, stitch(graph, layout, problems, chosen))
         schedule, _ = emit(graph, rows)
         sim = simulate(graph, schedule)
         assert sim.valid, sim.errors  # emit is valid for any rows
-        tried.append({"margin_bytes": margin, "peak_bytes": sim.peak_bytes, "compute_s": sim.compute_s})
+        tried.append({"margin_bytes": margin, "peak_bytes": sim.peak_bytes, "compute_s": sim.compute_s,
+                      "dropped_exports": [k for k, c in enumerate(chosen) if c.drops_export]})
         if sim.peak_bytes <= budget_bytes:
             best = (schedule, sim.compute_s, sim.peak_bytes)
             break
@@ -497,8 +543,7 @@ def solve_decompose(graph: Graph, budget_bytes: int, options: SolveOptions | Non
     wall_s = time.perf_counter() - started
     if best is None:
         return SolverResult("decompose", NO_SOLUTION, None, wall_s=wall_s, detail=detail,
-                            message="no combination of block options fits the budget (block inputs are always "
-                                    "kept; a budget this tight needs recomputing whole blocks)")
+                            message="no combination of block options and recomputed segments fits the budget")
     schedule, seconds, peak = best
     detail["peak_bytes"] = peak
     return SolverResult("decompose", FEASIBLE, schedule, objective_s=seconds, lower_bound_s=None, wall_s=wall_s,
