@@ -1,8 +1,8 @@
 """Schedules of one graph side by side: every method at every budget, judged by the one simulator.
 
-Methods: the MILP solvers (checkmate, lp-round, cpsat: remat's plan, which weighs every baseline, torch's
-choices and the previous budget's plan, so its curve never rises and never loses to theirs), every baseline
-by name, and `compile-budget` (torch.compile's partitioner at budgets 1.0, 0.5, 0.2, 0.0) or
+Methods: remat's planners (checkmate, auto, decompose, lp-round, cpsat: remat's plan, which weighs every
+baseline, torch's choices and the previous budget's plan, so its curve never rises and never loses to theirs),
+every baseline by name, and `compile-budget` (torch.compile's partitioner at budgets 1.0, 0.5, 0.2, 0.0) or
 `compile-budget-B`. Optionally each row gets the largest batch its method fits under its budget.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from remat.comparators import (
     COMPILE_BUDGETS,
@@ -82,15 +82,13 @@ class Comparison:
 
 
 def parse_methods(names: Sequence[str]) -> tuple[str, ...]:
-    """Method names, `compile-budget` expanded to its four budgets and `auto` read as checkmate."""
+    """Method names, `compile-budget` expanded to its four budgets."""
     methods: list[str] = []
     for name in names:
         name = name.strip()
         if name == COMPILE_PREFIX:
             methods += [compile_method(b) for b in COMPILE_BUDGETS]
-        elif name in ("auto", *MILP_METHODS):
-            methods.append("checkmate" if name == "auto" else name)
-        elif name in BASELINES or compile_budget_of(name) is not None:
+        elif name in MILP_METHODS or name in BASELINES or compile_budget_of(name) is not None:
             methods.append(name)
         else:
             known = ", ".join((*MILP_METHODS, *BASELINES, COMPILE_PREFIX, f"{COMPILE_PREFIX}-B"))
@@ -156,6 +154,6 @@ def compare(traced: TracedStep, budgets_bytes: Sequence[int], methods: Sequence[
         for row in rows:
             say(f"largest batch for {row.method} under {row.budget_bytes / 1e9:.2f} GB")
             found = max_batch(batch_traces, row.method, row.budget_bytes, start=start, time_limit_s=probe_time_limit_s)
-            with_batch.append(Row(**{**row.__dict__, "max_batch": found.batch}))
+            with_batch.append(replace(row, max_batch=found.batch))
         rows = with_batch
     return Comparison(graph, budgets, methods, tuple(rows), store_all, schedules, time.perf_counter() - started)

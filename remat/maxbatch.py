@@ -6,8 +6,9 @@ bracket, guessing from the peaks at its ends (peak memory is close to affine in 
 as the safeguard. It returns a batch that fits and a batch + 1 that does not, both probed.
 
 Methods: any baseline by name, `compile-budget` (the best of torch.compile's budgets 1.0, 0.5, 0.2, 0.0),
-`compile-budget-B`, and `checkmate` (remat's plan: the cheapest schedule found among the MILP, every baseline
-and torch's choices, so its largest batch is never below theirs).
+`compile-budget-B`, and `checkmate` or any other planner of `remat solve` (auto, decompose, lp-round, cpsat): remat's
+plan, the cheapest schedule found among the MILP, every baseline and torch's choices, so its largest batch is
+never below theirs.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from remat.plan import Candidate, solve
 from remat.simulate import Simulation, simulate
 from remat.trace import TracedStep, trace_step
 from solvers.baselines import BASELINES
-from solvers.registry import solve_with
+from solvers.registry import MILP_SOLVERS, solve_with
 
 MAX_BATCH = 1 << 16  # the search stops here
-MILP_METHODS = ("checkmate", "lp-round", "cpsat")
+MILP_METHODS = ("auto", *MILP_SOLVERS)  # remat's planners: checkmate, lp-round, cpsat, decompose, and auto
 DEFAULT_METHODS = ("store-all", "per-block", COMPILE_PREFIX, "checkmate")
 
 
@@ -34,7 +35,6 @@ def parse_methods(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """Method names for max_batch (`compile-budget` stays one method: the best of its budgets)."""
     methods = []
     for name in (n.strip() for n in names):
-        name = "checkmate" if name == "auto" else name
         if name not in (*MILP_METHODS, *BASELINES, COMPILE_PREFIX) and compile_budget_of(name) is None:
             known = ", ".join((*MILP_METHODS, *BASELINES, COMPILE_PREFIX, f"{COMPILE_PREFIX}-B"))
             raise ValueError(f"unknown method {name!r}: choose from {known} (B between 0 and 1)")

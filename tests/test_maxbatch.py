@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from remat.compare import compare
 from remat.maxbatch import BatchTraces, Probe, largest_batch, max_batch, method_candidates, parse_methods
+from remat.report import headers
 from remat.simulate import simulate
 from remat.trace import trace_model
 from solvers.registry import solve_with
@@ -93,9 +95,17 @@ def test_remat_plan_fits_the_largest_batch(traces):
     assert not any(c.fits(BUDGET) for c in method_candidates(traces, "compile-budget", compile_best.batch + 1, BUDGET))
 
 
+def test_compare_rows_carry_the_largest_batch(traces):
+    traced = traces.traced(8)
+    comparison = compare(traced, [BUDGET], ["store-all", "per-block"], batch_traces=traces)
+    for row in comparison.rows:
+        assert row.max_batch == max_batch(traces, row.method, BUDGET, start=8).batch > 0
+    assert "max batch" in headers(comparison)
+
+
 def test_methods_parse():
-    assert parse_methods(["auto", "compile-budget", "compile-budget-0.5"]) == (
-        "checkmate", "compile-budget", "compile-budget-0.5")
+    assert parse_methods(["auto", "checkmate", "compile-budget", "compile-budget-0.5"]) == (
+        "auto", "checkmate", "compile-budget", "compile-budget-0.5")
     with pytest.raises(ValueError, match="nope"):
         parse_methods(["nope"])
 

@@ -132,7 +132,7 @@ def test_json_keys_are_stable(comparison):
 
 
 def test_methods_parse_and_unknown_ones_fail():
-    assert parse_methods(["auto", "compile-budget", "per-block"]) == (
+    assert parse_methods(["checkmate", "compile-budget", "per-block"]) == (
         "checkmate", "compile-budget-1.0", "compile-budget-0.5", "compile-budget-0.2", "compile-budget-0.0",
         "per-block")
     with pytest.raises(ValueError, match="magic"):
