@@ -13,6 +13,8 @@ and the schedule costs at least  sum(compute_s) + sum(compute_s(v) * x_v)  (each
 once more). The covering MILP  min sum(c_v x_v) s.t. (C_t), x binary  is a relaxation of the scheduling
 problem, so its optimum, and any dual bound HiGHS proves for it, plus the store-all seconds is a valid
 lower bound. It is infeasible only when no schedule in that class fits (then the budget is infeasible).
+An op with several outputs counts, at t, only the outputs read at or after t (the simulator releases each
+output after its own last read), so the bound stays valid under that accounting too.
 It is loose where recomputing a value needs its inputs back too (long recomputation chains), so the
 gap it implies is an upper bound on the true gap.
 """
@@ -23,7 +25,7 @@ import math
 import time
 from dataclasses import dataclass
 
-from remat.graph import Graph
+from remat.graph import Graph, Node
 from solvers.base import SolveOptions
 
 CHAINED_MOMENTS = 12  # the most crowded moments get the chained form (recomputing needs the inputs back)
@@ -35,6 +37,21 @@ class Bound:
     method: str  # "covering", "covering-lp" (the relaxation, when the MILP ran out of time), "store-all"
     wall_s: float
     proven_infeasible: bool = False
+
+
+def parts(node: Node) -> tuple[tuple[int, tuple[int, ...]], ...]:
+    """(bytes, readers) of each output of an op with several that the simulator releases one by one; () else.
+    (getattr: graphs saved before outputs were tracked separately have no such fields.)"""
+    return tuple(zip(getattr(node, "part_bytes", ()), getattr(node, "part_users", ()), strict=True))
+
+
+def held_bytes(node: Node, t: int, read_by_t: bool) -> int:
+    """Bytes of a value, computed once before node t first runs, still in memory while t runs: all of them, or
+    for an op with several outputs (remat/simulate.py releases each after its own last read) the outputs that
+    a node after t reads (or t itself, when t reads the value)."""
+    if not parts(node):
+        return node.output_bytes
+    return sum(size for size, users in parts(node) if any(u > t or (read_by_t and u == t) for u in users))
 
 
 def covering_bound(graph: Graph, budget_bytes: int, options: SolveOptions | None = None,
@@ -75,8 +92,9 @@ def covering_bound(graph: Graph, budget_bytes: int, options: SolveOptions | None
         alive.update(starts.get(t, ()))
         alive = {v for v in alive if last_user[v] > t}
         deps = set(nodes[t].deps)
-        optional = sorted(v for v in alive if v not in deps)
-        over = graph.working_set_bytes(t) + sum(nodes[v].output_bytes for v in optional) - capacity
+        optional = sorted(v for v in alive if v not in deps and held_bytes(nodes[v], t, read_by_t=False) > 0)
+        forced = nodes[t].output_bytes + nodes[t].workspace_bytes + sum(held_bytes(nodes[d], t, True) for d in deps)
+        over = forced + sum(held_bytes(nodes[v], t, False) for v in optional) - capacity
         if over > 0:
             moments.append((over, t, optional))
     if not moments:
@@ -95,8 +113,8 @@ def covering_bound(graph: Graph, budget_bytes: int, options: SolveOptions | None
         deps = set(nodes[t].deps)
         if t not in chained:
             # (C_t): the values dropped must free at least `over` bytes
-            problem += (pulp.lpSum(nodes[v].output_bytes / scale * recomputed(v) for v in optional) >= over / scale,
-                        f"C_{t}")
+            problem += (pulp.lpSum(held_bytes(nodes[v], t, False) / scale * recomputed(v) for v in optional)
+                        >= over / scale, f"C_{t}")
             continue
         # Chained form at t: y_v = v absent at t (then computed again after t, so x_v >= y_v). Recomputing v
         # after t needs each input w back: w alive across t is present unless it is absent (and recomputed)
@@ -104,21 +122,25 @@ def covering_bound(graph: Graph, budget_bytes: int, options: SolveOptions | None
         # through t (h_w: its bytes count at t) or is computed again after t (y_w, x_w >= y_w).
         y: dict[int, pulp.LpVariable] = {v: problem.add_variable(f"y_{t}_{v}", 0, 1, pulp.LpBinary) for v in optional}
         held: dict[int, pulp.LpVariable] = {}
+        held_size: dict[int, int] = {}
         stack = list(optional)
         while stack:
             v = stack.pop()
             for w in set(nodes[v].deps):
                 if w in deps or w in y and w not in held:
                     continue  # present at t unless absent itself (then recomputed): nothing to add
+                if parts(nodes[w]):
+                    continue  # which of its outputs are in memory at t is not tracked here: no constraint (weaker)
                 if w not in held:  # a dead input: held through t, or computed again after t
                     held[w] = problem.add_variable(f"h_{t}_{w}", 0, 1, pulp.LpBinary)
                     y[w] = problem.add_variable(f"y_{t}_{w}", 0, 1, pulp.LpBinary)
                     stack.append(w)
+                held_size[w] = nodes[w].output_bytes
                 problem.addConstraint(y[v] <= y[w] + held[w], f"chain_{t}_{v}_{w}")
         for v, gone in y.items():
             problem.addConstraint(gone <= recomputed(v), f"once_{t}_{v}")
-        problem += (pulp.lpSum(nodes[v].output_bytes / scale * y[v] for v in optional)
-                    - pulp.lpSum(nodes[w].output_bytes / scale * h for w, h in held.items()) >= over / scale,
+        problem += (pulp.lpSum(held_bytes(nodes[v], t, False) / scale * y[v] for v in optional)
+                    - pulp.lpSum(held_size[w] / scale * h for w, h in held.items()) >= over / scale,
                     f"C_{t}")
     problem += pulp.lpSum(nodes[v].compute_s / second * var for v, var in x.items())
     outcome = solve_problem(problem, options)

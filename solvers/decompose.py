@@ -33,6 +33,7 @@ from remat.schedule import COMPUTE, FREE, Op, Schedule
 from remat.simulate import simulate
 from solvers.base import FEASIBLE, NO_SOLUTION, SolveOptions, SolverResult, settled_without_solving
 from solvers.baselines import _in_module, find_blocks, first_backward_index
+from solvers.bounds import parts
 
 CURVE_POINTS = 6  # spread options per block class, between the least gap bytes and store-all's
 LOCAL_MIP_GAP = 5e-3  # the block MILP stops within 0.5% of its optimum: the curve needs many points more
@@ -111,7 +112,15 @@ def local_problem(graph: Graph, forward: range, backward: range) -> LocalProblem
                               is_backward=False))
             continue
         node = graph.nodes[g]
-        nodes.append(replace(node, deps=tuple(local_of[d] for d in node.deps if d in local_of), fx_nodes=()))
+        local = replace(node, deps=tuple(local_of[d] for d in node.deps if d in local_of), fx_nodes=())
+        if parts(node):  # an op's outputs released one by one: their readers, in local indices (the gap for
+            # an export's output that a later backward reads)
+            readers = tuple(tuple(sorted({local_of[u] for u in users if u in local_of}
+                                         | ({gap} if local_of[g] in exports and any(
+                                             u not in member_set and u >= backward_start for u in users) else set())))
+                            for _, users in parts(node))
+            local = replace(local, part_users=readers)
+        nodes.append(local)
     outputs = tuple(l for l, g in enumerate(to_global) if g >= 0 and g in backward
                     and (g in graph.outputs or any(u not in member_set for u in graph.users[g])))
     # The values read from outside (the block input, a shared mask, the incoming gradient) count as fixed
@@ -135,9 +144,19 @@ class BlockOption:
     status: str
 
 
-def with_gap_workspace(problem: LocalProblem, workspace_bytes: int) -> Graph:
+def milp_graph(problem: LocalProblem, gap_workspace_bytes: int) -> Graph:
+    """The block as the MILP sees it: the gap node with its workspace, and every op with several outputs held
+    as one value of the outputs read after the gap (layer norm's mean and rstd), the others counted as its
+    workspace. The MILP holds a node's outputs together; the simulator releases each after its last read, so
+    without this the MILP would pay for a layer norm's whole output to keep its statistics. Options are
+    measured on the block itself afterwards (option_from_rows), so this view only steers the search."""
     nodes = list(problem.graph.nodes)
-    nodes[problem.gap] = replace(nodes[problem.gap], workspace_bytes=workspace_bytes)
+    for i, node in enumerate(nodes):
+        if parts(node):
+            later = sum(size for size, users in parts(node) if any(u >= problem.gap for u in users))
+            nodes[i] = replace(node, output_bytes=later, part_bytes=(), part_users=(),
+                               workspace_bytes=node.workspace_bytes + node.output_bytes - later)
+    nodes[problem.gap] = replace(nodes[problem.gap], workspace_bytes=gap_workspace_bytes)
     return replace(problem.graph, nodes=tuple(nodes))
 
 
@@ -186,7 +205,7 @@ def block_options(problem: LocalProblem, targets: list[int], options: SolveOptio
             break
         share = left / (len(targets) - position)
         warm = max((s for s in solved if s[0] <= target), default=None, key=lambda s: s[0])
-        graph = with_gap_workspace(problem, capacity - target)
+        graph = milp_graph(problem, capacity - target)
         result = solve_checkmate(graph, budget, replace(options, time_limit_s=share, mip_gap=LOCAL_MIP_GAP,
                                                         warm_start=warm[1] if warm else None),
                                  constrain=block_rules)
@@ -308,28 +327,28 @@ def measure_phases(graph: Graph, layout: BlockLayout, schedule: Schedule, stages
             region[t] = ("f", k)
         for t in layout.backward[k]:
             region[t] = ("b", k)
-    live = [False] * len(graph)
+    held = [0] * len(graph)  # bytes node i holds now (outputs of a multi-output op are released one by one)
+    counted = [False] * len(graph)  # whether node i's bytes are counted as its block's
+    releases = part_releases(graph, schedule)
     owned = 0
     forward_outside, backward_outside = [0] * blocks, [0] * blocks
-    between: dict[int, list[int]] = {}  # stage-run key -> [outside bytes, blocks in gap]
+    between: dict[int, list[int]] = {}  # stage -> [outside bytes, blocks in their gap]
     for position, op in enumerate(schedule.ops):
-        node = graph.nodes[op.node]
-        t = stages[position]
-        k_owner = owner.get(op.node)
-        if op.kind == COMPUTE and not live[op.node] and k_owner is not None and _active(layout, k_owner, t):
-            owned_during = owned + node.output_bytes + node.workspace_bytes
-        else:
-            owned_during = owned
-        outside = sim.timeline_bytes[position] - fixed - (owned_during if op.kind == COMPUTE else owned)
+        i, node, t = op.node, graph.nodes[op.node], stages[position]
+        mine = owner.get(i) is not None and _active(layout, owner[i], t)
         if op.kind == COMPUTE:
-            if not live[op.node]:
-                live[op.node] = True
-                if k_owner is not None and _active(layout, k_owner, t):
-                    owned += node.output_bytes
+            owned_during = owned + (node.output_bytes + node.workspace_bytes if mine and not held[i] else 0)
+            outside = sim.timeline_bytes[position] - fixed - owned_during
+            if not held[i]:
+                held[i], counted[i] = node.output_bytes, mine
+                owned += node.output_bytes if mine else 0
+            for part_owner, size in releases.get(position, ()):
+                held[part_owner] -= size
+                owned -= size if counted[part_owner] else 0
         else:
-            live[op.node] = False
-            if k_owner is not None and _active(layout, k_owner, t):
-                owned -= node.output_bytes
+            owned -= held[i] if counted[i] else 0
+            held[i], counted[i] = 0, False
+            outside = sim.timeline_bytes[position] - fixed - owned
         where = region.get(t)
         if where is None:
             past = sum(1 for k in range(blocks) if layout.forward[k].stop <= t and layout.backward[k].start > t)
@@ -343,12 +362,37 @@ def measure_phases(graph: Graph, layout: BlockLayout, schedule: Schedule, stages
         if position + 1 < len(stages) and stages[position + 1] != t:
             for k in range(blocks):
                 if layout.backward[k].stop - 1 == t:
-                    owned -= sum(graph.nodes[i].output_bytes for i in (*layout.forward[k], *layout.backward[k])
-                                 if live[i])
+                    for v in (*layout.forward[k], *layout.backward[k]):
+                        owned -= held[v] if counted[v] else 0
+                        counted[v] = False
     merged: dict[int, int] = {}
     for outside, past in between.values():
         merged[past] = max(merged.get(past, 0), outside)
     return Phases(tuple(forward_outside), tuple(backward_outside), tuple(sorted(merged.items(), key=lambda x: x[1])))
+
+
+def part_releases(graph: Graph, schedule: Schedule) -> dict[int, list[tuple[int, int]]]:
+    """position -> (node, bytes) of the outputs of multi-output ops that remat/simulate.py releases right after
+    that instruction: each output after its last read before the op's next free or computation (right after
+    the op if nothing reads it). Empty for graphs without such ops."""
+    readers = {i: parts(node) for i, node in enumerate(graph.nodes) if parts(node)}
+    releases: dict[int, list[tuple[int, int]]] = {}
+    if not readers:
+        return releases
+    last_read: dict[tuple[int, int], int] = {}  # (node, output) -> its last read in the lifetime being swept
+    for position in range(len(schedule.ops) - 1, -1, -1):
+        op = schedule.ops[position]
+        if op.kind == COMPUTE:
+            for dep in set(graph.nodes[op.node].deps):
+                for k, (_, users) in enumerate(readers.get(dep, ())):
+                    if op.node in users:
+                        last_read.setdefault((dep, k), position)
+            for k, (size, _) in enumerate(readers.get(op.node, ())):
+                releases.setdefault(last_read.pop((op.node, k), position), []).append((op.node, size))
+        else:
+            for k in range(len(readers.get(op.node, ()))):
+                last_read.pop((op.node, k), None)
+    return releases
 
 
 def _active(layout: BlockLayout, k: int, t: int) -> bool:
