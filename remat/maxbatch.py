@@ -256,17 +256,22 @@ def max_batch(traces: BatchTraces, method: str, budget_bytes: int, start: int = 
     started = time.perf_counter()
     outcomes: dict[int, Outcome] = {}
 
+    def baselines(batch: int) -> list[Candidate]:
+        return [c for name in BASELINES for c in method_candidates(traces, name, batch, budget_bytes)]
+
     def others(batch: int) -> list[Candidate]:
-        found = method_candidates(traces, COMPILE_PREFIX, batch, budget_bytes)
-        return found + [c for name in BASELINES for c in method_candidates(traces, name, batch, budget_bytes)]
+        return method_candidates(traces, COMPILE_PREFIX, batch, budget_bytes) + baselines(batch)
 
     def probe(batch: int) -> Probe:
         if method in MILP_METHODS:
             graph = traces.graph(batch)
             if graph.min_budget_lower_bound() > budget_bytes:
                 return Probe(batch, False, graph.min_budget_lower_bound())
-            candidates = others(batch)
+            candidates = baselines(batch)  # cheap: a baseline that fits settles the probe
             outcome = best_outcome(candidates, budget_bytes)
+            if not outcome.fits:
+                candidates = others(batch)  # torch's choices (its partitioner, a second or two each), then the MILP
+                outcome = best_outcome(candidates, budget_bytes)
             if not outcome.fits:
                 outcome = milp_outcome(traces, method, batch, budget_bytes, time_limit_s, candidates)
             outcomes[batch] = outcome

@@ -83,6 +83,7 @@ def test_fits_at_the_result_and_not_one_above(traces, method):
         assert result.overhead == pytest.approx(0.0)
 
 
+@pytest.mark.slow  # a MILP solve at each batch above the baselines' (about 30 s a probe on a loaded 2-core machine)
 def test_remat_plan_fits_the_largest_batch(traces):
     found = {m: max_batch(traces, m, BUDGET, start=8, time_limit_s=3)
              for m in ("store-all", "per-block", "compile-budget", "checkmate")}
