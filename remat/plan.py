@@ -24,8 +24,8 @@ from solvers.decompose import decompose_applies
 from solvers.registry import SOLVER_NAMES, solve_with
 
 MAX_EXACT_NODES = 100  # larger graphs are coarsened to this size (when no decomposition applies)
-MAX_WHOLE_NODES = 160  # the MILP takes graphs up to this size whole: warm-started, it never does worse than the
-#                        best baseline, and on VGG16 (155 nodes) it beat the coarsened MILP (+1.8% vs +10.2% at 90%)
+MAX_WHOLE_NODES = 100  # the MILP takes graphs up to this size whole. VGG16 (155 nodes) whole: +1.8% at 90% in one
+#                        run, but no better than chen-greedy and 65 s for a 30 s limit (build and min-peak) in another
 
 
 @dataclass(frozen=True)

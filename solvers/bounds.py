@@ -67,8 +67,6 @@ def covering_bound(graph: Graph, budget_bytes: int, options: SolveOptions | None
     nodes = graph.nodes
     if n == 0:
         return Bound(0.0, "store-all", 0.0)
-    if budget_bytes < graph.min_budget_lower_bound():
-        return Bound(None, "covering", time.perf_counter() - started, proven_infeasible=True)
     last_user = [max(graph.users[v], default=v) for v in range(n)]
     capacity = budget_bytes - graph.fixed.total_bytes
     scale = max(capacity, 1) / 1000.0  # model units of memory, as in the MILP
@@ -94,6 +92,8 @@ def covering_bound(graph: Graph, budget_bytes: int, options: SolveOptions | None
         deps = set(nodes[t].deps)
         optional = sorted(v for v in alive if v not in deps and held_bytes(nodes[v], t, read_by_t=False) > 0)
         forced = nodes[t].output_bytes + nodes[t].workspace_bytes + sum(held_bytes(nodes[d], t, True) for d in deps)
+        if forced > capacity:  # t's run alone does not fit (its inputs' outputs that t or a later op reads)
+            return Bound(None, "covering", time.perf_counter() - started, proven_infeasible=True)
         over = forced + sum(held_bytes(nodes[v], t, False) for v in optional) - capacity
         if over > 0:
             moments.append((over, t, optional))

@@ -59,7 +59,7 @@ def test_small_graph_is_solved_whole_and_never_worse_than_a_fitting_baseline():
 
 
 def test_large_graph_is_coarsened_twice_and_the_plan_is_valid():
-    graph = chain_training_graph(85)  # 171 nodes, more than MAX_WHOLE_NODES
+    graph = chain_training_graph(70)  # 141 nodes, more than MAX_WHOLE_NODES
     assert len(graph) > MAX_WHOLE_NODES
     store_all_peak = solve(graph, 10**9).store_all.peak_bytes
     budget = store_all_peak // 2
