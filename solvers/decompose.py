@@ -38,7 +38,7 @@ from solvers.bounds import parts
 CURVE_POINTS = 6  # spread options per block class, between the least gap bytes and store-all's
 LOCAL_MIP_GAP = 5e-3  # the block MILP stops within 0.5% of its optimum: the curve needs many points more
 CURVE_SHARE = 0.8  # of the time limit, for the block MILPs
-MAX_REPAIRS = 4  # DP reruns with a margin when the stitched schedule overshoots the budget
+MAX_REPAIRS = 8  # DP reruns with a margin when the stitched schedule overshoots the budget, then bisection
 DP_BINS = 512  # the DP rounds bytes up to this fraction of the capacity
 MIN_BLOCK_NODES = 8  # mean forward nodes per block below which `auto` does not decompose (VGG's single layers)
 
@@ -217,6 +217,44 @@ def block_options(problem: LocalProblem, targets: list[int], options: SolveOptio
             continue  # a fallback schedule that runs something in the gap is not an option of this block
         found.append(option_from_rows(problem, rows, result.status))
         solved.append((target, result.schedule))
+    return found
+
+
+def greedy_options(problem: LocalProblem) -> list[BlockOption]:
+    """Options without a solver, so that a block has a curve even when the MILP gets little time: drop the
+    forward values the backward reads, cheapest to bring back per byte first, each recomputed (with the
+    inputs it needs that are not held) at its first reader in the backward. One option per prefix."""
+    local, gap = problem.graph, problem.gap
+    exports = set(local.nodes[gap].deps)
+    read_later = {v for v in range(gap) if any(u > gap for u in local.users[v])}
+    candidates = [v for v in read_later if v not in exports and local.nodes[v].output_bytes > 0]
+
+    def needed(v: int, dropped: set[int]) -> set[int]:
+        """v and the forward values it needs back: dropped ones and those nobody holds (read only forward)."""
+        found, stack = set(), [v]
+        while stack:
+            w = stack.pop()
+            if w in found:
+                continue
+            found.add(w)
+            stack.extend(d for d in local.nodes[w].deps if d not in exports and (d in dropped or d not in read_later))
+        return found
+
+    def later_bytes(v: int) -> int:
+        node = local.nodes[v]
+        return (sum(size for size, users in parts(node) if any(u > gap for u in users)) if parts(node)
+                else node.output_bytes)
+
+    order = sorted(candidates, key=lambda v: sum(local.nodes[w].compute_s for w in needed(v, {v}))
+                   / max(1, later_bytes(v)))
+    found: list[BlockOption] = []
+    for count in range(1, len(order) + 1):
+        dropped = set(order[:count])
+        rows = [[t] for t in range(len(local))]
+        for v in dropped:
+            first = min(u for u in local.users[v] if u > gap)
+            rows[first] = sorted(set(rows[first]) | needed(v, dropped))
+        found.append(option_from_rows(problem, rows, FEASIBLE))
     return found
 
 
@@ -556,28 +594,44 @@ def solve_decompose(graph: Graph, budget_bytes: int, options: SolveOptions | Non
         left = curve_deadline - time.perf_counter()
         found = block_options(problem, curve_targets(least, store_all[members[0]][0].gap_bytes, wanted), options,
                               time.perf_counter() + left / (len(class_list) - position))
+        found = found[1:] + greedy_options(problem)
         for k in members:  # the rows fit every block of the class; measure them on each block's own sizes
             curves[k] = pareto(store_all[k] + [option_from_rows(problems[k], [list(r) for r in o.rows], o.status)
-                                               for o in found[1:]])
+                                               for o in found])
 
     forward_s = [sum(graph.nodes[i].compute_s for i in f) for f in layout.forward]  # a segment's recomputation
-    margin = 0
+    # The DP's accounting can miss bytes (outside values shifting with the choice, a segment's recomputation
+    # transient): rerun it with a margin until the stitched schedule fits, then bisect the margin between the
+    # largest that overshot and the smallest that fit, to give back what a wide margin wasted.
+    margin, overshot, fitted = 0, None, None
     best: tuple[Schedule, float, int] | None = None
     tried = []
     for _ in range(MAX_REPAIRS + 1):
         chosen = combine(layout, curves, phases, capacity - margin, forward_s)
-        if chosen is None:
+        if chosen is None:  # no choice fits the DP's accounting at this margin (bisection never gets here)
             break
-        rows = prune_rows(graph, stitch(graph, layout, problems, chosen))
-        schedule, _ = emit(graph, rows)
-        sim = simulate(graph, schedule)
-        assert sim.valid, sim.errors  # emit is valid for any rows
-        tried.append({"margin_bytes": margin, "peak_bytes": sim.peak_bytes, "compute_s": sim.compute_s,
-                      "dropped_exports": [k for k, c in enumerate(chosen) if c.drops_export]})
-        if sim.peak_bytes <= budget_bytes:
-            best = (schedule, sim.compute_s, sim.peak_bytes)
-            break
-        margin = max(2 * margin, margin + sim.peak_bytes - budget_bytes)  # outside bytes shifted: a wider margin
+        else:
+            rows = prune_rows(graph, stitch(graph, layout, problems, chosen))
+            schedule, _ = emit(graph, rows)
+            sim = simulate(graph, schedule)
+            assert sim.valid, sim.errors  # emit is valid for any rows
+            tried.append({"margin_bytes": margin, "peak_bytes": sim.peak_bytes, "compute_s": sim.compute_s,
+                          "dropped_exports": [k for k, c in enumerate(chosen) if c.drops_export]})
+            if sim.peak_bytes <= budget_bytes:
+                if best is None or sim.compute_s < best[1]:
+                    best = (schedule, sim.compute_s, sim.peak_bytes)
+                fitted = margin
+            else:
+                overshot = margin
+        if fitted == 0:
+            break  # the DP's own optimum fits: nothing to give back
+        if fitted is None:  # still over: widen
+            margin = max(2 * margin, margin + sim.peak_bytes - budget_bytes)
+        else:
+            low = overshot if overshot is not None and overshot < fitted else 0
+            if fitted - low < capacity // 1000:
+                break
+            margin = (low + fitted) // 2
     detail = {"blocks": len(problems), "block_classes": len(classes), "wanted_gap_bytes": wanted,
               "block_nodes": [len(p.graph) - 1 for p in problems[:1]],
               "curve": [{"gap_bytes": o.gap_bytes, "compute_s": o.compute_s, "status": o.status,
