@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from remat.graph import Graph, Node
 from solvers.base import SolveOptions
@@ -147,9 +147,17 @@ def covering_bound(graph: Graph, budget_bytes: int, options: SolveOptions | None
     wall_s = time.perf_counter() - started
     if outcome.status == "infeasible":
         return Bound(None, "covering", wall_s, proven_infeasible=True)
-    if outcome.bound is None or not math.isfinite(outcome.bound):
-        return Bound(graph.compute_s, "store-all", wall_s)
     method = "covering" if outcome.status == "optimal" else "covering (dual bound at the time limit)"
+    if outcome.bound is None or not math.isfinite(outcome.bound):
+        # The MILP's root did not finish in time (large graphs, a busy machine): its LP relaxation is a bound too.
+        for variable in problem.variables():
+            variable.cat = pulp.LpContinuous
+        outcome = solve_problem(problem, replace(options, time_limit_s=max(options.time_limit_s, 30.0)), mip=False)
+        wall_s = time.perf_counter() - started
+        if outcome.status != "optimal" or outcome.objective is None:
+            return Bound(graph.compute_s, "store-all", wall_s)
+        outcome = replace(outcome, bound=outcome.objective)
+        method = "covering (LP relaxation)"
     # HiGHS's bound carries its tolerances: shave a relative 1e-9 so rounding never lifts it past the optimum
     extra_s = max(0.0, outcome.bound * second * (1 - 1e-9))
     return Bound(graph.compute_s + extra_s, method, wall_s)
