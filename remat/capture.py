@@ -15,6 +15,7 @@ repeated-block baselines and the reports need them.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -246,7 +247,10 @@ def aliasing_input(node: torch.fx.Node) -> torch.fx.Node | None:
     returns = schema.returns
     if not returns or returns[0].alias_info is None:
         return None
-    alias_sets = returns[0].alias_info.before_set
+    # "Tensor(a)[]" (split, unbind, chunk): a list of views; the alias set sits on the element type,
+    # which the Python binding does not expose, so read it off the return's text.
+    alias_sets = returns[0].alias_info.before_set or set(
+        re.findall(r"^\(?Tensor\((\w+)\)\[\]", str(schema).rsplit(" -> ", 1)[-1]))
     for argument, value in zip(schema.arguments, node.args, strict=False):
         if argument.alias_info is not None and argument.alias_info.before_set & alias_sets:
             return value if isinstance(value, torch.fx.Node) else None

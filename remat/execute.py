@@ -26,6 +26,7 @@ is freed after its last read in the backward, not when the step ends.
 from __future__ import annotations
 
 import contextlib
+import copy
 import operator
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +35,7 @@ import torch
 import torch.fx
 from torch._prims.rng_prims import run_and_save_rng_state, run_with_rng_state
 
-from remat.capture import CapturedStep
+from remat.capture import CapturedStep, aliasing_input
 from remat.graph import Graph
 from remat.schedule import COMPUTE, FREE, Schedule
 
@@ -57,8 +58,12 @@ class PartitionedStep:
     saved_names: list[str]  # joint FX names of the saved tensors
     rng_names: list[str]  # joint FX names of the random ops recomputed in the backward
     tangent: Any  # a fake (meta) tensor: the loss tangent's shape and dtype
-    # Per FX node name of either graph: the Graph node it computes (for memory accounting).
-    graph_node_of: dict[str, int] = field(default_factory=dict)
+    # Copies (FX node names of either graph) whose result is gradient storage, the fixed memory the
+    # plan does not count as activations: None for the whole result, else the outputs k of a tuple.
+    gradient_storage: dict[str, set[int] | None] = field(default_factory=dict)
+    # Copy name -> (joint FX name, position of the compute instruction that made it): for checking
+    # a run against the schedule op by op.
+    origin: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     @property
     def num_saved(self) -> int:
@@ -109,7 +114,8 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
     replayed = {name for name, index in node_of.items() if counts[index] > 1 and is_random(by_name[name])}
     cut = first_backward_position(graph, schedule)
 
-    graph_node_of: dict[str, int] = {}
+    copies: dict[str, list[str]] = {}  # joint name -> the names of its copies
+    origin: dict[str, tuple[str, int]] = {}
     first_copy: dict[str, torch.fx.Node] = {}  # joint name -> its first copy, for the outputs
     rng_state: dict[str, torch.fx.Node] = {}  # joint name of a random op -> its saved RNG state
 
@@ -136,11 +142,12 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
                 raise ExecuteError(f"instruction {position}: unknown kind {op.kind!r}")
             reader = f"{part} instruction {position}: compute({op.node}) {node.name}"
             for name in names:
-                copy = _copy(target, by_name[name], lambda x, r=reader: lookup(x, r), name in replayed,
+                clone = _copy(target, by_name[name], lambda x, r=reader: lookup(x, r), name in replayed,
                              rng_state, current)
-                current[name] = copy
-                graph_node_of[copy.name] = op.node
-                first_copy.setdefault(name, copy)
+                current[name] = clone
+                copies.setdefault(name, []).append(clone.name)
+                origin[clone.name] = (name, position)
+                first_copy.setdefault(name, clone)
 
     # Forward: the instructions before the cut.
     forward = torch.fx.Graph()
@@ -199,8 +206,31 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
         saved_names=saved_names,
         rng_names=rng_names,
         tangent=tangent.meta.get("val"),
-        graph_node_of=graph_node_of,
+        gradient_storage=_gradient_storage([by_name[name] for name, _ in grads], copies),
+        origin=origin,
     )
+
+
+def _gradient_storage(gradients: list[torch.fx.Node], copies: dict[str, list[str]]) -> dict[str, set[int] | None]:
+    storage: dict[str, set[int] | None] = {}
+    for value in gradients:
+        source, part = _storage_source(value)
+        for name in copies.get(source, ()):
+            if part is None:
+                storage[name] = None
+            elif storage.get(name, set()) is not None:
+                storage[name] = storage.get(name, set()) | {part}
+    return storage
+
+
+def _storage_source(value: torch.fx.Node) -> tuple[str, int | None]:
+    """The joint node whose result holds `value`'s storage: (name, None), or (name, k) when it is
+    output k of a multi-output op."""
+    while (base := aliasing_input(value)) is not None:
+        if value.target is operator.getitem and aliasing_input(base) is None:
+            return base.name, value.args[1]
+        value = base
+    return value.name, None
 
 
 def _copy(target: torch.fx.Graph, joint_node: torch.fx.Node, lookup, replayed: bool,
@@ -298,7 +328,6 @@ class StepRunner:
         elif backend != "eager":
             raise ValueError(f"unknown backend {backend!r}: choose eager or inductor")
         self.memory: StepMemory | None = None  # set by `measuring()`: run through the counting interpreter
-        self._zero_byte = {i for i in graph.outputs if graph.nodes[i].output_bytes == 0}  # gradients
 
     def loss(self, primals: list[Any]) -> torch.Tensor:
         return _PlannedStep.apply(self, *primals)
@@ -391,9 +420,11 @@ class _CountingInterpreter(torch.fx.Interpreter):
             return result
         if node.target is run_and_save_rng_state:
             self._exclude(result[0], memory)
-        index = self.runner.parts.graph_node_of.get(node.name)
-        if index in self.runner._zero_byte:
-            self.excluded.update(t.untyped_storage().data_ptr() for t in _tensors(result))
+        gradient = self.runner.parts.gradient_storage
+        if node.name in gradient:  # gradients are fixed memory
+            parts = gradient[node.name]
+            storage = result if parts is None else [result[k] for k in parts]
+            self.excluded.update(t.untyped_storage().data_ptr() for t in _tensors(storage))
         held: dict[int, int] = {}
         for value in (*self.env.values(), result):
             for tensor in _tensors(value):
@@ -411,11 +442,26 @@ class _CountingInterpreter(torch.fx.Interpreter):
 
 
 def compile_inductor(parts: PartitionedStep):
-    """Both graphs compiled by Inductor (which may reorder and fuse: measure its memory, don't assume it)."""
-    from torch._inductor.compile_fx import compile_fx_inner
+    """Both graphs compiled by Inductor, at their first call (Inductor wants real example inputs).
 
-    compiled = []
-    for module in (parts.forward, parts.backward):
-        example = [n.meta.get("val") for n in module.graph.find_nodes(op="placeholder")]
-        compiled.append(compile_fx_inner(module, example))
-    return compiled[0], compiled[1]
+    Inductor decomposes, fuses and may reorder ops within each graph: it keeps the planned
+    saved set and recomputations (they are in the graphs), but its peak must be measured, not assumed.
+    """
+    return _InductorGraph(parts.forward), _InductorGraph(parts.backward)
+
+
+class _InductorGraph:
+    def __init__(self, module: torch.fx.GraphModule):
+        graph = copy.deepcopy(module.graph)
+        graph.set_codegen(torch.fx.graph.CodeGen())  # Inductor calls graphs with positional arguments
+        self.module = torch.fx.GraphModule(module, graph)
+        self.compiled = None
+
+    def __call__(self, values: list[Any]) -> Any:
+        if self.compiled is None:
+            from torch._inductor.compile_fx import compile_fx
+
+            self.compiled = compile_fx(self.module, list(values))
+        args = list(values)
+        values.clear()
+        return self.compiled(*args)

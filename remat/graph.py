@@ -33,6 +33,11 @@ class Node:
     module: str = ""  # module path that issued the op ("transformer.h.3.attn"), "" if unknown
     shape: str = ""  # human-readable output, e.g. "bf16[16, 1024, 768]"
     fx_nodes: tuple[str, ...] = ()  # FX nodes folded into this one (views, getitem), for execute
+    # An op with several outputs (layer norm's output, mean and rstd) holds each in its own storage,
+    # freed after its own last read. part_bytes[k]: output k's bytes (they sum to output_bytes);
+    # part_users[k]: the nodes that read output k. Empty for ops with one output.
+    part_bytes: tuple[int, ...] = ()
+    part_users: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,10 @@ class Graph:
             for dep in node.deps:
                 if not 0 <= dep < index:
                     raise ValueError(f"node {index} ({node.name}) depends on {dep}: not topological")
+            if node.part_bytes and (len(node.part_users) != len(node.part_bytes)
+                                    or sum(node.part_bytes) != node.output_bytes):
+                raise ValueError(f"node {index} ({node.name}): part_bytes must sum to output_bytes, "
+                                 "with one list of users each")
         for out in self.outputs:
             if not 0 <= out < len(self.nodes):
                 raise ValueError(f"output {out} is not a node")
@@ -103,6 +112,7 @@ class Graph:
         """What identifies the graph a plan fits: ops, dependencies, shapes, sizes (not costs)."""
         return {
             "nodes": [[n.name, n.op, list(n.deps), n.output_bytes, n.workspace_bytes, n.shape, n.is_backward]
+                      + ([list(n.part_bytes), [list(u) for u in n.part_users]] if n.part_bytes else [])
                       for n in self.nodes],
             "outputs": list(self.outputs),
             "fixed": asdict(self.fixed),
@@ -129,7 +139,9 @@ class Graph:
         if version != SCHEMA_VERSION:
             raise ValueError(f"graph schema version {version!r}, this remat reads version {SCHEMA_VERSION}")
         nodes = tuple(
-            Node(**{**n, "deps": tuple(n["deps"]), "fx_nodes": tuple(n.get("fx_nodes", ()))})
+            Node(**{**n, "deps": tuple(n["deps"]), "fx_nodes": tuple(n.get("fx_nodes", ())),
+                    "part_bytes": tuple(n.get("part_bytes", ())),
+                    "part_users": tuple(tuple(u) for u in n.get("part_users", ()))})
             for n in data["nodes"]
         )
         graph = cls(nodes=nodes, outputs=tuple(data["outputs"]), fixed=FixedMemory(**data["fixed"]),

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -41,11 +42,16 @@ def lower(step: CapturedStep, profile: DeviceProfile, optimizer: str = "adamw", 
     owner: dict[torch.fx.Node, torch.fx.Node] = {p: p for p in placeholders}
     folded: dict[torch.fx.Node, list[str]] = {}
     compute_fx: list[torch.fx.Node] = []
+    part_of: dict[torch.fx.Node, int] = {}  # getitem k of a multi-output op, and views of it -> k
     for fx_node in (n for n in fx_graph.nodes if n.op == "call_function"):  # in graph order
         base = aliasing_input(fx_node)
         if base is not None and base in owner:
             owner[fx_node] = owner[base]
             folded.setdefault(owner[base], []).append(fx_node.name)
+            if base in part_of:
+                part_of[fx_node] = part_of[base]
+            elif fx_node.target is operator.getitem and base is owner[base] and _parts(base) is not None:
+                part_of[fx_node] = fx_node.args[1]
             continue
         if not _has_tensor(fx_node.meta.get("val")):
             continue  # asserts, symbolic sizes: no storage, nothing to schedule
@@ -54,17 +60,30 @@ def lower(step: CapturedStep, profile: DeviceProfile, optimizer: str = "adamw", 
 
     # 2. Outputs: the loss, buffer updates and gradients (whose storage is fixed gradient memory).
     output_fx = fx_graph.find_nodes(op="output")[0].args[0]
-    grad_owners: set[torch.fx.Node] = set()
+    grad_owners: set[torch.fx.Node] = set()  # the whole output is a gradient
+    grad_parts: dict[torch.fx.Node, set[int]] = {}  # outputs k of a multi-output op that are gradients
     output_owners: list[torch.fx.Node] = []
     for value, kind in zip(output_fx, step.output_kinds, strict=True):
         if kind == "none" or not isinstance(value, torch.fx.Node) or owner.get(value) not in compute_fx:
             continue
         output_owners.append(owner[value])
         if kind == "grad":
-            grad_owners.add(owner[value])
+            if value in part_of:  # e.g. convolution_backward's weight gradient; its input gradient is an activation
+                grad_parts.setdefault(owner[value], set()).add(part_of[value])
+            else:
+                grad_owners.add(owner[value])
 
     # 3. Nodes, in the joint graph's order (topological).
     index_of = {fx_node: i for i, fx_node in enumerate(compute_fx)}
+    # Readers of each output of a multi-output op; a read of the op's tuple itself reads every output.
+    part_readers: dict[torch.fx.Node, list[set[int]]] = {
+        fx_node: [set() for _ in _parts(fx_node)] for fx_node in compute_fx if _parts(fx_node) is not None}
+    for reader in compute_fx:
+        for x in reader.all_input_nodes:
+            multi = owner.get(x)
+            if multi in part_readers and multi is not reader:
+                for k in ([part_of[x]] if x in part_of else range(len(part_readers[multi]))):
+                    part_readers[multi][k].add(index_of[reader])
     tangents = {p for p in placeholders if kind_of[p] == "tangent"}
     backward: dict[torch.fx.Node, bool] = {}
     nodes = []
@@ -81,7 +100,7 @@ def lower(step: CapturedStep, profile: DeviceProfile, optimizer: str = "adamw", 
             name=fx_node.name,
             op=str(fx_node.target),
             deps=tuple(deps),
-            output_bytes=0 if fx_node in grad_owners else tensor_bytes(val),
+            output_bytes=0 if fx_node in grad_owners else tensor_bytes(val) - _grad_bytes(fx_node, grad_parts),
             compute_s=profile.node_seconds(cost_key(fx_node), flops, bytes_moved, dtype),
             is_backward=backward[fx_node],
             flops=flops,
@@ -89,6 +108,7 @@ def lower(step: CapturedStep, profile: DeviceProfile, optimizer: str = "adamw", 
             module=(fx_node.meta.get("custom") or {}).get("module", ""),
             shape=describe_value(val),
             fx_nodes=(fx_node.name, *folded.get(fx_node, ())),
+            **_part_fields(fx_node, part_readers, grad_parts.get(fx_node, set()), fx_node in grad_owners),
         ))
 
     # 4. Fixed memory. Tied parameters share one storage and one gradient.
@@ -115,6 +135,30 @@ def cost_key(fx_node: torch.fx.Node) -> str:
     ("aten.mm.default('bf16[2048, 768]', 'bf16[768, 2304]')")."""
     args, kwargs = torch.fx.node.map_arg((fx_node.args, fx_node.kwargs), lambda x: describe_value(x.meta.get("val")))
     return f"{fx_node.target}{tuple(args)!r}" + (f"{kwargs!r}" if kwargs else "")
+
+
+def _parts(fx_node: torch.fx.Node) -> list[int] | None:
+    """Bytes of each output of an op with several tensor outputs, else None. (Ops whose outputs alias
+    one storage, like split, are views: they were folded into their base, not scheduled.)"""
+    val = fx_node.meta.get("val")
+    if not isinstance(val, (tuple, list)) or len(val) < 2 or not all(isinstance(v, torch.Tensor) or v is None
+                                                                        for v in val):
+        return None
+    return [tensor_bytes(v) for v in val]  # None (convolution_backward's absent bias gradient): 0 bytes
+
+
+def _grad_bytes(fx_node: torch.fx.Node, grad_parts: dict[torch.fx.Node, set[int]]) -> int:
+    """Bytes of the outputs of a multi-output op that are gradients (fixed memory, not activations)."""
+    parts = _parts(fx_node)
+    return sum(parts[k] for k in grad_parts.get(fx_node, ())) if parts else 0
+
+
+def _part_fields(fx_node: torch.fx.Node, part_readers: dict, gradients: set[int], is_gradient: bool) -> dict:
+    if fx_node not in part_readers or is_gradient:
+        return {}
+    parts = [0 if k in gradients else size for k, size in enumerate(_parts(fx_node))]
+    return {"part_bytes": tuple(parts),
+            "part_users": tuple(tuple(sorted(readers)) for readers in part_readers[fx_node])}
 
 
 def _has_tensor(value: Any) -> bool:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from remat.graph import Graph
-from remat.schedule import Schedule
+from remat.schedule import Schedule, tighten_frees
 from remat.simulate import Simulation, simulate
 from solvers.base import FEASIBLE, INFEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions, SolverResult
 from solvers.baselines import BASELINES
@@ -279,6 +279,9 @@ def _candidate(graph: Graph, method: str, result: SolverResult, schedule: Schedu
         status, schedule = NO_SOLUTION, None
         message = f"{method} produced an invalid schedule: {simulation.errors[0]}"
         return Candidate(method, status, None, simulation, result.wall_s, message)
+    if schedule is not None:  # free each value at its last read, as the executor's graphs do
+        schedule = tighten_frees(graph, schedule)
+        simulation = simulate(graph, schedule)
     return Candidate(method, status, schedule, simulation, result.wall_s, result.message)
 
 

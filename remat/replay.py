@@ -17,6 +17,7 @@ Interpretation of the instructions:
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,9 +25,10 @@ import torch
 import torch.fx
 from torch import nn
 
-from remat.capture import CapturedStep
+from remat.capture import CapturedStep, aliasing_input
 from remat.graph import Graph
 from remat.schedule import COMPUTE, FREE, Schedule
+from remat.simulate import part_releases
 
 
 class ReplayError(RuntimeError):
@@ -164,6 +166,9 @@ def replay(step: CapturedStep, graph: Graph, schedule: Schedule, inputs: list[An
 
     live = [False] * len(graph)
     peak = 0
+    releases = part_releases(graph, schedule)
+    part_names = {i: _part_names(graph.nodes[i].fx_nodes, by_name) for i, node in enumerate(graph.nodes)
+                  if node.part_bytes}
 
     def live_bytes() -> int:
         seen: dict[int, int] = {}
@@ -217,6 +222,11 @@ def replay(step: CapturedStep, graph: Graph, schedule: Schedule, inputs: list[An
                     collected[name] = env[name]
             live[i] = True
             peak = max(peak, live_bytes())  # the new output is counted before any following free
+            if node.part_bytes:
+                env.pop(names[0], None)  # the outputs live on as getitems, each freed after its own last read
+            for owner, part in releases.get(position, ()):  # an output of a multi-output op read for the last time
+                for name in part_names[owner][part]:
+                    env.pop(name, None)
 
     # Outputs held by no Graph node (e.g. a gradient that is a view of a placeholder) are read at the end.
     for name in wanted:
@@ -236,6 +246,19 @@ def replay(step: CapturedStep, graph: Graph, schedule: Schedule, inputs: list[An
     if loss is None:
         raise ReplayError("the joint graph has no loss output")
     return ReplayResult(loss=loss, grads=grads, peak_live_bytes=peak, peak_bytes=peak + graph.fixed.total_bytes)
+
+
+def _part_names(fx_names: tuple[str, ...], by_name: dict[str, torch.fx.Node]) -> list[list[str]]:
+    """FX names of each output of a multi-output op: getitem k and the views of it."""
+    owner = by_name[fx_names[0]]
+    parts: list[list[str]] = [[] for _ in owner.meta["val"]]
+    for name in fx_names[1:]:
+        value = by_name[name]
+        while (base := aliasing_input(value)) is not None and base is not owner:
+            value = base
+        if value.target is operator.getitem:
+            parts[value.args[1]].append(name)
+    return parts
 
 
 def _run(step: CapturedStep, fx_node: torch.fx.Node, env: dict[str, Any]) -> Any:

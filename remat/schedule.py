@@ -149,3 +149,28 @@ def minimal_storage(graph: Graph, R: list[list[int]]) -> list[list[int]]:
 def compute_seconds(graph: Graph, schedule: Schedule) -> float:
     """Seconds of every compute instruction, summed in instruction order as remat.simulate does."""
     return sum(graph.nodes[op.node].compute_s for op in schedule.ops if op.kind == COMPUTE)
+
+
+def tighten_frees(graph: Graph, schedule: Schedule) -> Schedule:
+    """The same computations in the same order, each value freed right after its last read.
+
+    Never later than `schedule` frees it, so no instruction holds more memory; the executor's
+    graphs free values exactly there, so the simulated peak of the result is the peak a run
+    holds. (A coarsened plan, expanded, frees whole groups late; solvers may keep spare values.)
+    """
+    release_after: dict[int, list[int]] = {}  # position -> nodes whose last read it is
+    last_read: dict[int, int] = {}  # node -> its last read in the lifetime being swept (backwards)
+    for position in range(len(schedule.ops) - 1, -1, -1):
+        op = schedule.ops[position]
+        if op.kind == FREE:
+            last_read.pop(op.node, None)  # reads after this free belong to a later lifetime
+            continue
+        for dep in set(graph.nodes[op.node].deps):
+            last_read.setdefault(dep, position)
+        release_after.setdefault(last_read.pop(op.node, position), []).append(op.node)
+    ops: list[Op] = []
+    for position, op in enumerate(schedule.ops):
+        if op.kind == COMPUTE:
+            ops.append(op)
+            ops.extend(Op(FREE, node) for node in release_after.get(position, ()))
+    return Schedule(tuple(ops), schedule.num_nodes)

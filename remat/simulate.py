@@ -37,6 +37,8 @@ def simulate(graph: Graph, schedule: Schedule, max_errors: int = 10) -> Simulati
     nodes = graph.nodes
     fixed = graph.fixed.total_bytes
     errors: list[str] = []
+    releases = part_releases(graph, schedule)
+    held = [0] * len(nodes)  # bytes node i holds now (its parts may be released one by one)
     live = [False] * len(nodes)
     counts = [0] * len(nodes)
     live_bytes = 0
@@ -66,14 +68,20 @@ def simulate(graph: Graph, schedule: Schedule, max_errors: int = 10) -> Simulati
             if not live[i]:
                 live[i] = True
                 live_bytes += node.output_bytes
+                held[i] = node.output_bytes
             counts[i] += 1
             compute_s += node.compute_s
+            for owner, part in releases.get(position, ()):  # outputs of multi-output ops read for the last time
+                if live[owner]:
+                    live_bytes -= nodes[owner].part_bytes[part]
+                    held[owner] -= nodes[owner].part_bytes[part]
         else:
             if not live[i]:
                 errors.append(f"instruction {position}: free {node.name} which is not in memory")
             else:
                 live[i] = False
-                live_bytes -= node.output_bytes
+                live_bytes -= held[i]
+                held[i] = 0
             timeline.append(fixed + live_bytes)
         if len(errors) >= max_errors:
             break
@@ -92,3 +100,35 @@ def simulate(graph: Graph, schedule: Schedule, max_errors: int = 10) -> Simulati
         peak_op=peak_op,
         compute_counts=tuple(counts),
     )
+
+
+def part_releases(graph: Graph, schedule: Schedule) -> dict[int, list[tuple[int, int]]]:
+    """position -> the (node, output) pairs released right after that instruction.
+
+    Output k of a multi-output op computed at position t is held until its last read before the
+    op's next free or recomputation (right after t if nothing reads it), as the executor's graphs
+    free it. One backward sweep over the schedule.
+    """
+    nodes = graph.nodes
+    readers = {i: [set(users) for users in node.part_users] for i, node in enumerate(nodes) if node.part_bytes}
+    if not readers:
+        return {}
+    releases: dict[int, list[tuple[int, int]]] = {}
+    last_read: dict[tuple[int, int], int] = {}  # (node, output) -> its last read in the lifetime being swept
+    for position in range(len(schedule.ops) - 1, -1, -1):
+        op = schedule.ops[position]
+        i = op.node
+        if not 0 <= i < len(nodes):
+            continue
+        if op.kind == COMPUTE:
+            for dep in set(nodes[i].deps):
+                for part, users in enumerate(readers.get(dep, ())):
+                    if i in users:
+                        last_read.setdefault((dep, part), position)
+            if i in readers:
+                for part in range(len(readers[i])):
+                    releases.setdefault(last_read.pop((i, part), position), []).append((i, part))
+        elif i in readers:
+            for part in range(len(readers[i])):
+                last_read.pop((i, part), None)
+    return releases

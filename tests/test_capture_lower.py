@@ -149,3 +149,36 @@ def test_roofline_costs_matmuls_by_flops_and_elementwise_ops_by_bytes():
 def test_unknown_device_profile_is_a_clear_error():
     with pytest.raises(ValueError, match="h100"):
         load_profile("tpu9")
+
+
+def test_multi_output_ops_hold_each_output_apart_and_list_views_are_not_allocations():
+    from remat.models import build_model
+
+    _, step = capture_fake(lambda: build_model("gpt2-tiny", batch=2, seq=16))
+    graph = lower(step, load_profile("cpu"))
+    ops = {node.op for node in graph.nodes}
+    assert "aten.split.Tensor" not in ops  # q, k, v are views of c_attn's output, not a second copy of it
+    norms = [node for node in graph.nodes if node.op == "aten.native_layer_norm.default"]
+    assert norms and all(len(node.part_bytes) == 3 and sum(node.part_bytes) == node.output_bytes for node in norms)
+    norm = norms[0]
+    # The normalised output feeds the next matmul (and its weight gradient); mean and rstd only the backward.
+    index = graph.nodes.index(norm)
+    assert any(not graph.nodes[u].is_backward for u in norm.part_users[0])
+    assert all(graph.nodes[u].is_backward for u in norm.part_users[1] + norm.part_users[2])
+    assert all(u in graph.users[index] for users in norm.part_users for u in users)
+
+
+def test_convolution_backward_counts_its_input_gradient_but_not_its_weight_gradient():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv2(torch.relu(self.conv1(x))).square().mean()
+
+    graph = lower(capture_step(Net(), (torch.randn(2, 3, 8, 8),)), load_profile("cpu"))
+    backward = [node for node in graph.nodes if node.op == "aten.convolution_backward.default"]
+    second = next(node for node in backward if node.part_bytes)  # conv2's: input gradient (2, 8, 8, 8) in fp32
+    assert second.part_bytes[0] == 2 * 8 * 8 * 8 * 4 and second.part_bytes[1:] == (0, 0)
+    assert second.output_bytes == second.part_bytes[0]

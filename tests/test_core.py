@@ -6,7 +6,7 @@ import json
 import pytest
 
 from remat.graph import Graph
-from remat.schedule import Schedule
+from remat.schedule import Schedule, tighten_frees
 from remat.simulate import simulate
 from remat.units import format_bytes, parse_size
 from tests.graphs import chain_training_graph, eager_schedule, make_graph
@@ -133,3 +133,23 @@ def test_parse_size_rejects_bad_input(text):
 def test_percent_and_format():
     assert parse_size("75%", reference_bytes=200) == 150
     assert format_bytes(16 * 10**9) == "16.00 GB"
+
+
+def test_tighten_frees_frees_at_the_last_read_and_never_raises_memory():
+    graph = chain_training_graph(6)
+    computes = [("compute", i) for i in range(len(graph))]
+    late = Schedule.from_pairs(computes + [("free", i) for i in range(len(graph))], len(graph))  # frees at the end
+    tight = tighten_frees(graph, late)
+    before, after = simulate(graph, late), simulate(graph, tight)
+    assert after.valid
+    assert after.compute_counts == before.compute_counts and after.compute_s == before.compute_s
+    assert after.peak_bytes <= simulate(graph, eager_schedule(graph)).peak_bytes < before.peak_bytes
+    assert tighten_frees(graph, tight) == tight
+    # each free follows the compute that reads the value last (or the value's own compute when nothing reads it)
+    last_compute = None
+    for op in tight.ops:
+        if op.kind == "compute":
+            last_compute = op.node
+            continue
+        readers = [u for u in range(len(graph)) if op.node in graph.nodes[u].deps]
+        assert last_compute == (max(readers) if readers else op.node)
