@@ -81,8 +81,7 @@ def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_
         fail(f"unknown solver {solver!r}: choose one of {', '.join(SOLVER_NAMES)}")
 
     with _stdout_to_stderr():
-        graph = _trace(model, batch, seq, precision, device, optimizer)
-        plan = _solve(graph, budget_bytes, solver, time_limit, backend)
+        plan = _solve_split(model, batch, seq, precision, device, optimizer, budget_bytes, solver, time_limit, backend)
     wall_s = time.perf_counter() - started
 
     if out and plan.schedule is not None:
@@ -105,6 +104,21 @@ def _solve(graph, budget_bytes, solver, time_limit, backend):
             return solve_plan(graph, budget_bytes, solver=solver, time_limit_s=time_limit, backend=backend,
                               progress=lambda stage: status.update(f"planning: {stage}"))
         except ValueError as error:  # an unavailable back-end, say
+            fail(str(error))
+
+
+def _solve_split(model, batch, seq, precision, device, optimizer, budget_bytes, solver, time_limit, backend):
+    """Plan with the head split into the chunk count that fits the budget at least cost (remat.split_plan)."""
+    from remat.capture import CaptureError
+    from remat.models import ModelError
+    from remat.split_plan import SplitTracer, solve_split
+
+    with stderr.status(f"tracing {model} (batch {batch}) on fake tensors", spinner="dots") as status:
+        try:
+            tracer = SplitTracer(model, batch=batch, seq=seq, precision=precision, device=device, optimizer=optimizer)
+            return solve_split(tracer, budget_bytes, solver=solver, time_limit_s=time_limit, backend=backend,
+                               progress=lambda stage: status.update(f"planning: {stage}")).plan
+        except (ModelError, CaptureError, ValueError) as error:
             fail(str(error))
 
 
@@ -155,6 +169,8 @@ def _plan_summary(plan, wall_s: float) -> dict:
         "wall_s": wall_s,
         "nodes": len(graph),
         "coarse_nodes": plan.coarse_nodes,
+        "split": graph.meta.get("split"),
+        "split_note": graph.meta.get("split_note"),
         "min_feasible_bytes": plan.min_feasible_bytes,
         "min_budget_lower_bound_bytes": plan.min_budget_lower_bound_bytes,
         "recomputed_nodes": len(plan.schedule.recomputed_nodes()) if plan.schedule else None,
@@ -188,6 +204,10 @@ def _print_plan(plan, wall_s: float, out: str | None) -> None:
     console.print(f"graph          {len(graph)} nodes ({forward} forward, {len(graph) - forward} backward)"
                   + (f", solved as {plan.coarse_nodes} coarse nodes" if plan.coarse_nodes else "")
                   + f", hash {graph.content_hash}")
+    if meta.get("split_note"):
+        split = meta.get("split")
+        what = (f"{split['region']} into {split['chunks']} chunks along {split['along']}" if split else "none")
+        console.print(f"split          {what} ({meta['split_note']})")
     console.print(f"store-all      peak {format_bytes(plan.store_all.peak_bytes)}, "
                   f"{format_seconds(plan.store_all.compute_s)} per step (no rematerialization)")
     console.print(f"minimum budget {_fmt(plan.min_feasible_bytes)} is the lowest peak found "

@@ -107,6 +107,63 @@ def _build_gpt2(name: str, batch: int, seq: int | None) -> ModelSpec:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Llama-style decoders (Hugging Face LlamaConfig: RMSNorm, SwiGLU MLP, rotary positions, grouped-query
+# attention, untied head; random init)
+
+
+@dataclass(frozen=True)
+class LlamaSize:
+    title: str
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    hidden: int
+    intermediate: int
+    vocab_size: int = 32000
+    n_positions: int = 2048
+    default_seq: int = 1024
+
+
+LLAMA_SIZES = {
+    "llama": LlamaSize("Llama-style 12 x 768", n_layer=12, n_head=12, n_kv_head=4, hidden=768, intermediate=2048),
+    "llama-tiny": LlamaSize("Llama-style tiny", n_layer=2, n_head=4, n_kv_head=2, hidden=128, intermediate=344,
+                            vocab_size=1000, n_positions=256, default_seq=256),
+}
+
+
+class LlamaLoss(nn.Module):
+    """LlamaForCausalLM whose forward(input_ids) is the next-token loss on the same ids."""
+
+    def __init__(self, size: LlamaSize):
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=size.vocab_size, hidden_size=size.hidden, intermediate_size=size.intermediate,
+            num_hidden_layers=size.n_layer, num_attention_heads=size.n_head, num_key_value_heads=size.n_kv_head,
+            max_position_embeddings=size.n_positions, use_cache=False, attn_implementation="sdpa",
+            bos_token_id=None, eos_token_id=None,
+        )
+        self.lm = LlamaForCausalLM(config)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # input_ids: (B, T) int64; HF shifts the labels by one inside
+        return self.lm(input_ids=input_ids, labels=input_ids).loss
+
+
+def _build_llama(name: str, batch: int, seq: int | None) -> ModelSpec:
+    size = LLAMA_SIZES[name]
+    seq = size.default_seq if seq is None else seq
+    if seq > size.n_positions:
+        raise ModelError(f"--seq {seq} is longer than {name}'s {size.n_positions} positions: "
+                         f"use --seq {size.n_positions} or less")
+    model = LlamaLoss(size)
+    input_ids = torch.randint(0, size.vocab_size, (batch, seq))  # (B, T)
+    description = f"{size.title} ({_millions(count_parameters(model))} params), seq {seq}, random init"
+    return ModelSpec(name, model, (input_ids,), batch=batch, seq=seq, description=description)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Image classifiers: forward(images, labels) -> cross-entropy. Layouts follow torchvision's, so module
 # paths read "features.3", "layer2.1.conv1" and parameter counts match torchvision's.
 
@@ -393,9 +450,12 @@ IMAGE_TASKS = {
     "resnet50": ImageTask("ResNet-50, 224x224 RGB, 1000 classes", ResNet50, (3, 224, 224), (), 1000),
     "mobilenet_v2": ImageTask("MobileNetV2, 224x224 RGB, 1000 classes", MobileNetV2, (3, 224, 224), (), 1000),
     "unet": ImageTask("U-Net, 256x256 RGB, 2-class segmentation", UNet, (3, 256, 256), (256, 256), 2),
+    # extreme classification: the output layer and its logits dwarf the rest of the network
+    "mlp-xc": ImageTask("MLP, 4 x Linear(1024, 1024) + ReLU, 1024 features, 131,072 classes",
+                        lambda: MLP(depth=4, num_classes=131072), (1024,), (), 131072),
 }
 
-ZOO_NAMES: tuple[str, ...] = (*GPT2_SIZES, *IMAGE_TASKS)
+ZOO_NAMES: tuple[str, ...] = (*GPT2_SIZES, *LLAMA_SIZES, *IMAGE_TASKS)
 
 
 def _build_image_model(name: str, batch: int, seq: int | None) -> ModelSpec:
@@ -420,6 +480,8 @@ def build_model(name_or_path: str, batch: int = 16, seq: int | None = None) -> M
         raise ModelError(f"--seq must be a positive integer, got {seq!r}")
     if name_or_path in GPT2_SIZES:
         return _build_gpt2(name_or_path, batch, seq)
+    if name_or_path in LLAMA_SIZES:
+        return _build_llama(name_or_path, batch, seq)
     if name_or_path in IMAGE_TASKS:
         return _build_image_model(name_or_path, batch, seq)
     path, _, factory = name_or_path.rpartition(":")

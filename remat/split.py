@@ -1,0 +1,585 @@
+"""Split the output head and loss into k chunks of rows, so no schedule must hold the whole logits.
+
+Rematerialization cannot go below the working set of the largest single op. In a language model
+that op is the loss head: `_log_softmax_backward_data` over (batch*seq, vocab) fp32 logits holds
+three such tensors at once (9.9 GB for GPT-2 small at batch 16 x 1024). The head is independent
+along its rows (batch*seq tokens, or batch examples for a classifier) up to the loss reduction,
+so it can run as k chunks of rows whose partial losses are added, as fused / chunked
+cross-entropy kernels do by hand.
+
+The rewrite works on the forward of the captured joint graph, for any model (aten ops, not
+module names):
+  1. `forward_graph`: the forward part of the joint graph (the loss and buffer updates).
+  2. `find_head`: the region that starts at a matmul (mm / addmm) and ends at a reduction to the
+     scalar loss (nll_loss_forward, sum, mean), in which every op is row-wise (views that regroup
+     the leading row dims, casts, pointwise ops, softmax / reductions / gather over trailing dims).
+     Of the valid regions, the one holding the largest tensor.
+  3. `split_forward`: the same forward with that region run once per chunk of rows; the chunk
+     losses are added (a mean becomes the sum of chunk sums over the total weight), and the
+     weight's cast is repeated per chunk so its gradient is accumulated in the parameter's dtype.
+  4. `capture_split`: the rewritten forward, run through the model's own parameters, is captured
+     again by AOTAutograd, which derives an exact backward: chunk gradients of the weight are
+     added by autograd, chunk gradients of the hidden states are concatenated.
+Forward and backward are then split; the solver may free and recompute each chunk separately.
+
+Results equal the unsplit step up to the order of the reduction: the loss is a sum of k partial
+sums and the weight gradient a sum of k partial matmuls (float64: about 1e-15 relative).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from remat.capture import CapturedStep, capture_step
+
+aten = torch.ops.aten
+
+_MATMULS = (aten.mm.default, aten.addmm.default)
+_SAME_SHAPE = (aten._to_copy.default, aten.clone.default, aten.alias.default, aten.detach.default)
+_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+_SOFTMAX = (aten._log_softmax.default, aten._softmax.default)  # (x, dim, half_to_float)
+_TRAILING_REDUCTIONS = (aten.sum.dim_IntList, aten.amax.default, aten.amin.default, aten.mean.dim,
+                        aten.logsumexp.default)  # (x, dims, keepdim, ...)
+_SINKS = (aten.sum.default, aten.mean.default, aten.nll_loss_forward.default)
+_DROPPED = (aten._assert_tensor_metadata.default,)  # dtype asserts on region tensors: chunks keep the dtype
+# ops that only prepare a parameter for a matmul (cast, transpose): repeated per chunk
+_WEIGHT_PREP = (aten._to_copy.default, aten.t.default, aten.transpose.int, aten.permute.default, aten.view.default,
+                aten.alias.default)
+NLL_SUM = 2  # nll_loss reduction enum: 0 none, 1 mean, 2 sum
+CHUNK_KEY = "split_chunk"  # node.meta["custom"][CHUNK_KEY]: the chunk a node of the split head computes
+CHUNK_COUNTS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class Unsplittable(ValueError):
+    """The op at hand is not row-wise: the region cannot be split."""
+
+
+@dataclass(frozen=True)
+class HeadRegion:
+    """Ops from a matmul to the loss that run independently on each of `rows` rows."""
+
+    nodes: tuple[str, ...]  # FX node names, in graph order: the matmul first
+    sinks: tuple[str, ...]  # the reductions to scalars (the loss, or several terms of it)
+    rows: int  # independent rows: batch*seq tokens for a language model, batch for a classifier
+    largest_bytes: int  # the largest tensor in the region
+    module: str  # module path of the matmul ("lm.lm_head"), for reports
+
+    @property
+    def name(self) -> str:
+        return f"{self.module or 'output head'}+loss"
+
+
+@dataclass(frozen=True)
+class Split:
+    """What the plan split: recorded in the graph's meta and shown by `remat solve`."""
+
+    chunks: int
+    region: str  # "lm.lm_head+loss"
+    rows: int
+    along: str  # "batch*seq", "batch" or "rows"
+    largest_bytes: int  # the largest tensor of the region before splitting
+    reason: str = ""
+
+    def describe(self) -> str:
+        return f"{self.region} into {self.chunks} chunks along {self.along}"
+
+    def to_meta(self) -> dict:
+        return {"chunks": self.chunks, "region": self.region, "rows": self.rows, "along": self.along,
+                "largest_bytes": self.largest_bytes, "reason": self.reason}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. The forward of a joint graph
+
+
+def forward_graph(step: CapturedStep) -> torch.fx.GraphModule:
+    """The joint graph less its backward: placeholders without the tangent, outputs (loss, buffer updates...)."""
+    gm = torch.fx.GraphModule(step.joint, _copy_graph(step.joint.graph))
+    graph = gm.graph
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    output = graph.find_nodes(op="output")[0]
+    outputs = list(zip(output.args[0], step.output_kinds, strict=True))
+    keep = [v for v, kind in outputs if kind == "loss"] + [v for v, kind in outputs if kind == "mutation"]
+    output.args = (tuple(keep),)
+    for node in reversed(graph.nodes):  # dead code: the backward, and forward values only the backward read
+        if node.op == "call_function" and not node.users:
+            graph.erase_node(node)
+    for placeholder, kind in zip(placeholders, step.input_kinds, strict=True):
+        if kind == "tangent":
+            if placeholder.users:
+                raise ValueError(f"the forward reads the tangent {placeholder.name}")
+            graph.erase_node(placeholder)
+    gm.recompile()
+    return gm
+
+
+def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
+    copy = torch.fx.Graph()
+    output = copy.graph_copy(graph, {})
+    copy.output(output)
+    return copy
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Finding the head
+
+
+def _val(node: Any) -> Any:
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+
+def _row_prefix(value: Any, rows: int) -> int | None:
+    """The number of leading dims whose product is `rows` (the row dims), or None."""
+    if not isinstance(value, torch.Tensor):
+        return None
+    product = 1
+    for index, size in enumerate(value.shape):
+        product *= int(size)
+        if product == rows:
+            return index + 1
+        if product > rows:
+            return None
+    return None
+
+
+def _bytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_bytes(v) for v in value)
+    return 0
+
+
+def find_head(forward: torch.fx.GraphModule) -> HeadRegion | None:
+    """The row-wise region from a matmul to the loss that holds the largest tensor, or None."""
+    graph = forward.graph
+    output = graph.find_nodes(op="output")[0]
+    loss = output.args[0][0] if output.args[0] else None
+    if not isinstance(loss, torch.fx.Node):
+        return None
+    ancestors = _ancestors(loss)
+    best: HeadRegion | None = None
+    for matmul in graph.nodes:
+        if matmul.target not in _MATMULS or matmul not in ancestors:
+            continue
+        region = _region_from(matmul, ancestors)
+        if region is not None and (best is None or region.largest_bytes >= best.largest_bytes):  # ties: the shortest
+            best = region
+    return best
+
+
+def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
+    seen, stack = {node}, [node]
+    while stack:
+        for x in stack.pop().all_input_nodes:
+            if x not in seen:
+                seen.add(x)
+                stack.append(x)
+    return seen
+
+
+def _region_from(matmul: torch.fx.Node, loss_ancestors: set[torch.fx.Node]) -> HeadRegion | None:
+    """The nodes between `matmul` and the loss, if they are all row-wise and end in one reduction."""
+    rows = int(_val(matmul).shape[0])
+    if rows < 2:
+        return None
+    members: set[torch.fx.Node] = set()
+    stack = [matmul]
+    while stack:  # descendants of the matmul that lead to the loss
+        node = stack.pop()
+        if node in members:
+            continue
+        members.add(node)
+        stack.extend(u for u in node.users if u in loss_ancestors)
+    sinks = [n for n in matmul.graph.nodes if n in members and n.target in _SINKS and _is_reduction(n)]
+    if not sinks:
+        return None
+    # nothing past a sink belongs to the region; the sinks' getitems belong to them
+    for sink in sinks:
+        members -= _descendants(sink) - {sink}
+    for sink in sinks:
+        members |= {u for u in sink.users if u.target is operator.getitem}
+    if not all(sink in members for sink in sinks):
+        return None  # a sink reads another one's result
+    ordered = [n for n in matmul.graph.nodes if n in members]
+    downstream = _descendants(matmul)
+    prefix: dict[torch.fx.Node, int] = {}
+    try:
+        for node in ordered:
+            if any(x in downstream and x not in members for x in node.all_input_nodes):
+                raise Unsplittable(f"{node.name} reads a value computed from the region's result")
+            if _sink_part(node, sinks):
+                continue
+            for user in node.users:
+                if user not in members and user.target not in _DROPPED:
+                    raise Unsplittable(f"{user.name} outside the region reads {node.name}")
+            prefix[node] = _check(node, prefix, rows, members)
+        for sink in sinks:
+            _check_sink(sink, prefix, rows)
+    except Unsplittable:
+        return None
+    module = (matmul.meta.get("custom") or {}).get("module", "")
+    return HeadRegion(tuple(n.name for n in ordered), tuple(n.name for n in sinks), rows,
+                      max(_bytes(_val(n)) for n in ordered), module)
+
+
+def _sink_part(node: torch.fx.Node, sinks: Sequence[torch.fx.Node]) -> bool:
+    """A sink, or a getitem of one."""
+    return node in sinks or (node.target is operator.getitem and node.args[0] in sinks)
+
+
+def _descendants(node: torch.fx.Node) -> set[torch.fx.Node]:
+    seen, stack = {node}, [node]
+    while stack:
+        for user in stack.pop().users:
+            if user not in seen:
+                seen.add(user)
+                stack.append(user)
+    return seen
+
+
+def _is_reduction(node: torch.fx.Node) -> bool:
+    if node.target is aten.nll_loss_forward.default:
+        return node.args[3] != 0
+    return True  # sum.default and mean.default reduce everything
+
+
+def _dims(dims: Any, ndim: int) -> list[int]:
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    return [d % ndim for d in dims]
+
+
+def _check(node: torch.fx.Node, prefix: dict[torch.fx.Node, int], rows: int, members: set) -> int:
+    """The row prefix of `node`'s output; raises Unsplittable when the op is not row-wise."""
+    target, val = node.target, _val(node)
+    out_prefix = _row_prefix(val, rows)
+    if target is operator.getitem:
+        out_prefix = _row_prefix(val, rows)
+        if node.args[0] not in prefix or out_prefix is None:
+            raise Unsplittable(node.name)
+        return out_prefix
+    if out_prefix is None and not (isinstance(val, tuple) and target is aten.nll_loss_forward.default):
+        raise Unsplittable(f"{node.name}: output {tuple(getattr(val, 'shape', ()))} has no leading {rows} rows")
+    inside = [x for x in node.all_input_nodes if x in members]
+    if target in _MATMULS:
+        a, b = (node.args[1], node.args[2]) if target is aten.addmm.default else node.args[:2]
+        bias = node.args[0] if target is aten.addmm.default else None
+        if b in members or (bias is not None and (bias in members or _val(bias).dim() > 1)):
+            raise Unsplittable(f"{node.name}: the weight depends on the rows")
+        if a in members and prefix[a] != 1:
+            raise Unsplittable(node.name)
+        if a not in members and _row_prefix(_val(a), rows) != 1:
+            raise Unsplittable(node.name)
+        return 1
+    if target in _SAME_SHAPE or target in _VIEWS:
+        source = node.args[0]
+        in_prefix = prefix.get(source, _row_prefix(_val(source), rows))
+        if in_prefix is None or tuple(_val(source).shape[in_prefix:]) != tuple(val.shape[out_prefix:]):
+            raise Unsplittable(f"{node.name}: reshapes more than the row dims")
+        return out_prefix
+    if target in _SOFTMAX or target in _TRAILING_REDUCTIONS or target in (aten.squeeze.dim, aten.gather.default):
+        source = node.args[0]
+        in_prefix = prefix.get(source, _row_prefix(_val(source), rows))
+        dims = _dims(node.args[1], _val(source).dim())
+        if in_prefix is None or any(d < in_prefix for d in dims):
+            raise Unsplittable(f"{node.name}: reduces over the rows")
+        if target is aten.gather.default and _row_prefix(_val(node.args[2]), rows) != in_prefix:
+            raise Unsplittable(f"{node.name}: index without the rows")
+        keeps_rows = target in _SOFTMAX or target is aten.gather.default or in_prefix == out_prefix
+        if not keeps_rows:
+            raise Unsplittable(node.name)
+        return out_prefix
+    if target is aten.unsqueeze.default:
+        if _dims(node.args[1], val.dim())[0] < out_prefix:
+            raise Unsplittable(node.name)
+        return out_prefix
+    if target is aten.nll_loss_forward.default:  # reduction none: one loss per row
+        x, target_rows = node.args[0], node.args[1]
+        if prefix.get(x) != 1 or _row_prefix(_val(target_rows), rows) != 1 or node.args[2] in members:
+            raise Unsplittable(node.name)
+        return 1
+    if torch.Tag.pointwise in getattr(target, "tags", ()):
+        trailing = val.dim() - out_prefix
+        for x in node.all_input_nodes:
+            x_val = _val(x)
+            if x in members and x_val.dim() - prefix[x] != trailing:
+                raise Unsplittable(f"{node.name}: operands with different row layouts")
+            if x not in members and not _is_row_operand(node, x, rows) and x_val.dim() > trailing:
+                raise Unsplittable(f"{node.name}: {x.name} broadcasts across the rows")
+        if not inside:
+            raise Unsplittable(node.name)
+        return out_prefix
+    raise Unsplittable(f"{node.name}: {target} is not known to be row-wise")
+
+
+def _check_sink(sink: torch.fx.Node, prefix: dict[torch.fx.Node, int], rows: int) -> None:
+    source = sink.args[0]
+    if source not in prefix:
+        raise Unsplittable(sink.name)
+    if sink.target is aten.nll_loss_forward.default:
+        if prefix[source] != 1 or _row_prefix(_val(sink.args[1]), rows) != 1 or sink.args[2] in prefix:
+            raise Unsplittable(sink.name)
+    elif sink.kwargs.get("dtype") is not None:
+        raise Unsplittable(sink.name)
+    for user in sink.users:
+        if sink.target is aten.nll_loss_forward.default and user.target is not operator.getitem:
+            raise Unsplittable(f"{user.name} reads the loss tuple")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. The rewrite
+
+
+def chunk_sizes(rows: int, chunks: int) -> list[int]:
+    """`chunks` contiguous row counts, as equal as possible (the first ones one row longer)."""
+    base, extra = divmod(rows, chunks)
+    return [base + (1 if c < extra else 0) for c in range(chunks)]
+
+
+def split_forward(forward: torch.fx.GraphModule, region: HeadRegion, chunks: int) -> torch.fx.GraphModule:
+    """`forward` with `region` run once per chunk of rows; the chunk losses reduced exactly."""
+    if not 2 <= chunks <= region.rows:
+        raise ValueError(f"chunks must be in 2..{region.rows}, got {chunks}")
+    source = forward.graph
+    by_name = {n.name: n for n in source.nodes}
+    members = [by_name[name] for name in region.nodes]
+    member_set = set(members)
+    sinks = [by_name[name] for name in region.sinks]
+    sizes = chunk_sizes(region.rows, chunks)
+    prefix = {n: _row_prefix(_val(n), region.rows) for n in members}
+    after = set().union(*(_descendants(n) for n in sinks)) - member_set  # what reads the losses
+    dropped = {n for n in source.nodes if n.target in _DROPPED and any(x in member_set for x in n.all_input_nodes)}
+
+    # Everything the region does not feed, then the chunks, then what reads the chunked losses.
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in source.nodes:
+        if node not in member_set and node not in after and node not in dropped:
+            env[node] = graph.node_copy(node, lambda x: env[x])
+    _emit_chunks(graph, env, members, sinks, prefix, sizes, region.rows)
+    for node in source.nodes:
+        if node in after and node not in dropped:
+            env[node] = graph.node_copy(node, lambda x: env[x])
+    graph.lint()
+    return torch.fx.GraphModule(forward, graph)
+
+
+def _emit_chunks(graph: torch.fx.Graph, env: dict, members: list[torch.fx.Node], sinks: list[torch.fx.Node],
+                 prefix: dict[torch.fx.Node, Any], sizes: list[int], rows: int) -> None:
+    member_set = set(members)
+    body = [n for n in members if not _sink_part(n, sinks)]
+    row_inputs: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+
+    def new(target, args, kwargs, like: torch.fx.Node, chunk: int | None = None) -> torch.fx.Node:
+        node = graph.call_function(target, args, kwargs)
+        for key in ("stack_trace", "nn_module_stack"):
+            if key in like.meta:
+                node.meta[key] = like.meta[key]
+        # the module path, and the chunk: AOTAutograd hands both to the nodes it traces from this one
+        node.meta["custom"] = {**like.meta.get("custom", {}), **({CHUNK_KEY: chunk} if chunk is not None else {})}
+        return node
+
+    def row_chunks(x: torch.fx.Node, like: torch.fx.Node) -> list[torch.fx.Node]:
+        """An outside tensor with leading rows, as one (chunk rows, *trailing) view per chunk."""
+        if x not in row_inputs:
+            val = _val(x)
+            flat = env[x]
+            x_prefix = _row_prefix(val, rows)
+            if x_prefix != 1:
+                flat = new(aten.reshape.default, (flat, [rows, *val.shape[x_prefix:]]), {}, like)
+            # a copy, not split's views: lowering counts each of split's views as the whole storage
+            # (multi-output view ops are not folded); the backward of either is one cat of the chunk gradients
+            parts = new(aten.split_with_sizes_copy.default, (flat, sizes), {}, like)
+            row_inputs[x] = [new(operator.getitem, (parts, c), {}, like) for c in range(len(sizes))]
+        return row_inputs[x]
+
+    def weight(x: torch.fx.Node, like: torch.fx.Node, chunk: int) -> torch.fx.Node:
+        """A matmul operand outside the region; a cast parameter is cast again for each chunk, so that
+        autograd adds the chunk gradients in the parameter's dtype (fp32), not in the cast's (bf16)."""
+        chain = []
+        node = x
+        while node.op == "call_function" and node.target in _WEIGHT_PREP:
+            chain.append(node)
+            node = node.args[0]
+        if node.op != "placeholder" or not any(n.target is aten._to_copy.default for n in chain):
+            return env[x]
+        value = env[node]
+        for prep in reversed(chain):
+            value = new(prep.target, (value, *prep.args[1:]), dict(prep.kwargs), like, chunk)
+        return value
+
+    partials: list[list[Any]] = [[] for _ in sinks]  # per sink, per chunk
+    for c, size in enumerate(sizes):
+        local: dict[torch.fx.Node, Any] = {}
+
+        def arg(x: Any, user: torch.fx.Node, c: int = c, local: dict = local) -> Any:
+            if not isinstance(x, torch.fx.Node):
+                return x
+            if x in member_set:
+                return local[x]
+            if _row_prefix(_val(x), rows) is not None and _is_row_operand(user, x, rows):
+                return row_chunks(x, user)[c]
+            if user.target in _MATMULS:
+                return weight(x, user, c)
+            return env[x]
+
+        in_chunk = functools.partial(new, chunk=c)
+        for node in body:
+            local[node] = _emit_one(node, prefix, size, rows, lambda x, u=node: arg(x, u), in_chunk)
+        for sink, sink_partials in zip(sinks, partials, strict=True):
+            sink_partials.append(_emit_partial(sink, [arg(x, sink) for x in sink.args], in_chunk))
+    for sink, sink_partials in zip(sinks, partials, strict=True):
+        _emit_total(env, sink, sink_partials, new)
+
+
+def _is_row_operand(user: torch.fx.Node, x: torch.fx.Node, rows: int) -> bool:
+    """Whether `user` reads outside value `x` row by row (else x is shared by every row, like a weight)."""
+    target = user.target
+    if target in _MATMULS:
+        return x is (user.args[1] if target is aten.addmm.default else user.args[0])
+    if target is aten.nll_loss_forward.default:
+        return x is user.args[1]
+    if target is aten.gather.default:
+        return x is user.args[2]
+    if torch.Tag.pointwise in getattr(target, "tags", ()):  # same rows and trailing rank as the output
+        out_val, x_val = _val(user), _val(x)
+        x_prefix = _row_prefix(x_val, rows)
+        return x_prefix is not None and x_val.dim() - x_prefix == out_val.dim() - _row_prefix(out_val, rows)
+    return x is user.args[0]
+
+
+def _emit_one(node: torch.fx.Node, prefix: dict, size: int, rows: int, arg, new) -> torch.fx.Node:
+    """One chunk's copy of a region op. Chunk values are (chunk rows, *trailing dims)."""
+    target = node.target
+    args = [arg(x) for x in node.args] if node.target is not operator.getitem else [arg(node.args[0]), node.args[1]]
+    kwargs = {k: arg(v) for k, v in node.kwargs.items()}
+    if target in _VIEWS:
+        return args[0]  # only the row dims are regrouped: the chunk is already (chunk rows, *trailing)
+    in_prefix = prefix.get(node.args[0], _row_prefix(_val(node.args[0]), rows)) if node.args else None
+
+    def shift(dim: int, ndim: int) -> int:  # a trailing dim of the full tensor -> the same dim of a chunk
+        return dim % ndim - in_prefix + 1
+
+    if target in _SOFTMAX or target in (aten.squeeze.dim, aten.gather.default):
+        args[1] = shift(args[1], _val(node.args[0]).dim())
+    elif target in _TRAILING_REDUCTIONS:
+        args[1] = [shift(d, _val(node.args[0]).dim()) for d in _dims(args[1], _val(node.args[0]).dim())]
+    elif target is aten.unsqueeze.default:
+        out_prefix = prefix[node]
+        args[1] = args[1] % _val(node).dim() - out_prefix + 1
+    return new(target, tuple(args), kwargs, node)
+
+
+def _emit_partial(sink: torch.fx.Node, args: list, new) -> Any:
+    """One chunk's share of the loss: a sum (and for nll_loss the chunk's total weight)."""
+    if sink.target is aten.nll_loss_forward.default:
+        x, target_rows, class_weight, _, ignore_index = args
+        pair = new(aten.nll_loss_forward.default, (x, target_rows, class_weight, NLL_SUM, ignore_index), {}, sink)
+        return (new(operator.getitem, (pair, 0), {}, sink), new(operator.getitem, (pair, 1), {}, sink))
+    return new(aten.sum.default, (args[0],), {}, sink)
+
+
+def _emit_total(env: dict, sink: torch.fx.Node, partials: list, new) -> None:
+    """The loss from the chunk partials, mapped to the sink's users."""
+
+    def add(values: list) -> torch.fx.Node:
+        total = values[0]
+        for value in values[1:]:
+            total = new(aten.add.Tensor, (total, value), {}, sink)
+        return total
+
+    if sink.target is aten.nll_loss_forward.default:
+        loss_sum = add([p[0] for p in partials])
+        total_weight = add([p[1] for p in partials])
+        loss = new(aten.div.Tensor, (loss_sum, total_weight), {}, sink) if sink.args[3] == 1 else loss_sum
+        for user in sink.users:  # getitem 0: the loss, getitem 1: the total weight
+            env[user] = loss if user.args[1] == 0 else total_weight
+        return
+    total = add(partials)
+    if sink.target is aten.mean.default:
+        total = new(aten.div.Tensor, (total, float(math.prod(_val(sink.args[0]).shape))), {}, sink)
+    env[sink] = total
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Capturing the rewritten step
+
+
+class GraphStep(nn.Module):
+    """Runs a forward graph (from `forward_graph`) with a model's own parameters and buffers.
+
+    The model's children, parameters and buffers are registered here under the same names, so the
+    captured step names its placeholders as a capture of the model itself does (tied weights stay tied),
+    and `remat.replay.joint_inputs(model, ...)` feeds it.
+    """
+
+    def __init__(self, model: nn.Module, forward: torch.fx.GraphModule, step: CapturedStep):
+        super().__init__()
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, parameter in model.named_parameters(recurse=False):
+            self.register_parameter(name, parameter)
+        for name, buffer in model.named_buffers(recurse=False):
+            self.register_buffer(name, buffer)
+        self.__dict__["forward_graph"] = forward  # not a submodule: named_modules stays the model's
+        self.input_kinds = [k for k in step.input_kinds if k != "tangent"]
+        self.input_names = [n.removeprefix("model.") for n, k in zip(step.input_names, step.input_kinds, strict=True)
+                            if k != "tangent"]
+        self.mutated = [n.removeprefix("model.") for n, k in zip(step.output_names, step.output_kinds, strict=True)
+                        if k == "mutation"]
+
+    def forward(self, *inputs: Any) -> torch.Tensor:
+        user = list(inputs)
+        values = []
+        for kind, name in zip(self.input_kinds, self.input_names, strict=True):
+            if kind in ("param", "buffer"):  # attribute lookup: AOTAutograd swaps in functional tensors
+                value = operator.attrgetter(name)(self)
+                # a buffer updated below is read through a copy: autograd may have saved what the graph read
+                values.append(value.clone() if name in self.mutated else value)
+            else:
+                values.append(user.pop(0))
+        # the Interpreter hands each node's metadata (module path) to the nodes AOTAutograd records
+        loss, *updates = torch.fx.Interpreter(self.forward_graph).run(*values)
+        for name, value in zip(self.mutated, updates, strict=True):
+            with torch.no_grad():
+                operator.attrgetter(name)(self).copy_(value)
+        return loss
+
+
+def chunk_of(step: CapturedStep) -> dict[str, int]:
+    """FX node name -> chunk, for the nodes of a captured split step that compute one chunk of the head."""
+    return {n.name: n.meta["custom"][CHUNK_KEY] for n in step.joint.graph.nodes
+            if CHUNK_KEY in (n.meta.get("custom") or {})}
+
+
+def describe_rows(rows: int, example_inputs: Sequence[Any]) -> str:
+    """"batch*seq" when the rows are the tokens of the first input, "batch" when they are its examples."""
+    first = next((x for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0), None)
+    if first is not None and first.dim() >= 2 and rows == first.shape[0] * first.shape[1]:
+        return "batch*seq"
+    if first is not None and rows == first.shape[0]:
+        return "batch"
+    return "rows"
+
+
+def capture_split(model: nn.Module, example_inputs: Sequence[Any], step: CapturedStep,
+                  chunks: int) -> tuple[CapturedStep, Split]:
+    """The training step of `model` (already captured as `step`) with its head split into `chunks`."""
+    forward = forward_graph(step)
+    region = find_head(forward)
+    if region is None:
+        raise Unsplittable("no row-wise region from a matmul to the loss")
+    rewritten = split_forward(forward, region, chunks)
+    # the casts of mixed precision are explicit ops in the rewritten forward: no autocast on top
+    split_step = capture_step(GraphStep(model, rewritten, step), example_inputs, None, precision="fp32")
+    split = Split(chunks, region.name, region.rows, describe_rows(region.rows, example_inputs), region.largest_bytes)
+    return replace(split_step, precision=step.precision), split

@@ -1,0 +1,275 @@
+"""The chunk count as part of the plan: trace the step with its head split into k chunks, solve, keep the best.
+
+A split costs a little time (more, smaller kernels) and saves memory (one chunk of logits at a time),
+so it is worth having only where the budget needs it:
+  - store-all fits the unsplit step: no split;
+  - otherwise k doubles (2, 4, 8, ...) until the split graph's largest op leaves half of the activation
+    budget free, or while its single-op floor keeps falling; the plan is the cheapest that fits of the
+    unsplit step (when its floor is below the budget) and the last k (the time limit is shared).
+    Ties go to fewer chunks. The baselines, with the chunks streamed (`stream_head`), join the solver's
+    candidates: they know nothing of chunks and would hold every chunk's logits until its backward.
+The chosen split and the reason are recorded in the graph's meta ("split", "split_note"), so the plan
+file and `remat solve` show them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from remat.capture import CapturedStep, capture_step, fake_tensor_mode
+from remat.cost import load_profile
+from remat.graph import Graph
+from remat.lower import lower
+from remat.models import build_model
+from remat.plan import Candidate, Plan, solve
+from remat.schedule import COMPUTE, FREE, Op, Schedule
+from remat.simulate import simulate
+from remat.split import CHUNK_COUNTS, Split, Unsplittable, capture_split, chunk_of
+from remat.units import format_bytes
+from solvers.base import FEASIBLE, SolveOptions
+from solvers.baselines import BASELINES
+
+FLOOR_GAIN = 0.05  # keep doubling k while the floor falls by more than this fraction
+STREAMED_FRACTION = 16  # stream_head drops and recomputes head values of at least 1/16 of the largest one
+
+
+@dataclass(frozen=True)
+class Variant:
+    """The step with its head in `chunks` chunks (1: unsplit)."""
+
+    chunks: int
+    graph: Graph
+    split: Split | None
+    head: frozenset[int] = frozenset()  # forward nodes that compute one chunk of the head
+
+    @property
+    def floor_bytes(self) -> int:
+        return self.graph.min_budget_lower_bound()
+
+
+class SplitTracer:
+    """Traces a zoo model once on fake tensors, then its split variants on demand (same fake model)."""
+
+    def __init__(self, model: str, batch: int = 16, seq: int | None = None, precision: str = "bf16-mixed",
+                 device: str = "h100", optimizer: str = "adamw"):
+        self.profile = load_profile(device)  # fail on a bad device before the slow trace
+        self.optimizer = optimizer
+        self.mode = fake_tensor_mode()
+        with self.mode:
+            self.spec = build_model(model, batch=batch, seq=seq)
+            self.step: CapturedStep = capture_step(self.spec.model, self.spec.example_inputs, self.spec.loss_fn,
+                                                   precision)
+        self.meta = {"model": model, "batch": batch, "seq": self.spec.seq, "device": self.profile.name,
+                     "precision": precision, "description": self.spec.description}
+        self.variants: dict[int, Variant | None] = {1: Variant(1, self._lower(self.step, self.meta), None)}
+
+    def _lower(self, step: CapturedStep, meta: dict) -> Graph:
+        with self.mode:
+            return lower(step, self.profile, optimizer=self.optimizer, meta=meta)
+
+    def variant(self, chunks: int) -> Variant | None:
+        """The step split into `chunks`, or None when it has no head to split or too few rows."""
+        if chunks not in self.variants:
+            try:
+                with self.mode:
+                    step, split = capture_split(self.spec.model, self.spec.example_inputs, self.step, chunks)
+            except (Unsplittable, ValueError):
+                self.variants[chunks] = None
+            else:
+                graph = self._lower(step, {**self.meta, "split": split.to_meta()})
+                self.variants[chunks] = Variant(chunks, graph, split, head_nodes(graph, step))
+        return self.variants[chunks]
+
+
+def head_nodes(graph: Graph, step: CapturedStep) -> frozenset[int]:
+    """The forward nodes of `graph` (lowered from the split `step`) that compute one chunk of the head."""
+    in_chunk = chunk_of(step)
+    return frozenset(i for i, node in enumerate(graph.nodes)
+                     if not node.is_backward and node.name in in_chunk and i not in graph.outputs)
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    plan: Plan  # the chosen plan; plan.graph is the chosen variant's graph
+    split: Split | None  # None: not split
+    note: str  # why this chunk count
+    tried: tuple[tuple[int, int, Plan | None], ...] = field(default=())  # (chunks, floor bytes, plan if solved)
+
+
+def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", time_limit_s: float = 60.0,
+                backend: str = "highs", progress: Callable[[str], None] | None = None) -> SplitPlan:
+    """The cheapest plan over chunk counts of the head (see the module docstring)."""
+    say = progress or (lambda message: None)
+    unsplit = tracer.variants[1]
+    assert unsplit is not None
+    floors = {1: unsplit.floor_bytes}
+
+    # Store-all fits: nothing to gain from splitting.
+    store_all = BASELINES["store-all"](unsplit.graph, budget_bytes, SolveOptions()).schedule
+    if store_all is not None and simulate(unsplit.graph, store_all).fits(budget_bytes):
+        plan = solve(unsplit.graph, budget_bytes, solver, time_limit_s, backend, progress)
+        return _finish(plan, None, "not split: the budget holds every activation", [(1, floors[1], plan)])
+
+    def leaves_room(variant: Variant) -> bool:
+        """Its largest op leaves at least half of the activation budget to the rest of the step (room to
+        store rather than recompute)."""
+        fixed = variant.graph.fixed.total_bytes
+        return variant.floor_bytes - fixed <= (budget_bytes - fixed) / 2
+
+    # Split variants, doubling k until one leaves room, or while the floor falls.
+    variants = [unsplit]
+    for chunks in CHUNK_COUNTS[1:]:
+        say(f"tracing the head in {chunks} chunks")
+        variant = tracer.variant(chunks)
+        if variant is None:
+            break
+        floors[chunks] = variant.floor_bytes
+        if variant.floor_bytes > (1 - FLOOR_GAIN) * variants[-1].floor_bytes:
+            break  # more chunks no longer lower the floor: another op is the largest now
+        variants.append(variant)
+        if leaves_room(variant):
+            break
+    if len(variants) == 1:
+        plan = solve(unsplit.graph, budget_bytes, solver, time_limit_s, backend, progress)
+        return _finish(plan, None, "not split: no row-wise head from a matmul to the loss", [(1, floors[1], plan)])
+
+    # Candidates: the unsplit step if its floor fits, and the last variant: the fewest chunks that leave
+    # room, or else the most chunks (the lowest floor: the plan when nothing fits, and the minimum budget).
+    candidates = [unsplit] if unsplit.floor_bytes <= budget_bytes else []
+    candidates.append(variants[-1])
+    share = time_limit_s / len(candidates)
+    solved: list[tuple[Variant, Plan]] = []
+    for variant in candidates:
+        say(f"solving with the head in {variant.chunks} chunk{'s' if variant.chunks > 1 else ''}")
+        known = streamed_baselines(variant, budget_bytes) if variant.head and solver not in BASELINES else []
+        solved.append((variant, solve(variant.graph, budget_bytes, solver, share, backend, progress, known=known)))
+    tried = [(k, floor, next((p for v, p in solved if v.chunks == k), None)) for k, floor in floors.items()]
+
+    fits = [(v, p) for v, p in solved if p.schedule is not None]
+    # the minimum budget over the chunk counts: the lowest peak of any plan, above the lowest floor
+    min_feasible = min((p.min_feasible_bytes for _, p in solved if p.min_feasible_bytes is not None), default=None)
+    lowest_floor = min(floors.values())
+    if not fits:
+        variant, plan = solved[-1]
+        note = (f"no chunk count fits: the unsplit step cannot go below {format_bytes(unsplit.floor_bytes)} "
+                f"and {variant.chunks} chunks not below {format_bytes(plan.min_feasible_bytes or 0)}")
+        plan = replace(plan, min_feasible_bytes=min_feasible, min_budget_lower_bound_bytes=lowest_floor)
+        return _finish(plan, variant.split, note, tried)
+    best_variant, best = min(fits, key=lambda vp: (vp[1].simulation.compute_s, vp[0].chunks))
+    plan = replace(best, min_feasible_bytes=min_feasible, min_budget_lower_bound_bytes=lowest_floor)
+    if best_variant.chunks == 1:
+        return _finish(plan, None, "not split: the unsplit plan fits and is the cheapest", tried)
+    unsplit_plan = next((p for v, p in solved if v.chunks == 1), None)
+    against_unsplit = f"step {best.compute_s / unsplit.graph.compute_s - 1:+.1%} against unsplit store-all"
+    if unsplit_plan is None or unsplit_plan.schedule is None:
+        why = (f"unsplit, no schedule fits below {format_bytes(unsplit.floor_bytes)}: "
+               f"{_largest_op(unsplit.graph)}; {against_unsplit}")
+    else:
+        why = (f"{against_unsplit}, the best unsplit plan "
+               f"{unsplit_plan.compute_s / unsplit.graph.compute_s - 1:+.1%}")
+    return _finish(plan, best_variant.split, why, tried)
+
+
+def streamed_baselines(variant: Variant, budget_bytes: int) -> list[Candidate]:
+    """The baselines' schedules with the head streamed (`stream_head`): plans the solver weighs beside its own.
+    The baselines know nothing of chunks, so they hold every chunk's logits from its loss to its backward."""
+    candidates = []
+    for name, baseline in BASELINES.items():
+        if name == "checkpoint-all":
+            continue  # recomputes everything already
+        started = time.perf_counter()
+        result = baseline(variant.graph, budget_bytes, SolveOptions())
+        if result.schedule is None:
+            continue
+        schedule = stream_head(variant.graph, result.schedule, variant.head)
+        simulation = simulate(variant.graph, schedule)
+        if simulation.valid:
+            candidates.append(Candidate(f"{name}+streamed-head", FEASIBLE, schedule, simulation,
+                                        time.perf_counter() - started, f"{name} with the head's chunks streamed"))
+    return candidates
+
+
+def stream_head(graph: Graph, schedule: Schedule, head: frozenset[int], keep_within: int = 2) -> Schedule:
+    """`schedule` with the head's chunks streamed: a head node is freed after it is read, unless it is read
+    again within `keep_within` computes, and computed again where it is read later (a chunk's logits are
+    made for its loss, dropped, and made again for its backward, as chunked cross-entropy kernels do).
+    Whatever else such a recomputation needs and the schedule no longer holds is recomputed the same way.
+    """
+    order = [op.node for op in schedule.ops if op.kind == COMPUTE]
+    uses: dict[int, list[int]] = {}  # node -> positions in `order` of the computes that read it
+    for position, node in enumerate(order):
+        for dep in set(graph.nodes[node].deps):
+            uses.setdefault(dep, []).append(position)
+    outputs = set(graph.outputs)
+    live: set[int] = set()
+    largest = max((graph.nodes[i].output_bytes for i in head), default=0)
+    # streamed: the head's large values (a partial loss is a scalar: kept, not recomputed for each reader)
+    transient: set[int] = {i for i in head if graph.nodes[i].output_bytes * STREAMED_FRACTION >= largest}
+    ops: list[Op] = []
+
+    def read_again_soon(node: int, position: int) -> bool:
+        reads = uses.get(node, ())
+        next_read = bisect.bisect_right(reads, position)  # reads are in ascending order
+        return next_read < len(reads) and reads[next_read] - position <= keep_within
+
+    def compute(node: int, position: int) -> None:
+        """Compute `node` for the schedule's compute at `position`; drop the streamed inputs it was the
+        last near reader of (`position - 1` while preparing that compute: its own read counts as near)."""
+        ops.append(Op(COMPUTE, node))
+        live.add(node)
+        for dep in sorted(set(graph.nodes[node].deps)):
+            if dep in transient and dep in live and not read_again_soon(dep, position):
+                ops.append(Op(FREE, dep))
+                live.discard(dep)
+
+    def make_live(node: int, position: int) -> None:
+        stack = [(node, False)]  # depth-first, each node after its missing inputs
+        while stack:
+            current, inputs_ready = stack.pop()
+            if current in live:
+                continue
+            if inputs_ready:
+                if current != node and current not in outputs:
+                    transient.add(current)  # recomputed here for a reader: dropped after it again
+                compute(current, position - 1 if current != node else position)
+                continue
+            stack.append((current, True))
+            stack.extend((dep, False) for dep in graph.nodes[current].deps if dep not in live)
+
+    free_at: dict[int, list[int]] = {}  # position -> nodes the schedule frees after its compute there
+    position = -1
+    for op in schedule.ops:
+        if op.kind == COMPUTE:
+            position += 1
+        else:
+            free_at.setdefault(position, []).append(op.node)
+    for position, node in enumerate(order):
+        if node not in live:
+            make_live(node, position)
+        if node in transient and node in live and not read_again_soon(node, position) and node not in outputs:
+            ops.append(Op(FREE, node))  # a streamed value nobody reads
+            live.discard(node)
+        for freed in free_at.get(position, ()):
+            if freed in live:
+                ops.append(Op(FREE, freed))
+                live.discard(freed)
+    return Schedule(tuple(ops), len(graph))
+
+
+def _largest_op(graph: Graph) -> str:
+    index = max(range(len(graph)), key=graph.working_set_bytes)
+    node = graph.nodes[index]
+    holds = format_bytes(graph.working_set_bytes(index))
+    return f"{node.op.removeprefix('aten.').removesuffix('.default')} {node.shape} holds {holds} by itself"
+
+
+def _finish(plan: Plan, split: Split | None, note: str, tried) -> SplitPlan:
+    meta = {**plan.graph.meta, "split_note": note}
+    if split is not None:
+        split = replace(split, reason=note)
+        meta["split"] = split.to_meta()
+    plan = replace(plan, graph=replace(plan.graph, meta=meta))
+    return SplitPlan(plan, split, note, tuple(tried))

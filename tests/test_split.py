@@ -1,0 +1,201 @@
+"""Splitting the output head + loss into chunks of rows: the same loss and gradients as the unsplit step,
+a lower single-op floor, and a split only where a plan needs it.
+
+Tolerance: the split changes only the order of two reductions, the loss (a sum of k partial sums) and the
+gradient of the head's weight (a sum of k partial matmuls), so in float64 the gradients agree to 1e-12
+relative. Hugging Face computes its loss in float32 (`logits.float()`), and LossStep returns a float32
+loss, so the loss agrees to float32 rounding (1e-6 relative).
+"""
+
+from functools import cache
+
+import pytest
+import torch
+from torch import nn
+
+from remat.capture import capture_step
+from remat.cost import load_profile
+from remat.lower import lower
+from remat.models import MLP, build_model
+from remat.replay import joint_inputs, replay
+from remat.simulate import simulate
+from remat.split import capture_split, chunk_sizes, find_head, forward_graph
+from remat.split_plan import SplitTracer, head_nodes, solve_split, stream_head
+from tests.test_replay import ConvNet, eager_loss_and_grads, schedule_for, summed_tied
+
+GRAD_RTOL = 1e-12
+LOSS_RTOL = 1e-6
+
+
+class WeightedHead(nn.Module):
+    """Class-weighted cross-entropy with ignored targets (a mean over the total weight) plus a logsumexp
+    penalty (a mean over rows): two reductions of one head."""
+
+    def __init__(self, classes=300):
+        super().__init__()
+        self.body = nn.Linear(16, 16)
+        self.head = nn.Linear(16, classes)
+        self.register_buffer("class_weight", torch.rand(classes, dtype=torch.float64) + 0.5)
+
+    def forward(self, x, labels):
+        logits = self.head(torch.tanh(self.body(x)))  # (B, T, classes)
+        flat = logits.view(-1, logits.size(-1))
+        loss = nn.functional.cross_entropy(flat, labels.view(-1), weight=self.class_weight, ignore_index=-100)
+        return loss + 1e-3 * flat.logsumexp(-1).mean()
+
+
+def _lm(name):
+    spec = build_model(name, batch=2, seq=12)
+    return spec.model, spec.example_inputs
+
+
+def _classifier():  # a classifier whose output layer is far wider than the network
+    return MLP(in_features=32, width=32, depth=2, num_classes=5000), (torch.randn(8, 32), torch.randint(0, 5000, (8,)))
+
+
+def _weighted():
+    labels = torch.randint(0, 300, (3, 5))
+    labels[0, :2] = -100
+    return WeightedHead(), (torch.randn(3, 5, 16), labels)
+
+
+def _conv():  # BatchNorm buffers are updated by the split step too
+    return ConvNet(), (torch.randn(4, 3, 8, 8),)
+
+
+BUILDERS = {"gpt2-tiny": lambda: _lm("gpt2-tiny"), "llama-tiny": lambda: _lm("llama-tiny"),
+            "classifier": _classifier, "weighted": _weighted, "conv": _conv}
+
+
+@cache
+def unsplit(name):
+    torch.manual_seed(0)
+    model, example_inputs = BUILDERS[name]()
+    model = model.double().train()
+    example_inputs = tuple(x.double() if x.is_floating_point() else x for x in example_inputs)
+    step = capture_step(model, example_inputs, precision="fp32")
+    return model, example_inputs, step
+
+
+def split_setup(name, chunks):
+    model, example_inputs, step = unsplit(name)
+    split_step, split = capture_split(model, example_inputs, step, chunks)
+    graph = lower(split_step, load_profile("cpu"))
+    return model, example_inputs, split_step, split, graph, joint_inputs(model, example_inputs, split_step)
+
+
+def assert_close_to_eager(model, example_inputs, step, result):
+    loss, grads = eager_loss_and_grads(model, example_inputs)
+    assert torch.allclose(result.loss, loss, rtol=LOSS_RTOL, atol=0), (result.loss, loss)
+    replayed = summed_tied(result.grads, step)
+    assert set(replayed) == set(grads)
+    for name, grad in grads.items():
+        error = (replayed[name] - grad).abs().max() / grad.abs().max().clamp_min(1e-300)
+        assert error <= GRAD_RTOL, (name, error.item())
+
+
+def check_bytes(graph, schedule, result, exact):
+    """The split step holds the bytes the simulator plans: to the byte, or (GPT-2) at most that many.
+
+    GPT-2's attention splits q, k, v with one multi-output view op, which lowering counts once per view
+    (the unsplit graph shows the same excess): there the simulator over-counts by up to one such tensor.
+    """
+    planned = simulate(graph, schedule)
+    assert planned.valid, planned.errors
+    if exact:
+        assert result.peak_live_bytes == planned.activation_peak_bytes
+    else:
+        assert 0.8 * planned.activation_peak_bytes <= result.peak_live_bytes <= planned.activation_peak_bytes
+
+
+@pytest.mark.parametrize(("name", "chunks", "module", "along"), [
+    ("gpt2-tiny", 4, "lm.lm_head", "batch*seq"),  # tied to the embedding
+    ("llama-tiny", 3, "lm.lm_head", "batch*seq"),  # RMSNorm, SwiGLU, RoPE; 24 rows in chunks of 8
+    ("classifier", 3, "head", "batch"),  # 8 rows in chunks of 3, 3, 2
+    ("weighted", 4, "head", "batch*seq"),  # class weights, ignored targets, a second reduction
+    ("conv", 2, "fc", "batch"),  # logsumexp().mean() as the loss, BatchNorm buffer updates
+])
+def test_split_step_replays_to_the_unsplit_loss_and_gradients(name, chunks, module, along):
+    model, example_inputs, step, split, graph, inputs = split_setup(name, chunks)
+    assert (split.chunks, split.region, split.along) == (chunks, f"{module}+loss", along)
+    for schedule_name in ("store-all", "checkpoint-all"):
+        schedule = schedule_for(graph, schedule_name)
+        result = replay(step, graph, schedule, inputs)
+        assert_close_to_eager(model, example_inputs, step, result)
+        check_bytes(graph, schedule, result, exact=name != "gpt2-tiny")
+
+
+def test_a_streamed_head_replays_exactly_and_lowers_the_peak():
+    # each chunk's logits are made for its loss, dropped, and made again for its backward
+    model, example_inputs, step, _, graph, inputs = split_setup("gpt2-tiny", 4)
+    head = head_nodes(graph, step)
+    assert len(head) >= 4 * 3  # per chunk at least the logits matmul, their fp32 copy, the log-softmax
+    baseline = schedule_for(graph, "store-all")
+    streamed = stream_head(graph, baseline, head)
+    before, after = simulate(graph, baseline), simulate(graph, streamed)
+    assert after.valid, after.errors
+    assert after.peak_bytes < before.peak_bytes and after.compute_s > before.compute_s
+    assert any(streamed.compute_counts()[i] == 2 for i in head)
+    result = replay(step, graph, streamed, inputs)
+    assert_close_to_eager(model, example_inputs, step, result)
+    check_bytes(graph, streamed, result, exact=False)
+
+
+def test_the_head_runs_once_per_chunk_forward_and_backward():
+    _, _, step, split, graph, _ = split_setup("gpt2-tiny", 4)
+    rows = 2 * 12
+    assert split.rows == rows
+    softmax = [n for n in graph.nodes if n.op == "aten._log_softmax.default"]
+    softmax_backward = [n for n in graph.nodes if n.op == "aten._log_softmax_backward_data.default"]
+    assert len(softmax) == len(softmax_backward) == 4
+    assert sorted(n.shape for n in softmax) == [f"f32[{size}, 1000]" for size in chunk_sizes(rows, 4)]  # HF: fp32 loss
+    assert not any(n.shape.endswith(f"[{rows}, 1000]") for n in graph.nodes)  # no op sees every row's logits
+    assert {n.module for n in softmax} == {"lm"}  # module paths survive the rewrite
+
+
+def test_no_region_when_the_loss_mixes_rows():
+    class Centered(nn.Module):  # the loss subtracts the batch mean of the logits: rows are not independent
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(8, 100)
+
+        def forward(self, x):
+            logits = self.head(x)
+            return (logits - logits.mean(0)).pow(2).sum()
+
+    step = capture_step(Centered(), (torch.randn(6, 8),))
+    assert find_head(forward_graph(step)) is None
+
+
+def test_chunk_sizes_cover_the_rows():
+    assert chunk_sizes(8, 3) == [3, 3, 2]
+    assert chunk_sizes(16384, 16) == [1024] * 16
+
+
+@cache
+def tiny_tracer():
+    return SplitTracer("gpt2-tiny", batch=16, precision="bf16-mixed", device="h100")
+
+
+def test_splitting_lowers_the_floor_of_an_lm():
+    tracer = tiny_tracer()
+    unsplit_floor = tracer.variants[1].floor_bytes
+    split = tracer.variant(8)
+    assert split is not None and split.graph.meta["split"]["chunks"] == 8
+    assert split.floor_bytes < 0.6 * unsplit_floor
+
+
+def test_a_plan_splits_only_when_the_budget_needs_it():
+    tracer = tiny_tracer()
+    unsplit = tracer.variants[1]
+    roomy = solve_split(tracer, 10**12, time_limit_s=5)
+    assert roomy.split is None and "split" not in roomy.plan.graph.meta
+    assert roomy.plan.graph.content_hash == unsplit.graph.content_hash
+
+    budget = unsplit.floor_bytes - 1  # no unsplit schedule fits; split ones fit with room to spare
+    tight = solve_split(tracer, budget, time_limit_s=10)
+    assert tight.plan.schedule is not None and tight.plan.simulation.peak_bytes <= budget
+    assert tight.split is not None and tight.split.chunks > 1
+    assert tight.plan.graph.meta["split"]["chunks"] == tight.split.chunks
+    assert "no schedule fits below" in tight.note
+    assert tight.plan.min_feasible_bytes < unsplit.floor_bytes
