@@ -290,21 +290,23 @@ def pareto(curve: list[BlockOption]) -> list[BlockOption]:
 
 
 def prune_rows(graph: Graph, rows: list[list[int]]) -> list[list[int]]:
-    """Remove recomputations that nothing reads before the value is computed again (they only cost time)."""
-    rows = [sorted(set(r) | {t}) for t, r in enumerate(rows)]
-    while True:
-        read_after: set[tuple[int, int]] = set()  # (value, stage of the computation that serves the read)
-        last_computed = [-1] * len(graph)
-        for t, row in enumerate(rows):
-            for k in row:
+    """Remove recomputations that nothing reads before the value is computed again (they only cost time).
+
+    One pass backwards through the run order: a computation is kept when it is its stage's own node or when
+    a kept computation after it reads it before the value's next computation; a kept one makes its inputs
+    wanted by the computations before it."""
+    wanted = [False] * len(graph)
+    kept_rows: list[list[int]] = []
+    for t in reversed(range(len(rows))):
+        kept = []
+        for k in sorted(set(rows[t]) | {t}, reverse=True):
+            if k == t or wanted[k]:
+                kept.append(k)
+                wanted[k] = False  # the reads after this computation are served by it
                 for d in graph.nodes[k].deps:
-                    read_after.add((d, last_computed[d]))
-                last_computed[k] = t
-        new_rows = [[k for k in row if k == t or (k, t) in read_after]
-                    for t, row in enumerate(rows)]
-        if new_rows == rows:
-            return rows
-        rows = new_rows
+                    wanted[d] = True
+        kept_rows.append(sorted(kept))
+    return kept_rows[::-1]
 
 
 def emit(graph: Graph, rows: list[list[int]]) -> tuple[Schedule, list[int]]:
