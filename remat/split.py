@@ -396,8 +396,8 @@ def _emit_chunks(graph: torch.fx.Graph, env: dict, members: list[torch.fx.Node],
             x_prefix = _row_prefix(val, rows)
             if x_prefix != 1:
                 flat = new(aten.reshape.default, (flat, [rows, *val.shape[x_prefix:]]), {}, like)
-            # a copy, not split's views: lowering counts each of split's views as the whole storage
-            # (multi-output view ops are not folded); the backward of either is one cat of the chunk gradients
+            # a copy, not split's views: each chunk its own storage, released after the chunk's last read
+            # (views would keep the whole input alive); the backward is one cat of the chunk gradients
             parts = new(aten.split_with_sizes_copy.default, (flat, sizes), {}, like)
             row_inputs[x] = [new(operator.getitem, (parts, c), {}, like) for c in range(len(sizes))]
         return row_inputs[x]
