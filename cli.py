@@ -97,7 +97,7 @@ def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_
 
 
 def _solve(graph, budget_bytes, solver, time_limit, backend):
-    from remat.plan import solve as solve_plan
+    from remat.planner import solve as solve_plan
 
     with stderr.status("planning", spinner="dots") as status:
         try:
@@ -465,6 +465,74 @@ def profile(model, out, batch, seq, precision, base, warmup, repeats, as_json) -
     console.print(f"{gpu}: {len(measurement.measured_s)} distinct ops measured ({measurement.ops} ops in the graph), "
                   f"{len(measurement.failed)} left to the {base_name} roofline; wrote {out} in {wall_s:.1f} s")
     console.print(f"use it: remat solve --model {model} --batch {batch} --device {out} --budget ...")
+
+
+@main.command()
+@click.option("--model", required=True, help="Zoo name (gpt2, resnet50, ...) or path/to/file.py:factory.")
+@click.option("--plan", "plan_path", type=click.Path(dir_okay=False),
+              help="A plan file from `remat solve --out` (refused if the model traces to another graph).")
+@click.option("--budget", help="Plan here instead: whole step memory, 16GB, 16GiB, or 60% of store-all.")
+@click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--seq", default=None, type=click.IntRange(min=1), help="Sequence length [default: the model's context].")
+@click.option("--precision", default="bf16-mixed", show_default=True, type=click.Choice(["bf16-mixed", "fp32"]))
+@click.option("--steps", default=3, show_default=True, type=click.IntRange(min=1), help="Training steps (AdamW).")
+@click.option("--time-limit", default=60.0, show_default=True, type=click.FloatRange(min=0.1))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the report.")
+def run(model, plan_path, budget, batch, seq, precision, steps, time_limit, as_json) -> None:
+    """Train a zoo model for a few steps on this machine with a plan, and measure the memory it holds.
+
+    CUDA when available (torch.cuda.max_memory_allocated), else CPU (live storages counted as the
+    planned graphs run). The first step is measured against the plan's simulated peak.
+    """
+    import torch
+
+    from remat.apply import PlanError, apply
+    from remat.capture import CaptureError
+    from remat.models import ModelError, build_model
+
+    if (plan_path is None) == (budget is None):
+        fail("give either --plan FILE or --budget SIZE")
+    where = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        with stderr.status(f"building {model} (batch {batch}) on {where}", spinner="dots") as status:
+            spec = build_model(model, batch=batch, seq=seq)
+            spec.model.to(where)
+            inputs = tuple(x.to(where) for x in spec.example_inputs)
+            status.update("tracing and planning the step")
+            with _stdout_to_stderr():
+                planned = apply(spec.model, budget=budget, example_inputs=inputs, plan=plan_path, loss_fn=spec.loss_fn,
+                                precision=precision, time_limit=time_limit)
+    except (PlanError, ModelError, CaptureError, ValueError) as error:
+        fail(str(error))
+    step = planned.planned
+    optimizer = torch.optim.AdamW(spec.model.parameters(), lr=1e-4)
+    losses, step_s = [], []
+    for index in range(steps):
+        started = time.perf_counter()
+        if index == 0:
+            loss, memory = planned.measure(*inputs)
+        else:
+            loss = planned(*inputs)
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+        step_s.append(time.perf_counter() - started)
+    sim = step.simulation
+    summary = {"model": model, "batch": batch, "device": where, "method": step.plan.method, "nodes": len(step.graph),
+               "recomputed_nodes": len(step.plan.schedule.recomputed_nodes()), "planned_peak_bytes": sim.peak_bytes,
+               "planned_activation_bytes": sim.activation_peak_bytes, "measured_peak_bytes": memory.peak_bytes,
+               "measured_activation_bytes": memory.peak_live_bytes, "losses": losses, "step_s": step_s}
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    console = _console()
+    console.print(f"{model} batch {batch} on {where}: plan {step.plan.method}, {len(step.graph)} nodes, "
+                  f"{summary['recomputed_nodes']} recomputed")
+    console.print(f"planned peak {_fmt(sim.peak_bytes)} (activations {_fmt(sim.activation_peak_bytes)}); measured "
+                  f"{_fmt(memory.peak_bytes)} (activations {_fmt(memory.peak_live_bytes)})")
+    for index, (value, seconds) in enumerate(zip(losses, step_s, strict=True)):
+        console.print(f"step {index}: loss {value:.4f}  {seconds * 1e3:.0f} ms")
 
 
 if __name__ == "__main__":

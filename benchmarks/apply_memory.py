@@ -25,7 +25,7 @@ from torch import nn
 from remat.apply import apply, trace_step
 from remat.capture import LossStep
 from remat.models import UNet, build_model
-from remat.plan import solve
+from remat.planner import solve
 from remat.units import format_bytes
 
 

@@ -15,7 +15,7 @@ import platform
 import time
 from pathlib import Path
 
-from remat.plan import solve
+from remat.planner import solve
 from remat.trace import trace_model
 from remat.units import format_bytes
 

@@ -1,4 +1,4 @@
-"""Solver scale: plan each model at several budgets with `remat.plan.solve(solver="auto")` and report the
+"""Solver scale: plan each model at several budgets with `remat.planner.solve(solver="auto")` and report the
 plan's cost, its proven lower bound and gap, the wall time, and the baselines' figures from the same run.
 
     python benchmarks/solver_scale.py [--models gpt2,vgg16] [--budgets 0.9,0.7,0.5,min1.1] [--time-limit S]
@@ -20,7 +20,7 @@ import platform
 import time
 from pathlib import Path
 
-from remat.plan import Plan, solve
+from remat.planner import Plan, solve
 from remat.trace import trace_model
 from remat.units import format_bytes
 

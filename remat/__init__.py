@@ -11,10 +11,10 @@ from remat.schedule import Schedule
 from remat.simulate import Simulation, simulate
 from remat.units import format_bytes, parse_size
 
-# Loaded on first use: remat.plan imports the solvers (which import remat's data modules), and
+# Loaded on first use: remat.planner imports the solvers (which import remat's data modules), and
 # remat.trace loads torch and transformers.
-_LAZY = {"Plan": "remat.plan", "solve": "remat.plan", "sweep": "remat.plan", "trace_model": "remat.trace",
-         "apply": "remat.apply", "RematModule": "remat.apply", "PlanError": "remat.apply"}
+_LAZY = {"Plan": "remat.planner", "solve": "remat.planner", "sweep": "remat.planner", "trace_model": "remat.trace",
+         "apply": "remat.apply", "plan": "remat.apply", "RematModule": "remat.apply", "PlanError": "remat.apply"}
 
 
 def __getattr__(name: str):
@@ -26,4 +26,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["FixedMemory", "Graph", "Node", "Plan", "PlanError", "RematModule", "Schedule", "Simulation", "apply",
-           "format_bytes", "parse_size", "simulate", "solve", "sweep", "trace_model"]
+           "format_bytes", "parse_size", "plan", "simulate", "solve", "sweep", "trace_model"]

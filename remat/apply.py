@@ -26,7 +26,7 @@ from remat.cost import load_profile
 from remat.execute import ExecuteError, PartitionedStep, StepMemory, StepRunner, partition
 from remat.graph import Graph
 from remat.lower import lower
-from remat.plan import Plan, solve
+from remat.planner import Plan, solve
 from remat.schedule import Schedule
 from remat.simulate import Simulation, simulate
 from remat.units import format_bytes, parse_size
@@ -151,8 +151,27 @@ class RematModule(nn.Module):
         return self.steps[key]
 
     def measure(self, *inputs: Any) -> tuple[torch.Tensor, StepMemory]:
-        """Run forward and backward once while counting live bytes; returns the loss and the memory."""
+        """Run forward and backward once and measure memory; returns the loss and the memory.
+
+        CPU: the graphs run through an interpreter that counts the storages live values hold,
+        comparable with the plan to the byte (`StepMemory`). CUDA: the allocator's peak over the
+        step, `torch.cuda.max_memory_allocated()` (peak_bytes: everything allocated; peak_live_bytes:
+        what the step added to what was allocated before it, i.e. activations and new gradients).
+        """
         step = self.prepare(*inputs)
+        first = next(self.model.parameters(), None)
+        if first is not None and first.device.type == "cuda":
+            torch.cuda.synchronize(first.device)
+            before = torch.cuda.memory_allocated(first.device)
+            torch.cuda.reset_peak_memory_stats(first.device)
+            loss = self(*inputs)
+            loss.backward()
+            torch.cuda.synchronize(first.device)
+            peak = torch.cuda.max_memory_allocated(first.device)
+            return loss.detach(), StepMemory(peak_live_bytes=peak - before, peak_bytes=peak)
+        if self.backend != "eager":
+            raise ValueError("on CPU, live bytes are counted by running the planned graphs eagerly: measure with "
+                             "backend='eager' (Inductor's own memory is measured on CUDA)")
         with step.runner.measuring() as memory:
             loss = self(*inputs)
             loss.backward()
@@ -168,7 +187,10 @@ class RematModule(nn.Module):
     def _prepare(self, inputs: Sequence[Any]) -> PreparedStep:
         say = self.progress or (lambda message: None)
         say("tracing the training step")
-        graph, captured = trace_step(self.model, inputs, self.loss_fn, self.precision, self.device, self.optimizer)
+        split = (self.given_plan.graph_meta.get("split") or {}) if self.given_plan is not None else {}
+        precision = self.given_plan.graph_meta.get("precision", self.precision) if self.given_plan else self.precision
+        graph, captured = trace_step(self.model, inputs, self.loss_fn, precision, self.device, self.optimizer,
+                                     split_chunks=int(split.get("chunks", 1)))
         solved = None
         if self.given_plan is not None:
             plan = self.given_plan
@@ -218,13 +240,19 @@ def default_device_profile(model: nn.Module) -> str:
 
 
 def trace_step(model: nn.Module, inputs: Sequence[Any], loss_fn: Callable | None = None, precision: str = "fp32",
-               device: str | None = None, optimizer: str = "adamw"):
-    """The user's model -> (Graph, CapturedStep), without touching its parameters or the RNG."""
+               device: str | None = None, optimizer: str = "adamw", split_chunks: int = 1):
+    """The user's model -> (Graph, CapturedStep), without touching its parameters or the RNG.
+    `split_chunks` > 1: the loss head split into that many chunks (remat.split), as a plan made with a split needs."""
     profile = load_profile(device or default_device_profile(model))
-    with torch.random.fork_rng(devices=[]):
-        captured = capture_step(model, tuple(inputs), loss_fn, precision)
     meta = {"model": type(model).__name__, "precision": precision, "device": profile.name,
             "inputs": [list(v.shape) if isinstance(v, torch.Tensor) else repr(v) for v in inputs]}
+    with torch.random.fork_rng(devices=[]):
+        captured = capture_step(model, tuple(inputs), loss_fn, precision)
+        if split_chunks > 1:
+            from remat.split import capture_split
+
+            captured, split = capture_split(model, tuple(inputs), captured, split_chunks)
+            meta["split"] = split.to_meta()
     return lower(captured, profile, optimizer=optimizer, meta=meta), captured
 
 

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 
 from remat.capture import CapturedStep, aliasing_input, compile_budget_saved
 from remat.graph import Graph
-from remat.plan import Candidate
+from remat.planner import Candidate
 from remat.schedule import Schedule
 from remat.simulate import simulate
 from solvers.base import FEASIBLE, NO_SOLUTION

@@ -21,7 +21,7 @@ from remat.comparators import (
 )
 from remat.graph import Graph
 from remat.maxbatch import MILP_METHODS, BatchTraces, max_batch
-from remat.plan import Candidate, solve
+from remat.planner import Candidate, solve
 from remat.schedule import Schedule
 from remat.simulate import Simulation, simulate
 from remat.trace import TracedStep

@@ -459,9 +459,11 @@ class _InductorGraph:
 
     def __call__(self, values: list[Any]) -> Any:
         if self.compiled is None:
+            from torch._inductor import config
             from torch._inductor.compile_fx import compile_fx
 
-            self.compiled = compile_fx(self.module, list(values))
+            with config.patch(compile_threads=1):  # no pool of compile workers: they can hang under test runners
+                self.compiled = compile_fx(self.module, list(values))
         args = list(values)
         values.clear()
         return self.compiled(*args)

@@ -96,9 +96,14 @@ class Graph:
         return [i for i, node in enumerate(self.nodes) if not node.is_backward]
 
     def working_set_bytes(self, index: int) -> int:
-        """Bytes that must be live while node `index` runs: its inputs, its output, its workspace."""
+        """Bytes that must be live while node `index` runs: the outputs it reads, its output, its workspace.
+        (Of a multi-output input, only the outputs this node reads: the others may be released.)"""
         node = self.nodes[index]
-        inputs = sum(self.nodes[d].output_bytes for d in set(node.deps))
+        inputs = 0
+        for d in set(node.deps):
+            dep = self.nodes[d]
+            inputs += (sum(size for size, users in zip(dep.part_bytes, dep.part_users, strict=True) if index in users)
+                       if dep.part_bytes else dep.output_bytes)
         return inputs + node.output_bytes + node.workspace_bytes
 
     def min_budget_lower_bound(self) -> int:

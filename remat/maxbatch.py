@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from remat.comparators import COMPILE_BUDGETS, COMPILE_PREFIX, compile_budget_candidate, compile_budget_of
 from remat.graph import Graph
-from remat.plan import Candidate, solve
+from remat.planner import Candidate, solve
 from remat.simulate import Simulation, simulate
 from remat.trace import TracedStep, trace_step
 from solvers.baselines import BASELINES

@@ -24,7 +24,7 @@ from remat.cost import load_profile
 from remat.graph import Graph
 from remat.lower import lower
 from remat.models import build_model
-from remat.plan import Candidate, Plan, solve
+from remat.planner import Candidate, Plan, solve
 from remat.schedule import COMPUTE, FREE, Op, Schedule
 from remat.simulate import simulate
 from remat.split import CHUNK_COUNTS, Split, Unsplittable, capture_split, chunk_of

@@ -13,7 +13,7 @@ import remat
 from remat.apply import PlanError, apply, plan_graph, trace_step
 from remat.capture import LossStep
 from remat.models import UNet, build_model
-from remat.plan import solve
+from remat.planner import solve
 from tests.test_capture_lower import TiedNet
 from tests.test_replay import ConvNet, DropoutNet
 
@@ -226,7 +226,7 @@ def test_plan_file_round_trip(tmp_path):
 
 def test_plan_for_another_model_or_shape_is_refused(tmp_path):
     model, inputs = _mlp()
-    made = remat.plan(model, inputs, budget="80%", device="cpu", time_limit=TIME_LIMIT)
+    made = remat.plan(model, inputs, budget="100%", device="cpu", time_limit=TIME_LIMIT)
     path = tmp_path / "plan.json"
     made.save(path)
     with pytest.raises(PlanError, match="made for another graph"):
@@ -253,7 +253,7 @@ def test_corrupted_plan_files_are_refused_before_tracing(tmp_path, content, mess
 
 def test_edited_schedule_is_refused(tmp_path):
     model, inputs = _mlp()
-    made = remat.plan(model, inputs, budget="80%", device="cpu", time_limit=TIME_LIMIT)
+    made = remat.plan(model, inputs, budget="100%", device="cpu", time_limit=TIME_LIMIT)
     data = made.to_json()
     data["schedule"]["ops"] = data["schedule"]["ops"][1:]  # drop the first compute
     path = tmp_path / "plan.json"
@@ -282,3 +282,76 @@ def test_bad_arguments():
         apply(model, budget="1GB", backend="tvm")
     with pytest.raises(ValueError, match="size"):
         apply(model, budget="lots", example_inputs=inputs, device="cpu")
+
+
+@pytest.mark.slow  # Inductor's C++ compile: 30 s alone, minutes on a busy 2-core machine
+def test_inductor_backend_runs_the_plan_with_eager_gradients():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(32, 32), nn.Tanh())], nn.Linear(32, 1))
+    reference = copy.deepcopy(model)
+    x = torch.randn(64, 32)
+    planned = apply(model, budget="99%", example_inputs=(x,), device="cpu", backend="inductor",
+                    solver="checkpoint-all")
+    assert planned.planned.plan.schedule.recomputed_nodes()
+    loss = planned(x)
+    loss.backward()
+    reference_loss = LossStep(reference, None, "fp32")(x)
+    reference_loss.backward()
+    # Inductor fuses and reorders float32 arithmetic: equal to eager within float32 rounding.
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-5)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="backend='eager'"):
+        planned.measure(x)
+
+
+def test_a_split_plan_from_remat_solve_runs_through_apply(tmp_path):
+    """`remat solve --out` may split the loss head (remat.split); apply traces the same split."""
+    from click.testing import CliRunner
+
+    from cli import main
+
+    path = tmp_path / "plan.json"
+    result = CliRunner().invoke(main, ["solve", "--model", "gpt2-tiny", "--batch", "4", "--seq", "64", "--precision",
+                                       "fp32", "--device", "cpu", "--budget", "13MB", "--time-limit", "5",
+                                       "--out", str(path)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(path.read_text())["graph_meta"]["split"]["chunks"] > 1
+    torch.manual_seed(0)
+    spec = build_model("gpt2-tiny", batch=4, seq=64)
+    reference = copy.deepcopy(spec.model)
+    planned = apply(spec.model, plan=path, example_inputs=spec.example_inputs)
+    loss, memory = planned.measure(*spec.example_inputs)
+    assert memory.peak_live_bytes == planned.planned.simulation.activation_peak_bytes
+    reference_loss = LossStep(reference, None, "fp32")(*spec.example_inputs)
+    reference_loss.backward()
+    # The chunked loss sums in another order: float32 rounding on the loss, exact-to-rounding gradients.
+    torch.testing.assert_close(loss, reference_loss.detach(), rtol=1e-6, atol=1e-6)
+    for p, q in zip(spec.model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_remat_run_measures_a_plan_file_and_refuses_bad_ones(tmp_path):
+    from click.testing import CliRunner
+
+    from cli import main
+
+    runner = CliRunner()
+    common = ["--model", "gpt2-tiny", "--batch", "2", "--seq", "16", "--precision", "fp32"]
+    path = tmp_path / "plan.json"
+    solved = runner.invoke(main, ["solve", *common, "--device", "cpu", "--budget", "100GB", "--out", str(path)])
+    assert solved.exit_code == 0, solved.output
+    result = runner.invoke(main, ["run", *common, "--plan", str(path), "--steps", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert summary["measured_activation_bytes"] == summary["planned_activation_bytes"]
+    assert len(summary["losses"]) == 2
+    # another shape, a corrupted file, a budget below the minimum: one-line errors, exit status 2
+    other = runner.invoke(main, ["run", "--model", "gpt2-tiny", "--batch", "3", "--seq", "16", "--precision", "fp32",
+                                 "--plan", str(path)])
+    assert other.exit_code == 2 and "made for another graph" in other.output
+    path.write_text("{not json")
+    corrupted = runner.invoke(main, ["run", *common, "--plan", str(path)])
+    assert corrupted.exit_code == 2 and "not valid JSON" in corrupted.output
+    too_small = runner.invoke(main, ["run", *common, "--budget", "1MB", "--time-limit", "3"])
+    assert too_small.exit_code == 2 and "minimum feasible budget" in too_small.output
