@@ -4,7 +4,7 @@ worse than a baseline that fits."""
 import pytest
 
 from remat.graph import Graph
-from remat.plan import MAX_EXACT_NODES, MAX_WHOLE_NODES, solve, sweep
+from remat.planner import MAX_EXACT_NODES, MAX_WHOLE_NODES, solve, sweep
 from remat.simulate import simulate
 from tests.graphs import chain_training_graph, make_graph
 

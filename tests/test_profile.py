@@ -11,7 +11,7 @@ import torch
 
 from remat.cost import load_profile
 from remat.lower import cost_key
-from remat.plan import solve
+from remat.planner import solve
 from remat.profile import compute_nodes, measure_ops, random_like
 from remat.trace import trace_step
 

@@ -192,7 +192,7 @@ def test_a_schedule_that_never_computes_the_loss_is_a_clear_error():
 @pytest.mark.parametrize("model_name", ["mlp", "tied", "conv"])
 def test_milp_plans_replay_exactly_within_their_budget(model_name):
     # the plan remat solve would print, run on real tensors: eager's numbers, and the planned bytes
-    from remat.plan import solve
+    from remat.planner import solve
 
     model, example_inputs, step, graph, inputs = setup(model_name)
     store_all = simulate(graph, schedule_for(graph, "store-all"))

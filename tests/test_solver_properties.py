@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from remat.graph import Graph
-from remat.plan import solve, sweep
+from remat.planner import solve, sweep
 from remat.simulate import simulate
 from solvers.base import INFEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions
 from solvers.baselines import store_all
