@@ -5,9 +5,9 @@
 
 For each model, three budgets: store-all, halfway down, and the minimum feasible budget found.
 Each row: planned activation peak (simulator), measured activation peak (live storages counted
-while the forward and backward graphs run), their difference, the bytes the simulator may
-over-count (outputs of multi-output ops, freed one by one at run time but planned as one value),
-and whether loss, gradients and buffers equal eager's bit for bit (float64, except resnet50 in float32).
+while the forward and backward graphs run), their difference, the bytes held by multi-output ops
+(whose outputs both the simulator and the run free one by one), and whether loss, gradients and
+buffers equal eager's bit for bit (float64, except resnet50 in float32).
 """
 
 from __future__ import annotations
