@@ -35,8 +35,8 @@ def assert_one_line_error(error: pytest.ExceptionInfo, *fragments: str) -> None:
 
 
 def test_zoo_names():
-    assert set(ZOO_NAMES) == {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt2-tiny", "mlp", "vgg16",
-                              "resnet50", "mobilenet_v2", "unet"}
+    assert set(ZOO_NAMES) == {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt2-tiny", "llama", "llama-tiny",
+                              "mlp", "mlp-xc", "vgg16", "resnet50", "mobilenet_v2", "unet"}
 
 
 @pytest.mark.parametrize("name, batch", [("gpt2-tiny", 2), ("mlp", 2), ("mobilenet_v2", 1), ("resnet50", 1),
@@ -92,8 +92,8 @@ def test_every_zoo_model_builds_and_runs_on_fake_tensors_at_default_batch(name):
     assert all(isinstance(p, FakeTensor) for p in spec.model.parameters())
     assert all(isinstance(x, FakeTensor) and x.shape[0] == 16 for x in spec.example_inputs)
     assert isinstance(loss, FakeTensor) and loss.dim() == 0
-    if name.startswith("gpt2"):
-        positions = 256 if name == "gpt2-tiny" else 1024
+    if name.startswith(("gpt2", "llama")):
+        positions = 256 if name.endswith("-tiny") else 1024  # the default sequence length
         assert spec.seq == positions and spec.example_inputs[0].shape == (16, positions)
     else:
         assert spec.seq is None
