@@ -82,12 +82,8 @@ def first_backward_position(graph: Graph, schedule: Schedule) -> int:
     return len(schedule.ops)
 
 
-def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> PartitionedStep:
-    """Forward and backward GraphModules that run `schedule` on `step`'s joint graph (module docstring)."""
-    joint = step.joint.graph
-    if schedule.num_nodes != len(graph):
-        raise ExecuteError(f"the schedule is for {schedule.num_nodes} nodes, the graph has {len(graph)}")
-    by_name = {n.name: n for n in joint.nodes}
+def graph_nodes_by_fx_name(graph: Graph, by_name: dict[str, torch.fx.Node]) -> dict[str, int]:
+    """FX name -> the Graph node that computes it (its storage owner and the views folded into it)."""
     node_of: dict[str, int] = {}
     for index, node in enumerate(graph.nodes):
         for name in node.fx_nodes or (node.name,):
@@ -95,6 +91,16 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
                 raise ExecuteError(f"graph node {index} ({node.name}) names FX node {name!r}, not in the traced "
                                    "step: the plan was made for another graph")
             node_of[name] = index
+    return node_of
+
+
+def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> PartitionedStep:
+    """Forward and backward GraphModules that run `schedule` on `step`'s joint graph (module docstring)."""
+    joint = step.joint.graph
+    if schedule.num_nodes != len(graph):
+        raise ExecuteError(f"the schedule is for {schedule.num_nodes} nodes, the graph has {len(graph)}")
+    by_name = {n.name: n for n in joint.nodes}
+    node_of = graph_nodes_by_fx_name(graph, by_name)
     placeholders = list(joint.find_nodes(op="placeholder"))
     tangents = [p for p, kind in zip(placeholders, step.input_kinds, strict=True) if kind == "tangent"]
     if len(tangents) != 1:

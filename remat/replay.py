@@ -26,6 +26,7 @@ import torch.fx
 from torch import nn
 
 from remat.capture import CapturedStep, aliasing_input
+from remat.execute import ExecuteError, graph_nodes_by_fx_name
 from remat.graph import Graph
 from remat.schedule import COMPUTE, FREE, Schedule
 from remat.simulate import part_releases
@@ -115,13 +116,10 @@ def replay(step: CapturedStep, graph: Graph, schedule: Schedule, inputs: list[An
         raise ReplayError(f"schedule is for {schedule.num_nodes} nodes, graph has {len(graph)}")
     by_name = {n.name: n for n in fx_graph.nodes}
 
-    # Which Graph node owns each FX name.
-    node_of: dict[str, int] = {}
-    for index, node in enumerate(graph.nodes):
-        for name in node.fx_nodes or (node.name,):
-            if name not in by_name:
-                raise ReplayError(f"graph node {index} ({node.name}) names FX node {name!r}, not in the joint graph")
-            node_of[name] = index
+    try:
+        node_of = graph_nodes_by_fx_name(graph, by_name)  # which Graph node owns each FX name
+    except ExecuteError as error:
+        raise ReplayError(str(error)) from None
 
     env: dict[str, Any] = {p.name: v for p, v in zip(placeholders, inputs, strict=True)}
     placeholder_ptrs = {_storage_key_and_bytes(t)[0] for v in inputs for t in _tensors(v)}
