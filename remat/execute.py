@@ -354,7 +354,7 @@ class StepRunner:
         with no_autocast(), torch.no_grad():
             if self.memory is None:
                 return list(compiled(values))
-            excluded = {t.untyped_storage().data_ptr() for v in values[counted:] for t in _tensors(v)}
+            excluded = {t.untyped_storage().data_ptr() for v in values[counted:] for t in tensors_in(v)}
             interpreter = _CountingInterpreter(module, self, excluded)
             outputs = interpreter.run(*values, enable_io_processing=False)
             values.clear()
@@ -401,12 +401,13 @@ def _write_buffers(parts: PartitionedStep, primals, names: list[str], values: li
             primals[index[name]].copy_(value)
 
 
-def _tensors(value: Any):
+def tensors_in(value: Any):
+    """The tensors in a value: itself, or those in a (nested) tuple / list."""
     if isinstance(value, torch.Tensor):
         yield value
     elif isinstance(value, (tuple, list)):
         for v in value:
-            yield from _tensors(v)
+            yield from tensors_in(v)
 
 
 class _CountingInterpreter(torch.fx.Interpreter):
@@ -430,10 +431,10 @@ class _CountingInterpreter(torch.fx.Interpreter):
         if node.name in gradient:  # gradients are fixed memory
             parts = gradient[node.name]
             storage = result if parts is None else [result[k] for k in parts]
-            self.excluded.update(t.untyped_storage().data_ptr() for t in _tensors(storage))
+            self.excluded.update(t.untyped_storage().data_ptr() for t in tensors_in(storage))
         held: dict[int, int] = {}
         for value in (*self.env.values(), result):
-            for tensor in _tensors(value):
+            for tensor in tensors_in(value):
                 storage = tensor.untyped_storage()
                 if storage.data_ptr() not in self.excluded:
                     held[storage.data_ptr()] = storage.nbytes()
@@ -441,7 +442,7 @@ class _CountingInterpreter(torch.fx.Interpreter):
         return result
 
     def _exclude(self, value: Any, memory: StepMemory) -> None:
-        for tensor in _tensors(value):
+        for tensor in tensors_in(value):
             if tensor.untyped_storage().data_ptr() not in self.excluded:
                 self.excluded.add(tensor.untyped_storage().data_ptr())
                 memory.rng_state_bytes += tensor.untyped_storage().nbytes()

@@ -26,7 +26,7 @@ import torch.fx
 from torch import nn
 
 from remat.capture import CapturedStep, aliasing_input
-from remat.execute import ExecuteError, graph_nodes_by_fx_name
+from remat.execute import ExecuteError, graph_nodes_by_fx_name, is_random, tensors_in
 from remat.graph import Graph
 from remat.schedule import COMPUTE, FREE, Schedule
 from remat.simulate import part_releases
@@ -88,19 +88,6 @@ def joint_inputs(model: nn.Module, example_inputs: Any, step: CapturedStep) -> l
     return values
 
 
-def _is_random(fx_node: torch.fx.Node) -> bool:
-    tags = getattr(fx_node.target, "tags", ())
-    return torch.Tag.nondeterministic_seeded in tags
-
-
-def _tensors(value: Any):
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            yield from _tensors(v)
-
-
 def _storage_key_and_bytes(tensor: torch.Tensor) -> tuple[int, int]:
     storage = tensor.untyped_storage()
     return storage.data_ptr(), storage.nbytes()
@@ -122,7 +109,7 @@ def replay(step: CapturedStep, graph: Graph, schedule: Schedule, inputs: list[An
         raise ReplayError(str(error)) from None
 
     env: dict[str, Any] = {p.name: v for p, v in zip(placeholders, inputs, strict=True)}
-    placeholder_ptrs = {_storage_key_and_bytes(t)[0] for v in inputs for t in _tensors(v)}
+    placeholder_ptrs = {_storage_key_and_bytes(t)[0] for v in inputs for t in tensors_in(v)}
 
     # FX nodes in no Graph node: views of placeholders and non-tensor values. Those that depend on
     # placeholders only are evaluated once here and kept like placeholders.
@@ -175,7 +162,7 @@ def replay(step: CapturedStep, graph: Graph, schedule: Schedule, inputs: list[An
                 continue
             node = graph.nodes[index]
             for name in node.fx_nodes or (node.name,):
-                for tensor in _tensors(env.get(name)):
+                for tensor in tensors_in(env.get(name)):
                     ptr, nbytes = _storage_key_and_bytes(tensor)
                     if ptr not in placeholder_ptrs:
                         seen[ptr] = max(seen.get(ptr, 0), nbytes)
@@ -203,7 +190,7 @@ def replay(step: CapturedStep, graph: Graph, schedule: Schedule, inputs: list[An
             for name in names:
                 fx_node = by_name[name]
                 args, kwargs = torch.fx.node.map_arg((fx_node.args, fx_node.kwargs), lambda x, r=reader: lookup(x, r))
-                if _is_random(fx_node):
+                if is_random(fx_node):
                     if name not in rng_states:
                         rng_states[name] = torch.get_rng_state()
                         env[name] = _call(step, fx_node, args, kwargs)
