@@ -115,7 +115,8 @@ def _solve_split(model, batch, seq, precision, device, optimizer, budget_bytes, 
 
     with stderr.status(f"tracing {model} (batch {batch}) on fake tensors", spinner="dots") as status:
         try:
-            tracer = SplitTracer(model, batch=batch, seq=seq, precision=precision, device=device, optimizer=optimizer)
+            tracer = SplitTracer.zoo(model, batch=batch, seq=seq, precision=precision, device=device,
+                                     optimizer=optimizer)
             return solve_split(tracer, budget_bytes, solver=solver, time_limit_s=time_limit, backend=backend,
                                progress=lambda stage: status.update(f"planning: {stage}")).plan
         except (ModelError, CaptureError, ValueError) as error:

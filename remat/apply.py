@@ -21,14 +21,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat.capture import LossStep, capture_step
+from remat.capture import CapturedStep, LossStep, capture_step
 from remat.cost import load_profile
 from remat.execute import ExecuteError, PartitionedStep, StepMemory, StepRunner, partition
 from remat.graph import Graph
 from remat.lower import lower
-from remat.planner import Plan, solve
+from remat.planner import Plan
 from remat.schedule import Schedule
 from remat.simulate import Simulation, simulate
+from remat.split_plan import SplitTracer, solve_split
 from remat.units import format_bytes, parse_size
 from solvers.base import INFEASIBLE, SolveOptions
 from solvers.baselines import store_all
@@ -186,20 +187,19 @@ class RematModule(nn.Module):
 
     def _prepare(self, inputs: Sequence[Any]) -> PreparedStep:
         say = self.progress or (lambda message: None)
-        say("tracing the training step")
-        split = (self.given_plan.graph_meta.get("split") or {}) if self.given_plan is not None else {}
-        precision = self.given_plan.graph_meta.get("precision", self.precision) if self.given_plan else self.precision
-        graph, captured = trace_step(self.model, inputs, self.loss_fn, precision, self.device, self.optimizer,
-                                     split_chunks=int(split.get("chunks", 1)))
         solved = None
         if self.given_plan is not None:
+            say("tracing the training step")
             plan = self.given_plan
+            split = plan.graph_meta.get("split") or {}
+            precision = plan.graph_meta.get("precision", self.precision)
+            graph, captured = trace_step(self.model, inputs, self.loss_fn, precision, self.device, self.optimizer,
+                                         split_chunks=int(split.get("chunks", 1)))
             simulation = check_plan(plan, graph)
         else:
-            say(f"planning {len(graph)} nodes")
-            solved = plan_graph(graph, self.budget, self.solver, self.time_limit)
-            plan = plan_from(solved)
-            simulation = solved.simulation
+            solved, captured = plan_step(self.model, inputs, self.budget, self.solver, self.time_limit, self.loss_fn,
+                                         self.precision, self.device, self.optimizer, self.progress)
+            graph, plan, simulation = solved.graph, plan_from(solved), solved.simulation
         say("building the forward and backward graphs")
         try:
             parts = partition(captured, graph, plan.schedule)
@@ -256,18 +256,32 @@ def trace_step(model: nn.Module, inputs: Sequence[Any], loss_fn: Callable | None
     return lower(captured, profile, optimizer=optimizer, meta=meta), captured
 
 
-def plan_graph(graph: Graph, budget: str | int | float, solver: str = "auto", time_limit: float = 60.0) -> Plan:
-    """Solve `graph` for `budget` (bytes, "16GB", or "60%" of the store-all peak); infeasible -> PlanError."""
-    store_all_peak = simulate(graph, store_all(graph, 0, SolveOptions()).schedule).peak_bytes
+def plan_step(model: nn.Module, inputs: Sequence[Any], budget: str | int | float, solver: str = "auto",
+              time_limit: float = 60.0, loss_fn: Callable | None = None, precision: str = "fp32",
+              device: str | None = None, optimizer: str = "adamw",
+              progress: Callable[[str], None] | None = None) -> tuple[Plan, CapturedStep]:
+    """Trace the user's step and plan it for `budget` (bytes, "16GB", or "60%" of the store-all peak), splitting
+    the loss head into chunks where that fits a lower budget or costs less (remat.split_plan), as `remat solve`
+    does. Returns the plan and the captured step its graph was lowered from; infeasible -> PlanError."""
+    say = progress or (lambda message: None)
+    say("tracing the training step")
+    meta = {"model": type(model).__name__,
+            "inputs": [list(v.shape) if isinstance(v, torch.Tensor) else repr(v) for v in inputs]}
+    tracer = SplitTracer(model, inputs, loss_fn=loss_fn, precision=precision,
+                         device=device or default_device_profile(model), optimizer=optimizer, meta=meta)
+    unsplit = tracer.variants[1].graph
+    store_all_peak = simulate(unsplit, store_all(unsplit, 0, SolveOptions()).schedule).peak_bytes
     budget_bytes = parse_size(budget, reference_bytes=store_all_peak)
-    result = solve(graph, budget_bytes, solver=solver, time_limit_s=time_limit)
+    say(f"planning {len(unsplit)} nodes")
+    chosen = solve_split(tracer, budget_bytes, solver=solver, time_limit_s=time_limit, progress=progress)
+    result = chosen.plan
     if result.status == INFEASIBLE or result.schedule is None:
         lowest = result.min_feasible_bytes
         raise PlanError(
             f"no schedule fits a budget of {format_bytes(budget_bytes)} ({budget_bytes} bytes): the minimum feasible "
             f"budget found for this model and input is {format_bytes(lowest)} ({lowest} bytes); fixed memory "
-            f"(parameters, gradients, optimizer state, inputs) alone is {format_bytes(graph.fixed.total_bytes)}")
-    return result
+            f"(parameters, gradients, optimizer state, inputs) alone is {format_bytes(unsplit.fixed.total_bytes)}")
+    return result, tracer.variants[chosen.split.chunks if chosen.split else 1].step
 
 
 def apply(model: nn.Module, budget: str | int | float | None = None, example_inputs: Sequence[Any] | None = None,
@@ -299,5 +313,4 @@ def plan(model: nn.Module, example_inputs: Sequence[Any], budget: str | int | fl
          precision: str = "fp32", optimizer: str = "adamw") -> Plan:
     """The plan (schedule + simulated figures) for `model` on `example_inputs`; `.save(path)` writes a
     plan file that `remat.apply(model, plan=path)` runs."""
-    graph, _ = trace_step(model, example_inputs, loss_fn, precision, device, optimizer)
-    return plan_graph(graph, budget, solver, time_limit)
+    return plan_step(model, example_inputs, budget, solver, time_limit, loss_fn, precision, device, optimizer)[0]

@@ -15,9 +15,14 @@ file and `remat solve` show them.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
 
 from remat.capture import CapturedStep, capture_step, fake_tensor_mode
 from remat.cost import load_profile
@@ -43,6 +48,7 @@ class Variant:
     chunks: int
     graph: Graph
     split: Split | None
+    step: CapturedStep  # the joint FX graph the Graph was lowered from (execute partitions it)
     head: frozenset[int] = frozenset()  # forward nodes that compute one chunk of the head
 
     @property
@@ -51,20 +57,43 @@ class Variant:
 
 
 class SplitTracer:
-    """Traces a zoo model once on fake tensors, then its split variants on demand (same fake model)."""
+    """A model's training step, captured once, and its split variants traced on demand.
 
-    def __init__(self, model: str, batch: int = 16, seq: int | None = None, precision: str = "bf16-mixed",
-                 device: str = "h100", optimizer: str = "adamw"):
+    `SplitTracer.zoo(name, ...)` builds a zoo model on fake tensors (no memory); `SplitTracer(model, inputs, ...)`
+    traces the user's own module (remat.apply), leaving its parameters and the RNG as they were.
+    """
+
+    def __init__(self, model: nn.Module, inputs: Sequence[Any], *, loss_fn: Callable | None = None,
+                 precision: str = "fp32", device: str = "cpu", optimizer: str = "adamw", meta: dict | None = None,
+                 mode: contextlib.AbstractContextManager | None = None):
         self.profile = load_profile(device)  # fail on a bad device before the slow trace
-        self.optimizer = optimizer
-        self.mode = fake_tensor_mode()
-        with self.mode:
-            self.spec = build_model(model, batch=batch, seq=seq)
-            self.step: CapturedStep = capture_step(self.spec.model, self.spec.example_inputs, self.spec.loss_fn,
-                                                   precision)
-        self.meta = {"model": model, "batch": batch, "seq": self.spec.seq, "device": self.profile.name,
-                     "precision": precision, "description": self.spec.description}
-        self.variants: dict[int, Variant | None] = {1: Variant(1, self._lower(self.step, self.meta), None)}
+        self.model, self.inputs, self.optimizer = model, tuple(inputs), optimizer
+        self.mode = mode or contextlib.nullcontext()
+        self.meta = {**(meta or {}), "device": self.profile.name, "precision": precision}
+        with self._tracing():
+            step = capture_step(model, self.inputs, loss_fn, precision)
+        self.variants: dict[int, Variant | None] = {1: Variant(1, self._lower(step, self.meta), None, step)}
+
+    @classmethod
+    def zoo(cls, model: str, batch: int = 16, seq: int | None = None, precision: str = "bf16-mixed",
+            device: str = "h100", optimizer: str = "adamw") -> SplitTracer:
+        """A zoo model (or `file.py:factory`) built on fake tensors."""
+        load_profile(device)  # fail on a bad device before building the model
+        mode = fake_tensor_mode()
+        with mode:
+            spec = build_model(model, batch=batch, seq=seq)
+        meta = {"model": model, "batch": batch, "seq": spec.seq, "description": spec.description}
+        return cls(spec.model, spec.example_inputs, loss_fn=spec.loss_fn, precision=precision, device=device,
+                   optimizer=optimizer, meta=meta, mode=mode)
+
+    @property
+    def step(self) -> CapturedStep:
+        return self.variants[1].step
+
+    @contextlib.contextmanager
+    def _tracing(self):
+        with torch.random.fork_rng(devices=[]), self.mode:  # tracing a real model must not move its RNG
+            yield
 
     def _lower(self, step: CapturedStep, meta: dict) -> Graph:
         with self.mode:
@@ -74,13 +103,13 @@ class SplitTracer:
         """The step split into `chunks`, or None when it has no head to split or too few rows."""
         if chunks not in self.variants:
             try:
-                with self.mode:
-                    step, split = capture_split(self.spec.model, self.spec.example_inputs, self.step, chunks)
+                with self._tracing():
+                    step, split = capture_split(self.model, self.inputs, self.step, chunks)
             except (Unsplittable, ValueError):
                 self.variants[chunks] = None
             else:
                 graph = self._lower(step, {**self.meta, "split": split.to_meta()})
-                self.variants[chunks] = Variant(chunks, graph, split, head_nodes(graph, step))
+                self.variants[chunks] = Variant(chunks, graph, split, step, head_nodes(graph, step))
         return self.variants[chunks]
 
 
@@ -121,6 +150,7 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
 
     # Split variants, doubling k until one leaves room, or while the floor falls.
     variants = [unsplit]
+    why_not = "not split: no row-wise head from a matmul to the loss"
     for chunks in CHUNK_COUNTS[1:]:
         say(f"tracing the head in {chunks} chunks")
         variant = tracer.variant(chunks)
@@ -128,13 +158,14 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
             break
         floors[chunks] = variant.floor_bytes
         if variant.floor_bytes > (1 - FLOOR_GAIN) * variants[-1].floor_bytes:
+            why_not = f"not split: the largest op is not in the head ({_largest_op(unsplit.graph)})"
             break  # more chunks no longer lower the floor: another op is the largest now
         variants.append(variant)
         if leaves_room(variant):
             break
     if len(variants) == 1:
         plan = solve(unsplit.graph, budget_bytes, solver, time_limit_s, backend, progress)
-        return _finish(plan, None, "not split: no row-wise head from a matmul to the loss", [(1, floors[1], plan)])
+        return _finish(plan, None, why_not, [(k, floor, plan if k == 1 else None) for k, floor in floors.items()])
 
     # Candidates: the unsplit step if its floor fits, and the last variant: the fewest chunks that leave
     # room, or else the most chunks (the lowest floor: the plan when nothing fits, and the minimum budget).

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import remat
-from remat.apply import PlanError, apply, plan_graph, trace_step
+from remat.apply import PlanError, apply, trace_step
 from remat.capture import LossStep
 from remat.models import UNet, build_model
 from remat.planner import solve
@@ -267,7 +267,7 @@ def test_budget_below_the_minimum_names_it_and_leaves_the_model_alone():
     before = copy.deepcopy(model.state_dict())
     graph, _ = trace_step(model, inputs, device="cpu")
     with pytest.raises(PlanError, match="minimum feasible budget"):
-        plan_graph(graph, graph.fixed.total_bytes, time_limit=TIME_LIMIT)
+        remat.plan(model, inputs, budget=graph.fixed.total_bytes, device="cpu", time_limit=TIME_LIMIT)
     with pytest.raises(PlanError, match="minimum feasible budget"):
         apply(model, budget=graph.fixed.total_bytes, example_inputs=inputs, device="cpu", time_limit=TIME_LIMIT)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -358,3 +358,31 @@ def test_remat_run_measures_a_plan_file_and_refuses_bad_ones(tmp_path):
     assert corrupted.exit_code == 2 and "not valid JSON" in corrupted.output
     too_small = runner.invoke(main, ["run", *common, "--budget", "1MB", "--time-limit", "3"])
     assert too_small.exit_code == 2 and "minimum feasible budget" in too_small.output
+
+
+def test_apply_with_a_budget_below_the_unsplit_floor_splits_the_head(tmp_path):
+    """llama-tiny at batch 8, seq 64: the loss head alone needs 16.05 MB unsplit; at 15 MB only a split step fits.
+    apply splits it as `remat solve` would, and runs it with the memory it planned."""
+    torch.manual_seed(0)
+    spec = build_model("llama-tiny", batch=8, seq=64)
+    reference = copy.deepcopy(spec.model)
+    planned = apply(spec.model, budget="15MB", example_inputs=spec.example_inputs, device="cpu",
+                    time_limit=TIME_LIMIT)
+    split = planned.planned.graph.meta["split"]
+    assert split["chunks"] > 1 and split["region"].endswith("+loss")
+    assert planned.planned.simulation.peak_bytes <= 15 * 10**6
+    loss, memory = planned.measure(*spec.example_inputs)
+    assert memory.peak_live_bytes == planned.planned.simulation.activation_peak_bytes
+    reference_loss = LossStep(reference, None, "fp32")(*spec.example_inputs)
+    reference_loss.backward()
+    # the chunked loss sums in another order: equal to float32 rounding
+    torch.testing.assert_close(loss, reference_loss.detach(), rtol=1e-6, atol=1e-6)
+    for p, q in zip(spec.model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+    # the plan made by remat.plan carries the split into its file, and apply runs the file
+    made = remat.plan(copy.deepcopy(reference), spec.example_inputs, budget="15MB", device="cpu",
+                      time_limit=TIME_LIMIT)
+    assert made.graph.meta["split"]["chunks"] == split["chunks"]
+    made.save(tmp_path / "plan.json")
+    from_file = apply(copy.deepcopy(reference), plan=tmp_path / "plan.json", example_inputs=spec.example_inputs)
+    assert from_file.planned.graph.meta["split"]["chunks"] == split["chunks"]

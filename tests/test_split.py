@@ -174,7 +174,7 @@ def test_chunk_sizes_cover_the_rows():
 
 @cache
 def tiny_tracer():
-    return SplitTracer("gpt2-tiny", batch=16, precision="bf16-mixed", device="h100")
+    return SplitTracer.zoo("gpt2-tiny", batch=16, precision="bf16-mixed", device="h100")
 
 
 def test_splitting_lowers_the_floor_of_an_lm():
