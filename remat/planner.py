@@ -26,6 +26,9 @@ from solvers.registry import SOLVER_NAMES, solve_with
 MAX_EXACT_NODES = 100  # larger graphs are coarsened to this size (when no decomposition applies)
 MAX_WHOLE_NODES = 100  # the MILP takes graphs up to this size whole. VGG16 (155 nodes) whole: +1.8% at 90% in one
 #                        run, but no better than chen-greedy and 65 s for a 30 s limit (build and min-peak) in another
+MIN_STAGE_S = 0.5  # the least time a solver stage gets once the deadline is near or past (then it keeps its warm start)
+BOUND_SHARE = 1 / 6  # of the time limit, at most BOUND_MAX_S, for the covering lower bound
+BOUND_MAX_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -104,14 +107,21 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
     """The cheapest schedule of `graph` whose simulated peak fits `budget_bytes`.
 
     `known`: schedules found earlier for this graph (a smaller budget's plan, say), weighed like the baselines.
+    Every stage draws on one deadline, `time_limit_s` from now: when it passes, the stages still to come get
+    MIN_STAGE_S each (or are skipped when optional) and the best plan found so far is returned with its bound.
     """
     if solver not in SOLVER_NAMES:
         raise ValueError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVER_NAMES)}")
     started = time.perf_counter()
+    deadline = started + time_limit_s
     say = progress or (lambda message: None)
 
+    def left(share: float = 1.0) -> float:
+        """A share of the time left before the deadline, and never less than MIN_STAGE_S."""
+        return max(MIN_STAGE_S, share * (deadline - time.perf_counter()))
+
     say("baselines")
-    candidates = [_run(graph, name, budget_bytes, SolveOptions(time_limit_s=time_limit_s)) for name in BASELINES]
+    candidates = [_run(graph, name, budget_bytes, SolveOptions(time_limit_s=left())) for name in BASELINES]
     candidates += known
     store_all = next(c for c in candidates if c.method == "store-all").simulation
     assert store_all is not None and store_all.valid, "store-all must always be a valid schedule"
@@ -134,7 +144,8 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
 
     # A valid lower bound on the fine graph, whatever solves it (solvers/bounds.py): cheap, so always.
     say("lower bound")
-    covering = covering_bound(graph, budget_bytes, SolveOptions(time_limit_s=min(10.0, max(1.0, time_limit_s / 6))))
+    covering = covering_bound(graph, budget_bytes,
+                              SolveOptions(time_limit_s=min(BOUND_MAX_S, max(1.0, BOUND_SHARE * time_limit_s), left())))
     if covering.proven_infeasible:
         lower_bound_s, bound_method = None, "covering: no schedule fits"
     else:
@@ -145,9 +156,7 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
         applies, why = decompose_applies(graph, budget_bytes)
         if applies or solver == "decompose":
             say("block decomposition")
-            left = max(1.0, time_limit_s - (time.perf_counter() - started))
-            result = solve_with("decompose", graph, budget_bytes,
-                                SolveOptions(time_limit_s=left, backend=backend))
+            result = solve_with("decompose", graph, budget_bytes, SolveOptions(time_limit_s=left(), backend=backend))
             decomposed = _candidate(graph, "decompose", result, result.schedule)
             candidates.append(decomposed)
             picked = (f"decompose: {len(graph)} nodes (more than {MAX_EXACT_NODES}) with {why}" if solver == "auto"
@@ -187,8 +196,6 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
         return schedule
 
     name = "checkmate" if solver == "auto" else solver
-    milp_started = time.perf_counter()
-    milp_limit_s = max(5.0, time_limit_s - (milp_started - started))  # what the bound and a decomposition left
     coarser: Schedule | None = None  # the previous level's plan, expanded to this level
     lowest_peak = min(c.simulation.peak_bytes for c in candidates if c.simulation is not None and c.simulation.valid)
     milp_candidates: list[Candidate] = []
@@ -197,7 +204,8 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
         working = graphs[depth]
         label = name if depth == 0 else f"{name}-coarse-{len(working)}"
         say(f"warm start for {len(working)} nodes")
-        baselines = candidates if depth == 0 else [_run(working, b, budget_bytes, SolveOptions()) for b in BASELINES]
+        baselines = (candidates if depth == 0
+                     else [_run(working, b, budget_bytes, SolveOptions(time_limit_s=left())) for b in BASELINES])
         options = [(c.simulation.compute_s, c.schedule) for c in baselines if c.fits(budget_bytes)]
         if coarser is not None:
             coarser_sim = simulate(working, coarser)
@@ -208,8 +216,11 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
             say("minimum feasible budget")
             lowest = min((c for c in baselines if c.simulation is not None and c.simulation.valid),
                          key=lambda c: (c.simulation.peak_bytes, c.simulation.compute_s))
+            # A quarter of the time left, or all of it when the budget is below this graph's single-op floor
+            # (then the MILP for the budget settles at once and the lowest peak is the answer wanted).
+            below_floor = working.min_budget_lower_bound() > budget_bytes
             min_peak = solve_with("checkmate-min-peak", working, budget_bytes,
-                                  SolveOptions(time_limit_s=max(5.0, milp_limit_s / 4), backend=backend,
+                                  SolveOptions(time_limit_s=left(1.0 if below_floor else 0.25), backend=backend,
                                                warm_start=lowest.schedule))
             candidates.append(_candidate(graph, "checkmate-min-peak", min_peak, to_graph(min_peak.schedule, depth)))
             if min_peak.schedule is not None:
@@ -218,10 +229,9 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
                     options.append((min_peak_sim.compute_s, min_peak.schedule))
         warm = min(options, key=lambda option: option[0])[1] if options else None
 
-        # the coarsest level gets a third of the time, the next one what is left
-        left = milp_limit_s - (time.perf_counter() - milp_started) if depth < len(graphs) - 1 else milp_limit_s
-        share = milp_limit_s / 3 if depth > 0 and depth == len(graphs) - 1 else max(1.0, left)
-        say(f"solving the MILP on {len(working)} nodes ({share:.0f} s)")
+        # of two coarse levels, the coarser gets a third of the time left and the finer what is left after it
+        share = left(1 / 3 if depth > 1 else 1.0)
+        say(f"solving the MILP on {len(working)} nodes ({share:.1f} s)")
         result = solve_with(name, working, budget_bytes,
                             SolveOptions(time_limit_s=share, warm_start=warm, backend=backend))
         candidate = _candidate(graph, label, result, to_graph(result.schedule, depth))

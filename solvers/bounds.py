@@ -29,6 +29,7 @@ from remat.graph import Graph, Node
 from solvers.base import SolveOptions
 
 CHAINED_MOMENTS = 12  # the most crowded moments get the chained form (recomputing needs the inputs back)
+MILP_SHARE = 0.75  # of the time limit, for the covering MILP; its LP relaxation (the fallback) gets the rest
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,9 @@ def covering_bound(graph: Graph, budget_bytes: int, options: SolveOptions | None
                     - pulp.lpSum(held_size[w] / scale * h for w, h in held.items()) >= over / scale,
                     f"C_{t}")
     problem += pulp.lpSum(nodes[v].compute_s / second * var for v, var in x.items())
-    outcome = solve_problem(problem, options)
+    # The time limit covers the whole bound: the MILP gets most of it, and the LP relaxation (the fallback when
+    # the MILP's root does not finish) the rest, or a quarter of the limit if the MILP left less.
+    outcome = solve_problem(problem, options, deadline=started + MILP_SHARE * options.time_limit_s)
     wall_s = time.perf_counter() - started
     if outcome.status == "infeasible":
         return Bound(None, "covering", wall_s, proven_infeasible=True)
@@ -152,7 +155,8 @@ def covering_bound(graph: Graph, budget_bytes: int, options: SolveOptions | None
         # The MILP's root did not finish in time (large graphs, a busy machine): its LP relaxation is a bound too.
         for variable in problem.variables():
             variable.cat = pulp.LpContinuous
-        outcome = solve_problem(problem, replace(options, time_limit_s=max(options.time_limit_s, 30.0)), mip=False)
+        deadline = max(started + options.time_limit_s, time.perf_counter() + (1 - MILP_SHARE) * options.time_limit_s)
+        outcome = solve_problem(problem, options, mip=False, deadline=deadline)
         wall_s = time.perf_counter() - started
         if outcome.status != "optimal" or outcome.objective is None:
             return Bound(graph.compute_s, "store-all", wall_s)

@@ -230,12 +230,18 @@ class SolveOutcome:
     message: str
 
 
-class _HighsWithStart(pulp.HiGHS):
-    """pulp.HiGHS (highspy in-process) that hands HiGHS a starting solution before it runs."""
+MIN_RUN_S = 1e-3  # HiGHS's time limit when the deadline has passed: it returns the warm start at once
 
-    def __init__(self, start: dict[str, float] | None, **kwargs) -> None:
+
+class _HighsWithStart(pulp.HiGHS):
+    """pulp.HiGHS (highspy in-process) that hands HiGHS a starting solution before it runs, and sets its time
+    limit to what is left before `deadline` (a time.perf_counter() value) once PuLP has copied the model in:
+    that copy takes seconds on large models, and HiGHS's own clock starts after it."""
+
+    def __init__(self, start: dict[str, float] | None, deadline: float | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.start = start
+        self.deadline = deadline
 
     def callSolver(self, lp: pulp.LpProblem) -> None:  # noqa: N802 (PuLP's name)
         if self.start:
@@ -245,27 +251,29 @@ class _HighsWithStart(pulp.HiGHS):
             solution.col_value = [self.start.get(var.name, 0.0) for var in lp.variables()]  # by var.index order
             solution.value_valid = True
             lp.solverModel.setSolution(solution)
+        if self.deadline is not None:
+            lp.solverModel.setOptionValue("time_limit", max(MIN_RUN_S, self.deadline - time.perf_counter()))
         lp.solverModel.run()
 
 
 def _solve_highs(problem: pulp.LpProblem, options: SolveOptions, start: dict[str, float] | None,
-                 mip: bool) -> SolveOutcome:
+                 mip: bool, deadline: float) -> SolveOutcome:
     settings = dict(mip=mip, msg=options.verbose, gapRel=options.mip_gap, threads=options.threads or None)
-    solver = _HighsWithStart(start, timeLimit=options.time_limit_s, **settings)
+    left = max(MIN_RUN_S, deadline - time.perf_counter())
+    solver = _HighsWithStart(start, deadline, timeLimit=left, **settings)
     if not solver.available():  # no highspy: the command-line HiGHS through files
-        return _solve_command(problem, pulp.HiGHS_CMD(timeLimit=options.time_limit_s,
-                                                      warmStart=start is not None, **settings), start)
+        return _solve_command(problem, pulp.HiGHS_CMD(timeLimit=left, warmStart=start is not None, **settings),
+                              start)
     import highspy
 
-    started = time.perf_counter()
     problem.solve(solver)
     highs = problem.solverModel
     model_status = highs.getModelStatus()
     if model_status in (highspy.HighsModelStatus.kSolveError, highspy.HighsModelStatus.kPostsolveError):
         # HiGHS 1.15's presolve can hand back a solution that breaks the model (seen on 3-node graphs, then
         # reported as a solve error): solve again without presolve in the time left.
-        left = max(options.time_limit_s - (time.perf_counter() - started), 1e-3)
-        problem.solve(_HighsWithStart(start, timeLimit=left, presolve="off", **settings))
+        left = max(MIN_RUN_S, deadline - time.perf_counter())
+        problem.solve(_HighsWithStart(start, deadline, timeLimit=left, presolve="off", **settings))
         highs = problem.solverModel
         model_status = highs.getModelStatus()
         retried = " (solved again without presolve after a presolve error)"
@@ -322,13 +330,17 @@ def _solve_gurobi(problem: pulp.LpProblem, options: SolveOptions, start: dict[st
 
 
 def solve_problem(problem: pulp.LpProblem, options: SolveOptions, start: dict[str, float] | None = None,
-                  mip: bool = True) -> SolveOutcome:
-    """Run the back-end options.backend names; a missing one is a ValueError naming those present."""
+                  mip: bool = True, deadline: float | None = None) -> SolveOutcome:
+    """Run the back-end options.backend names; a missing one is a ValueError naming those present.
+
+    `deadline` (a time.perf_counter() value): when HiGHS must stop, the time spent handing it the model
+    included; without one it gets options.time_limit_s from now."""
     if not backend_available(options.backend):
         raise ValueError(f"MILP back-end {options.backend!r} is not available here; "
                          f"available: {', '.join(available_backends()) or 'none'}")
     if options.backend == "highs":
-        return _solve_highs(problem, options, start, mip)
+        return _solve_highs(problem, options, start, mip,
+                            deadline if deadline is not None else time.perf_counter() + options.time_limit_s)
     if options.backend == "cbc":
         cbc = _cbc(msg=options.verbose, timeLimit=options.time_limit_s, gapRel=options.mip_gap,
                    warmStart=start is not None, threads=options.threads or None, mip=mip)
@@ -410,7 +422,9 @@ def _solve(graph: Graph, budget_bytes: int | None, options: SolveOptions, name: 
                     "backend": options.backend, "build_s": time.perf_counter() - started}
     if warm is not None:
         detail["warm_start"] = warm.note
-    outcome = solve_problem(model.problem, options, warm.values if warm else None)
+    # The time limit covers the whole call: building the model and checking the warm start count against it.
+    outcome = solve_problem(model.problem, options, warm.values if warm else None,
+                            deadline=started + options.time_limit_s)
     detail["solver_message"] = outcome.message
 
     def bound_s(bound: float | None) -> float:
