@@ -8,7 +8,8 @@ as the safeguard. It returns a batch that fits and a batch + 1 that does not, bo
 Methods: any baseline by name, `compile-budget` (the best of torch.compile's budgets 1.0, 0.5, 0.2, 0.0),
 `compile-budget-B`, and `checkmate` or any other planner of `remat solve` (auto, decompose, lp-round, cpsat): remat's
 plan, the cheapest schedule found among the MILP, every baseline and torch's choices, so its largest batch is
-never below theirs.
+never below theirs. Like `remat solve`, remat's planners may split the loss head into chunks (remat.split_plan)
+where the unsplit step does not fit: a batch fits if some chunk count fits.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from remat.comparators import COMPILE_BUDGETS, COMPILE_PREFIX, compile_budget_candidate, compile_budget_of
 from remat.graph import Graph
-from remat.planner import Candidate, solve
+from remat.planner import Candidate
 from remat.simulate import Simulation, simulate
-from remat.trace import TracedStep, trace_step
+from remat.split import CHUNK_COUNTS
+from remat.split_plan import FLOOR_GAIN, SplitTracer, Variant, solve_split, streamed_baselines
+from remat.trace import TracedStep
 from solvers.baselines import BASELINES
 from solvers.registry import MILP_SOLVERS, solve_with
 
@@ -139,8 +142,8 @@ def _interpolate(low: Probe, high: Probe, budget_bytes: int) -> int | None:
 
 @dataclass
 class BatchTraces:
-    """Traces of one model at several batches: Graphs are kept, joint FX graphs (hundreds of MB for GPT-2)
-    only for the last few batches, and re-traced when needed again."""
+    """Traces of one model at several batches: Graphs are kept, joint FX graphs (hundreds of MB for GPT-2) and
+    split variants only for the last few batches, and re-traced when needed again."""
 
     model: str
     seq: int | None = None
@@ -150,32 +153,58 @@ class BatchTraces:
     keep_steps: int = 2
     on_trace: Callable[[int], None] | None = None  # called before each trace (progress)
     graphs: dict[int, Graph] = field(default_factory=dict)
-    _steps: OrderedDict = field(default_factory=OrderedDict)
+    _tracers: OrderedDict = field(default_factory=OrderedDict)
+    _added: dict[int, TracedStep] = field(default_factory=dict)
     _compile: dict[tuple[int, float], Candidate] = field(default_factory=dict)
     _store_all: dict[int, Simulation] = field(default_factory=dict)
 
-    def traced(self, batch: int) -> TracedStep:
-        if batch in self._steps:
-            self._steps.move_to_end(batch)
-            return self._steps[batch]
+    def tracer(self, batch: int) -> SplitTracer:
+        """The step at `batch`, with its split variants traced on demand."""
+        if batch in self._tracers:
+            self._tracers.move_to_end(batch)
+            return self._tracers[batch]
         if self.on_trace:
             self.on_trace(batch)
-        traced = trace_step(self.model, batch=batch, seq=self.seq, precision=self.precision, device=self.device,
-                            optimizer=self.optimizer)
-        self._steps[batch] = traced
-        while len(self._steps) > self.keep_steps:
-            self._steps.popitem(last=False)
-        self.graphs.setdefault(batch, traced.graph)
-        return traced
+        tracer = SplitTracer.zoo(self.model, batch=batch, seq=self.seq, precision=self.precision, device=self.device,
+                                 optimizer=self.optimizer)
+        self._tracers[batch] = tracer
+        while len(self._tracers) > self.keep_steps:
+            self._tracers.popitem(last=False)
+        self.graphs.setdefault(batch, tracer.variants[1].graph)
+        return tracer
+
+    def traced(self, batch: int) -> TracedStep:
+        if batch in self._added and batch not in self._tracers:
+            return self._added[batch]
+        tracer = self.tracer(batch)
+        return TracedStep(tracer.step, tracer.variants[1].graph)
 
     def graph(self, batch: int) -> Graph:
-        return self.graphs[batch] if batch in self.graphs else self.traced(batch).graph
+        return self.graphs[batch] if batch in self.graphs else self.tracer(batch).variants[1].graph
 
     def add(self, traced: TracedStep) -> None:
         """A trace made elsewhere (the batch the user asked for)."""
         batch = traced.graph.meta["batch"]
-        self._steps[batch] = traced
+        self._added = {batch: traced}  # one at most: a joint graph is large
         self.graphs[batch] = traced.graph
+
+    def split_variants(self, batch: int) -> list[Variant]:
+        """The step at `batch` with its head in 2, 4, 8, ... chunks, while each doubling lowers the single-op floor
+        (the same rule as remat.split_plan); empty when the model has no head to split."""
+        tracer, variants = self.tracer(batch), []
+        floor = tracer.variants[1].floor_bytes
+        for chunks in CHUNK_COUNTS[1:]:
+            variant = tracer.variant(chunks)
+            if variant is None or variant.floor_bytes > (1 - FLOOR_GAIN) * floor:
+                break
+            variants.append(variant)
+            floor = variant.floor_bytes
+        return variants
+
+    def lowest_floor(self, batch: int) -> int:
+        """No schedule of any chunk count fits below this."""
+        return min([self.graph(batch).min_budget_lower_bound(),
+                    *(v.floor_bytes for v in self.split_variants(batch))])
 
     def compile_candidate(self, batch: int, activation_memory_budget: float) -> Candidate:
         key = (batch, activation_memory_budget)
@@ -230,14 +259,33 @@ def best_outcome(candidates: list[Candidate], budget_bytes: int) -> Outcome:
     return Outcome(False, candidates[0].method if candidates else "", None)
 
 
+def split_candidates(traces: BatchTraces, batch: int, budget_bytes: int) -> list[Candidate]:
+    """The baselines' schedules, plain and with the head streamed, on each split variant whose floor fits."""
+    candidates = []
+    for variant in traces.split_variants(batch):
+        if variant.floor_bytes > budget_bytes:
+            continue
+        found = streamed_baselines(variant, budget_bytes)
+        for name in BASELINES:
+            result = solve_with(name, variant.graph, budget_bytes)
+            if result.schedule is not None:
+                found.append(Candidate(name, result.status, result.schedule, simulate(variant.graph, result.schedule),
+                                       result.wall_s, result.message))
+        candidates += [replace(c, method=f"{c.method} (head in {variant.chunks} chunks)") for c in found]
+    return candidates
+
+
 def milp_outcome(traces: BatchTraces, method: str, batch: int, budget_bytes: int, time_limit_s: float,
                  others: list[Candidate]) -> Outcome:
-    """remat's plan at this batch: the MILP weighed against every baseline and `others`."""
-    graph = traces.graph(batch)
-    if graph.min_budget_lower_bound() > budget_bytes:
+    """remat's plan at this batch, as `remat solve` makes it (the head split where that helps), weighed against
+    `others`: every baseline and torch's choices, on the unsplit and split steps."""
+    if traces.lowest_floor(batch) > budget_bytes:
         return Outcome(False, method, None)
-    plan = solve(graph, budget_bytes, solver=method, time_limit_s=time_limit_s, known=others)
-    return Outcome(plan.schedule is not None, plan.method, plan.simulation)
+    chosen = solve_split(traces.tracer(batch), budget_bytes, solver=method, time_limit_s=time_limit_s)
+    plan = chosen.plan
+    name = plan.method + (f" (head in {chosen.split.chunks} chunks)" if chosen.split else "")
+    mine = [Candidate(name, plan.status, plan.schedule, plan.simulation, 0.0)] if plan.schedule is not None else []
+    return best_outcome(mine + others, budget_bytes)
 
 
 def _lowest_peak(candidates: list[Candidate]) -> int | None:
@@ -264,13 +312,14 @@ def max_batch(traces: BatchTraces, method: str, budget_bytes: int, start: int = 
 
     def probe(batch: int) -> Probe:
         if method in MILP_METHODS:
-            graph = traces.graph(batch)
-            if graph.min_budget_lower_bound() > budget_bytes:
-                return Probe(batch, False, graph.min_budget_lower_bound())
             candidates = baselines(batch)  # cheap: a baseline that fits settles the probe
             outcome = best_outcome(candidates, budget_bytes)
             if not outcome.fits:
-                candidates = others(batch)  # torch's choices (its partitioner, a second or two each), then the MILP
+                floor = traces.lowest_floor(batch)  # no chunk count fits: nothing more to try
+                if floor > budget_bytes:
+                    return Probe(batch, False, floor)
+                # the baselines on the split steps and torch's choices, then the MILP
+                candidates = split_candidates(traces, batch, budget_bytes) + others(batch)
                 outcome = best_outcome(candidates, budget_bytes)
             if not outcome.fits:
                 outcome = milp_outcome(traces, method, batch, budget_bytes, time_limit_s, candidates)
@@ -287,7 +336,8 @@ def max_batch(traces: BatchTraces, method: str, budget_bytes: int, start: int = 
                         time.perf_counter() - started)
     outcome = outcomes[batch]
     if method in MILP_METHODS:  # the probe may have stopped at the first schedule that fits: plan for step time
-        outcome = milp_outcome(traces, method, batch, budget_bytes, time_limit_s, others(batch))
+        known = others(batch) + split_candidates(traces, batch, budget_bytes)
+        outcome = milp_outcome(traces, method, batch, budget_bytes, time_limit_s, known)
     simulation = outcome.simulation
     return MaxBatch(method, budget_bytes, batch, outcome.schedule_from,
                     simulation.peak_bytes if simulation else None, simulation.compute_s if simulation else None,

@@ -124,3 +124,15 @@ def test_cli_maxbatch_json():
     for r in data["results"]:
         assert {"max_batch", "peak_bytes", "compute_s", "overhead", "samples_per_s", "probes"} <= set(r)
         assert r["peak_bytes"] <= 200_000_000
+
+
+def test_remat_plans_split_the_head_to_fit_a_larger_batch():
+    """llama-tiny (seq 64, fp32): at 15 MB the unsplit step's loss head alone rules out batch 8 for any schedule
+    (floor 16.05 MB); with the head in chunks, remat's plan fits it and more."""
+    traces = BatchTraces("llama-tiny", seq=64, precision="fp32", device="cpu")
+    budget = 15_000_000
+    assert traces.graph(8).min_budget_lower_bound() > budget  # no unsplit schedule fits batch 8
+    found = max_batch(traces, "checkmate", budget, start=8, time_limit_s=3, cap=8)  # one probe: batch 8 fits
+    assert found.batch == 8 and found.capped
+    assert "chunks" in found.schedule_from and found.peak_bytes <= budget
+    assert traces.lowest_floor(found.batch) <= budget
