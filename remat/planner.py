@@ -186,7 +186,6 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
                        f"big for the MILP whole ({len(graph)} nodes): the best baseline is the plan")
             return _finish(graph, budget_bytes, candidates, candidates, store_all, bound, started, lower_bound_s,
                            note=message, bound_method=bound_method, picked="baselines only")
-        coarse_nodes = len(levels[0].coarse)
     graphs = [graph] + [level.coarse for level in levels]  # depth 0 is the graph itself
 
     def to_graph(schedule: Schedule | None, depth: int) -> Schedule | None:
@@ -202,6 +201,13 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
     result = None
     for depth in reversed(range(1 if levels else 0, len(graphs))):  # the whole graph only when it is small
         working = graphs[depth]
+        if result is not None:  # a finer level, after a coarser one
+            needed_s = max(MIN_STAGE_S, 2 * _build_s(result, working, graphs[depth + 1]))
+            if deadline - time.perf_counter() < needed_s:
+                # Too little time to build this level's MILP and still search: the coarser plan, expanded, stands.
+                say(f"no time left for the MILP on {len(working)} nodes")
+                break
+        coarse_nodes = len(working) if depth > 0 else None
         label = name if depth == 0 else f"{name}-coarse-{len(working)}"
         say(f"warm start for {len(working)} nodes")
         baselines = (candidates if depth == 0
@@ -275,6 +281,12 @@ def sweep(graph: Graph, budgets_bytes: Sequence[int], solver: str = "auto", time
             known = [Candidate(f"{plan.method}@{plan.budget_bytes}", FEASIBLE, plan.schedule, plan.simulation, 0.0,
                                f"the plan for {plan.budget_bytes} bytes")]
     return plans
+
+
+def _build_s(coarser: SolverResult, finer: Graph, coarser_graph: Graph) -> float:
+    """About how long building the MILP of `finer` takes, from the time the coarser graph's took: it grows with
+    the square of the nodes, and PuLP's copy of the model into HiGHS adds about half again."""
+    return 1.5 * coarser.detail.get("build_s", 0.0) * (len(finer) / max(1, len(coarser_graph))) ** 2
 
 
 def _run(graph: Graph, name: str, budget_bytes: int, options: SolveOptions) -> Candidate:

@@ -243,6 +243,43 @@ class _HighsWithStart(pulp.HiGHS):
         self.start = start
         self.deadline = deadline
 
+    def buildSolverModel(self, lp: pulp.LpProblem) -> None:  # noqa: N802 (PuLP's name)
+        """PuLP's copy of the model into HiGHS, in one call for the columns, one for their integrality and one
+        for the rows instead of one call each (the integrality calls alone took a second on 100 nodes)."""
+        import highspy
+        import numpy as np
+
+        highs, infinity = lp.solverModel, highspy.kHighsInf
+        sign = -1 if lp.sense == pulp.LpMaximize else 1
+        variables = lp.variables()
+        for index, var in enumerate(variables):
+            var.index = index
+        costs = [sign * lp.objective.get(var, 0.0) for var in variables]
+        lower = [-infinity if var.lowBound is None else var.lowBound for var in variables]
+        upper = [infinity if var.upBound is None else var.upBound for var in variables]
+        no_entries = np.zeros(0, dtype=np.int32)
+        highs.addCols(len(variables), np.array(costs, dtype=np.float64), np.array(lower, dtype=np.float64),
+                      np.array(upper, dtype=np.float64), 0, np.zeros(len(variables), dtype=np.int32), no_entries,
+                      np.zeros(0, dtype=np.float64))
+        if self.mip:
+            integers = np.array([var.index for var in variables if var.cat == pulp.LpInteger], dtype=np.int32)
+            kinds = np.full(len(integers), int(highspy.HighsVarType.kInteger), dtype=np.uint8)
+            highs.changeColsIntegrality(len(integers), integers, kinds)
+        starts, columns, coefficients, row_lower, row_upper = [], [], [], [], []
+        for index, constraint in enumerate(lp._constraints.values()):
+            constraint.index = index
+            starts.append(len(columns))
+            for var, coefficient in constraint.items():
+                if coefficient != 0:
+                    columns.append(var.index)
+                    coefficients.append(coefficient)
+            low, high = constraint.getLb(), constraint.getUb()
+            row_lower.append(-infinity if low is None else low)
+            row_upper.append(infinity if high is None else high)
+        highs.addRows(len(starts), np.array(row_lower, dtype=np.float64), np.array(row_upper, dtype=np.float64),
+                      len(columns), np.array(starts, dtype=np.int32), np.array(columns, dtype=np.int32),
+                      np.array(coefficients, dtype=np.float64))
+
     def callSolver(self, lp: pulp.LpProblem) -> None:  # noqa: N802 (PuLP's name)
         if self.start:
             import highspy

@@ -1,0 +1,77 @@
+"""A time limit is kept: the planner returns about when it is told to, with the best valid plan found so far
+and its gap, on each of its paths (the whole-graph MILP, the coarsened MILP, the block decomposition).
+
+A guard against gross overruns on a busy CI machine, not a timing benchmark (benchmarks/time_limits.py is).
+"""
+
+import time
+
+import pytest
+
+from remat.graph import Graph
+from remat.planner import solve
+from tests.graphs import chain_training_graph, make_graph
+
+LIMIT_S = 1.5
+
+
+def block_training_graph(blocks: int, ops_per_block: int) -> Graph:
+    """Repeated blocks (module paths "layers.k") of a chain of ops whose last one adds the block's input back
+    (a residual), a loss, and each op's backward reading the incoming gradient and the op's inputs."""
+    deps: list[list[int]] = []
+    sizes: list[int] = []
+    modules: list[str] = []
+    forward_of: list[list[int]] = []
+    stream = None
+    for block in range(blocks):
+        members: list[int] = []
+        for op in range(ops_per_block):
+            reads = [members[-1]] if members else ([stream] if stream is not None else [])
+            if op == ops_per_block - 1 and stream is not None:
+                reads.append(stream)
+            deps.append(reads)
+            sizes.append(16 if op % 3 == 1 else 4)
+            modules.append(f"layers.{block}")
+            members.append(len(deps) - 1)
+        forward_of.append(members)
+        stream = members[-1]
+    deps.append([stream])  # the loss
+    sizes.append(1)
+    modules.append("loss")
+    forward_count = len(deps) - 1
+    grad = len(deps) - 1
+    for block in reversed(range(blocks)):
+        for member in reversed(forward_of[block]):
+            deps.append(sorted({grad, *deps[member]}))
+            sizes.append(4)
+            modules.append(f"layers.{block}")
+            grad = len(deps) - 1
+    n = len(deps)
+    costs = [1.0 + (i % 4) * 0.5 for i in range(n)]
+    backward = [i >= forward_count for i in range(n)]
+    return make_graph(deps, sizes, costs, outputs=[forward_count, n - 1], backward=backward, modules=modules)
+
+
+def timed_solve(graph: Graph, fraction: float):
+    """A plan for a budget `fraction` of the way from the single-op floor to store-all's peak, and its wall time."""
+    store_all_peak = solve(graph, 2**62).store_all.peak_bytes
+    floor = graph.min_budget_lower_bound()
+    budget = floor + int(fraction * (store_all_peak - floor))
+    started = time.perf_counter()
+    plan = solve(graph, budget, time_limit_s=LIMIT_S)
+    return plan, budget, time.perf_counter() - started
+
+
+@pytest.mark.parametrize("graph, path", [
+    (chain_training_graph(45), "whole graph"),  # 91 nodes: the MILP takes it whole
+    (chain_training_graph(70), "coarse nodes"),  # 141 nodes without blocks worth decomposing: coarsened
+    (block_training_graph(7, 8), "decompose"),  # 113 nodes in 7 blocks of 8 forward ops
+], ids=["whole", "coarse", "decompose"])
+def test_the_plan_comes_back_within_the_time_limit_with_a_valid_plan_and_its_gap(graph, path):
+    plan, budget, wall_s = timed_solve(graph, 0.3)
+    assert path in plan.picked, plan.picked
+    assert wall_s <= 2 * LIMIT_S + 5, f"{wall_s:.1f} s for a {LIMIT_S} s limit ({plan.picked})"
+    assert plan.status in ("feasible", "optimal")
+    assert plan.schedule is not None and plan.simulation.valid and plan.simulation.fits(budget)
+    assert plan.lower_bound_s is not None and plan.gap is not None and 0 <= plan.gap < 1
+
