@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 from remat.comparators import COMPILE_BUDGETS, COMPILE_PREFIX, compile_budget_candidate, compile_budget_of
@@ -188,18 +188,18 @@ class BatchTraces:
         self._added = {batch: traced}  # one at most: a joint graph is large
         self.graphs[batch] = traced.graph
 
-    def split_variants(self, batch: int) -> list[Variant]:
+    def split_variants(self, batch: int) -> Iterator[Variant]:
         """The step at `batch` with its head in 2, 4, 8, ... chunks, while each doubling lowers the single-op floor
-        (the same rule as remat.split_plan); empty when the model has no head to split."""
-        tracer, variants = self.tracer(batch), []
+        (the same rule as remat.split_plan); none when the model has no head to split. Traced as they are asked
+        for (a few seconds each for GPT-2 small), and kept with the batch's tracer."""
+        tracer = self.tracer(batch)
         floor = tracer.variants[1].floor_bytes
         for chunks in CHUNK_COUNTS[1:]:
             variant = tracer.variant(chunks)
             if variant is None or variant.floor_bytes > (1 - FLOOR_GAIN) * floor:
-                break
-            variants.append(variant)
+                return
+            yield variant
             floor = variant.floor_bytes
-        return variants
 
     def lowest_floor(self, batch: int) -> int:
         """No schedule of any chunk count fits below this."""
@@ -259,8 +259,9 @@ def best_outcome(candidates: list[Candidate], budget_bytes: int) -> Outcome:
     return Outcome(False, candidates[0].method if candidates else "", None)
 
 
-def split_candidates(traces: BatchTraces, batch: int, budget_bytes: int) -> list[Candidate]:
-    """The baselines' schedules, plain and with the head streamed, on each split variant whose floor fits."""
+def split_candidates(traces: BatchTraces, batch: int, budget_bytes: int, first_fit: bool = False) -> list[Candidate]:
+    """The baselines' schedules, plain and with the head streamed, on each split variant whose floor fits
+    (fewest chunks first; with `first_fit`, up to the first variant where one of them fits the budget)."""
     candidates = []
     for variant in traces.split_variants(batch):
         if variant.floor_bytes > budget_bytes:
@@ -272,6 +273,8 @@ def split_candidates(traces: BatchTraces, batch: int, budget_bytes: int) -> list
                 found.append(Candidate(name, result.status, result.schedule, simulate(variant.graph, result.schedule),
                                        result.wall_s, result.message))
         candidates += [replace(c, method=f"{c.method} (head in {variant.chunks} chunks)") for c in found]
+        if first_fit and any(c.fits(budget_bytes) for c in found):
+            break
     return candidates
 
 
@@ -312,14 +315,18 @@ def max_batch(traces: BatchTraces, method: str, budget_bytes: int, start: int = 
 
     def probe(batch: int) -> Probe:
         if method in MILP_METHODS:
-            candidates = baselines(batch)  # cheap: a baseline that fits settles the probe
+            # cheapest first, and the first schedule that fits settles the probe: the baselines, then the
+            # baselines on the step with its head in 2, 4, ... chunks, then torch's choices, then the MILP
+            candidates = baselines(batch)
             outcome = best_outcome(candidates, budget_bytes)
+            if not outcome.fits:
+                candidates += split_candidates(traces, batch, budget_bytes, first_fit=True)
+                outcome = best_outcome(candidates, budget_bytes)
             if not outcome.fits:
                 floor = traces.lowest_floor(batch)  # no chunk count fits: nothing more to try
                 if floor > budget_bytes:
                     return Probe(batch, False, floor)
-                # the baselines on the split steps and torch's choices, then the MILP
-                candidates = split_candidates(traces, batch, budget_bytes) + others(batch)
+                candidates += others(batch)
                 outcome = best_outcome(candidates, budget_bytes)
             if not outcome.fits:
                 outcome = milp_outcome(traces, method, batch, budget_bytes, time_limit_s, candidates)
