@@ -259,6 +259,20 @@ def _sizes(text: str) -> list[int]:
         fail(f"--budget: {error}")
 
 
+def _split_tracer(model, batch, seq, precision, device, optimizer):
+    """The step traced on fake tensors, with its split variants traced on demand (remat.split_plan)."""
+    from remat.capture import CaptureError
+    from remat.models import ModelError
+    from remat.split_plan import SplitTracer
+
+    with stderr.status(f"tracing {model} (batch {batch}) on fake tensors", spinner="dots"):
+        try:
+            return SplitTracer.zoo(model, batch=batch, seq=seq, precision=precision, device=device,
+                                   optimizer=optimizer)
+        except (ModelError, CaptureError, ValueError) as error:
+            fail(str(error))
+
+
 def _trace_step(model, batch, seq, precision, device, optimizer):
     from remat.capture import CaptureError
     from remat.models import ModelError
@@ -308,7 +322,7 @@ def compare(model, budget, batch, seq, device, precision, optimizer, solvers, ti
     except ValueError as error:
         fail(f"--solvers: {error}")
     with _stdout_to_stderr():
-        traced = _trace_step(model, batch, seq, precision, device, optimizer)
+        traced = _split_tracer(model, batch, seq, precision, device, optimizer)  # remat's plans may split the head
         with stderr.status("comparing", spinner="dots") as status:
             traces = None
             if with_max_batch:

@@ -24,6 +24,7 @@ from remat.maxbatch import MILP_METHODS, BatchTraces, max_batch
 from remat.planner import Candidate, solve
 from remat.schedule import Schedule
 from remat.simulate import Simulation, simulate
+from remat.split_plan import SplitTracer, solve_split
 from remat.trace import TracedStep
 from solvers.base import FEASIBLE
 from solvers.baselines import BASELINES
@@ -63,10 +64,15 @@ class Comparison:
     store_all: Simulation
     schedules: dict[tuple[str, int], Schedule] = field(default_factory=dict)  # (method, budget) -> schedule
     wall_s: float = 0.0
+    # (method, budget) -> the graph its schedule runs on, where that is not `graph`: the step with its head split
+    graphs: dict[tuple[str, int], Graph] = field(default_factory=dict)
+
+    def graph_of(self, method: str, budget_bytes: int) -> Graph:
+        return self.graphs.get((method, budget_bytes), self.graph)
 
     def simulation(self, method: str, budget_bytes: int) -> Simulation | None:
         schedule = self.schedules.get((method, budget_bytes))
-        return simulate(self.graph, schedule) if schedule is not None else None
+        return simulate(self.graph_of(method, budget_bytes), schedule) if schedule is not None else None
 
     def to_json(self) -> dict:
         meta, fixed = self.graph.meta, self.graph.fixed
@@ -96,23 +102,32 @@ def parse_methods(names: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(methods))
 
 
-def compare(traced: TracedStep, budgets_bytes: Sequence[int], methods: Sequence[str] = DEFAULT_METHODS,
+def compare(traced: TracedStep | SplitTracer, budgets_bytes: Sequence[int], methods: Sequence[str] = DEFAULT_METHODS,
             time_limit_s: float = 30.0, progress: Callable[[str], None] | None = None,
             batch_traces: BatchTraces | None = None, probe_time_limit_s: float = 10.0) -> Comparison:
-    """Every method at every budget on `traced.graph`; with `batch_traces`, each row's largest batch too."""
+    """Every method at every budget on the traced step's graph; with `batch_traces`, each row's largest batch too.
+    Given a SplitTracer, remat's planners may split the loss head as `remat solve` does (remat.split_plan); the
+    other methods run on the unsplit step."""
     started = time.perf_counter()
     say = progress or (lambda message: None)
+    tracer = traced if isinstance(traced, SplitTracer) else None
+    if tracer is not None:
+        traced = TracedStep(tracer.step, tracer.variants[1].graph)
     graph = traced.graph
     methods = parse_methods(methods)
     budgets = tuple(sorted(set(budgets_bytes)))
     store_all = simulate(graph, solve_with("store-all", graph, 0).schedule)
     rows: list[Row] = []
     schedules: dict[tuple[str, int], Schedule] = {}
+    graphs: dict[tuple[str, int], Graph] = {}
 
-    def add(method: str, budget: int, candidate: Candidate, status: str, gap: float | None = None) -> None:
+    def add(method: str, budget: int, candidate: Candidate, status: str, gap: float | None = None,
+            on: Graph | None = None) -> None:
         sim = candidate.simulation if candidate.schedule is not None else None
         if sim is not None:
             schedules[(method, budget)] = candidate.schedule
+            if on is not None and on is not graph:
+                graphs[(method, budget)] = on
         rows.append(Row(method, budget, status, sim is not None and sim.fits(budget),
                         sim.peak_bytes if sim else None, sim.compute_s if sim else None,
                         sim.compute_s / store_all.compute_s - 1 if sim and store_all.compute_s else None,
@@ -136,14 +151,25 @@ def compare(traced: TracedStep, budgets_bytes: Sequence[int], methods: Sequence[
                                               result.message), result.status)
 
     for method in (m for m in methods if m in MILP_METHODS):
-        known: list[Candidate] = []
+        below: tuple[Candidate, Graph] | None = None  # the plan at the budget below, and the graph it runs on
         for budget in budgets:  # smallest first: each budget weighs the plan of the one below
             say(f"{method} at {budget / 1e9:.2f} GB")
-            plan = solve(graph, budget, solver=method, time_limit_s=time_limit_s, known=[*compiled, *known])
-            candidate = Candidate(plan.method, plan.status, plan.schedule, plan.simulation, plan.wall_s, plan.message)
-            add(method, budget, candidate, plan.status, plan.gap)
-            if plan.schedule is not None:
-                known = [Candidate(f"{plan.method}@{budget}", FEASIBLE, plan.schedule, plan.simulation, 0.0)]
+            if tracer is not None:
+                chosen = solve_split(tracer, budget, solver=method, time_limit_s=time_limit_s, known=compiled)
+                plan, chunks = chosen.plan, chosen.split.chunks if chosen.split else 1
+            else:
+                known = [below[0]] if below is not None and below[1] is graph else []
+                plan, chunks = solve(graph, budget, solver=method, time_limit_s=time_limit_s,
+                                     known=[*compiled, *known]), 1
+            name = plan.method + (f" (head in {chunks} chunks)" if chunks > 1 else "")
+            candidate = Candidate(name, plan.status, plan.schedule, plan.simulation, plan.wall_s, plan.message)
+            on, status, gap = plan.graph, plan.status, plan.gap
+            if below is not None and (not candidate.fits(budget)
+                                      or below[0].simulation.compute_s < candidate.simulation.compute_s):
+                (candidate, on), status, gap = below, FEASIBLE, None  # more memory never costs more
+            add(method, budget, candidate, status, gap, on)
+            if candidate.fits(budget):
+                below = (replace(candidate, method=candidate.method.split("@")[0] + f"@{budget}", wall_s=0.0), on)
 
     order = {m: i for i, m in enumerate(methods)}
     rows.sort(key=lambda r: (r.budget_bytes, order[r.method]))
@@ -156,4 +182,4 @@ def compare(traced: TracedStep, budgets_bytes: Sequence[int], methods: Sequence[
             found = max_batch(batch_traces, row.method, row.budget_bytes, start=start, time_limit_s=probe_time_limit_s)
             with_batch.append(replace(row, max_batch=found.batch))
         rows = with_batch
-    return Comparison(graph, budgets, methods, tuple(rows), store_all, schedules, time.perf_counter() - started)
+    return Comparison(graph, budgets, methods, tuple(rows), store_all, schedules, time.perf_counter() - started, graphs)

@@ -73,13 +73,23 @@ def summary_lines(comparison: Comparison) -> list[str]:
         f"{format_bytes(graph.min_budget_lower_bound())}",
         "every figure is the simulator's (remat/simulate.py), every method on this same graph; "
         "overhead = step time / store-all's - 1",
+        *(["remat's plans marked \"head in k chunks\" run on the same step with its loss head split into k chunks "
+           "of rows (remat/split.py; see the notes); the others on the step as traced"] if comparison.graphs else []),
     ]
 
 
 def notes(comparison: Comparison) -> list[str]:
-    """Why a MILP row has no plan (a budget below every schedule found, with the lowest peak found)."""
-    return [f"{row.method} at {format_bytes(row.budget_bytes)}: {row.message}" for row in comparison.rows
-            if row.method in MILP_METHODS and row.peak_bytes is None and row.message]
+    """Why a MILP row has no plan (a budget below every schedule found, with the lowest peak found), and which op
+    a split plan splits, and why."""
+    found = []
+    for row in comparison.rows:
+        split = comparison.graph_of(row.method, row.budget_bytes).meta.get("split")
+        if split and row.peak_bytes is not None:
+            found.append(f"{row.method} at {format_bytes(row.budget_bytes)}: {split['region']} split into "
+                         f"{split['chunks']} chunks along {split['along']}: {split.get('reason', '')}")
+        elif row.method in MILP_METHODS and row.peak_bytes is None and row.message:
+            found.append(f"{row.method} at {format_bytes(row.budget_bytes)}: {row.message}")
+    return found
 
 
 # --- plots ----------------------------------------------------------------------------------------
@@ -116,10 +126,11 @@ def memory_plot(comparison: Comparison, budget_bytes: int) -> bytes:
         if schedule is None:
             continue
         simulation = comparison.simulation(method, budget_bytes)
+        runs_on = comparison.graph_of(method, budget_bytes)
         elapsed, times = 0.0, []
         for op in schedule.ops:
             if op.kind == COMPUTE:
-                elapsed += graph.nodes[op.node].compute_s
+                elapsed += runs_on.nodes[op.node].compute_s
             times.append(elapsed * 1e3)
         label = method if times[-1] <= right_ms else f"{method} (to {times[-1]:,.0f} ms)"
         axes.plot(times, [b / scale for b in simulation.timeline_bytes], label=label, linewidth=1.1, alpha=0.85,
@@ -238,7 +249,7 @@ def figures(comparison: Comparison) -> list[Figure]:
     if pick is not None:
         method, budget = pick
         title = f"R/S of {method} at {format_bytes(budget)}"
-        found.append(Figure("rs", title, rs_plot(comparison.graph, comparison.schedules[pick], title)))
+        found.append(Figure("rs", title, rs_plot(comparison.graph_of(*pick), comparison.schedules[pick], title)))
     return found
 
 

@@ -129,8 +129,10 @@ class SplitPlan:
 
 
 def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", time_limit_s: float = 60.0,
-                backend: str = "highs", progress: Callable[[str], None] | None = None) -> SplitPlan:
-    """The cheapest plan over chunk counts of the head (see the module docstring)."""
+                backend: str = "highs", progress: Callable[[str], None] | None = None,
+                known: Sequence[Candidate] = ()) -> SplitPlan:
+    """The cheapest plan over chunk counts of the head (see the module docstring). `known`: schedules of the
+    unsplit step (torch's choices, say) that its solve weighs beside its own."""
     say = progress or (lambda message: None)
     unsplit = tracer.variants[1]
     assert unsplit is not None
@@ -139,7 +141,7 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
     # Store-all fits: nothing to gain from splitting.
     store_all = BASELINES["store-all"](unsplit.graph, budget_bytes, SolveOptions()).schedule
     if store_all is not None and simulate(unsplit.graph, store_all).fits(budget_bytes):
-        plan = solve(unsplit.graph, budget_bytes, solver, time_limit_s, backend, progress)
+        plan = solve(unsplit.graph, budget_bytes, solver, time_limit_s, backend, progress, known=list(known))
         return _finish(plan, None, "not split: the budget holds every activation", [(1, floors[1], plan)])
 
     def leaves_room(variant: Variant) -> bool:
@@ -164,7 +166,7 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
         if leaves_room(variant):
             break
     if len(variants) == 1:
-        plan = solve(unsplit.graph, budget_bytes, solver, time_limit_s, backend, progress)
+        plan = solve(unsplit.graph, budget_bytes, solver, time_limit_s, backend, progress, known=list(known))
         return _finish(plan, None, why_not, [(k, floor, plan if k == 1 else None) for k, floor in floors.items()])
 
     # Candidates: the unsplit step if its floor fits, and the last variant: the fewest chunks that leave
@@ -175,8 +177,11 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
     solved: list[tuple[Variant, Plan]] = []
     for variant in candidates:
         say(f"solving with the head in {variant.chunks} chunk{'s' if variant.chunks > 1 else ''}")
-        known = streamed_baselines(variant, budget_bytes) if variant.head and solver not in BASELINES else []
-        solved.append((variant, solve(variant.graph, budget_bytes, solver, share, backend, progress, known=known)))
+        if variant.chunks == 1:
+            weighed = list(known)
+        else:
+            weighed = streamed_baselines(variant, budget_bytes) if variant.head and solver not in BASELINES else []
+        solved.append((variant, solve(variant.graph, budget_bytes, solver, share, backend, progress, known=weighed)))
     tried = [(k, floor, next((p for v, p in solved if v.chunks == k), None)) for k, floor in floors.items()]
 
     fits = [(v, p) for v, p in solved if p.schedule is not None]

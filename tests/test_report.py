@@ -12,7 +12,7 @@ import pytest
 
 from remat.comparators import compile_budget_candidate, saved_set_plan
 from remat.compare import Comparison, compare, parse_methods
-from remat.report import cells, headers, stage_matrix, write_reports
+from remat.report import cells, headers, notes, stage_matrix, write_reports
 from remat.simulate import simulate
 from remat.trace import trace_step
 from solvers.baselines import RematPlan, build_schedule, first_backward_index
@@ -162,3 +162,24 @@ def test_cli_compare_bad_solver_is_one_line():
     assert result.returncode == 2
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "magic" in lines[0]
+
+
+def test_remat_plans_in_a_comparison_may_split_the_head(tmp_path):
+    """Given the SplitTracer (as `remat compare` passes it), remat's plan at a budget below the unsplit step's
+    floor runs on the split step; the row, the plots and the notes say so, and the other methods stay unsplit."""
+    from remat.split_plan import SplitTracer
+
+    tracer = SplitTracer.zoo("llama-tiny", batch=8, seq=64, precision="fp32", device="cpu")
+    unsplit = tracer.variants[1].graph
+    assert unsplit.min_budget_lower_bound() > 15_000_000  # the loss head alone: 16.05 MB
+    result = compare(tracer, [15_000_000, 40_000_000], ("checkmate", "store-all", "checkpoint-all"), time_limit_s=3)
+    assert result.graph is unsplit
+    tight = next(r for r in result.rows if r.method == "checkmate" and r.budget_bytes == 15_000_000)
+    assert tight.fits and "chunks" in tight.schedule_from
+    runs_on = result.graph_of("checkmate", 15_000_000)
+    assert runs_on.meta["split"]["chunks"] > 1
+    assert simulate(runs_on, result.schedules[("checkmate", 15_000_000)]).peak_bytes == tight.peak_bytes
+    assert not any(r.fits for r in result.rows if r.method != "checkmate" and r.budget_bytes == 15_000_000)
+    assert any("split into" in note for note in notes(result))
+    written = write_reports(result, tmp_path / "report.html", None)
+    assert written and (tmp_path / "report.html").stat().st_size > 10_000
