@@ -56,6 +56,10 @@ def main() -> None:
     print(f"plan: {step.plan.method}, {len(step.graph)} nodes, {len(step.plan.schedule.recomputed_nodes())} "
           f"recomputed, planned peak {format_bytes(sim.peak_bytes)} (store-all "
           f"{format_bytes(step.solved.store_all.peak_bytes)}), made in {time.perf_counter() - started:.1f} s")
+    split = step.graph.meta.get("split")
+    if split:  # the chunk losses are summed in another order: equal to float32 rounding, not bit for bit
+        print(f"  the loss head ({split['region']}) runs in {split['chunks']} chunks of {split['along']}: "
+              f"{split['reason']}")
 
     curves = {}
     for name, model in (("eager", eager_model), ("remat", planned)):
