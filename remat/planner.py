@@ -107,8 +107,9 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
     """The cheapest schedule of `graph` whose simulated peak fits `budget_bytes`.
 
     `known`: schedules found earlier for this graph (a smaller budget's plan, say), weighed like the baselines.
-    Every stage draws on one deadline, `time_limit_s` from now: when it passes, the stages still to come get
-    MIN_STAGE_S each (or are skipped when optional) and the best plan found so far is returned with its bound.
+    Every stage draws on one deadline, `time_limit_s` from now: when it is near or past, the stages still to
+    come get MIN_STAGE_S each (a MILP then keeps its warm start; a finer coarse level is skipped), and the best
+    plan found so far is returned with its bound. Building a MILP is not interruptible: that is the overrun.
     """
     if solver not in SOLVER_NAMES:
         raise ValueError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVER_NAMES)}")
