@@ -102,8 +102,10 @@ def solve_lp_round(graph: Graph, budget_bytes: int, options: SolveOptions | None
         lp_started = time.perf_counter()
         byte_unit = max(lp_budget - graph.fixed.total_bytes, 1) / MEMORY_SCALE
         model = build_model(graph, lp_budget, byte_unit, second_unit(graph), relax=True)
+        # the LP stops at the time limit counted from the start (for HiGHS: building the model included)
         left = max(options.time_limit_s - (lp_started - started), 1e-3)
-        outcome = solve_problem(model.problem, dataclasses.replace(options, time_limit_s=left), mip=False)
+        outcome = solve_problem(model.problem, dataclasses.replace(options, time_limit_s=left), mip=False,
+                                deadline=started + options.time_limit_s)
         detail["lp_seconds"] += time.perf_counter() - lp_started
         message = outcome.message
         if outcome.status == INFEASIBLE:

@@ -14,11 +14,12 @@ from pathlib import Path
 
 from remat.graph import Graph
 from remat.schedule import Schedule
-from solvers.base import SolveOptions, SolverResult
+from solvers.base import NO_SOLUTION, SolveOptions, SolverResult
 from solvers.baselines import BASELINES
 
 MILP_SOLVERS = ("checkmate", "lp-round", "cpsat", "decompose")
 SOLVER_NAMES = ("auto", *MILP_SOLVERS, *BASELINES)
+CHILD_GRACE_S = 30.0  # how long the CP-SAT process may run past its time limit (start-up, model build)
 
 
 def solve_with(name: str, graph: Graph, budget_bytes: int, options: SolveOptions | None = None) -> SolverResult:
@@ -53,8 +54,12 @@ def _solve_cpsat_in_child(graph: Graph, budget_bytes: int, options: SolveOptions
     fields["warm_start"] = options.warm_start.to_json() if options.warm_start else None
     request = json.dumps({"graph": graph.to_json(), "budget_bytes": budget_bytes, "options": fields})
     root = Path(__file__).resolve().parent.parent
-    child = subprocess.run([sys.executable, "-m", "solvers.cpsat"], input=request, capture_output=True, text=True,
-                           cwd=root, timeout=options.time_limit_s + 120)
+    try:
+        child = subprocess.run([sys.executable, "-m", "solvers.cpsat"], input=request, capture_output=True, text=True,
+                               cwd=root, timeout=options.time_limit_s + CHILD_GRACE_S)
+    except subprocess.TimeoutExpired:  # a time limit is never an error: the planner keeps what it had
+        return SolverResult("cpsat", NO_SOLUTION, None, wall_s=options.time_limit_s + CHILD_GRACE_S,
+                            message=f"the CP-SAT process ran {CHILD_GRACE_S:.0f} s past its time limit: stopped")
     if child.returncode != 0:
         last = (child.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"the CP-SAT process failed ({child.returncode}): {last}")
