@@ -7,7 +7,9 @@ For each model, three budgets: store-all, halfway down, and the minimum feasible
 Each row: planned activation peak (simulator), measured activation peak (live storages counted
 while the forward and backward graphs run), their difference, the bytes held by multi-output ops
 (whose outputs both the simulator and the run free one by one), and whether loss, gradients and
-buffers equal eager's bit for bit (float64, except resnet50 in float32).
+buffers equal eager's bit for bit (float64, except resnet50 in float32). A plan that runs the loss head in
+chunks (remat.apply splits it where that fits or costs less) sums the chunk losses in another order, so it
+is equal to rounding, not bit for bit; the row's `split_chunks` says so.
 """
 
 from __future__ import annotations
@@ -120,12 +122,13 @@ def run_model(name: str, time_limit: float) -> list[dict]:
             "difference": (memory.peak_live_bytes - planned_bytes) / planned_bytes if planned_bytes else 0.0,
             "multi_output_bytes": multi_output_bytes(graph), "rng_state_bytes": memory.rng_state_bytes,
             "exact_equal_to_eager": exact, "plan_s": plan_s, "step_s": run_s,
+            "split_chunks": (step.graph.meta.get("split") or {}).get("chunks", 1),
             "overhead": step.simulation.compute_s / lowest.store_all.compute_s - 1,
         })
         row = rows[-1]
         print(f"{name:12s} {label:9s} {row['method']:22s} planned {format_bytes(planned_bytes):>10s} "
               f"measured {format_bytes(memory.peak_live_bytes):>10s} ({row['difference']:+.1%}) "
-              f"exact={exact} recomputed={row['recomputed_nodes']}", flush=True)
+              f"exact={exact} recomputed={row['recomputed_nodes']} head chunks={row['split_chunks']}", flush=True)
     return rows
 
 
