@@ -75,3 +75,16 @@ def test_the_plan_comes_back_within_the_time_limit_with_a_valid_plan_and_its_gap
     assert plan.schedule is not None and plan.simulation.valid and plan.simulation.fits(budget)
     assert plan.lower_bound_s is not None and plan.gap is not None and 0 <= plan.gap < 1
 
+
+
+def test_a_limit_too_short_for_any_solver_still_returns_the_best_plan_found_with_its_gap():
+    graph = chain_training_graph(45)
+    store_all_peak = solve(graph, 2**62).store_all.peak_bytes
+    budget = store_all_peak // 2
+    started = time.perf_counter()
+    plan = solve(graph, budget, time_limit_s=0.01)
+    assert time.perf_counter() - started <= 10
+    assert plan.status in ("feasible", "optimal") and plan.simulation.fits(budget)
+    assert plan.lower_bound_s is not None and plan.gap is not None
+    fitting = [c.simulation.compute_s for c in plan.candidates if c.fits(budget)]
+    assert plan.compute_s == min(fitting)
