@@ -135,6 +135,17 @@ def _trace(model, batch, seq, precision, device, optimizer):
             fail(str(error))
 
 
+def _fraction(text: str, option: str) -> float:
+    """'25%' or '0.25' -> 0.25; anything else, or a negative value, is a one-line error (exit 2)."""
+    try:
+        value = float(text[:-1]) / 100 if text.strip().endswith("%") else float(text)
+    except ValueError:
+        fail(f"{option}: {text!r} is not a fraction: write 25% or 0.25")
+    if not value >= 0:
+        fail(f"{option}: {text!r} must be 0 or more")
+    return value
+
+
 def _ceil_gb(num_bytes: int | None) -> str:
     if num_bytes is None:
         return "?"
@@ -373,8 +384,11 @@ def compare(model, budget, batch, seq, device, precision, optimizer, solvers, ti
               help="Methods: baselines, compile-budget (best of 1.0/0.5/0.2/0.0) or compile-budget-B, checkmate.")
 @click.option("--time-limit", default=20.0, show_default=True, type=click.FloatRange(min=0.1),
               help="Seconds for a MILP solve at one batch (only where no other method's schedule fits).")
+@click.option("--max-overhead", default=None,
+              help="Count only schedules at most this much slower than store-all at the same batch: 25% or 0.25.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
-def maxbatch(model, budget, seq, start_batch, device, precision, optimizer, solvers, time_limit, as_json) -> None:
+def maxbatch(model, budget, seq, start_batch, device, precision, optimizer, solvers, time_limit, max_overhead,
+             as_json) -> None:
     """The largest batch each method fits under BUDGET (fixed memory counted), with its overhead there."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -391,6 +405,7 @@ def maxbatch(model, budget, seq, start_batch, device, precision, optimizer, solv
         methods = parse_methods(solvers.split(","))
     except ValueError as error:
         fail(f"--solvers: {error}")
+    overhead_cap = _fraction(max_overhead, "--max-overhead") if max_overhead is not None else None
     results = []
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with _stdout_to_stderr(), Progress(*columns, console=stderr, transient=True) as progress:
@@ -400,7 +415,8 @@ def maxbatch(model, budget, seq, start_batch, device, precision, optimizer, solv
             progress.update(task, description=f"{method}: searching")
             traces.on_trace = lambda b, m=method: progress.update(task, description=f"{m}: tracing batch {b}")
             try:
-                results.append(max_batch(traces, method, budget_bytes, start=start_batch, time_limit_s=time_limit))
+                results.append(max_batch(traces, method, budget_bytes, start=start_batch, time_limit_s=time_limit,
+                                         max_overhead=overhead_cap))
             except (ModelError, CaptureError, ValueError) as error:
                 fail(str(error))
     wall_s = time.perf_counter() - started
@@ -408,13 +424,16 @@ def maxbatch(model, budget, seq, start_batch, device, precision, optimizer, solv
     if as_json:
         click.echo(json.dumps({"model": model, "seq": graph.meta.get("seq"), "device": graph.meta.get("device"),
                                "precision": precision, "optimizer": optimizer, "budget_bytes": budget_bytes,
-                               "results": [r.to_json() for r in results], "wall_s": wall_s}))
+                               "max_overhead": overhead_cap, "results": [r.to_json() for r in results],
+                               "wall_s": wall_s}))
         return
     console = _console()
     console.print(f"[bold]{model}[/]: {graph.meta.get('description', '')}; {precision}, optimizer {optimizer}, "
                   f"costed for {graph.meta.get('device')}")
     console.print(f"budget {format_bytes(budget_bytes)} = {budget_bytes:,} bytes, fixed memory counted (it grows "
                   "with the batch only through the inputs)")
+    if overhead_cap is not None:
+        console.print(f"only schedules at most {overhead_cap:+.0%} slower than store-all at the same batch count")
     table = Table(title="largest batch under the budget (simulated)", title_justify="left")
     for column in ("method", "max batch", "schedule", "peak", "step time", "overhead", "samples/s", "batches tried",
                    "wall"):

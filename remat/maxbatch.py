@@ -14,6 +14,7 @@ where the unsplit step does not fit: a batch fits if some chunk count fits.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -64,12 +65,14 @@ class MaxBatch:
     probes: tuple[Probe, ...]
     wall_s: float
     capped: bool = False  # the search stopped at MAX_BATCH
+    max_overhead: float | None = None  # only schedules at most this much slower than store-all counted
 
     def to_json(self) -> dict:
         return {"method": self.method, "budget_bytes": self.budget_bytes, "max_batch": self.batch,
                 "schedule_from": self.schedule_from, "peak_bytes": self.peak_bytes, "compute_s": self.compute_s,
                 "store_all_s": self.store_all_s, "overhead": self.overhead, "samples_per_s": self.samples_per_s,
-                "probes": [[p.batch, p.fits] for p in self.probes], "capped": self.capped, "wall_s": self.wall_s}
+                "probes": [[p.batch, p.fits] for p in self.probes], "capped": self.capped, "wall_s": self.wall_s,
+                "max_overhead": self.max_overhead}
 
     @property
     def overhead(self) -> float | None:
@@ -247,9 +250,10 @@ def method_candidates(traces: BatchTraces, method: str, batch: int, budget_bytes
     raise ValueError(f"unknown method {method!r}")
 
 
-def best_outcome(candidates: list[Candidate], budget_bytes: int) -> Outcome:
+def best_outcome(candidates: list[Candidate], budget_bytes: int, max_compute_s: float = math.inf) -> Outcome:
+    """The cheapest schedule that fits the budget (and takes at most `max_compute_s`), else the lowest-memory one."""
     valid = [c for c in candidates if c.simulation is not None and c.simulation.valid and c.schedule is not None]
-    fitting = [c for c in valid if c.fits(budget_bytes)]
+    fitting = [c for c in valid if c.fits(budget_bytes) and c.simulation.compute_s <= max_compute_s]
     if fitting:
         best = min(fitting, key=lambda c: c.simulation.compute_s)
         return Outcome(True, best.method, best.simulation)
@@ -259,9 +263,10 @@ def best_outcome(candidates: list[Candidate], budget_bytes: int) -> Outcome:
     return Outcome(False, candidates[0].method if candidates else "", None)
 
 
-def split_candidates(traces: BatchTraces, batch: int, budget_bytes: int, first_fit: bool = False) -> list[Candidate]:
+def split_candidates(traces: BatchTraces, batch: int, budget_bytes: int,
+                     stop_at: Callable[[Candidate], bool] | None = None) -> list[Candidate]:
     """The baselines' schedules, plain and with the head streamed, on each split variant whose floor fits
-    (fewest chunks first; with `first_fit`, up to the first variant where one of them fits the budget)."""
+    (fewest chunks first; with `stop_at`, up to the first variant where one of them is good enough)."""
     candidates = []
     for variant in traces.split_variants(batch):
         if variant.floor_bytes > budget_bytes:
@@ -273,13 +278,13 @@ def split_candidates(traces: BatchTraces, batch: int, budget_bytes: int, first_f
                 found.append(Candidate(name, result.status, result.schedule, simulate(variant.graph, result.schedule),
                                        result.wall_s, result.message))
         candidates += [replace(c, method=f"{c.method} (head in {variant.chunks} chunks)") for c in found]
-        if first_fit and any(c.fits(budget_bytes) for c in found):
+        if stop_at is not None and any(stop_at(c) for c in found):
             break
     return candidates
 
 
 def milp_outcome(traces: BatchTraces, method: str, batch: int, budget_bytes: int, time_limit_s: float,
-                 others: list[Candidate]) -> Outcome:
+                 others: list[Candidate], max_compute_s: float = math.inf) -> Outcome:
     """remat's plan at this batch, as `remat solve` makes it (the head split where that helps), weighed against
     `others`: every baseline and torch's choices, on the unsplit and split steps."""
     if traces.lowest_floor(batch) > budget_bytes:
@@ -288,7 +293,7 @@ def milp_outcome(traces: BatchTraces, method: str, batch: int, budget_bytes: int
     plan = chosen.plan
     name = plan.method + (f" (head in {chosen.split.chunks} chunks)" if chosen.split else "")
     mine = [Candidate(name, plan.status, plan.schedule, plan.simulation, 0.0)] if plan.schedule is not None else []
-    return best_outcome(mine + others, budget_bytes)
+    return best_outcome(mine + others, budget_bytes, max_compute_s)
 
 
 def _lowest_peak(candidates: list[Candidate]) -> int | None:
@@ -297,8 +302,9 @@ def _lowest_peak(candidates: list[Candidate]) -> int | None:
 
 
 def max_batch(traces: BatchTraces, method: str, budget_bytes: int, start: int = 16, time_limit_s: float = 20.0,
-              cap: int = MAX_BATCH) -> MaxBatch:
-    """The largest batch `method` fits under `budget_bytes`, and its figures there.
+              cap: int = MAX_BATCH, max_overhead: float | None = None) -> MaxBatch:
+    """The largest batch `method` fits under `budget_bytes`, and its figures there. With `max_overhead` (0.25:
+    +25%), only schedules at most that much slower than store-all at the same batch count as fitting.
 
     For a MILP method a probe is cheap when another method's schedule fits (the plan weighs them all) or the
     single-op floor is above the budget; otherwise it is a solve with `time_limit_s`. The final batch is solved
@@ -307,6 +313,9 @@ def max_batch(traces: BatchTraces, method: str, budget_bytes: int, start: int = 
     started = time.perf_counter()
     outcomes: dict[int, Outcome] = {}
 
+    def max_compute_s(batch: int) -> float:
+        return math.inf if max_overhead is None else (1 + max_overhead) * traces.store_all(batch).compute_s
+
     def baselines(batch: int) -> list[Candidate]:
         return [c for name in BASELINES for c in method_candidates(traces, name, batch, budget_bytes)]
 
@@ -314,39 +323,45 @@ def max_batch(traces: BatchTraces, method: str, budget_bytes: int, start: int = 
         return method_candidates(traces, COMPILE_PREFIX, batch, budget_bytes) + baselines(batch)
 
     def probe(batch: int) -> Probe:
+        slowest = max_compute_s(batch)
         if method in MILP_METHODS:
             # cheapest first, and the first schedule that fits settles the probe: the baselines, then the
             # baselines on the step with its head in 2, 4, ... chunks, then torch's choices, then the MILP
             candidates = baselines(batch)
-            outcome = best_outcome(candidates, budget_bytes)
+            outcome = best_outcome(candidates, budget_bytes, slowest)
             if not outcome.fits:
-                candidates += split_candidates(traces, batch, budget_bytes, first_fit=True)
-                outcome = best_outcome(candidates, budget_bytes)
+                def good(candidate: Candidate) -> bool:
+                    return candidate.fits(budget_bytes) and candidate.simulation.compute_s <= slowest
+
+                candidates += split_candidates(traces, batch, budget_bytes, stop_at=good)
+                outcome = best_outcome(candidates, budget_bytes, slowest)
             if not outcome.fits:
                 floor = traces.lowest_floor(batch)  # no chunk count fits: nothing more to try
                 if floor > budget_bytes:
                     return Probe(batch, False, floor)
                 candidates += others(batch)
-                outcome = best_outcome(candidates, budget_bytes)
+                outcome = best_outcome(candidates, budget_bytes, slowest)
             if not outcome.fits:
-                outcome = milp_outcome(traces, method, batch, budget_bytes, time_limit_s, candidates)
+                outcome = milp_outcome(traces, method, batch, budget_bytes, time_limit_s, candidates, slowest)
             outcomes[batch] = outcome
             return Probe(batch, outcome.fits, _lowest_peak(candidates))
         candidates = method_candidates(traces, method, batch, budget_bytes)
-        outcome = best_outcome(candidates, budget_bytes)
+        outcome = best_outcome(candidates, budget_bytes, slowest)
         outcomes[batch] = outcome
         return Probe(batch, outcome.fits, _lowest_peak(candidates))
 
     batch, probes = largest_batch(probe, budget_bytes, start=start, cap=cap)
     if batch == 0:
         return MaxBatch(method, budget_bytes, 0, "", None, None, None, tuple(probes.values()),
-                        time.perf_counter() - started)
+                        time.perf_counter() - started, max_overhead=max_overhead)
     outcome = outcomes[batch]
     if method in MILP_METHODS:  # the probe may have stopped at the first schedule that fits: plan for step time
         known = others(batch) + split_candidates(traces, batch, budget_bytes)
-        outcome = milp_outcome(traces, method, batch, budget_bytes, time_limit_s, known)
+        outcome = milp_outcome(traces, method, batch, budget_bytes, time_limit_s, known, max_compute_s(batch))
+        if not outcome.fits:  # the final solve found less than the probe did (a shorter search): keep the probe's
+            outcome = outcomes[batch]
     simulation = outcome.simulation
     return MaxBatch(method, budget_bytes, batch, outcome.schedule_from,
                     simulation.peak_bytes if simulation else None, simulation.compute_s if simulation else None,
                     traces.store_all(batch).compute_s, tuple(sorted(probes.values(), key=lambda p: p.batch)),
-                    time.perf_counter() - started, capped=batch >= cap)
+                    time.perf_counter() - started, capped=batch >= cap, max_overhead=max_overhead)

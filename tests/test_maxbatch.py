@@ -136,3 +136,22 @@ def test_remat_plans_split_the_head_to_fit_a_larger_batch():
     assert found.batch == 8 and found.capped
     assert "chunks" in found.schedule_from and found.peak_bytes <= budget
     assert traces.lowest_floor(found.batch) <= budget
+
+
+def test_an_overhead_cap_counts_only_schedules_fast_enough(traces):
+    """With max_overhead, a batch fits only through a schedule at most that much slower than store-all there."""
+    free = max_batch(traces, "checkpoint-all", BUDGET, start=8)
+    assert free.overhead > 1.0  # checkpoint-all recomputes the forward for every backward op
+    assert max_batch(traces, "checkpoint-all", BUDGET, start=8, max_overhead=1.0).batch == 0
+    capped = max_batch(traces, "per-block", BUDGET, start=8, max_overhead=0.5)
+    assert capped.batch > 0 and capped.overhead <= 0.5 and capped.max_overhead == 0.5
+    assert capped.batch == max_batch(traces, "per-block", BUDGET, start=8).batch  # per-block is within +50% here
+
+
+def test_cli_max_overhead_is_checked():
+    from click.testing import CliRunner
+
+    from cli import main
+
+    result = CliRunner().invoke(main, ["maxbatch", "--model", "mlp", "--budget", "1GB", "--max-overhead", "lots"])
+    assert result.exit_code == 2 and "--max-overhead" in result.output
