@@ -287,6 +287,34 @@ def pareto(curve: list[BlockOption]) -> list[BlockOption]:
     return sorted(kept, key=lambda o: o.gap_bytes)
 
 
+def peak_bytes(option: BlockOption) -> int:
+    """The most bytes the option holds at any moment: in its forward, across its gap or in its backward."""
+    return max(option.forward_peak_bytes, option.gap_bytes, option.backward_peak_bytes)
+
+
+def head_problem(graph: Graph, layout: BlockLayout) -> LocalProblem | None:
+    """The head of the step (what runs between the last block's forward and its backward: a final norm, an LM
+    head and its loss) as a local problem, its gap between its own forward and backward; None when it has no
+    forward or no backward. Every block's held bytes are live beside it, so only its peak matters."""
+    backward_start = first_backward_index(graph)
+    forward = range(layout.forward[-1].stop, backward_start)
+    backward = range(backward_start, layout.backward[-1].start)
+    if not forward or not backward:
+        return None
+    return local_problem(graph, forward, backward)
+
+
+def head_curve(problem: LocalProblem) -> list[BlockOption]:
+    """The head's options, store-all first, then each greedy option that lowers the peak for the least seconds
+    (recomputing a chunk of logits in the backward, say, when the blocks need the room more)."""
+    store_all = option_from_rows(problem, [[t] for t in range(len(problem.graph))], FEASIBLE)
+    curve = [store_all]
+    for option in sorted(greedy_options(problem), key=lambda o: (o.compute_s, peak_bytes(o))):
+        if peak_bytes(option) < peak_bytes(curve[-1]):
+            curve.append(option)
+    return curve
+
+
 # --- emitting a schedule from R ----------------------------------------------------------------------
 
 
@@ -451,7 +479,7 @@ class Choice:
 
 
 def combine(layout: BlockLayout, curves: list[list[BlockOption]], phases: Phases, capacity_bytes: int,
-            forward_s: list[float]) -> list[Choice] | None:
+            forward_s: list[float], head: list[BlockOption] = ()) -> tuple[list[Choice], int] | None:
     """The cheapest choice per block under the phase accounting, by DP over the blocks in forward order.
 
     State: (bytes held by blocks whose exports are kept, bytes the open segment will hold once recomputed,
@@ -459,7 +487,10 @@ def combine(layout: BlockLayout, curves: list[list[BlockOption]], phases: Phases
     holds nothing until it is recomputed at the start of the next block's backward, then its gap bytes. So
     at block k's forward the kept bytes count; at its backward the kept bytes and the open segment's
     (recomputed just before); at the head only the kept bytes. Bytes are rounded up to 1/DP_BINS of the
-    capacity (conservative); the last block keeps its exports (the head reads them)."""
+    capacity (conservative); the last block keeps its exports (the head reads them).
+
+    `head`: options for the head of the step (the first is the probe's, store-all), each lowering the outside
+    bytes there by its peak's difference to the first's; the answer's index says which one was taken."""
     blocks = len(curves)
     between = dict(phases.between)
     unit = max(1, capacity_bytes // DP_BINS)
@@ -489,12 +520,20 @@ def combine(layout: BlockLayout, curves: list[list[BlockOption]], phases: Phases
                     if key not in following or value[0] < following[key][0]:
                         following[key] = value
         front = _dominant(following)
-    final = [(seconds, chosen) for (kept, _, open_segment), (seconds, chosen) in front.items()
-             if not open_segment and between.get(blocks, 0) + kept * unit <= capacity_bytes]
+    head = list(head) or [None]
+    final = []
+    for (kept, _, open_segment), (seconds, chosen) in front.items():
+        if open_segment:
+            continue
+        for index, option in enumerate(head):
+            saved_bytes, extra_s = (0, 0.0) if option is None else (
+                peak_bytes(head[0]) - peak_bytes(option), option.compute_s - head[0].compute_s)
+            if between.get(blocks, 0) - saved_bytes + kept * unit <= capacity_bytes:
+                final.append((seconds + extra_s, chosen, index))
     if not final:
         return None
-    _, chosen = min(final)
-    return [Choice(curves[k][index], drops) for k, (index, drops) in enumerate(chosen)]
+    _, chosen, head_index = min(final, key=lambda entry: entry[0])
+    return [Choice(curves[k][index], drops) for k, (index, drops) in enumerate(chosen)], head_index
 
 
 def _dominant(states: dict) -> dict:
@@ -538,10 +577,7 @@ def stitch(graph: Graph, layout: BlockLayout, problems: list[LocalProblem], chos
     segment's first block's forward to the block's own forward), if the blocks before it dropped exports."""
     rows = [[t] for t in range(len(graph))]
     for problem, choice in zip(problems, chosen, strict=True):
-        for local_stage, row in enumerate(choice.option.rows):
-            stage = problem.to_global[local_stage]
-            if stage >= 0:
-                rows[stage] = sorted({problem.to_global[i] for i in row})
+        place(rows, problem, choice.option)
     segment_start = None
     for k, choice in enumerate(chosen):
         if choice.drops_export:
@@ -552,6 +588,14 @@ def stitch(graph: Graph, layout: BlockLayout, problems: list[LocalProblem], chos
             rows[first] = sorted(set(rows[first]) | set(chain))
             segment_start = None
     return rows
+
+
+def place(rows: list[list[int]], problem: LocalProblem, option: BlockOption) -> None:
+    """Write a local problem's option into the whole graph's rows."""
+    for local_stage, row in enumerate(option.rows):
+        stage = problem.to_global[local_stage]
+        if stage >= 0:
+            rows[stage] = sorted({problem.to_global[i] for i in row})
 
 
 # --- the solver ---------------------------------------------------------------------------------------
@@ -582,7 +626,9 @@ def decompose_applies(graph: Graph, budget_bytes: int) -> tuple[bool, str]:
         return False, f"{len(problems)} blocks of {len(shapes)} different shapes: too few repeats"
     last = problems[-1]
     least = sum(last.graph.nodes[d].output_bytes for d in last.graph.nodes[last.gap].deps)
-    if dict(phases.between).get(len(problems), 0) + least > budget_bytes - graph.fixed.total_bytes:
+    head = head_problem(graph, layout)
+    head_saves = 0 if head is None else peak_bytes(head_curve(head)[0]) - peak_bytes(head_curve(head)[-1])
+    if dict(phases.between).get(len(problems), 0) - head_saves + least > budget_bytes - graph.fixed.total_bytes:
         return False, f"{len(problems)} repeated blocks, but the head of the step alone does not fit the budget"
     return True, f"{len(problems)} repeated blocks"
 
@@ -606,6 +652,8 @@ def solve_decompose(graph: Graph, budget_bytes: int, options: SolveOptions | Non
     for k, problem in enumerate(problems):
         shape = tuple(node.deps for node in problem.graph.nodes)
         classes.setdefault(shape, []).append(k)
+    head = head_problem(graph, layout)
+    heads = head_curve(head) if head is not None else []
     # the even share of the budget each block may hold across its gap when every block holds the same
     wanted = (capacity - dict(phases.between).get(len(problems), 0)) // len(problems)
 
@@ -634,16 +682,21 @@ def solve_decompose(graph: Graph, budget_bytes: int, options: SolveOptions | Non
     for _ in range(MAX_REPAIRS + 1):
         if best is not None and time.perf_counter() > deadline:
             break  # out of time: the best stitched schedule that fits so far
-        chosen = combine(layout, curves, phases, capacity - margin, forward_s)
-        if chosen is None:  # no choice fits the DP's accounting at this margin (bisection never gets here)
+        combined = combine(layout, curves, phases, capacity - margin, forward_s, heads)
+        if combined is None:  # no choice fits the DP's accounting at this margin (bisection never gets here)
             break
         else:
-            rows = prune_rows(graph, stitch(graph, layout, problems, chosen))
+            chosen, head_index = combined
+            rows = stitch(graph, layout, problems, chosen)
+            if head_index:
+                place(rows, head, heads[head_index])
+            rows = prune_rows(graph, rows)
             schedule, _ = emit(graph, rows)
             sim = simulate(graph, schedule)
             assert sim.valid, sim.errors  # emit is valid for any rows
             tried.append({"margin_bytes": margin, "peak_bytes": sim.peak_bytes, "compute_s": sim.compute_s,
-                          "dropped_exports": [k for k, c in enumerate(chosen) if c.drops_export]})
+                          "dropped_exports": [k for k, c in enumerate(chosen) if c.drops_export],
+                          "head_option": head_index})
             if sim.peak_bytes <= budget_bytes:
                 if best is None or sim.compute_s < best[1]:
                     best = (schedule, sim.compute_s, sim.peak_bytes)
