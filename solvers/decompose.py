@@ -41,6 +41,7 @@ LOCAL_MIP_GAP = 5e-3  # the block MILP stops within 0.5% of its optimum: the cur
 CURVE_SHARE = 0.8  # of the time limit, for the block MILPs
 MAX_REPAIRS = 8  # DP reruns with a margin when the stitched schedule overshoots the budget, then bisection
 DP_BINS = 512  # the DP rounds bytes up to this fraction of the capacity
+STEM_OPTIONS = 4  # options for the stem (what runs before the blocks and after their backward): one DP each
 MIN_BLOCK_NODES = 8  # mean forward nodes per block below which `auto` does not decompose (VGG's single layers)
 
 
@@ -315,6 +316,29 @@ def head_curve(problem: LocalProblem) -> list[BlockOption]:
     return curve
 
 
+def stem_problem(graph: Graph, layout: BlockLayout) -> LocalProblem | None:
+    """What runs before the first block's forward and after its backward (a CNN's stem convolution, GPT-2's
+    embeddings, and their backward) as a local problem: its gap stands for the blocks and the head, so the bytes
+    it holds across the gap are outside bytes in every block's phase. None when it has no forward or backward."""
+    forward = range(0, layout.forward[0].start)
+    backward = range(layout.backward[0].stop, len(graph))
+    if not forward or not backward:
+        return None
+    return local_problem(graph, forward, backward)
+
+
+def stem_curve(problem: LocalProblem) -> list[BlockOption]:
+    """The stem's options, store-all first, then at most STEM_OPTIONS - 1 greedy ones that hold fewer bytes
+    across the gap (the DP runs once per option), spread from the cheapest to the one holding the least."""
+    store_all = option_from_rows(problem, [[t] for t in range(len(problem.graph))], FEASIBLE)
+    others = [o for o in pareto([store_all, *greedy_options(problem)]) if o != store_all
+              and o.gap_bytes < store_all.gap_bytes]
+    if len(others) >= STEM_OPTIONS:
+        step = (len(others) - 1) / (STEM_OPTIONS - 2)
+        others = [others[round(k * step)] for k in range(STEM_OPTIONS - 1)]
+    return [store_all, *others]
+
+
 # --- emitting a schedule from R ----------------------------------------------------------------------
 
 
@@ -479,7 +503,7 @@ class Choice:
 
 
 def combine(layout: BlockLayout, curves: list[list[BlockOption]], phases: Phases, capacity_bytes: int,
-            forward_s: list[float], head: list[BlockOption] = ()) -> tuple[list[Choice], int] | None:
+            forward_s: list[float], head: list[BlockOption] = ()) -> tuple[float, list[Choice], int] | None:
     """The cheapest choice per block under the phase accounting, by DP over the blocks in forward order.
 
     State: (bytes held by blocks whose exports are kept, bytes the open segment will hold once recomputed,
@@ -490,7 +514,8 @@ def combine(layout: BlockLayout, curves: list[list[BlockOption]], phases: Phases
     capacity (conservative); the last block keeps its exports (the head reads them).
 
     `head`: options for the head of the step (the first is the probe's, store-all), each lowering the outside
-    bytes there by its peak's difference to the first's; the answer's index says which one was taken."""
+    bytes there by its peak's difference to the first's. Returns the seconds the choices add to the blocks'
+    store-all seconds (a rank, not a cost), the choices and the index of the head's option."""
     blocks = len(curves)
     between = dict(phases.between)
     unit = max(1, capacity_bytes // DP_BINS)
@@ -532,8 +557,34 @@ def combine(layout: BlockLayout, curves: list[list[BlockOption]], phases: Phases
                 final.append((seconds + extra_s, chosen, index))
     if not final:
         return None
-    _, chosen, head_index = min(final, key=lambda entry: entry[0])
-    return [Choice(curves[k][index], drops) for k, (index, drops) in enumerate(chosen)], head_index
+    seconds, chosen, head_index = min(final, key=lambda entry: entry[0])
+    return seconds, [Choice(curves[k][index], drops) for k, (index, drops) in enumerate(chosen)], head_index
+
+
+def combine_with_stem(layout: BlockLayout, curves: list[list[BlockOption]], phases: Phases, capacity_bytes: int,
+                      forward_s: list[float], head: list[BlockOption], stem: list[BlockOption]
+                      ) -> tuple[list[Choice], int, int] | None:
+    """`combine` for each of the stem's options (the first is the probe's), each lowering the outside bytes of
+    every phase where the stem is in its gap; the cheapest. Returns the choices, the head's option and the stem's."""
+    best = None
+    for index, option in enumerate(stem or [None]):
+        shifted, extra_s = phases, 0.0
+        if index > 0:
+            shifted, extra_s = without_stem_bytes(phases, stem[0], option), option.compute_s - stem[0].compute_s
+        combined = combine(layout, curves, shifted, capacity_bytes, forward_s, head)
+        if combined is not None and (best is None or combined[0] + extra_s < best[0]):
+            best = (combined[0] + extra_s, combined[1], combined[2], index)
+    return None if best is None else best[1:]
+
+
+def without_stem_bytes(phases: Phases, store_all: BlockOption, option: BlockOption) -> Phases:
+    """The probe's phases (stem as store-all) with the stem's `option` instead: the bytes it no longer holds
+    across its gap leave every phase after its forward and before its backward; its own phases (no block
+    past its forward) lose the difference of peaks."""
+    held = store_all.gap_bytes - option.gap_bytes
+    own = peak_bytes(store_all) - peak_bytes(option)
+    return Phases(tuple(b - held for b in phases.forward_outside), tuple(b - held for b in phases.backward_outside),
+                  tuple((past, b - (own if past == 0 else held)) for past, b in phases.between))
 
 
 def _dominant(states: dict) -> dict:
@@ -626,9 +677,11 @@ def decompose_applies(graph: Graph, budget_bytes: int) -> tuple[bool, str]:
         return False, f"{len(problems)} blocks of {len(shapes)} different shapes: too few repeats"
     last = problems[-1]
     least = sum(last.graph.nodes[d].output_bytes for d in last.graph.nodes[last.gap].deps)
-    head = head_problem(graph, layout)
-    head_saves = 0 if head is None else peak_bytes(head_curve(head)[0]) - peak_bytes(head_curve(head)[-1])
-    if dict(phases.between).get(len(problems), 0) - head_saves + least > budget_bytes - graph.fixed.total_bytes:
+    head, stem = head_problem(graph, layout), stem_problem(graph, layout)
+    heads, stems = (head_curve(head) if head else []), (stem_curve(stem) if stem else [])
+    saves = ((peak_bytes(heads[0]) - peak_bytes(heads[-1]) if heads else 0)
+             + (stems[0].gap_bytes - min(o.gap_bytes for o in stems) if stems else 0))
+    if dict(phases.between).get(len(problems), 0) - saves + least > budget_bytes - graph.fixed.total_bytes:
         return False, f"{len(problems)} repeated blocks, but the head of the step alone does not fit the budget"
     return True, f"{len(problems)} repeated blocks"
 
@@ -652,8 +705,9 @@ def solve_decompose(graph: Graph, budget_bytes: int, options: SolveOptions | Non
     for k, problem in enumerate(problems):
         shape = tuple(node.deps for node in problem.graph.nodes)
         classes.setdefault(shape, []).append(k)
-    head = head_problem(graph, layout)
+    head, stem = head_problem(graph, layout), stem_problem(graph, layout)
     heads = head_curve(head) if head is not None else []
+    stems = stem_curve(stem) if stem is not None else []
     # the even share of the budget each block may hold across its gap when every block holds the same
     wanted = (capacity - dict(phases.between).get(len(problems), 0)) // len(problems)
 
@@ -682,21 +736,23 @@ def solve_decompose(graph: Graph, budget_bytes: int, options: SolveOptions | Non
     for _ in range(MAX_REPAIRS + 1):
         if best is not None and time.perf_counter() > deadline:
             break  # out of time: the best stitched schedule that fits so far
-        combined = combine(layout, curves, phases, capacity - margin, forward_s, heads)
+        combined = combine_with_stem(layout, curves, phases, capacity - margin, forward_s, heads, stems)
         if combined is None:  # no choice fits the DP's accounting at this margin (bisection never gets here)
             break
         else:
-            chosen, head_index = combined
+            chosen, head_index, stem_index = combined
             rows = stitch(graph, layout, problems, chosen)
             if head_index:
                 place(rows, head, heads[head_index])
+            if stem_index:
+                place(rows, stem, stems[stem_index])
             rows = prune_rows(graph, rows)
             schedule, _ = emit(graph, rows)
             sim = simulate(graph, schedule)
             assert sim.valid, sim.errors  # emit is valid for any rows
             tried.append({"margin_bytes": margin, "peak_bytes": sim.peak_bytes, "compute_s": sim.compute_s,
                           "dropped_exports": [k for k, c in enumerate(chosen) if c.drops_export],
-                          "head_option": head_index})
+                          "head_option": head_index, "stem_option": stem_index})
             if sim.peak_bytes <= budget_bytes:
                 if best is None or sim.compute_s < best[1]:
                     best = (schedule, sim.compute_s, sim.peak_bytes)
