@@ -332,11 +332,16 @@ def test_a_split_plan_from_remat_solve_runs_through_apply(tmp_path):
     spec = build_model("llama-tiny", batch=8, seq=64)
     reference = copy.deepcopy(spec.model)
     planned = apply(spec.model, plan=path, example_inputs=spec.example_inputs)
+    _check_split_step(planned, spec, reference)
+
+
+def _check_split_step(planned, spec, reference: nn.Module) -> None:
+    """One measured step of a split plan: the planned bytes, and eager's loss and gradients to float32 rounding
+    (the chunk losses are summed in another order)."""
     loss, memory = planned.measure(*spec.example_inputs)
     assert memory.peak_live_bytes == planned.planned.simulation.activation_peak_bytes
     reference_loss = LossStep(reference, None, "fp32")(*spec.example_inputs)
     reference_loss.backward()
-    # The chunked loss sums in another order: float32 rounding on the loss, exact-to-rounding gradients.
     torch.testing.assert_close(loss, reference_loss.detach(), rtol=1e-6, atol=1e-6)
     for p, q in zip(spec.model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
@@ -379,14 +384,7 @@ def test_apply_with_a_budget_below_the_unsplit_floor_splits_the_head(tmp_path):
     split = planned.planned.graph.meta["split"]
     assert split["chunks"] > 1 and split["region"].endswith("+loss")
     assert planned.planned.simulation.peak_bytes <= 15 * 10**6
-    loss, memory = planned.measure(*spec.example_inputs)
-    assert memory.peak_live_bytes == planned.planned.simulation.activation_peak_bytes
-    reference_loss = LossStep(reference, None, "fp32")(*spec.example_inputs)
-    reference_loss.backward()
-    # the chunked loss sums in another order: equal to float32 rounding
-    torch.testing.assert_close(loss, reference_loss.detach(), rtol=1e-6, atol=1e-6)
-    for p, q in zip(spec.model.parameters(), reference.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+    _check_split_step(planned, spec, copy.deepcopy(reference))
     # the plan made by remat.plan carries the split into its file, and apply runs the file
     made = remat.plan(copy.deepcopy(reference), spec.example_inputs, budget="15MB", device="cpu",
                       time_limit=TIME_LIMIT)
