@@ -220,11 +220,13 @@ def _print_plan(plan, wall_s: float, out: str | None) -> None:
         split = meta.get("split")
         what = (f"{split['region']} into {split['chunks']} chunks along {split['along']}" if split else "none")
         console.print(f"split          {what} ({meta['split_note']})")
+    chunks = (meta.get("split") or {}).get("chunks", 1)
+    with_split = f" with the head in {chunks} chunks" if chunks > 1 else ""
     console.print(f"store-all      peak {format_bytes(plan.store_all.peak_bytes)}, "
-                  f"{format_seconds(plan.store_all.compute_s)} per step (no rematerialization)")
+                  f"{format_seconds(plan.store_all.compute_s)} per step (no rematerialization{with_split})")
     console.print(f"minimum budget {_fmt(plan.min_feasible_bytes)} is the lowest peak found "
                   f"(no schedule fits below {format_bytes(plan.min_budget_lower_bound_bytes)}: fixed memory + "
-                  f"the largest single op's working set)")
+                  f"the largest single op's working set{with_split})")
     if sim is None:
         console.print(f"[bold red]plan           none fits[/]: {plan.message}")
     else:
