@@ -71,7 +71,7 @@ def summary_lines(comparison: Comparison) -> list[str]:
         f"store-all: peak {format_bytes(comparison.store_all.peak_bytes)}, "
         f"{format_seconds(comparison.store_all.compute_s)} per step; no schedule fits below "
         f"{format_bytes(graph.min_budget_lower_bound())}",
-        "every figure is the simulator's (remat/simulate.py), every method on this same graph; "
+        "every figure is the simulator's (remat/simulate.py), every method on this same step; "
         "overhead = step time / store-all's - 1",
         *(["remat's plans marked \"head in k chunks\" run on the same step with its loss head split into k chunks "
            "of rows (remat/split.py; see the notes); the others on the step as traced"] if comparison.graphs else []),
@@ -184,7 +184,8 @@ def curve_plot(comparison: Comparison) -> bytes:
         axes.set_ylim(bottom=0)
     axes.set_xlabel(f"memory: budget (remat plan) or simulated peak (fixed schedules), {unit}")
     axes.set_ylabel("overhead vs store-all (%)")
-    axes.set_title("budget -> overhead (simulated on the same graph)")
+    axes.set_title("budget -> overhead (simulated on the same step" +
+                   ("; remat's plans may split its loss head)" if comparison.graphs else ")"))
     axes.legend(fontsize=8)
     axes.grid(alpha=0.3)
     return _png(figure)
