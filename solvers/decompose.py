@@ -3,7 +3,10 @@ plans for graphs too large for the MILP whole, made of identical blocks (GPT-2's
 
 1. Layout: each block's forward is a contiguous range of the topological order (find_blocks, by module
    path) and so is its backward; everything else (embeddings, the head and loss, the last gradient sums)
-   is "outside" and runs as in store-all.
+   is "outside" and runs as in store-all, except for two local problems of their own: the head (between the
+   last block's forward and its backward) and the stem (before the first block, after its backward), whose
+   greedy options drop large values and recompute them for their backward (a split LM head's logits, a
+   CNN's first convolution); the DP picks one option of each beside the blocks'.
 2. Block trade-off curve: one block's forward and backward, with a "gap" node between them that stands for
    the rest of the step (a workspace of E bytes, nothing recomputed in it), is a small Checkmate MILP.
    Raising E forces the block to hold fewer bytes across the gap; each E gives one option: the block's
