@@ -24,8 +24,7 @@ from remat.comparators import COMPILE_BUDGETS, COMPILE_PREFIX, compile_budget_ca
 from remat.graph import Graph
 from remat.planner import Candidate
 from remat.simulate import Simulation, simulate
-from remat.split import CHUNK_COUNTS
-from remat.split_plan import FLOOR_GAIN, SplitTracer, Variant, solve_split, streamed_baselines
+from remat.split_plan import SplitTracer, Variant, solve_split, streamed_baselines
 from remat.trace import TracedStep
 from solvers.baselines import BASELINES
 from solvers.registry import MILP_SOLVERS, solve_with
@@ -192,17 +191,9 @@ class BatchTraces:
         self.graphs[batch] = traced.graph
 
     def split_variants(self, batch: int) -> Iterator[Variant]:
-        """The step at `batch` with its head in 2, 4, 8, ... chunks, while each doubling lowers the single-op floor
-        (the same rule as remat.split_plan); none when the model has no head to split. Traced as they are asked
-        for (a few seconds each for GPT-2 small), and kept with the batch's tracer."""
-        tracer = self.tracer(batch)
-        floor = tracer.variants[1].floor_bytes
-        for chunks in CHUNK_COUNTS[1:]:
-            variant = tracer.variant(chunks)
-            if variant is None or variant.floor_bytes > (1 - FLOOR_GAIN) * floor:
-                return
-            yield variant
-            floor = variant.floor_bytes
+        """The step at `batch` with its head in 2, 4, 8, ... chunks while that lowers the floor (the rule of
+        remat.split_plan), traced as they are asked for (a few seconds each for GPT-2 small)."""
+        return self.tracer(batch).lowering()
 
     def lowest_floor(self, batch: int) -> int:
         """No schedule of any chunk count fits below this."""

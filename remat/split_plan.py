@@ -17,7 +17,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -104,6 +104,20 @@ class SplitTracer:
         with self.mode:
             return lower(step, self.profile, optimizer=self.optimizer, meta=meta)
 
+    def lowering(self, progress: Callable[[str], None] | None = None) -> Iterator[Variant]:
+        """The step with its head in 2, 4, 8, ... chunks, while each doubling lowers the single-op floor by more
+        than FLOOR_GAIN (past that, another op is the largest); none when there is no head to split. Traced as
+        they are asked for and kept."""
+        floor = self.variants[1].floor_bytes
+        for chunks in CHUNK_COUNTS[1:]:
+            if progress:
+                progress(f"tracing the head in {chunks} chunks")
+            variant = self.variant(chunks)
+            if variant is None or variant.floor_bytes > (1 - FLOOR_GAIN) * floor:
+                return
+            yield variant
+            floor = variant.floor_bytes
+
     def variant(self, chunks: int) -> Variant | None:
         """The step split into `chunks`, or None when it has no head to split or too few rows."""
         if chunks not in self.variants:
@@ -157,20 +171,14 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
 
     # Split variants, doubling k until one leaves room, or while the floor falls.
     variants = [unsplit]
-    why_not = "not split: no row-wise head from a matmul to the loss"
-    for chunks in CHUNK_COUNTS[1:]:
-        say(f"tracing the head in {chunks} chunks")
-        variant = tracer.variant(chunks)
-        if variant is None:
-            break
-        floors[chunks] = variant.floor_bytes
-        if variant.floor_bytes > (1 - FLOOR_GAIN) * variants[-1].floor_bytes:
-            why_not = f"not split: the largest op is not in the head ({_largest_op(unsplit.graph)})"
-            break  # more chunks no longer lower the floor: another op is the largest now
+    for variant in tracer.lowering(say):
         variants.append(variant)
         if leaves_room(variant):
             break
+    floors.update((k, v.floor_bytes) for k, v in tracer.variants.items() if v is not None)  # every one traced
     if len(variants) == 1:
+        why_not = ("not split: no row-wise head from a matmul to the loss" if tracer.variant(2) is None
+                   else f"not split: the largest op is not in the head ({_largest_op(unsplit.graph)})")
         plan = solve(unsplit.graph, budget_bytes, solver, time_limit_s, backend, progress, known=list(known))
         return _finish(plan, None, why_not, [(k, floor, plan if k == 1 else None) for k, floor in floors.items()])
 
