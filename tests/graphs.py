@@ -72,3 +72,23 @@ def ancestors(graph: Graph, node: int) -> set[int]:
             found.add(i)
             stack.extend(graph.nodes[i].deps)
     return found
+
+
+def add_residual_blocks(deps: list[list[int]], sizes: list[int], modules: list[str], blocks: int,
+                        ops_per_block: int, stream: int | None = None) -> tuple[int | None, list[list[int]]]:
+    """Append `blocks` repeated blocks (module paths "layers.k") of a chain of ops whose last one adds the block's
+    input back (a residual), fed by node `stream`. Returns the last block's output and each block's forward nodes."""
+    forward_of: list[list[int]] = []
+    for block in range(blocks):
+        members: list[int] = []
+        for op in range(ops_per_block):
+            reads = [members[-1]] if members else ([stream] if stream is not None else [])
+            if op == ops_per_block - 1 and stream is not None:
+                reads.append(stream)
+            deps.append(reads)
+            sizes.append(16 if op % 3 == 1 else 4)
+            modules.append(f"layers.{block}")
+            members.append(len(deps) - 1)
+        forward_of.append(members)
+        stream = members[-1]
+    return stream, forward_of

@@ -9,7 +9,7 @@ from remat.simulate import simulate
 from solvers.base import SolveOptions
 from solvers.baselines import BASELINES
 from solvers.decompose import find_layout, solve_decompose
-from tests.graphs import make_graph
+from tests.graphs import add_residual_blocks, make_graph
 
 LOGITS_BYTES = 64
 STEM_BYTES = 96
@@ -23,25 +23,13 @@ def blocks_with_a_split_head(blocks: int = 4, ops_per_block: int = 6, stem: bool
     deps: list[list[int]] = []
     sizes: list[int] = []
     modules: list[str] = []
-    forward_of: list[list[int]] = []
     stream = None
     if stem:
         deps += [[], [0]]
         sizes += [STEM_BYTES, 4]
         modules += ["stem", "stem"]
         stream = 1
-    for block in range(blocks):
-        members: list[int] = []
-        for op in range(ops_per_block):
-            reads = [members[-1]] if members else ([stream] if stream is not None else [])
-            if op == ops_per_block - 1 and stream is not None:
-                reads.append(stream)
-            deps.append(reads)
-            sizes.append(16 if op % 3 == 1 else 4)
-            modules.append(f"layers.{block}")
-            members.append(len(deps) - 1)
-        forward_of.append(members)
-        stream = members[-1]
+    stream, forward_of = add_residual_blocks(deps, sizes, modules, blocks, ops_per_block, stream)
 
     def add(reads: list[int], size: int, module: str = "head") -> int:
         deps.append(reads)

@@ -10,7 +10,7 @@ import pytest
 
 from remat.graph import Graph
 from remat.planner import solve
-from tests.graphs import chain_training_graph, make_graph
+from tests.graphs import add_residual_blocks, chain_training_graph, make_graph
 
 LIMIT_S = 1.5
 
@@ -21,20 +21,8 @@ def block_training_graph(blocks: int, ops_per_block: int) -> Graph:
     deps: list[list[int]] = []
     sizes: list[int] = []
     modules: list[str] = []
-    forward_of: list[list[int]] = []
     stream = None
-    for block in range(blocks):
-        members: list[int] = []
-        for op in range(ops_per_block):
-            reads = [members[-1]] if members else ([stream] if stream is not None else [])
-            if op == ops_per_block - 1 and stream is not None:
-                reads.append(stream)
-            deps.append(reads)
-            sizes.append(16 if op % 3 == 1 else 4)
-            modules.append(f"layers.{block}")
-            members.append(len(deps) - 1)
-        forward_of.append(members)
-        stream = members[-1]
+    stream, forward_of = add_residual_blocks(deps, sizes, modules, blocks, ops_per_block, stream)
     deps.append([stream])  # the loss
     sizes.append(1)
     modules.append("loss")
