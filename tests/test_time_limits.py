@@ -21,8 +21,7 @@ def block_training_graph(blocks: int, ops_per_block: int) -> Graph:
     deps: list[list[int]] = []
     sizes: list[int] = []
     modules: list[str] = []
-    stream = None
-    stream, forward_of = add_residual_blocks(deps, sizes, modules, blocks, ops_per_block, stream)
+    stream, forward_of = add_residual_blocks(deps, sizes, modules, blocks, ops_per_block)
     deps.append([stream])  # the loss
     sizes.append(1)
     modules.append("loss")
