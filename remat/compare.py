@@ -24,7 +24,7 @@ from remat.maxbatch import MILP_METHODS, BatchTraces, max_batch
 from remat.planner import Candidate, solve
 from remat.schedule import Schedule
 from remat.simulate import Simulation, simulate
-from remat.split_plan import SplitTracer, solve_split
+from remat.split_plan import SplitTracer, solve_split, with_chunks
 from remat.trace import TracedStep
 from solvers.base import FEASIBLE
 from solvers.baselines import BASELINES
@@ -161,8 +161,8 @@ def compare(traced: TracedStep | SplitTracer, budgets_bytes: Sequence[int], meth
                 known = [below[0]] if below is not None and below[1] is graph else []
                 plan, chunks = solve(graph, budget, solver=method, time_limit_s=time_limit_s,
                                      known=[*compiled, *known]), 1
-            name = plan.method + (f" (head in {chunks} chunks)" if chunks > 1 else "")
-            candidate = Candidate(name, plan.status, plan.schedule, plan.simulation, plan.wall_s, plan.message)
+            candidate = Candidate(with_chunks(plan.method, chunks), plan.status, plan.schedule, plan.simulation,
+                                  plan.wall_s, plan.message)
             on, status, gap = plan.graph, plan.status, plan.gap
             if below is not None and (not candidate.fits(budget)
                                       or below[0].simulation.compute_s < candidate.simulation.compute_s):

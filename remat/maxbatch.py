@@ -24,7 +24,7 @@ from remat.comparators import COMPILE_BUDGETS, COMPILE_PREFIX, compile_budget_ca
 from remat.graph import Graph
 from remat.planner import Candidate
 from remat.simulate import Simulation, simulate
-from remat.split_plan import SplitTracer, Variant, solve_split, streamed_baselines
+from remat.split_plan import SplitTracer, Variant, solve_split, streamed_baselines, with_chunks
 from remat.trace import TracedStep
 from solvers.baselines import BASELINES
 from solvers.registry import MILP_SOLVERS, solve_with
@@ -262,13 +262,8 @@ def split_candidates(traces: BatchTraces, batch: int, budget_bytes: int,
     for variant in traces.split_variants(batch):
         if variant.floor_bytes > budget_bytes:
             continue
-        found = streamed_baselines(variant, budget_bytes)
-        for name in BASELINES:
-            result = solve_with(name, variant.graph, budget_bytes)
-            if result.schedule is not None:
-                found.append(Candidate(name, result.status, result.schedule, simulate(variant.graph, result.schedule),
-                                       result.wall_s, result.message))
-        candidates += [replace(c, method=f"{c.method} (head in {variant.chunks} chunks)") for c in found]
+        found = streamed_baselines(variant, budget_bytes, plain=True)
+        candidates += [replace(c, method=with_chunks(c.method, variant.chunks)) for c in found]
         if stop_at is not None and any(stop_at(c) for c in found):
             break
     return candidates
@@ -282,7 +277,7 @@ def milp_outcome(traces: BatchTraces, method: str, batch: int, budget_bytes: int
         return Outcome(False, method, None)
     chosen = solve_split(traces.tracer(batch), budget_bytes, solver=method, time_limit_s=time_limit_s)
     plan = chosen.plan
-    name = plan.method + (f" (head in {chosen.split.chunks} chunks)" if chosen.split else "")
+    name = with_chunks(plan.method, chosen.split.chunks if chosen.split else 1)
     mine = [Candidate(name, plan.status, plan.schedule, plan.simulation, 0.0)] if plan.schedule is not None else []
     return best_outcome(mine + others, budget_bytes, max_compute_s)
 

@@ -222,23 +222,34 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
     return _finish(plan, best_variant.split, why, tried)
 
 
-def streamed_baselines(variant: Variant, budget_bytes: int) -> list[Candidate]:
+def streamed_baselines(variant: Variant, budget_bytes: int, plain: bool = False) -> list[Candidate]:
     """The baselines' schedules with the head streamed (`stream_head`): plans the solver weighs beside its own.
-    The baselines know nothing of chunks, so they hold every chunk's logits from its loss to its backward."""
+    The baselines know nothing of chunks, so they hold every chunk's logits from its loss to its backward.
+    With `plain`, each baseline's own schedule of the split step too (one baseline solve serves both)."""
     candidates = []
     for name, baseline in BASELINES.items():
-        if name == "checkpoint-all":
-            continue  # recomputes everything already
+        if name == "checkpoint-all" and not plain:
+            continue
         started = time.perf_counter()
         result = baseline(variant.graph, budget_bytes, SolveOptions())
         if result.schedule is None:
             continue
+        if plain:
+            candidates.append(Candidate(name, result.status, result.schedule,
+                                        simulate(variant.graph, result.schedule), result.wall_s, result.message))
+        if name == "checkpoint-all":
+            continue  # recomputes everything already: nothing to stream
         schedule = stream_head(variant.graph, result.schedule, variant.head)
         simulation = simulate(variant.graph, schedule)
         if simulation.valid:
             candidates.append(Candidate(f"{name}+streamed-head", FEASIBLE, schedule, simulation,
                                         time.perf_counter() - started, f"{name} with the head's chunks streamed"))
     return candidates
+
+
+def with_chunks(method: str, chunks: int) -> str:
+    """A method's name with the chunk count of the step it ran on ("decompose (head in 4 chunks)")."""
+    return f"{method} (head in {chunks} chunks)" if chunks > 1 else method
 
 
 def stream_head(graph: Graph, schedule: Schedule, head: frozenset[int], keep_within: int = 2) -> Schedule:
