@@ -178,9 +178,14 @@ def find_head(forward: torch.fx.GraphModule) -> HeadRegion | None:
 
 
 def _ancestors(node: torch.fx.Node) -> set[torch.fx.Node]:
+    return _reachable(node, lambda n: n.all_input_nodes)
+
+
+def _reachable(node: torch.fx.Node, next_nodes) -> set[torch.fx.Node]:
+    """`node` and every node reached from it through `next_nodes` (its inputs, or its users)."""
     seen, stack = {node}, [node]
     while stack:
-        for x in stack.pop().all_input_nodes:
+        for x in next_nodes(stack.pop()):
             if x not in seen:
                 seen.add(x)
                 stack.append(x)
@@ -238,13 +243,7 @@ def _sink_part(node: torch.fx.Node, sinks: Sequence[torch.fx.Node]) -> bool:
 
 
 def _descendants(node: torch.fx.Node) -> set[torch.fx.Node]:
-    seen, stack = {node}, [node]
-    while stack:
-        for user in stack.pop().users:
-            if user not in seen:
-                seen.add(user)
-                stack.append(user)
-    return seen
+    return _reachable(node, lambda n: n.users)
 
 
 def _is_reduction(node: torch.fx.Node) -> bool:
