@@ -199,6 +199,8 @@ def _plan_summary(plan, wall_s: float) -> dict:
 
 
 def _print_plan(plan, wall_s: float, out: str | None) -> None:
+    from remat.split import Split
+
     # piped output keeps whole lines: rich would wrap at 80 columns when stdout is not a terminal
     console = Console(highlight=False, width=shutil.get_terminal_size((140, 24)).columns)
     graph, fixed, sim = plan.graph, plan.graph.fixed, plan.simulation
@@ -216,12 +218,10 @@ def _print_plan(plan, wall_s: float, out: str | None) -> None:
     console.print(f"graph          {len(graph)} nodes ({forward} forward, {len(graph) - forward} backward)"
                   + (f", solved as {plan.coarse_nodes} coarse nodes" if plan.coarse_nodes else "")
                   + f", hash {graph.content_hash}")
+    split = Split.from_meta(meta["split"]) if meta.get("split") else None
     if meta.get("split_note"):
-        split = meta.get("split")
-        what = (f"{split['region']} into {split['chunks']} chunks along {split['along']}" if split else "none")
-        console.print(f"split          {what} ({meta['split_note']})")
-    chunks = (meta.get("split") or {}).get("chunks", 1)
-    with_split = f" with the head in {chunks} chunks" if chunks > 1 else ""
+        console.print(f"split          {split.describe() if split else 'none'} ({meta['split_note']})")
+    with_split = f" with the {split.short()}" if split else ""
     console.print(f"store-all      peak {format_bytes(plan.store_all.peak_bytes)}, "
                   f"{format_seconds(plan.store_all.compute_s)} per step (no rematerialization{with_split})")
     console.print(f"minimum budget {_fmt(plan.min_feasible_bytes)} is the lowest peak found "

@@ -119,7 +119,7 @@ def main() -> None:
     for model in args.models.split(","):
         started = time.perf_counter()
         tracer = SplitTracer.zoo(model, batch=args.batch)
-        graph = tracer.variants[1].graph
+        graph = tracer.unsplit.graph
         splits = not args.no_split and tracer.variant(2) is not None  # a head to split: plan as `remat solve` does
         for chunks in CHUNK_COUNTS[2:] if splits else ():  # traced here, not inside the timed solves
             tracer.variant(chunks)

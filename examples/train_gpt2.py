@@ -18,6 +18,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import remat
+from remat.split import Split
 from remat.units import format_bytes
 
 
@@ -58,8 +59,7 @@ def main() -> None:
           f"{format_bytes(step.solved.store_all.peak_bytes)}), made in {time.perf_counter() - started:.1f} s")
     split = step.graph.meta.get("split")
     if split:  # the chunk losses are summed in another order: equal to float32 rounding, not bit for bit
-        print(f"  the loss head ({split['region']}) runs in {split['chunks']} chunks of {split['along']}: "
-              f"{split['reason']}")
+        print(f"  split: {Split.from_meta(split).describe()}: {split['reason']}")
 
     curves = {}
     for name, model in (("eager", eager_model), ("remat", planned)):

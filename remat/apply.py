@@ -194,7 +194,8 @@ class RematModule(nn.Module):
             split = plan.graph_meta.get("split") or {}
             precision = plan.graph_meta.get("precision", self.precision)
             graph, captured = trace_step(self.model, inputs, self.loss_fn, precision, self.device, self.optimizer,
-                                         split_chunks=int(split.get("chunks", 1)))
+                                         split_chunks=int(split.get("chunks", 1)),
+                                         mlp_chunks=int(split.get("mlp_chunks", 1)))
             simulation = check_plan(plan, graph)
         else:
             solved, captured = plan_step(self.model, inputs, self.budget, self.solver, self.time_limit, self.loss_fn,
@@ -240,18 +241,19 @@ def default_device_profile(model: nn.Module) -> str:
 
 
 def trace_step(model: nn.Module, inputs: Sequence[Any], loss_fn: Callable | None = None, precision: str = "fp32",
-               device: str | None = None, optimizer: str = "adamw", split_chunks: int = 1):
+               device: str | None = None, optimizer: str = "adamw", split_chunks: int = 1, mlp_chunks: int = 1):
     """The user's model -> (Graph, CapturedStep), without touching its parameters or the RNG.
-    `split_chunks` > 1: the loss head split into that many chunks (remat.split), as a plan made with a split needs."""
+    `split_chunks` > 1: the loss head split into that many chunks (remat.split), `mlp_chunks` > 1: each MLP, as
+    a plan made with a split needs."""
     profile = load_profile(device or default_device_profile(model))
     meta = {"model": type(model).__name__, "precision": precision, "device": profile.name,
             "inputs": [list(v.shape) if isinstance(v, torch.Tensor) else repr(v) for v in inputs]}
     with torch.random.fork_rng(devices=[]):
         captured = capture_step(model, tuple(inputs), loss_fn, precision)
-        if split_chunks > 1:
+        if split_chunks > 1 or mlp_chunks > 1:
             from remat.split import capture_split
 
-            captured, split = capture_split(model, tuple(inputs), captured, split_chunks)
+            captured, split = capture_split(model, tuple(inputs), captured, split_chunks, mlp_chunks)
             meta["split"] = split.to_meta()
     return lower(captured, profile, optimizer=optimizer, meta=meta), captured
 
@@ -269,7 +271,7 @@ def plan_step(model: nn.Module, inputs: Sequence[Any], budget: str | int | float
             "inputs": [list(v.shape) if isinstance(v, torch.Tensor) else repr(v) for v in inputs]}
     tracer = SplitTracer(model, inputs, loss_fn=loss_fn, precision=precision,
                          device=device or default_device_profile(model), optimizer=optimizer, meta=meta)
-    unsplit = tracer.variants[1].graph
+    unsplit = tracer.unsplit.graph
     store_all_peak = simulate(unsplit, store_all(unsplit, 0, SolveOptions()).schedule).peak_bytes
     budget_bytes = parse_size(budget, reference_bytes=store_all_peak)
     say(f"planning {len(unsplit)} nodes")
@@ -281,7 +283,7 @@ def plan_step(model: nn.Module, inputs: Sequence[Any], budget: str | int | float
             f"no schedule fits a budget of {format_bytes(budget_bytes)} ({budget_bytes} bytes): the minimum feasible "
             f"budget found for this model and input is {format_bytes(lowest)} ({lowest} bytes); fixed memory "
             f"(parameters, gradients, optimizer state, inputs) alone is {format_bytes(unsplit.fixed.total_bytes)}")
-    return result, tracer.variants[chosen.split.chunks if chosen.split else 1].step
+    return result, tracer.variant_of(chosen.split).step
 
 
 def apply(model: nn.Module, budget: str | int | float | None = None, example_inputs: Sequence[Any] | None = None,

@@ -112,7 +112,7 @@ def compare(traced: TracedStep | SplitTracer, budgets_bytes: Sequence[int], meth
     say = progress or (lambda message: None)
     tracer = traced if isinstance(traced, SplitTracer) else None
     if tracer is not None:
-        traced = TracedStep(tracer.step, tracer.variants[1].graph)
+        traced = TracedStep(tracer.step, tracer.unsplit.graph)
     graph = traced.graph
     methods = parse_methods(methods)
     budgets = tuple(sorted(set(budgets_bytes)))
@@ -156,12 +156,12 @@ def compare(traced: TracedStep | SplitTracer, budgets_bytes: Sequence[int], meth
             say(f"{method} at {budget / 1e9:.2f} GB")
             if tracer is not None:
                 chosen = solve_split(tracer, budget, solver=method, time_limit_s=time_limit_s, known=compiled)
-                plan, chunks = chosen.plan, chosen.split.chunks if chosen.split else 1
+                plan, split = chosen.plan, chosen.split
             else:
                 known = [below[0]] if below is not None and below[1] is graph else []
-                plan, chunks = solve(graph, budget, solver=method, time_limit_s=time_limit_s,
-                                     known=[*compiled, *known]), 1
-            candidate = Candidate(with_chunks(plan.method, chunks), plan.status, plan.schedule, plan.simulation,
+                plan, split = solve(graph, budget, solver=method, time_limit_s=time_limit_s,
+                                    known=[*compiled, *known]), None
+            candidate = Candidate(with_chunks(plan.method, split), plan.status, plan.schedule, plan.simulation,
                                   plan.wall_s, plan.message)
             on, status, gap = plan.graph, plan.status, plan.gap
             if below is not None and (not candidate.fits(budget)

@@ -172,17 +172,17 @@ class BatchTraces:
         self._tracers[batch] = tracer
         while len(self._tracers) > self.keep_steps:
             self._tracers.popitem(last=False)
-        self.graphs.setdefault(batch, tracer.variants[1].graph)
+        self.graphs.setdefault(batch, tracer.unsplit.graph)
         return tracer
 
     def traced(self, batch: int) -> TracedStep:
         if batch in self._added and batch not in self._tracers:
             return self._added[batch]
         tracer = self.tracer(batch)
-        return TracedStep(tracer.step, tracer.variants[1].graph)
+        return TracedStep(tracer.step, tracer.unsplit.graph)
 
     def graph(self, batch: int) -> Graph:
-        return self.graphs[batch] if batch in self.graphs else self.tracer(batch).variants[1].graph
+        return self.graphs[batch] if batch in self.graphs else self.tracer(batch).unsplit.graph
 
     def add(self, traced: TracedStep) -> None:
         """A trace made elsewhere (the batch the user asked for)."""
@@ -263,7 +263,7 @@ def split_candidates(traces: BatchTraces, batch: int, budget_bytes: int,
         if variant.floor_bytes > budget_bytes:
             continue
         found = streamed_baselines(variant, budget_bytes, plain=True)
-        candidates += [replace(c, method=with_chunks(c.method, variant.chunks)) for c in found]
+        candidates += [replace(c, method=with_chunks(c.method, variant.split)) for c in found]
         if stop_at is not None and any(stop_at(c) for c in found):
             break
     return candidates
@@ -277,7 +277,7 @@ def milp_outcome(traces: BatchTraces, method: str, batch: int, budget_bytes: int
         return Outcome(False, method, None)
     chosen = solve_split(traces.tracer(batch), budget_bytes, solver=method, time_limit_s=time_limit_s)
     plan = chosen.plan
-    name = with_chunks(plan.method, chosen.split.chunks if chosen.split else 1)
+    name = with_chunks(plan.method, chosen.split)
     mine = [Candidate(name, plan.status, plan.schedule, plan.simulation, 0.0)] if plan.schedule is not None else []
     return best_outcome(mine + others, budget_bytes, max_compute_s)
 

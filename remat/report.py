@@ -17,6 +17,7 @@ from remat.compare import Comparison, Row
 from remat.graph import Graph
 from remat.maxbatch import MILP_METHODS
 from remat.schedule import COMPUTE, Schedule
+from remat.split import Split
 from remat.units import format_bytes, format_seconds
 
 HEADERS = ("method", "budget", "peak", "fits", "step time", "overhead", "max batch", "status", "gap", "schedule",
@@ -85,8 +86,8 @@ def notes(comparison: Comparison) -> list[str]:
     for row in comparison.rows:
         split = comparison.graph_of(row.method, row.budget_bytes).meta.get("split")
         if split and row.peak_bytes is not None:
-            found.append(f"{row.method} at {format_bytes(row.budget_bytes)}: {split['region']} split into "
-                         f"{split['chunks']} chunks along {split['along']}: {split.get('reason', '')}")
+            what = Split.from_meta(split).describe()
+            found.append(f"{row.method} at {format_bytes(row.budget_bytes)}: split {what}: {split.get('reason', '')}")
         elif row.method in MILP_METHODS and row.peak_bytes is None and row.message:
             found.append(f"{row.method} at {format_bytes(row.budget_bytes)}: {row.message}")
     return found

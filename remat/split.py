@@ -1,4 +1,5 @@
-"""Split the output head and loss into k chunks of rows, so no schedule must hold the whole logits.
+"""Split the output head and loss, and the MLPs, into k chunks of rows, so no schedule must hold the whole logits
+or the whole of an MLP's widened activations.
 
 Rematerialization cannot go below the working set of the largest single op. In a language model
 that op is the loss head: `_log_softmax_backward_data` over (batch*seq, vocab) fp32 logits holds
@@ -14,16 +15,21 @@ module names):
      scalar loss (nll_loss_forward, sum, mean), in which every op is row-wise (views that regroup
      the leading row dims, casts, pointwise ops, softmax / reductions / gather over trailing dims).
      Of the valid regions, the one holding the largest tensor.
-  3. `split_forward`: the same forward with that region run once per chunk of rows; the chunk
-     losses are added (a mean becomes the sum of chunk sums over the total weight), and the
-     weight's cast is repeated per chunk so its gradient is accumulated in the parameter's dtype.
+     `find_mlps`: the regions from one or more matmuls (c_fc; gate and up) through row-wise ops to
+     a matmul (c_proj; down) whose hidden tensors are wider than its output: the next largest
+     working sets of a transformer once the head is split (GELU's backward in GPT-2).
+  3. `split_forward`: the same forward with those regions run once per chunk of rows; the chunk
+     losses are added (a mean becomes the sum of chunk sums over the total weight), an MLP's chunk
+     outputs are concatenated where its output was, and a weight's cast is repeated per chunk so
+     its gradient is accumulated in the parameter's dtype.
   4. `capture_split`: the rewritten forward, run through the model's own parameters, is captured
      again by AOTAutograd, which derives an exact backward: chunk gradients of the weight are
      added by autograd, chunk gradients of the hidden states are concatenated.
 Forward and backward are then split; the solver may free and recompute each chunk separately.
 
 Results equal the unsplit step up to the order of the reduction: the loss is a sum of k partial
-sums and the weight gradient a sum of k partial matmuls (float64: about 1e-15 relative).
+sums and a split matmul's weight gradient a sum of k partial matmuls (float64: about 1e-15 relative).
+The head and the MLPs have their own chunk counts (`capture_split(..., chunks, mlp_chunks)`).
 """
 
 from __future__ import annotations
@@ -31,8 +37,9 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -55,7 +62,9 @@ _DROPPED = (aten._assert_tensor_metadata.default,)  # dtype asserts on region te
 _WEIGHT_PREP = (aten._to_copy.default, aten.t.default, aten.transpose.int, aten.permute.default, aten.view.default,
                 aten.alias.default)
 NLL_SUM = 2  # nll_loss reduction enum: 0 none, 1 mean, 2 sum
-CHUNK_KEY = "split_chunk"  # node.meta["custom"][CHUNK_KEY]: the chunk a node of the split head computes
+CHUNK_KEY = "split_chunk"  # node.meta["custom"][CHUNK_KEY]: the chunk a node of a split region computes
+REGION_KEY = "split_region"  # node.meta["custom"][REGION_KEY]: HEAD or MLP
+HEAD, MLP = "head", "mlp"
 CHUNK_COUNTS = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -64,17 +73,21 @@ class Unsplittable(ValueError):
 
 
 @dataclass(frozen=True)
-class HeadRegion:
-    """Ops from a matmul to the loss that run independently on each of `rows` rows."""
+class Region:
+    """Ops that run independently on each of `rows` rows: the head (from a matmul to the loss: `sinks`), or an
+    MLP (from its input matmuls to its output matmul: `exit`, whose rows the rest of the step reads)."""
 
-    nodes: tuple[str, ...]  # FX node names, in graph order: the matmul first
-    sinks: tuple[str, ...]  # the reductions to scalars (the loss, or several terms of it)
+    nodes: tuple[str, ...]  # FX node names, in graph order: a matmul first
+    sinks: tuple[str, ...]  # the reductions to scalars (the loss, or several terms of it); () for an MLP
     rows: int  # independent rows: batch*seq tokens for a language model, batch for a classifier
     largest_bytes: int  # the largest tensor in the region
-    module: str  # module path of the matmul ("lm.lm_head"), for reports
+    module: str  # module path of the matmul ("lm.lm_head"), or the MLP's ("lm.transformer.h.0.mlp"), for reports
+    exit: str = ""  # an MLP's output matmul: its chunks are concatenated
 
     @property
     def name(self) -> str:
+        if self.exit:
+            return self.module or "MLP"
         return f"{self.module or 'output head'}+loss"
 
 
@@ -82,19 +95,37 @@ class HeadRegion:
 class Split:
     """What the plan split: recorded in the graph's meta and shown by `remat solve`."""
 
-    chunks: int
-    region: str  # "lm.lm_head+loss"
+    chunks: int  # the head's chunks (1: not split)
+    region: str  # "lm.lm_head+loss", "" when the head is not split
     rows: int
     along: str  # "batch*seq", "batch" or "rows"
-    largest_bytes: int  # the largest tensor of the region before splitting
+    largest_bytes: int  # the largest tensor of the split regions before splitting
     reason: str = ""
+    mlp_chunks: int = 1  # each MLP's chunks (1: not split)
+    mlps: str = ""  # the MLPs split, "12 x lm.transformer.h.*.mlp"
 
     def describe(self) -> str:
-        return f"{self.region} into {self.chunks} chunks along {self.along}"
+        parts = [f"{self.region} into {self.chunks} chunks"] if self.chunks > 1 else []
+        if self.mlp_chunks > 1:
+            parts.append(f"{self.mlps} into {self.mlp_chunks} chunks")
+        return " and ".join(parts) + f" along {self.along}"
+
+    def short(self) -> str:
+        """"head in 4 chunks", "head in 32 chunks, MLPs in 2"."""
+        parts = [f"head in {self.chunks} chunks"] if self.chunks > 1 else []
+        if self.mlp_chunks > 1:
+            parts.append(f"MLPs in {self.mlp_chunks}")
+        return ", ".join(parts)
 
     def to_meta(self) -> dict:
         return {"chunks": self.chunks, "region": self.region, "rows": self.rows, "along": self.along,
-                "largest_bytes": self.largest_bytes, "reason": self.reason}
+                "largest_bytes": self.largest_bytes, "reason": self.reason, "mlp_chunks": self.mlp_chunks,
+                "mlps": self.mlps}
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> Split:
+        """The inverse of `to_meta` (plans saved before MLP splits have no MLP keys)."""
+        return cls(**{f.name: meta[f.name] for f in fields(cls) if f.name in meta})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -159,7 +190,7 @@ def _bytes(value: Any) -> int:
     return 0
 
 
-def find_head(forward: torch.fx.GraphModule) -> HeadRegion | None:
+def find_head(forward: torch.fx.GraphModule) -> Region | None:
     """The row-wise region from a matmul to the loss that holds the largest tensor, or None."""
     graph = forward.graph
     output = graph.find_nodes(op="output")[0]
@@ -167,7 +198,7 @@ def find_head(forward: torch.fx.GraphModule) -> HeadRegion | None:
     if not isinstance(loss, torch.fx.Node):
         return None
     ancestors = _ancestors(loss)
-    best: HeadRegion | None = None
+    best: Region | None = None
     for matmul in graph.nodes:
         if matmul.target not in _MATMULS or matmul not in ancestors:
             continue
@@ -192,7 +223,7 @@ def _reachable(node: torch.fx.Node, next_nodes) -> set[torch.fx.Node]:
     return seen
 
 
-def _region_from(matmul: torch.fx.Node, loss_ancestors: set[torch.fx.Node]) -> HeadRegion | None:
+def _region_from(matmul: torch.fx.Node, loss_ancestors: set[torch.fx.Node]) -> Region | None:
     """The nodes between `matmul` and the loss, if they are all row-wise and end in one reduction."""
     rows = int(_val(matmul).shape[0])
     if rows < 2:
@@ -233,7 +264,7 @@ def _region_from(matmul: torch.fx.Node, loss_ancestors: set[torch.fx.Node]) -> H
     except Unsplittable:
         return None
     module = (matmul.meta.get("custom") or {}).get("module", "")
-    return HeadRegion(tuple(n.name for n in ordered), tuple(n.name for n in sinks), rows,
+    return Region(tuple(n.name for n in ordered), tuple(n.name for n in sinks), rows,
                       max(_bytes(_val(n)) for n in ordered), module)
 
 
@@ -334,6 +365,77 @@ def _check_sink(sink: torch.fx.Node, prefix: dict[torch.fx.Node, int], rows: int
             raise Unsplittable(f"{user.name} reads the loss tuple")
 
 
+def find_mlps(forward: torch.fx.GraphModule) -> list[Region]:
+    """The MLPs: row-wise regions from one or more input matmuls (c_fc; gate and up) through pointwise ops to an
+    output matmul (c_proj; down) whose largest tensor is at least WIDENING times the output. Only those of the
+    largest kind: the MLPs of a transformer's blocks, not a small adapter."""
+    regions = [r for r in map(_mlp_ending_at, forward.graph.find_nodes(op="call_function", target=aten.mm.default))
+               if r is not None]
+    regions += [r for r in map(_mlp_ending_at, forward.graph.find_nodes(op="call_function", target=aten.addmm.default))
+                if r is not None]
+    if not regions:
+        return []
+    largest = max(r.largest_bytes for r in regions)
+    order = {n.name: i for i, n in enumerate(forward.graph.nodes)}
+    return sorted((r for r in regions if 2 * r.largest_bytes >= largest), key=lambda r: order[r.exit])
+
+
+WIDENING = 2  # an MLP's hidden tensors are 4x (GPT-2) or 2.7x (Llama) its output
+_MLP_WALK_LIMIT = 64  # nodes between an MLP's input and output matmuls (GELU's tanh form is about 10)
+
+
+def _mlp_ending_at(exit: torch.fx.Node) -> Region | None:
+    """The MLP whose output matmul is `exit`, or None. Walking back from the matmul's row operand through
+    pointwise ops, views and casts, every path must end at a matmul (an input of the MLP) or at a value that is
+    not computed from those matmuls (a bias, a constant)."""
+    rows = int(_val(exit).shape[0])
+    row_operand = exit.args[1] if exit.target is aten.addmm.default else exit.args[0]
+    if rows < 2 or not isinstance(row_operand, torch.fx.Node):
+        return None
+    walked: set[torch.fx.Node] = set()
+    entries: set[torch.fx.Node] = set()
+    stack = [row_operand]
+    while stack:
+        node = stack.pop()
+        if node in walked or node in entries:
+            continue
+        if node.op == "call_function" and node.target in _MATMULS:
+            entries.add(node)
+            continue
+        walked.add(node)
+        if len(walked) > _MLP_WALK_LIMIT:
+            return None
+        passes = node.op == "call_function" and (node.target in _SAME_SHAPE or node.target in _VIEWS
+                                                 or torch.Tag.pointwise in getattr(node.target, "tags", ()))
+        if passes:
+            stack.extend(node.all_input_nodes)
+    if not entries:
+        return None
+    # members: the input matmuls, what is computed from them on the way, and the output matmul
+    members = set(entries)
+    for node in exit.graph.nodes:  # graph order: inputs before users
+        if node in walked and any(x in members for x in node.all_input_nodes):
+            members.add(node)
+    if row_operand not in members:
+        return None
+    members.add(exit)
+    ordered = [n for n in exit.graph.nodes if n in members]
+    prefix: dict[torch.fx.Node, int] = {}
+    try:
+        for node in ordered:
+            if node is not exit and any(u not in members and u.target not in _DROPPED for u in node.users):
+                raise Unsplittable(f"{node.name} is read outside the MLP")
+            prefix[node] = _check(node, prefix, rows, members)
+    except Unsplittable:
+        return None
+    largest = max(_bytes(_val(n)) for n in ordered)
+    if largest < WIDENING * _bytes(_val(exit)):
+        return None
+    paths = [(n.meta.get("custom") or {}).get("module", "") for n in (*entries, exit)]
+    module = ".".join(os.path.commonprefix([p.split(".") for p in paths])) if all(paths) else ""
+    return Region(tuple(n.name for n in ordered), (), rows, largest, module, exit.name)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 3. The rewrite
 
@@ -344,27 +446,35 @@ def chunk_sizes(rows: int, chunks: int) -> list[int]:
     return [base + (1 if c < extra else 0) for c in range(chunks)]
 
 
-def split_forward(forward: torch.fx.GraphModule, region: HeadRegion, chunks: int) -> torch.fx.GraphModule:
-    """`forward` with `region` run once per chunk of rows; the chunk losses reduced exactly."""
-    if not 2 <= chunks <= region.rows:
-        raise ValueError(f"chunks must be in 2..{region.rows}, got {chunks}")
+def split_forward(forward: torch.fx.GraphModule, head: Region | None, chunks: int = 1, mlps: Sequence[Region] = (),
+                  mlp_chunks: int = 1) -> torch.fx.GraphModule:
+    """`forward` with the `head` run once per chunk of rows, its chunk losses reduced exactly, and each MLP of
+    `mlps` run once per chunk where its output matmul was (the rest of the step reads the chunks' outputs
+    concatenated). Autograd adds the chunks' weight gradients. Regions are found on `forward` beforehand."""
+    for region, k in [(head, chunks)] * (head is not None) + [(m, mlp_chunks) for m in mlps]:
+        if not 2 <= k <= region.rows:
+            raise ValueError(f"chunks must be in 2..{region.rows}, got {k}")
     source = forward.graph
     by_name = {n.name: n for n in source.nodes}
-    members = [by_name[name] for name in region.nodes]
-    member_set = set(members)
-    sinks = [by_name[name] for name in region.sinks]
-    sizes = chunk_sizes(region.rows, chunks)
-    prefix = {n: _row_prefix(_val(n), region.rows) for n in members}
+    members = [by_name[name] for name in head.nodes] if head is not None else []
+    sinks = [by_name[name] for name in head.sinks] if head is not None else []
+    mlp_at_exit = {by_name[m.exit]: [by_name[name] for name in m.nodes] for m in mlps}
+    member_set = set(members).union(*mlp_at_exit.values())
     after = set().union(*(_descendants(n) for n in sinks)) - member_set  # what reads the losses
     dropped = {n for n in source.nodes if n.target in _DROPPED and any(x in member_set for x in n.all_input_nodes)}
 
-    # Everything the region does not feed, then the chunks, then what reads the chunked losses.
+    # Everything the head does not feed (the MLPs' chunks where their outputs were), then the head's chunks,
+    # then what reads the chunked losses.
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     for node in source.nodes:
-        if node not in member_set and node not in after and node not in dropped:
+        if node in mlp_at_exit:
+            _emit_mlp(graph, env, node, mlp_at_exit[node], mlp_chunks)
+        elif node not in member_set and node not in after and node not in dropped:
             env[node] = graph.node_copy(node, lambda x: env[x])
-    _emit_chunks(graph, env, members, sinks, prefix, sizes, region.rows)
+    if head is not None:
+        prefix = {n: _row_prefix(_val(n), head.rows) for n in members}
+        _emit_chunks(graph, env, members, sinks, prefix, chunk_sizes(head.rows, chunks), head.rows)
     for node in source.nodes:
         if node in after and node not in dropped:
             env[node] = graph.node_copy(node, lambda x: env[x])
@@ -372,8 +482,19 @@ def split_forward(forward: torch.fx.GraphModule, region: HeadRegion, chunks: int
     return torch.fx.GraphModule(forward, graph)
 
 
+def _emit_mlp(graph: torch.fx.Graph, env: dict, exit: torch.fx.Node, members: list[torch.fx.Node],
+              chunks: int) -> None:
+    """An MLP's chunks, and their outputs concatenated as the value of its output matmul."""
+    rows = int(_val(exit).shape[0])
+    prefix = {n: _row_prefix(_val(n), rows) for n in members}
+    per_chunk = _emit_chunks(graph, env, members, [], prefix, chunk_sizes(rows, chunks), rows, MLP)
+    env[exit] = graph.call_function(aten.cat.default, ([local[exit] for local in per_chunk], 0))
+    env[exit].meta["custom"] = dict(exit.meta.get("custom", {}))
+
+
 def _emit_chunks(graph: torch.fx.Graph, env: dict, members: list[torch.fx.Node], sinks: list[torch.fx.Node],
-                 prefix: dict[torch.fx.Node, Any], sizes: list[int], rows: int) -> None:
+                 prefix: dict[torch.fx.Node, Any], sizes: list[int], rows: int, kind: str = HEAD) -> list[dict]:
+    """Each chunk's copy of the region's ops, then the sinks' totals. Returns each chunk's values by source node."""
     member_set = set(members)
     body = [n for n in members if not _sink_part(n, sinks)]
     row_inputs: dict[torch.fx.Node, list[torch.fx.Node]] = {}
@@ -384,7 +505,8 @@ def _emit_chunks(graph: torch.fx.Graph, env: dict, members: list[torch.fx.Node],
             if key in like.meta:
                 node.meta[key] = like.meta[key]
         # the module path, and the chunk: AOTAutograd hands both to the nodes it traces from this one
-        node.meta["custom"] = {**like.meta.get("custom", {}), **({CHUNK_KEY: chunk} if chunk is not None else {})}
+        node.meta["custom"] = {**like.meta.get("custom", {}),
+                               **({CHUNK_KEY: chunk, REGION_KEY: kind} if chunk is not None else {})}
         return node
 
     def row_chunks(x: torch.fx.Node, like: torch.fx.Node) -> list[torch.fx.Node]:
@@ -417,8 +539,10 @@ def _emit_chunks(graph: torch.fx.Graph, env: dict, members: list[torch.fx.Node],
         return value
 
     partials: list[list[Any]] = [[] for _ in sinks]  # per sink, per chunk
+    locals_: list[dict] = []
     for c, size in enumerate(sizes):
         local: dict[torch.fx.Node, Any] = {}
+        locals_.append(local)
 
         def arg(x: Any, user: torch.fx.Node, c: int = c, local: dict = local) -> Any:
             if not isinstance(x, torch.fx.Node):
@@ -438,6 +562,7 @@ def _emit_chunks(graph: torch.fx.Graph, env: dict, members: list[torch.fx.Node],
             sink_partials.append(_emit_partial(sink, [arg(x, sink) for x in sink.args], in_chunk))
     for sink, sink_partials in zip(sinks, partials, strict=True):
         _emit_total(env, sink, sink_partials, new)
+    return locals_
 
 
 def _is_row_operand(user: torch.fx.Node, x: torch.fx.Node, rows: int) -> bool:
@@ -554,10 +679,15 @@ class GraphStep(nn.Module):
         return loss
 
 
-def chunk_of(step: CapturedStep) -> dict[str, int]:
-    """FX node name -> chunk, for the nodes of a captured split step that compute one chunk of the head."""
-    return {n.name: n.meta["custom"][CHUNK_KEY] for n in step.joint.graph.nodes
-            if CHUNK_KEY in (n.meta.get("custom") or {})}
+def chunk_of(step: CapturedStep, kind: str = HEAD) -> dict[str, int]:
+    """FX node name -> chunk, for the nodes of a captured split step that compute one chunk of the head (or of
+    an MLP: `kind`)."""
+    found = {}
+    for node in step.joint.graph.nodes:
+        custom = node.meta.get("custom") or {}
+        if CHUNK_KEY in custom and custom.get(REGION_KEY, HEAD) == kind:
+            found[node.name] = custom[CHUNK_KEY]
+    return found
 
 
 def describe_rows(rows: int, example_inputs: Sequence[Any]) -> str:
@@ -570,15 +700,33 @@ def describe_rows(rows: int, example_inputs: Sequence[Any]) -> str:
     return "rows"
 
 
-def capture_split(model: nn.Module, example_inputs: Sequence[Any], step: CapturedStep,
-                  chunks: int) -> tuple[CapturedStep, Split]:
-    """The training step of `model` (already captured as `step`) with its head split into `chunks`."""
+def describe_mlps(regions: Sequence[Region]) -> str:
+    """"12 x lm.transformer.h.*.mlp": the count and the module path, with the block index as *."""
+    paths = {".".join("*" if part.isdigit() else part for part in r.name.split(".")) for r in regions}
+    return f"{len(regions)} x {paths.pop() if len(paths) == 1 else 'MLP'}"
+
+
+def capture_split(model: nn.Module, example_inputs: Sequence[Any], step: CapturedStep, chunks: int,
+                  mlp_chunks: int = 1) -> tuple[CapturedStep, Split]:
+    """The training step of `model` (already captured as `step`) with its head split into `chunks` and each of
+    its MLPs into `mlp_chunks` (1: that part not split)."""
+    if chunks < 2 and mlp_chunks < 2:
+        raise ValueError("nothing to split: chunks and mlp_chunks are both 1")
     forward = forward_graph(step)
-    region = find_head(forward)
-    if region is None:
-        raise Unsplittable("no row-wise region from a matmul to the loss")
-    rewritten = split_forward(forward, region, chunks)
+    head, mlps = None, []
+    if mlp_chunks > 1:
+        mlps = find_mlps(forward)
+        if not mlps:
+            raise Unsplittable("no MLP: no row-wise region between matmuls that widens the rows")
+    if chunks > 1:
+        head = find_head(forward)
+        if head is None:
+            raise Unsplittable("no row-wise region from a matmul to the loss")
+    rewritten = split_forward(forward, head, chunks, mlps, mlp_chunks)
+    rows = head.rows if head is not None else mlps[0].rows
+    largest = max(r.largest_bytes for r in [*mlps, *([head] if head is not None else [])])
     # the casts of mixed precision are explicit ops in the rewritten forward: no autocast on top
     split_step = capture_step(GraphStep(model, rewritten, step), example_inputs, None, precision="fp32")
-    split = Split(chunks, region.name, region.rows, describe_rows(region.rows, example_inputs), region.largest_bytes)
+    split = Split(chunks, head.name if head is not None else "", rows, describe_rows(rows, example_inputs), largest,
+                  mlp_chunks=mlp_chunks, mlps=describe_mlps(mlps) if mlps else "")
     return replace(split_step, precision=step.precision), split

@@ -1,11 +1,13 @@
-"""The chunk count as part of the plan: trace the step with its head split into k chunks, solve, keep the best.
+"""The chunk counts as part of the plan: trace the step with its head (and MLPs) split into chunks, solve, keep
+the best.
 
 A split costs a little time (more, smaller kernels) and saves memory (one chunk of logits at a time),
 so it is worth having only where the budget needs it:
   - store-all fits the unsplit step: no split;
-  - otherwise k doubles (2, 4, 8, ...) until the split graph's largest op leaves two thirds of the activation
-    budget free, or while its single-op floor keeps falling; the plan is the cheapest that fits of the
-    unsplit step (when its floor is below the budget) and the last k (the time limit is shared).
+  - otherwise the chunk count of the region that holds the largest op doubles (the head's: 2, 4, 8, ...; the
+    MLPs' once an MLP op is the largest) until the split graph's largest op leaves two thirds of the
+    activation budget free, or while its single-op floor keeps falling; the plan is the cheapest that fits of
+    the unsplit step (when its floor is below the budget) and the last variant (the time limit is shared).
     Ties go to fewer chunks. The baselines, with the chunks streamed (`stream_head`), join the solver's
     candidates: they know nothing of chunks and would hold every chunk's logits until its backward.
 The chosen split and the reason are recorded in the graph's meta ("split", "split_note"), so the plan
@@ -19,6 +21,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -31,8 +34,8 @@ from remat.lower import lower
 from remat.models import build_model
 from remat.planner import Candidate, Plan, solve
 from remat.schedule import COMPUTE, FREE, Op, Schedule
-from remat.simulate import simulate
-from remat.split import CHUNK_COUNTS, Split, Unsplittable, capture_split, chunk_of
+from remat.simulate import Simulation, simulate
+from remat.split import CHUNK_COUNTS, HEAD, MLP, Split, Unsplittable, capture_split, chunk_of, find_mlps, forward_graph
 from remat.units import format_bytes
 from solvers.base import FEASIBLE, SolveOptions
 from solvers.baselines import BASELINES
@@ -48,17 +51,48 @@ STREAMED_FRACTION = 16  # stream_head drops and recomputes head values of at lea
 
 @dataclass(frozen=True)
 class Variant:
-    """The step with its head in `chunks` chunks (1: unsplit)."""
+    """The step with its head in `chunks` chunks and each MLP in `mlp_chunks` (1, 1: unsplit)."""
 
     chunks: int
     graph: Graph
     split: Split | None
     step: CapturedStep  # the joint FX graph the Graph was lowered from (execute partitions it)
     head: frozenset[int] = frozenset()  # forward nodes that compute one chunk of the head
+    mlp_chunks: int = 1
 
     @property
     def floor_bytes(self) -> int:
         return self.graph.min_budget_lower_bound()
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.chunks, self.mlp_chunks
+
+    def describe(self) -> str:
+        return f"with the {self.split.short()}" if self.split else "unsplit"
+
+    @cached_property
+    def largest_op(self) -> int:
+        """The node with the largest working set: it sets the floor."""
+        return max(range(len(self.graph)), key=self.graph.working_set_bytes)
+
+    @cached_property
+    def _checkpoint_all(self) -> tuple[Schedule, Simulation]:
+        schedule = BASELINES["checkpoint-all"](self.graph, 0, SolveOptions()).schedule
+        return schedule, simulate(self.graph, schedule)
+
+    @property
+    def reach_bytes(self) -> int:
+        """The peak of checkpoint-all (recompute every forward value where it is read): a budget that is known to
+        fit without solving. Above the floor by the values that must be live together, e.g. an MLP's hidden
+        activations in its backward, which a split lowers where the floor barely moves."""
+        return self._checkpoint_all[1].peak_bytes
+
+    @property
+    def reach_op(self) -> int:
+        """The node computed at checkpoint-all's peak."""
+        schedule, simulation = self._checkpoint_all
+        return schedule.ops[simulation.peak_op].node if simulation.peak_op >= 0 else self.largest_op
 
 
 class SplitTracer:
@@ -77,7 +111,9 @@ class SplitTracer:
         self.meta = {**(meta or {}), "device": self.profile.name, "precision": precision}
         with self._tracing():
             step = capture_step(model, self.inputs, loss_fn, precision)
-        self.variants: dict[int, Variant | None] = {1: Variant(1, self._lower(step, self.meta), None, step)}
+        unsplit = Variant(1, self._lower(step, self.meta), None, step)
+        self.variants: dict[tuple[int, int], Variant | None] = {unsplit.key: unsplit}
+        self._mlp_modules: tuple[str, ...] | None = None
 
     @classmethod
     def zoo(cls, model: str, batch: int = 16, seq: int | None = None, precision: str = "bf16-mixed",
@@ -92,8 +128,12 @@ class SplitTracer:
                    optimizer=optimizer, meta=meta, mode=mode)
 
     @property
+    def unsplit(self) -> Variant:
+        return self.variants[1, 1]
+
+    @property
     def step(self) -> CapturedStep:
-        return self.variants[1].step
+        return self.unsplit.step
 
     @contextlib.contextmanager
     def _tracing(self):
@@ -105,36 +145,93 @@ class SplitTracer:
             return lower(step, self.profile, optimizer=self.optimizer, meta=meta)
 
     def lowering(self, progress: Callable[[str], None] | None = None) -> Iterator[Variant]:
-        """The step with its head in 2, 4, 8, ... chunks, while each doubling lowers the single-op floor by more
-        than FLOOR_GAIN (past that, another op is the largest); none when there is no head to split. Traced as
-        they are asked for and kept."""
-        floor = self.variants[1].floor_bytes
-        for chunks in CHUNK_COUNTS[1:]:
-            if progress:
-                progress(f"tracing the head in {chunks} chunks")
-            variant = self.variant(chunks)
-            if variant is None or variant.floor_bytes > (1 - FLOOR_GAIN) * floor:
+        """Split variants of the step, each lowering the single-op floor or the reach of the one before by more
+        than FLOOR_GAIN. The chunk count doubles for the region that holds the largest op or the op at
+        checkpoint-all's peak (the head's, or the MLPs'), or for both when doubling either alone does not lower
+        them. None when there is nothing to split. Traced as they are asked for and kept."""
+        current = self.unsplit
+        while True:
+            regions = self._limiting(current)
+            found, handed_over = None, True
+            for region in regions:
+                found = self._traced(_grown(current.key, region), progress)
+                if found is not None and _lowers(found, current):
+                    break
+                limits_next = self._limiting(found) if found is not None else [region]
+                handed_over = handed_over and region not in limits_next  # the other region's ops are the limit now
+                if len(regions) == 1 and handed_over:
+                    regions.append(limits_next[0])
+            else:  # neither alone lowers them, and each hands the limit to the other: the two were near equal
+                both = len(regions) == 2 and handed_over
+                found = self._traced(_grown(current.key, HEAD, MLP), progress) if both else None
+            if found is None or not _lowers(found, current):
                 return
-            yield variant
-            floor = variant.floor_bytes
+            yield found
+            current = found
 
-    def variant(self, chunks: int) -> Variant | None:
-        """The step split into `chunks`, or None when it has no head to split or too few rows."""
-        if chunks not in self.variants:
+    def _limiting(self, variant: Variant) -> list[str]:
+        """The regions that hold the largest op and the op at checkpoint-all's peak: [HEAD] when neither is in a
+        region that splits (the unsplit head is not marked: doubling its chunks is tried first)."""
+        found = [self._region_of(variant, node) for node in (variant.largest_op, variant.reach_op)]
+        return list(dict.fromkeys(r for r in found if r is not None)) or [HEAD]
+
+    def _traced(self, key: tuple[int, int], progress: Callable[[str], None] | None) -> Variant | None:
+        if max(key) > CHUNK_COUNTS[-1]:
+            return None
+        if progress and key not in self.variants:
+            progress(f"tracing the head in {key[0]} chunks" + (f" and the MLPs in {key[1]}" if key[1] > 1 else ""))
+        return self.variant(*key)
+
+    def _region_of(self, variant: Variant, node_index: int) -> str | None:
+        """HEAD or MLP: the split region that node `node_index` of the variant's graph belongs to, if any."""
+        node = variant.graph.nodes[node_index]
+        if variant.split is not None:
+            for kind in (HEAD, MLP):
+                if node.name in chunk_of(variant.step, kind):
+                    return kind
+        if self._mlp_modules is None:
+            with self._tracing():
+                self._mlp_modules = tuple(r.module for r in find_mlps(forward_graph(self.step)) if r.module)
+        if any(node.module == m or node.module.startswith(m + ".") for m in self._mlp_modules):
+            return MLP  # an MLP not split yet
+        return None
+
+    def variant(self, chunks: int, mlp_chunks: int = 1) -> Variant | None:
+        """The step with its head in `chunks` and its MLPs in `mlp_chunks`, or None when there is no such region
+        to split or too few rows."""
+        key = (chunks, mlp_chunks)
+        if key not in self.variants:
             try:
                 with self._tracing():
-                    step, split = capture_split(self.model, self.inputs, self.step, chunks)
+                    step, split = capture_split(self.model, self.inputs, self.step, chunks, mlp_chunks)
             except (Unsplittable, ValueError):
-                self.variants[chunks] = None
+                self.variants[key] = None
             else:
                 graph = self._lower(step, {**self.meta, "split": split.to_meta()})
-                self.variants[chunks] = Variant(chunks, graph, split, step, head_nodes(graph, step))
-        return self.variants[chunks]
+                self.variants[key] = Variant(chunks, graph, split, step, head_nodes(graph, step), mlp_chunks)
+        return self.variants[key]
+
+    def variant_of(self, split: Split | None) -> Variant:
+        """The variant a plan's `split` ran on."""
+        variant = self.variant(split.chunks, split.mlp_chunks) if split is not None else self.unsplit
+        assert variant is not None
+        return variant
+
+
+def _grown(key: tuple[int, int], *regions: str) -> tuple[int, int]:
+    chunks, mlp_chunks = key
+    return (2 * chunks if HEAD in regions else chunks), (2 * mlp_chunks if MLP in regions else mlp_chunks)
+
+
+def _lowers(variant: Variant, current: Variant) -> bool:
+    """The variant's floor or its reach is more than FLOOR_GAIN below the current one's."""
+    return (variant.floor_bytes <= (1 - FLOOR_GAIN) * current.floor_bytes
+            or variant.reach_bytes <= (1 - FLOOR_GAIN) * current.reach_bytes)
 
 
 def head_nodes(graph: Graph, step: CapturedStep) -> frozenset[int]:
     """The forward nodes of `graph` (lowered from the split `step`) that compute one chunk of the head."""
-    in_chunk = chunk_of(step)
+    in_chunk = chunk_of(step, HEAD)
     return frozenset(i for i, node in enumerate(graph.nodes)
                      if not node.is_backward and node.name in in_chunk and i not in graph.outputs)
 
@@ -144,7 +241,8 @@ class SplitPlan:
     plan: Plan  # the chosen plan; plan.graph is the chosen variant's graph
     split: Split | None  # None: not split
     note: str  # why this chunk count
-    tried: tuple[tuple[int, int, Plan | None], ...] = field(default=())  # (chunks, floor bytes, plan if solved)
+    # ((head chunks, MLP chunks), floor bytes, plan if solved), for every variant traced
+    tried: tuple[tuple[tuple[int, int], int, Plan | None], ...] = field(default=())
 
 
 def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", time_limit_s: float = 60.0,
@@ -153,23 +251,24 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
     """The cheapest plan over chunk counts of the head (see the module docstring). `known`: schedules of the
     unsplit step (torch's choices, say) that its solve weighs beside its own."""
     say = progress or (lambda message: None)
-    unsplit = tracer.variants[1]
-    assert unsplit is not None
-    floors = {1: unsplit.floor_bytes}
+    unsplit = tracer.unsplit
+    floors = {unsplit.key: unsplit.floor_bytes}
 
     # Store-all fits: nothing to gain from splitting.
     store_all = BASELINES["store-all"](unsplit.graph, budget_bytes, SolveOptions()).schedule
     if store_all is not None and simulate(unsplit.graph, store_all).fits(budget_bytes):
         plan = solve(unsplit.graph, budget_bytes, solver, time_limit_s, backend, progress, known=list(known))
-        return _finish(plan, None, "not split: the budget holds every activation", [(1, floors[1], plan)])
+        return _finish(plan, None, "not split: the budget holds every activation",
+                       [(unsplit.key, floors[unsplit.key], plan)])
 
     def leaves_room(variant: Variant) -> bool:
         """Its largest op leaves at least ROOM_SHARE of the activation budget to the rest of the step (room to
-        store rather than recompute)."""
+        store rather than recompute), and checkpoint-all fits (a schedule is known to fit)."""
         fixed = variant.graph.fixed.total_bytes
-        return variant.floor_bytes - fixed <= (1 - ROOM_SHARE) * (budget_bytes - fixed)
+        return (variant.floor_bytes - fixed <= (1 - ROOM_SHARE) * (budget_bytes - fixed)
+                and variant.reach_bytes <= budget_bytes)
 
-    # Split variants, doubling k until one leaves room, or while the floor falls.
+    # Split variants, doubling chunk counts until one leaves room, or while the floor or the reach falls.
     variants = [unsplit]
     for variant in tracer.lowering(say):
         variants.append(variant)
@@ -177,10 +276,12 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
             break
     floors.update((k, v.floor_bytes) for k, v in tracer.variants.items() if v is not None)  # every one traced
     if len(variants) == 1:
-        why_not = ("not split: no row-wise head from a matmul to the loss" if tracer.variant(2) is None
-                   else f"not split: the largest op is not in the head ({_largest_op(unsplit.graph)})")
+        nothing_splits = all(v is None for k, v in tracer.variants.items() if k != unsplit.key)
+        why_not = ("not split: no row-wise head from a matmul to the loss, nor an MLP, to split" if nothing_splits
+                   else f"not split: the largest op is not in a region that splits ({_largest_op(unsplit.graph)})")
         plan = solve(unsplit.graph, budget_bytes, solver, time_limit_s, backend, progress, known=list(known))
-        return _finish(plan, None, why_not, [(k, floor, plan if k == 1 else None) for k, floor in floors.items()])
+        return _finish(plan, None, why_not, [(k, floor, plan if k == unsplit.key else None)
+                                             for k, floor in floors.items()])
 
     # Candidates: the unsplit step if its floor fits, and the last variant: the fewest chunks that leave
     # room, or else the most chunks (the lowest floor: the plan when nothing fits, and the minimum budget).
@@ -189,13 +290,13 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
     share = time_limit_s / len(candidates)
     solved: list[tuple[Variant, Plan]] = []
     for variant in candidates:
-        say(f"solving with the head in {variant.chunks} chunk{'s' if variant.chunks > 1 else ''}")
-        if variant.chunks == 1:
+        say(f"solving {variant.describe()}")
+        if variant.split is None:
             weighed = list(known)
         else:
             weighed = streamed_baselines(variant, budget_bytes) if variant.head and solver not in BASELINES else []
         solved.append((variant, solve(variant.graph, budget_bytes, solver, share, backend, progress, known=weighed)))
-    tried = [(k, floor, next((p for v, p in solved if v.chunks == k), None)) for k, floor in floors.items()]
+    tried = [(k, floor, next((p for v, p in solved if v.key == k), None)) for k, floor in floors.items()]
 
     fits = [(v, p) for v, p in solved if p.schedule is not None]
     # the minimum budget over the chunk counts: the lowest peak of any plan, above the lowest floor
@@ -204,14 +305,14 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
     if not fits:
         variant, plan = solved[-1]
         note = (f"no chunk count fits: the unsplit step cannot go below {format_bytes(unsplit.floor_bytes)} "
-                f"and {variant.chunks} chunks not below {format_bytes(plan.min_feasible_bytes or 0)}")
+                f"and the step {variant.describe()} not below {format_bytes(plan.min_feasible_bytes or 0)}")
         plan = replace(plan, min_feasible_bytes=min_feasible, min_budget_lower_bound_bytes=lowest_floor)
         return _finish(plan, variant.split, note, tried)
-    best_variant, best = min(fits, key=lambda vp: (vp[1].simulation.compute_s, vp[0].chunks))
+    best_variant, best = min(fits, key=lambda vp: (vp[1].simulation.compute_s, sum(vp[0].key)))
     plan = replace(best, min_feasible_bytes=min_feasible, min_budget_lower_bound_bytes=lowest_floor)
-    if best_variant.chunks == 1:
+    if best_variant.split is None:
         return _finish(plan, None, "not split: the unsplit plan fits and is the cheapest", tried)
-    unsplit_plan = next((p for v, p in solved if v.chunks == 1), None)
+    unsplit_plan = next((p for v, p in solved if v.split is None), None)
     against_unsplit = f"step {best.compute_s / unsplit.graph.compute_s - 1:+.1%} against unsplit store-all"
     if unsplit_plan is None or unsplit_plan.schedule is None:
         why = (f"unsplit, no schedule fits below {format_bytes(unsplit.floor_bytes)}: "
@@ -247,9 +348,9 @@ def streamed_baselines(variant: Variant, budget_bytes: int, plain: bool = False)
     return candidates
 
 
-def with_chunks(method: str, chunks: int) -> str:
-    """A method's name with the chunk count of the step it ran on ("decompose (head in 4 chunks)")."""
-    return f"{method} (head in {chunks} chunks)" if chunks > 1 else method
+def with_chunks(method: str, split: Split | None) -> str:
+    """A method's name with the chunk counts of the step it ran on ("decompose (head in 4 chunks)")."""
+    return f"{method} ({split.short()})" if split is not None else method
 
 
 def stream_head(graph: Graph, schedule: Schedule, head: frozenset[int], keep_within: int = 2) -> Schedule:

@@ -170,7 +170,7 @@ def test_remat_plans_in_a_comparison_may_split_the_head(tmp_path):
     from remat.split_plan import SplitTracer
 
     tracer = SplitTracer.zoo("llama-tiny", batch=8, seq=64, precision="fp32", device="cpu")
-    unsplit = tracer.variants[1].graph
+    unsplit = tracer.unsplit.graph
     assert unsplit.min_budget_lower_bound() > 15_000_000  # the loss head alone: 16.05 MB
     result = compare(tracer, [15_000_000, 40_000_000], ("checkmate", "store-all", "checkpoint-all"), time_limit_s=3)
     assert result.graph is unsplit
@@ -180,6 +180,6 @@ def test_remat_plans_in_a_comparison_may_split_the_head(tmp_path):
     assert runs_on.meta["split"]["chunks"] > 1
     assert simulate(runs_on, result.schedules[("checkmate", 15_000_000)]).peak_bytes == tight.peak_bytes
     assert not any(r.fits for r in result.rows if r.method != "checkmate" and r.budget_bytes == 15_000_000)
-    assert any("split into" in note for note in notes(result))
+    assert any("split lm.lm_head+loss into" in note for note in notes(result))
     written = write_reports(result, tmp_path / "report.html", None)
     assert written and (tmp_path / "report.html").stat().st_size > 10_000

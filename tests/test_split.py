@@ -19,7 +19,8 @@ from remat.lower import lower
 from remat.models import MLP, build_model
 from remat.replay import joint_inputs, replay
 from remat.simulate import simulate
-from remat.split import capture_split, chunk_sizes, find_head, forward_graph
+from remat.split import HEAD, capture_split, chunk_of, chunk_sizes, find_head, find_mlps, forward_graph
+from remat.split import MLP as MLP_REGION
 from remat.split_plan import SplitTracer, head_nodes, solve_split, stream_head
 from tests.test_replay import ConvNet, eager_loss_and_grads, schedule_for, summed_tied
 
@@ -77,9 +78,9 @@ def unsplit(name):
     return model, example_inputs, step
 
 
-def split_setup(name, chunks):
+def split_setup(name, chunks, mlp_chunks=1):
     model, example_inputs, step = unsplit(name)
-    split_step, split = capture_split(model, example_inputs, step, chunks)
+    split_step, split = capture_split(model, example_inputs, step, chunks, mlp_chunks)
     graph = lower(split_step, load_profile("cpu"))
     return model, example_inputs, split_step, split, graph, joint_inputs(model, example_inputs, split_step)
 
@@ -179,7 +180,7 @@ def tiny_tracer():
 
 def test_splitting_lowers_the_floor_of_an_lm():
     tracer = tiny_tracer()
-    unsplit_floor = tracer.variants[1].floor_bytes
+    unsplit_floor = tracer.unsplit.floor_bytes
     split = tracer.variant(8)
     assert split is not None and split.graph.meta["split"]["chunks"] == 8
     assert split.floor_bytes < 0.6 * unsplit_floor
@@ -187,7 +188,7 @@ def test_splitting_lowers_the_floor_of_an_lm():
 
 def test_a_plan_splits_only_when_the_budget_needs_it():
     tracer = tiny_tracer()
-    unsplit = tracer.variants[1]
+    unsplit = tracer.unsplit
     roomy = solve_split(tracer, 10**12, time_limit_s=5)
     assert roomy.split is None and "split" not in roomy.plan.graph.meta
     assert roomy.plan.graph.content_hash == unsplit.graph.content_hash
@@ -199,3 +200,75 @@ def test_a_plan_splits_only_when_the_budget_needs_it():
     assert tight.plan.graph.meta["split"]["chunks"] == tight.split.chunks
     assert "no schedule fits below" in tight.note
     assert tight.plan.min_feasible_bytes < unsplit.floor_bytes
+
+
+# --- MLPs -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "hidden_op", "widths"), [
+    ("gpt2-tiny", "aten.tanh.default", (512,)),  # c_fc -> GELU (tanh form) -> c_proj
+    ("llama-tiny", "aten.silu.default", (344,)),  # gate, up -> SiLU(gate) * up -> down
+])
+def test_every_mlp_is_found_and_nothing_else(name, hidden_op, widths):
+    model, _, step = unsplit(name)
+    mlps = find_mlps(forward_graph(step))
+    blocks = "transformer.h" if name == "gpt2-tiny" else "model.layers"
+    assert [m.module for m in mlps] == [f"lm.{blocks}.{i}.mlp" for i in range(2)]
+    assert all(m.rows == 2 * 12 and not m.sinks for m in mlps)
+    assert find_mlps(forward_graph(unsplit("classifier")[2])) == []  # no hidden layer wider than its output
+
+
+@pytest.mark.parametrize(("name", "chunks", "mlp_chunks"), [
+    ("gpt2-tiny", 1, 3),  # MLPs only: 24 rows in chunks of 8
+    ("gpt2-tiny", 2, 4),  # head and MLPs, each with its own count
+    ("llama-tiny", 1, 5),  # 24 rows in chunks of 5, 5, 5, 5, 4
+    ("llama-tiny", 3, 2),
+])
+def test_split_mlps_replay_to_the_unsplit_loss_and_gradients(name, chunks, mlp_chunks):
+    model, example_inputs, step, split, graph, inputs = split_setup(name, chunks, mlp_chunks)
+    assert (split.chunks, split.mlp_chunks) == (chunks, mlp_chunks)
+    blocks = "transformer.h" if name == "gpt2-tiny" else "model.layers"
+    assert split.mlps == f"2 x lm.{blocks}.*.mlp" and f"into {mlp_chunks} chunks" in split.describe()
+    for schedule_name in ("store-all", "checkpoint-all"):
+        schedule = schedule_for(graph, schedule_name)
+        result = replay(step, graph, schedule, inputs)
+        assert_close_to_eager(model, example_inputs, step, result)
+        check_bytes(graph, schedule, result, exact=name != "gpt2-tiny")
+
+
+def test_an_mlp_runs_once_per_chunk_forward_and_backward():
+    _, _, step, _, graph, _ = split_setup("llama-tiny", 1, 4)
+    rows, hidden = 2 * 12, 344
+    silu = [n for n in graph.nodes if n.op == "aten.silu.default"]
+    silu_backward = [n for n in graph.nodes if n.op == "aten.silu_backward.default"]
+    assert len(silu) == len(silu_backward) == 2 * 4  # two blocks, four chunks
+    assert sorted({n.shape for n in silu}) == [f"f64[{size}, {hidden}]" for size in sorted(set(chunk_sizes(rows, 4)))]
+    assert not any(n.shape.endswith(f"[{rows}, {hidden}]") or n.shape.endswith(f"12, {hidden}]") for n in graph.nodes)
+    in_mlp = chunk_of(step, MLP_REGION)
+    assert {n.name for n in silu + silu_backward} <= set(in_mlp) and not set(in_mlp) & set(chunk_of(step, HEAD))
+
+
+def test_the_mlps_are_split_where_they_hold_the_largest_op_and_lower_the_reach():
+    """gpt2-tiny at batch 16: with the head in 4 chunks, GELU's ops are the largest, and checkpoint-all's peak is in
+    an MLP's backward (the hidden activations that must be live together): the MLPs are split next."""
+    tracer = tiny_tracer()
+    variants = list(tracer.lowering())
+    keys = [v.key for v in variants]
+    assert keys[:2] == [(2, 1), (4, 1)]
+    head_only = variants[1]
+    assert tracer._region_of(head_only, head_only.largest_op) == MLP_REGION
+    with_mlps = next(v for v in variants if v.mlp_chunks > 1)
+    assert with_mlps.split.mlps == "2 x lm.transformer.h.*.mlp"
+    assert with_mlps.reach_bytes < 0.8 * head_only.reach_bytes
+    assert min(v.floor_bytes for v in variants) < head_only.floor_bytes
+
+
+def test_a_budget_only_mlp_splits_fit_gets_a_plan_with_them():
+    tracer = tiny_tracer()
+    head_only = tracer.variant(4, 1)
+    with_mlps = tracer.variant(4, 2)
+    budget = (head_only.reach_bytes + with_mlps.reach_bytes) // 2
+    chosen = solve_split(tracer, budget, time_limit_s=10)
+    assert chosen.plan.schedule is not None and chosen.plan.simulation.peak_bytes <= budget
+    assert chosen.split is not None and chosen.split.mlp_chunks > 1
+    assert chosen.plan.graph.meta["split"]["mlp_chunks"] == chosen.split.mlp_chunks
