@@ -392,3 +392,18 @@ def test_apply_with_a_budget_below_the_unsplit_floor_splits_the_head(tmp_path):
     made.save(tmp_path / "plan.json")
     from_file = apply(copy.deepcopy(reference), plan=tmp_path / "plan.json", example_inputs=spec.example_inputs)
     assert from_file.planned.graph.meta["split"]["chunks"] == split["chunks"]
+
+
+def test_apply_below_what_the_split_head_reaches_splits_the_mlps_too():
+    """llama-tiny at batch 8, seq 64: with the head in 4 chunks checkpoint-all still peaks at 14.01 MB, in an MLP's
+    backward; with the MLPs split too, at 12.81 MB. At 13.5 MB apply splits both and runs the step exactly as
+    planned, through the execute path."""
+    torch.manual_seed(0)
+    spec = build_model("llama-tiny", batch=8, seq=64)
+    reference = copy.deepcopy(spec.model)
+    planned = apply(spec.model, budget="13.5MB", example_inputs=spec.example_inputs, device="cpu",
+                    time_limit=TIME_LIMIT)
+    split = planned.planned.graph.meta["split"]
+    assert split["mlp_chunks"] > 1 and split["mlps"] == "2 x lm.model.layers.*.mlp"
+    assert planned.planned.simulation.peak_bytes <= 13.5 * 10**6
+    _check_split_step(planned, spec, copy.deepcopy(reference))
