@@ -4,10 +4,12 @@ the best.
 A split costs a little time (more, smaller kernels) and saves memory (one chunk of logits at a time),
 so it is worth having only where the budget needs it:
   - store-all fits the unsplit step: no split;
-  - otherwise the chunk count of the region that holds the largest op doubles (the head's: 2, 4, 8, ...; the
-    MLPs' once an MLP op is the largest) until the split graph's largest op leaves two thirds of the
-    activation budget free, or while its single-op floor keeps falling; the plan is the cheapest that fits of
-    the unsplit step (when its floor is below the budget) and the last variant (the time limit is shared).
+  - otherwise the chunk count of the region that holds the largest op, or the op at checkpoint-all's peak,
+    doubles (the head's: 2, 4, 8, ...; the MLPs' once GELU's ops are the limit) until the split graph's largest
+    op leaves two thirds of the activation budget free and checkpoint-all fits, or while its single-op floor
+    or checkpoint-all's peak keeps falling (`SplitTracer.lowering`); the plan is the cheapest that fits of
+    the unsplit step (when its floor is below the budget) and the last variant (the time limit is shared:
+    each gets an even share of the time left).
     Ties go to fewer chunks. The baselines, with the chunks streamed (`stream_head`), join the solver's
     candidates: they know nothing of chunks and would hold every chunk's logits until its backward.
 The chosen split and the reason are recorded in the graph's meta ("split", "split_note"), so the plan
@@ -287,9 +289,11 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
     # room, or else the most chunks (the lowest floor: the plan when nothing fits, and the minimum budget).
     candidates = [unsplit] if unsplit.floor_bytes <= budget_bytes else []
     candidates.append(variants[-1])
-    share = time_limit_s / len(candidates)
+    deadline = time.monotonic() + time_limit_s
     solved: list[tuple[Variant, Plan]] = []
-    for variant in candidates:
+    for position, variant in enumerate(candidates):
+        # an even share of the time left: what a solve that ends early (proven optimal) leaves goes to the next
+        share = max(deadline - time.monotonic(), 0.0) / (len(candidates) - position)
         say(f"solving {variant.describe()}")
         if variant.split is None:
             weighed = list(known)
