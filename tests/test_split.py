@@ -272,3 +272,21 @@ def test_a_budget_only_mlp_splits_fit_gets_a_plan_with_them():
     assert chosen.plan.schedule is not None and chosen.plan.simulation.peak_bytes <= budget
     assert chosen.split is not None and chosen.split.mlp_chunks > 1
     assert chosen.plan.graph.meta["split"]["mlp_chunks"] == chosen.split.mlp_chunks
+
+
+def test_a_solve_that_ends_early_hands_its_time_to_the_next_chunk_count(monkeypatch):
+    import remat.split_plan as split_plan
+    from remat.planner import solve
+
+    limits = []
+
+    def recording_solve(graph, budget, solver, time_limit_s, *args, **kwargs):
+        limits.append(time_limit_s)
+        return solve(graph, budget, solver, time_limit_s, *args, **kwargs)
+
+    monkeypatch.setattr(split_plan, "solve", recording_solve)
+    tracer = tiny_tracer()
+    # at the unsplit floor, store-all does not fit: the unsplit step and a split one are both solved
+    solve_split(tracer, tracer.unsplit.floor_bytes, solver="chen-sqrtn", time_limit_s=20.0)
+    assert len(limits) == 2  # the unsplit step, then the split one
+    assert 9.0 <= limits[0] <= 10.0 and limits[1] >= 18.0  # a baseline is done at once: the rest goes on
