@@ -195,7 +195,8 @@ class RematModule(nn.Module):
             precision = plan.graph_meta.get("precision", self.precision)
             graph, captured = trace_step(self.model, inputs, self.loss_fn, precision, self.device, self.optimizer,
                                          split_chunks=int(split.get("chunks", 1)),
-                                         mlp_chunks=int(split.get("mlp_chunks", 1)))
+                                         mlp_chunks=int(split.get("mlp_chunks", 1)),
+                                         attention_chunks=int(split.get("attention_chunks", 1)))
             simulation = check_plan(plan, graph)
         else:
             solved, captured = plan_step(self.model, inputs, self.budget, self.solver, self.time_limit, self.loss_fn,
@@ -241,19 +242,21 @@ def default_device_profile(model: nn.Module) -> str:
 
 
 def trace_step(model: nn.Module, inputs: Sequence[Any], loss_fn: Callable | None = None, precision: str = "fp32",
-               device: str | None = None, optimizer: str = "adamw", split_chunks: int = 1, mlp_chunks: int = 1):
+               device: str | None = None, optimizer: str = "adamw", split_chunks: int = 1, mlp_chunks: int = 1,
+               attention_chunks: int = 1):
     """The user's model -> (Graph, CapturedStep), without touching its parameters or the RNG.
-    `split_chunks` > 1: the loss head split into that many chunks (remat.split), `mlp_chunks` > 1: each MLP, as
-    a plan made with a split needs."""
+    `split_chunks` > 1: the loss head split into that many chunks (remat.split), `mlp_chunks` > 1: each MLP,
+    `attention_chunks` > 1: each attention block, as a plan made with a split needs."""
     profile = load_profile(device or default_device_profile(model))
     meta = {"model": type(model).__name__, "precision": precision, "device": profile.name,
             "inputs": [list(v.shape) if isinstance(v, torch.Tensor) else repr(v) for v in inputs]}
     with torch.random.fork_rng(devices=[]):
         captured = capture_step(model, tuple(inputs), loss_fn, precision)
-        if split_chunks > 1 or mlp_chunks > 1:
+        if max(split_chunks, mlp_chunks, attention_chunks) > 1:
             from remat.split import capture_split
 
-            captured, split = capture_split(model, tuple(inputs), captured, split_chunks, mlp_chunks)
+            captured, split = capture_split(model, tuple(inputs), captured, split_chunks, mlp_chunks,
+                                            attention_chunks)
             meta["split"] = split.to_meta()
     return lower(captured, profile, optimizer=optimizer, meta=meta), captured
 

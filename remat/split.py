@@ -1,5 +1,5 @@
-"""Split the output head and loss, and the MLPs, into k chunks of rows, so no schedule must hold the whole logits
-or the whole of an MLP's widened activations.
+"""Split the output head and loss, the MLPs and the attention blocks into chunks, so no schedule must hold the
+whole logits, the whole of an MLP's widened activations, or every example's attention at once.
 
 Rematerialization cannot go below the working set of the largest single op. In a language model
 that op is the loss head: `_log_softmax_backward_data` over (batch*seq, vocab) fp32 logits holds
@@ -18,6 +18,10 @@ module names):
      `find_mlps`: the regions from one or more matmuls (c_fc; gate and up) through row-wise ops to
      a matmul (c_proj; down) whose hidden tensors are wider than its output: the next largest
      working sets of a transformer once the head is split (GELU's backward in GPT-2).
+     `find_attention`: the regions from the q/k/v projections to the output projection in which
+     every op keeps each example of the batch to itself (SDPA without dropout, or eager attention's
+     bmm and softmax; RoPE, grouped-query expands): split along the batch, as attention mixes the
+     positions of an example but never two examples.
   3. `split_forward`: the same forward with those regions run once per chunk of rows; the chunk
      losses are added (a mean becomes the sum of chunk sums over the total weight), an MLP's chunk
      outputs are concatenated where its output was, and a weight's cast is repeated per chunk so
@@ -29,7 +33,9 @@ Forward and backward are then split; the solver may free and recompute each chun
 
 Results equal the unsplit step up to the order of the reduction: the loss is a sum of k partial
 sums and a split matmul's weight gradient a sum of k partial matmuls (float64: about 1e-15 relative).
-The head and the MLPs have their own chunk counts (`capture_split(..., chunks, mlp_chunks)`).
+The head, the MLPs and the attention blocks have their own chunk counts
+(`capture_split(..., chunks, mlp_chunks, attention_chunks)`). Dropout inside a region is refused (it draws
+one mask for the whole tensor), so the RNG is used as in the unsplit step.
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ _WEIGHT_PREP = (aten._to_copy.default, aten.t.default, aten.transpose.int, aten.
 NLL_SUM = 2  # nll_loss reduction enum: 0 none, 1 mean, 2 sum
 CHUNK_KEY = "split_chunk"  # node.meta["custom"][CHUNK_KEY]: the chunk a node of a split region computes
 REGION_KEY = "split_region"  # node.meta["custom"][REGION_KEY]: HEAD or MLP
-HEAD, MLP = "head", "mlp"
+HEAD, MLP, ATTENTION = "head", "mlp", "attention"
 CHUNK_COUNTS = (1, 2, 4, 8, 16, 32, 64)
 
 
@@ -103,24 +109,31 @@ class Split:
     reason: str = ""
     mlp_chunks: int = 1  # each MLP's chunks (1: not split)
     mlps: str = ""  # the MLPs split, "12 x lm.transformer.h.*.mlp"
+    attention_chunks: int = 1  # each attention block's chunks of the batch (1: not split)
+    attentions: str = ""  # "12 x lm.transformer.h.*.attn"
 
     def describe(self) -> str:
-        parts = [f"{self.region} into {self.chunks} chunks"] if self.chunks > 1 else []
+        rows = [f"{self.region} into {self.chunks} chunks"] if self.chunks > 1 else []
         if self.mlp_chunks > 1:
-            parts.append(f"{self.mlps} into {self.mlp_chunks} chunks")
-        return " and ".join(parts) + f" along {self.along}"
+            rows.append(f"{self.mlps} into {self.mlp_chunks} chunks")
+        parts = [" and ".join(rows) + f" along {self.along}"] if rows else []
+        if self.attention_chunks > 1:
+            parts.append(f"{self.attentions} into {self.attention_chunks} chunks along batch")
+        return "; ".join(parts)
 
     def short(self) -> str:
-        """"head in 4 chunks", "head in 32 chunks, MLPs in 2"."""
+        """"head in 4 chunks", "head in 32 chunks, MLPs in 2, attention in 2"."""
         parts = [f"head in {self.chunks} chunks"] if self.chunks > 1 else []
         if self.mlp_chunks > 1:
             parts.append(f"MLPs in {self.mlp_chunks}")
+        if self.attention_chunks > 1:
+            parts.append(f"attention in {self.attention_chunks}")
         return ", ".join(parts)
 
     def to_meta(self) -> dict:
         return {"chunks": self.chunks, "region": self.region, "rows": self.rows, "along": self.along,
                 "largest_bytes": self.largest_bytes, "reason": self.reason, "mlp_chunks": self.mlp_chunks,
-                "mlps": self.mlps}
+                "mlps": self.mlps, "attention_chunks": self.attention_chunks, "attentions": self.attentions}
 
     @classmethod
     def from_meta(cls, meta: dict) -> Split:
@@ -447,11 +460,14 @@ def chunk_sizes(rows: int, chunks: int) -> list[int]:
 
 
 def split_forward(forward: torch.fx.GraphModule, head: Region | None, chunks: int = 1, mlps: Sequence[Region] = (),
-                  mlp_chunks: int = 1) -> torch.fx.GraphModule:
+                  mlp_chunks: int = 1, attentions: Sequence[Region] = (),
+                  attention_chunks: int = 1) -> torch.fx.GraphModule:
     """`forward` with the `head` run once per chunk of rows, its chunk losses reduced exactly, and each MLP of
-    `mlps` run once per chunk where its output matmul was (the rest of the step reads the chunks' outputs
-    concatenated). Autograd adds the chunks' weight gradients. Regions are found on `forward` beforehand."""
-    for region, k in [(head, chunks)] * (head is not None) + [(m, mlp_chunks) for m in mlps]:
+    `mlps` (attention block of `attentions`) run once per chunk of rows (of examples) where its output matmul
+    was: the rest of the step reads the chunks' outputs concatenated. Autograd adds the chunks' weight
+    gradients. Regions are found on `forward` beforehand."""
+    regions = [(head, chunks)] * (head is not None) + [(m, mlp_chunks) for m in mlps]
+    for region, k in regions + [(a, attention_chunks) for a in attentions]:
         if not 2 <= k <= region.rows:
             raise ValueError(f"chunks must be in 2..{region.rows}, got {k}")
     source = forward.graph
@@ -459,7 +475,8 @@ def split_forward(forward: torch.fx.GraphModule, head: Region | None, chunks: in
     members = [by_name[name] for name in head.nodes] if head is not None else []
     sinks = [by_name[name] for name in head.sinks] if head is not None else []
     mlp_at_exit = {by_name[m.exit]: [by_name[name] for name in m.nodes] for m in mlps}
-    member_set = set(members).union(*mlp_at_exit.values())
+    attention_at_exit = {by_name[a.exit]: ([by_name[name] for name in a.nodes], a.rows) for a in attentions}
+    member_set = set(members).union(*mlp_at_exit.values(), *(nodes for nodes, _ in attention_at_exit.values()))
     after = set().union(*(_descendants(n) for n in sinks)) - member_set  # what reads the losses
     dropped = {n for n in source.nodes if n.target in _DROPPED and any(x in member_set for x in n.all_input_nodes)}
 
@@ -470,6 +487,9 @@ def split_forward(forward: torch.fx.GraphModule, head: Region | None, chunks: in
     for node in source.nodes:
         if node in mlp_at_exit:
             _emit_mlp(graph, env, node, mlp_at_exit[node], mlp_chunks)
+        elif node in attention_at_exit:
+            nodes, batch = attention_at_exit[node]
+            _emit_batched(graph, env, node, nodes, attention_chunks, batch)
         elif node not in member_set and node not in after and node not in dropped:
             env[node] = graph.node_copy(node, lambda x: env[x])
     if head is not None:
@@ -492,12 +512,9 @@ def _emit_mlp(graph: torch.fx.Graph, env: dict, exit: torch.fx.Node, members: li
     env[exit].meta["custom"] = dict(exit.meta.get("custom", {}))
 
 
-def _emit_chunks(graph: torch.fx.Graph, env: dict, members: list[torch.fx.Node], sinks: list[torch.fx.Node],
-                 prefix: dict[torch.fx.Node, Any], sizes: list[int], rows: int, kind: str = HEAD) -> list[dict]:
-    """Each chunk's copy of the region's ops, then the sinks' totals. Returns each chunk's values by source node."""
-    member_set = set(members)
-    body = [n for n in members if not _sink_part(n, sinks)]
-    row_inputs: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+def _node_maker(graph: torch.fx.Graph, kind: str):
+    """new(target, args, kwargs, like, chunk=None): a node of `graph` with `like`'s metadata, marked as computing
+    `chunk` of a region of `kind`."""
 
     def new(target, args, kwargs, like: torch.fx.Node, chunk: int | None = None) -> torch.fx.Node:
         node = graph.call_function(target, args, kwargs)
@@ -508,6 +525,39 @@ def _emit_chunks(graph: torch.fx.Graph, env: dict, members: list[torch.fx.Node],
         node.meta["custom"] = {**like.meta.get("custom", {}),
                                **({CHUNK_KEY: chunk, REGION_KEY: kind} if chunk is not None else {})}
         return node
+
+    return new
+
+
+def _weight_maker(env: dict, new):
+    """weight(x, like, chunk): a matmul operand outside the region. A cast parameter is cast again for each chunk,
+    so that autograd adds the chunk gradients in the parameter's dtype (fp32), not in the cast's (bf16)."""
+
+    def weight(x: torch.fx.Node, like: torch.fx.Node, chunk: int) -> torch.fx.Node:
+        chain = []
+        node = x
+        while node.op == "call_function" and node.target in _WEIGHT_PREP:
+            chain.append(node)
+            node = node.args[0]
+        if node.op != "placeholder" or not any(n.target is aten._to_copy.default for n in chain):
+            return env[x]
+        value = env[node]
+        for prep in reversed(chain):
+            value = new(prep.target, (value, *prep.args[1:]), dict(prep.kwargs), like, chunk)
+        return value
+
+    return weight
+
+
+def _emit_chunks(graph: torch.fx.Graph, env: dict, members: list[torch.fx.Node], sinks: list[torch.fx.Node],
+                 prefix: dict[torch.fx.Node, Any], sizes: list[int], rows: int, kind: str = HEAD) -> list[dict]:
+    """Each chunk's copy of the region's ops, then the sinks' totals. Returns each chunk's values by source node."""
+    member_set = set(members)
+    body = [n for n in members if not _sink_part(n, sinks)]
+    row_inputs: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+
+    new = _node_maker(graph, kind)
+    weight = _weight_maker(env, new)
 
     def row_chunks(x: torch.fx.Node, like: torch.fx.Node) -> list[torch.fx.Node]:
         """An outside tensor with leading rows, as one (chunk rows, *trailing) view per chunk."""
@@ -522,21 +572,6 @@ def _emit_chunks(graph: torch.fx.Graph, env: dict, members: list[torch.fx.Node],
             parts = new(aten.split_with_sizes_copy.default, (flat, sizes), {}, like)
             row_inputs[x] = [new(operator.getitem, (parts, c), {}, like) for c in range(len(sizes))]
         return row_inputs[x]
-
-    def weight(x: torch.fx.Node, like: torch.fx.Node, chunk: int) -> torch.fx.Node:
-        """A matmul operand outside the region; a cast parameter is cast again for each chunk, so that
-        autograd adds the chunk gradients in the parameter's dtype (fp32), not in the cast's (bf16)."""
-        chain = []
-        node = x
-        while node.op == "call_function" and node.target in _WEIGHT_PREP:
-            chain.append(node)
-            node = node.args[0]
-        if node.op != "placeholder" or not any(n.target is aten._to_copy.default for n in chain):
-            return env[x]
-        value = env[node]
-        for prep in reversed(chain):
-            value = new(prep.target, (value, *prep.args[1:]), dict(prep.kwargs), like, chunk)
-        return value
 
     partials: list[list[Any]] = [[] for _ in sinks]  # per sink, per chunk
     locals_: list[dict] = []
@@ -635,6 +670,234 @@ def _emit_total(env: dict, sink: torch.fx.Node, partials: list, new) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Attention: split along the batch
+
+
+def _sdpa_ops() -> tuple:
+    names = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention")
+    return tuple(getattr(aten, name).default for name in names if hasattr(aten, name))
+
+
+_SDPA = _sdpa_ops()
+_RESHAPES = (*_VIEWS, aten.expand.default)  # (x, shape): dim 0 of the shape scales with the batch
+_ATTENTION_WALK_LIMIT = 128  # ops from the q/k/v projections to the output projection (Llama's RoPE: about 40)
+# ops that keep each example of the batch to itself, when they leave dim 0 alone (checked in _check_batched)
+_BATCHED = (*_RESHAPES, *_SAME_SHAPE, *_SDPA, *_SOFTMAX, aten.transpose.int, aten.permute.default,
+            aten.unsqueeze.default, aten.slice.Tensor, aten.cat.default, aten.split.Tensor,
+            aten.split_with_sizes.default, aten.bmm.default, operator.getitem)
+
+
+def _arg(node: torch.fx.Node, name: str, default: Any = None) -> Any:
+    """An op's argument by its schema name."""
+    for index, argument in enumerate(node.target._schema.arguments):
+        if argument.name == name:
+            return node.args[index] if index < len(node.args) else node.kwargs.get(name, default)
+    return default
+
+
+def find_attention(forward: torch.fx.GraphModule, batch: int) -> list[Region]:
+    """The attention blocks: regions from the q/k/v projection matmuls to the output projection in which every op
+    keeps each example of the batch to itself (views and transposes that leave dim 0 alone, RoPE's slices and
+    products, SDPA without dropout, or eager attention's bmm and softmax). Split along the batch: `rows` is
+    the batch. Regions without an op that mixes positions (SDPA, bmm) are MLPs, left to `find_mlps`."""
+    exits = [n for n in forward.graph.nodes if n.op == "call_function" and n.target in _MATMULS]
+    regions = [r for r in (_attention_ending_at(e, batch) for e in exits) if r is not None]
+    return regions
+
+
+def _attention_ending_at(exit: torch.fx.Node, batch: int) -> Region | None:
+    row_operand = exit.args[1] if exit.target is aten.addmm.default else exit.args[0]
+    if batch < 2 or not isinstance(row_operand, torch.fx.Node) or int(_val(exit).shape[0]) % batch:
+        return None
+    walked: set[torch.fx.Node] = set()
+    entries: set[torch.fx.Node] = set()
+    stack = [row_operand]
+    while stack:
+        node = stack.pop()
+        if node in walked or node in entries:
+            continue
+        if node.op == "call_function" and node.target in _MATMULS:
+            entries.add(node)
+            continue
+        walked.add(node)
+        if len(walked) > _ATTENTION_WALK_LIMIT:
+            return None
+        passes = node.op == "call_function" and (node.target in _BATCHED
+                                                 or torch.Tag.pointwise in getattr(node.target, "tags", ()))
+        if passes:
+            stack.extend(node.all_input_nodes)
+    if not entries:
+        return None
+    members = set(entries)
+    for node in exit.graph.nodes:
+        if node in walked and any(x in members for x in node.all_input_nodes):
+            members.add(node)
+    if row_operand not in members or not any(n.target in _SDPA or n.target is aten.bmm.default for n in members):
+        return None
+    members.add(exit)
+    ordered = [n for n in exit.graph.nodes if n in members]
+    try:
+        for node in ordered:
+            if node is not exit and any(u not in members and u.target not in _DROPPED for u in node.users):
+                raise Unsplittable(f"{node.name} is read outside the attention block")
+            _check_batched(node, batch, members)
+    except Unsplittable:
+        return None
+    paths = [(n.meta.get("custom") or {}).get("module", "") for n in (*entries, exit)]
+    module = ".".join(os.path.commonprefix([p.split(".") for p in paths])) if all(paths) else ""
+    largest = max(_bytes(_val(n)) for n in ordered)
+    return Region(tuple(n.name for n in ordered), (), batch, largest, module, exit.name)
+
+
+def _per_example(value: Any, batch: int) -> bool:
+    """A tensor whose dim 0 runs over the batch (batch x m rows, each example's rows together)."""
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and int(value.shape[0]) % batch == 0
+
+
+def _batch_major(node: torch.fx.Node, batch: int) -> bool:
+    """An outside value whose dim 0 is the batch, or a view (or cast) of one that folds later dims into dim 0
+    (GPT-2's (batch*seq, hidden) input of c_attn), so that a chunk of examples is a contiguous block of its rows."""
+    while True:
+        value = _val(node)
+        if not _per_example(value, batch):
+            return False
+        if int(value.shape[0]) == batch:
+            return True
+        if node.op != "call_function" or (node.target not in _VIEWS and node.target not in _SAME_SHAPE):
+            return False
+        node = node.args[0]
+
+
+def _check_batched(node: torch.fx.Node, batch: int, members: set) -> None:
+    """Raises Unsplittable unless `node` computes each example of the batch from that example alone."""
+    target, value = node.target, _val(node)
+    if target is operator.getitem:
+        if node.args[0] not in members or not _per_example(value, batch):
+            raise Unsplittable(node.name)
+        return
+    per_example_out = _per_example(value, batch) or (isinstance(value, (tuple, list)) and target in (
+        *_SDPA, aten.split.Tensor, aten.split_with_sizes.default))
+    if not per_example_out:
+        raise Unsplittable(f"{node.name}: output without the batch in dim 0")
+
+    def batched_operand(x: Any) -> bool:
+        return isinstance(x, torch.fx.Node) and (x in members or _batch_major(x, batch))
+
+    if target in _MATMULS:
+        a, b = (node.args[1], node.args[2]) if target is aten.addmm.default else node.args[:2]
+        bias = node.args[0] if target is aten.addmm.default else None
+        if not batched_operand(a) or b in members or (bias is not None and (bias in members or _val(bias).dim() > 1)):
+            raise Unsplittable(node.name)
+        return
+    if target is aten.bmm.default:
+        if not all(batched_operand(x) for x in node.args[:2]):
+            raise Unsplittable(node.name)
+        return
+    if target in _SDPA:
+        if _arg(node, "dropout_p", 0.0) != 0.0:
+            raise Unsplittable(f"{node.name}: attention dropout draws its mask for the whole batch")
+        mask = _arg(node, "attn_mask") or _arg(node, "attn_bias")
+        if not all(batched_operand(x) for x in node.args[:3]):
+            raise Unsplittable(node.name)
+        if mask is not None and int(_val(mask).shape[0]) != 1 and not batched_operand(mask):
+            raise Unsplittable(f"{node.name}: a mask that is not per example")
+        return
+    source = node.args[0]
+    if target is aten.cat.default:
+        if _dims(node.args[1] if len(node.args) > 1 else 0, value.dim())[0] == 0:
+            raise Unsplittable(f"{node.name}: concatenates along the batch")
+        if not all(batched_operand(x) for x in source):
+            raise Unsplittable(node.name)
+        return
+    if not batched_operand(source) and not (target is aten.expand.default and int(_val(source).shape[0]) == 1):
+        raise Unsplittable(f"{node.name}: reads {getattr(source, 'name', source)} without the batch")
+    source_value = _val(source)
+    if target in _VIEWS:
+        pass  # dim 0 a multiple of the batch before and after: in row-major order each example stays one block
+    elif target is aten.expand.default:
+        if int(source_value.shape[0]) not in (1, int(value.shape[0])):
+            raise Unsplittable(node.name)
+    elif target is aten.transpose.int:
+        if 0 in _dims(node.args[1:3], value.dim()):
+            raise Unsplittable(f"{node.name}: moves the batch")
+    elif target is aten.permute.default:
+        if _dims(node.args[1], value.dim())[0] != 0:
+            raise Unsplittable(f"{node.name}: moves the batch")
+    elif target is aten.unsqueeze.default:
+        if _dims(node.args[1], value.dim())[0] == 0:
+            raise Unsplittable(node.name)
+    elif target in (aten.slice.Tensor, aten.split.Tensor, aten.split_with_sizes.default) or target in _SOFTMAX:
+        if target in (aten.split.Tensor, aten.split_with_sizes.default):  # (x, sizes, dim=0)
+            dim = node.args[2] if len(node.args) > 2 else 0
+        else:  # slice (x, dim=0, start, end, step), softmax (x, dim, half_to_float)
+            dim = node.args[1] if len(node.args) > 1 else 0
+        if _dims(dim, source_value.dim())[0] == 0:
+            raise Unsplittable(f"{node.name}: works along the batch")
+    elif target in _SAME_SHAPE:
+        pass
+    elif torch.Tag.pointwise in getattr(target, "tags", ()):
+        for x in node.all_input_nodes:
+            x_value = _val(x)
+            shared = x_value.dim() < value.dim() or int(x_value.shape[0]) == 1
+            if not shared and not batched_operand(x):
+                raise Unsplittable(f"{node.name}: {x.name} is neither per example nor shared")
+    else:
+        raise Unsplittable(f"{node.name}: {target} is not known to keep examples apart")
+
+
+def _emit_batched(graph: torch.fx.Graph, env: dict, exit: torch.fx.Node, members: list[torch.fx.Node],
+                  chunks: int, batch: int) -> None:
+    """An attention block's chunks of examples, and their outputs concatenated as the value of its output matmul."""
+    member_set = set(members)
+    sizes = chunk_sizes(batch, chunks)
+    new = _node_maker(graph, ATTENTION)
+    weight = _weight_maker(env, new)
+    parts: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+
+    def example_chunks(x: torch.fx.Node, like: torch.fx.Node) -> list[torch.fx.Node]:
+        """An outside per-example tensor, as one copy per chunk of examples (as `row_chunks` does for rows)."""
+        if x not in parts:
+            rows_per_example = int(_val(x).shape[0]) // batch
+            split = new(aten.split_with_sizes_copy.default, (env[x], [s * rows_per_example for s in sizes]), {}, like)
+            parts[x] = [new(operator.getitem, (split, c), {}, like) for c in range(chunks)]
+        return parts[x]
+
+    outputs = []
+    for c, size in enumerate(sizes):
+        local: dict[torch.fx.Node, Any] = {}
+
+        def arg(x: Any, user: torch.fx.Node, c: int = c, local: dict = local) -> Any:
+            if isinstance(x, (list, tuple)):
+                return type(x)(arg(v, user) for v in x)
+            if not isinstance(x, torch.fx.Node):
+                return x
+            if x in member_set:
+                return local[x]
+            if user.target in _MATMULS and x is not (user.args[1] if user.target is aten.addmm.default
+                                                       else user.args[0]):
+                return weight(x, user, c)
+            value, out = _val(x), _val(user)
+            shared = (not _per_example(value, batch) or int(value.shape[0]) == 1
+                      or (isinstance(out, torch.Tensor) and value.dim() < out.dim()))
+            return env[x] if shared else example_chunks(x, user)[c]
+
+        for node in members:
+            args = [arg(x, node) for x in node.args] if node.target is not operator.getitem \
+                else [arg(node.args[0], node), node.args[1]]
+            if node.target in _RESHAPES:  # the shape's dim 0 covers this chunk's examples
+                shape = list(args[1])
+                if shape and shape[0] != -1:
+                    shape[0] = int(shape[0]) // batch * size
+                args[1] = shape
+            kwargs = {k: arg(v, node) for k, v in node.kwargs.items()}
+            local[node] = new(node.target, tuple(args), kwargs, node, c)
+        outputs.append(local[exit])
+    env[exit] = graph.call_function(aten.cat.default, (outputs, 0))
+    env[exit].meta["custom"] = dict(exit.meta.get("custom", {}))
+
+
+# ----------------------------------------------------------------------------------------------------------
 # 4. Capturing the rewritten step
 
 
@@ -700,33 +963,42 @@ def describe_rows(rows: int, example_inputs: Sequence[Any]) -> str:
     return "rows"
 
 
-def describe_mlps(regions: Sequence[Region]) -> str:
+def describe_regions(regions: Sequence[Region], kind: str) -> str:
     """"12 x lm.transformer.h.*.mlp": the count and the module path, with the block index as *."""
-    paths = {".".join("*" if part.isdigit() else part for part in r.name.split(".")) for r in regions}
-    return f"{len(regions)} x {paths.pop() if len(paths) == 1 else 'MLP'}"
+    paths = {".".join("*" if part.isdigit() else part for part in r.module.split(".")) for r in regions}
+    return f"{len(regions)} x {paths.pop() if len(paths) == 1 and all(r.module for r in regions) else kind}"
 
 
 def capture_split(model: nn.Module, example_inputs: Sequence[Any], step: CapturedStep, chunks: int,
-                  mlp_chunks: int = 1) -> tuple[CapturedStep, Split]:
-    """The training step of `model` (already captured as `step`) with its head split into `chunks` and each of
-    its MLPs into `mlp_chunks` (1: that part not split)."""
-    if chunks < 2 and mlp_chunks < 2:
-        raise ValueError("nothing to split: chunks and mlp_chunks are both 1")
+                  mlp_chunks: int = 1, attention_chunks: int = 1) -> tuple[CapturedStep, Split]:
+    """The training step of `model` (already captured as `step`) with its head split into `chunks`, each of its
+    MLPs into `mlp_chunks` and each attention block into `attention_chunks` chunks of the batch (1: that part
+    not split)."""
+    if max(chunks, mlp_chunks, attention_chunks) < 2:
+        raise ValueError("nothing to split: every chunk count is 1")
     forward = forward_graph(step)
-    head, mlps = None, []
+    head, mlps, attentions = None, [], []
     if mlp_chunks > 1:
         mlps = find_mlps(forward)
         if not mlps:
             raise Unsplittable("no MLP: no row-wise region between matmuls that widens the rows")
+    if attention_chunks > 1:
+        batch = next((int(x.shape[0]) for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0), 0)
+        attentions = find_attention(forward, batch)
+        if not attentions:
+            raise Unsplittable("no attention block that keeps the examples of the batch apart")
     if chunks > 1:
         head = find_head(forward)
         if head is None:
             raise Unsplittable("no row-wise region from a matmul to the loss")
-    rewritten = split_forward(forward, head, chunks, mlps, mlp_chunks)
-    rows = head.rows if head is not None else mlps[0].rows
-    largest = max(r.largest_bytes for r in [*mlps, *([head] if head is not None else [])])
+    rewritten = split_forward(forward, head, chunks, mlps, mlp_chunks, attentions, attention_chunks)
+    by_rows = [*([head] if head is not None else []), *mlps]
+    rows = by_rows[0].rows if by_rows else attentions[0].rows
+    largest = max(r.largest_bytes for r in [*by_rows, *attentions])
     # the casts of mixed precision are explicit ops in the rewritten forward: no autocast on top
     split_step = capture_step(GraphStep(model, rewritten, step), example_inputs, None, precision="fp32")
     split = Split(chunks, head.name if head is not None else "", rows, describe_rows(rows, example_inputs), largest,
-                  mlp_chunks=mlp_chunks, mlps=describe_mlps(mlps) if mlps else "")
+                  mlp_chunks=mlp_chunks, mlps=describe_regions(mlps, MLP) if mlps else "",
+                  attention_chunks=attention_chunks,
+                  attentions=describe_regions(attentions, ATTENTION) if attentions else "")
     return replace(split_step, precision=step.precision), split

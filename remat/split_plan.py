@@ -37,11 +37,24 @@ from remat.models import build_model
 from remat.planner import Candidate, Plan, solve
 from remat.schedule import COMPUTE, FREE, Op, Schedule
 from remat.simulate import Simulation, simulate
-from remat.split import CHUNK_COUNTS, HEAD, MLP, Split, Unsplittable, capture_split, chunk_of, find_mlps, forward_graph
+from remat.split import (
+    ATTENTION,
+    CHUNK_COUNTS,
+    HEAD,
+    MLP,
+    Split,
+    Unsplittable,
+    capture_split,
+    chunk_of,
+    find_attention,
+    find_mlps,
+    forward_graph,
+)
 from remat.units import format_bytes
 from solvers.base import FEASIBLE, SolveOptions
 from solvers.baselines import BASELINES
 
+REGION_KINDS = (HEAD, MLP, ATTENTION)  # the order of a variant's key
 FLOOR_GAIN = 0.05  # keep doubling k while the floor falls by more than this fraction
 # k doubles until the largest op leaves this share of the activation budget to the rest of the step. A half was
 # too little for GPT-2 small (batch 16, seq 1024, h100): at 70% of store-all's activations 2 chunks plan +4.1%
@@ -53,7 +66,8 @@ STREAMED_FRACTION = 16  # stream_head drops and recomputes head values of at lea
 
 @dataclass(frozen=True)
 class Variant:
-    """The step with its head in `chunks` chunks and each MLP in `mlp_chunks` (1, 1: unsplit)."""
+    """The step with its head in `chunks` chunks, each MLP in `mlp_chunks` and each attention block in
+    `attention_chunks` chunks of the batch (1, 1, 1: unsplit)."""
 
     chunks: int
     graph: Graph
@@ -61,14 +75,15 @@ class Variant:
     step: CapturedStep  # the joint FX graph the Graph was lowered from (execute partitions it)
     head: frozenset[int] = frozenset()  # forward nodes that compute one chunk of the head
     mlp_chunks: int = 1
+    attention_chunks: int = 1
 
     @property
     def floor_bytes(self) -> int:
         return self.graph.min_budget_lower_bound()
 
     @property
-    def key(self) -> tuple[int, int]:
-        return self.chunks, self.mlp_chunks
+    def key(self) -> tuple[int, int, int]:
+        return self.chunks, self.mlp_chunks, self.attention_chunks
 
     def describe(self) -> str:
         return f"with the {self.split.short()}" if self.split else "unsplit"
@@ -114,8 +129,8 @@ class SplitTracer:
         with self._tracing():
             step = capture_step(model, self.inputs, loss_fn, precision)
         unsplit = Variant(1, self._lower(step, self.meta), None, step)
-        self.variants: dict[tuple[int, int], Variant | None] = {unsplit.key: unsplit}
-        self._mlp_modules: tuple[str, ...] | None = None
+        self.variants: dict[tuple[int, int, int], Variant | None] = {unsplit.key: unsplit}
+        self._modules: dict[str, tuple[str, ...]] | None = None  # MLP / ATTENTION -> the module paths of its regions
 
     @classmethod
     def zoo(cls, model: str, batch: int = 16, seq: int | None = None, precision: str = "bf16-mixed",
@@ -131,7 +146,7 @@ class SplitTracer:
 
     @property
     def unsplit(self) -> Variant:
-        return self.variants[1, 1]
+        return self.variants[1, 1, 1]
 
     @property
     def step(self) -> CapturedStep:
@@ -165,7 +180,7 @@ class SplitTracer:
                     regions.append(limits_next[0])
             else:  # neither alone lowers them, and each hands the limit to the other: the two were near equal
                 both = len(regions) == 2 and handed_over
-                found = self._traced(_grown(current.key, HEAD, MLP), progress) if both else None
+                found = self._traced(_grown(current.key, *regions), progress) if both else None
             if found is None or not _lowers(found, current):
                 return
             yield found
@@ -177,52 +192,59 @@ class SplitTracer:
         found = [self._region_of(variant, node) for node in (variant.largest_op, variant.reach_op)]
         return list(dict.fromkeys(r for r in found if r is not None)) or [HEAD]
 
-    def _traced(self, key: tuple[int, int], progress: Callable[[str], None] | None) -> Variant | None:
+    def _traced(self, key: tuple[int, int, int], progress: Callable[[str], None] | None) -> Variant | None:
         if max(key) > CHUNK_COUNTS[-1]:
             return None
         if progress and key not in self.variants:
-            progress(f"tracing the head in {key[0]} chunks" + (f" and the MLPs in {key[1]}" if key[1] > 1 else ""))
+            progress(f"tracing the head in {key[0]} chunks" + (f", the MLPs in {key[1]}" if key[1] > 1 else "")
+                     + (f", attention in {key[2]}" if key[2] > 1 else ""))
         return self.variant(*key)
 
     def _region_of(self, variant: Variant, node_index: int) -> str | None:
-        """HEAD or MLP: the split region that node `node_index` of the variant's graph belongs to, if any."""
+        """HEAD, MLP or ATTENTION: the split region that node `node_index` of the variant's graph belongs to."""
         node = variant.graph.nodes[node_index]
         if variant.split is not None:
-            for kind in (HEAD, MLP):
+            for kind in REGION_KINDS:
                 if node.name in chunk_of(variant.step, kind):
                     return kind
-        if self._mlp_modules is None:
+        if self._modules is None:
             with self._tracing():
-                self._mlp_modules = tuple(r.module for r in find_mlps(forward_graph(self.step)) if r.module)
-        if any(node.module == m or node.module.startswith(m + ".") for m in self._mlp_modules):
-            return MLP  # an MLP not split yet
+                forward = forward_graph(self.step)
+                batch = next((int(x.shape[0]) for x in self.inputs if isinstance(x, torch.Tensor) and x.dim() > 0), 0)
+                self._modules = {MLP: tuple(r.module for r in find_mlps(forward) if r.module),
+                                 ATTENTION: tuple(r.module for r in find_attention(forward, batch) if r.module)}
+        for kind, modules in self._modules.items():  # a region not split yet
+            if any(node.module == m or node.module.startswith(m + ".") for m in modules):
+                return kind
         return None
 
-    def variant(self, chunks: int, mlp_chunks: int = 1) -> Variant | None:
-        """The step with its head in `chunks` and its MLPs in `mlp_chunks`, or None when there is no such region
-        to split or too few rows."""
-        key = (chunks, mlp_chunks)
+    def variant(self, chunks: int, mlp_chunks: int = 1, attention_chunks: int = 1) -> Variant | None:
+        """The step with its head in `chunks`, its MLPs in `mlp_chunks` and its attention blocks in
+        `attention_chunks`, or None when there is no such region to split or too few rows."""
+        key = (chunks, mlp_chunks, attention_chunks)
         if key not in self.variants:
             try:
                 with self._tracing():
-                    step, split = capture_split(self.model, self.inputs, self.step, chunks, mlp_chunks)
+                    step, split = capture_split(self.model, self.inputs, self.step, *key)
             except (Unsplittable, ValueError):
                 self.variants[key] = None
             else:
                 graph = self._lower(step, {**self.meta, "split": split.to_meta()})
-                self.variants[key] = Variant(chunks, graph, split, step, head_nodes(graph, step), mlp_chunks)
+                self.variants[key] = Variant(chunks, graph, split, step, head_nodes(graph, step), mlp_chunks,
+                                             attention_chunks)
         return self.variants[key]
 
     def variant_of(self, split: Split | None) -> Variant:
         """The variant a plan's `split` ran on."""
-        variant = self.variant(split.chunks, split.mlp_chunks) if split is not None else self.unsplit
+        variant = (self.variant(split.chunks, split.mlp_chunks, split.attention_chunks) if split is not None
+                   else self.unsplit)
         assert variant is not None
         return variant
 
 
-def _grown(key: tuple[int, int], *regions: str) -> tuple[int, int]:
-    chunks, mlp_chunks = key
-    return (2 * chunks if HEAD in regions else chunks), (2 * mlp_chunks if MLP in regions else mlp_chunks)
+def _grown(key: tuple[int, int, int], *regions: str) -> tuple[int, int, int]:
+    """`key` with the chunk count of each of `regions` doubled."""
+    return tuple(2 * k if kind in regions else k for k, kind in zip(key, REGION_KINDS, strict=True))
 
 
 def _lowers(variant: Variant, current: Variant) -> bool:
@@ -243,8 +265,8 @@ class SplitPlan:
     plan: Plan  # the chosen plan; plan.graph is the chosen variant's graph
     split: Split | None  # None: not split
     note: str  # why this chunk count
-    # ((head chunks, MLP chunks), floor bytes, plan if solved), for every variant traced
-    tried: tuple[tuple[tuple[int, int], int, Plan | None], ...] = field(default=())
+    # ((head, MLP, attention chunks), floor bytes, plan if solved), for every variant traced
+    tried: tuple[tuple[tuple[int, int, int], int, Plan | None], ...] = field(default=())
 
 
 def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", time_limit_s: float = 60.0,
@@ -279,7 +301,7 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
     floors.update((k, v.floor_bytes) for k, v in tracer.variants.items() if v is not None)  # every one traced
     if len(variants) == 1:
         nothing_splits = all(v is None for k, v in tracer.variants.items() if k != unsplit.key)
-        why_not = ("not split: no row-wise head from a matmul to the loss, nor an MLP, to split" if nothing_splits
+        why_not = ("not split: no head from a matmul to the loss, MLP or attention block to split" if nothing_splits
                    else f"not split: the largest op is not in a region that splits ({_largest_op(unsplit.graph)})")
         plan = solve(unsplit.graph, budget_bytes, solver, time_limit_s, backend, progress, known=list(known))
         return _finish(plan, None, why_not, [(k, floor, plan if k == unsplit.key else None)

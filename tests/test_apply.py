@@ -407,3 +407,19 @@ def test_apply_below_what_the_split_head_reaches_splits_the_mlps_too():
     assert split["mlp_chunks"] > 1 and split["mlps"] == "2 x lm.model.layers.*.mlp"
     assert planned.planned.simulation.peak_bytes <= 13.5 * 10**6
     _check_split_step(planned, spec, copy.deepcopy(reference))
+
+
+def test_apply_far_below_the_unsplit_floor_splits_the_attention_blocks_too():
+    """gpt2-tiny at batch 4, seq 128: the unsplit step cannot go below 15.07 MB. At 12.5 MB the plan splits the head,
+    the MLPs and the attention blocks (along the batch); the execute path runs it with the bytes it planned and
+    eager's loss and gradients."""
+    torch.manual_seed(0)
+    spec = build_model("gpt2-tiny", batch=4, seq=128)
+    reference = copy.deepcopy(spec.model)
+    planned = apply(spec.model, budget="12.5MB", example_inputs=spec.example_inputs, device="cpu",
+                    time_limit=TIME_LIMIT)
+    split = planned.planned.graph.meta["split"]
+    assert split["attention_chunks"] > 1 and split["attentions"] == "2 x lm.transformer.h.*.attn"
+    assert split["chunks"] > 1 and split["mlp_chunks"] > 1
+    assert planned.planned.simulation.peak_bytes <= 12.5 * 10**6
+    _check_split_step(planned, spec, copy.deepcopy(reference))

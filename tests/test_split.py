@@ -19,7 +19,17 @@ from remat.lower import lower
 from remat.models import MLP, build_model
 from remat.replay import joint_inputs, replay
 from remat.simulate import simulate
-from remat.split import HEAD, capture_split, chunk_of, chunk_sizes, find_head, find_mlps, forward_graph
+from remat.split import (
+    ATTENTION,
+    HEAD,
+    capture_split,
+    chunk_of,
+    chunk_sizes,
+    find_attention,
+    find_head,
+    find_mlps,
+    forward_graph,
+)
 from remat.split import MLP as MLP_REGION
 from remat.split_plan import SplitTracer, head_nodes, solve_split, stream_head
 from tests.test_replay import ConvNet, eager_loss_and_grads, schedule_for, summed_tied
@@ -45,8 +55,8 @@ class WeightedHead(nn.Module):
         return loss + 1e-3 * flat.logsumexp(-1).mean()
 
 
-def _lm(name):
-    spec = build_model(name, batch=2, seq=12)
+def _lm(name, batch=2):
+    spec = build_model(name, batch=batch, seq=12)
     return spec.model, spec.example_inputs
 
 
@@ -65,6 +75,7 @@ def _conv():  # BatchNorm buffers are updated by the split step too
 
 
 BUILDERS = {"gpt2-tiny": lambda: _lm("gpt2-tiny"), "llama-tiny": lambda: _lm("llama-tiny"),
+            "llama-tiny-b3": lambda: _lm("llama-tiny", batch=3),
             "classifier": _classifier, "weighted": _weighted, "conv": _conv}
 
 
@@ -78,9 +89,9 @@ def unsplit(name):
     return model, example_inputs, step
 
 
-def split_setup(name, chunks, mlp_chunks=1):
+def split_setup(name, chunks, mlp_chunks=1, attention_chunks=1):
     model, example_inputs, step = unsplit(name)
-    split_step, split = capture_split(model, example_inputs, step, chunks, mlp_chunks)
+    split_step, split = capture_split(model, example_inputs, step, chunks, mlp_chunks, attention_chunks)
     graph = lower(split_step, load_profile("cpu"))
     return model, example_inputs, split_step, split, graph, joint_inputs(model, example_inputs, split_step)
 
@@ -218,6 +229,14 @@ def test_every_mlp_is_found_and_nothing_else(name, hidden_op, widths):
     assert find_mlps(forward_graph(unsplit("classifier")[2])) == []  # no hidden layer wider than its output
 
 
+def test_an_mlp_with_dropout_inside_is_not_split():
+    """Dropout draws one mask for the whole tensor: chunks of rows would draw other masks."""
+    for dropout, expected in ((nn.Identity(), 1), (nn.Dropout(0.1), 0)):
+        model = nn.Sequential(nn.Linear(8, 32), nn.GELU(), dropout, nn.Linear(32, 8)).train()
+        step = capture_step(model, (torch.randn(6, 8),), loss_fn=lambda out: out.pow(2).mean())
+        assert len(find_mlps(forward_graph(step))) == expected
+
+
 @pytest.mark.parametrize(("name", "chunks", "mlp_chunks"), [
     ("gpt2-tiny", 1, 3),  # MLPs only: 24 rows in chunks of 8
     ("gpt2-tiny", 2, 4),  # head and MLPs, each with its own count
@@ -254,7 +273,7 @@ def test_the_mlps_are_split_where_they_hold_the_largest_op_and_lower_the_reach()
     tracer = tiny_tracer()
     variants = list(tracer.lowering())
     keys = [v.key for v in variants]
-    assert keys[:2] == [(2, 1), (4, 1)]
+    assert keys[:2] == [(2, 1, 1), (4, 1, 1)]
     head_only = variants[1]
     assert tracer._region_of(head_only, head_only.largest_op) == MLP_REGION
     with_mlps = next(v for v in variants if v.mlp_chunks > 1)
@@ -290,3 +309,58 @@ def test_a_solve_that_ends_early_hands_its_time_to_the_next_chunk_count(monkeypa
     solve_split(tracer, tracer.unsplit.floor_bytes, solver="chen-sqrtn", time_limit_s=20.0)
     assert len(limits) == 2  # the unsplit step, then the split one
     assert 9.0 <= limits[0] <= 10.0 and limits[1] >= 18.0  # a baseline is done at once: the rest goes on
+
+
+# --- attention ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "blocks", "nodes_at_least"), [
+    ("gpt2-tiny", "lm.transformer.h.{}.attn", 15),  # c_attn -> split q, k, v -> SDPA -> c_proj
+    ("llama-tiny", "lm.model.layers.{}.self_attn", 30),  # q, k, v projections -> RoPE -> GQA expand -> SDPA -> o
+])
+def test_every_attention_block_is_found(name, blocks, nodes_at_least):
+    _, example_inputs, step = unsplit(name)
+    forward = forward_graph(step)
+    found = find_attention(forward, batch=2)
+    assert [a.module for a in found] == [blocks.format(i) for i in range(2)]
+    assert all(a.rows == 2 and len(a.nodes) >= nodes_at_least for a in found)
+    assert not {n for a in found for n in a.nodes} & {n for m in find_mlps(forward) for n in m.nodes}
+    assert find_attention(forward_graph(unsplit("classifier")[2]), batch=8) == []  # no op that mixes positions
+
+
+@pytest.mark.parametrize(("name", "chunks", "mlp_chunks", "attention_chunks"), [
+    ("gpt2-tiny", 1, 1, 2),  # one example per chunk
+    ("llama-tiny", 1, 1, 2),
+    ("llama-tiny-b3", 1, 1, 2),  # 3 examples in chunks of 2 and 1
+    ("llama-tiny-b3", 4, 2, 3),  # every region, each with its own count
+])
+def test_split_attention_replays_to_the_unsplit_loss_and_gradients(name, chunks, mlp_chunks, attention_chunks):
+    model, example_inputs, step, split, graph, inputs = split_setup(name, chunks, mlp_chunks, attention_chunks)
+    assert split.attention_chunks == attention_chunks and "along batch" in split.describe()
+    for schedule_name in ("store-all", "checkpoint-all"):
+        schedule = schedule_for(graph, schedule_name)
+        result = replay(step, graph, schedule, inputs)
+        assert_close_to_eager(model, example_inputs, step, result)
+        check_bytes(graph, schedule, result, exact=name != "gpt2-tiny")
+    assert chunk_of(step, ATTENTION)
+
+
+def test_attention_with_dropout_is_not_split():
+    """Dropout draws one mask for the whole batch: chunks of examples would draw other masks."""
+
+    class Attention(nn.Module):
+        def __init__(self, width=16, heads=2):
+            super().__init__()
+            self.heads, self.qkv, self.out = heads, nn.Linear(width, 3 * width), nn.Linear(width, width)
+
+        def forward(self, x):
+            batch, seq, width = x.shape
+            q, k, v = (t.view(batch, seq, self.heads, -1).transpose(1, 2) for t in self.qkv(x).split(width, -1))
+            y = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=self.p, is_causal=True)
+            return self.out(y.transpose(1, 2).reshape(batch, seq, width)).pow(2).mean()
+
+    model = Attention().train()
+    for p, expected in ((0.0, 1), (0.1, 0)):
+        model.p = p
+        step = capture_step(model, (torch.randn(4, 6, 16),))
+        assert len(find_attention(forward_graph(step), batch=4)) == expected
