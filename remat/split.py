@@ -969,6 +969,11 @@ def describe_regions(regions: Sequence[Region], kind: str) -> str:
     return f"{len(regions)} x {paths.pop() if len(paths) == 1 and all(r.module for r in regions) else kind}"
 
 
+def batch_size(example_inputs: Sequence[Any]) -> int:
+    """The batch: dim 0 of the first tensor input (0 when there is none)."""
+    return next((int(x.shape[0]) for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0), 0)
+
+
 def capture_split(model: nn.Module, example_inputs: Sequence[Any], step: CapturedStep, chunks: int,
                   mlp_chunks: int = 1, attention_chunks: int = 1) -> tuple[CapturedStep, Split]:
     """The training step of `model` (already captured as `step`) with its head split into `chunks`, each of its
@@ -983,8 +988,7 @@ def capture_split(model: nn.Module, example_inputs: Sequence[Any], step: Capture
         if not mlps:
             raise Unsplittable("no MLP: no row-wise region between matmuls that widens the rows")
     if attention_chunks > 1:
-        batch = next((int(x.shape[0]) for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0), 0)
-        attentions = find_attention(forward, batch)
+        attentions = find_attention(forward, batch_size(example_inputs))
         if not attentions:
             raise Unsplittable("no attention block that keeps the examples of the batch apart")
     if chunks > 1:

@@ -44,6 +44,7 @@ from remat.split import (
     MLP,
     Split,
     Unsplittable,
+    batch_size,
     capture_split,
     chunk_of,
     find_attention,
@@ -210,9 +211,9 @@ class SplitTracer:
         if self._modules is None:
             with self._tracing():
                 forward = forward_graph(self.step)
-                batch = next((int(x.shape[0]) for x in self.inputs if isinstance(x, torch.Tensor) and x.dim() > 0), 0)
+                attentions = find_attention(forward, batch_size(self.inputs))
                 self._modules = {MLP: tuple(r.module for r in find_mlps(forward) if r.module),
-                                 ATTENTION: tuple(r.module for r in find_attention(forward, batch) if r.module)}
+                                 ATTENTION: tuple(r.module for r in attentions if r.module)}
         for kind, modules in self._modules.items():  # a region not split yet
             if any(node.module == m or node.module.startswith(m + ".") for m in modules):
                 return kind
