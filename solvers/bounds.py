@@ -14,9 +14,11 @@ once more). The covering MILP  min sum(c_v x_v) s.t. (C_t), x binary  is a relax
 problem, so its optimum, and any dual bound HiGHS proves for it, plus the store-all seconds is a valid
 lower bound. It is infeasible only when no schedule in that class fits (then the budget is infeasible).
 An op with several outputs counts, at t, only the outputs read at or after t (the simulator releases each
-output after its own last read), so the bound stays valid under that accounting too.
-It is loose where recomputing a value needs its inputs back too (long recomputation chains), so the
-gap it implies is an upper bound on the true gap.
+output after its own last read), and as an input of t only the outputs t reads; its outputs that t does not
+read and a later op does are in memory unless it is computed again, like an alive value's. So the bound stays
+valid under that accounting too.
+It is loose where recomputing a value needs its inputs back too (long recomputation chains): at the most
+crowded moments a chained form says so (below). The gap it implies is an upper bound on the true gap.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Bound:
     method: str  # "covering", "covering-lp" (the relaxation, when the MILP ran out of time), "store-all"
     wall_s: float
     proven_infeasible: bool = False
+    recomputed: tuple[int, ...] | None = None  # the covering MILP's incumbent x (values it recomputes), if any
 
 
 def parts(node: Node) -> tuple[tuple[int, tuple[int, ...]], ...]:
@@ -53,6 +56,27 @@ def held_bytes(node: Node, t: int, read_by_t: bool) -> int:
     if not parts(node):
         return node.output_bytes
     return sum(size for size, users in parts(node) if any(u > t or (read_by_t and u == t) for u in users))
+
+
+def read_bytes(node: Node, t: int) -> int:
+    """Bytes of `node`'s value that node t reads: all of them, or of an op with several outputs those t reads."""
+    if not parts(node):
+        return node.output_bytes
+    return sum(size for size, users in parts(node) if t in users)
+
+
+def later_only_bytes(node: Node, t: int) -> int:
+    """Bytes of the outputs of an op with several that t, a reader of the op, does not read and a later op does."""
+    return sum(size for size, users in parts(node) if t not in users and max(users, default=-1) > t)
+
+
+def dead_bytes(node: Node, last_reader: int, reader: int, t: int) -> int:
+    """Bytes of `node`'s value that `reader` reads and that no reader at or after t reads: gone at t unless held
+    on (the whole value, or for an op with several outputs released one by one the outputs `reader` reads).
+    `last_reader`: the node's last reader."""
+    if not parts(node):
+        return node.output_bytes if last_reader < t else 0
+    return sum(size for size, users in parts(node) if reader in users and max(users, default=-1) < t)
 
 
 def covering_bound(graph: Graph, budget_bytes: int, options: SolveOptions | None = None,
@@ -81,7 +105,7 @@ def covering_bound(graph: Graph, budget_bytes: int, options: SolveOptions | None
         return x[v]
 
     # The moments that need a value dropped: the first run of t, with the values alive across it.
-    moments: list[tuple[int, int, list[int]]] = []  # (bytes over, t, values alive across t and not read by t)
+    moments: list[tuple[int, int, dict[int, int]]] = []  # (bytes over, t, {value: bytes it may free at t})
     alive: set[int] = set()
     starts: dict[int, list[int]] = {}
     for v in range(n):
@@ -91,11 +115,16 @@ def covering_bound(graph: Graph, budget_bytes: int, options: SolveOptions | None
         alive.update(starts.get(t, ()))
         alive = {v for v in alive if last_user[v] > t}
         deps = set(nodes[t].deps)
-        optional = sorted(v for v in alive if v not in deps and held_bytes(nodes[v], t, read_by_t=False) > 0)
-        forced = nodes[t].output_bytes + nodes[t].workspace_bytes + sum(held_bytes(nodes[d], t, True) for d in deps)
-        if forced > capacity:  # t's run alone does not fit (its inputs' outputs that t or a later op reads)
+        # bytes in memory at t unless the value is recomputed: of the values alive across t, and of t's inputs
+        # the outputs that t does not read but a later op does (they may be released and recomputed)
+        optional = {v: held_bytes(nodes[v], t, read_by_t=False) for v in alive if v not in deps}
+        optional.update((d, later_only_bytes(nodes[d], t)) for d in deps)
+        optional = {v: size for v, size in sorted(optional.items()) if size > 0}
+        forced = (nodes[t].output_bytes + nodes[t].workspace_bytes
+                  + sum(read_bytes(nodes[d], t) for d in deps))
+        if forced > capacity:  # t's run alone does not fit (t's output and workspace, what it reads)
             return Bound(None, "covering", time.perf_counter() - started, proven_infeasible=True)
-        over = forced + sum(held_bytes(nodes[v], t, False) for v in optional) - capacity
+        over = forced + sum(optional.values()) - capacity
         if over > 0:
             moments.append((over, t, optional))
     if not moments:
@@ -103,7 +132,7 @@ def covering_bound(graph: Graph, budget_bytes: int, options: SolveOptions | None
 
     chained: set[int] = set()  # the most crowded moments with distinct alive sets get the chained form
     seen: set[tuple[int, ...]] = set()
-    for _, t, optional in sorted(moments, reverse=True):
+    for _, t, optional in sorted(moments, key=lambda moment: moment[:2], reverse=True):
         if len(chained) >= chained_moments:
             break
         if tuple(optional) not in seen:
@@ -111,36 +140,37 @@ def covering_bound(graph: Graph, budget_bytes: int, options: SolveOptions | None
             chained.add(t)
 
     for over, t, optional in moments:
-        deps = set(nodes[t].deps)
         if t not in chained:
             # (C_t): the values dropped must free at least `over` bytes
-            problem += (pulp.lpSum(held_bytes(nodes[v], t, False) / scale * recomputed(v) for v in optional)
+            problem += (pulp.lpSum(size / scale * recomputed(v) for v, size in optional.items())
                         >= over / scale, f"C_{t}")
             continue
         # Chained form at t: y_v = v absent at t (then computed again after t, so x_v >= y_v). Recomputing v
         # after t needs each input w back: w alive across t is present unless it is absent (and recomputed)
-        # itself; w read by t is present; a w whose last reader ran before t ("dead") was either held
-        # through t (h_w: its bytes count at t) or is computed again after t (y_w, x_w >= y_w).
+        # itself; w read by t is present; what v reads of a w whose last reader of it ran before t ("dead": the
+        # whole value, or for an op whose outputs are released one by one the outputs v reads) was either held
+        # through t (h_w: those bytes count at t) or w is computed again after t (b_w, x_w >= b_w).
         y: dict[int, pulp.LpVariable] = {v: problem.add_variable(f"y_{t}_{v}", 0, 1, pulp.LpBinary) for v in optional}
+        back: dict[int, pulp.LpVariable] = {}  # b_w: w computed again after t, for its dead outputs
         held: dict[int, pulp.LpVariable] = {}
         held_size: dict[int, int] = {}
-        stack = list(optional)
+        stack = [(v, y[v]) for v in optional]  # (value, the variable that says it is computed again after t)
         while stack:
-            v = stack.pop()
+            v, again = stack.pop()
             for w in set(nodes[v].deps):
-                if w in deps or w in y and w not in held:
-                    continue  # present at t unless absent itself (then recomputed): nothing to add
-                if parts(nodes[w]):
-                    continue  # which of its outputs are in memory at t is not tracked here: no constraint (weaker)
-                if w not in held:  # a dead input: held through t, or computed again after t
+                dead = dead_bytes(nodes[w], last_user[w], v, t)
+                if dead == 0:
+                    continue  # alive across t: present unless absent itself (then its own chain); or no bytes
+                if w not in back:  # a dead input: held through t, or computed again after t
+                    back[w] = problem.add_variable(f"b_{t}_{w}", 0, 1, pulp.LpBinary)
                     held[w] = problem.add_variable(f"h_{t}_{w}", 0, 1, pulp.LpBinary)
-                    y[w] = problem.add_variable(f"y_{t}_{w}", 0, 1, pulp.LpBinary)
-                    stack.append(w)
-                held_size[w] = nodes[w].output_bytes
-                problem.addConstraint(y[v] <= y[w] + held[w], f"chain_{t}_{v}_{w}")
-        for v, gone in y.items():
-            problem.addConstraint(gone <= recomputed(v), f"once_{t}_{v}")
-        problem += (pulp.lpSum(held_bytes(nodes[v], t, False) / scale * y[v] for v in optional)
+                    held_size[w] = dead
+                    stack.append((w, back[w]))
+                held_size[w] = min(held_size[w], dead)  # readers of different outputs: the least is what is sure
+                problem.addConstraint(again <= back[w] + held[w], f"chain_{again.name}_{w}")
+        for v, gone in (*y.items(), *back.items()):
+            problem.addConstraint(gone <= recomputed(v), f"once_{t}_{v}_{'y' if gone is y.get(v) else 'b'}")
+        problem += (pulp.lpSum(size / scale * y[v] for v, size in optional.items())
                     - pulp.lpSum(held_size[w] / scale * h for w, h in held.items()) >= over / scale,
                     f"C_{t}")
     problem += pulp.lpSum(nodes[v].compute_s / second * var for v, var in x.items())
@@ -162,6 +192,10 @@ def covering_bound(graph: Graph, budget_bytes: int, options: SolveOptions | None
             return Bound(graph.compute_s, "store-all", wall_s)
         outcome = replace(outcome, bound=outcome.objective)
         method = "covering (LP relaxation)"
+    # The incumbent's x: which values it drops (solvers/cover_round.py turns that into a schedule).
+    dropped = None
+    if method != "covering (LP relaxation)" and outcome.objective is not None:
+        dropped = tuple(sorted(v for v, var in x.items() if (var.value() or 0.0) > 0.5))
     # HiGHS's bound carries its tolerances: shave a relative 1e-9 so rounding never lifts it past the optimum
     extra_s = max(0.0, outcome.bound * second * (1 - 1e-9))
-    return Bound(graph.compute_s + extra_s, method, wall_s)
+    return Bound(graph.compute_s + extra_s, method, wall_s, recomputed=dropped)

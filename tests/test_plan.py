@@ -62,7 +62,7 @@ def test_large_graph_is_coarsened_twice_and_the_plan_is_valid():
     graph = chain_training_graph(70)  # 141 nodes, more than MAX_WHOLE_NODES
     assert len(graph) > MAX_WHOLE_NODES
     store_all_peak = solve(graph, 10**9).store_all.peak_bytes
-    budget = store_all_peak // 2
+    budget = store_all_peak // 4  # at 1/3 and above, the plan from the covering bound is proven optimal at once
     plan = solve(graph, budget, time_limit_s=6)
     assert plan.schedule is not None and plan.simulation.fits(budget)
     assert plan.coarse_nodes is not None and plan.coarse_nodes <= MAX_EXACT_NODES

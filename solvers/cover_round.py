@@ -1,0 +1,170 @@
+"""A schedule from the covering bound's solution (solvers/bounds.py): drop the values it recomputes.
+
+The covering MILP picks values x_v to drop so that every moment of the step fits the budget, counting a dropped
+value's recomputation once (and, at the most crowded moments, the inputs it needs back). Where that is what a
+schedule can do (a chain of layers such as VGG's; GPT-2's blocks at most budgets) this schedule costs the bound
+itself, and the plan is proven optimal without the Checkmate MILP. Elsewhere it is one more candidate.
+
+The schedule: every value is computed at its own stage and held as in store-all, except that a dropped value is
+computed again at its recomputation points, together with the inputs it needs that are not in memory there
+(dropped ones, and those whose last reader ran before). The rows are emitted with minimal storage
+(solvers/decompose.py's emit), so a dropped value is freed after its last read before such a point. A few ways
+of placing the points (VARIANTS) are each emitted and simulated; the cheapest that fits is the plan. When none
+fits (recomputation transients, inputs held longer), the covering MILP is solved again for a lower budget.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+from remat.graph import Graph
+from remat.schedule import Schedule
+from remat.simulate import simulate
+from solvers.base import FEASIBLE, NO_SOLUTION, SolveOptions, SolverResult
+from solvers.baselines import first_backward_index
+from solvers.bounds import Bound, covering_bound, parts
+from solvers.decompose import emit, prune_rows
+
+MAX_REPAIRS = 4  # covering solves for a moved budget after the first
+REPAIR_STEPS = 100  # the margin moves no further once it would move by less than this share of the activation budget
+HOLD_SHARE = 1000  # inputs of at most this share of the activation budget may be held rather than recomputed
+# The ways of turning the drops into rows that are tried (each is an emit and a simulation: milliseconds):
+# (where a dropped value comes back, reuse values brought back, hold small inputs)
+VARIANTS = [(rule, reuse, hold) for rule in ("first", "longest") for reuse, hold in ((True, False), (False, False),
+                                                                                     (True, True))]
+VARIANTS += [("every", False, False), ("every", False, True)]
+
+
+def recompute_points(graph: Graph, v: int, backward_start: int, rule: str) -> list[int]:
+    """Where a dropped value is computed again (none when it has a single reader). "first": at its first reader
+    in the backward (or else its last reader); "longest": at the reader after the longest wait between two reads
+    (a U-Net's skip connection, read by the decoder's forward long after the encoder's); "every": before each
+    reader but the first (in memory only while read, as the covering bound counts a dropped value)."""
+    readers = graph.users[v]
+    if len(readers) < 2:
+        return []
+    if rule == "every":
+        return list(readers[1:])
+    if rule == "longest":
+        return [max((readers[k] - readers[k - 1], readers[k]) for k in range(1, len(readers)))[1]]
+    later = [u for u in readers if u >= backward_start]
+    return [later[0] if later and later[0] != readers[0] else readers[-1]]
+
+
+def rows_for_drops(graph: Graph, dropped: set[int], rule: str = "first", reuse: bool = False,
+                   hold_bytes: int = 0) -> list[list[int]]:
+    """Checkmate rows (stage t runs rows[t] in ascending order) that recompute every dropped value at its
+    recomputation points (`rule`, see recompute_points), with its missing inputs. `reuse`: a value computed
+    again at one point (for itself or as another's input) is held for the points after it that need it, rather
+    than computed once more (fewer seconds, more bytes held in the backward). `hold_bytes`: an input of at most
+    this many bytes that is not dropped is held until the point rather than computed again (a weight's cast)."""
+    backward_start = first_backward_index(graph)
+    last_reader = [max(graph.users[v], default=v) for v in range(len(graph))]
+    points = {v: recompute_points(graph, v, backward_start, rule) for v in dropped}
+    again: dict[int, int] = {}  # value -> the first point where it is computed again
+    rows = [[t] for t in range(len(graph))]
+
+    def last_read(d: int, w: int) -> int:
+        """The last reader of the outputs of d that w reads (an op whose outputs are released one by one: a
+        batch norm's output goes after the next op, its statistics stay for the backward)."""
+        return max((max(users) for _, users in parts(graph.nodes[d]) if w in users), default=last_reader[d])
+
+    def present(d: int, t: int, w: int) -> bool:
+        """Whether what w reads of value d is in memory when stage t starts without being computed again there."""
+        if reuse and again.get(d, t + 1) <= t:
+            return True  # computed again at an earlier point and held since
+        if last_read(d, w) < t:
+            return d not in dropped and graph.nodes[d].output_bytes <= hold_bytes  # held on, or gone
+        if not points.get(d):
+            return True  # never dropped (or nothing to gain: a single reader)
+        return t in points[d] if rule == "every" else points[d][0] <= t  # absent until brought back
+
+    pairs = sorted((point, v) for v, at in points.items() for point in at)
+    for point, v in pairs:
+        if reuse and again.get(v, point + 1) <= point:
+            continue  # already back, held from an earlier point
+        needed, stack = set(), [v]
+        while stack:  # v and, recursively, its inputs that are not in memory at the point
+            w = stack.pop()
+            if w in needed:
+                continue
+            needed.add(w)
+            stack.extend(d for d in graph.nodes[w].deps if d not in rows[point] and not present(d, point, w))
+        for w in needed:
+            again.setdefault(w, point)
+        rows[point] = sorted(set(rows[point]) | needed)
+    return rows
+
+
+def schedule_for_drops(graph: Graph, dropped: tuple[int, ...], rule: str = "first", reuse: bool = False,
+                       hold_bytes: int = 0) -> Schedule:
+    schedule, _ = emit(graph, prune_rows(graph, rows_for_drops(graph, set(dropped), rule, reuse, hold_bytes)))
+    return schedule
+
+
+def solve_cover_round(graph: Graph, budget_bytes: int, first: Bound, options: SolveOptions | None = None,
+                      repairs: int = MAX_REPAIRS) -> SolverResult:
+    """The schedule that drops what the covering bound `first` (for this budget) recomputes. The covering MILP is
+    then solved again, up to `repairs` times within the time limit, for a budget moved by a margin: lowered by
+    the overshoot while no variant fits, raised by the room left when one fits with room to spare, then halved
+    between the two (the covering counts neither recomputation transients nor all the bytes its drops free).
+    The cheapest schedule that fits."""
+    options = options or SolveOptions(time_limit_s=10.0)
+    started = time.perf_counter()
+    deadline = started + options.time_limit_s
+    capacity = budget_bytes - graph.fixed.total_bytes
+    small = capacity // HOLD_SHARE
+    bound, margin = first, 0
+    fitted, overshot = None, None  # the smallest margin at which a variant fit; the largest below it that did not
+    room = 0  # bytes the best variant at `fitted` leaves under the budget
+    best: tuple[Schedule, float, int] | None = None
+    tried = []
+    solves = 1
+    for attempt in range(repairs + 1):
+        if bound.recomputed is None:
+            break
+        over, fits = [], []
+        for rule, reuse, hold in VARIANTS:
+            schedule = schedule_for_drops(graph, bound.recomputed, rule, reuse, small if hold else 0)
+            sim = simulate(graph, schedule)
+            assert sim.valid, sim.errors  # emit is valid for any rows
+            tried.append({"margin_bytes": margin, "dropped": len(bound.recomputed), "rule": rule, "reuse": reuse,
+                          "hold_small": hold, "peak_bytes": sim.peak_bytes, "compute_s": sim.compute_s})
+            if sim.peak_bytes <= budget_bytes:
+                fits.append((sim.compute_s, sim.peak_bytes, schedule))
+            else:
+                over.append(sim.peak_bytes - budget_bytes)
+        if fits:
+            seconds, peak, schedule = min(fits, key=lambda f: f[:2])
+            if best is None or seconds < best[1]:
+                best = (schedule, seconds, peak)
+            if fitted is None or margin < fitted:
+                fitted, room = margin, budget_bytes - peak
+            if first.lower_bound_s is not None and best[1] <= first.lower_bound_s * (1 + 1e-9):
+                break  # meets the bound: optimal
+        elif overshot is None or margin > overshot:
+            overshot = margin
+        if fitted is None:  # nothing fits yet: lower the budget by the least overshoot
+            margin += min(over)
+        elif overshot is None or overshot > fitted:  # fits, nothing tried below: hand the room back
+            if room < capacity // REPAIR_STEPS:
+                break
+            margin = fitted - room
+        else:
+            if fitted - overshot < capacity // REPAIR_STEPS:
+                break
+            margin = (overshot + fitted) // 2
+        left = deadline - time.perf_counter()
+        if attempt == repairs or left < 0.5:
+            break
+        bound = covering_bound(graph, budget_bytes - margin, replace(options, time_limit_s=left / 2))
+        solves += 1
+    wall_s = time.perf_counter() - started
+    detail = {"tried": tried, "covering_solves": solves}
+    if best is None:
+        return SolverResult("cover-round", NO_SOLUTION, None, wall_s=wall_s, detail=detail,
+                            message="dropping what the covering bound recomputes overshoots the budget")
+    schedule, seconds, peak = best
+    return SolverResult("cover-round", FEASIBLE, schedule, objective_s=seconds, wall_s=wall_s, detail=detail,
+                        message=f"drops the values the covering bound recomputes ({solves} covering solve(s))")

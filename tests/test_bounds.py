@@ -1,0 +1,47 @@
+"""The covering bound (solvers/bounds.py) on hand-made graphs whose ops release their outputs one by one."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from remat.schedule import Schedule
+from remat.simulate import simulate
+from solvers.base import SolveOptions
+from solvers.bounds import covering_bound
+from solvers.cover_round import solve_cover_round
+from tests.graphs import make_graph
+
+
+def test_an_input_output_that_the_op_does_not_read_may_be_recomputed():
+    # n0 has two outputs: A (read by n1, n2, n3) and B (read only by n4). While n3 runs, B need not be in memory:
+    # release it after n0 and run n0 again for n4. That fits 2 bytes, so the bound must not call 2 infeasible.
+    graph = make_graph([[], [0], [0], [0], [0]], [2, 0, 0, 1, 0], [0.1] * 5)
+    nodes = list(graph.nodes)
+    nodes[0] = dataclasses.replace(nodes[0], part_bytes=(1, 1), part_users=((1, 2, 3), (4,)))
+    graph = dataclasses.replace(graph, nodes=tuple(nodes))
+    schedule = Schedule.from_json({"num_nodes": 5, "ops": [["compute", 0], ["compute", 1], ["compute", 2],
+                                                           ["compute", 3], ["free", 3], ["free", 0],
+                                                           ["compute", 0], ["compute", 4], ["free", 0]]})
+    sim = simulate(graph, schedule)
+    assert sim.valid and sim.peak_bytes == 2
+    bound = covering_bound(graph, 2, SolveOptions(time_limit_s=10))
+    assert not bound.proven_infeasible
+    assert bound.lower_bound_s <= sim.compute_s * (1 + 1e-9)
+
+
+def test_recomputing_a_value_needs_the_released_output_it_reads_back():
+    # n0 has two outputs: A (read by n1 only) and S (read by n6). While n3 and n4 run, n1, S and two 4-byte values
+    # are in memory: 13 bytes. At 12, either S goes (n0 runs again for n6: 1.0 s) or n1 goes, and n1 run again
+    # needs A, released after n1: n0 runs again too (1.1 s). The bound must count n0 either way, not just n1.
+    graph = make_graph([[], [0], [1], [2], [3], [4], [5, 1, 0]], [5, 4, 4, 4, 4, 1, 1], [1.0] + [0.1] * 6)
+    nodes = list(graph.nodes)
+    nodes[0] = dataclasses.replace(nodes[0], part_bytes=(4, 1), part_users=((1,), (6,)))
+    graph = dataclasses.replace(graph, nodes=tuple(nodes))
+    assert covering_bound(graph, 13, SolveOptions(time_limit_s=10)).lower_bound_s == graph.compute_s
+    bound = covering_bound(graph, 12, SolveOptions(time_limit_s=10))
+    assert bound.lower_bound_s == pytest.approx(graph.compute_s + 1.0)
+    plan = solve_cover_round(graph, 12, bound)  # drop S: it meets the bound
+    assert plan.objective_s == pytest.approx(graph.compute_s + 1.0)
+    assert simulate(graph, plan.schedule).fits(12)
