@@ -11,6 +11,7 @@ computed again at its recomputation points, together with the inputs it needs th
 (solvers/decompose.py's emit), so a dropped value is freed after its last read before such a point. A few ways
 of placing the points (VARIANTS) are each emitted and simulated; the cheapest that fits is the plan. When none
 fits (recomputation transients, inputs held longer), the covering MILP is solved again for a lower budget.
+Last, drops are undone one at a time while the schedule still fits (the covering may drop more than needed).
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ def solve_cover_round(graph: Graph, budget_bytes: int, first: Bound, options: So
     fitted, overshot = None, None  # the smallest margin at which a variant fit; the largest below it that did not
     room = 0  # bytes the best variant at `fitted` leaves under the budget
     best: tuple[Schedule, float, int] | None = None
+    best_how: tuple = ()  # the drops and the variant of the best schedule
     tried = []
     solves = 1
     for attempt in range(repairs + 1):
@@ -132,13 +134,13 @@ def solve_cover_round(graph: Graph, budget_bytes: int, first: Bound, options: So
             tried.append({"margin_bytes": margin, "dropped": len(bound.recomputed), "rule": rule, "reuse": reuse,
                           "hold_small": hold, "peak_bytes": sim.peak_bytes, "compute_s": sim.compute_s})
             if sim.peak_bytes <= budget_bytes:
-                fits.append((sim.compute_s, sim.peak_bytes, schedule))
+                fits.append((sim.compute_s, sim.peak_bytes, schedule, (bound.recomputed, rule, reuse, hold)))
             else:
                 over.append(sim.peak_bytes - budget_bytes)
         if fits:
-            seconds, peak, schedule = min(fits, key=lambda f: f[:2])
+            seconds, peak, schedule, how = min(fits, key=lambda f: f[:2])
             if best is None or seconds < best[1]:
-                best = (schedule, seconds, peak)
+                best, best_how = (schedule, seconds, peak), how
             if fitted is None or margin < fitted:
                 fitted, room = margin, budget_bytes - peak
             if first.lower_bound_s is not None and best[1] <= first.lower_bound_s * (1 + 1e-9):
@@ -160,11 +162,33 @@ def solve_cover_round(graph: Graph, budget_bytes: int, first: Bound, options: So
             break
         bound = covering_bound(graph, budget_bytes - margin, replace(options, time_limit_s=left / 2))
         solves += 1
+    kept = 0
+    if best is not None and (first.lower_bound_s is None or best[1] > first.lower_bound_s * (1 + 1e-9)):
+        best, kept = keep_what_fits(graph, budget_bytes, best, best_how, small, deadline)
     wall_s = time.perf_counter() - started
-    detail = {"tried": tried, "covering_solves": solves}
+    detail = {"tried": tried, "covering_solves": solves, "drops_undone": kept}
     if best is None:
         return SolverResult("cover-round", NO_SOLUTION, None, wall_s=wall_s, detail=detail,
                             message="dropping what the covering bound recomputes overshoots the budget")
     schedule, seconds, peak = best
     return SolverResult("cover-round", FEASIBLE, schedule, objective_s=seconds, wall_s=wall_s, detail=detail,
                         message=f"drops the values the covering bound recomputes ({solves} covering solve(s))")
+
+
+def keep_what_fits(graph: Graph, budget_bytes: int, best: tuple[Schedule, float, int], how: tuple, small: int,
+                   deadline: float) -> tuple[tuple[Schedule, float, int], int]:
+    """Undo drops one at a time, the costliest to recompute first, while the schedule still fits (the covering
+    solution drops what its accounting needs, which can be more than the schedule needs). Until the deadline.
+    Returns the best schedule and how many drops were undone."""
+    dropped, rule, reuse, hold = how
+    dropped = list(dropped)
+    undone = 0
+    for v in sorted(dropped, key=lambda v: graph.nodes[v].compute_s, reverse=True):
+        if time.perf_counter() > deadline:
+            break
+        fewer = tuple(d for d in dropped if d != v)
+        schedule = schedule_for_drops(graph, fewer, rule, reuse, small if hold else 0)
+        sim = simulate(graph, schedule)
+        if sim.peak_bytes <= budget_bytes and sim.compute_s < best[1]:
+            best, dropped, undone = (schedule, sim.compute_s, sim.peak_bytes), list(fewer), undone + 1
+    return best, undone
