@@ -398,12 +398,38 @@ _MLP_WALK_LIMIT = 64  # nodes between an MLP's input and output matmuls (GELU's 
 
 
 def _mlp_ending_at(exit: torch.fx.Node) -> Region | None:
-    """The MLP whose output matmul is `exit`, or None. Walking back from the matmul's row operand through
-    pointwise ops, views and casts, every path must end at a matmul (an input of the MLP) or at a value that is
-    not computed from those matmuls (a bias, a constant)."""
+    """The MLP whose output matmul is `exit`, or None: every op between its input matmuls and `exit` is
+    pointwise, a view or a cast, row-wise, and widens the rows by WIDENING at least."""
     rows = int(_val(exit).shape[0])
+    found = _between_matmuls(exit, _pointwise_or_view, _MLP_WALK_LIMIT) if rows >= 2 else None
+    if found is None:
+        return None
+    ordered, entries = found
+    members = set(ordered)
+    prefix: dict[torch.fx.Node, int] = {}
+    try:
+        for node in ordered:
+            prefix[node] = _check(node, prefix, rows, members)
+    except Unsplittable:
+        return None
+    largest = max(_bytes(_val(n)) for n in ordered)
+    if largest < WIDENING * _bytes(_val(exit)):
+        return None
+    return Region(tuple(n.name for n in ordered), (), rows, largest, _module_of([*entries, exit]), exit.name)
+
+
+def _pointwise_or_view(node: torch.fx.Node) -> bool:
+    return (node.target in _SAME_SHAPE or node.target in _VIEWS
+            or torch.Tag.pointwise in getattr(node.target, "tags", ()))
+
+
+def _between_matmuls(exit: torch.fx.Node, passes, limit: int) -> tuple[list[torch.fx.Node], set[torch.fx.Node]] | None:
+    """The nodes from the matmuls that feed `exit`'s row operand (through ops that `passes`) to `exit`, in graph
+    order, and those input matmuls. Walking back from the row operand, every path must end at a matmul or at a
+    value not computed from one (a bias, a constant, a mask). None when no matmul is reached, the walk passes
+    `limit` nodes, or a value between them is read outside."""
     row_operand = exit.args[1] if exit.target is aten.addmm.default else exit.args[0]
-    if rows < 2 or not isinstance(row_operand, torch.fx.Node):
+    if not isinstance(row_operand, torch.fx.Node):
         return None
     walked: set[torch.fx.Node] = set()
     entries: set[torch.fx.Node] = set()
@@ -416,37 +442,28 @@ def _mlp_ending_at(exit: torch.fx.Node) -> Region | None:
             entries.add(node)
             continue
         walked.add(node)
-        if len(walked) > _MLP_WALK_LIMIT:
+        if len(walked) > limit:
             return None
-        passes = node.op == "call_function" and (node.target in _SAME_SHAPE or node.target in _VIEWS
-                                                 or torch.Tag.pointwise in getattr(node.target, "tags", ()))
-        if passes:
+        if node.op == "call_function" and passes(node):
             stack.extend(node.all_input_nodes)
-    if not entries:
-        return None
     # members: the input matmuls, what is computed from them on the way, and the output matmul
     members = set(entries)
     for node in exit.graph.nodes:  # graph order: inputs before users
         if node in walked and any(x in members for x in node.all_input_nodes):
             members.add(node)
-    if row_operand not in members:
+    if not entries or row_operand not in members:
         return None
     members.add(exit)
     ordered = [n for n in exit.graph.nodes if n in members]
-    prefix: dict[torch.fx.Node, int] = {}
-    try:
-        for node in ordered:
-            if node is not exit and any(u not in members and u.target not in _DROPPED for u in node.users):
-                raise Unsplittable(f"{node.name} is read outside the MLP")
-            prefix[node] = _check(node, prefix, rows, members)
-    except Unsplittable:
-        return None
-    largest = max(_bytes(_val(n)) for n in ordered)
-    if largest < WIDENING * _bytes(_val(exit)):
-        return None
-    paths = [(n.meta.get("custom") or {}).get("module", "") for n in (*entries, exit)]
-    module = ".".join(os.path.commonprefix([p.split(".") for p in paths])) if all(paths) else ""
-    return Region(tuple(n.name for n in ordered), (), rows, largest, module, exit.name)
+    if any(u not in members and u.target not in _DROPPED for n in ordered if n is not exit for u in n.users):
+        return None  # a value between the matmuls is read by the rest of the step
+    return ordered, entries
+
+
+def _module_of(nodes: Sequence[torch.fx.Node]) -> str:
+    """The module path the nodes share ("lm.transformer.h.0.mlp"), "" when one has none."""
+    paths = [(n.meta.get("custom") or {}).get("module", "") for n in nodes]
+    return ".".join(os.path.commonprefix([p.split(".") for p in paths])) if all(paths) else ""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -707,47 +724,26 @@ def find_attention(forward: torch.fx.GraphModule, batch: int) -> list[Region]:
 
 
 def _attention_ending_at(exit: torch.fx.Node, batch: int) -> Region | None:
-    row_operand = exit.args[1] if exit.target is aten.addmm.default else exit.args[0]
-    if batch < 2 or not isinstance(row_operand, torch.fx.Node) or int(_val(exit).shape[0]) % batch:
+    if batch < 2 or int(_val(exit).shape[0]) % batch:
         return None
-    walked: set[torch.fx.Node] = set()
-    entries: set[torch.fx.Node] = set()
-    stack = [row_operand]
-    while stack:
-        node = stack.pop()
-        if node in walked or node in entries:
-            continue
-        if node.op == "call_function" and node.target in _MATMULS:
-            entries.add(node)
-            continue
-        walked.add(node)
-        if len(walked) > _ATTENTION_WALK_LIMIT:
-            return None
-        passes = node.op == "call_function" and (node.target in _BATCHED
-                                                 or torch.Tag.pointwise in getattr(node.target, "tags", ()))
-        if passes:
-            stack.extend(node.all_input_nodes)
-    if not entries:
+    found = _between_matmuls(exit, _keeps_examples_apart, _ATTENTION_WALK_LIMIT)
+    if found is None:
         return None
-    members = set(entries)
-    for node in exit.graph.nodes:
-        if node in walked and any(x in members for x in node.all_input_nodes):
-            members.add(node)
-    if row_operand not in members or not any(n.target in _SDPA or n.target is aten.bmm.default for n in members):
-        return None
-    members.add(exit)
-    ordered = [n for n in exit.graph.nodes if n in members]
+    ordered, entries = found
+    if not any(n.target in _SDPA or n.target is aten.bmm.default for n in ordered):
+        return None  # nothing mixes positions: an MLP
+    members = set(ordered)
     try:
         for node in ordered:
-            if node is not exit and any(u not in members and u.target not in _DROPPED for u in node.users):
-                raise Unsplittable(f"{node.name} is read outside the attention block")
             _check_batched(node, batch, members)
     except Unsplittable:
         return None
-    paths = [(n.meta.get("custom") or {}).get("module", "") for n in (*entries, exit)]
-    module = ".".join(os.path.commonprefix([p.split(".") for p in paths])) if all(paths) else ""
     largest = max(_bytes(_val(n)) for n in ordered)
-    return Region(tuple(n.name for n in ordered), (), batch, largest, module, exit.name)
+    return Region(tuple(n.name for n in ordered), (), batch, largest, _module_of([*entries, exit]), exit.name)
+
+
+def _keeps_examples_apart(node: torch.fx.Node) -> bool:
+    return node.target in _BATCHED or torch.Tag.pointwise in getattr(node.target, "tags", ())
 
 
 def _per_example(value: Any, batch: int) -> bool:

@@ -120,6 +120,16 @@ def check_bytes(graph, schedule, result, exact):
         assert 0.8 * planned.activation_peak_bytes <= result.peak_live_bytes <= planned.activation_peak_bytes
 
 
+def assert_replays_like_eager(name, model, example_inputs, step, graph, inputs):
+    """Store-all and checkpoint-all schedules of the split step give eager's loss and gradients, with the bytes
+    the simulator plans."""
+    for schedule_name in ("store-all", "checkpoint-all"):
+        schedule = schedule_for(graph, schedule_name)
+        result = replay(step, graph, schedule, inputs)
+        assert_close_to_eager(model, example_inputs, step, result)
+        check_bytes(graph, schedule, result, exact=name != "gpt2-tiny")
+
+
 @pytest.mark.parametrize(("name", "chunks", "module", "along"), [
     ("gpt2-tiny", 4, "lm.lm_head", "batch*seq"),  # tied to the embedding
     ("llama-tiny", 3, "lm.lm_head", "batch*seq"),  # RMSNorm, SwiGLU, RoPE; 24 rows in chunks of 8
@@ -130,11 +140,7 @@ def check_bytes(graph, schedule, result, exact):
 def test_split_step_replays_to_the_unsplit_loss_and_gradients(name, chunks, module, along):
     model, example_inputs, step, split, graph, inputs = split_setup(name, chunks)
     assert (split.chunks, split.region, split.along) == (chunks, f"{module}+loss", along)
-    for schedule_name in ("store-all", "checkpoint-all"):
-        schedule = schedule_for(graph, schedule_name)
-        result = replay(step, graph, schedule, inputs)
-        assert_close_to_eager(model, example_inputs, step, result)
-        check_bytes(graph, schedule, result, exact=name != "gpt2-tiny")
+    assert_replays_like_eager(name, model, example_inputs, step, graph, inputs)
 
 
 def test_a_streamed_head_replays_exactly_and_lowers_the_peak():
@@ -248,11 +254,7 @@ def test_split_mlps_replay_to_the_unsplit_loss_and_gradients(name, chunks, mlp_c
     assert (split.chunks, split.mlp_chunks) == (chunks, mlp_chunks)
     blocks = "transformer.h" if name == "gpt2-tiny" else "model.layers"
     assert split.mlps == f"2 x lm.{blocks}.*.mlp" and f"into {mlp_chunks} chunks" in split.describe()
-    for schedule_name in ("store-all", "checkpoint-all"):
-        schedule = schedule_for(graph, schedule_name)
-        result = replay(step, graph, schedule, inputs)
-        assert_close_to_eager(model, example_inputs, step, result)
-        check_bytes(graph, schedule, result, exact=name != "gpt2-tiny")
+    assert_replays_like_eager(name, model, example_inputs, step, graph, inputs)
 
 
 def test_an_mlp_runs_once_per_chunk_forward_and_backward():
@@ -337,11 +339,7 @@ def test_every_attention_block_is_found(name, blocks, nodes_at_least):
 def test_split_attention_replays_to_the_unsplit_loss_and_gradients(name, chunks, mlp_chunks, attention_chunks):
     model, example_inputs, step, split, graph, inputs = split_setup(name, chunks, mlp_chunks, attention_chunks)
     assert split.attention_chunks == attention_chunks and "along batch" in split.describe()
-    for schedule_name in ("store-all", "checkpoint-all"):
-        schedule = schedule_for(graph, schedule_name)
-        result = replay(step, graph, schedule, inputs)
-        assert_close_to_eager(model, example_inputs, step, result)
-        check_bytes(graph, schedule, result, exact=name != "gpt2-tiny")
+    assert_replays_like_eager(name, model, example_inputs, step, graph, inputs)
     assert chunk_of(step, ATTENTION)
 
 
