@@ -165,8 +165,8 @@ class SplitTracer:
     def lowering(self, progress: Callable[[str], None] | None = None) -> Iterator[Variant]:
         """Split variants of the step, each lowering the single-op floor or the reach of the one before by more
         than FLOOR_GAIN. The chunk count doubles for the region that holds the largest op or the op at
-        checkpoint-all's peak (the head's, or the MLPs'), or for both when doubling either alone does not lower
-        them. None when there is nothing to split. Traced as they are asked for and kept."""
+        checkpoint-all's peak (the head's, the MLPs' or the attention blocks'), or for both when doubling either
+        alone does not lower them. None when there is nothing to split. Traced as they are asked for and kept."""
         current = self.unsplit
         while True:
             regions = self._limiting(current)
@@ -197,8 +197,8 @@ class SplitTracer:
         if max(key) > CHUNK_COUNTS[-1]:
             return None
         if progress and key not in self.variants:
-            progress(f"tracing the head in {key[0]} chunks" + (f", the MLPs in {key[1]}" if key[1] > 1 else "")
-                     + (f", attention in {key[2]}" if key[2] > 1 else ""))
+            parts = zip(("the head in {} chunks", "the MLPs in {}", "attention in {}"), key, strict=True)
+            progress("tracing " + ", ".join(text.format(k) for text, k in parts if k > 1))
         return self.variant(*key)
 
     def _region_of(self, variant: Variant, node_index: int) -> str | None:
