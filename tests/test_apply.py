@@ -373,18 +373,24 @@ def test_remat_run_measures_a_plan_file_and_refuses_bad_ones(tmp_path):
     assert too_small.exit_code == 2 and "minimum feasible budget" in too_small.output
 
 
+def _apply_split(name: str, batch: int, seq: int, budget_mb: float):
+    """`remat.apply` on a zoo model at `budget_mb`: the plan fits, and one measured step of it has the planned bytes
+    and eager's loss and gradients. Returns the spec, an untouched copy of the model, and the plan's split."""
+    torch.manual_seed(0)
+    spec = build_model(name, batch=batch, seq=seq)
+    reference = copy.deepcopy(spec.model)
+    planned = apply(spec.model, budget=f"{budget_mb}MB", example_inputs=spec.example_inputs, device="cpu",
+                    time_limit=TIME_LIMIT)
+    assert planned.planned.simulation.peak_bytes <= budget_mb * 10**6
+    _check_split_step(planned, spec, copy.deepcopy(reference))
+    return spec, reference, planned.planned.graph.meta["split"]
+
+
 def test_apply_with_a_budget_below_the_unsplit_floor_splits_the_head(tmp_path):
     """llama-tiny at batch 8, seq 64: the loss head alone needs 16.05 MB unsplit; at 15 MB only a split step fits.
     apply splits it as `remat solve` would, and runs it with the memory it planned."""
-    torch.manual_seed(0)
-    spec = build_model("llama-tiny", batch=8, seq=64)
-    reference = copy.deepcopy(spec.model)
-    planned = apply(spec.model, budget="15MB", example_inputs=spec.example_inputs, device="cpu",
-                    time_limit=TIME_LIMIT)
-    split = planned.planned.graph.meta["split"]
+    spec, reference, split = _apply_split("llama-tiny", 8, 64, 15)
     assert split["chunks"] > 1 and split["region"].endswith("+loss")
-    assert planned.planned.simulation.peak_bytes <= 15 * 10**6
-    _check_split_step(planned, spec, copy.deepcopy(reference))
     # the plan made by remat.plan carries the split into its file, and apply runs the file
     made = remat.plan(copy.deepcopy(reference), spec.example_inputs, budget="15MB", device="cpu",
                       time_limit=TIME_LIMIT)
@@ -398,28 +404,14 @@ def test_apply_below_what_the_split_head_reaches_splits_the_mlps_too():
     """llama-tiny at batch 8, seq 64: with the head in 4 chunks checkpoint-all still peaks at 14.01 MB, in an MLP's
     backward; with the MLPs split too, at 12.81 MB. At 13.5 MB apply splits both and runs the step exactly as
     planned, through the execute path."""
-    torch.manual_seed(0)
-    spec = build_model("llama-tiny", batch=8, seq=64)
-    reference = copy.deepcopy(spec.model)
-    planned = apply(spec.model, budget="13.5MB", example_inputs=spec.example_inputs, device="cpu",
-                    time_limit=TIME_LIMIT)
-    split = planned.planned.graph.meta["split"]
+    _, _, split = _apply_split("llama-tiny", 8, 64, 13.5)
     assert split["mlp_chunks"] > 1 and split["mlps"] == "2 x lm.model.layers.*.mlp"
-    assert planned.planned.simulation.peak_bytes <= 13.5 * 10**6
-    _check_split_step(planned, spec, copy.deepcopy(reference))
 
 
 def test_apply_far_below_the_unsplit_floor_splits_the_attention_blocks_too():
     """gpt2-tiny at batch 4, seq 128: the unsplit step cannot go below 15.07 MB. At 12.5 MB the plan splits the head,
     the MLPs and the attention blocks (along the batch); the execute path runs it with the bytes it planned and
     eager's loss and gradients."""
-    torch.manual_seed(0)
-    spec = build_model("gpt2-tiny", batch=4, seq=128)
-    reference = copy.deepcopy(spec.model)
-    planned = apply(spec.model, budget="12.5MB", example_inputs=spec.example_inputs, device="cpu",
-                    time_limit=TIME_LIMIT)
-    split = planned.planned.graph.meta["split"]
+    _, _, split = _apply_split("gpt2-tiny", 4, 128, 12.5)
     assert split["attention_chunks"] > 1 and split["attentions"] == "2 x lm.transformer.h.*.attn"
     assert split["chunks"] > 1 and split["mlp_chunks"] > 1
-    assert planned.planned.simulation.peak_bytes <= 12.5 * 10**6
-    _check_split_step(planned, spec, copy.deepcopy(reference))
