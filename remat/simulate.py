@@ -132,3 +132,23 @@ def part_releases(graph: Graph, schedule: Schedule) -> dict[int, list[tuple[int,
             for part in range(len(readers[i])):
                 last_read.pop((i, part), None)
     return releases
+
+
+def live_bytes_at(graph: Graph, schedule: Schedule, position: int) -> dict[int, int]:
+    """The values in memory while instruction `position` runs (its own output included), with the bytes each
+    holds, as simulate counts them: what a plan could give up at its peak."""
+    releases = part_releases(graph, schedule)
+    held: dict[int, int] = {}
+    for index, op in enumerate(schedule.ops[:position + 1]):
+        node = graph.nodes[op.node]
+        if op.kind != COMPUTE:
+            held.pop(op.node, None)
+            continue
+        held.setdefault(op.node, node.output_bytes)
+        if index == position:
+            break
+        for owner, part in releases.get(index, ()):
+            if owner in held:
+                held[owner] -= graph.nodes[owner].part_bytes[part]
+    return held
+

@@ -9,25 +9,30 @@ The schedule: every value is computed at its own stage and held as in store-all,
 computed again at its recomputation points, together with the inputs it needs that are not in memory there
 (dropped ones, and those whose last reader ran before). The rows are emitted with minimal storage
 (solvers/decompose.py's emit), so a dropped value is freed after its last read before such a point. A few ways
-of placing the points (VARIANTS) are each emitted and simulated; the cheapest that fits is the plan. When none
-fits (recomputation transients, inputs held longer), the covering MILP is solved again for a lower budget.
+of placing the points (VARIANTS) are each emitted and simulated; the cheapest that fits is the plan. Where the
+cheap way (values brought back once and held for every later point) overshoots, release_reused lets go of the
+largest held at the peak, one at a time, until it fits. When nothing fits (recomputation transients, inputs
+held longer), the covering MILP is solved again for a lower budget.
 Last, drops are undone one at a time while the schedule still fits (the covering may drop more than needed).
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import replace
 
 from remat.graph import Graph
-from remat.schedule import Schedule
-from remat.simulate import simulate
+from remat.schedule import COMPUTE, Schedule
+from remat.simulate import Simulation, live_bytes_at, simulate
 from solvers.base import FEASIBLE, NO_SOLUTION, SolveOptions, SolverResult
 from solvers.baselines import first_backward_index
 from solvers.bounds import Bound, covering_bound, parts
 from solvers.decompose import emit, prune_rows
 
 MAX_REPAIRS = 4  # covering solves for a moved budget after the first
+MAX_FRESH = 48  # values release_reused may stop holding for later points, one per schedule tried
+NONE: frozenset[int] = frozenset()
 REPAIR_STEPS = 100  # the margin moves no further once it would move by less than this share of the activation budget
 HOLD_SHARE = 1000  # inputs of at most this share of the activation budget may be held rather than recomputed
 # The ways of turning the drops into rows that are tried (each is an emit and a simulation: milliseconds):
@@ -38,13 +43,15 @@ VARIANTS += [("every", False, False), ("every", False, True)]
 
 
 def recompute_points(graph: Graph, v: int, backward_start: int, rule: str) -> list[int]:
-    """Where a dropped value is computed again (none when it has a single reader). "first": at its first reader
+    """Where a dropped value is computed again (none when it is read at once or never). "first": at its first reader
     in the backward (or else its last reader); "longest": at the reader after the longest wait between two reads
     (a U-Net's skip connection, read by the decoder's forward long after the encoder's); "every": before each
     reader but the first (in memory only while read, as the covering bound counts a dropped value)."""
     readers = graph.users[v]
-    if len(readers) < 2:
-        return []
+    if not readers or readers[-1] <= v + 1:
+        return []  # nothing to gain: read by nobody, or right away
+    if len(readers) == 1:
+        return [readers[0]]  # computed at its stage, released at once, made again for its one reader
     if rule == "every":
         return list(readers[1:])
     if rule == "longest":
@@ -54,12 +61,13 @@ def recompute_points(graph: Graph, v: int, backward_start: int, rule: str) -> li
 
 
 def rows_for_drops(graph: Graph, dropped: set[int], rule: str = "first", reuse: bool = False,
-                   hold_bytes: int = 0) -> list[list[int]]:
+                   hold_bytes: int = 0, fresh: frozenset[int] = frozenset()) -> list[list[int]]:
     """Checkmate rows (stage t runs rows[t] in ascending order) that recompute every dropped value at its
     recomputation points (`rule`, see recompute_points), with its missing inputs. `reuse`: a value computed
     again at one point (for itself or as another's input) is held for the points after it that need it, rather
     than computed once more (fewer seconds, more bytes held in the backward). `hold_bytes`: an input of at most
-    this many bytes that is not dropped is held until the point rather than computed again (a weight's cast)."""
+    this many bytes that is not dropped is held until the point rather than computed again (a weight's cast).
+    `fresh`: values never held for later points, even with `reuse` (see release_reused)."""
     backward_start = first_backward_index(graph)
     last_reader = [max(graph.users[v], default=v) for v in range(len(graph))]
     points = {v: recompute_points(graph, v, backward_start, rule) for v in dropped}
@@ -73,7 +81,7 @@ def rows_for_drops(graph: Graph, dropped: set[int], rule: str = "first", reuse: 
 
     def present(d: int, t: int, w: int) -> bool:
         """Whether what w reads of value d is in memory when stage t starts without being computed again there."""
-        if reuse and again.get(d, t + 1) <= t:
+        if reuse and d not in fresh and again.get(d, t + 1) <= t:
             return True  # computed again at an earlier point and held since
         if last_read(d, w) < t:
             return d not in dropped and graph.nodes[d].output_bytes <= hold_bytes  # held on, or gone
@@ -83,7 +91,7 @@ def rows_for_drops(graph: Graph, dropped: set[int], rule: str = "first", reuse: 
 
     pairs = sorted((point, v) for v, at in points.items() for point in at)
     for point, v in pairs:
-        if reuse and again.get(v, point + 1) <= point:
+        if reuse and v not in fresh and again.get(v, point + 1) <= point:
             continue  # already back, held from an earlier point
         needed, stack = set(), [v]
         while stack:  # v and, recursively, its inputs that are not in memory at the point
@@ -99,9 +107,36 @@ def rows_for_drops(graph: Graph, dropped: set[int], rule: str = "first", reuse: 
 
 
 def schedule_for_drops(graph: Graph, dropped: tuple[int, ...], rule: str = "first", reuse: bool = False,
-                       hold_bytes: int = 0) -> Schedule:
-    schedule, _ = emit(graph, prune_rows(graph, rows_for_drops(graph, set(dropped), rule, reuse, hold_bytes)))
+                       hold_bytes: int = 0, fresh: frozenset[int] = frozenset()) -> Schedule:
+    rows = rows_for_drops(graph, set(dropped), rule, reuse, hold_bytes, fresh)
+    schedule, _ = emit(graph, prune_rows(graph, rows))
     return schedule
+
+
+def release_reused(graph: Graph, budget_bytes: int, dropped: tuple[int, ...], rule: str, hold_bytes: int,
+                   deadline: float) -> tuple[Schedule, Simulation, frozenset[int]] | None:
+    """With `reuse`, a value brought back at one point is held for the later points that read it: the fewest
+    seconds, but where the backward brings back a chain (a U-Net's full-resolution stem: convolution, relu,
+    convolution, relu, each read again a few ops apart) every link is held at once. Make values fresh (brought
+    back at each point that needs them, not held in between), the largest held at the peak first, until the
+    schedule fits. The schedule, its simulation and the fresh values; None when it does not fit in MAX_FRESH
+    steps or by the deadline, or nothing held at the peak can be let go."""
+    fresh: set[int] = set()
+    for _ in range(MAX_FRESH):
+        schedule = schedule_for_drops(graph, dropped, rule, True, hold_bytes, frozenset(fresh))
+        sim = simulate(graph, schedule)
+        if sim.peak_bytes <= budget_bytes:
+            return schedule, sim, frozenset(fresh)
+        if time.perf_counter() > deadline:
+            return None
+        peak = schedule.ops[sim.peak_op].node
+        computed = Counter(op.node for op in schedule.ops[:sim.peak_op + 1] if op.kind == COMPUTE)
+        held = [(size, v) for v, size in live_bytes_at(graph, schedule, sim.peak_op).items()
+                if computed[v] > 1 and v not in fresh and v != peak and v not in graph.nodes[peak].deps]
+        if not held:
+            return None
+        fresh.add(max(held)[1])
+    return None
 
 
 def solve_cover_round(graph: Graph, budget_bytes: int, first: Bound, options: SolveOptions | None = None,
@@ -134,9 +169,18 @@ def solve_cover_round(graph: Graph, budget_bytes: int, first: Bound, options: So
             tried.append({"margin_bytes": margin, "dropped": len(bound.recomputed), "rule": rule, "reuse": reuse,
                           "hold_small": hold, "peak_bytes": sim.peak_bytes, "compute_s": sim.compute_s})
             if sim.peak_bytes <= budget_bytes:
-                fits.append((sim.compute_s, sim.peak_bytes, schedule, (bound.recomputed, rule, reuse, hold)))
+                fits.append((sim.compute_s, sim.peak_bytes, schedule, (bound.recomputed, rule, reuse, hold, NONE)))
             else:
                 over.append(sim.peak_bytes - budget_bytes)
+                if reuse:  # the cheap placement overshoots: hold fewer of the values it brings back
+                    released = release_reused(graph, budget_bytes, bound.recomputed, rule, small if hold else 0,
+                                              deadline)
+                    if released is not None:
+                        schedule, sim, fresh = released
+                        tried.append({**tried[-1], "fresh": len(fresh), "peak_bytes": sim.peak_bytes,
+                                      "compute_s": sim.compute_s})
+                        fits.append((sim.compute_s, sim.peak_bytes, schedule,
+                                     (bound.recomputed, rule, reuse, hold, fresh)))
         if fits:
             seconds, peak, schedule, how = min(fits, key=lambda f: f[:2])
             if best is None or seconds < best[1]:
@@ -180,14 +224,14 @@ def keep_what_fits(graph: Graph, budget_bytes: int, best: tuple[Schedule, float,
     """Undo drops one at a time, the costliest to recompute first, while the schedule still fits (the covering
     solution drops what its accounting needs, which can be more than the schedule needs). Until the deadline.
     Returns the best schedule and how many drops were undone."""
-    dropped, rule, reuse, hold = how
+    dropped, rule, reuse, hold, fresh = how
     dropped = list(dropped)
     undone = 0
     for v in sorted(dropped, key=lambda v: graph.nodes[v].compute_s, reverse=True):
         if time.perf_counter() > deadline:
             break
         fewer = tuple(d for d in dropped if d != v)
-        schedule = schedule_for_drops(graph, fewer, rule, reuse, small if hold else 0)
+        schedule = schedule_for_drops(graph, fewer, rule, reuse, small if hold else 0, fresh)
         sim = simulate(graph, schedule)
         if sim.peak_bytes <= budget_bytes and sim.compute_s < best[1]:
             best, dropped, undone = (schedule, sim.compute_s, sim.peak_bytes), list(fewer), undone + 1

@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 from remat.graph import FixedMemory, Graph, Node
 from remat.schedule import COMPUTE, FREE, Op, Schedule
 from remat.simulate import simulate
-from solvers.base import FEASIBLE, NO_SOLUTION, SolveOptions, SolverResult, settled_without_solving
+from solvers.base import FEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions, SolverResult, settled_without_solving
 from solvers.baselines import _in_module, find_blocks, first_backward_index
 from solvers.bounds import parts
 
@@ -46,6 +46,12 @@ MAX_REPAIRS = 8  # DP reruns with a margin when the stitched schedule overshoots
 DP_BINS = 512  # the DP rounds bytes up to this fraction of the capacity
 STEM_OPTIONS = 4  # options for the stem (what runs before the blocks and after their backward): one DP each
 MIN_BLOCK_NODES = 8  # mean forward nodes per block below which `auto` does not decompose (VGG's single layers)
+SOLVED_MAX = 512  # block MILP solutions kept for later budgets (each a schedule of one block: a few KB)
+
+# Block MILP solutions by the block's MILP graph (its gap workspace is the target), its op costs and the back-end: the
+# budgets of a sweep (remat compare, solver_scale) share most targets, so a later budget takes an optimal one
+# as it is and warm-starts from a feasible one. A pure function's memo: the same MILP has the same answers.
+SOLVED: dict[tuple[str, tuple[float, ...], str], tuple[str, Schedule]] = {}
 
 
 # --- layout ------------------------------------------------------------------------------------------
@@ -205,23 +211,29 @@ def block_options(problem: LocalProblem, targets: list[int], options: SolveOptio
     found: list[BlockOption] = [store_all]
     solved: list[tuple[int, Schedule]] = []
     for position, target in enumerate(targets):
-        left = deadline - time.perf_counter()
-        if left <= 0.5:
-            break
-        share = left / (len(targets) - position)
-        warm = max((s for s in solved if s[0] <= target), default=None, key=lambda s: s[0])
         graph = milp_graph(problem, capacity - target)
-        result = solve_checkmate(graph, budget, replace(options, time_limit_s=share, mip_gap=LOCAL_MIP_GAP,
-                                                        warm_start=warm[1] if warm else None),
-                                 constrain=block_rules)
-        if result.schedule is None:
+        key = (graph.content_hash, tuple(node.compute_s for node in graph.nodes), options.backend)
+        status, schedule = SOLVED.get(key, (None, None))
+        left = deadline - time.perf_counter()
+        if status != OPTIMAL and left > 0.5:
+            share = left / (len(targets) - position)
+            warm = max((s for s in solved if s[0] <= target), default=None, key=lambda s: s[0])
+            result = solve_checkmate(graph, budget, replace(options, time_limit_s=share, mip_gap=LOCAL_MIP_GAP,
+                                                            warm_start=schedule or (warm[1] if warm else None)),
+                                     constrain=block_rules)
+            if result.schedule is not None:
+                status, schedule = result.status, result.schedule
+                if len(SOLVED) >= SOLVED_MAX:
+                    SOLVED.pop(next(iter(SOLVED)))  # the oldest
+                SOLVED[key] = (status, schedule)
+        if schedule is None:
             continue
-        R, _ = result.schedule.to_matrices()
+        R, _ = schedule.to_matrices()
         rows = [[i for i in range(t + 1) if R[t][i]] for t in range(n)]
         if any(i != problem.gap for i in rows[problem.gap]):
             continue  # a fallback schedule that runs something in the gap is not an option of this block
-        found.append(option_from_rows(problem, rows, result.status))
-        solved.append((target, result.schedule))
+        found.append(option_from_rows(problem, rows, status))
+        solved.append((target, schedule))
     return found
 
 

@@ -12,9 +12,9 @@ from remat.simulate import simulate
 from solvers.base import NO_SOLUTION, OPTIMAL, SolveOptions
 from solvers.bounds import covering_bound
 from solvers.checkmate import solve_checkmate
-from solvers.cover_round import VARIANTS, schedule_for_drops, solve_cover_round
+from solvers.cover_round import VARIANTS, recompute_points, release_reused, schedule_for_drops, solve_cover_round
 from tests.bruteforce import cheapest_schedule
-from tests.graphs import chain_training_graph
+from tests.graphs import chain_training_graph, make_graph
 from tests.test_solver_properties import EXACT, FAST, budget_between, dags_with_multi_output_ops, random_dags
 
 
@@ -68,3 +68,85 @@ def test_the_covering_bound_holds_against_every_schedule_of_drops(graph, fractio
         assert sim.valid
         if sim.fits(budget):
             assert not bound.proven_infeasible and bound.lower_bound_s <= sim.compute_s * (1 + 1e-9)
+
+
+def chain_with_saved_copies(layers: int = 4, copy_bytes: int = 30, activation_bytes: int = 10):
+    """A chain whose every layer also saves a large, cheap copy of its output that only its backward reads (as
+    MobileNet's in-place hardtanh saves a clone of its input)."""
+    deps, sizes, costs = [], [], []
+    for k in range(layers):
+        deps.append([2 * k - 2] if k else [])  # f_k at 2k
+        sizes.append(activation_bytes)
+        costs.append(1.0)
+        deps.append([2 * k])  # its copy at 2k + 1
+        sizes.append(copy_bytes)
+        costs.append(0.25)
+    loss = len(deps)
+    deps.append([2 * layers - 2])
+    sizes.append(1)
+    costs.append(1.0)
+    grad = loss
+    for k in reversed(range(layers)):
+        deps.append([grad, 2 * k, 2 * k + 1])
+        sizes.append(activation_bytes)
+        costs.append(1.0)
+        grad = len(deps) - 1
+    n = len(deps)
+    return make_graph(deps, sizes, costs, outputs=[loss, n - 1], backward=[i > loss for i in range(n)])
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 0.7])
+def test_a_copy_only_the_backward_reads_is_made_again_for_it_and_proven_optimal(fraction):
+    graph = chain_with_saved_copies()
+    for rule in ("first", "longest", "every"):  # the copy of f_0, read only by the last op (f_0's backward)
+        assert recompute_points(graph, 1, 9, rule) == [len(graph) - 1]
+    budget = budget_between(graph, fraction)
+    plan = solve(graph, budget, time_limit_s=20)
+    milp = solve_checkmate(graph, budget, EXACT)
+    assert plan.method == "cover-round" and plan.status == OPTIMAL
+    assert plan.compute_s == pytest.approx(milp.objective_s, rel=1e-6)
+    assert plan.simulation.fits(budget)
+
+
+def stem_chain(layers: int = 5, large: int = 40, small: int = 4):
+    """A chain of large values (a U-Net's full-resolution stem), a small tail and the loss; in the backward each
+    large value is read twice a few ops apart (relu's backward and the convolution's backward)."""
+    deps: list[list[int]] = [[k - 1] if k else [] for k in range(layers)]
+    sizes = [large] * layers
+    deps += [[layers - 1], [layers]]  # the tail, the loss
+    sizes += [small, 1]
+    loss = layers + 1
+    deps.append([loss, layers])
+    sizes.append(small)
+    for k in reversed(range(layers)):
+        deps.append([len(deps) - 1, k])
+        deps.append([len(deps) - 1, k] + ([k - 1] if k else []))
+        sizes += [small, small]
+    n = len(deps)
+    return make_graph(deps, sizes, [1.0] * n, outputs=[loss, n - 1], backward=[i > loss for i in range(n)])
+
+
+def test_releasing_reused_values_fits_where_reuse_does_not_for_less_than_no_reuse():
+    graph = stem_chain()
+    dropped = tuple(range(5))  # the whole stem: bringing back its top brings back every value below it
+    reused = simulate(graph, schedule_for_drops(graph, dropped, "first", reuse=True))
+    fresh = simulate(graph, schedule_for_drops(graph, dropped, "first", reuse=False))
+    budget = 164
+    assert reused.peak_bytes > budget and fresh.fits(budget)
+    released = release_reused(graph, budget, dropped, "first", 0, deadline=float("inf"))
+    assert released is not None
+    schedule, sim, let_go = released
+    assert sim == simulate(graph, schedule) and sim.valid and sim.fits(budget)
+    assert reused.compute_s < sim.compute_s < fresh.compute_s  # 23 < 29 < 33: some values held, some made again
+    assert let_go and let_go < set(dropped)
+
+
+@FAST
+@given(graph=dags_with_multi_output_ops(), fraction=st.floats(0.0, 1.0), drops=st.sets(st.integers(0, 7)))
+def test_released_schedules_are_valid_and_fit(graph, fraction, drops):
+    budget = budget_between(graph, fraction)
+    dropped = tuple(v for v in sorted(drops) if v < len(graph))
+    released = release_reused(graph, budget, dropped, "first", 0, deadline=float("inf"))
+    if released is not None:
+        schedule, sim, _ = released
+        assert sim.valid and sim.fits(budget) and simulate(graph, schedule) == sim
