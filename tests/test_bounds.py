@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 
+from remat.planner import _tighten_bound, solve
 from remat.schedule import Schedule
 from remat.simulate import simulate
-from solvers.base import SolveOptions
+from solvers.base import OPTIMAL, SolveOptions
 from solvers.bounds import covering_bound
 from solvers.cover_round import solve_cover_round
-from tests.graphs import make_graph
+from tests.graphs import chain_training_graph, make_graph
+from tests.test_solver_properties import budget_between
 
 
 def test_an_input_output_that_the_op_does_not_read_may_be_recomputed():
@@ -45,3 +48,19 @@ def test_recomputing_a_value_needs_the_released_output_it_reads_back():
     plan = solve_cover_round(graph, 12, bound)  # drop S: it meets the bound
     assert plan.objective_s == pytest.approx(graph.compute_s + 1.0)
     assert simulate(graph, plan.schedule).fits(12)
+
+
+def test_time_a_plan_leaves_raises_a_cut_short_covering_bound_to_a_proof():
+    graph = chain_training_graph(layers=10, activation_bytes=10)
+    budget = budget_between(graph, 0.5)
+    plan = solve(graph, budget, time_limit_s=20)
+    assert plan.status == OPTIMAL and plan.compute_s > graph.compute_s
+    # the same plan as if its covering MILP had been stopped at its root: the bound is only "every node once"
+    cut = dataclasses.replace(plan, status="feasible", lower_bound_s=graph.compute_s,
+                              lower_bound_method="covering (dual bound at the time limit)")
+    now = time.perf_counter()
+    assert _tighten_bound(cut, now, now + 1.0, print) is cut  # under TIGHTEN_MIN_S left: nothing to do
+    tightened = _tighten_bound(cut, now, now + 20.0, print)
+    assert tightened.status == OPTIMAL and tightened.lower_bound_method == "covering"
+    assert tightened.lower_bound_s == pytest.approx(plan.compute_s, rel=1e-9)
+    assert tightened.schedule is plan.schedule
