@@ -312,8 +312,10 @@ def _console() -> Console:
 @click.option("--precision", default="bf16-mixed", show_default=True, type=click.Choice(["bf16-mixed", "fp32"]))
 @click.option("--optimizer", default="adamw", show_default=True,
               type=click.Choice(["adamw", "adam", "sgd", "sgd-momentum", "none"]))
-@click.option("--solvers", default="checkmate,store-all,checkpoint-all,chen-sqrtn,per-block,compile-budget",
-              show_default=True, help="Methods to compare: MILP solvers, baselines, compile-budget[-B].")
+@click.option("--solvers", default="auto,store-all,checkpoint-all,chen-sqrtn,per-block,compile-budget",
+              show_default=True,
+              help="Methods to compare: remat's planners (auto: as remat solve plans; checkmate, decompose, lp-round, "
+                   "cpsat), baselines, compile-budget[-B].")
 @click.option("--time-limit", default=30.0, show_default=True, type=click.FloatRange(min=0.1),
               help="Seconds for each MILP solve (one per budget).")
 @click.option("--max-batch", "with_max_batch", is_flag=True,
@@ -382,8 +384,9 @@ def compare(model, budget, batch, seq, device, precision, optimizer, solvers, ti
 @click.option("--precision", default="bf16-mixed", show_default=True, type=click.Choice(["bf16-mixed", "fp32"]))
 @click.option("--optimizer", default="adamw", show_default=True,
               type=click.Choice(["adamw", "adam", "sgd", "sgd-momentum", "none"]))
-@click.option("--solvers", default="store-all,per-block,compile-budget,checkmate", show_default=True,
-              help="Methods: baselines, compile-budget (best of 1.0/0.5/0.2/0.0) or compile-budget-B, checkmate.")
+@click.option("--solvers", default="store-all,per-block,compile-budget,auto", show_default=True,
+              help="Methods: baselines, compile-budget (best of 1.0/0.5/0.2/0.0) or compile-budget-B, "
+                   "auto (remat solve's planner) or another of remat's planners.")
 @click.option("--time-limit", default=20.0, show_default=True, type=click.FloatRange(min=0.1),
               help="Seconds for a MILP solve at one batch (only where no other method's schedule fits).")
 @click.option("--max-overhead", default=None,

@@ -1,6 +1,7 @@
 """Schedules of one graph side by side: every method at every budget, judged by the one simulator.
 
-Methods: remat's planners (checkmate, auto, decompose, lp-round, cpsat: remat's plan, which weighs every
+Methods: remat's planners (auto, the default, is `remat solve`'s plan; checkmate, decompose, lp-round, cpsat by
+name: remat's plan from that solver, which weighs every
 baseline, torch's choices and the previous budget's plan, so its curve never rises and never loses to theirs),
 every baseline by name, and `compile-budget` (torch.compile's partitioner at budgets 1.0, 0.5, 0.2, 0.0) or
 `compile-budget-B`. Optionally each row gets the largest batch its method fits under its budget.
@@ -30,7 +31,7 @@ from solvers.base import FEASIBLE
 from solvers.baselines import BASELINES
 from solvers.registry import solve_with
 
-DEFAULT_METHODS = ("checkmate", "store-all", "checkpoint-all", "chen-sqrtn", "per-block", COMPILE_PREFIX)
+DEFAULT_METHODS = ("auto", "store-all", "checkpoint-all", "chen-sqrtn", "per-block", COMPILE_PREFIX)
 
 
 @dataclass(frozen=True)

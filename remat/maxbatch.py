@@ -6,10 +6,11 @@ bracket, guessing from the peaks at its ends (peak memory is close to affine in 
 as the safeguard. It returns a batch that fits and a batch + 1 that does not, both probed.
 
 Methods: any baseline by name, `compile-budget` (the best of torch.compile's budgets 1.0, 0.5, 0.2, 0.0),
-`compile-budget-B`, and `checkmate` or any other planner of `remat solve` (auto, decompose, lp-round, cpsat): remat's
-plan, the cheapest schedule found among the MILP, every baseline and torch's choices, so its largest batch is
-never below theirs. Like `remat solve`, remat's planners may split the loss head into chunks (remat.split_plan)
-where the unsplit step does not fit: a batch fits if some chunk count fits.
+`compile-budget-B`, and `auto` (the default: `remat solve`'s planner) or another of remat's planners
+(checkmate, decompose, lp-round, cpsat): remat's plan, the cheapest schedule found among the MILP, every
+baseline and torch's choices, so its largest batch is never below theirs. Like `remat solve`, remat's planners
+may split the loss head into chunks (remat.split_plan) where the unsplit step does not fit: a batch fits if
+some chunk count fits.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from solvers.registry import MILP_SOLVERS, solve_with
 
 MAX_BATCH = 1 << 16  # the search stops here
 MILP_METHODS = ("auto", *MILP_SOLVERS)  # remat's planners: checkmate, lp-round, cpsat, decompose, and auto
-DEFAULT_METHODS = ("store-all", "per-block", COMPILE_PREFIX, "checkmate")
+DEFAULT_METHODS = ("store-all", "per-block", COMPILE_PREFIX, "auto")
 
 
 def parse_methods(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
