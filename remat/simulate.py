@@ -151,4 +151,3 @@ def live_bytes_at(graph: Graph, schedule: Schedule, position: int) -> dict[int, 
             if owner in held:
                 held[owner] -= graph.nodes[owner].part_bytes[part]
     return held
-

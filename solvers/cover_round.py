@@ -32,7 +32,7 @@ from solvers.decompose import emit, prune_rows
 
 MAX_REPAIRS = 4  # covering solves for a moved budget after the first
 MAX_FRESH = 48  # values release_reused may stop holding for later points, one per schedule tried
-NONE: frozenset[int] = frozenset()
+NO_FRESH: frozenset[int] = frozenset()  # release_reused's values of a placement that did not need it
 REPAIR_STEPS = 100  # the margin moves no further once it would move by less than this share of the activation budget
 HOLD_SHARE = 1000  # inputs of at most this share of the activation budget may be held rather than recomputed
 # The ways of turning the drops into rows that are tried (each is an emit and a simulation: milliseconds):
@@ -169,7 +169,7 @@ def solve_cover_round(graph: Graph, budget_bytes: int, first: Bound, options: So
             tried.append({"margin_bytes": margin, "dropped": len(bound.recomputed), "rule": rule, "reuse": reuse,
                           "hold_small": hold, "peak_bytes": sim.peak_bytes, "compute_s": sim.compute_s})
             if sim.peak_bytes <= budget_bytes:
-                fits.append((sim.compute_s, sim.peak_bytes, schedule, (bound.recomputed, rule, reuse, hold, NONE)))
+                fits.append((sim.compute_s, sim.peak_bytes, schedule, (bound.recomputed, rule, reuse, hold, NO_FRESH)))
             else:
                 over.append(sim.peak_bytes - budget_bytes)
                 if reuse:  # the cheap placement overshoots: hold fewer of the values it brings back

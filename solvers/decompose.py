@@ -48,9 +48,9 @@ STEM_OPTIONS = 4  # options for the stem (what runs before the blocks and after 
 MIN_BLOCK_NODES = 8  # mean forward nodes per block below which `auto` does not decompose (VGG's single layers)
 SOLVED_MAX = 512  # block MILP solutions kept for later budgets (each a schedule of one block: a few KB)
 
-# Block MILP solutions by the block's MILP graph (its gap workspace is the target), its op costs and the back-end: the
-# budgets of a sweep (remat compare, solver_scale) share most targets, so a later budget takes an optimal one
-# as it is and warm-starts from a feasible one. A pure function's memo: the same MILP has the same answers.
+# Block MILP solutions by the block's MILP graph (its gap workspace is the target), its op costs and the
+# back-end: the budgets of a sweep (remat compare, solver_scale) share most targets, so a later budget takes an
+# optimal one as it is and warm-starts from a feasible one. A pure function's memo: the same MILP, the same answers.
 SOLVED: dict[tuple[str, tuple[float, ...], str], tuple[str, Schedule]] = {}
 
 
