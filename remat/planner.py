@@ -121,8 +121,9 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
     if solver not in SOLVER_NAMES:
         raise ValueError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVER_NAMES)}")
     started = time.perf_counter()
-    plan = _plan(graph, budget_bytes, solver, time_limit_s, backend, progress, known, started)
-    return _tighten_bound(plan, started, started + time_limit_s, progress or (lambda message: None))
+    say = progress or (lambda message: None)
+    plan = _plan(graph, budget_bytes, solver, time_limit_s, backend, say, known, started)
+    return _tighten_bound(plan, started, started + time_limit_s, say)
 
 
 def _covering_gap(graph: Graph) -> float:
@@ -160,10 +161,9 @@ def _tighten_bound(plan: Plan, started: float, deadline: float, say: Callable[[s
 
 
 def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, backend: str,
-          progress: Callable[[str], None] | None, known: Sequence[Candidate], started: float) -> Plan:
+          say: Callable[[str], None], known: Sequence[Candidate], started: float) -> Plan:
     """solve's search, every stage on one deadline from `started`."""
     deadline = started + time_limit_s
-    say = progress or (lambda message: None)
 
     def left(share: float = 1.0) -> float:
         """A share of the time left before the deadline, and never less than MIN_STAGE_S."""

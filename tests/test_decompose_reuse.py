@@ -23,7 +23,7 @@ def milp_calls(monkeypatch) -> list[int]:
         return solve(*args, **kwargs)
 
     monkeypatch.setattr(solvers.checkmate, "solve_checkmate", counted)
-    monkeypatch.setattr("solvers.decompose.SOLVED", {})
+    monkeypatch.setattr(decompose, "SOLVED", {})
     return calls
 
 
