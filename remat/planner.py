@@ -8,6 +8,7 @@ schedule that fits together with every candidate's figures. No torch here.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -20,8 +21,9 @@ from solvers.base import FEASIBLE, INFEASIBLE, NO_SOLUTION, OPTIMAL, SolveOption
 from solvers.baselines import BASELINES
 from solvers.bounds import covering_bound, parts
 from solvers.coarsen import Coarsening, coarsen, contiguous_groups
-from solvers.cover_round import MAX_REPAIRS, solve_cover_round
+from solvers.cover_round import MAX_REPAIRS, Drops, solve_cover_round
 from solvers.decompose import decompose_applies
+from solvers.drop_search import score, search_drops
 from solvers.registry import SOLVER_NAMES, solve_with
 
 MAX_EXACT_NODES = 100  # larger graphs are coarsened to this size (when no decomposition applies)
@@ -35,6 +37,9 @@ MAX_REPAIR_NODES = 600  # larger graphs get one schedule from the bound, no cove
 EXACT_BOUND_GAP = 1e-9  # the covering MILP's relative gap on graphs up to MAX_REPAIR_NODES
 TIGHTEN_MIN_S = 2.0  # the least time left worth solving a cut-short covering bound again
 TIGHTEN_SHARE = 0.9  # of the time left, for that solve (the rest covers building it)
+SEARCH_MIN_GAP = 1e-3  # a plan further than this from its bound is searched from cover-round's drops
+SEARCH_MIN_S = 1.0  # the least time left worth that search
+MAX_SEARCH_NODES = 600  # larger graphs (GPT-2's, gaps under 1.2%) take tens of ms a move: no search
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,7 @@ class Candidate:
     simulation: Simulation | None
     wall_s: float
     message: str = ""
+    drops: Drops | None = None  # what the schedule drops, when it comes from cover-round or drop-search
 
     def fits(self, budget_bytes: int) -> bool:
         return self.simulation is not None and self.simulation.fits(budget_bytes)
@@ -123,7 +129,8 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
     started = time.perf_counter()
     say = progress or (lambda message: None)
     plan = _plan(graph, budget_bytes, solver, time_limit_s, backend, say, known, started)
-    return _tighten_bound(plan, started, started + time_limit_s, say)
+    plan = _tighten_bound(plan, started, started + time_limit_s, say)
+    return _search(plan, started, started + time_limit_s, say) if solver == "auto" else plan
 
 
 def _covering_gap(graph: Graph) -> float:
@@ -158,6 +165,30 @@ def _tighten_bound(plan: Plan, started: float, deadline: float, say: Callable[[s
     status = OPTIMAL if plan.compute_s <= covering.lower_bound_s * (1 + 1e-9) else FEASIBLE
     return replace(plan, lower_bound_s=min(covering.lower_bound_s, plan.compute_s), status=status,
                    wall_s=time.perf_counter() - started, lower_bound_method=covering.method)
+
+
+def _search(plan: Plan, started: float, deadline: float, say: Callable[[str], None]) -> Plan:
+    """When the plan is further than SEARCH_MIN_GAP from its bound and time is left, anneal from the drops of the
+    best cover-round schedule until the deadline (solvers/drop_search.py): a cheaper schedule that fits is the plan,
+    proven optimal when it meets the bound. Graphs up to MAX_SEARCH_NODES."""
+    left = deadline - time.perf_counter()
+    starts = [c for c in plan.candidates if c.drops is not None]
+    if (plan.status != FEASIBLE or plan.gap is None or plan.gap <= SEARCH_MIN_GAP or left < SEARCH_MIN_S
+            or len(plan.graph) > MAX_SEARCH_NODES or not starts):
+        return plan
+    # the start: the cover-round schedule with the best score (seconds, weighed up by any overshoot)
+    start = min(starts, key=lambda c: score(c.simulation, plan.budget_bytes) if c.simulation else math.inf)
+    say(f"searching from cover-round's drops ({left:.0f} s)")
+    result = search_drops(plan.graph, plan.budget_bytes, start.drops, SolveOptions(time_limit_s=left),
+                          lower_bound_s=plan.lower_bound_s)
+    searched = _candidate(plan.graph, "drop-search", result, result.schedule)
+    plan = replace(plan, candidates=(*plan.candidates, searched), wall_s=time.perf_counter() - started)
+    if not searched.fits(plan.budget_bytes) or searched.simulation.compute_s >= plan.compute_s:
+        return plan
+    status = OPTIMAL if searched.simulation.compute_s <= plan.lower_bound_s * (1 + 1e-9) else FEASIBLE
+    return replace(plan, method=searched.method, status=status, schedule=searched.schedule,
+                   simulation=searched.simulation, message=f"{searched.message}; {plan.method} gave "
+                   f"{plan.compute_s:.6g} s", picked=f"{plan.picked}; then drop-search from cover-round's drops")
 
 
 def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, backend: str,
@@ -369,7 +400,7 @@ def _candidate(graph: Graph, method: str, result: SolverResult, schedule: Schedu
     if schedule is not None:  # free each value at its last read, as the executor's graphs do
         schedule = tighten_frees(graph, schedule)
         simulation = simulate(graph, schedule)
-    return Candidate(method, status, schedule, simulation, result.wall_s, result.message)
+    return Candidate(method, status, schedule, simulation, result.wall_s, result.message, result.detail.get("drops"))
 
 
 def _finish(graph: Graph, budget_bytes: int, preference: list[Candidate], candidates: list[Candidate],

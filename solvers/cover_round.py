@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from remat.graph import Graph
 from remat.schedule import COMPUTE, Schedule
@@ -32,7 +32,6 @@ from solvers.decompose import emit, prune_rows
 
 MAX_REPAIRS = 4  # covering solves for a moved budget after the first
 MAX_FRESH = 48  # values release_reused may stop holding for later points, one per schedule tried
-NO_FRESH: frozenset[int] = frozenset()  # release_reused's values of a placement that did not need it
 REPAIR_STEPS = 100  # the margin moves no further once it would move by less than this share of the activation budget
 HOLD_SHARE = 1000  # inputs of at most this share of the activation budget may be held rather than recomputed
 # The ways of turning the drops into rows that are tried (each is an emit and a simulation: milliseconds):
@@ -40,6 +39,18 @@ HOLD_SHARE = 1000  # inputs of at most this share of the activation budget may b
 VARIANTS = [(rule, reuse, hold) for rule in ("first", "longest") for reuse, hold in ((True, False), (False, False),
                                                                                      (True, True))]
 VARIANTS += [("every", False, False), ("every", False, True)]
+
+
+@dataclass(frozen=True)
+class Drops:
+    """Which values a schedule drops and how rows_for_drops brings them back: the covering solution's drops turned
+    into a schedule by one variant, or a point of solvers/drop_search.py's search."""
+
+    dropped: tuple[int, ...]  # values computed again at their recomputation points
+    rule: str = "first"  # where a dropped value comes back (recompute_points)
+    reuse: bool = False  # a value brought back is held for the later points that need it
+    hold_bytes: int = 0  # inputs of at most this many bytes are held rather than computed again
+    fresh: frozenset[int] = frozenset()  # values never held for later points, even with reuse (release_reused)
 
 
 def recompute_points(graph: Graph, v: int, backward_start: int, rule: str) -> list[int]:
@@ -106,27 +117,27 @@ def rows_for_drops(graph: Graph, dropped: set[int], rule: str = "first", reuse: 
     return rows
 
 
-def schedule_for_drops(graph: Graph, dropped: tuple[int, ...], rule: str = "first", reuse: bool = False,
-                       hold_bytes: int = 0, fresh: frozenset[int] = frozenset()) -> Schedule:
-    rows = rows_for_drops(graph, set(dropped), rule, reuse, hold_bytes, fresh)
+def schedule_for_drops(graph: Graph, drops: Drops) -> Schedule:
+    rows = rows_for_drops(graph, set(drops.dropped), drops.rule, drops.reuse, drops.hold_bytes, drops.fresh)
     schedule, _ = emit(graph, prune_rows(graph, rows))
     return schedule
 
 
-def release_reused(graph: Graph, budget_bytes: int, dropped: tuple[int, ...], rule: str, hold_bytes: int,
-                   deadline: float) -> tuple[Schedule, Simulation, frozenset[int]] | None:
+def release_reused(graph: Graph, budget_bytes: int, drops: Drops, deadline: float) -> tuple[Schedule, Simulation,
+                                                                                             Drops] | None:
     """With `reuse`, a value brought back at one point is held for the later points that read it: the fewest
     seconds, but where the backward brings back a chain (a U-Net's full-resolution stem: convolution, relu,
     convolution, relu, each read again a few ops apart) every link is held at once. Make values fresh (brought
     back at each point that needs them, not held in between), the largest held at the peak first, until the
-    schedule fits. The schedule, its simulation and the fresh values; None when it does not fit in MAX_FRESH
-    steps or by the deadline, or nothing held at the peak can be let go."""
+    schedule fits. The schedule, its simulation and its drops (`drops` with reuse and the fresh values); None
+    when it does not fit in MAX_FRESH steps or by the deadline, or nothing held at the peak can be let go."""
     fresh: set[int] = set()
     for _ in range(MAX_FRESH):
-        schedule = schedule_for_drops(graph, dropped, rule, True, hold_bytes, frozenset(fresh))
+        released = replace(drops, reuse=True, fresh=frozenset(fresh))
+        schedule = schedule_for_drops(graph, released)
         sim = simulate(graph, schedule)
         if sim.peak_bytes <= budget_bytes:
-            return schedule, sim, frozenset(fresh)
+            return schedule, sim, released
         if time.perf_counter() > deadline:
             return None
         peak = schedule.ops[sim.peak_op].node
@@ -155,7 +166,7 @@ def solve_cover_round(graph: Graph, budget_bytes: int, first: Bound, options: So
     fitted, overshot = None, None  # the smallest margin at which a variant fit; the largest below it that did not
     room = 0  # bytes the best variant at `fitted` leaves under the budget
     best: tuple[Schedule, float, int] | None = None
-    best_how: tuple = ()  # the drops and the variant of the best schedule
+    best_drops: Drops | None = None  # the drops and the variant of the best schedule
     tried = []
     solves = 1
     for attempt in range(repairs + 1):
@@ -163,28 +174,27 @@ def solve_cover_round(graph: Graph, budget_bytes: int, first: Bound, options: So
             break
         over, fits = [], []
         for rule, reuse, hold in VARIANTS:
-            schedule = schedule_for_drops(graph, bound.recomputed, rule, reuse, small if hold else 0)
+            drops = Drops(bound.recomputed, rule, reuse, small if hold else 0)
+            schedule = schedule_for_drops(graph, drops)
             sim = simulate(graph, schedule)
             assert sim.valid, sim.errors  # emit is valid for any rows
             tried.append({"margin_bytes": margin, "dropped": len(bound.recomputed), "rule": rule, "reuse": reuse,
                           "hold_small": hold, "peak_bytes": sim.peak_bytes, "compute_s": sim.compute_s})
             if sim.peak_bytes <= budget_bytes:
-                fits.append((sim.compute_s, sim.peak_bytes, schedule, (bound.recomputed, rule, reuse, hold, NO_FRESH)))
+                fits.append((sim.compute_s, sim.peak_bytes, schedule, drops))
             else:
                 over.append(sim.peak_bytes - budget_bytes)
                 if reuse:  # the cheap placement overshoots: hold fewer of the values it brings back
-                    released = release_reused(graph, budget_bytes, bound.recomputed, rule, small if hold else 0,
-                                              deadline)
+                    released = release_reused(graph, budget_bytes, drops, deadline)
                     if released is not None:
-                        schedule, sim, fresh = released
-                        tried.append({**tried[-1], "fresh": len(fresh), "peak_bytes": sim.peak_bytes,
+                        schedule, sim, drops = released
+                        tried.append({**tried[-1], "fresh": len(drops.fresh), "peak_bytes": sim.peak_bytes,
                                       "compute_s": sim.compute_s})
-                        fits.append((sim.compute_s, sim.peak_bytes, schedule,
-                                     (bound.recomputed, rule, reuse, hold, fresh)))
+                        fits.append((sim.compute_s, sim.peak_bytes, schedule, drops))
         if fits:
-            seconds, peak, schedule, how = min(fits, key=lambda f: f[:2])
+            seconds, peak, schedule, drops = min(fits, key=lambda f: f[:2])
             if best is None or seconds < best[1]:
-                best, best_how = (schedule, seconds, peak), how
+                best, best_drops = (schedule, seconds, peak), drops
             if fitted is None or margin < fitted:
                 fitted, room = margin, budget_bytes - peak
             if first.lower_bound_s is not None and best[1] <= first.lower_bound_s * (1 + 1e-9):
@@ -208,9 +218,12 @@ def solve_cover_round(graph: Graph, budget_bytes: int, first: Bound, options: So
         solves += 1
     kept = 0
     if best is not None and (first.lower_bound_s is None or best[1] > first.lower_bound_s * (1 + 1e-9)):
-        best, kept = keep_what_fits(graph, budget_bytes, best, best_how, small, deadline)
+        best, best_drops, kept = keep_what_fits(graph, budget_bytes, best, best_drops, deadline)
     wall_s = time.perf_counter() - started
-    detail = {"tried": tried, "covering_solves": solves, "drops_undone": kept}
+    # "drops": the best schedule's, or the covering solution's when none fits (solvers/drop_search.py starts there)
+    if best_drops is None and first.recomputed is not None:
+        best_drops = Drops(first.recomputed)
+    detail = {"tried": tried, "covering_solves": solves, "drops_undone": kept, "drops": best_drops}
     if best is None:
         return SolverResult("cover-round", NO_SOLUTION, None, wall_s=wall_s, detail=detail,
                             message="dropping what the covering bound recomputes overshoots the budget")
@@ -219,20 +232,18 @@ def solve_cover_round(graph: Graph, budget_bytes: int, first: Bound, options: So
                         message=f"drops the values the covering bound recomputes ({solves} covering solve(s))")
 
 
-def keep_what_fits(graph: Graph, budget_bytes: int, best: tuple[Schedule, float, int], how: tuple, small: int,
-                   deadline: float) -> tuple[tuple[Schedule, float, int], int]:
+def keep_what_fits(graph: Graph, budget_bytes: int, best: tuple[Schedule, float, int], drops: Drops,
+                   deadline: float) -> tuple[tuple[Schedule, float, int], Drops, int]:
     """Undo drops one at a time, the costliest to recompute first, while the schedule still fits (the covering
     solution drops what its accounting needs, which can be more than the schedule needs). Until the deadline.
-    Returns the best schedule and how many drops were undone."""
-    dropped, rule, reuse, hold, fresh = how
-    dropped = list(dropped)
+    Returns the best schedule, its drops and how many drops were undone."""
     undone = 0
-    for v in sorted(dropped, key=lambda v: graph.nodes[v].compute_s, reverse=True):
+    for v in sorted(drops.dropped, key=lambda v: graph.nodes[v].compute_s, reverse=True):
         if time.perf_counter() > deadline:
             break
-        fewer = tuple(d for d in dropped if d != v)
-        schedule = schedule_for_drops(graph, fewer, rule, reuse, small if hold else 0, fresh)
+        fewer = replace(drops, dropped=tuple(d for d in drops.dropped if d != v))
+        schedule = schedule_for_drops(graph, fewer)
         sim = simulate(graph, schedule)
         if sim.peak_bytes <= budget_bytes and sim.compute_s < best[1]:
-            best, dropped, undone = (schedule, sim.compute_s, sim.peak_bytes), list(fewer), undone + 1
-    return best, undone
+            best, drops, undone = (schedule, sim.compute_s, sim.peak_bytes), fewer, undone + 1
+    return best, drops, undone

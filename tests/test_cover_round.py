@@ -12,7 +12,7 @@ from remat.simulate import simulate
 from solvers.base import NO_SOLUTION, OPTIMAL, SolveOptions
 from solvers.bounds import covering_bound
 from solvers.checkmate import solve_checkmate
-from solvers.cover_round import VARIANTS, recompute_points, release_reused, schedule_for_drops, solve_cover_round
+from solvers.cover_round import VARIANTS, Drops, recompute_points, release_reused, schedule_for_drops, solve_cover_round
 from tests.bruteforce import cheapest_schedule
 from tests.graphs import chain_training_graph, make_graph
 from tests.test_solver_properties import EXACT, FAST, budget_between, dags_with_multi_output_ops, random_dags
@@ -40,7 +40,7 @@ def test_every_variant_of_any_drops_is_a_valid_schedule(graph, fraction):
     # emit is valid for any rows: whatever the drops (here: every value), each way of placing them runs
     dropped = tuple(range(len(graph)))[:: 1 + int(fraction * 3)]
     for rule, reuse, hold in VARIANTS:
-        schedule = schedule_for_drops(graph, dropped, rule, reuse, 5 if hold else 0)
+        schedule = schedule_for_drops(graph, Drops(dropped, rule, reuse, 5 if hold else 0))
         assert simulate(graph, schedule).valid
 
 
@@ -64,7 +64,7 @@ def test_the_covering_bound_holds_against_every_schedule_of_drops(graph, fractio
     bound = covering_bound(graph, budget, SolveOptions(time_limit_s=10))
     dropped = tuple(v for v in sorted(drops) if v < len(graph))
     for rule, reuse, hold in VARIANTS:
-        sim = simulate(graph, schedule_for_drops(graph, dropped, rule, reuse, 5 if hold else 0))
+        sim = simulate(graph, schedule_for_drops(graph, Drops(dropped, rule, reuse, 5 if hold else 0)))
         assert sim.valid
         if sim.fits(budget):
             assert not bound.proven_infeasible and bound.lower_bound_s <= sim.compute_s * (1 + 1e-9)
@@ -129,13 +129,14 @@ def stem_chain(layers: int = 5, large: int = 40, small: int = 4):
 def test_releasing_reused_values_fits_where_reuse_does_not_for_less_than_no_reuse():
     graph = stem_chain()
     dropped = tuple(range(5))  # the whole stem: bringing back its top brings back every value below it
-    reused = simulate(graph, schedule_for_drops(graph, dropped, "first", reuse=True))
-    fresh = simulate(graph, schedule_for_drops(graph, dropped, "first", reuse=False))
+    reused = simulate(graph, schedule_for_drops(graph, Drops(dropped, "first", reuse=True)))
+    fresh = simulate(graph, schedule_for_drops(graph, Drops(dropped, "first", reuse=False)))
     budget = 164
     assert reused.peak_bytes > budget and fresh.fits(budget)
-    released = release_reused(graph, budget, dropped, "first", 0, deadline=float("inf"))
+    released = release_reused(graph, budget, Drops(dropped, "first"), deadline=float("inf"))
     assert released is not None
-    schedule, sim, let_go = released
+    schedule, sim, drops = released
+    let_go = drops.fresh
     assert sim == simulate(graph, schedule) and sim.valid and sim.fits(budget)
     assert reused.compute_s < sim.compute_s < fresh.compute_s  # 23 < 29 < 33: some values held, some made again
     assert let_go and let_go < set(dropped)
@@ -146,7 +147,7 @@ def test_releasing_reused_values_fits_where_reuse_does_not_for_less_than_no_reus
 def test_released_schedules_are_valid_and_fit(graph, fraction, drops):
     budget = budget_between(graph, fraction)
     dropped = tuple(v for v in sorted(drops) if v < len(graph))
-    released = release_reused(graph, budget, dropped, "first", 0, deadline=float("inf"))
+    released = release_reused(graph, budget, Drops(dropped, "first"), deadline=float("inf"))
     if released is not None:
         schedule, sim, _ = released
         assert sim.valid and sim.fits(budget) and simulate(graph, schedule) == sim

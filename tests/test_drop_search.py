@@ -1,0 +1,92 @@
+"""The annealing search over drops (solvers/drop_search.py): valid, never below the optimum, and where cover-round's
+drops are not the best it finds the optimum; the planner hands it the time a plan with a gap leaves."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from remat.planner import Candidate, _candidate, _search, solve
+from remat.simulate import simulate
+from solvers.base import FEASIBLE, OPTIMAL, SolveOptions
+from solvers.bounds import covering_bound
+from solvers.checkmate import solve_checkmate
+from solvers.cover_round import Drops, solve_cover_round
+from solvers.drop_search import search_drops
+from tests.bruteforce import cheapest_schedule
+from tests.graphs import make_graph
+from tests.test_solver_properties import EXACT, FAST, budget_between, random_dags
+
+
+@FAST
+@given(graph=random_dags(), fraction=st.floats(0.0, 1.0), drops=st.sets(st.integers(0, 7)),
+       reuse=st.booleans(), seed=st.integers(0, 3))
+def test_searched_schedules_are_valid_fit_and_never_beat_the_optimum(graph, fraction, drops, reuse, seed):
+    budget = budget_between(graph, fraction)
+    start = Drops(tuple(v for v in sorted(drops) if v < len(graph)), reuse=reuse)
+    result = search_drops(graph, budget, start, SolveOptions(time_limit_s=30), seed=seed, moves_at_most=200)
+    if result.schedule is None:
+        return
+    best = cheapest_schedule(graph, budget)
+    sim = simulate(graph, result.schedule)
+    assert sim.valid and sim.fits(budget) and best is not None
+    assert sim.compute_s == pytest.approx(result.objective_s)
+    assert sim.compute_s >= best.compute_s * (1 - 1e-9)
+    assert result.detail["moves"] <= 200
+
+
+def skip_heavy_step():
+    """An 18-node training step (found by a random search) whose cover-round schedule costs 40.5 s at a budget of
+    194 bytes, where the optimum (Checkmate's MILP) is 38.5 s and the covering bound 37.5 s."""
+    deps = [[], [0], [1], [1, 2], [3], [3, 4], [5], [0, 6], [7], [7, 8], [5, 6, 9], [10], [11], [3, 12], [2, 13],
+            [5], [0, 1, 14], [16]]
+    sizes = [36, 58, 40, 28, 34, 5, 17, 9, 56, 27, 42, 16, 51, 46, 6, 39, 50, 25]
+    costs = [1.0, 2.0, 2.0, 3.0, 3.0, 2.0, 2.0, 0.5, 3.0, 0.5, 0.5, 2.0, 0.5, 0.5, 2.0, 3.0, 3.0, 2.0]
+    workspaces = [40, 0, 5, 0, 5, 40, 5, 0, 0, 0, 40, 5, 0, 0, 0, 0, 0, 0]
+    backward = [False] * 9 + [True] * 6 + [False, True, True]
+    graph = make_graph(deps, sizes, costs, outputs=[8, 11, 16, 17], fixed_bytes=7, backward=backward)
+    nodes = tuple(dataclasses.replace(node, workspace_bytes=w) for node, w in zip(graph.nodes, workspaces, strict=True))
+    return dataclasses.replace(graph, nodes=nodes), 194
+
+
+def test_the_search_finds_the_optimum_where_cover_round_drops_too_much():
+    graph, budget = skip_heavy_step()
+    optimum = solve_checkmate(graph, budget, EXACT)
+    bound = covering_bound(graph, budget, SolveOptions(time_limit_s=10))
+    covered = solve_cover_round(graph, budget, bound, SolveOptions(time_limit_s=10))
+    assert optimum.status == OPTIMAL and optimum.objective_s == pytest.approx(38.5)
+    assert bound.lower_bound_s == pytest.approx(37.5) and covered.objective_s == pytest.approx(40.5)
+    searched = search_drops(graph, budget, covered.detail["drops"], SolveOptions(time_limit_s=120),
+                            lower_bound_s=bound.lower_bound_s)
+    sim = simulate(graph, searched.schedule)
+    assert sim.valid and sim.fits(budget)
+    assert searched.status == FEASIBLE and sim.compute_s == pytest.approx(38.5)  # the optimum; the bound is below
+    assert searched.detail["improvements"] >= 1 and searched.detail["moves"] == 8000
+
+
+def test_the_planner_searches_a_plan_with_a_gap_and_keeps_the_cheaper_schedule():
+    # The whole-graph MILP proves this graph optimal; as if it were too big for it, hand the planner's search a
+    # plan whose best schedule is cover-round's.
+    graph, budget = skip_heavy_step()
+    plan = solve(graph, budget, time_limit_s=30)
+    bound = covering_bound(graph, budget, SolveOptions(time_limit_s=10))
+    result = solve_cover_round(graph, budget, bound)
+    covered = _candidate(graph, "cover-round", result, result.schedule)
+    assert isinstance(covered, Candidate) and covered.drops == result.detail["drops"]
+    as_if = dataclasses.replace(plan, method="cover-round", status=FEASIBLE, schedule=covered.schedule,
+                                simulation=covered.simulation, lower_bound_s=bound.lower_bound_s,
+                                candidates=(covered,))
+    messages = []
+    started = time.perf_counter()
+    searched = _search(as_if, started, started + 120, messages.append)
+    assert searched.method == "drop-search" and searched.status == FEASIBLE
+    assert searched.compute_s == pytest.approx(38.5) and searched.simulation.fits(budget)
+    assert "drop-search" in searched.picked and messages and "searching" in messages[0]
+    # no time left, or a plan proven optimal: returned as it is
+    assert _search(as_if, started, started, messages.append) is as_if
+    proven = dataclasses.replace(as_if, status=OPTIMAL)
+    assert _search(proven, started, started + 120, messages.append) is proven
