@@ -15,8 +15,9 @@ Each point is an emit and a simulation: milliseconds on a few hundred nodes. A m
 score (seconds, times 1 + OVER_WEIGHT x the share of the budget the peak is over by), or else with the Metropolis
 probability exp(-rise / temperature). The temperature cools geometrically, from FIRST_TEMPERATURE to
 LAST_TEMPERATURE of the start's score, over MOVES moves or the time limit, whichever runs out first: early on the
-search crosses schedules over the budget to reach other drops, late it only descends. Seeded: the same graph,
-budget and start give the same search wherever the time limit is not what stops it.
+search crosses schedules over the budget to reach other drops, late it only descends. The moves are drawn from
+a seeded generator, but the temperature follows the clock as well as the count of moves (whichever is further
+along), so two runs agree only where the moves run out well before the time.
 """
 
 from __future__ import annotations
