@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 from remat.graph import Graph
@@ -52,8 +53,9 @@ def droppable(graph: Graph) -> list[int]:
             and users[-1] > v + 1]
 
 
-def neighbour(drops: Drops, held_at_peak: list[int], values: list[int], rng: random.Random) -> Drops:
-    """One change to `drops` (see the module docstring); the same drops when the change drawn does not apply."""
+def neighbour(drops: Drops, held_at_peak: Callable[[], list[int]], values: list[int], rng: random.Random) -> Drops:
+    """One change to `drops` (see the module docstring); the same drops when the change drawn does not apply.
+    `held_at_peak()`: the droppable values held at the current schedule's peak (asked for only when needed)."""
     dropped = set(drops.dropped)
     draw = rng.random()
     if draw < 0.30 and dropped:
@@ -64,7 +66,7 @@ def neighbour(drops: Drops, held_at_peak: list[int], values: list[int], rng: ran
         dropped.discard(rng.choice(drops.dropped))
         dropped.add(rng.choice(values))
     elif draw < 0.80:
-        options = [v for v in held_at_peak if v not in dropped]
+        options = [v for v in held_at_peak() if v not in dropped]
         if options:
             dropped.add(rng.choice(options))
     elif drops.reuse:
@@ -89,7 +91,14 @@ def search_drops(graph: Graph, budget_bytes: int, start: Drops, options: SolveOp
     if simulation.fits(budget_bytes):
         best = (schedule, simulation, current)
     moves = improvements = 0
-    held_at_peak = [v for v in live_bytes_at(graph, schedule, simulation.peak_op) if v in value_set]
+    peak_values: list[int] | None = None  # held at the current schedule's peak, worked out when a move needs them
+
+    def held_at_peak() -> list[int]:
+        nonlocal peak_values
+        if peak_values is None:
+            peak_values = [v for v in live_bytes_at(graph, schedule, simulation.peak_op) if v in value_set]
+        return peak_values
+
     while values and moves < moves_at_most:
         elapsed = time.perf_counter() - started
         if elapsed > options.time_limit_s:
@@ -109,7 +118,7 @@ def search_drops(graph: Graph, budget_bytes: int, start: Drops, options: SolveOp
         if rise > 0 and rng.random() >= math.exp(-rise / temperature):
             continue
         current, schedule, simulation, current_score = proposal, proposed_schedule, proposed, proposed_score
-        held_at_peak = [v for v in live_bytes_at(graph, schedule, simulation.peak_op) if v in value_set]
+        peak_values = None
         if simulation.fits(budget_bytes) and (best is None or simulation.compute_s < best[1].compute_s):
             best = (schedule, simulation, current)
             improvements += 1
