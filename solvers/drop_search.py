@@ -130,5 +130,5 @@ def search_drops(graph: Graph, budget_bytes: int, start: Drops, options: SolveOp
     schedule, simulation, _ = best
     proven = lower_bound_s is not None and simulation.compute_s <= lower_bound_s * (1 + 1e-9)
     return SolverResult("drop-search", OPTIMAL if proven else FEASIBLE, schedule, objective_s=simulation.compute_s,
-                        wall_s=wall_s, detail=detail,
+                        lower_bound_s=lower_bound_s, wall_s=wall_s, detail=detail,
                         message=f"annealed cover-round's drops: {improvements} improvement(s) in {moves} moves")
