@@ -9,13 +9,15 @@ are never created):
 
 and, for the memory accounting inside a stage,
 
-    FREE[t, i, k]  value i is freed right after node k runs in stage t  (i in deps(k) + {k})
-    U[t, k]        activation bytes in memory while node k runs in stage t (continuous)
+    FREE[t, i, p, k]  output p of node i is freed right after node k runs in stage t  (k = i or a reader of p)
+    HELD[t, i, p]     output p of an op with several outputs is in memory when stage t starts (<= S[t, i])
+    U[t, k]           activation bytes in memory while node k runs in stage t (continuous)
 
 Equation labels follow the paper: (1a) objective, (1b) dependencies, (1c) storage,
-(1d)/(1e) frontier advancing; (M1)-(M4) the memory accounting of its section 4.
-FREE is linearised tightly (the product of its factors, no big-M):
-FREE <= R[t, k], FREE + S[t+1, i] <= 1, FREE + R[t, j] <= 1 for every user j > k of i.
+(1d)/(1e) frontier advancing; (M1)-(M4) the memory accounting of its section 4, kept output by output
+(solvers/stage_memory.py: the simulator releases each output of an op with several after its own last read).
+An op with one output has one "part", held when S says so. FREE is linearised tightly (no big-M):
+FREE <= R[t, k], FREE + (part held at t+1) <= 1, FREE + R[t, j] <= 1 for every reader j > k of the part.
 
 The accounting is an upper bound of what remat.simulate measures for
 Schedule.from_matrices(graph, R, S), and equal to it for solutions without redundant entries
@@ -40,6 +42,7 @@ from remat.graph import Graph
 from remat.schedule import Schedule, compute_seconds, minimal_storage
 from remat.simulate import simulate
 from solvers.base import FEASIBLE, INFEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions, SolverResult, settled_without_solving
+from solvers.stage_memory import Part, freed_by, node_parts, stage_values
 
 BACKENDS = ("highs", "cbc", "gurobi")
 MEMORY_SCALE = 1000.0  # the budget (or the store-all peak) is this many model units of memory
@@ -56,7 +59,8 @@ class CheckmateModel:
     problem: pulp.LpProblem
     R: dict[tuple[int, int], pulp.LpVariable]  # (t, i), i <= t
     S: dict[tuple[int, int], pulp.LpVariable]  # (t, i), 1 <= t, i < t
-    FREE: dict[tuple[int, int, int], pulp.LpVariable]  # (t, i, k), i in deps(k) + {k}, output_bytes[i] > 0
+    HELD: dict[tuple[int, int, int], pulp.LpVariable]  # (t, i, p): output p of an op with several, i < t
+    FREE: dict[tuple[int, int, int, int], pulp.LpVariable]  # (t, i, p, k): part p of i freed after k runs
     U: dict[tuple[int, int], pulp.LpVariable]  # (t, k), k <= t
     peak: pulp.LpVariable | None  # the peak (fixed memory included) in byte units, min-peak objective only
     byte_unit: float  # bytes per model unit of memory
@@ -77,27 +81,32 @@ def build_model(
     """
     n = len(graph)
     nodes = graph.nodes
-    users = graph.users
     category = pulp.LpContinuous if relax else pulp.LpBinary
-    mem = [node.output_bytes / byte_unit for node in nodes]  # m_i in model units
+    parts = node_parts(graph)  # the outputs memory is counted by (solvers/stage_memory.py)
+    freed = freed_by(graph, parts)
+    mem = [sum(part.size_bytes for part in parts[i]) / byte_unit for i in range(n)]  # m_i in model units
     workspace = [node.workspace_bytes / byte_unit for node in nodes]
     cost = [node.compute_s / second_unit for node in nodes]  # C_i in model units
     fixed = graph.fixed.total_bytes / byte_unit
     problem = pulp.LpProblem("checkmate", pulp.LpMinimize)
-
-    # Index sets: stages t, nodes i <= t (lower triangle), the values each node's run may free.
     stages = range(n)
-    freeable = [sorted({k, *nodes[k].deps}) for k in range(n)]  # deps(k) + {k}
 
     # Variables; (1e) frontier advancing: nothing above the diagonal is created.
     R = {(t, i): problem.add_variable(f"R_{t}_{i}", 0, 1, category) for t in stages for i in range(t + 1)}
     S = {(t, i): problem.add_variable(f"S_{t}_{i}", 0, 1, category) for t in range(1, n) for i in range(t)}
-    FREE = {(t, i, k): problem.add_variable(f"FREE_{t}_{i}_{k}", 0, 1, category)
-            for t in stages for k in range(t + 1) for i in freeable[k] if mem[i] > 0}
+    HELD = {(t, i, part.index): problem.add_variable(f"HELD_{t}_{i}_{part.index}", 0, 1, category)
+            for t in range(1, n) for i in range(t) for part in parts[i] if part.separate}
+    FREE = {(t, part.node, part.index, k): problem.add_variable(f"FREE_{t}_{part.node}_{part.index}_{k}", 0, 1,
+                                                                category)
+            for t in stages for k in range(t + 1) for part in freed[k]}
     U = {(t, k): problem.add_variable(f"U_{t}_{k}", 0) for t in stages for k in range(t + 1)}
 
     def stored(t: int, i: int) -> pulp.LpVariable | int:
         return S.get((t, i), 0)  # S[0, .] and S[n, .] are 0
+
+    def in_memory(t: int, part: Part) -> pulp.LpVariable | int:
+        """Whether the part is in memory when stage t starts (0 before its node's stage and after the last)."""
+        return HELD.get((t, part.node, part.index), 0) if part.separate else stored(t, part.node)
 
     # (1d) frontier advancing: stage t computes node t.
     for t in stages:
@@ -115,26 +124,49 @@ def build_model(
         for i in range(t + 1):
             problem += S[t + 1, i] <= stored(t, i) + R[t, i], f"store_{t + 1}_{i}"
 
+    # The outputs of an op with several: each is in memory only while the op is (HELD <= S), only if it was at the
+    # start of the stage before or was computed there (as (1c)), and a reader of it needs it (as (1b)). The op is
+    # not computed again while it is in memory: the simulator holds its outputs through, and that would hide
+    # how long an output the model released early is really held.
+    for (t, i, p), held in HELD.items():
+        problem += held <= S[t, i], f"held_stored_{t}_{i}_{p}"
+        if (t - 1, i, p) in HELD:
+            problem += held <= HELD[t - 1, i, p] + R[t - 1, i], f"held_carried_{t}_{i}_{p}"
+        else:
+            problem += held <= R[t - 1, i], f"held_carried_{t}_{i}_{p}"
+    for t in stages:
+        for i in range(t):
+            if any(part.separate for part in parts[i]):
+                problem += R[t, i] + S[t, i] <= 1, f"not_again_while_stored_{t}_{i}"
+                for part in parts[i]:
+                    for j in part.readers:
+                        if j <= t:
+                            problem += R[t, j] <= R[t, i] + HELD[t, i, part.index], f"dep_{t}_{i}_{part.index}_{j}"
+
     # (M1) memory when the first node of the stage runs: what is stored, plus node 0 if it runs.
     for t in stages:
-        problem += (U[t, 0] == pulp.lpSum(mem[i] * S[t, i] for i in range(t) if mem[i] > 0)
+        problem += (U[t, 0] == pulp.lpSum(part.size_bytes / byte_unit * in_memory(t, part)
+                                          for i in range(t) for part in parts[i])
                     + mem[0] * R[t, 0]), f"mem_start_{t}"
 
     # (M2) memory when node k+1 runs: U[t, k] less what node k's run freed, plus node k+1 if it runs.
     for t in stages:
         for k in range(t):
-            freed = pulp.lpSum(mem[i] * FREE[t, i, k] for i in freeable[k] if mem[i] > 0)
-            problem += U[t, k + 1] == U[t, k] - freed + mem[k + 1] * R[t, k + 1], f"mem_{t}_{k + 1}"
+            released = pulp.lpSum(part.size_bytes / byte_unit * FREE[t, part.node, part.index, k] for part in freed[k])
+            problem += U[t, k + 1] == U[t, k] - released + mem[k + 1] * R[t, k + 1], f"mem_{t}_{k + 1}"
 
-    # (M3) FREE[t, i, k] = R[t, k] * (1 - S[t+1, i]) * prod over users j > k of (1 - R[t, j]), linearised
-    # tightly: FREE is at most each factor (FREE may stay 0: the model then frees less than the simulator).
-    for (t, i, k), free in FREE.items():
-        problem += free <= R[t, k], f"free_runs_{t}_{i}_{k}"
+    # (M3) FREE[t, i, p, k] = R[t, k] * (1 - in memory at t+1) * prod over readers j > k of p of (1 - R[t, j]),
+    # linearised tightly: FREE is at most each factor (FREE may stay 0: the model then frees less than the
+    # simulator).
+    part_of = {(part.node, part.index): part for group in parts for part in group}
+    for (t, i, p, k), free in FREE.items():
+        part = part_of[i, p]
+        problem += free <= R[t, k], f"free_runs_{t}_{i}_{p}_{k}"
         if t + 1 < n:
-            problem += free + S[t + 1, i] <= 1, f"free_not_kept_{t}_{i}_{k}"
-        for j in users[i]:
+            problem += free + in_memory(t + 1, part) <= 1, f"free_not_kept_{t}_{i}_{p}_{k}"
+        for j in part.readers:
             if k < j <= t:
-                problem += free + R[t, j] <= 1, f"free_last_use_{t}_{i}_{k}_{j}"
+                problem += free + R[t, j] <= 1, f"free_last_use_{t}_{i}_{p}_{k}_{j}"
 
     # (M4) budget: fixed memory + activations + the running node's workspace, at every step of every stage.
     seconds = pulp.lpSum(cost[i] * R[t, i] for (t, i) in R if cost[i] > 0)
@@ -157,31 +189,24 @@ def build_model(
         compute_weight = min(1e-3, worth / most_seconds) if most_seconds > 0 else 0.0
         problem += peak + compute_weight * seconds
 
-    return CheckmateModel(graph, problem, R, S, FREE, U, peak, byte_unit, second_unit, compute_weight)
+    return CheckmateModel(graph, problem, R, S, HELD, FREE, U, peak, byte_unit, second_unit, compute_weight)
 
 
 def model_values(model: CheckmateModel, R: list[list[int]], S: list[list[int]]) -> dict[str, float]:
-    """Every variable's value for given stage matrices (FREE exact, U by (M1)/(M2)); for warm starts."""
-    graph, n = model.graph, len(model.graph)
-    users = graph.users
+    """Every variable's value for given stage matrices (HELD and FREE exact, U by (M1)/(M2)); for warm starts."""
+    R = [[int(bool(R[t][i]) or i == t) for i in range(len(R[t]))] for t in range(len(R))]
+    exact = stage_values(model.graph, R, S, size=lambda part: part.size_bytes / model.byte_unit)
     values: dict[str, float] = {}
     for (t, i), var in model.R.items():
-        values[var.name] = float(R[t][i] or i == t)
+        values[var.name] = float(R[t][i])
     for (t, i), var in model.S.items():
         values[var.name] = float(S[t][i])
-    for (t, i, k), var in model.FREE.items():
-        kept = t + 1 < n and S[t + 1][i]
-        used_later = any(R[t][j] for j in users[i] if k < j <= t)
-        values[var.name] = float(bool(R[t][k]) and not kept and not used_later)
-    mem = [node.output_bytes / model.byte_unit for node in graph.nodes]
-    for t in range(n):
-        held = sum(mem[i] for i in range(t) if S[t][i]) + mem[0] * R[t][0]
-        values[model.U[t, 0].name] = held
-        for k in range(t):
-            held -= sum(mem[i] * values[model.FREE[t, i, k].name] for i in {k, *graph.nodes[k].deps}
-                        if (t, i, k) in model.FREE)
-            held += mem[k + 1] * R[t][k + 1]
-            values[model.U[t, k + 1].name] = held
+    for key, var in model.HELD.items():
+        values[var.name] = float(exact.held[key])
+    for key, var in model.FREE.items():
+        values[var.name] = float(exact.free[key])
+    for key, var in model.U.items():
+        values[var.name] = exact.memory[key]
     return values
 
 

@@ -2,12 +2,14 @@
 
 The model is the one in solvers/checkmate.py, variable for variable:
 
-    R[t, i]        node i is computed in stage t            (i <= t, R[t, t] = 1)      Boolean
-    S[t, i]        node i is in memory when stage t starts  (i < t, no S[0, .])        Boolean
-    FREE[t, i, k]  value i is freed right after node k runs in stage t                 Boolean
-    U[t, k]        activation memory while node k runs in stage t, in memory units     integer
+    R[t, i]           node i is computed in stage t            (i <= t, R[t, t] = 1)          Boolean
+    S[t, i]           node i is in memory when stage t starts  (i < t, no S[0, .])            Boolean
+    HELD[t, i, p]     output p of an op with several is in memory when stage t starts         Boolean
+    FREE[t, i, p, k]  output p of node i is freed right after node k runs in stage t          Boolean
+    U[t, k]           activation memory while node k runs in stage t, in memory units         integer
 
-with the same tight linearisation of FREE (no big-M) and the same (M1)-(M4) accounting.
+with the same tight linearisation of FREE (no big-M) and the same (M1)-(M4) accounting, output by output
+(solvers/stage_memory.py).
 
 CP-SAT needs integers, so:
 
@@ -39,6 +41,7 @@ from remat.graph import Graph
 from remat.schedule import Schedule, compute_seconds, minimal_storage
 from remat.simulate import simulate
 from solvers.base import FEASIBLE, INFEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions, SolverResult, settled_without_solving
+from solvers.stage_memory import Part, freed_by, node_parts, stage_values
 
 MAX_MEMORY_UNITS = 1_000_000  # capacity in model units at most (when the gcd does not already give fewer)
 COST_UNITS = 1_000_000  # the largest node cost in model units
@@ -47,6 +50,7 @@ COST_UNITS = 1_000_000  # the largest node cost in model units
 def memory_scale(graph: Graph, capacity_bytes: int) -> tuple[int, bool]:
     """(bytes per model unit, exact): exact when every size and the capacity are whole multiples of the unit."""
     sizes = [node.output_bytes for node in graph.nodes] + [node.workspace_bytes for node in graph.nodes]
+    sizes += [size for node in graph.nodes for size in node.part_bytes]
     g = reduce(math.gcd, [s for s in sizes if s > 0] + [capacity_bytes], 0)
     if g == 0:  # nothing takes memory
         return 1, True
@@ -62,30 +66,40 @@ class CpsatModel:
         self.graph = graph
         n = len(graph)
         nodes = graph.nodes
-        users = graph.users
         capacity_bytes = budget_bytes - graph.fixed.total_bytes
         self.byte_unit, self.exact_memory = memory_scale(graph, capacity_bytes)
         unit = self.byte_unit
-        self.mem = [-(-node.output_bytes // unit) for node in nodes]  # ceil: memory over-estimated, never under
+        self.parts = parts = node_parts(graph)
+        freed = self.freed = freed_by(graph, parts)
+        # ceil: memory over-estimated, never under; a node's run allocates the sum of its parts' units
+        self.part_units = {(part.node, part.index): -(-part.size_bytes // unit) for group in parts for part in group}
+        mem = self.mem = [sum(self.part_units[part.node, part.index] for part in parts[i]) for i in range(n)]
         self.workspace = [-(-node.workspace_bytes // unit) for node in nodes]
         self.capacity = capacity_bytes // unit  # floor
         largest = max(node.compute_s for node in nodes)
         self.second_unit = largest / COST_UNITS if largest > 0 else 1.0
         self.cost = [max(0, math.floor(node.compute_s / self.second_unit)) for node in nodes]  # floor: see above
-        self.freeable = [sorted({k, *nodes[k].deps}) for k in range(n)]
 
         model = self.model = cp_model.CpModel()
         stages = range(n)
         R = self.R = {(t, i): model.new_bool_var(f"R_{t}_{i}") for t in stages for i in range(t + 1)}
         S = self.S = {(t, i): model.new_bool_var(f"S_{t}_{i}") for t in range(1, n) for i in range(t)}
-        FREE = self.FREE = {(t, i, k): model.new_bool_var(f"FREE_{t}_{i}_{k}")
-                            for t in stages for k in range(t + 1) for i in self.freeable[k] if self.mem[i] > 0}
+        HELD = self.HELD = {(t, i, part.index): model.new_bool_var(f"HELD_{t}_{i}_{part.index}")
+                            for t in range(1, n) for i in range(t) for part in parts[i] if part.separate}
+        FREE = self.FREE = {(t, part.node, part.index, k): model.new_bool_var(f"FREE_{t}_{part.node}_{part.index}_{k}")
+                            for t in stages for k in range(t + 1) for part in freed[k]}
         # (M4) budget as the upper end of U's domain, plus the running node's workspace below.
         U = self.U = {(t, k): model.new_int_var(0, max(self.capacity, 0), f"U_{t}_{k}")
                       for t in stages for k in range(t + 1)}
 
         def stored(t: int, i: int):
             return S.get((t, i), 0)
+
+        def in_memory(t: int, part: Part):
+            return HELD.get((t, part.node, part.index), 0) if part.separate else stored(t, part.node)
+
+        def units(part: Part) -> int:
+            return self.part_units[part.node, part.index]
 
         # (1d) frontier advancing: stage t computes node t.
         for t in stages:
@@ -99,21 +113,36 @@ class CpsatModel:
         for t in range(n - 1):
             for i in range(t + 1):
                 model.add(S[t + 1, i] <= stored(t, i) + R[t, i])
+        # Outputs of an op with several (as in solvers/checkmate.py): held only while the op is stored, carried
+        # like (1c), needed by their readers like (1b); the op is not computed again while stored.
+        for (t, i, p), held in HELD.items():
+            model.add(held <= S[t, i])
+            model.add(held <= HELD.get((t - 1, i, p), 0) + R[t - 1, i])
+        for t in stages:
+            for i in range(t):
+                if any(part.separate for part in parts[i]):
+                    model.add(R[t, i] + S[t, i] <= 1)
+                    for part in parts[i]:
+                        for j in part.readers:
+                            if j <= t:
+                                model.add(R[t, j] <= R[t, i] + HELD[t, i, part.index])
         # (M1) memory while the first node of the stage runs.
         for t in stages:
-            model.add(U[t, 0] == sum(self.mem[i] * S[t, i] for i in range(t) if self.mem[i] > 0)
-                      + self.mem[0] * R[t, 0])
+            model.add(U[t, 0] == sum(units(part) * in_memory(t, part) for i in range(t) for part in parts[i])
+                      + mem[0] * R[t, 0])
         # (M2) memory while node k+1 runs.
         for t in stages:
             for k in range(t):
-                freed = sum(self.mem[i] * FREE[t, i, k] for i in self.freeable[k] if self.mem[i] > 0)
-                model.add(U[t, k + 1] == U[t, k] - freed + self.mem[k + 1] * R[t, k + 1])
-        # (M3) FREE[t, i, k] <= each factor of R[t, k] * (1 - S[t+1, i]) * prod_{users j > k} (1 - R[t, j]).
-        for (t, i, k), free in FREE.items():
+                released = sum(units(part) * FREE[t, part.node, part.index, k] for part in freed[k])
+                model.add(U[t, k + 1] == U[t, k] - released + mem[k + 1] * R[t, k + 1])
+        # (M3) FREE[t, i, p, k] <= each factor of R[t, k] * (1 - held at t+1) * prod_{readers j > k} (1 - R[t, j]).
+        part_of = {(part.node, part.index): part for group in parts for part in group}
+        for (t, i, p, k), free in FREE.items():
+            part = part_of[i, p]
             model.add(free <= R[t, k])
             if t + 1 < n:
-                model.add(free + S[t + 1, i] <= 1)
-            for j in users[i]:
+                model.add(free + in_memory(t + 1, part) <= 1)
+            for j in part.readers:
                 if k < j <= t:
                     model.add(free + R[t, j] <= 1)
         # (M4) budget with the running node's workspace.
@@ -124,26 +153,20 @@ class CpsatModel:
         model.minimize(sum(self.cost[i] * var for (t, i), var in R.items() if self.cost[i] > 0))
 
     def hint(self, R: list[list[int]], S: list[list[int]]) -> None:
-        """Every variable's value for the stage matrices R, S (FREE exact, U by (M1)/(M2)) as a CP-SAT hint."""
-        graph, n = self.graph, len(self.graph)
-        users = graph.users
+        """Every variable's value for the stage matrices R, S (HELD and FREE exact, U by (M1)/(M2)) as a hint."""
+        n = len(self.graph)
+        R = [[int(bool(R[t][i]) or i == t) for i in range(n)] for t in range(n)]
+        exact = stage_values(self.graph, R, S, size=lambda part: self.part_units[part.node, part.index])
         for (t, i), var in self.R.items():
-            self.model.add_hint(var, bool(R[t][i] or i == t))
+            self.model.add_hint(var, bool(R[t][i]))
         for (t, i), var in self.S.items():
             self.model.add_hint(var, bool(S[t][i]))
-        free_values = {}
-        for (t, i, k), var in self.FREE.items():
-            kept = t + 1 < n and S[t + 1][i]
-            used_later = any(R[t][j] for j in users[i] if k < j <= t)
-            free_values[t, i, k] = int(bool(R[t][k]) and not kept and not used_later)
-            self.model.add_hint(var, bool(free_values[t, i, k]))
-        for t in range(n):
-            held = sum(self.mem[i] for i in range(t) if S[t][i]) + self.mem[0] * R[t][0]
-            self.model.add_hint(self.U[t, 0], held)
-            for k in range(t):
-                held -= sum(self.mem[i] * free_values.get((t, i, k), 0) for i in self.freeable[k])
-                held += self.mem[k + 1] * R[t][k + 1]
-                self.model.add_hint(self.U[t, k + 1], held)
+        for key, var in self.HELD.items():
+            self.model.add_hint(var, bool(exact.held[key]))
+        for key, var in self.FREE.items():
+            self.model.add_hint(var, bool(exact.free[key]))
+        for key, var in self.U.items():
+            self.model.add_hint(var, int(exact.memory[key]))
 
     def matrices(self, solver: cp_model.CpSolver) -> tuple[list[list[int]], list[list[int]]]:
         n = len(self.graph)

@@ -82,6 +82,19 @@ def random_graph(rng: random.Random, max_nodes: int = 6) -> Graph:
     return dataclasses.replace(graph, nodes=nodes)
 
 
+def with_two_output_ops(graph: Graph, rng: random.Random) -> Graph:
+    """Some ops get two outputs that the simulator releases one by one, each read by some of the op's readers."""
+    nodes = list(graph.nodes)
+    for i, node in enumerate(nodes):
+        readers = graph.users[i]
+        if node.output_bytes >= 2 and readers and rng.random() < 0.6:
+            first = rng.randint(1, node.output_bytes - 1)
+            reads = [rng.choice([(0,), (1,), (0, 1)]) for _ in readers]
+            part_users = tuple(tuple(u for u, r in zip(readers, reads, strict=True) if k in r) for k in range(2))
+            nodes[i] = dataclasses.replace(node, part_bytes=(first, node.output_bytes - first), part_users=part_users)
+    return dataclasses.replace(graph, nodes=tuple(nodes))
+
+
 def check_schedule(graph: Graph, budget: int, result: dict) -> Schedule:
     """The schedule is valid, fits, and objective_s is the simulator's seconds."""
     schedule = Schedule.from_json(result["schedule"])
@@ -106,8 +119,13 @@ def cases() -> list[tuple[Graph, int]]:
     return found
 
 
-def test_cpsat_optimum_equals_exhaustive_search():
+@pytest.mark.parametrize("outputs", ["one output each", "two outputs released one by one"])
+def test_cpsat_optimum_equals_exhaustive_search(outputs):
     problems = cases()
+    if outputs != "one output each":
+        rng = random.Random(5)
+        problems = [(with_two_output_ops(graph, rng), budget) for graph, budget in problems]
+        assert any(node.part_bytes for graph, _ in problems for node in graph.nodes)
     results = solve_in_child([job(graph, budget) for graph, budget in problems])
     seen = set()
     for (graph, budget), result in zip(problems, results, strict=True):
