@@ -206,6 +206,24 @@ def test_warm_start_that_is_not_frontier_advancing_is_skipped_and_said():
     assert result.status == OPTIMAL and "not frontier-advancing" in result.detail["warm_start"]
 
 
+def test_the_milp_counts_each_output_of_a_multi_output_op_on_its_own():
+    # f1 plays a batch norm: its output (8 bytes) is read by the next layer only, its statistics (2 bytes) by the
+    # backward. The simulator releases the output after f2; counted as one value it would stay to the backward.
+    graph = chain_training_graph(4)
+    f1 = graph.nodes[1]
+    statistics_readers = tuple(u for u in graph.users[1] if u != 2)
+    nodes = list(graph.nodes)
+    nodes[1] = dataclasses.replace(f1, part_bytes=(8, 2), part_users=((2,), statistics_readers))
+    graph = dataclasses.replace(graph, nodes=tuple(nodes))
+    eager = store_all(graph)
+    budget = simulate(graph, eager).peak_bytes  # 8 bytes less than if f1 were held whole
+    result = solve_checkmate(graph, budget, SolveOptions(warm_start=eager, mip_gap=1e-9))
+    assert result.detail["warm_start"] == "given to the solver"
+    assert result.status == OPTIMAL and result.objective_s == pytest.approx(graph.compute_s)  # nothing recomputed
+    assert simulate(graph, result.schedule).fits(budget)
+    assert result.lower_bound_s == pytest.approx(graph.compute_s)
+
+
 def test_warm_start_over_the_budget_is_not_used():
     graph = chain_training_graph(4)
     full = store_all(graph)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from remat.planner import _candidate, _search, solve
+from remat.planner import _candidate, _polish, _search, polish_seconds, solve
 from remat.simulate import simulate
 from solvers.base import FEASIBLE, OPTIMAL, SolveOptions
 from solvers.bounds import covering_bound
@@ -90,3 +90,27 @@ def test_the_planner_searches_a_plan_with_a_gap_and_keeps_the_cheaper_schedule()
     assert _search(as_if, started, started, messages.append) is as_if
     proven = dataclasses.replace(as_if, status=OPTIMAL)
     assert _search(proven, started, started + 120, messages.append) is proven
+
+
+def test_the_planner_polishes_a_plan_with_the_whole_graph_milp_when_time_allows():
+    graph, budget = skip_heavy_step()
+    plan = solve(graph, budget, time_limit_s=30)
+    bound = covering_bound(graph, budget, SolveOptions(time_limit_s=10))
+    result = solve_cover_round(graph, budget, bound)
+    covered = _candidate(graph, "cover-round", result, result.schedule)
+    as_if = dataclasses.replace(plan, method="cover-round", status=FEASIBLE, schedule=covered.schedule,
+                                simulation=covered.simulation, lower_bound_s=bound.lower_bound_s,
+                                lower_bound_method=bound.method, candidates=(covered,))
+    messages = []
+    started = time.perf_counter()
+    polished = _polish(as_if, started, started + 60, "highs", messages.append)
+    assert polished.method == "milp-polish" and polished.compute_s == pytest.approx(38.5)
+    assert polished.status == OPTIMAL and polished.lower_bound_method == "milp"  # the MILP proves its optimum
+    assert polished.lower_bound_s == pytest.approx(38.5) and polished.simulation.fits(budget)
+    assert polished.candidates[-1].message.startswith("optimal") and "warm-started" in polished.picked
+    assert messages and "MILP on the whole graph" in messages[0]
+    # too little time for the MILP (polish_seconds), or a plan proven optimal: returned as it is
+    assert polish_seconds(graph) > 0
+    assert _polish(as_if, started, started, "highs", messages.append) is as_if
+    proven = dataclasses.replace(as_if, status=OPTIMAL)
+    assert _polish(proven, started, started + 60, "highs", messages.append) is proven
