@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from remat.planner import _candidate, _polish, _search, polish_seconds, solve
+from remat.planner import SEARCH_ROUNDS, _candidate, _polish, _search, polish_seconds, solve
 from remat.simulate import simulate
 from solvers.base import FEASIBLE, OPTIMAL, SolveOptions
 from solvers.bounds import covering_bound
@@ -86,6 +86,9 @@ def test_the_planner_searches_a_plan_with_a_gap_and_keeps_the_cheaper_schedule()
     assert searched.method == "drop-search" and searched.status == FEASIBLE
     assert searched.compute_s == pytest.approx(38.5) and searched.simulation.fits(budget)
     assert "drop-search" in searched.picked and messages and "searching" in messages[0]
+    # the 18 nodes anneal in about a second: the time left holds every round, each from the best drops so far
+    assert f"the best of {SEARCH_ROUNDS} anneal(s)" in searched.message
+    assert len(messages) == SEARCH_ROUNDS and "the best's drops" in messages[-1]
     # no time left, or a plan proven optimal: returned as it is
     assert _search(as_if, started, started, messages.append) is as_if
     proven = dataclasses.replace(as_if, status=OPTIMAL)
