@@ -188,9 +188,9 @@ def _tighten_bound(plan: Plan, started: float, deadline: float, say: Callable[[s
 def _search(plan: Plan, started: float, deadline: float, say: Callable[[str], None]) -> Plan:
     """When the plan is further than SEARCH_MIN_GAP from its bound and time is left, anneal from the drops of the
     best cover-round schedule (solvers/drop_search.py): a cheaper schedule that fits is the plan, proven optimal
-    when it meets the bound. An anneal ends after its moves or at the deadline; while another would fit in the time
-    left (up to SEARCH_ROUNDS), it starts again from the best drops so far with the next seed (runs differ by a few
-    percent on U-Net). Graphs up to MAX_SEARCH_NODES."""
+    when it meets the bound. An anneal ends after its moves or at the deadline; while SEARCH_MIN_S are left (up to
+    SEARCH_ROUNDS anneals), another starts from the best drops so far with the next seed, cooling over its moves or
+    the time left (runs differ by a few percent on U-Net). Graphs up to MAX_SEARCH_NODES."""
     left = deadline - time.perf_counter()
     starts = [c for c in plan.candidates if c.drops is not None]
     if (plan.status != FEASIBLE or plan.gap is None or plan.gap <= SEARCH_MIN_GAP or left < SEARCH_MIN_S
@@ -207,7 +207,7 @@ def _search(plan: Plan, started: float, deadline: float, say: Callable[[str], No
         if result.schedule is not None and (best is None or result.objective_s < best.objective_s):
             best, drops = result, result.detail["drops"]
         left = deadline - time.perf_counter()
-        if result.status == OPTIMAL or rounds >= SEARCH_ROUNDS or left < max(SEARCH_MIN_S, result.wall_s):
+        if result.status == OPTIMAL or rounds >= SEARCH_ROUNDS or left < SEARCH_MIN_S:
             break
     result = best or result
     result = replace(result, message=f"{result.message} (the best of {rounds} anneal(s))" if rounds > 1
