@@ -68,18 +68,23 @@ def test_the_search_finds_the_optimum_where_cover_round_drops_too_much():
     assert searched.detail["improvements"] >= 1 and searched.detail["moves"] == 8000
 
 
-def test_the_planner_searches_a_plan_with_a_gap_and_keeps_the_cheaper_schedule():
-    # The whole-graph MILP proves this graph optimal; as if it were too big for it, hand the planner's search a
-    # plan whose best schedule is cover-round's.
+def cover_round_plan():
+    """The planner's plan for skip_heavy_step as if the graph were too big for the whole-graph MILP (which proves it
+    optimal): cover-round's schedule (40.5 s) with the covering bound (37.5 s)."""
     graph, budget = skip_heavy_step()
     plan = solve(graph, budget, time_limit_s=30)
     bound = covering_bound(graph, budget, SolveOptions(time_limit_s=10))
     result = solve_cover_round(graph, budget, bound)
     covered = _candidate(graph, "cover-round", result, result.schedule)
     assert covered.drops is not None and covered.drops == result.detail["drops"]  # the planner keeps the drops
-    as_if = dataclasses.replace(plan, method="cover-round", status=FEASIBLE, schedule=covered.schedule,
-                                simulation=covered.simulation, lower_bound_s=bound.lower_bound_s,
-                                candidates=(covered,))
+    return dataclasses.replace(plan, method="cover-round", status=FEASIBLE, schedule=covered.schedule,
+                               simulation=covered.simulation, lower_bound_s=bound.lower_bound_s,
+                               lower_bound_method=bound.method, candidates=(covered,))
+
+
+def test_the_planner_searches_a_plan_with_a_gap_and_keeps_the_cheaper_schedule():
+    as_if = cover_round_plan()
+    budget = as_if.budget_bytes
     messages = []
     started = time.perf_counter()
     searched = _search(as_if, started, started + 120, messages.append)
@@ -96,14 +101,8 @@ def test_the_planner_searches_a_plan_with_a_gap_and_keeps_the_cheaper_schedule()
 
 
 def test_the_planner_polishes_a_plan_with_the_whole_graph_milp_when_time_allows():
-    graph, budget = skip_heavy_step()
-    plan = solve(graph, budget, time_limit_s=30)
-    bound = covering_bound(graph, budget, SolveOptions(time_limit_s=10))
-    result = solve_cover_round(graph, budget, bound)
-    covered = _candidate(graph, "cover-round", result, result.schedule)
-    as_if = dataclasses.replace(plan, method="cover-round", status=FEASIBLE, schedule=covered.schedule,
-                                simulation=covered.simulation, lower_bound_s=bound.lower_bound_s,
-                                lower_bound_method=bound.method, candidates=(covered,))
+    as_if = cover_round_plan()
+    graph, budget = as_if.graph, as_if.budget_bytes
     messages = []
     started = time.perf_counter()
     polished = _polish(as_if, started, started + 60, "highs", messages.append)
