@@ -138,8 +138,10 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
     plan = _tighten_bound(plan, started, deadline, say)
     if solver != "auto":
         return plan
-    polish_s = polish_seconds(graph)  # kept for the MILP polish, when the time left covers it
-    reserve = polish_s if len(graph) <= MAX_POLISH_NODES and deadline - time.perf_counter() >= polish_s else 0.0
+    # kept for the MILP polish, when the time left covers it (large graphs never polish: no estimate needed)
+    reserve = polish_seconds(graph) if len(graph) <= MAX_POLISH_NODES else 0.0
+    if deadline - time.perf_counter() < reserve:
+        reserve = 0.0
     plan = _search(plan, started, deadline - reserve, say)
     return _polish(plan, started, deadline, backend, say)
 

@@ -130,10 +130,7 @@ def build_model(
     # how long an output the model released early is really held.
     for (t, i, p), held in HELD.items():
         problem += held <= S[t, i], f"held_stored_{t}_{i}_{p}"
-        if (t - 1, i, p) in HELD:
-            problem += held <= HELD[t - 1, i, p] + R[t - 1, i], f"held_carried_{t}_{i}_{p}"
-        else:
-            problem += held <= R[t - 1, i], f"held_carried_{t}_{i}_{p}"
+        problem += held <= HELD.get((t - 1, i, p), 0) + R[t - 1, i], f"held_carried_{t}_{i}_{p}"
     for t in stages:
         for i in range(t):
             if any(part.separate for part in parts[i]):
@@ -194,11 +191,10 @@ def build_model(
 
 def model_values(model: CheckmateModel, R: list[list[int]], S: list[list[int]]) -> dict[str, float]:
     """Every variable's value for given stage matrices (HELD and FREE exact, U by (M1)/(M2)); for warm starts."""
-    R = [[int(bool(R[t][i]) or i == t) for i in range(len(R[t]))] for t in range(len(R))]
     exact = stage_values(model.graph, R, S, size=lambda part: part.size_bytes / model.byte_unit)
     values: dict[str, float] = {}
     for (t, i), var in model.R.items():
-        values[var.name] = float(R[t][i])
+        values[var.name] = float(R[t][i] or i == t)
     for (t, i), var in model.S.items():
         values[var.name] = float(S[t][i])
     for key, var in model.HELD.items():

@@ -154,11 +154,9 @@ class CpsatModel:
 
     def hint(self, R: list[list[int]], S: list[list[int]]) -> None:
         """Every variable's value for the stage matrices R, S (HELD and FREE exact, U by (M1)/(M2)) as a hint."""
-        n = len(self.graph)
-        R = [[int(bool(R[t][i]) or i == t) for i in range(n)] for t in range(n)]
         exact = stage_values(self.graph, R, S, size=lambda part: self.part_units[part.node, part.index])
         for (t, i), var in self.R.items():
-            self.model.add_hint(var, bool(R[t][i]))
+            self.model.add_hint(var, bool(R[t][i] or i == t))
         for (t, i), var in self.S.items():
             self.model.add_hint(var, bool(S[t][i]))
         for key, var in self.HELD.items():

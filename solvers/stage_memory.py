@@ -76,7 +76,8 @@ def part_bytes(part: Part) -> int:
 
 def stage_values(graph: Graph, R: list[list[int]], S: list[list[int]],
                  size: Callable[[Part], float] = part_bytes) -> StageValues:
-    """`size`: a part's memory in the model's units (a node's run allocates the sum of its parts')."""
+    """`size`: a part's memory in the model's units (a node's run allocates the sum of its parts'). Node t runs in
+    stage t whatever R[t][t] says."""
     n = len(graph)
     parts = node_parts(graph)
     freed = freed_by(graph, parts)
