@@ -177,7 +177,7 @@ class CpsatModel:
         return R, S
 
 
-def solve_cpsat(graph: Graph, budget_bytes: int, options: SolveOptions | None = None) -> SolverResult:
+def solve_cpsat(graph: Graph, budget_bytes: int, options: SolveOptions | None = None, seed: int = 0) -> SolverResult:
     """The fastest frontier-advancing schedule whose peak (fixed memory included) fits budget_bytes, by CP-SAT."""
     options = options or SolveOptions()
     started = time.perf_counter()
@@ -217,6 +217,7 @@ def solve_cpsat(graph: Graph, budget_bytes: int, options: SolveOptions | None = 
     solver.parameters.max_time_in_seconds = max(float(options.time_limit_s), 1e-3)
     solver.parameters.num_workers = options.threads or 8  # CP-SAT's portfolio needs several workers, even on 2 cores
     solver.parameters.log_search_progress = options.verbose
+    solver.parameters.random_seed = seed
     if hinted:
         solver.parameters.repair_hint = True
     status = solver.solve(model.model)
@@ -280,7 +281,7 @@ def solve_cpsat(graph: Graph, budget_bytes: int, options: SolveOptions | None = 
 # --- running in a process of its own ---------------------------------------------------------------
 # OR-Tools and highspy each ship libhighs: once highspy is loaded, importing OR-Tools fails (undefined
 # symbol). The registry therefore runs CP-SAT in a child process: `python -m solvers.cpsat` reads
-# {"graph", "budget_bytes", "options"} as JSON on stdin and writes the result as JSON on stdout.
+# {"graph", "budget_bytes", "options", "seed"} as JSON on stdin and writes the result as JSON on stdout.
 
 
 def _main() -> None:
@@ -291,7 +292,8 @@ def _main() -> None:
     options = request["options"]
     warm = options.pop("warm_start", None)
     result = solve_cpsat(Graph.from_json(request["graph"]), int(request["budget_bytes"]),
-                         SolveOptions(**options, warm_start=Schedule.from_json(warm) if warm else None))
+                         SolveOptions(**options, warm_start=Schedule.from_json(warm) if warm else None),
+                         seed=int(request.get("seed", 0)))
     json.dump({
         "solver": result.solver, "status": result.status,
         "schedule": result.schedule.to_json() if result.schedule else None,

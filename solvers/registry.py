@@ -10,6 +10,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from remat.graph import Graph
@@ -20,6 +21,7 @@ from solvers.baselines import BASELINES
 MILP_SOLVERS = ("checkmate", "lp-round", "cpsat", "decompose")
 SOLVER_NAMES = ("auto", *MILP_SOLVERS, *BASELINES)
 CHILD_GRACE_S = 30.0  # how long the CP-SAT process may run past its time limit (start-up, model build)
+CHILD_TRIES = 2  # CP-SAT runs, each with its own seed, while the process crashes
 
 
 def solve_with(name: str, graph: Graph, budget_bytes: int, options: SolveOptions | None = None) -> SolverResult:
@@ -49,21 +51,44 @@ def solve_with(name: str, graph: Graph, budget_bytes: int, options: SolveOptions
 
 
 def _solve_cpsat_in_child(graph: Graph, budget_bytes: int, options: SolveOptions) -> SolverResult:
-    """CP-SAT in a child process: OR-Tools cannot load beside highspy (see solvers/cpsat.py)."""
+    """CP-SAT in a child process: OR-Tools cannot load beside highspy (see solvers/cpsat.py).
+
+    CP-SAT's parallel search can abort on one of its internal checks, at random (it happened once in CI on a
+    graph that solves in a second every other time), so a crash is run again with another seed in the time
+    left. If every try crashes the result has no solution and says why: the planner keeps its other plans.
+    """
+    started = time.perf_counter()
     fields = dataclasses.asdict(dataclasses.replace(options, warm_start=None))
     fields["warm_start"] = options.warm_start.to_json() if options.warm_start else None
-    request = json.dumps({"graph": graph.to_json(), "budget_bytes": budget_bytes, "options": fields})
     root = Path(__file__).resolve().parent.parent
-    try:
-        child = subprocess.run([sys.executable, "-m", "solvers.cpsat"], input=request, capture_output=True, text=True,
-                               cwd=root, timeout=options.time_limit_s + CHILD_GRACE_S)
-    except subprocess.TimeoutExpired:  # a time limit is never an error: the planner keeps what it had
-        return SolverResult("cpsat", NO_SOLUTION, None, wall_s=options.time_limit_s + CHILD_GRACE_S,
-                            message=f"the CP-SAT process ran {CHILD_GRACE_S:.0f} s past its time limit: stopped")
-    if child.returncode != 0:
-        last = (child.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"the CP-SAT process failed ({child.returncode}): {last}")
-    data = json.loads(child.stdout)
-    schedule = Schedule.from_json(data.pop("schedule")) if data.get("schedule") else None
-    data.pop("schedule", None)
-    return SolverResult(schedule=schedule, **data)
+    crashes: list[str] = []
+    for seed in range(CHILD_TRIES):
+        fields["time_limit_s"] = max(options.time_limit_s - (time.perf_counter() - started), 1.0)
+        request = json.dumps({"graph": graph.to_json(), "budget_bytes": budget_bytes, "options": fields,
+                              "seed": seed})
+        try:
+            child = subprocess.run([sys.executable, "-m", "solvers.cpsat"], input=request, capture_output=True,
+                                   text=True, cwd=root, timeout=fields["time_limit_s"] + CHILD_GRACE_S)
+        except subprocess.TimeoutExpired:  # a time limit is never an error: the planner keeps what it had
+            return SolverResult("cpsat", NO_SOLUTION, None, wall_s=time.perf_counter() - started,
+                                message=f"the CP-SAT process ran {CHILD_GRACE_S:.0f} s past its time limit: stopped")
+        if child.returncode == 0:
+            data = json.loads(child.stdout)
+            schedule = Schedule.from_json(data.pop("schedule")) if data.get("schedule") else None
+            data.pop("schedule", None)
+            if crashes:
+                data["message"] += f" (after {len(crashes)} crashed run(s): {crashes[-1]})"
+            return SolverResult(schedule=schedule, **data)
+        if child.returncode > 0:  # a Python error in our code, not a crash of the solver: never hidden
+            lines = child.stderr.strip().splitlines() or ["no output"]
+            raise RuntimeError(f"the CP-SAT process failed ({child.returncode}): {lines[-1]}")
+        crashes.append(_crash_reason(child.returncode, child.stderr))
+    return SolverResult("cpsat", NO_SOLUTION, None, wall_s=time.perf_counter() - started,
+                        message=f"the CP-SAT process crashed {len(crashes)} times: {crashes[-1]}")
+
+
+def _crash_reason(returncode: int, stderr: str) -> str:
+    """The failed check of a crashed CP-SAT run (its line says what went wrong; the stack trace does not)."""
+    lines = stderr.strip().splitlines()
+    check = next((line.strip() for line in lines if "Check failed" in line), None)
+    return f"signal {-returncode}" + (f", {check}" if check else "")

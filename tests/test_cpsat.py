@@ -21,7 +21,7 @@ import pytest
 from remat.graph import Graph
 from remat.schedule import Schedule
 from remat.simulate import simulate
-from solvers.base import FEASIBLE, INFEASIBLE, NO_SOLUTION, OPTIMAL
+from solvers.base import FEASIBLE, INFEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions
 from tests.bruteforce import cheapest_schedule
 from tests.graphs import chain_training_graph, eager_schedule, make_graph
 
@@ -187,3 +187,53 @@ def test_infeasible_budget_and_time_limit():
 
     assert invalid["status"] == OPTIMAL, invalid
     check_schedule(small, small_budget, invalid)
+
+
+# CP-SAT's parallel search once aborted on an internal check in CI (SIGABRT, "Check failed: ..."), on a graph
+# that solves in a second every other time. The registry runs such a crash again with another seed.
+CRASH = subprocess.CompletedProcess(args=[], returncode=-6, stdout="",
+                                    stderr="F0000 cp_model_solver.cc:1] Check failed: SolutionIsFeasible(...)\n"
+                                           "*** Check failure stack trace: ***\n")
+
+
+def test_a_crashed_cpsat_run_is_run_again_with_another_seed(monkeypatch):
+    from solvers import registry
+
+    graph, budget = cases()[2]
+    best = cheapest_schedule(graph, budget)
+    real_run = subprocess.run
+    seeds = []
+
+    def crash_first(command, **kwargs):
+        seeds.append(json.loads(kwargs["input"])["seed"])
+        return CRASH if len(seeds) == 1 else real_run(command, **kwargs)
+
+    monkeypatch.setattr(registry.subprocess, "run", crash_first)
+    result = registry.solve_with("cpsat", graph, budget, SolveOptions(time_limit_s=20, threads=2))
+    assert seeds == [0, 1]
+    assert result.status == OPTIMAL and "crashed" in result.message and "SolutionIsFeasible" in result.message
+    assert simulate(graph, result.schedule).fits(budget)
+    assert result.objective_s == pytest.approx(best.compute_s, abs=1e-3 * len(graph) ** 2)
+
+
+def test_when_every_cpsat_run_crashes_the_plan_falls_back_and_says_why(monkeypatch):
+    from remat.planner import solve
+    from solvers import registry
+
+    monkeypatch.setattr(registry.subprocess, "run", lambda command, **kwargs: CRASH)
+    graph = chain_training_graph(6)
+    budget = simulate(graph, eager_schedule(graph)).peak_bytes * 2 // 3
+    result = registry.solve_with("cpsat", graph, budget, SolveOptions(time_limit_s=5))
+    assert result.status == NO_SOLUTION and result.schedule is None
+    assert "crashed 2 times" in result.message and "signal 6" in result.message
+
+    plan = solve(graph, budget, solver="cpsat", time_limit_s=5)  # a plan from the others, not an error
+    assert plan.simulation.fits(budget) and plan.method != "cpsat"
+    assert any(c.method == "cpsat" and "crashed" in c.message for c in plan.candidates)
+
+    def python_error(command, **kwargs):
+        return subprocess.CompletedProcess(args=[], returncode=1, stdout="", stderr="ValueError: a bug of ours\n")
+
+    monkeypatch.setattr(registry.subprocess, "run", python_error)
+    with pytest.raises(RuntimeError, match="a bug of ours"):  # our own errors are never retried or hidden
+        registry.solve_with("cpsat", graph, budget, SolveOptions(time_limit_s=5))
