@@ -86,6 +86,13 @@ class Graph:
                 users[dep].append(index)
         return tuple(tuple(u) for u in users)
 
+    @cached_property
+    def part_reads(self) -> tuple[tuple[tuple[int, int], ...], ...]:
+        """part_reads[i]: the (node, output) pairs node i reads among the outputs of multi-output ops."""
+        return tuple(tuple((dep, k) for dep in sorted(set(node.deps))
+                           for k, users in enumerate(self.nodes[dep].part_users) if index in users)
+                     for index, node in enumerate(self.nodes))
+
     @property
     def compute_s(self) -> float:
         """Seconds to run every node once (the store-all cost)."""

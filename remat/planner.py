@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -23,7 +24,7 @@ from solvers.bounds import covering_bound
 from solvers.coarsen import Coarsening, coarsen, contiguous_groups
 from solvers.cover_round import MAX_REPAIRS, Drops, solve_cover_round
 from solvers.decompose import decompose_applies
-from solvers.drop_search import score, search_drops
+from solvers.drop_search import score, search_drops_at_once
 from solvers.registry import SOLVER_NAMES, solve_with
 from solvers.stage_memory import freed_by, node_parts
 
@@ -41,7 +42,8 @@ TIGHTEN_SHARE = 0.9  # of the time left, for that solve (the rest covers buildin
 SEARCH_MIN_GAP = 1e-3  # a plan further than this from its bound is searched from cover-round's drops
 SEARCH_MIN_S = 1.0  # the least time left worth that search
 MAX_SEARCH_NODES = 600  # larger graphs (GPT-2's, gaps under 1.2%) take tens of ms a move: no search
-SEARCH_ROUNDS = 8  # anneals at most, each from the best drops so far, while the time left fits one more
+SEARCH_ROUNDS = 8  # rounds of anneals at most, each from the best drops so far, while the time left fits one more
+MAX_ANNEALS_AT_ONCE = 8  # anneals side by side in a round: one per core, up to this many
 MAX_POLISH_NODES = 300  # the whole-graph MILP polishes plans of graphs up to this size, when the time left covers it
 POLISH_S_PER_FREE = 2e-3  # seconds the MILP wants per FREE variable to improve on its warm start: U-Net (215 nodes,
 #                           64k): build 6 s, presolve 56 s, +13.8% -> +12.9% by 120 s at 50% (2 cores)
@@ -190,9 +192,10 @@ def _tighten_bound(plan: Plan, started: float, deadline: float, say: Callable[[s
 def _search(plan: Plan, started: float, deadline: float, say: Callable[[str], None]) -> Plan:
     """When the plan is further than SEARCH_MIN_GAP from its bound and time is left, anneal from the drops of the
     best cover-round schedule (solvers/drop_search.py): a cheaper schedule that fits is the plan, proven optimal
-    when it meets the bound. An anneal ends after its moves or at the deadline; while SEARCH_MIN_S are left (up to
-    SEARCH_ROUNDS anneals), another starts from the best drops so far with the next seed, cooling over its moves or
-    the time left (runs differ by a few percent on U-Net). Graphs up to MAX_SEARCH_NODES."""
+    when it meets the bound. A round runs one anneal per core (anneals_at_once), each with its own seed, and keeps
+    the best (runs differ by several percent). An anneal ends after its moves or at the deadline; while
+    SEARCH_MIN_S are left (up to SEARCH_ROUNDS rounds), another round starts from the best drops so far, cooling
+    over its moves or the time left. Graphs up to MAX_SEARCH_NODES."""
     left = deadline - time.perf_counter()
     starts = [c for c in plan.candidates if c.drops is not None]
     if (plan.status != FEASIBLE or plan.gap is None or plan.gap <= SEARCH_MIN_GAP or left < SEARCH_MIN_S
@@ -200,20 +203,23 @@ def _search(plan: Plan, started: float, deadline: float, say: Callable[[str], No
         return plan
     # the start: the cover-round schedule with the best score (seconds, weighed up by any overshoot)
     start = min(starts, key=lambda c: score(c.simulation, plan.budget_bytes) if c.simulation else math.inf)
-    drops, best, rounds = start.drops, None, 0
+    drops, best, rounds, anneals, at_once = start.drops, None, 0, 0, anneals_at_once()
     while True:
-        say(f"searching from {'cover-round' if best is None else 'the best'}'s drops ({left:.0f} s)")
-        result = search_drops(plan.graph, plan.budget_bytes, drops, SolveOptions(time_limit_s=left),
-                              lower_bound_s=plan.lower_bound_s, seed=rounds)
+        say(f"searching from {'cover-round' if best is None else 'the best'}'s drops, {at_once} anneal(s) at once "
+            f"({left:.0f} s)")
+        result = search_drops_at_once(plan.graph, plan.budget_bytes, drops, SolveOptions(time_limit_s=left),
+                                      lower_bound_s=plan.lower_bound_s,
+                                      seeds=range(anneals, anneals + at_once))
         rounds += 1
+        anneals += result.detail["anneals"]
         if result.schedule is not None and (best is None or result.objective_s < best.objective_s):
             best, drops = result, result.detail["drops"]
         left = deadline - time.perf_counter()
         if result.status == OPTIMAL or rounds >= SEARCH_ROUNDS or left < SEARCH_MIN_S:
             break
     result = best or result
-    result = replace(result, message=f"{result.message} (the best of {rounds} anneal(s))" if rounds > 1
-                     else result.message)
+    if anneals > 1:
+        result = replace(result, message=f"{result.message} (the best of {anneals} anneals, {at_once} at once)")
     searched = _candidate(plan.graph, "drop-search", result, result.schedule)
     plan = replace(plan, candidates=(*plan.candidates, searched), wall_s=time.perf_counter() - started)
     if not searched.fits(plan.budget_bytes) or searched.simulation.compute_s >= plan.compute_s:
@@ -222,6 +228,12 @@ def _search(plan: Plan, started: float, deadline: float, say: Callable[[str], No
     return replace(plan, method=searched.method, status=status, schedule=searched.schedule,
                    simulation=searched.simulation, message=f"{searched.message}; {plan.method} gave "
                    f"{plan.compute_s:.6g} s", picked=f"{plan.picked}; then drop-search from cover-round's drops")
+
+
+def anneals_at_once() -> int:
+    """One anneal per core this process may run on, up to MAX_ANNEALS_AT_ONCE."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, MAX_ANNEALS_AT_ONCE))
 
 
 def _polish(plan: Plan, started: float, deadline: float, backend: str, say: Callable[[str], None]) -> Plan:

@@ -110,9 +110,10 @@ def part_releases(graph: Graph, schedule: Schedule) -> dict[int, list[tuple[int,
     free it. One backward sweep over the schedule.
     """
     nodes = graph.nodes
-    readers = {i: [set(users) for users in node.part_users] for i, node in enumerate(nodes) if node.part_bytes}
-    if not readers:
+    outputs = [len(node.part_bytes) for node in nodes]  # 0 for an op with one output
+    if not any(outputs):
         return {}
+    reads = graph.part_reads
     releases: dict[int, list[tuple[int, int]]] = {}
     last_read: dict[tuple[int, int], int] = {}  # (node, output) -> its last read in the lifetime being swept
     for position in range(len(schedule.ops) - 1, -1, -1):
@@ -121,15 +122,12 @@ def part_releases(graph: Graph, schedule: Schedule) -> dict[int, list[tuple[int,
         if not 0 <= i < len(nodes):
             continue
         if op.kind == COMPUTE:
-            for dep in set(nodes[i].deps):
-                for part, users in enumerate(readers.get(dep, ())):
-                    if i in users:
-                        last_read.setdefault((dep, part), position)
-            if i in readers:
-                for part in range(len(readers[i])):
-                    releases.setdefault(last_read.pop((i, part), position), []).append((i, part))
-        elif i in readers:
-            for part in range(len(readers[i])):
+            for read in reads[i]:
+                last_read.setdefault(read, position)
+            for part in range(outputs[i]):
+                releases.setdefault(last_read.pop((i, part), position), []).append((i, part))
+        else:
+            for part in range(outputs[i]):
                 last_read.pop((i, part), None)
     return releases
 

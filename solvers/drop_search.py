@@ -18,15 +18,24 @@ LAST_TEMPERATURE of the start's score, over MOVES moves or the time limit, which
 search crosses schedules over the budget to reach other drops, late it only descends. The moves are drawn from
 a seeded generator, but the temperature follows the clock as well as the count of moves (whichever is further
 along), so two runs agree only where the moves run out well before the time.
+
+Runs differ a lot: on MobileNet-v2 near its minimum budget, three 20 s anneals from the same drops ended at
++27.4%, +30.9% and +31.3% over store-all. search_drops_at_once runs several anneals side by side, each with its
+own seed, one per core (the others in child processes, `python -m solvers.drop_search`), and keeps the best.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
+from pathlib import Path
 
 from remat.graph import Graph
 from remat.schedule import Schedule
@@ -132,3 +141,92 @@ def search_drops(graph: Graph, budget_bytes: int, start: Drops, options: SolveOp
     return SolverResult("drop-search", OPTIMAL if proven else FEASIBLE, schedule, objective_s=simulation.compute_s,
                         lower_bound_s=lower_bound_s, wall_s=wall_s, detail=detail,
                         message=f"annealed cover-round's drops: {improvements} improvement(s) in {moves} moves")
+
+
+# --- several anneals at once ----------------------------------------------------------------------------------
+CHILD_GRACE_S = 10.0  # how long a child anneal may run past the time limit (start-up, reading the graph)
+
+
+def search_drops_at_once(graph: Graph, budget_bytes: int, start: Drops, options: SolveOptions,
+                         lower_bound_s: float | None = None, seeds: Sequence[int] = (0,),
+                         moves_at_most: int = MOVES) -> SolverResult:
+    """search_drops from `start` once per seed, all to the same time limit and at the same time: the first seed
+    in this process, each other in a child process. The best result; a child's drops are turned into a schedule
+    and simulated here. A child that fails is left out (detail["failed"] says why)."""
+    started = time.perf_counter()
+    deadline = time.time() + options.time_limit_s  # the wall clock: children measure their time from it
+    children = []
+    for seed in seeds[1:]:
+        with tempfile.TemporaryFile("w+") as request:  # a file, not a pipe: nothing blocks if the child stops early
+            json.dump({"graph": graph.to_json(), "budget_bytes": budget_bytes, "start": _drops_to_json(start),
+                       "deadline": deadline, "lower_bound_s": lower_bound_s, "seed": seed,
+                       "moves_at_most": moves_at_most}, request)
+            request.seek(0)
+            children.append(subprocess.Popen([sys.executable, "-m", "solvers.drop_search"], stdin=request,
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                             cwd=Path(__file__).resolve().parent.parent))
+    results = [search_drops(graph, budget_bytes, start, replace(options, time_limit_s=deadline - time.time()),
+                            lower_bound_s, seeds[0], moves_at_most)]
+    failed = []
+    for child in children:
+        try:
+            out, err = child.communicate(timeout=max(deadline - time.time(), 0) + CHILD_GRACE_S)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate()
+            failed.append("an anneal ran past its time limit: stopped")
+            continue
+        if child.returncode != 0:
+            failed.append(f"an anneal failed ({child.returncode}): "
+                          f"{(err.strip().splitlines() or ['no output'])[-1]}")
+            continue
+        answer = json.loads(out)
+        drops = _drops_from_json(answer["drops"]) if answer["drops"] else None
+        results.append(_result_for(graph, budget_bytes, drops, lower_bound_s, answer["moves"],
+                                   answer["improvements"]))
+    best = min(results, key=lambda r: r.objective_s if r.objective_s is not None else math.inf)
+    detail = {**best.detail, "anneals": len(results), "failed": failed,
+              "moves": sum(r.detail["moves"] for r in results)}
+    return replace(best, wall_s=time.perf_counter() - started, detail=detail)
+
+
+def _result_for(graph: Graph, budget_bytes: int, drops: Drops | None, lower_bound_s: float | None, moves: int,
+                improvements: int) -> SolverResult:
+    """search_drops' result for the best drops an anneal found elsewhere (None: none that fit)."""
+    detail = {"moves": moves, "improvements": improvements, "drops": drops}
+    if drops is None:
+        return SolverResult("drop-search", NO_SOLUTION, None, detail=detail,
+                            message=f"no schedule that fits in {moves} moves")
+    schedule = schedule_for_drops(graph, drops)
+    simulation = simulate(graph, schedule)
+    if not simulation.fits(budget_bytes):
+        return SolverResult("drop-search", NO_SOLUTION, None, detail=detail,
+                            message=f"the anneal's best drops do not fit here: {simulation.errors[:1]}")
+    proven = lower_bound_s is not None and simulation.compute_s <= lower_bound_s * (1 + 1e-9)
+    return SolverResult("drop-search", OPTIMAL if proven else FEASIBLE, schedule, objective_s=simulation.compute_s,
+                        lower_bound_s=lower_bound_s, detail=detail,
+                        message=f"annealed cover-round's drops: {improvements} improvement(s) in {moves} moves")
+
+
+def _drops_to_json(drops: Drops) -> dict:
+    return {**asdict(drops), "dropped": list(drops.dropped), "fresh": sorted(drops.fresh)}
+
+
+def _drops_from_json(data: dict) -> Drops:
+    return Drops(**{**data, "dropped": tuple(data["dropped"]), "fresh": frozenset(data["fresh"])})
+
+
+def _main() -> None:
+    """One anneal in a process of its own: the request as JSON on stdin, the best drops as JSON on stdout."""
+    request = json.load(sys.stdin)
+    graph = Graph.from_json(request["graph"])
+    options = SolveOptions(time_limit_s=max(request["deadline"] - time.time(), 0.0))
+    result = search_drops(graph, request["budget_bytes"], _drops_from_json(request["start"]), options,
+                          request["lower_bound_s"], request["seed"], request["moves_at_most"])
+    drops = result.detail["drops"]
+    json.dump({"drops": _drops_to_json(drops) if drops else None, "moves": result.detail["moves"],
+               "improvements": result.detail["improvements"]}, sys.stdout)
+
+
+if __name__ == "__main__":
+    _main()

@@ -10,13 +10,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from remat.planner import SEARCH_ROUNDS, _candidate, _polish, _search, polish_seconds, solve
+from remat.planner import SEARCH_ROUNDS, _candidate, _polish, _search, anneals_at_once, polish_seconds, solve
 from remat.simulate import simulate
 from solvers.base import FEASIBLE, OPTIMAL, SolveOptions
 from solvers.bounds import covering_bound
 from solvers.checkmate import solve_checkmate
 from solvers.cover_round import Drops, solve_cover_round
-from solvers.drop_search import search_drops
+from solvers.drop_search import search_drops, search_drops_at_once
 from tests.bruteforce import cheapest_schedule
 from tests.graphs import make_graph
 from tests.test_solver_properties import EXACT, FAST, budget_between, random_dags
@@ -91,13 +91,42 @@ def test_the_planner_searches_a_plan_with_a_gap_and_keeps_the_cheaper_schedule()
     assert searched.method == "drop-search" and searched.status == FEASIBLE
     assert searched.compute_s == pytest.approx(38.5) and searched.simulation.fits(budget)
     assert "drop-search" in searched.picked and messages and "searching" in messages[0]
-    # the 18 nodes anneal in about a second: the time left holds every round, each from the best drops so far
-    assert f"the best of {SEARCH_ROUNDS} anneal(s)" in searched.message
+    # the 18 nodes anneal in about a second: the time left holds every round, each from the best drops so far,
+    # each round one anneal per core
+    at_once = anneals_at_once()
+    assert f"the best of {SEARCH_ROUNDS * at_once} anneals, {at_once} at once" in searched.message
     assert len(messages) == SEARCH_ROUNDS and "the best's drops" in messages[-1]
     # no time left, or a plan proven optimal: returned as it is
     assert _search(as_if, started, started, messages.append) is as_if
     proven = dataclasses.replace(as_if, status=OPTIMAL)
     assert _search(proven, started, started + 120, messages.append) is proven
+
+
+def test_anneals_at_once_find_what_the_same_seeds_find_one_by_one():
+    graph, budget = skip_heavy_step()
+    bound = covering_bound(graph, budget, SolveOptions(time_limit_s=10))
+    start = solve_cover_round(graph, budget, bound, SolveOptions(time_limit_s=10)).detail["drops"]
+    options = SolveOptions(time_limit_s=120)  # the moves run out long before: each seed's run is the same
+    one_by_one = [search_drops(graph, budget, start, options, seed=seed, moves_at_most=300) for seed in (0, 1, 2)]
+    at_once = search_drops_at_once(graph, budget, start, options, seeds=(0, 1, 2), moves_at_most=300)
+    assert at_once.detail["anneals"] == 3 and at_once.detail["failed"] == []
+    assert at_once.detail["moves"] == sum(r.detail["moves"] for r in one_by_one)
+    assert at_once.objective_s == pytest.approx(min(r.objective_s for r in one_by_one))
+    assert at_once.detail["drops"] in [r.detail["drops"] for r in one_by_one]
+    sim = simulate(graph, at_once.schedule)
+    assert sim.valid and sim.fits(budget) and sim.compute_s == pytest.approx(at_once.objective_s)
+
+
+def test_an_anneal_whose_process_fails_is_left_out(monkeypatch):
+    import sys
+
+    graph, budget = skip_heavy_step()
+    start = Drops((3, 5))
+    monkeypatch.setattr(sys, "executable", "false")  # the child processes exit at once with status 1
+    result = search_drops_at_once(graph, budget, start, SolveOptions(time_limit_s=5), seeds=(0, 1), moves_at_most=50)
+    alone = search_drops(graph, budget, start, SolveOptions(time_limit_s=5), seed=0, moves_at_most=50)
+    assert result.detail["anneals"] == 1 and result.detail["failed"] == ["an anneal failed (1): no output"]
+    assert result.objective_s == pytest.approx(alone.objective_s)
 
 
 def test_the_planner_polishes_a_plan_with_the_whole_graph_milp_when_time_allows():
