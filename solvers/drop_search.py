@@ -131,12 +131,18 @@ def search_drops(graph: Graph, budget_bytes: int, start: Drops, options: SolveOp
         if simulation.fits(budget_bytes) and (best is None or simulation.compute_s < best[1].compute_s):
             best = (schedule, simulation, current)
             improvements += 1
-    wall_s = time.perf_counter() - started
     detail = {"moves": moves, "improvements": improvements, "drops": best[2] if best else None}
+    return _outcome(best[:2] if best else None, lower_bound_s, detail, time.perf_counter() - started)
+
+
+def _outcome(best: tuple[Schedule, Simulation] | None, lower_bound_s: float | None, detail: dict,
+             wall_s: float = 0.0) -> SolverResult:
+    """An anneal's result: its best schedule that fits (None: none did), optimal when it meets the bound."""
+    moves, improvements = detail["moves"], detail["improvements"]
     if best is None:
         return SolverResult("drop-search", NO_SOLUTION, None, wall_s=wall_s, detail=detail,
                             message=f"no schedule that fits in {moves} moves")
-    schedule, simulation, _ = best
+    schedule, simulation = best
     proven = lower_bound_s is not None and simulation.compute_s <= lower_bound_s * (1 + 1e-9)
     return SolverResult("drop-search", OPTIMAL if proven else FEASIBLE, schedule, objective_s=simulation.compute_s,
                         lower_bound_s=lower_bound_s, wall_s=wall_s, detail=detail,
@@ -156,11 +162,11 @@ def search_drops_at_once(graph: Graph, budget_bytes: int, start: Drops, options:
     started = time.perf_counter()
     deadline = time.time() + options.time_limit_s  # the wall clock: children measure their time from it
     children = []
+    shared = {"graph": graph.to_json(), "budget_bytes": budget_bytes, "start": _drops_to_json(start),
+              "deadline": deadline, "lower_bound_s": lower_bound_s, "moves_at_most": moves_at_most}
     for seed in seeds[1:]:
         with tempfile.TemporaryFile("w+") as request:  # a file, not a pipe: nothing blocks if the child stops early
-            json.dump({"graph": graph.to_json(), "budget_bytes": budget_bytes, "start": _drops_to_json(start),
-                       "deadline": deadline, "lower_bound_s": lower_bound_s, "seed": seed,
-                       "moves_at_most": moves_at_most}, request)
+            json.dump({**shared, "seed": seed}, request)
             request.seek(0)
             children.append(subprocess.Popen([sys.executable, "-m", "solvers.drop_search"], stdin=request,
                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -192,20 +198,13 @@ def search_drops_at_once(graph: Graph, budget_bytes: int, start: Drops, options:
 
 def _result_for(graph: Graph, budget_bytes: int, drops: Drops | None, lower_bound_s: float | None, moves: int,
                 improvements: int) -> SolverResult:
-    """search_drops' result for the best drops an anneal found elsewhere (None: none that fit)."""
-    detail = {"moves": moves, "improvements": improvements, "drops": drops}
-    if drops is None:
-        return SolverResult("drop-search", NO_SOLUTION, None, detail=detail,
-                            message=f"no schedule that fits in {moves} moves")
-    schedule = schedule_for_drops(graph, drops)
-    simulation = simulate(graph, schedule)
-    if not simulation.fits(budget_bytes):
-        return SolverResult("drop-search", NO_SOLUTION, None, detail=detail,
-                            message=f"the anneal's best drops do not fit here: {simulation.errors[:1]}")
-    proven = lower_bound_s is not None and simulation.compute_s <= lower_bound_s * (1 + 1e-9)
-    return SolverResult("drop-search", OPTIMAL if proven else FEASIBLE, schedule, objective_s=simulation.compute_s,
-                        lower_bound_s=lower_bound_s, detail=detail,
-                        message=f"annealed cover-round's drops: {improvements} improvement(s) in {moves} moves")
+    """search_drops' result for the best drops an anneal found in another process (None: none that fit)."""
+    best = None
+    if drops is not None:
+        schedule = schedule_for_drops(graph, drops)
+        simulation = simulate(graph, schedule)
+        best = (schedule, simulation) if simulation.fits(budget_bytes) else None
+    return _outcome(best, lower_bound_s, {"moves": moves, "improvements": improvements, "drops": drops})
 
 
 def _drops_to_json(drops: Drops) -> dict:

@@ -61,11 +61,11 @@ def _solve_cpsat_in_child(graph: Graph, budget_bytes: int, options: SolveOptions
     fields = dataclasses.asdict(dataclasses.replace(options, warm_start=None))
     fields["warm_start"] = options.warm_start.to_json() if options.warm_start else None
     root = Path(__file__).resolve().parent.parent
+    graph_json = graph.to_json()
     crashes: list[str] = []
     for seed in range(CHILD_TRIES):
         fields["time_limit_s"] = max(options.time_limit_s - (time.perf_counter() - started), 1.0)
-        request = json.dumps({"graph": graph.to_json(), "budget_bytes": budget_bytes, "options": fields,
-                              "seed": seed})
+        request = json.dumps({"graph": graph_json, "budget_bytes": budget_bytes, "options": fields, "seed": seed})
         try:
             child = subprocess.run([sys.executable, "-m", "solvers.cpsat"], input=request, capture_output=True,
                                    text=True, cwd=root, timeout=fields["time_limit_s"] + CHILD_GRACE_S)
