@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -101,6 +102,13 @@ def print_row(row: dict) -> None:
           f"{pct(row['lower_bound_overhead']):>7} {gap:>6} best-baseline={pct(best)} {shown}{chunks}", flush=True)
 
 
+def commit() -> str:
+    """The commit the rows ran at ("-dirty": with uncommitted changes), so each row says which code it measures."""
+    done = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent)
+    return done.stdout.strip() or "unknown"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default=",".join(MODELS))
@@ -137,7 +145,7 @@ def main() -> None:
                                 time.perf_counter() - solve_started)
             else:
                 row = row_for(model, label, solve(graph, budget, solver="auto", time_limit_s=time_limit), trace_s)
-            row.update(time_limit_s=time_limit, load_average=load, min_feasible_found_bytes=lowest,
+            row.update(time_limit_s=time_limit, load_average=load, commit=commit(), min_feasible_found_bytes=lowest,
                        min_feasible_proven=lowest == graph.min_budget_lower_bound())
             rows[model, label] = row
             print_row(row)

@@ -18,14 +18,17 @@ from pathlib import Path
 from remat.graph import Graph
 from remat.schedule import Schedule, tighten_frees
 from remat.simulate import Simulation, simulate
+from solvers.anneal import Space, anneal_at_once, score
 from solvers.base import FEASIBLE, INFEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions, SolverResult
 from solvers.baselines import BASELINES
 from solvers.bounds import covering_bound
 from solvers.coarsen import Coarsening, coarsen, contiguous_groups
 from solvers.cover_round import MAX_REPAIRS, Drops, solve_cover_round
 from solvers.decompose import decompose_applies
-from solvers.drop_search import score, search_drops_at_once
+from solvers.drop_search import SPACE as DROPS
 from solvers.registry import SOLVER_NAMES, solve_with
+from solvers.rows_search import SPACE as ROWS
+from solvers.rows_search import rows_of
 from solvers.stage_memory import freed_by, node_parts
 
 MAX_EXACT_NODES = 100  # larger graphs are coarsened to this size (when no decomposition applies)
@@ -39,10 +42,12 @@ MAX_REPAIR_NODES = 600  # larger graphs get one schedule from the bound, no cove
 EXACT_BOUND_GAP = 1e-9  # the covering MILP's relative gap on graphs up to MAX_REPAIR_NODES
 TIGHTEN_MIN_S = 2.0  # the least time left worth solving a cut-short covering bound again
 TIGHTEN_SHARE = 0.9  # of the time left, for that solve (the rest covers building it)
-SEARCH_MIN_GAP = 1e-3  # a plan further than this from its bound is searched from cover-round's drops
+SEARCH_MIN_GAP = 1e-3  # a plan further than this from its bound is searched (drops, then rows)
 SEARCH_MIN_S = 1.0  # the least time left worth that search
 MAX_SEARCH_NODES = 600  # larger graphs (GPT-2's, gaps under 1.2%) take tens of ms a move: no search
-SEARCH_ROUNDS = 8  # rounds of anneals at most, each from the best drops so far, while the time left fits one more
+SEARCH_ROUNDS = 8  # rounds of anneals at most in a space, each from the best so far, while the time left fits one
+DROP_SHARE = 0.5  # of the search's time, for drops; rows get the rest. U-Net at 1.1 x min, 15 s each: +37.0%, where
+#                   drops alone (27 s) reached +42.5% and rows alone (26 s from cover-round's +52.8%) +40.0%
 MAX_ANNEALS_AT_ONCE = 8  # anneals side by side in a round: one per core, up to this many
 MAX_POLISH_NODES = 300  # the whole-graph MILP polishes plans of graphs up to this size, when the time left covers it
 POLISH_S_PER_FREE = 2e-3  # seconds the MILP wants per FREE variable to improve on its warm start: U-Net (215 nodes,
@@ -190,44 +195,62 @@ def _tighten_bound(plan: Plan, started: float, deadline: float, say: Callable[[s
 
 
 def _search(plan: Plan, started: float, deadline: float, say: Callable[[str], None]) -> Plan:
-    """When the plan is further than SEARCH_MIN_GAP from its bound and time is left, anneal from the drops of the
-    best cover-round schedule (solvers/drop_search.py): a cheaper schedule that fits is the plan, proven optimal
-    when it meets the bound. A round runs one anneal per core (anneals_at_once), each with its own seed, and keeps
-    the best (runs differ by several percent). An anneal ends after its moves or at the deadline; while
-    SEARCH_MIN_S are left (up to SEARCH_ROUNDS rounds), another round starts from the best drops so far, cooling
-    over its moves or the time left. Graphs up to MAX_SEARCH_NODES."""
-    left = deadline - time.perf_counter()
-    starts = [c for c in plan.candidates if c.drops is not None]
-    if (plan.status != FEASIBLE or plan.gap is None or plan.gap <= SEARCH_MIN_GAP or left < SEARCH_MIN_S
-            or len(plan.graph) > MAX_SEARCH_NODES or not starts):
+    """When the plan is further than SEARCH_MIN_GAP from its bound and time is left, anneal (solvers/anneal.py):
+    first over drops, from those of the best cover-round schedule (solvers/drop_search.py), for DROP_SHARE of the
+    time left; then over Checkmate's rows, from the plan's schedule by then (solvers/rows_search.py), until the
+    deadline. Rows reach the schedules that recompute a value more than once, which drops cannot; drops move
+    faster to a good start. A cheaper schedule that fits is the plan, proven optimal when it meets the bound.
+    Graphs up to MAX_SEARCH_NODES."""
+    if len(plan.graph) > MAX_SEARCH_NODES:
         return plan
-    # the start: the cover-round schedule with the best score (seconds, weighed up by any overshoot)
-    start = min(starts, key=lambda c: score(c.simulation, plan.budget_bytes) if c.simulation else math.inf)
-    drops, best, rounds, anneals, at_once = start.drops, None, 0, 0, anneals_at_once()
+    starts = [c for c in plan.candidates if c.drops is not None]
+    if starts:  # the start: the cover-round schedule with the best score (seconds, weighed up by any overshoot)
+        start = min(starts, key=lambda c: score(c.simulation, plan.budget_bytes) if c.simulation else math.inf)
+        share = deadline - DROP_SHARE * max(0.0, deadline - time.perf_counter())
+        plan = _anneal_rounds(plan, DROPS, start.drops, "cover-round's drops", started, share, say)
+    try:
+        rows = rows_of(plan.schedule) if plan.schedule is not None else None
+    except ValueError:  # not frontier-advancing: no rows to start from
+        rows = None
+    if rows is None:
+        return plan
+    return _anneal_rounds(plan, ROWS, rows, f"{plan.method}'s rows", started, deadline, say)
+
+
+def _anneal_rounds(plan: Plan, space: Space, start: object, start_name: str, started: float, deadline: float,
+                   say: Callable[[str], None]) -> Plan:
+    """Anneal in `space` from `start` while the plan has a gap and SEARCH_MIN_S are left before `deadline`. A round
+    runs one anneal per core (anneals_at_once), each with its own seed, and keeps the best (runs differ by several
+    percent); an anneal ends after its moves or at the deadline. While SEARCH_MIN_S are left (up to SEARCH_ROUNDS
+    rounds), another round starts from the best point so far, cooling over its moves or the time left."""
+    left = deadline - time.perf_counter()
+    if plan.status != FEASIBLE or plan.gap is None or plan.gap <= SEARCH_MIN_GAP or left < SEARCH_MIN_S:
+        return plan
+    point, best, rounds, anneals, at_once = start, None, 0, 0, anneals_at_once()
     while True:
-        say(f"searching from {'cover-round' if best is None else 'the best'}'s drops, {at_once} anneal(s) at once "
+        say(f"{space.method} from {start_name if best is None else 'the best so far'}, {at_once} anneal(s) at once "
             f"({left:.0f} s)")
-        result = search_drops_at_once(plan.graph, plan.budget_bytes, drops, SolveOptions(time_limit_s=left),
-                                      lower_bound_s=plan.lower_bound_s,
-                                      seeds=range(anneals, anneals + at_once))
+        result = anneal_at_once(space, plan.graph, plan.budget_bytes, point, SolveOptions(time_limit_s=left),
+                                lower_bound_s=plan.lower_bound_s, seeds=range(anneals, anneals + at_once))
         rounds += 1
         anneals += result.detail["anneals"]
         if result.schedule is not None and (best is None or result.objective_s < best.objective_s):
-            best, drops = result, result.detail["drops"]
+            best, point = result, result.detail["best"]
         left = deadline - time.perf_counter()
         if result.status == OPTIMAL or rounds >= SEARCH_ROUNDS or left < SEARCH_MIN_S:
             break
     result = best or result
+    message = f"annealed {start_name}: {result.message}"
     if anneals > 1:
-        result = replace(result, message=f"{result.message} (the best of {anneals} anneals, {at_once} at once)")
-    searched = _candidate(plan.graph, "drop-search", result, result.schedule)
+        message += f" (the best of {anneals} anneals, {at_once} at once)"
+    searched = _candidate(plan.graph, space.method, replace(result, message=message), result.schedule)
     plan = replace(plan, candidates=(*plan.candidates, searched), wall_s=time.perf_counter() - started)
     if not searched.fits(plan.budget_bytes) or searched.simulation.compute_s >= plan.compute_s:
         return plan
     status = OPTIMAL if searched.simulation.compute_s <= plan.lower_bound_s * (1 + 1e-9) else FEASIBLE
     return replace(plan, method=searched.method, status=status, schedule=searched.schedule,
                    simulation=searched.simulation, message=f"{searched.message}; {plan.method} gave "
-                   f"{plan.compute_s:.6g} s", picked=f"{plan.picked}; then drop-search from cover-round's drops")
+                   f"{plan.compute_s:.6g} s", picked=f"{plan.picked}; then {space.method} from {start_name}")
 
 
 def anneals_at_once() -> int:

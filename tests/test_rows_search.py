@@ -1,0 +1,94 @@
+"""The annealing search over Checkmate's rows (solvers/rows_search.py): every point is a valid schedule, no result
+beats the optimum, and on a chain near its minimum budget it finds the recompute-twice schedules that drop-search
+cannot reach."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from remat.schedule import COMPUTE, Op, Schedule
+from remat.simulate import simulate
+from solvers.base import SolveOptions
+from solvers.bounds import covering_bound
+from solvers.cover_round import solve_cover_round
+from solvers.decompose import prune_rows
+from solvers.drop_search import search_drops
+from solvers.rows_search import rows_of, schedule_of, search_rows, search_rows_at_once
+from tests.bruteforce import cheapest_schedule
+from tests.graphs import chain_training_graph, make_graph
+from tests.test_solver_properties import FAST, budget_between, random_dags
+
+
+@st.composite
+def dags_with_rows(draw):
+    """A random DAG and pruned rows for it: stage t runs node t and any earlier nodes drawn."""
+    graph = draw(random_dags())
+    rows = [sorted({t} | draw(st.sets(st.integers(0, t), max_size=3))) for t in range(len(graph))]
+    return graph, tuple(tuple(row) for row in prune_rows(graph, rows))
+
+
+@FAST
+@given(case=dags_with_rows(), fraction=st.floats(0.0, 1.0), seed=st.integers(0, 3))
+def test_searched_schedules_are_valid_fit_and_never_beat_the_optimum(case, fraction, seed):
+    graph, start = case
+    assert rows_of(schedule_of(graph, start)) == start  # rows and their schedule say the same thing
+    budget = budget_between(graph, fraction)
+    result = search_rows(graph, budget, start, SolveOptions(time_limit_s=30), seed=seed, moves_at_most=200)
+    assert result.detail["moves"] <= 200
+    best = cheapest_schedule(graph, budget)
+    if result.schedule is None:
+        return
+    sim = simulate(graph, result.schedule)
+    assert sim.valid and sim.fits(budget) and best is not None
+    assert sim.compute_s == pytest.approx(result.objective_s)
+    assert sim.compute_s >= best.compute_s * (1 - 1e-9)
+    assert schedule_of(graph, result.detail["best"]) == result.schedule
+
+
+def chain_case():
+    """A 14-layer chain's training step (29 unit-cost ops) at 50 bytes, 1.25 x its minimum budget of 40: to fit, it
+    recomputes forward values several times over, from a different held value each time, as revolve does.
+    drop-search (one recomputation of each dropped value) stops at 59 s from cover-round's drops; Checkmate's MILP
+    finds 52 s in 120 s."""
+    graph = chain_training_graph(14)
+    budget = 50
+    bound = covering_bound(graph, budget, SolveOptions(time_limit_s=10))
+    covered = solve_cover_round(graph, budget, bound, SolveOptions(time_limit_s=10))
+    dropped = search_drops(graph, budget, covered.detail["drops"], SolveOptions(time_limit_s=120))
+    return graph, budget, dropped
+
+
+def test_rows_search_recomputes_a_chain_as_revolve_does_where_drops_cannot():
+    graph, budget, dropped = chain_case()
+    assert dropped.objective_s == pytest.approx(59.0) and dropped.detail["moves"] == 8000
+    searched = search_rows(graph, budget, rows_of(dropped.schedule), SolveOptions(time_limit_s=600), seed=1,
+                           moves_at_most=3000)
+    sim = simulate(graph, searched.schedule)
+    assert sim.valid and sim.fits(budget) and searched.detail["moves"] == 3000
+    assert sim.compute_s == pytest.approx(52.0)
+    # values computed three times or more: a chain rebuilt from several points in turn
+    assert max(searched.schedule.compute_counts()) >= 3
+
+
+def test_rows_anneals_at_once_find_what_the_same_seeds_find_one_by_one():
+    graph, budget, dropped = chain_case()
+    start = rows_of(dropped.schedule)
+    options = SolveOptions(time_limit_s=600)  # the moves run out long before: each seed's run is the same
+    one_by_one = [search_rows(graph, budget, start, options, seed=seed, moves_at_most=500) for seed in (0, 1, 2)]
+    at_once = search_rows_at_once(graph, budget, start, options, seeds=(0, 1, 2), moves_at_most=500)
+    assert at_once.detail["anneals"] == 3 and at_once.detail["failed"] == []
+    assert at_once.detail["moves"] == sum(r.detail["moves"] for r in one_by_one)
+    assert at_once.objective_s == pytest.approx(min(r.objective_s for r in one_by_one))
+    assert at_once.detail["best"] in [r.detail["best"] for r in one_by_one]
+    sim = simulate(graph, at_once.schedule)
+    assert sim.valid and sim.fits(budget) and sim.compute_s == pytest.approx(at_once.objective_s)
+
+
+def test_a_schedule_that_is_not_frontier_advancing_has_no_rows():
+    graph = make_graph([[], [], [0, 1]], [1, 1, 1], [1.0, 1.0, 1.0])
+    out_of_order = Schedule((Op(COMPUTE, 1), Op(COMPUTE, 0), Op(COMPUTE, 2)), 3)
+    assert simulate(graph, out_of_order).valid  # a valid schedule, but node 1 runs before node 0
+    with pytest.raises(ValueError, match="not frontier-advancing"):
+        rows_of(out_of_order)
