@@ -206,7 +206,7 @@ def _search(plan: Plan, started: float, deadline: float, say: Callable[[str], No
     starts = [c for c in plan.candidates if c.drops is not None]
     if starts:  # the start: the cover-round schedule with the best score (seconds, weighed up by any overshoot)
         start = min(starts, key=lambda c: score(c.simulation, plan.budget_bytes) if c.simulation else math.inf)
-        share = deadline - DROP_SHARE * max(0.0, deadline - time.perf_counter())
+        share = time.perf_counter() + DROP_SHARE * max(0.0, deadline - time.perf_counter())
         plan = _anneal_rounds(plan, DROPS, start.drops, "cover-round's drops", started, share, say)
     try:
         rows = rows_of(plan.schedule) if plan.schedule is not None else None
