@@ -46,8 +46,12 @@ SEARCH_MIN_GAP = 1e-3  # a plan further than this from its bound is searched (dr
 SEARCH_MIN_S = 1.0  # the least time left worth that search
 MAX_SEARCH_NODES = 600  # larger graphs (GPT-2's, gaps under 1.2%) take tens of ms a move: no search
 SEARCH_ROUNDS = 8  # rounds of anneals at most in a space, each from the best so far, while the time left fits one
-DROP_SHARE = 0.5  # of the search's time, for drops; rows get the rest. U-Net at 1.1 x min, 15 s each: +37.0%, where
-#                   drops alone (27 s) reached +42.5% and rows alone (26 s from cover-round's +52.8%) +40.0%
+DROP_SHARE = 0.5  # of the search's time, for drops; rows get the rest. benchmarks/search_settings.py, 30 s plans,
+#                   means of 2: U-Net 1.1 x min +34.5% (drops only +39.7%, rows only +37.3%); U-Net 50% +14.1%
+#                   (drops only +14.4%, rows only +16.0%)
+MAX_ROWS_NODES = 300  # larger graphs give drops the whole search: on MobileNet-v2 (508 nodes) and ResNet-50 (520)
+#                       at 1.1 x min no rows anneal ever beat its start, and MobileNet's drops need the whole 30 s
+#                       (drops only +27.2%, both runs; half each: +31.3%, nothing found in four runs)
 MAX_ANNEALS_AT_ONCE = 8  # anneals side by side in a round: one per core, up to this many
 MAX_POLISH_NODES = 300  # the whole-graph MILP polishes plans of graphs up to this size, when the time left covers it
 POLISH_S_PER_FREE = 2e-3  # seconds the MILP wants per FREE variable to improve on its warm start: U-Net (215 nodes,
@@ -200,14 +204,18 @@ def _search(plan: Plan, started: float, deadline: float, say: Callable[[str], No
     time left; then over Checkmate's rows, from the plan's schedule by then (solvers/rows_search.py), until the
     deadline. Rows reach the schedules that recompute a value more than once, which drops cannot; drops move
     faster to a good start. A cheaper schedule that fits is the plan, proven optimal when it meets the bound.
-    Graphs up to MAX_SEARCH_NODES."""
+    Graphs up to MAX_SEARCH_NODES; over MAX_ROWS_NODES, drops get all the time."""
     if len(plan.graph) > MAX_SEARCH_NODES:
         return plan
+    rows_too = len(plan.graph) <= MAX_ROWS_NODES
     starts = [c for c in plan.candidates if c.drops is not None]
     if starts:  # the start: the cover-round schedule with the best score (seconds, weighed up by any overshoot)
         start = min(starts, key=lambda c: score(c.simulation, plan.budget_bytes) if c.simulation else math.inf)
-        share = time.perf_counter() + DROP_SHARE * max(0.0, deadline - time.perf_counter())
-        plan = _anneal_rounds(plan, DROPS, start.drops, "cover-round's drops", started, share, say)
+        share = DROP_SHARE if rows_too else 1.0
+        drops_deadline = time.perf_counter() + share * max(0.0, deadline - time.perf_counter())
+        plan = _anneal_rounds(plan, DROPS, start.drops, "cover-round's drops", started, drops_deadline, say)
+    if not rows_too:
+        return plan
     try:
         rows = rows_of(plan.schedule) if plan.schedule is not None else None
     except ValueError:  # not frontier-advancing: no rows to start from

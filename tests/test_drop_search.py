@@ -111,6 +111,18 @@ def test_the_planner_searches_a_plan_with_a_gap_and_keeps_the_cheaper_schedule(m
     assert _search(proven, started, started + 120, messages.append) is proven
 
 
+def test_a_graph_over_max_rows_nodes_gives_drops_the_whole_search(monkeypatch):
+    monkeypatch.setattr(planner, "MAX_ROWS_NODES", 10)  # the 18-node step counts as large
+    monkeypatch.setattr(planner, "DROPS", dataclasses.replace(planner.DROPS, moves=2000))  # shorter rounds
+    as_if = cover_round_plan()
+    messages = []
+    started = time.perf_counter()
+    searched = _search(as_if, started, started + 120, messages.append)
+    assert searched.method == "drop-search" and searched.compute_s == pytest.approx(38.5)
+    assert len(messages) == SEARCH_ROUNDS and all(m.startswith("drop-search") for m in messages)
+    assert "rows-search" not in [c.method for c in searched.candidates]
+
+
 def test_anneals_at_once_find_what_the_same_seeds_find_one_by_one():
     graph, budget = skip_heavy_step()
     bound = covering_bound(graph, budget, SolveOptions(time_limit_s=10))
