@@ -46,6 +46,7 @@ def main() -> None:
     default = getattr(planner, name)
     changed = type(default)(value)
     settings = {"default": default, args.setting: changed}
+    ran_at = commit()  # before any edit made while it runs
     runs = []
     for row in args.rows.split(","):
         model, label = row.split(":")
@@ -80,7 +81,7 @@ def main() -> None:
     out = Path(args.out or f"benchmarks/results/search_settings_{name}_{value}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-                               "commit": commit(), "setting": args.setting, "time_limit_s": args.time_limit,
+                               "commit": ran_at, "setting": args.setting, "time_limit_s": args.time_limit,
                                "runs": runs}, indent=1))
 
 

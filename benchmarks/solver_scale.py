@@ -102,11 +102,18 @@ def print_row(row: dict) -> None:
           f"{pct(row['lower_bound_overhead']):>7} {gap:>6} best-baseline={pct(best)} {shown}{chunks}", flush=True)
 
 
+CODE = ("remat", "solvers", "profiles", "cli.py", "benchmarks/*.py")  # what the figures depend on
+
+
 def commit() -> str:
-    """The commit the rows ran at ("-dirty": with uncommitted changes), so each row says which code it measures."""
-    done = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parent)
-    return done.stdout.strip() or "unknown"
+    """The commit the rows ran at, "-dirty" when the code (CODE, not the docs or results) had uncommitted changes."""
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=root)
+
+    head = git("rev-parse", "--short", "HEAD").stdout.strip() or "unknown"
+    return head + ("-dirty" if git("diff", "--quiet", "HEAD", "--", *CODE).returncode else "")
 
 
 def main() -> None:
@@ -120,6 +127,7 @@ def main() -> None:
     args = parser.parse_args()
 
     out = Path(args.out)
+    ran_at = commit()  # before any edit made while it runs
     saved = json.loads(out.read_text()) if out.exists() else {"rows": []}
     rows = {(r["model"], r["budget"]): r for r in saved["rows"]}
     print(f"{'model':>13} {'budget':>7} {'bytes':>10} {'nodes':>5} {'solver':>22} {'status':>9} {'wall s':>6} "
@@ -145,7 +153,7 @@ def main() -> None:
                                 time.perf_counter() - solve_started)
             else:
                 row = row_for(model, label, solve(graph, budget, solver="auto", time_limit_s=time_limit), trace_s)
-            row.update(time_limit_s=time_limit, load_average=load, commit=commit(), min_feasible_found_bytes=lowest,
+            row.update(time_limit_s=time_limit, load_average=load, commit=ran_at, min_feasible_found_bytes=lowest,
                        min_feasible_proven=lowest == graph.min_budget_lower_bound())
             rows[model, label] = row
             print_row(row)
