@@ -15,11 +15,10 @@ one change at a time:
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
 from dataclasses import asdict, replace
 
 from remat.graph import Graph
-from solvers.anneal import Current, Space, anneal, anneal_at_once
+from solvers.anneal import Current, Space, anneal
 from solvers.base import SolveOptions, SolverResult
 from solvers.cover_round import Drops, schedule_for_drops
 
@@ -76,9 +75,3 @@ def search_drops(graph: Graph, budget_bytes: int, start: Drops, options: SolveOp
     return anneal(SPACE, graph, budget_bytes, start, options or SolveOptions(time_limit_s=10.0), lower_bound_s,
                   seed, moves_at_most)
 
-
-def search_drops_at_once(graph: Graph, budget_bytes: int, start: Drops, options: SolveOptions,
-                         lower_bound_s: float | None = None, seeds: Sequence[int] = (0,),
-                         moves_at_most: int = MOVES) -> SolverResult:
-    """search_drops from `start` once per seed, side by side (solvers/anneal.py's anneal_at_once): the best."""
-    return anneal_at_once(SPACE, graph, budget_bytes, start, options, lower_bound_s, seeds, moves_at_most)

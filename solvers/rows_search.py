@@ -22,11 +22,10 @@ warm-started from the same plan reached +38.7% in 240 s.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
 
 from remat.graph import Graph
 from remat.schedule import Schedule
-from solvers.anneal import Current, Space, anneal, anneal_at_once
+from solvers.anneal import Current, Space, anneal
 from solvers.base import SolveOptions, SolverResult
 from solvers.decompose import emit, prune_rows
 
@@ -93,9 +92,3 @@ def search_rows(graph: Graph, budget_bytes: int, start: Rows, options: SolveOpti
     return anneal(SPACE, graph, budget_bytes, start, options or SolveOptions(time_limit_s=10.0), lower_bound_s,
                   seed, moves_at_most)
 
-
-def search_rows_at_once(graph: Graph, budget_bytes: int, start: Rows, options: SolveOptions,
-                        lower_bound_s: float | None = None, seeds: Sequence[int] = (0,),
-                        moves_at_most: int = MOVES) -> SolverResult:
-    """search_rows from `start` once per seed, side by side (solvers/anneal.py's anneal_at_once): the best."""
-    return anneal_at_once(SPACE, graph, budget_bytes, start, options, lower_bound_s, seeds, moves_at_most)

@@ -17,7 +17,7 @@ from solvers.base import FEASIBLE, OPTIMAL, SolveOptions
 from solvers.bounds import covering_bound
 from solvers.checkmate import solve_checkmate
 from solvers.cover_round import Drops, solve_cover_round
-from solvers.drop_search import search_drops, search_drops_at_once
+from solvers.drop_search import search_drops
 from tests.bruteforce import cheapest_schedule
 from tests.graphs import make_graph
 from tests.test_solver_properties import EXACT, FAST, budget_between, random_dags
@@ -121,33 +121,6 @@ def test_a_graph_over_max_rows_nodes_gives_drops_the_whole_search(monkeypatch):
     assert searched.method == "drop-search" and searched.compute_s == pytest.approx(38.5)
     assert len(messages) == SEARCH_ROUNDS and all(m.startswith("drop-search") for m in messages)
     assert "rows-search" not in [c.method for c in searched.candidates]
-
-
-def test_anneals_at_once_find_what_the_same_seeds_find_one_by_one():
-    graph, budget = skip_heavy_step()
-    bound = covering_bound(graph, budget, SolveOptions(time_limit_s=10))
-    start = solve_cover_round(graph, budget, bound, SolveOptions(time_limit_s=10)).detail["drops"]
-    options = SolveOptions(time_limit_s=120)  # the moves run out long before: each seed's run is the same
-    one_by_one = [search_drops(graph, budget, start, options, seed=seed, moves_at_most=300) for seed in (0, 1, 2)]
-    at_once = search_drops_at_once(graph, budget, start, options, seeds=(0, 1, 2), moves_at_most=300)
-    assert at_once.detail["anneals"] == 3 and at_once.detail["failed"] == []
-    assert at_once.detail["moves"] == sum(r.detail["moves"] for r in one_by_one)
-    assert at_once.objective_s == pytest.approx(min(r.objective_s for r in one_by_one))
-    assert at_once.detail["best"] in [r.detail["best"] for r in one_by_one]
-    sim = simulate(graph, at_once.schedule)
-    assert sim.valid and sim.fits(budget) and sim.compute_s == pytest.approx(at_once.objective_s)
-
-
-def test_an_anneal_whose_process_fails_is_left_out(monkeypatch):
-    import sys
-
-    graph, budget = skip_heavy_step()
-    start = Drops((3, 5))
-    monkeypatch.setattr(sys, "executable", "false")  # the child processes exit at once with status 1
-    result = search_drops_at_once(graph, budget, start, SolveOptions(time_limit_s=5), seeds=(0, 1), moves_at_most=50)
-    alone = search_drops(graph, budget, start, SolveOptions(time_limit_s=5), seed=0, moves_at_most=50)
-    assert result.detail["anneals"] == 1 and result.detail["failed"] == ["an anneal failed (1): no output"]
-    assert result.objective_s == pytest.approx(alone.objective_s)
 
 
 def test_the_planner_polishes_a_plan_with_the_whole_graph_milp_when_time_allows():

@@ -15,7 +15,7 @@ from solvers.bounds import covering_bound
 from solvers.cover_round import solve_cover_round
 from solvers.decompose import prune_rows
 from solvers.drop_search import search_drops
-from solvers.rows_search import rows_of, schedule_of, search_rows, search_rows_at_once
+from solvers.rows_search import rows_of, schedule_of, search_rows
 from tests.bruteforce import cheapest_schedule
 from tests.graphs import chain_training_graph, make_graph
 from tests.test_solver_properties import FAST, budget_between, random_dags
@@ -70,20 +70,6 @@ def test_rows_search_recomputes_a_chain_as_revolve_does_where_drops_cannot():
     assert sim.compute_s == pytest.approx(52.0)
     # values computed three times or more: a chain rebuilt from several points in turn
     assert max(searched.schedule.compute_counts()) >= 3
-
-
-def test_rows_anneals_at_once_find_what_the_same_seeds_find_one_by_one():
-    graph, budget, dropped = chain_case()
-    start = rows_of(dropped.schedule)
-    options = SolveOptions(time_limit_s=600)  # the moves run out long before: each seed's run is the same
-    one_by_one = [search_rows(graph, budget, start, options, seed=seed, moves_at_most=500) for seed in (0, 1, 2)]
-    at_once = search_rows_at_once(graph, budget, start, options, seeds=(0, 1, 2), moves_at_most=500)
-    assert at_once.detail["anneals"] == 3 and at_once.detail["failed"] == []
-    assert at_once.detail["moves"] == sum(r.detail["moves"] for r in one_by_one)
-    assert at_once.objective_s == pytest.approx(min(r.objective_s for r in one_by_one))
-    assert at_once.detail["best"] in [r.detail["best"] for r in one_by_one]
-    sim = simulate(graph, at_once.schedule)
-    assert sim.valid and sim.fits(budget) and sim.compute_s == pytest.approx(at_once.objective_s)
 
 
 def test_a_schedule_that_is_not_frontier_advancing_has_no_rows():

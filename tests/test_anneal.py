@@ -1,0 +1,56 @@
+"""The anneal both searches share (solvers/anneal.py): anneals side by side, in child processes, find what the same
+seeds find one by one, and a child that fails is left out."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from remat.simulate import simulate
+from solvers.anneal import anneal, anneal_at_once
+from solvers.base import SolveOptions
+from solvers.bounds import covering_bound
+from solvers.cover_round import Drops, solve_cover_round
+from solvers.drop_search import SPACE as DROPS
+from solvers.rows_search import SPACE as ROWS
+from solvers.rows_search import rows_of
+from tests.test_drop_search import skip_heavy_step
+from tests.test_rows_search import chain_case
+
+
+def drops_case():
+    graph, budget = skip_heavy_step()
+    bound = covering_bound(graph, budget, SolveOptions(time_limit_s=10))
+    return DROPS, graph, budget, solve_cover_round(graph, budget, bound, SolveOptions(time_limit_s=10)).detail["drops"]
+
+
+def rows_case():
+    graph, budget, dropped = chain_case()
+    return ROWS, graph, budget, rows_of(dropped.schedule)
+
+
+@pytest.mark.parametrize("case", [drops_case, rows_case], ids=["drops", "rows"])
+def test_anneals_at_once_find_what_the_same_seeds_find_one_by_one(case):
+    space, graph, budget, start = case()
+    options = SolveOptions(time_limit_s=600)  # the moves run out long before: each seed's run is the same
+    one_by_one = [anneal(space, graph, budget, start, options, seed=seed, moves_at_most=400) for seed in (0, 1, 2)]
+    at_once = anneal_at_once(space, graph, budget, start, options, seeds=(0, 1, 2), moves_at_most=400)
+    assert at_once.solver == space.method
+    assert at_once.detail["anneals"] == 3 and at_once.detail["failed"] == []
+    assert at_once.detail["moves"] == sum(r.detail["moves"] for r in one_by_one)
+    assert at_once.objective_s == pytest.approx(min(r.objective_s for r in one_by_one))
+    assert at_once.detail["best"] in [r.detail["best"] for r in one_by_one]
+    sim = simulate(graph, at_once.schedule)
+    assert sim.valid and sim.fits(budget) and sim.compute_s == pytest.approx(at_once.objective_s)
+
+
+def test_an_anneal_whose_process_fails_is_left_out(monkeypatch):
+    graph, budget = skip_heavy_step()
+    start = Drops((3, 5))
+    monkeypatch.setattr(sys, "executable", "false")  # the child processes exit at once with status 1
+    options = SolveOptions(time_limit_s=5)
+    result = anneal_at_once(DROPS, graph, budget, start, options, seeds=(0, 1), moves_at_most=50)
+    alone = anneal(DROPS, graph, budget, start, options, seed=0, moves_at_most=50)
+    assert result.detail["anneals"] == 1 and result.detail["failed"] == ["an anneal failed (1): no output"]
+    assert result.objective_s == pytest.approx(alone.objective_s)
