@@ -231,7 +231,8 @@ def _anneal_rounds(plan: Plan, space: Space, start: object, start_name: str, sta
     runs one anneal per core (anneals_at_once), each with its own seed, and keeps the best (runs differ by several
     percent); an anneal ends after its moves or at the deadline. While SEARCH_MIN_S are left (up to SEARCH_ROUNDS
     rounds), another round starts from the best point so far, cooling over its moves or the time left."""
-    left = deadline - time.perf_counter()
+    searching = time.perf_counter()
+    left = deadline - searching
     if plan.status != FEASIBLE or plan.gap is None or plan.gap <= SEARCH_MIN_GAP or left < SEARCH_MIN_S:
         return plan
     point, best, rounds, anneals, at_once = start, None, 0, 0, anneals_at_once()
@@ -251,7 +252,8 @@ def _anneal_rounds(plan: Plan, space: Space, start: object, start_name: str, sta
     message = f"annealed {start_name}: {result.message}"
     if anneals > 1:
         message += f" (the best of {anneals} anneals, {at_once} at once)"
-    searched = _candidate(plan.graph, space.method, replace(result, message=message), result.schedule)
+    result = replace(result, message=message, wall_s=time.perf_counter() - searching)  # every round's time
+    searched = _candidate(plan.graph, space.method, result, result.schedule)
     plan = replace(plan, candidates=(*plan.candidates, searched), wall_s=time.perf_counter() - started)
     if not searched.fits(plan.budget_bytes) or searched.simulation.compute_s >= plan.compute_s:
         return plan

@@ -87,9 +87,14 @@ def test_the_planner_searches_a_plan_with_a_gap_and_keeps_the_cheaper_schedule(m
     monkeypatch.setattr(planner, "ROWS", dataclasses.replace(planner.ROWS, moves=500))  # rounds of a second or so
     as_if = cover_round_plan()
     budget = as_if.budget_bytes
-    messages = []
+    messages, said_at = [], []
+
+    def say(message):
+        messages.append(message)
+        said_at.append(time.perf_counter())
+
     started = time.perf_counter()
-    searched = _search(as_if, started, started + 120, messages.append)
+    searched = _search(as_if, started, started + 120, say)
     # drops find the optimum (38.5 s); rows, searched next from it, cannot beat it, and the bound (37.5 s) stays
     assert searched.method == "drop-search" and searched.status == FEASIBLE
     assert searched.compute_s == pytest.approx(38.5) and searched.simulation.fits(budget)
@@ -105,6 +110,9 @@ def test_the_planner_searches_a_plan_with_a_gap_and_keeps_the_cheaper_schedule(m
     assert messages[1].startswith("drop-search from the best so far")
     assert messages[SEARCH_ROUNDS].startswith("rows-search from drop-search's rows")
     assert messages[-1].startswith("rows-search from the best so far")
+    # a search's wall time is all its rounds'
+    drops_s = said_at[SEARCH_ROUNDS] - said_at[0]
+    assert drops_s * 0.99 <= searched.candidates[-2].wall_s <= drops_s + 0.5
     # no time left, or a plan proven optimal: returned as it is
     assert _search(as_if, started, started, messages.append) is as_if
     proven = dataclasses.replace(as_if, status=OPTIMAL)
