@@ -149,12 +149,14 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
     plan = _tighten_bound(plan, started, deadline, say)
     if solver != "auto":
         return plan
-    # kept for the MILP polish, when the time left covers it (large graphs never polish: no estimate needed)
+    # kept for the MILP polish, when the time left covers it (large graphs never polish: no estimate needed). The
+    # decision is made here, once: the search may overrun its deadline by a little (its child anneals, the last
+    # simulation), and the polish then runs on what is left rather than not at all.
     reserve = polish_seconds(graph) if len(graph) <= MAX_POLISH_NODES else 0.0
     if deadline - time.perf_counter() < reserve:
         reserve = 0.0
     plan = _search(plan, started, deadline - reserve, say)
-    return _polish(plan, started, deadline, backend, say)
+    return _polish(plan, started, deadline, backend, say) if reserve else plan
 
 
 def polish_seconds(graph: Graph) -> float:
@@ -270,13 +272,14 @@ def anneals_at_once() -> int:
 
 
 def _polish(plan: Plan, started: float, deadline: float, backend: str, say: Callable[[str], None]) -> Plan:
-    """When the plan is further than SEARCH_MIN_GAP from its bound and the time left covers polish_seconds, solve
+    """When the plan is further than SEARCH_MIN_GAP from its bound and at least SEARCH_MIN_S are left, solve
     Checkmate's MILP on the whole graph (up to MAX_POLISH_NODES nodes) warm-started from the plan, until the deadline:
     its accounting is the simulator's (solvers/stage_memory.py), so the plan is its incumbent and anything it
-    returns is at least as cheap. Its dual bound raises the plan's bound when it is higher."""
+    returns is at least as cheap. Its dual bound raises the plan's bound when it is higher. solve calls it when
+    it could keep polish_seconds for it."""
     left = deadline - time.perf_counter()
     if (plan.status != FEASIBLE or plan.gap is None or plan.gap <= SEARCH_MIN_GAP or len(plan.graph) > MAX_POLISH_NODES
-            or left < polish_seconds(plan.graph)):
+            or left < SEARCH_MIN_S):
         return plan
     say(f"the MILP on the whole graph ({len(plan.graph)} nodes), warm-started from the plan ({left:.0f} s)")
     result = solve_with("checkmate", plan.graph, plan.budget_bytes,

@@ -133,7 +133,7 @@ def test_a_graph_over_max_rows_nodes_gives_drops_the_whole_search(monkeypatch):
 
 def test_the_planner_polishes_a_plan_with_the_whole_graph_milp_when_time_allows():
     as_if = cover_round_plan()
-    graph, budget = as_if.graph, as_if.budget_bytes
+    budget = as_if.budget_bytes
     messages = []
     started = time.perf_counter()
     polished = _polish(as_if, started, started + 60, "highs", messages.append)
@@ -142,8 +142,25 @@ def test_the_planner_polishes_a_plan_with_the_whole_graph_milp_when_time_allows(
     assert polished.lower_bound_s == pytest.approx(38.5) and polished.simulation.fits(budget)
     assert polished.candidates[-1].message.startswith("optimal") and "warm-started" in polished.picked
     assert messages and "MILP on the whole graph" in messages[0]
-    # too little time for the MILP (polish_seconds), or a plan proven optimal: returned as it is
-    assert polish_seconds(graph) > 0
+    # no time left, or a plan proven optimal: returned as it is
     assert _polish(as_if, started, started, "highs", messages.append) is as_if
     proven = dataclasses.replace(as_if, status=OPTIMAL)
     assert _polish(proven, started, started + 60, "highs", messages.append) is proven
+
+
+def test_the_polish_runs_on_what_is_left_when_the_search_overruns_its_share(monkeypatch):
+    as_if = cover_round_plan()
+    graph = as_if.graph
+    monkeypatch.setattr(planner, "POLISH_S_PER_FREE", 8.0 / polish_seconds(graph) * planner.POLISH_S_PER_FREE)
+    assert polish_seconds(graph) == pytest.approx(8.0)  # solve keeps 8 s for the polish
+
+    def overrunning_search(plan, started, deadline, say):  # half a second past its deadline, into the polish's time
+        time.sleep(max(0.0, deadline - time.perf_counter()) + 0.5)
+        return plan
+
+    monkeypatch.setattr(planner, "_plan", lambda *args: as_if)  # the plan with a gap, at once
+    monkeypatch.setattr(planner, "_search", overrunning_search)
+    plan = solve(graph, as_if.budget_bytes, time_limit_s=10)
+    assert plan.method == "milp-polish" and plan.status == OPTIMAL and plan.compute_s == pytest.approx(38.5)
+    # too little time to keep 8 s for the polish: none
+    assert solve(graph, as_if.budget_bytes, time_limit_s=3).method == "cover-round"
