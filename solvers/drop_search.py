@@ -31,11 +31,24 @@ def droppable(graph: Graph) -> list[int]:
             and users[-1] > v + 1]
 
 
+_last_droppable: tuple[Graph | None, list[int], frozenset[int]] = (None, [], frozenset())
+
+
+def _droppable_of(graph: Graph) -> tuple[list[int], frozenset[int]]:
+    """droppable(graph), as a list and a set, worked out once per graph: every move asks (an anneal's moves are all
+    on one graph, so the last graph's answer is the one kept)."""
+    global _last_droppable
+    if _last_droppable[0] is not graph:
+        values = droppable(graph)
+        _last_droppable = (graph, values, frozenset(values))
+    return _last_droppable[1], _last_droppable[2]
+
+
 def neighbour(graph: Graph, current: Current, rng: random.Random) -> Drops:
     """One change to the current drops (see the module docstring); the same drops when the change drawn does not
     apply."""
     drops: Drops = current.point
-    values = droppable(graph)
+    values, value_set = _droppable_of(graph)
     if not values:
         return drops  # dropping anything would change nothing
     dropped = set(drops.dropped)
@@ -48,7 +61,6 @@ def neighbour(graph: Graph, current: Current, rng: random.Random) -> Drops:
         dropped.discard(rng.choice(drops.dropped))
         dropped.add(rng.choice(values))
     elif draw < 0.80:
-        value_set = set(values)
         options = [v for v in current.held_at_peak if v not in dropped and v in value_set]
         if options:
             dropped.add(rng.choice(options))
@@ -74,4 +86,3 @@ def search_drops(graph: Graph, budget_bytes: int, start: Drops, options: SolveOp
     when it meets `lower_bound_s`. detail: moves tried, improvements, the best drops ("best")."""
     return anneal(SPACE, graph, budget_bytes, start, options or SolveOptions(time_limit_s=10.0), lower_bound_s,
                   seed, moves_at_most)
-

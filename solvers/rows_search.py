@@ -91,4 +91,3 @@ def search_rows(graph: Graph, budget_bytes: int, start: Rows, options: SolveOpti
     optimal when it meets `lower_bound_s`. detail: moves tried, improvements, the best rows ("best")."""
     return anneal(SPACE, graph, budget_bytes, start, options or SolveOptions(time_limit_s=10.0), lower_bound_s,
                   seed, moves_at_most)
-
