@@ -18,7 +18,10 @@ output after its own last read), and as an input of t only the outputs t reads; 
 read and a later op does are in memory unless it is computed again, like an alive value's. So the bound stays
 valid under that accounting too.
 It is loose where recomputing a value needs its inputs back too (long recomputation chains): at the most
-crowded moments a chained form says so (below). The gap it implies is an upper bound on the true gap.
+crowded moments a chained form says so (below). And it counts each recomputed value once, where a value brought
+back to recompute another and then dropped again, because holding it until its own readers does not fit, is
+computed twice (revolve's case): pairs of those moments say so too (second_computations). The gap it implies is
+an upper bound on the true gap.
 """
 
 from __future__ import annotations
@@ -26,9 +29,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from remat.graph import Graph, Node
 from solvers.base import SolveOptions
+
+if TYPE_CHECKING:
+    import pulp
 
 CHAINED_MOMENTS = 12  # the most crowded moments get the chained form (recomputing needs the inputs back)
 MILP_SHARE = 0.75  # of the time limit, for the covering MILP; its LP relaxation (the fallback) gets the rest
@@ -77,6 +84,59 @@ def dead_bytes(node: Node, last_reader: int, reader: int, t: int) -> int:
     if not parts(node):
         return node.output_bytes if last_reader < t else 0
     return sum(size for size, users in parts(node) if reader in users and max(users, default=-1) < t)
+
+
+def second_computations(problem: pulp.LpProblem, graph: Graph, absent_at: dict[int, tuple[dict, dict]],
+                        last_user: list[int]) -> dict[int, pulp.LpVariable]:
+    """Values computed at least twice more, from pairs of chained moments s < t (Checkmate's revolve effect).
+
+    A value v absent at s (y_v of s) and read at some u in (s, t] is computed again in (s, u). So is each input w
+    that this needs and that was absent at s too (or dead at s and not held through it), recursively: w is then
+    in memory at some point in (s, t). If w is absent at t as well (y_w of t) and read after t, it is computed
+    once more after t: at least twice in all, where x_w counts once. e_w >= [w computed in (s, t)] + y_w(t) - 1
+    adds w's seconds again. The [w computed in (s, t)] indicators are continuous: their lower bounds are 0 or 1
+    whenever the y and h variables are.
+    For an op with several outputs released one by one, y says only that some output held across the moment is
+    absent, not which (a schedule may hold the one a reader needs and drop another): such an op joins only as a
+    dead input (what v reads of it is known gone unless held) or as the w absent at t, never through its y at s."""
+    import pulp
+
+    nodes = graph.nodes
+    second: dict[int, pulp.LpVariable] = {}
+    order = sorted(absent_at)
+    for k, s in enumerate(order):
+        y_s, held_s = absent_at[s]
+        for t in order[k + 1:]:
+            y_t = absent_at[t][0]
+            computed: dict[int, object] = {}  # value -> its [computed in (s, t)] (a variable, or y_v of s)
+            for v, gone in y_s.items():
+                if not parts(nodes[v]) and any(s < u <= t for u in graph.users[v]):
+                    computed[v] = gone
+            read_inside = set(computed)
+            stack = list(computed)
+            while stack:
+                v = stack.pop()
+                for w in set(nodes[v].deps):
+                    if w in read_inside:
+                        continue  # absent at s and read in (s, t]: computed there already
+                    if dead_bytes(nodes[w], last_user[w], v, s) > 0:
+                        if w not in held_s:
+                            continue
+                        floor = computed[v] - held_s[w]  # dead at s: computed again unless held through s
+                    elif w in y_s and not parts(nodes[w]):
+                        floor = computed[v] + y_s[w] - 1  # absent at s: computed again to be read
+                    else:
+                        continue
+                    if w not in computed:
+                        computed[w] = problem.add_variable(f"in_{s}_{t}_{w}", 0, 1, pulp.LpContinuous)
+                        stack.append(w)
+                    problem.addConstraint(computed[w] >= floor, f"need_{s}_{t}_{w}_{v}")
+            for w, inside in computed.items():
+                if w in y_t:
+                    if w not in second:
+                        second[w] = problem.add_variable(f"e_{w}", 0, 1, pulp.LpContinuous)
+                    problem.addConstraint(second[w] >= inside + y_t[w] - 1, f"twice_{s}_{t}_{w}")
+    return second
 
 
 def covering_bound(graph: Graph, budget_bytes: int, options: SolveOptions | None = None,
@@ -139,6 +199,7 @@ def covering_bound(graph: Graph, budget_bytes: int, options: SolveOptions | None
             seen.add(tuple(optional))
             chained.add(t)
 
+    absent_at: dict[int, tuple[dict, dict]] = {}  # chained moment t -> (its y_v, its h_w)
     for over, t, optional in moments:
         if t not in chained:
             # (C_t): the values dropped must free at least `over` bytes
@@ -173,7 +234,9 @@ def covering_bound(graph: Graph, budget_bytes: int, options: SolveOptions | None
         problem += (pulp.lpSum(size / scale * y[v] for v, size in optional.items())
                     - pulp.lpSum(held_size[w] / scale * h for w, h in held.items()) >= over / scale,
                     f"C_{t}")
-    problem += pulp.lpSum(nodes[v].compute_s / second * var for v, var in x.items())
+        absent_at[t] = (y, held)
+    again = second_computations(problem, graph, absent_at, last_user)
+    problem += pulp.lpSum(nodes[v].compute_s / second * var for v, var in (*x.items(), *again.items()))
     # The time limit covers the whole bound: the MILP gets most of it, and the LP relaxation (the fallback when
     # the MILP's root does not finish) the rest, or a quarter of the limit if the MILP left less.
     outcome = solve_problem(problem, options, deadline=started + MILP_SHARE * options.time_limit_s)

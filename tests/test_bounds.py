@@ -12,6 +12,7 @@ from remat.schedule import Schedule
 from remat.simulate import simulate
 from solvers.base import OPTIMAL, SolveOptions
 from solvers.bounds import covering_bound
+from solvers.checkmate import solve_checkmate
 from solvers.cover_round import solve_cover_round
 from tests.graphs import chain_training_graph, make_graph
 from tests.test_solver_properties import budget_between
@@ -48,6 +49,37 @@ def test_recomputing_a_value_needs_the_released_output_it_reads_back():
     plan = solve_cover_round(graph, 12, bound)  # drop S: it meets the bound
     assert plan.objective_s == pytest.approx(graph.compute_s + 1.0)
     assert simulate(graph, plan.schedule).fits(12)
+
+
+def test_a_value_brought_back_for_a_recomputation_and_dropped_again_counts_twice():
+    # A 10-layer chain's training step (21 unit-cost ops) at 50 bytes. The backward needs the dropped activations
+    # back: recomputing a late one brings the earlier ones back on the way, and holding them all until their own
+    # backward does not fit, so some are dropped again and computed a third time. Counting each recomputed value
+    # once gives 28 s; counting those second recomputations (pairs of crowded moments) gives 32 s, the optimum,
+    # which Checkmate's MILP proves on its own.
+    graph = chain_training_graph(10)
+    bound = covering_bound(graph, 50, SolveOptions(time_limit_s=10))
+    assert bound.method == "covering" and bound.lower_bound_s == pytest.approx(32.0)
+    exact = solve_checkmate(graph, 50, SolveOptions(time_limit_s=60, mip_gap=1e-9))
+    assert exact.status == OPTIMAL and exact.objective_s == pytest.approx(32.0)
+
+
+def test_an_op_holding_the_output_a_reader_needs_and_dropping_another_is_not_computed_twice():
+    # n1's outputs: A (read by n3) and B (read by n4). While n2 runs (4 bytes of workspace) only one byte fits
+    # besides: n0 goes (computed again for n3) and so does B (n1 again for n4), while A stays. The covering's y says
+    # n1 is absent at n2 (it credits both outputs), but that must not be read as "A is gone, so n1 is computed
+    # again before n3, and again for n4": this schedule computes n0 and n1 twice each, 0.7 s.
+    graph = make_graph([[], [0], [], [0, 1], [0, 1, 2]], [2, 2, 0, 2, 0], [0.1] * 5)
+    nodes = list(graph.nodes)
+    nodes[1] = dataclasses.replace(nodes[1], part_bytes=(1, 1), part_users=((3,), (4,)))
+    nodes[2] = dataclasses.replace(nodes[2], workspace_bytes=4)
+    graph = dataclasses.replace(graph, nodes=tuple(nodes))
+    schedule = Schedule.from_json({"num_nodes": 5, "ops": [
+        ["compute", 0], ["compute", 1], ["free", 0], ["compute", 2], ["compute", 0], ["compute", 3], ["free", 1],
+        ["free", 3], ["compute", 1], ["compute", 4], ["free", 0], ["free", 1], ["free", 2], ["free", 4]]})
+    sim = simulate(graph, schedule)
+    assert sim.valid and sim.peak_bytes == 5 and sim.compute_s == pytest.approx(0.7)
+    assert covering_bound(graph, 5, SolveOptions(time_limit_s=10)).lower_bound_s <= sim.compute_s * (1 + 1e-9)
 
 
 def test_time_a_plan_leaves_raises_a_cut_short_covering_bound_to_a_proof():
