@@ -10,6 +10,7 @@ import pytest
 from remat.planner import _tighten_bound, solve
 from remat.schedule import Schedule
 from remat.simulate import simulate
+from solvers import bounds
 from solvers.base import OPTIMAL, SolveOptions
 from solvers.bounds import covering_bound
 from solvers.checkmate import solve_checkmate
@@ -62,6 +63,12 @@ def test_a_value_brought_back_for_a_recomputation_and_dropped_again_counts_twice
     assert bound.method == "covering" and bound.lower_bound_s == pytest.approx(32.0)
     exact = solve_checkmate(graph, 50, SolveOptions(time_limit_s=60, mip_gap=1e-9))
     assert exact.status == OPTIMAL and exact.objective_s == pytest.approx(32.0)
+
+
+def test_graphs_over_pairs_max_nodes_go_without_second_computations(monkeypatch):
+    monkeypatch.setattr(bounds, "PAIRS_MAX_NODES", 20)  # the 21-node chain step counts as large
+    bound = covering_bound(chain_training_graph(10), 50, SolveOptions(time_limit_s=10))
+    assert bound.lower_bound_s == pytest.approx(28.0)  # each recomputed value counted once
 
 
 def test_an_op_holding_the_output_a_reader_needs_and_dropping_another_is_not_computed_twice():
