@@ -21,8 +21,7 @@ It is loose where recomputing a value needs its inputs back too (long recomputat
 crowded moments a chained form says so (below). And it counts each recomputed value once, where a value brought
 back to recompute another and then dropped again, because holding it until its own readers does not fit, is
 computed twice (revolve's case): pairs of those moments say so too (second_computations, on graphs of up to
-PAIRS_MAX_NODES). The gap it implies is
-an upper bound on the true gap.
+PAIRS_MAX_NODES). The gap it implies is an upper bound on the true gap.
 """
 
 from __future__ import annotations
@@ -111,7 +110,7 @@ def second_computations(problem: pulp.LpProblem, graph: Graph, absent_at: dict[i
         y_s, held_s = absent_at[s]
         for t in order[k + 1:]:
             y_t = absent_at[t][0]
-            computed: dict[int, object] = {}  # value -> its [computed in (s, t)] (a variable, or y_v of s)
+            computed: dict[int, pulp.LpVariable] = {}  # value -> its [computed in (s, t)] (its own, or y_v of s)
             for v, gone in y_s.items():
                 if not parts(nodes[v]) and any(s < u <= t for u in graph.users[v]):
                     computed[v] = gone
