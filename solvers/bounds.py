@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -50,6 +51,9 @@ class Bound:
     wall_s: float
     proven_infeasible: bool = False
     recomputed: tuple[int, ...] | None = None  # the covering MILP's incumbent x (values it recomputes), if any
+    # every improving incumbent's x, in the order HiGHS found them (`recomputed` last, when the MILP gave one):
+    # solutions near the optimum can differ a lot as schedules (solvers/cover_round.py tries each)
+    incumbents: tuple[tuple[int, ...], ...] = ()
 
 
 def parts(node: Node) -> tuple[tuple[int, tuple[int, ...]], ...]:
@@ -241,7 +245,13 @@ def covering_bound(graph: Graph, budget_bytes: int, options: SolveOptions | None
     problem += pulp.lpSum(nodes[v].compute_s / second * var for v, var in (*x.items(), *again.items()))
     # The time limit covers the whole bound: the MILP gets most of it, and the LP relaxation (the fallback when
     # the MILP's root does not finish) the rest, or a quarter of the limit if the MILP left less.
-    outcome = solve_problem(problem, options, deadline=started + MILP_SHARE * options.time_limit_s)
+    incumbents: list[tuple[int, ...]] = []
+
+    def keep_incumbent(values: Sequence[float]) -> None:
+        incumbents.append(tuple(sorted(v for v, var in x.items() if values[var.index] > 0.5)))
+
+    outcome = solve_problem(problem, options, deadline=started + MILP_SHARE * options.time_limit_s,
+                            on_incumbent=keep_incumbent)
     wall_s = time.perf_counter() - started
     if outcome.status == "infeasible":
         return Bound(None, "covering", wall_s, proven_infeasible=True)
@@ -261,6 +271,8 @@ def covering_bound(graph: Graph, budget_bytes: int, options: SolveOptions | None
     dropped = None
     if method != "covering (LP relaxation)" and outcome.objective is not None:
         dropped = tuple(sorted(v for v, var in x.items() if (var.value() or 0.0) > 0.5))
+        incumbents.append(dropped)
     # HiGHS's bound carries its tolerances: shave a relative 1e-9 so rounding never lifts it past the optimum
     extra_s = max(0.0, outcome.bound * second * (1 - 1e-9))
-    return Bound(graph.compute_s + extra_s, method, wall_s, recomputed=dropped)
+    return Bound(graph.compute_s + extra_s, method, wall_s, recomputed=dropped,
+                 incumbents=tuple(dict.fromkeys(reversed(incumbents)))[::-1])

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pulp
@@ -257,12 +257,15 @@ MIN_RUN_S = 1e-3  # HiGHS's time limit when the deadline has passed: it returns 
 class _HighsWithStart(pulp.HiGHS):
     """pulp.HiGHS (highspy in-process) that hands HiGHS a starting solution before it runs, and sets its time
     limit to what is left before `deadline` (a time.perf_counter() value) once PuLP has copied the model in:
-    that copy takes seconds on large models, and HiGHS's own clock starts after it."""
+    that copy takes seconds on large models, and HiGHS's own clock starts after it. `on_incumbent` is called
+    with each improving MIP solution HiGHS finds (its column values, by var.index), where highspy has callbacks."""
 
-    def __init__(self, start: dict[str, float] | None, deadline: float | None = None, **kwargs) -> None:
+    def __init__(self, start: dict[str, float] | None, deadline: float | None = None,
+                 on_incumbent: Callable[[Sequence[float]], None] | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.start = start
         self.deadline = deadline
+        self.on_incumbent = on_incumbent
 
     def buildSolverModel(self, lp: pulp.LpProblem) -> None:  # noqa: N802 (PuLP's name)
         """PuLP's copy of the model into HiGHS, in one call for the columns, one for their integrality and one
@@ -311,14 +314,19 @@ class _HighsWithStart(pulp.HiGHS):
             lp.solverModel.setSolution(solution)
         if self.deadline is not None:
             lp.solverModel.setOptionValue("time_limit", max(MIN_RUN_S, self.deadline - time.perf_counter()))
+        improving = getattr(lp.solverModel, "cbMipImprovingSolution", None)  # highspy 1.10 and later
+        if self.on_incumbent is not None and improving is not None:
+            on_incumbent = self.on_incumbent
+            improving.subscribe(lambda event: on_incumbent(event.data_out.mip_solution))
         lp.solverModel.run()
 
 
 def _solve_highs(problem: pulp.LpProblem, options: SolveOptions, start: dict[str, float] | None,
-                 mip: bool, deadline: float) -> SolveOutcome:
+                 mip: bool, deadline: float,
+                 on_incumbent: Callable[[Sequence[float]], None] | None = None) -> SolveOutcome:
     settings = dict(mip=mip, msg=options.verbose, gapRel=options.mip_gap, threads=options.threads or None)
     left = max(MIN_RUN_S, deadline - time.perf_counter())
-    solver = _HighsWithStart(start, deadline, timeLimit=left, **settings)
+    solver = _HighsWithStart(start, deadline, on_incumbent, timeLimit=left, **settings)
     if not solver.available():  # no highspy: the command-line HiGHS through files
         return _solve_command(problem, pulp.HiGHS_CMD(timeLimit=left, warmStart=start is not None, **settings),
                               start)
@@ -331,7 +339,7 @@ def _solve_highs(problem: pulp.LpProblem, options: SolveOptions, start: dict[str
         # HiGHS 1.15's presolve can hand back a solution that breaks the model (seen on 3-node graphs, then
         # reported as a solve error): solve again without presolve in the time left.
         left = max(MIN_RUN_S, deadline - time.perf_counter())
-        problem.solve(_HighsWithStart(start, deadline, timeLimit=left, presolve="off", **settings))
+        problem.solve(_HighsWithStart(start, deadline, on_incumbent, timeLimit=left, presolve="off", **settings))
         highs = problem.solverModel
         model_status = highs.getModelStatus()
         retried = " (solved again without presolve after a presolve error)"
@@ -388,17 +396,20 @@ def _solve_gurobi(problem: pulp.LpProblem, options: SolveOptions, start: dict[st
 
 
 def solve_problem(problem: pulp.LpProblem, options: SolveOptions, start: dict[str, float] | None = None,
-                  mip: bool = True, deadline: float | None = None) -> SolveOutcome:
+                  mip: bool = True, deadline: float | None = None,
+                  on_incumbent: Callable[[Sequence[float]], None] | None = None) -> SolveOutcome:
     """Run the back-end options.backend names; a missing one is a ValueError naming those present.
 
     `deadline` (a time.perf_counter() value): when HiGHS must stop, the time spent handing it the model
-    included; without one it gets options.time_limit_s from now."""
+    included; without one it gets options.time_limit_s from now. `on_incumbent`: called with the column values
+    (by var.index) of each improving solution in-process HiGHS finds; the other back-ends never call it."""
     if not backend_available(options.backend):
         raise ValueError(f"MILP back-end {options.backend!r} is not available here; "
                          f"available: {', '.join(available_backends()) or 'none'}")
     if options.backend == "highs":
         return _solve_highs(problem, options, start, mip,
-                            deadline if deadline is not None else time.perf_counter() + options.time_limit_s)
+                            deadline if deadline is not None else time.perf_counter() + options.time_limit_s,
+                            on_incumbent)
     if options.backend == "cbc":
         cbc = _cbc(msg=options.verbose, timeLimit=options.time_limit_s, gapRel=options.mip_gap,
                    warmStart=start is not None, threads=options.threads or None, mip=mip)

@@ -9,10 +9,11 @@ The schedule: every value is computed at its own stage and held as in store-all,
 computed again at its recomputation points, together with the inputs it needs that are not in memory there
 (dropped ones, and those whose last reader ran before). The rows are emitted with minimal storage
 (solvers/decompose.py's emit), so a dropped value is freed after its last read before such a point. A few ways
-of placing the points (VARIANTS) are each emitted and simulated; the cheapest that fits is the plan. Where the
-cheap way (values brought back once and held for every later point) overshoots, release_reused lets go of the
-largest held at the peak, one at a time, until it fits. When nothing fits (recomputation transients, inputs
-held longer), the covering MILP is solved again for a lower budget.
+of placing the points (VARIANTS) are each emitted and simulated, for each incumbent the covering solve found on its
+way (near its optimum, solutions of about the same seconds differ a lot as schedules: schedules_for_bound); the
+cheapest that fits is the plan. Where the cheap way (values brought back once and held for every later point)
+overshoots, release_reused lets go of the largest held at the peak, one at a time, until it fits. When nothing
+fits (recomputation transients, inputs held longer), the covering MILP is solved again for a lower budget.
 Last, drops are undone one at a time while the schedule still fits (the covering may drop more than needed).
 """
 
@@ -150,6 +151,48 @@ def release_reused(graph: Graph, budget_bytes: int, drops: Drops, deadline: floa
     return None
 
 
+def schedules_for_bound(graph: Graph, budget_bytes: int, bound: Bound, small: int, deadline: float, margin: int,
+                        tried: list[dict]) -> tuple[list[tuple[float, int, Schedule, Drops]], list[int]]:
+    """Every variant of every incumbent of the covering solve `bound` (its last, the best, first) as a schedule:
+    those that fit, as (seconds, peak, schedule, drops), and by how many bytes each of the others overshoots. Near
+    the covering optimum, solutions of about the same seconds differ a lot as schedules: one drops a chain of links
+    (GPT-2's residual stream, one add per link) that the covering counts as an add each, and bringing the last link
+    back then recomputes the whole chain; an earlier incumbent drops every other link and fits at +17% where the
+    best recomputes +400% (gpt2-medium at 1.1 x min). Then release_reused, for each reuse variant that
+    overshoots while costing less than the cheapest fit (it only adds recomputation), until the deadline.
+    Appends a row to `tried` for each schedule."""
+    fits: list[tuple[float, int, Schedule, Drops]] = []
+    over: list[int] = []
+    overshooting: list[tuple[float, Drops]] = []
+    drop_sets = list(dict.fromkeys(reversed((*bound.incumbents, *([bound.recomputed] if bound.recomputed else [])))))
+    for incumbent, dropped in enumerate(drop_sets):
+        for rule, reuse, hold in VARIANTS:
+            drops = Drops(dropped, rule, reuse, small if hold else 0)
+            schedule = schedule_for_drops(graph, drops)
+            sim = simulate(graph, schedule)
+            assert sim.valid, sim.errors  # emit is valid for any rows
+            tried.append({"margin_bytes": margin, "incumbent": incumbent, "dropped": len(dropped), "rule": rule,
+                          "reuse": reuse, "hold_small": hold, "peak_bytes": sim.peak_bytes,
+                          "compute_s": sim.compute_s})
+            if sim.peak_bytes <= budget_bytes:
+                fits.append((sim.compute_s, sim.peak_bytes, schedule, drops))
+            else:
+                over.append(sim.peak_bytes - budget_bytes)
+                if reuse:  # the cheap placement overshoots: holding fewer of the values it brings back may fit
+                    overshooting.append((sim.compute_s, drops))
+    for seconds, drops in sorted(overshooting, key=lambda item: item[0]):
+        if (fits and seconds > min(f[0] for f in fits)) or time.perf_counter() > deadline:
+            break
+        released = release_reused(graph, budget_bytes, drops, deadline)
+        if released is not None:
+            schedule, sim, drops = released
+            tried.append({"margin_bytes": margin, "dropped": len(drops.dropped), "rule": drops.rule, "reuse": True,
+                          "hold_small": drops.hold_bytes > 0, "fresh": len(drops.fresh),
+                          "peak_bytes": sim.peak_bytes, "compute_s": sim.compute_s})
+            fits.append((sim.compute_s, sim.peak_bytes, schedule, drops))
+    return fits, over
+
+
 def solve_cover_round(graph: Graph, budget_bytes: int, first: Bound, options: SolveOptions | None = None,
                       repairs: int = MAX_REPAIRS) -> SolverResult:
     """The schedule that drops what the covering bound `first` (for this budget) recomputes. The covering MILP is
@@ -167,32 +210,14 @@ def solve_cover_round(graph: Graph, budget_bytes: int, first: Bound, options: So
     room = 0  # bytes the best variant at `fitted` leaves under the budget
     best: tuple[Schedule, float, int] | None = None
     best_drops: Drops | None = None  # the drops and the variant of the best schedule
-    tried = []
+    tried: list[dict] = []
     solves = 1
     for attempt in range(repairs + 1):
-        if bound.recomputed is None:
+        if not bound.incumbents and bound.recomputed is None:
             break
-        over, fits = [], []
-        for rule, reuse, hold in VARIANTS:
-            drops = Drops(bound.recomputed, rule, reuse, small if hold else 0)
-            schedule = schedule_for_drops(graph, drops)
-            sim = simulate(graph, schedule)
-            assert sim.valid, sim.errors  # emit is valid for any rows
-            tried.append({"margin_bytes": margin, "dropped": len(bound.recomputed), "rule": rule, "reuse": reuse,
-                          "hold_small": hold, "peak_bytes": sim.peak_bytes, "compute_s": sim.compute_s})
-            if sim.peak_bytes <= budget_bytes:
-                fits.append((sim.compute_s, sim.peak_bytes, schedule, drops))
-            else:
-                over.append(sim.peak_bytes - budget_bytes)
-                if reuse:  # the cheap placement overshoots: hold fewer of the values it brings back
-                    released = release_reused(graph, budget_bytes, drops, deadline)
-                    if released is not None:
-                        schedule, sim, drops = released
-                        tried.append({**tried[-1], "fresh": len(drops.fresh), "peak_bytes": sim.peak_bytes,
-                                      "compute_s": sim.compute_s})
-                        fits.append((sim.compute_s, sim.peak_bytes, schedule, drops))
-        if fits:
-            seconds, peak, schedule, drops = min(fits, key=lambda f: f[:2])
+        fits, over = schedules_for_bound(graph, budget_bytes, bound, small, deadline, margin, tried)
+        if fits:  # ties go to reuse: solvers/drop_search.py moves its fresh values, a richer start for its search
+            seconds, peak, schedule, drops = min(fits, key=lambda f: (f[0], f[1], not f[3].reuse))
             if best is None or seconds < best[1]:
                 best, best_drops = (schedule, seconds, peak), drops
             if fitted is None or margin < fitted:
