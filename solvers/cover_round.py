@@ -163,8 +163,9 @@ def schedules_for_bound(graph: Graph, budget_bytes: int, bound: Bound, small: in
     Appends a row to `tried` for each schedule."""
     fits: list[tuple[float, int, Schedule, Drops]] = []
     over: list[int] = []
-    overshooting: list[tuple[float, Drops]] = []
-    drop_sets = list(dict.fromkeys(reversed((*bound.incumbents, *([bound.recomputed] if bound.recomputed else [])))))
+    overshooting: list[tuple[float, int, Drops]] = []
+    last = () if bound.recomputed is None else (bound.recomputed,)
+    drop_sets = list(dict.fromkeys(reversed((*bound.incumbents, *last))))
     for incumbent, dropped in enumerate(drop_sets):
         for rule, reuse, hold in VARIANTS:
             drops = Drops(dropped, rule, reuse, small if hold else 0)
@@ -179,16 +180,16 @@ def schedules_for_bound(graph: Graph, budget_bytes: int, bound: Bound, small: in
             else:
                 over.append(sim.peak_bytes - budget_bytes)
                 if reuse:  # the cheap placement overshoots: holding fewer of the values it brings back may fit
-                    overshooting.append((sim.compute_s, drops))
-    for seconds, drops in sorted(overshooting, key=lambda item: item[0]):
+                    overshooting.append((sim.compute_s, incumbent, drops))
+    for seconds, incumbent, drops in sorted(overshooting, key=lambda item: item[:2]):
         if (fits and seconds > min(f[0] for f in fits)) or time.perf_counter() > deadline:
             break
         released = release_reused(graph, budget_bytes, drops, deadline)
         if released is not None:
             schedule, sim, drops = released
-            tried.append({"margin_bytes": margin, "dropped": len(drops.dropped), "rule": drops.rule, "reuse": True,
-                          "hold_small": drops.hold_bytes > 0, "fresh": len(drops.fresh),
-                          "peak_bytes": sim.peak_bytes, "compute_s": sim.compute_s})
+            tried.append({"margin_bytes": margin, "incumbent": incumbent, "dropped": len(drops.dropped),
+                          "rule": drops.rule, "reuse": True, "hold_small": drops.hold_bytes > 0,
+                          "fresh": len(drops.fresh), "peak_bytes": sim.peak_bytes, "compute_s": sim.compute_s})
             fits.append((sim.compute_s, sim.peak_bytes, schedule, drops))
     return fits, over
 
