@@ -23,7 +23,7 @@ from solvers.base import FEASIBLE, INFEASIBLE, NO_SOLUTION, OPTIMAL, SolveOption
 from solvers.baselines import BASELINES
 from solvers.bounds import covering_bound
 from solvers.coarsen import Coarsening, coarsen, contiguous_groups
-from solvers.cover_round import MAX_REPAIRS, Drops, solve_cover_round
+from solvers.cover_round import MAX_REPAIRS, Drops, incumbents_of, solve_cover_round
 from solvers.decompose import decompose_applies
 from solvers.drop_search import SPACE as DROPS
 from solvers.registry import SOLVER_NAMES, solve_with
@@ -69,6 +69,7 @@ class Candidate:
     wall_s: float
     message: str = ""
     drops: Drops | None = None  # what the schedule drops, when it comes from cover-round or drop-search
+    incumbents: tuple[tuple[int, ...], ...] = ()  # the covering incumbents cover-round turned into schedules
 
     def fits(self, budget_bytes: int) -> bool:
         return self.simulation is not None and self.simulation.fits(budget_bytes)
@@ -186,8 +187,11 @@ def _tighten_bound(plan: Plan, started: float, deadline: float, say: Callable[[s
     say(f"lower bound again, with the {left:.0f} s left")
     covering = covering_bound(plan.graph, plan.budget_bytes,
                               SolveOptions(time_limit_s=TIGHTEN_SHARE * left, mip_gap=_covering_gap(plan.graph)))
-    if covering.incumbents or covering.recomputed is not None:  # more cover-round plans
-        result = solve_cover_round(plan.graph, plan.budget_bytes, covering,
+    # HiGHS retraces its path: the incumbents the first solve found too were turned into schedules already
+    tried = {drops for candidate in plan.candidates for drops in candidate.incumbents}
+    new = tuple(drops for drops in incumbents_of(covering)[::-1] if drops not in tried)
+    if new:  # more cover-round plans
+        result = solve_cover_round(plan.graph, plan.budget_bytes, replace(covering, incumbents=new, recomputed=None),
                                    SolveOptions(time_limit_s=max(MIN_STAGE_S, deadline - time.perf_counter())),
                                    repairs=0)
         covered = _candidate(plan.graph, "cover-round", result, result.schedule)
@@ -508,7 +512,8 @@ def _candidate(graph: Graph, method: str, result: SolverResult, schedule: Schedu
     if schedule is not None:  # free each value at its last read, as the executor's graphs do
         schedule = tighten_frees(graph, schedule)
         simulation = simulate(graph, schedule)
-    return Candidate(method, status, schedule, simulation, result.wall_s, result.message, result.detail.get("drops"))
+    return Candidate(method, status, schedule, simulation, result.wall_s, result.message, result.detail.get("drops"),
+                     result.detail.get("incumbents", ()))
 
 
 def _finish(graph: Graph, budget_bytes: int, preference: list[Candidate], candidates: list[Candidate],

@@ -151,6 +151,12 @@ def release_reused(graph: Graph, budget_bytes: int, drops: Drops, deadline: floa
     return None
 
 
+def incumbents_of(bound: Bound) -> list[tuple[int, ...]]:
+    """The covering solve's incumbents (the drops of each), its last (the best) first."""
+    last = () if bound.recomputed is None else (bound.recomputed,)
+    return list(dict.fromkeys(reversed((*bound.incumbents, *last))))
+
+
 def schedules_for_bound(graph: Graph, budget_bytes: int, bound: Bound, small: int, deadline: float, margin: int,
                         tried: list[dict]) -> tuple[list[tuple[float, int, Schedule, Drops]], list[int]]:
     """Every variant of every incumbent of the covering solve `bound` (its last, the best, first) as a schedule:
@@ -164,9 +170,7 @@ def schedules_for_bound(graph: Graph, budget_bytes: int, bound: Bound, small: in
     fits: list[tuple[float, int, Schedule, Drops]] = []
     over: list[int] = []
     overshooting: list[tuple[float, int, Drops]] = []
-    last = () if bound.recomputed is None else (bound.recomputed,)
-    drop_sets = list(dict.fromkeys(reversed((*bound.incumbents, *last))))
-    for incumbent, dropped in enumerate(drop_sets):
+    for incumbent, dropped in enumerate(incumbents_of(bound)):
         for rule, reuse, hold in VARIANTS:
             drops = Drops(dropped, rule, reuse, small if hold else 0)
             schedule = schedule_for_drops(graph, drops)
@@ -212,10 +216,12 @@ def solve_cover_round(graph: Graph, budget_bytes: int, first: Bound, options: So
     best: tuple[Schedule, float, int] | None = None
     best_drops: Drops | None = None  # the drops and the variant of the best schedule
     tried: list[dict] = []
+    incumbents: dict[tuple[int, ...], None] = {}  # every incumbent turned into schedules, in order
     solves = 1
     for attempt in range(repairs + 1):
         if not bound.incumbents and bound.recomputed is None:
             break
+        incumbents.update(dict.fromkeys(incumbents_of(bound)))
         fits, over = schedules_for_bound(graph, budget_bytes, bound, small, deadline, margin, tried)
         if fits:  # ties go to reuse: solvers/drop_search.py moves its fresh values, a richer start for its search
             seconds, peak, schedule, drops = min(fits, key=lambda f: (f[0], f[1], not f[3].reuse))
@@ -249,7 +255,8 @@ def solve_cover_round(graph: Graph, budget_bytes: int, first: Bound, options: So
     # "drops": the best schedule's, or the covering solution's when none fits (solvers/drop_search.py starts there)
     if best_drops is None and first.recomputed is not None:
         best_drops = Drops(first.recomputed)
-    detail = {"tried": tried, "covering_solves": solves, "drops_undone": kept, "drops": best_drops}
+    detail = {"tried": tried, "covering_solves": solves, "drops_undone": kept, "drops": best_drops,
+              "incumbents": tuple(incumbents)}
     if best is None:
         return SolverResult("cover-round", NO_SOLUTION, None, wall_s=wall_s, detail=detail,
                             message="dropping what the covering bound recomputes overshoots the budget")

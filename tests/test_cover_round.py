@@ -191,3 +191,9 @@ def test_the_bounds_second_solve_hands_its_incumbents_to_cover_round_when_the_bo
     tightened = planner._tighten_bound(plan, started, started + 20, lambda message: None)
     assert tightened.method == "cover-round" and tightened.status == OPTIMAL
     assert tightened.compute_s == pytest.approx(exact.lower_bound_s) and tightened.simulation.fits(budget)
+    # incumbents that cover-round turned into schedules before are not tried again (the plan returns early)
+    seen = planner.Candidate("cover-round", FEASIBLE, None, None, 0.0, incumbents=exact.incumbents)
+    again = planner._tighten_bound(replace(plan, candidates=(*plan.candidates, seen)), started, started + 20,
+                                   lambda message: None)
+    assert again.method == "chen-sqrtn" and again.status == FEASIBLE
+    assert len(again.candidates) == len(plan.candidates) + 1  # no new cover-round candidate
