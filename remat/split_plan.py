@@ -62,6 +62,7 @@ FLOOR_GAIN = 0.05  # keep doubling k while the floor falls by more than this fra
 # over unsplit store-all and 4 chunks +3.3%, at 13.06 GB +12.5% and +7.6% (30 s solves); at 90% 2 chunks still
 # leave two thirds and store-all fits them.
 ROOM_SHARE = 2 / 3
+MIN_SOLVE_S = 1.0  # the least time a solve gets when tracing the split variants took the time limit
 STREAMED_FRACTION = 16  # stream_head drops and recomputes head values of at least 1/16 of the largest one
 
 
@@ -276,6 +277,8 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
     """The cheapest plan over chunk counts of the head (see the module docstring). `known`: schedules of the
     unsplit step (torch's choices, say) that its solve weighs beside its own."""
     say = progress or (lambda message: None)
+    # one deadline from the call: tracing the variants and judging their floors count against the time limit too
+    deadline = time.monotonic() + time_limit_s
     unsplit = tracer.unsplit
     floors = {unsplit.key: unsplit.floor_bytes}
 
@@ -304,7 +307,8 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
         nothing_splits = all(v is None for k, v in tracer.variants.items() if k != unsplit.key)
         why_not = ("not split: no head from a matmul to the loss, MLP or attention block to split" if nothing_splits
                    else f"not split: the largest op is not in a region that splits ({_largest_op(unsplit.graph)})")
-        plan = solve(unsplit.graph, budget_bytes, solver, time_limit_s, backend, progress, known=list(known))
+        plan = solve(unsplit.graph, budget_bytes, solver, max(deadline - time.monotonic(), MIN_SOLVE_S), backend,
+                     progress, known=list(known))
         return _finish(plan, None, why_not, [(k, floor, plan if k == unsplit.key else None)
                                              for k, floor in floors.items()])
 
@@ -312,7 +316,6 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
     # room, or else the most chunks (the lowest floor: the plan when nothing fits, and the minimum budget).
     candidates = [unsplit] if unsplit.floor_bytes <= budget_bytes else []
     candidates.append(variants[-1])
-    deadline = time.monotonic() + time_limit_s
     solved: list[tuple[Variant, Plan]] = []
     for position, variant in enumerate(candidates):
         # an even share of the time left: what a solve that ends early (proven optimal) leaves goes to the next
