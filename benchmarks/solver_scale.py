@@ -33,7 +33,9 @@ from remat.split_plan import SplitPlan, SplitTracer, solve_split
 from remat.units import format_bytes
 
 MODELS = ("gpt2", "gpt2-medium", "vgg16", "resnet50", "mobilenet_v2", "unet")
-TIME_LIMITS_S = {"gpt2": 60.0, "gpt2-medium": 180.0}  # the rest: 30 s
+# The targets are wall seconds: gpt2-medium's solve is asked for 175 s, as its last stages (a cover-round
+# step on 1,844 nodes, the covering model's build) end up to about 2 s past the limit (180 s: 181.8 and 182.5 s)
+TIME_LIMITS_S = {"gpt2": 60.0, "gpt2-medium": 175.0}  # the rest: 30 s
 BASELINES_SHOWN = ("chen-sqrtn", "checkpoint-all", "per-block", "chen-greedy", "griewank")
 STREAMED = "+streamed-head"  # remat/split_plan.py's name for a baseline run with the head's chunks streamed
 

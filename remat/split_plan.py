@@ -318,13 +318,13 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
     candidates.append(variants[-1])
     solved: list[tuple[Variant, Plan]] = []
     for position, variant in enumerate(candidates):
-        # an even share of the time left: what a solve that ends early (proven optimal) leaves goes to the next
-        share = max(deadline - time.monotonic(), 0.0) / (len(candidates) - position)
         say(f"solving {variant.describe()}")
         if variant.split is None:
             weighed = list(known)
         else:
             weighed = streamed_baselines(variant, budget_bytes) if variant.head and solver not in BASELINES else []
+        # an even share of the time left: what a solve that ends early (proven optimal) leaves goes to the next
+        share = max(deadline - time.monotonic(), 0.0) / (len(candidates) - position)
         solved.append((variant, solve(variant.graph, budget_bytes, solver, share, backend, progress, known=weighed)))
     tried = [(k, floor, next((p for v, p in solved if v.key == k), None)) for k, floor in floors.items()]
 
