@@ -158,7 +158,8 @@ def incumbents_of(bound: Bound) -> list[tuple[int, ...]]:
 
 
 def schedules_for_bound(graph: Graph, budget_bytes: int, bound: Bound, small: int, deadline: float, margin: int,
-                        tried: list[dict]) -> tuple[list[tuple[float, int, Schedule, Drops]], list[int]]:
+                        tried: list[dict]) -> tuple[list[tuple[float, int, Schedule, Drops]], list[int],
+                                                    list[tuple[int, ...]]]:
     """Every variant of every incumbent of the covering solve `bound` (its last, the best, first) as a schedule:
     those that fit, as (seconds, peak, schedule, drops), and by how many bytes each of the others overshoots. Near
     the covering optimum, solutions of about the same seconds differ a lot as schedules: one drops a chain of links
@@ -166,13 +167,16 @@ def schedules_for_bound(graph: Graph, budget_bytes: int, bound: Bound, small: in
     back then recomputes the whole chain; an earlier incumbent drops every other link and fits at +17% where the
     best recomputes +400% (gpt2-medium at 1.1 x min). Then release_reused, for each reuse variant that
     overshoots while costing less than the cheapest fit (it only adds recomputation). Until the deadline, but
-    the last incumbent's variants always. Appends a row to `tried` for each schedule."""
+    the last incumbent's variants always. Appends a row to `tried` for each schedule; returns the incumbents it
+    turned into schedules too."""
     fits: list[tuple[float, int, Schedule, Drops]] = []
     over: list[int] = []
     overshooting: list[tuple[float, int, Drops]] = []
+    done: list[tuple[int, ...]] = []
     for incumbent, dropped in enumerate(incumbents_of(bound)):
         if incumbent > 0 and time.perf_counter() > deadline:
             break  # the last incumbent's schedules at least
+        done.append(dropped)
         for rule, reuse, hold in VARIANTS:
             drops = Drops(dropped, rule, reuse, small if hold else 0)
             schedule = schedule_for_drops(graph, drops)
@@ -197,7 +201,7 @@ def schedules_for_bound(graph: Graph, budget_bytes: int, bound: Bound, small: in
                           "rule": drops.rule, "reuse": True, "hold_small": drops.hold_bytes > 0,
                           "fresh": len(drops.fresh), "peak_bytes": sim.peak_bytes, "compute_s": sim.compute_s})
             fits.append((sim.compute_s, sim.peak_bytes, schedule, drops))
-    return fits, over
+    return fits, over, done
 
 
 def solve_cover_round(graph: Graph, budget_bytes: int, first: Bound, options: SolveOptions | None = None,
@@ -223,8 +227,8 @@ def solve_cover_round(graph: Graph, budget_bytes: int, first: Bound, options: So
     for attempt in range(repairs + 1):
         if not bound.incumbents and bound.recomputed is None:
             break
-        incumbents.update(dict.fromkeys(incumbents_of(bound)))
-        fits, over = schedules_for_bound(graph, budget_bytes, bound, small, deadline, margin, tried)
+        fits, over, done = schedules_for_bound(graph, budget_bytes, bound, small, deadline, margin, tried)
+        incumbents.update(dict.fromkeys(done))
         if fits:  # ties go to reuse: solvers/drop_search.py moves its fresh values, a richer start for its search
             seconds, peak, schedule, drops = min(fits, key=lambda f: (f[0], f[1], not f[3].reuse))
             if best is None or seconds < best[1]:
