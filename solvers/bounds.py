@@ -271,8 +271,9 @@ def covering_bound(graph: Graph, budget_bytes: int, options: SolveOptions | None
     dropped = None
     if method != "covering (LP relaxation)" and outcome.objective is not None:
         dropped = tuple(sorted(v for v, var in x.items() if (var.value() or 0.0) > 0.5))
-        incumbents.append(dropped)
+        if not incumbents or incumbents[-1] != dropped:  # the callback reported it already, or no callback ran
+            incumbents.append(dropped)
     # HiGHS's bound carries its tolerances: shave a relative 1e-9 so rounding never lifts it past the optimum
     extra_s = max(0.0, outcome.bound * second * (1 - 1e-9))
     return Bound(graph.compute_s + extra_s, method, wall_s, recomputed=dropped,
-                 incumbents=tuple(dict.fromkeys(reversed(incumbents)))[::-1])
+                 incumbents=tuple(incumbents))
