@@ -14,7 +14,8 @@ way (near its optimum, solutions of about the same seconds differ a lot as sched
 cheapest that fits is the plan. Where the cheap way (values brought back once and held for every later point)
 overshoots, release_reused lets go of the largest held at the peak, one at a time, until it fits. When nothing
 fits (recomputation transients, inputs held longer), the covering MILP is solved again for a lower budget.
-Last, drops are undone one at a time while the schedule still fits (the covering may drop more than needed).
+Last, one value at a time while the schedule still fits, a drop is undone (the covering may drop more than needed)
+or an input computed again only to recompute a dropped value is held instead.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from solvers.decompose import emit, prune_rows
 
 MAX_REPAIRS = 4  # covering solves for a moved budget after the first
 MAX_FRESH = 48  # values release_reused may stop holding for later points, one per schedule tried
+KEEP_STARTS = 8  # schedules that fit, the cheapest first, that keep_what_fits starts from
 REPAIR_STEPS = 100  # the margin moves no further once it would move by less than this share of the activation budget
 HOLD_SHARE = 1000  # inputs of at most this share of the activation budget may be held rather than recomputed
 # The ways of turning the drops into rows that are tried (each is an emit and a simulation: milliseconds):
@@ -52,6 +54,7 @@ class Drops:
     reuse: bool = False  # a value brought back is held for the later points that need it
     hold_bytes: int = 0  # inputs of at most this many bytes are held rather than computed again
     fresh: frozenset[int] = frozenset()  # values never held for later points, even with reuse (release_reused)
+    held: frozenset[int] = frozenset()  # inputs held until the points that read them, whatever their size
 
 
 def recompute_points(graph: Graph, v: int, backward_start: int, rule: str) -> list[int]:
@@ -73,13 +76,15 @@ def recompute_points(graph: Graph, v: int, backward_start: int, rule: str) -> li
 
 
 def rows_for_drops(graph: Graph, dropped: set[int], rule: str = "first", reuse: bool = False,
-                   hold_bytes: int = 0, fresh: frozenset[int] = frozenset()) -> list[list[int]]:
+                   hold_bytes: int = 0, fresh: frozenset[int] = frozenset(),
+                   held: frozenset[int] = frozenset()) -> list[list[int]]:
     """Checkmate rows (stage t runs rows[t] in ascending order) that recompute every dropped value at its
     recomputation points (`rule`, see recompute_points), with its missing inputs. `reuse`: a value computed
     again at one point (for itself or as another's input) is held for the points after it that need it, rather
     than computed once more (fewer seconds, more bytes held in the backward). `hold_bytes`: an input of at most
-    this many bytes that is not dropped is held until the point rather than computed again (a weight's cast).
-    `fresh`: values never held for later points, even with `reuse` (see release_reused)."""
+    this many bytes that is not dropped is held until the point rather than computed again (a weight's cast);
+    so is every input in `held` (see keep_what_fits). `fresh`: values never held for later points, even with
+    `reuse` (see release_reused)."""
     backward_start = first_backward_index(graph)
     last_reader = [max(graph.users[v], default=v) for v in range(len(graph))]
     points = {v: recompute_points(graph, v, backward_start, rule) for v in dropped}
@@ -96,7 +101,7 @@ def rows_for_drops(graph: Graph, dropped: set[int], rule: str = "first", reuse: 
         if reuse and d not in fresh and again.get(d, t + 1) <= t:
             return True  # computed again at an earlier point and held since
         if last_read(d, w) < t:
-            return d not in dropped and graph.nodes[d].output_bytes <= hold_bytes  # held on, or gone
+            return d not in dropped and (graph.nodes[d].output_bytes <= hold_bytes or d in held)  # held on, or gone
         if not points.get(d):
             return True  # never dropped (or nothing to gain: a single reader)
         return t in points[d] if rule == "every" else points[d][0] <= t  # absent until brought back
@@ -119,7 +124,8 @@ def rows_for_drops(graph: Graph, dropped: set[int], rule: str = "first", reuse: 
 
 
 def schedule_for_drops(graph: Graph, drops: Drops) -> Schedule:
-    rows = rows_for_drops(graph, set(drops.dropped), drops.rule, drops.reuse, drops.hold_bytes, drops.fresh)
+    rows = rows_for_drops(graph, set(drops.dropped), drops.rule, drops.reuse, drops.hold_bytes, drops.fresh,
+                          drops.held)
     schedule, _ = emit(graph, prune_rows(graph, rows))
     return schedule
 
@@ -223,12 +229,14 @@ def solve_cover_round(graph: Graph, budget_bytes: int, first: Bound, options: So
     best_drops: Drops | None = None  # the drops and the variant of the best schedule
     tried: list[dict] = []
     incumbents: dict[tuple[int, ...], None] = {}  # every incumbent turned into schedules, in order
+    fitting: list[tuple[float, int, Schedule, Drops]] = []  # every schedule that fits, over all covering solves
     solves = 1
     for attempt in range(repairs + 1):
         if not bound.incumbents and bound.recomputed is None:
             break
         fits, over, done = schedules_for_bound(graph, budget_bytes, bound, small, deadline, margin, tried)
         incumbents.update(dict.fromkeys(done))
+        fitting += fits
         if fits:  # ties go to reuse: solvers/drop_search.py moves its fresh values, a richer start for its search
             seconds, peak, schedule, drops = min(fits, key=lambda f: (f[0], f[1], not f[3].reuse))
             if best is None or seconds < best[1]:
@@ -254,15 +262,23 @@ def solve_cover_round(graph: Graph, budget_bytes: int, first: Bound, options: So
             break
         bound = covering_bound(graph, budget_bytes - margin, replace(options, time_limit_s=left / 2))
         solves += 1
-    kept = 0
-    if best is not None and (first.lower_bound_s is None or best[1] > first.lower_bound_s * (1 + 1e-9)):
-        best, best_drops, kept = keep_what_fits(graph, budget_bytes, best, best_drops, deadline)
+    kept = holds = 0
+    # What keep_what_fits makes of a schedule is not ordered as the schedules are: try the cheapest few
+    starts = list(dict.fromkeys(drops for *_, drops in sorted(fitting, key=lambda f: (f[0], f[1], not f[3].reuse))))
+    by_drops = {drops: (schedule, seconds, peak) for seconds, peak, schedule, drops in fitting}
+    for drops in starts[:KEEP_STARTS]:
+        if (first.lower_bound_s is not None and best[1] <= first.lower_bound_s * (1 + 1e-9)) or (
+                drops is not starts[0] and time.perf_counter() > deadline):
+            break
+        kept_best, kept_drops, undone, held = keep_what_fits(graph, budget_bytes, by_drops[drops], drops, deadline)
+        if kept_best[1] < best[1]:
+            best, best_drops, kept, holds = kept_best, kept_drops, undone, held
     wall_s = time.perf_counter() - started
     # "drops": the best schedule's, or the covering solution's when none fits (solvers/drop_search.py starts there)
     if best_drops is None and first.recomputed is not None:
         best_drops = Drops(first.recomputed)
-    detail = {"tried": tried, "covering_solves": solves, "drops_undone": kept, "drops": best_drops,
-              "incumbents": tuple(incumbents)}
+    detail = {"tried": tried, "covering_solves": solves, "drops_undone": kept, "inputs_held": holds,
+              "drops": best_drops, "incumbents": tuple(incumbents)}
     if best is None:
         return SolverResult("cover-round", NO_SOLUTION, None, wall_s=wall_s, detail=detail,
                             message="dropping what the covering bound recomputes overshoots the budget")
@@ -272,17 +288,29 @@ def solve_cover_round(graph: Graph, budget_bytes: int, first: Bound, options: So
 
 
 def keep_what_fits(graph: Graph, budget_bytes: int, best: tuple[Schedule, float, int], drops: Drops,
-                   deadline: float) -> tuple[tuple[Schedule, float, int], Drops, int]:
-    """Undo drops one at a time, the costliest to recompute first, while the schedule still fits (the covering
-    solution drops what its accounting needs, which can be more than the schedule needs). Until the deadline.
-    Returns the best schedule, its drops and how many drops were undone."""
-    undone = 0
-    for v in sorted(drops.dropped, key=lambda v: graph.nodes[v].compute_s, reverse=True):
+                   deadline: float) -> tuple[tuple[Schedule, float, int], Drops, int, int]:
+    """Keep in memory what the schedule need not recompute, one value at a time while it still fits, the costliest
+    to recompute first: undo a drop (the covering solution drops what its accounting needs, which can be more
+    than the schedule needs), or hold an input that is computed again only to recompute a dropped value (not
+    dropped itself: its last reader ran before the point). The covering bound counts the dropped value's
+    recomputation only, so such an input makes the plan cost more than the bound even where holding it fits
+    (U-Net at 50%: bringing back a dropped concatenation recomputed the convolution it concatenates; held, the
+    plan meets the bound, where undoing a cheaper drop first left no room to hold it). Until the deadline.
+    Returns the best schedule, its drops, and how many drops were undone and inputs held."""
+    undone = held = 0
+    counts = best[0].compute_counts()
+    changes = [(v, "undo") for v in drops.dropped]
+    changes += [(v, "hold") for v, count in enumerate(counts) if count > 1 and v not in drops.dropped]
+    for v, change in sorted(changes, key=lambda item: graph.nodes[item[0]].compute_s, reverse=True):
         if time.perf_counter() > deadline:
             break
-        fewer = replace(drops, dropped=tuple(d for d in drops.dropped if d != v))
-        schedule = schedule_for_drops(graph, fewer)
+        if change == "undo":
+            changed = replace(drops, dropped=tuple(d for d in drops.dropped if d != v))
+        else:
+            changed = replace(drops, held=drops.held | {v})
+        schedule = schedule_for_drops(graph, changed)
         sim = simulate(graph, schedule)
         if sim.peak_bytes <= budget_bytes and sim.compute_s < best[1]:
-            best, drops, undone = (schedule, sim.compute_s, sim.peak_bytes), fewer, undone + 1
-    return best, drops, undone
+            best, drops = (schedule, sim.compute_s, sim.peak_bytes), changed
+            undone, held = undone + (change == "undo"), held + (change == "hold")
+    return best, drops, undone, held

@@ -43,8 +43,9 @@ def test_cover_round_is_valid_and_never_beats_the_optimum(graph, fraction):
 def test_every_variant_of_any_drops_is_a_valid_schedule(graph, fraction):
     # emit is valid for any rows: whatever the drops (here: every value), each way of placing them runs
     dropped = tuple(range(len(graph)))[:: 1 + int(fraction * 3)]
+    held = frozenset(range(len(graph))[1::2])  # inputs held until their points, dropped or not
     for rule, reuse, hold in VARIANTS:
-        schedule = schedule_for_drops(graph, Drops(dropped, rule, reuse, 5 if hold else 0))
+        schedule = schedule_for_drops(graph, Drops(dropped, rule, reuse, 5 if hold else 0, held=held))
         assert simulate(graph, schedule).valid
 
 
@@ -110,6 +111,32 @@ def test_a_copy_only_the_backward_reads_is_made_again_for_it_and_proven_optimal(
     assert plan.method == "cover-round" and plan.status == OPTIMAL
     assert plan.compute_s == pytest.approx(milp.objective_s, rel=1e-6)
     assert plan.simulation.fits(budget)
+
+
+def skip_concatenation():
+    """A skip connection as U-Net's decoder has it: a stem s, a convolution g of it that only the concatenation
+    c = cat(s, g) reads, two large layers after c, and a backward that reads c only after theirs."""
+    deps = [[], [0], [0, 1], [2], [3], [4], [5, 4], [6, 3], [7, 2], [8, 0], [9]]
+    sizes = [4, 4, 8, 10, 10, 1, 2, 2, 2, 2, 2]
+    costs = [5.0, 3.0, 1.0, 5.0, 5.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    return make_graph(deps, sizes, costs, outputs=[5, 10], backward=[i > 5 for i in range(11)])
+
+
+def test_an_input_brought_back_only_to_recompute_a_drop_is_held_where_it_fits():
+    # The covering drops c (1 s): bringing it back for its backward reads g, whose last reader was c. Computing g
+    # again costs 3 s more than the bound; holding g (4 bytes) from its stage fits, and costs the bound itself.
+    graph = skip_concatenation()
+    budget = 32  # store-all peaks at 35
+    bound = covering_bound(graph, budget, SolveOptions(time_limit_s=10))
+    assert bound.recomputed == (2,)
+    made_again = simulate(graph, schedule_for_drops(graph, Drops((2,), "first", reuse=True)))
+    assert made_again.fits(budget) and made_again.compute_s == pytest.approx(bound.lower_bound_s + 3)
+    result = solve_cover_round(graph, budget, bound, SolveOptions(time_limit_s=10), repairs=0)
+    assert result.detail["drops"].held == {1} and result.detail["inputs_held"] == 1
+    assert result.objective_s == pytest.approx(bound.lower_bound_s)
+    assert result.objective_s == pytest.approx(cheapest_schedule(graph, budget).compute_s)
+    plan = solve(graph, budget, time_limit_s=20)
+    assert plan.method == "cover-round" and plan.status == OPTIMAL and plan.simulation.fits(budget)
 
 
 def stem_chain(layers: int = 5, large: int = 40, small: int = 4):
