@@ -16,7 +16,15 @@ from remat.simulate import simulate
 from solvers.base import FEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions
 from solvers.bounds import covering_bound
 from solvers.checkmate import solve_checkmate
-from solvers.cover_round import VARIANTS, Drops, recompute_points, release_reused, schedule_for_drops, solve_cover_round
+from solvers.cover_round import (
+    VARIANTS,
+    Drops,
+    keep_what_fits,
+    recompute_points,
+    release_reused,
+    schedule_for_drops,
+    solve_cover_round,
+)
 from tests.bruteforce import cheapest_schedule
 from tests.graphs import chain_training_graph, make_graph
 from tests.test_solver_properties import EXACT, FAST, budget_between, dags_with_multi_output_ops, random_dags
@@ -132,7 +140,7 @@ def test_an_input_brought_back_only_to_recompute_a_drop_is_held_where_it_fits():
     made_again = simulate(graph, schedule_for_drops(graph, Drops((2,), "first", reuse=True)))
     assert made_again.fits(budget) and made_again.compute_s == pytest.approx(bound.lower_bound_s + 3)
     result = solve_cover_round(graph, budget, bound, SolveOptions(time_limit_s=10), repairs=0)
-    assert result.detail["drops"].held == {1} and result.detail["inputs_held"] == 1
+    assert result.detail["drops"].held == {1} and result.detail["kept"] == {"hold": 1}
     assert result.objective_s == pytest.approx(bound.lower_bound_s)
     assert result.objective_s == pytest.approx(cheapest_schedule(graph, budget).compute_s)
     plan = solve(graph, budget, time_limit_s=20)
@@ -171,6 +179,21 @@ def test_releasing_reused_values_fits_where_reuse_does_not_for_less_than_no_reus
     assert sim == simulate(graph, schedule) and sim.valid and sim.fits(budget)
     assert reused.compute_s < sim.compute_s < fresh.compute_s  # 23 < 29 < 33: some values held, some made again
     assert let_go and let_go < set(dropped)
+
+
+def test_keeping_what_fits_holds_again_a_value_released_too_eagerly():
+    # release_reused lets go of the largest value at the peak, one at a time: at this budget all five stem values,
+    # made again at each of their readers. Holding one of them again fits too, once drops are undone.
+    graph = stem_chain()
+    budget = 128
+    dropped = tuple(range(5))
+    schedule, sim, released = release_reused(graph, budget, Drops(dropped, "first"), deadline=float("inf"))
+    assert released.fresh == set(dropped) and sim.compute_s == 33
+    (kept_schedule, seconds, peak), kept_drops, kept = keep_what_fits(
+        graph, budget, (schedule, sim.compute_s, sim.peak_bytes), released, deadline=float("inf"))
+    assert kept["reuse"] == 1 and len(kept_drops.fresh) == 4 and seconds == 21
+    kept_sim = simulate(graph, kept_schedule)
+    assert kept_sim.valid and kept_sim.fits(budget) and kept_sim.compute_s == seconds and kept_sim.peak_bytes == peak
 
 
 @FAST
