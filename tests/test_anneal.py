@@ -3,6 +3,7 @@ seeds find one by one, and a child that fails is left out."""
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -43,6 +44,12 @@ def test_anneals_at_once_find_what_the_same_seeds_find_one_by_one(case):
     assert at_once.detail["best"] in [r.detail["best"] for r in one_by_one]
     sim = simulate(graph, at_once.schedule)
     assert sim.valid and sim.fits(budget) and sim.compute_s == pytest.approx(at_once.objective_s)
+
+
+def test_drops_travel_to_a_child_anneal_whole():
+    # a child process gets its start as JSON: the values made fresh and the inputs held must arrive too
+    start = Drops((2, 5, 7), "longest", reuse=True, hold_bytes=3, fresh=frozenset({5}), held=frozenset({1, 4}))
+    assert DROPS.from_json(json.loads(json.dumps(DROPS.to_json(start)))) == start
 
 
 def test_an_anneal_whose_process_fails_is_left_out(monkeypatch):
