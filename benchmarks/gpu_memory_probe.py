@@ -27,12 +27,11 @@ def phases(planned, inputs, optimizer) -> dict:
     step()
     torch.cuda.synchronize()
     figures = {"start_gib": torch.cuda.memory_allocated() / GIB}
-    for name, run in (("forward", lambda: planned(*inputs)), ):
-        torch.cuda.reset_peak_memory_stats()
-        loss = run()
-        torch.cuda.synchronize()
-        figures[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated() / GIB
-        figures[f"after_{name}_gib"] = torch.cuda.memory_allocated() / GIB
+    torch.cuda.reset_peak_memory_stats()
+    loss = planned(*inputs)
+    torch.cuda.synchronize()
+    figures["forward_peak_gib"] = torch.cuda.max_memory_allocated() / GIB
+    figures["after_forward_gib"] = torch.cuda.memory_allocated() / GIB
     torch.cuda.reset_peak_memory_stats()
     loss.backward()
     torch.cuda.synchronize()
