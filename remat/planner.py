@@ -30,6 +30,7 @@ from solvers.registry import SOLVER_NAMES, solve_with
 from solvers.rows_search import SPACE as ROWS
 from solvers.rows_search import rows_of
 from solvers.stage_memory import freed_by, node_parts
+from solvers.window import MIN_WINDOW_S, polish_windows
 
 MAX_EXACT_NODES = 100  # larger graphs are coarsened to this size (when no decomposition applies)
 MAX_WHOLE_NODES = 100  # the MILP takes graphs up to this size whole. VGG16 (155 nodes) whole: +1.8% at 90% in one
@@ -55,6 +56,11 @@ MAX_ROWS_NODES = 300  # larger graphs give drops the whole search: on MobileNet-
 #                       (drops only +27.2%, both runs; half each: +31.3%, nothing found in four runs)
 MAX_ANNEALS_AT_ONCE = 8  # anneals side by side in a round: one per core, up to this many
 MAX_POLISH_NODES = 300  # the whole-graph MILP polishes plans of graphs up to this size, when the time left covers it
+WINDOW_SHARE = 0.4  # of the time after the bound, for window polish (solvers/window.py) where the whole-graph MILP
+#                     cannot polish; the search gets the rest. Only with WINDOW_MIN_LEFT_S or more left: a window
+#                     that improves on ResNet-50 or MobileNet-v2 at 1.1 x min takes 20 to 50 s, and with 30 s plans
+#                     the share cost the search more than the windows found (benchmarks/search_settings.py)
+WINDOW_MIN_LEFT_S = 60.0
 POLISH_S_PER_FREE = 2e-3  # seconds the MILP wants per FREE variable to improve on its warm start: U-Net (215 nodes,
 #                           64k): build 6 s, presolve 56 s, +13.8% -> +12.9% by 120 s at 50% (2 cores)
 
@@ -157,8 +163,13 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
     reserve = polish_seconds(graph) if len(graph) <= MAX_POLISH_NODES else 0.0
     if deadline - time.perf_counter() < reserve:
         reserve = 0.0
-    plan = _search(plan, started, deadline - reserve, say)
-    return _polish(plan, started, deadline, backend, say) if reserve else plan
+    left = deadline - time.perf_counter()
+    by_windows = not reserve and len(graph) <= MAX_SEARCH_NODES and left >= WINDOW_MIN_LEFT_S
+    windows = WINDOW_SHARE * left if by_windows else 0.0
+    plan = _search(plan, started, deadline - reserve - windows, say)
+    if reserve:
+        return _polish(plan, started, deadline, backend, say)
+    return _polish_windows(plan, started, deadline, backend, say) if windows else plan
 
 
 def polish_seconds(graph: Graph) -> float:
@@ -304,6 +315,30 @@ def _polish(plan: Plan, started: float, deadline: float, backend: str, say: Call
     proven = result.status == OPTIMAL or plan.compute_s <= lower_bound_s * (1 + 1e-9)
     return replace(plan, status=OPTIMAL if proven else FEASIBLE, lower_bound_s=min(lower_bound_s, plan.compute_s),
                    lower_bound_method=bound_method)
+
+
+def _polish_windows(plan: Plan, started: float, deadline: float, backend: str, say: Callable[[str], None]) -> Plan:
+    """When the plan is further than SEARCH_MIN_GAP from its bound and time is left, solve Checkmate's MILP on
+    windows of its stages in turn, the rest held (solvers/window.py), until the deadline: for graphs the MILP
+    cannot take whole. Never worse than the plan; never proves it optimal."""
+    left = deadline - time.perf_counter()
+    if (plan.status != FEASIBLE or plan.gap is None or plan.gap <= SEARCH_MIN_GAP or plan.schedule is None
+            or left < MIN_WINDOW_S):
+        return plan
+    say(f"the MILP on windows of the plan's stages ({left:.0f} s)")
+    try:
+        result = polish_windows(plan.graph, plan.budget_bytes, plan.schedule, SolveOptions(backend=backend),
+                                deadline, say=say)
+    except ValueError:  # not frontier-advancing: no stages to solve again
+        return plan
+    polished = _candidate(plan.graph, result.solver, result, result.schedule)
+    plan = replace(plan, candidates=(*plan.candidates, polished), wall_s=time.perf_counter() - started)
+    if not polished.fits(plan.budget_bytes) or polished.simulation.compute_s >= plan.compute_s:
+        return plan
+    status = OPTIMAL if polished.simulation.compute_s <= plan.lower_bound_s * (1 + 1e-9) else FEASIBLE
+    return replace(plan, method=polished.method, status=status, schedule=polished.schedule,
+                   simulation=polished.simulation, message=f"{polished.message}; {plan.method} gave "
+                   f"{plan.compute_s:.6g} s", picked=f"{plan.picked}; then the MILP on windows of its stages")
 
 
 def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, backend: str,

@@ -68,16 +68,35 @@ class CheckmateModel:
     compute_weight: float  # weight of the seconds term in the objective
 
 
+@dataclass(frozen=True)
+class Window:
+    """Stages first..last of a schedule, solved again with every other stage held as it is (solvers/window.py).
+
+    The model then has variables for those stages only, and only for the nodes in `nodes` (the stage nodes
+    first..last are added): what stage `first` starts with and what stage last+1 must start with are the
+    schedule's, constants. `nodes` holds every node stored at either boundary."""
+
+    first: int
+    last: int
+    nodes: frozenset[int]
+    stored_before: frozenset[int]  # S[first, .]
+    stored_after: frozenset[int]  # S[last + 1, .]
+    held_before: frozenset[tuple[int, int]]  # (node, output) of ops with several, HELD at stage first
+    held_after: frozenset[tuple[int, int]]  # and at stage last + 1
+
+
 def build_model(
     graph: Graph,
     budget_bytes: int | None,
     byte_unit: float,
     second_unit: float,
     relax: bool = False,
+    window: Window | None = None,
 ) -> CheckmateModel:
     """Checkmate's MILP. budget_bytes=None: minimise the peak instead of the seconds.
 
-    relax=True gives the LP relaxation (every binary becomes continuous in [0, 1]).
+    relax=True gives the LP relaxation (every binary becomes continuous in [0, 1]). window: the stages of a
+    schedule to solve again, the others held (the objective then counts the window's seconds only).
     """
     n = len(graph)
     nodes = graph.nodes
@@ -89,24 +108,61 @@ def build_model(
     cost = [node.compute_s / second_unit for node in nodes]  # C_i in model units
     fixed = graph.fixed.total_bytes / byte_unit
     problem = pulp.LpProblem("checkmate", pulp.LpMinimize)
-    stages = range(n)
+    if window is None:
+        stages = range(n)
+        stored_stages = range(1, n)  # S[0, .] and S[n, .] are 0
+        allowed = list(range(n))
+    else:
+        stages = range(window.first, window.last + 1)
+        stored_stages = range(window.first + 1, window.last + 1)  # S[first, .] and S[last + 1, .] are given
+        allowed = sorted(window.nodes | set(stages))
+    allowed_set = set(allowed)
+
+    def columns(t: int) -> list[int]:
+        """The nodes stage t may compute (all up to t, or the window's), ascending."""
+        return [i for i in allowed if i <= t]
 
     # Variables; (1e) frontier advancing: nothing above the diagonal is created.
-    R = {(t, i): problem.add_variable(f"R_{t}_{i}", 0, 1, category) for t in stages for i in range(t + 1)}
-    S = {(t, i): problem.add_variable(f"S_{t}_{i}", 0, 1, category) for t in range(1, n) for i in range(t)}
+    R = {(t, i): problem.add_variable(f"R_{t}_{i}", 0, 1, category) for t in stages for i in columns(t)}
+    S = {(t, i): problem.add_variable(f"S_{t}_{i}", 0, 1, category) for t in stored_stages for i in columns(t - 1)}
     HELD = {(t, i, part.index): problem.add_variable(f"HELD_{t}_{i}_{part.index}", 0, 1, category)
-            for t in range(1, n) for i in range(t) for part in parts[i] if part.separate}
+            for t in stored_stages for i in columns(t - 1) for part in parts[i] if part.separate}
     FREE = {(t, part.node, part.index, k): problem.add_variable(f"FREE_{t}_{part.node}_{part.index}_{k}", 0, 1,
                                                                 category)
-            for t in stages for k in range(t + 1) for part in freed[k]}
-    U = {(t, k): problem.add_variable(f"U_{t}_{k}", 0) for t in stages for k in range(t + 1)}
+            for t in stages for k in columns(t) for part in freed[k] if part.node in allowed_set}
+    U = {(t, k): problem.add_variable(f"U_{t}_{k}", 0) for t in stages for k in columns(t)}
 
     def stored(t: int, i: int) -> pulp.LpVariable | int:
-        return S.get((t, i), 0)  # S[0, .] and S[n, .] are 0
+        if (t, i) in S:
+            return S[t, i]
+        if window is not None and t == window.first:
+            return int(i in window.stored_before)
+        if window is not None and t == window.last + 1:
+            return int(i in window.stored_after)
+        return 0  # S[0, .], S[n, .], and nodes a window leaves out
 
     def in_memory(t: int, part: Part) -> pulp.LpVariable | int:
         """Whether the part is in memory when stage t starts (0 before its node's stage and after the last)."""
-        return HELD.get((t, part.node, part.index), 0) if part.separate else stored(t, part.node)
+        if not part.separate:
+            return stored(t, part.node)
+        if (t, part.node, part.index) in HELD:
+            return HELD[t, part.node, part.index]
+        if window is not None and t == window.first:
+            return int((part.node, part.index) in window.held_before)
+        if window is not None and t == window.last + 1:
+            return int((part.node, part.index) in window.held_after)
+        return 0
+
+    def computed(t: int, i: int) -> pulp.LpVariable | int:
+        return R.get((t, i), 0)
+
+    def add(constraint: pulp.LpConstraint | bool, name: str) -> None:
+        """Add a constraint; one between constants (at a window's boundary) must hold already."""
+        if isinstance(constraint, bool):
+            if not constraint:
+                raise ValueError(f"the window's boundary breaks {name}")
+            return
+        problem.addConstraint(constraint, name)
 
     # (1d) frontier advancing: stage t computes node t.
     for t in stages:
@@ -114,55 +170,64 @@ def build_model(
 
     # (1b) dependencies: a node runs only if each of its inputs is computed earlier in the stage or stored.
     for t in stages:
-        for j in range(t + 1):
+        for j in columns(t):
             for i in sorted(set(nodes[j].deps)):
-                problem += R[t, j] <= R[t, i] + stored(t, i), f"dep_{t}_{i}_{j}"
+                add(R[t, j] <= computed(t, i) + stored(t, i), f"dep_{t}_{i}_{j}")
 
     # (1c) storage: a value is in memory at the start of stage t+1 only if it was at the start of
     # stage t or was computed during it.
-    for t in range(n - 1):
-        for i in range(t + 1):
-            problem += S[t + 1, i] <= stored(t, i) + R[t, i], f"store_{t + 1}_{i}"
+    for t in stages:
+        if t + 1 < n:
+            for i in columns(t):
+                if not isinstance(stored(t + 1, i), int) or stored(t + 1, i):
+                    add(stored(t + 1, i) <= stored(t, i) + R[t, i], f"store_{t + 1}_{i}")
 
     # The outputs of an op with several: each is in memory only while the op is (HELD <= S), only if it was at the
     # start of the stage before or was computed there (as (1c)), and a reader of it needs it (as (1b)). The op is
     # not computed again while it is in memory: the simulator holds its outputs through, and that would hide
     # how long an output the model released early is really held.
+    part_of = {(part.node, part.index): part for group in parts for part in group}
     for (t, i, p), held in HELD.items():
         problem += held <= S[t, i], f"held_stored_{t}_{i}_{p}"
-        problem += held <= HELD.get((t - 1, i, p), 0) + R[t - 1, i], f"held_carried_{t}_{i}_{p}"
+        add(held <= in_memory(t - 1, part_of[i, p]) + computed(t - 1, i), f"held_carried_{t}_{i}_{p}")
+    if window is not None and window.last + 1 < n:
+        for i, p in sorted(window.held_after):
+            add(1 <= in_memory(window.last, part_of[i, p]) + computed(window.last, i),
+                f"held_carried_{window.last + 1}_{i}_{p}")
     for t in stages:
-        for i in range(t):
+        for i in columns(t - 1):
             if any(part.separate for part in parts[i]):
-                problem += R[t, i] + S[t, i] <= 1, f"not_again_while_stored_{t}_{i}"
+                add(R[t, i] + stored(t, i) <= 1, f"not_again_while_stored_{t}_{i}")
                 for part in parts[i]:
                     for j in part.readers:
-                        if j <= t:
-                            problem += R[t, j] <= R[t, i] + HELD[t, i, part.index], f"dep_{t}_{i}_{part.index}_{j}"
+                        if j <= t and (t, j) in R:
+                            add(R[t, j] <= R[t, i] + in_memory(t, part), f"dep_{t}_{i}_{part.index}_{j}")
 
-    # (M1) memory when the first node of the stage runs: what is stored, plus node 0 if it runs.
+    # (M1) memory when the stage's first node runs: what is stored, plus that node if it runs.
+    # (M2) memory when the next node runs: less what the last one's run freed, plus the next one if it runs.
     for t in stages:
-        problem += (U[t, 0] == pulp.lpSum(part.size_bytes / byte_unit * in_memory(t, part)
-                                          for i in range(t) for part in parts[i])
-                    + mem[0] * R[t, 0]), f"mem_start_{t}"
-
-    # (M2) memory when node k+1 runs: U[t, k] less what node k's run freed, plus node k+1 if it runs.
-    for t in stages:
-        for k in range(t):
-            released = pulp.lpSum(part.size_bytes / byte_unit * FREE[t, part.node, part.index, k] for part in freed[k])
-            problem += U[t, k + 1] == U[t, k] - released + mem[k + 1] * R[t, k + 1], f"mem_{t}_{k + 1}"
+        previous = None
+        for k in columns(t):
+            if previous is None:
+                problem += (U[t, k] == pulp.lpSum(part.size_bytes / byte_unit * in_memory(t, part)
+                                                  for i in columns(t - 1) for part in parts[i])
+                            + mem[k] * R[t, k]), f"mem_start_{t}"
+            else:
+                released = pulp.lpSum(part.size_bytes / byte_unit * FREE[t, part.node, part.index, previous]
+                                      for part in freed[previous] if (t, part.node, part.index, previous) in FREE)
+                problem += U[t, k] == U[t, previous] - released + mem[k] * R[t, k], f"mem_{t}_{k}"
+            previous = k
 
     # (M3) FREE[t, i, p, k] = R[t, k] * (1 - in memory at t+1) * prod over readers j > k of p of (1 - R[t, j]),
     # linearised tightly: FREE is at most each factor (FREE may stay 0: the model then frees less than the
     # simulator).
-    part_of = {(part.node, part.index): part for group in parts for part in group}
     for (t, i, p, k), free in FREE.items():
         part = part_of[i, p]
         problem += free <= R[t, k], f"free_runs_{t}_{i}_{p}_{k}"
         if t + 1 < n:
-            problem += free + in_memory(t + 1, part) <= 1, f"free_not_kept_{t}_{i}_{p}_{k}"
+            add(free + in_memory(t + 1, part) <= 1, f"free_not_kept_{t}_{i}_{p}_{k}")
         for j in part.readers:
-            if k < j <= t:
+            if k < j <= t and (t, j) in R:
                 problem += free + R[t, j] <= 1, f"free_last_use_{t}_{i}_{p}_{k}_{j}"
 
     # (M4) budget: fixed memory + activations + the running node's workspace, at every step of every stage.
