@@ -56,8 +56,8 @@ def test_a_full_window_builds_the_whole_model():
     R, S = matrices(graph, solve_min_peak(graph, EXACT).schedule)
     whole = build_model(graph, 10**6, 1.0, 1.0)
     window = build_model(graph, 10**6, 1.0, 1.0, window=window_at(graph, R, S, 0, len(graph) - 1))
-    assert {k: str(c) for k, c in whole.problem.constraints.items()} == \
-           {k: str(c) for k, c in window.problem.constraints.items()}
+    assert {c.name: str(c) for c in whole.problem.constraints()} == \
+           {c.name: str(c) for c in window.problem.constraints()}
 
 
 def test_narrow_windows_improve_a_chain_in_steps_and_hold_the_rest():
