@@ -29,6 +29,7 @@ GAIN = 1e-9  # relative improvement that counts
 
 
 def matrices(graph: Graph, schedule: Schedule) -> tuple[list[list[int]], list[list[int]]]:
+    """A frontier-advancing schedule's (R, S), S minimal (ValueError when it is not frontier-advancing)."""
     R, _ = schedule.to_matrices()
     return R, minimal_storage(graph, R)
 
@@ -39,6 +40,7 @@ def window_at(graph: Graph, R: list[list[int]], S: list[list[int]], first: int, 
     inputs."""
     n = len(graph)
     held = stage_values(graph, R, S).held
+    parts = node_parts(graph)
     involved = {i for t in range(first, last + 1) for i in range(t + 1) if R[t][i] or i == t}
     involved |= {i for t in range(first, min(last + 2, n)) for i in range(t) if S[t][i]}
     frontier = set(involved)
@@ -50,7 +52,7 @@ def window_at(graph: Graph, R: list[list[int]], S: list[list[int]], first: int, 
     def separate_held(t: int) -> frozenset[tuple[int, int]]:
         if t >= n:
             return frozenset()
-        return frozenset((i, part.index) for i, group in enumerate(node_parts(graph)) if i < t for part in group
+        return frozenset((i, part.index) for i, group in enumerate(parts) if i < t for part in group
                          if part.separate and held.get((t, i, part.index), 0))
 
     return Window(first, last, frozenset(involved),
