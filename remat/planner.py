@@ -275,13 +275,19 @@ def _anneal_rounds(plan: Plan, space: Space, start: object, start_name: str, sta
         message += f" (the best of {anneals} anneals, {at_once} at once)"
     result = replace(result, message=message, wall_s=time.perf_counter() - searching)  # every round's time
     searched = _candidate(plan.graph, space.method, result, result.schedule)
-    plan = replace(plan, candidates=(*plan.candidates, searched), wall_s=time.perf_counter() - started)
-    if not searched.fits(plan.budget_bytes) or searched.simulation.compute_s >= plan.compute_s:
+    return _adopt(plan, searched, started, f"{space.method} from {start_name}")
+
+
+def _adopt(plan: Plan, candidate: Candidate, started: float, how: str) -> Plan:
+    """The plan with `candidate` among its candidates, and as its schedule when it fits and is cheaper (proven
+    optimal when it meets the bound). `how`: what the plan's `picked` says was done next."""
+    plan = replace(plan, candidates=(*plan.candidates, candidate), wall_s=time.perf_counter() - started)
+    if not candidate.fits(plan.budget_bytes) or candidate.simulation.compute_s >= plan.compute_s:
         return plan
-    status = OPTIMAL if searched.simulation.compute_s <= plan.lower_bound_s * (1 + 1e-9) else FEASIBLE
-    return replace(plan, method=searched.method, status=status, schedule=searched.schedule,
-                   simulation=searched.simulation, message=f"{searched.message}; {plan.method} gave "
-                   f"{plan.compute_s:.6g} s", picked=f"{plan.picked}; then {space.method} from {start_name}")
+    status = OPTIMAL if candidate.simulation.compute_s <= plan.lower_bound_s * (1 + 1e-9) else FEASIBLE
+    return replace(plan, method=candidate.method, status=status, schedule=candidate.schedule,
+                   simulation=candidate.simulation, message=f"{candidate.message}; {plan.method} gave "
+                   f"{plan.compute_s:.6g} s", picked=f"{plan.picked}; then {how}")
 
 
 def anneals_at_once() -> int:
@@ -332,13 +338,7 @@ def _polish_windows(plan: Plan, started: float, deadline: float, backend: str, s
     except ValueError:  # not frontier-advancing: no stages to solve again
         return plan
     polished = _candidate(plan.graph, result.solver, result, result.schedule)
-    plan = replace(plan, candidates=(*plan.candidates, polished), wall_s=time.perf_counter() - started)
-    if not polished.fits(plan.budget_bytes) or polished.simulation.compute_s >= plan.compute_s:
-        return plan
-    status = OPTIMAL if polished.simulation.compute_s <= plan.lower_bound_s * (1 + 1e-9) else FEASIBLE
-    return replace(plan, method=polished.method, status=status, schedule=polished.schedule,
-                   simulation=polished.simulation, message=f"{polished.message}; {plan.method} gave "
-                   f"{plan.compute_s:.6g} s", picked=f"{plan.picked}; then the MILP on windows of its stages")
+    return _adopt(plan, polished, started, "the MILP on windows of its stages")
 
 
 def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, backend: str,
