@@ -400,14 +400,16 @@ def _solve_highs(problem: pulp.LpProblem, options: SolveOptions, start: dict[str
     problem.solve(solver)
     highs = problem.solverModel
     model_status = highs.getModelStatus()
-    if model_status in (highspy.HighsModelStatus.kSolveError, highspy.HighsModelStatus.kPostsolveError):
+    if model_status in (highspy.HighsModelStatus.kSolveError, highspy.HighsModelStatus.kPostsolveError) or \
+            _start_handed_back(problem, highs, start):
         # HiGHS 1.15's presolve can hand back a solution that breaks the model (seen on 3-node graphs, then
-        # reported as a solve error): solve again without presolve in the time left.
+        # reported as a solve error), and HiGHS 1.16's can hand back the start itself with the objective of a
+        # better solution it found in the presolved model: solve again without presolve in the time left.
         left = max(MIN_RUN_S, deadline - time.perf_counter())
         problem.solve(_HighsWithStart(start, deadline, on_incumbent, timeLimit=left, presolve="off", **settings))
         highs = problem.solverModel
         model_status = highs.getModelStatus()
-        retried = " (solved again without presolve after a presolve error)"
+        retried = " (solved again without presolve, after its presolve failed or handed back the start)"
     else:
         retried = ""
     info = highs.getInfo()
@@ -423,6 +425,18 @@ def _solve_highs(problem: pulp.LpProblem, options: SolveOptions, start: dict[str
     if has_incumbent:
         return SolveOutcome(FEASIBLE, info.objective_function_value, bound, message)
     return SolveOutcome(NO_SOLUTION, None, bound, message)
+
+
+def _start_handed_back(problem: pulp.LpProblem, highs, start: dict[str, float] | None) -> bool:
+    """Whether HiGHS returned values whose objective is not the one it reports (its presolve mapped a better
+    solution of the reduced model back onto the warm start: seen on a 5-node graph, values at 6 reported as 5)."""
+    import highspy
+
+    if not start or highs.getInfo().primal_solution_status != highspy.SolutionStatus.kSolutionStatusFeasible:
+        return False
+    reported = highs.getInfo().objective_function_value
+    achieved = problem.objective.value() or 0.0
+    return abs(achieved - reported) > 1e-6 * max(1.0, abs(reported))
 
 
 def _solve_command(problem: pulp.LpProblem, solver: pulp.LpSolver, start: dict[str, float] | None) -> SolveOutcome:

@@ -249,3 +249,22 @@ def test_unavailable_backend_is_a_clear_error():
     graph = chain_training_graph(2)
     with pytest.raises(ValueError, match="available: highs, cbc"):
         solve_checkmate(graph, 100, SolveOptions(backend="nosuchsolver"))
+
+
+def test_a_warm_start_the_presolve_hands_back_is_solved_again():
+    # A 5-node graph (found by tests/test_window.py's property test) where HiGHS 1.16, warm-started from a schedule
+    # at 0.6 s, reported the optimum 0.5 s but handed back the start's values: the MILP then claimed "optimal" at
+    # 0.6 s. Its values must be what it reports, and the optimum exhaustive search finds.
+    graph = make_graph([[], [0], [0, 1], [0, 1], [0, 1]], [0, 2, 0, 0, 2], [0.1] * 5, outputs=[4], fixed_bytes=0)
+    nodes = list(graph.nodes)
+    nodes[1] = dataclasses.replace(nodes[1], part_bytes=(1, 1), part_users=((2, 3), (4,)))
+    nodes[2] = dataclasses.replace(nodes[2], workspace_bytes=1)
+    graph = dataclasses.replace(graph, nodes=tuple(nodes))
+    start = smallest_peak_schedule(graph).schedule
+    budget = simulate(graph, start).peak_bytes
+    assert simulate(graph, start).compute_s == pytest.approx(0.6)
+    assert cheapest_schedule(graph, budget).compute_s == pytest.approx(0.5)
+    result = solve_checkmate(graph, budget, SolveOptions(mip_gap=1e-9, warm_start=start))
+    assert result.status == OPTIMAL and result.objective_s == pytest.approx(0.5)
+    assert simulate(graph, result.schedule).compute_s == pytest.approx(0.5)
+    assert "solved again without presolve" in result.message
