@@ -179,8 +179,9 @@ def build_model(
     for t in stages:
         if t + 1 < n:
             for i in columns(t):
-                if not isinstance(stored(t + 1, i), int) or stored(t + 1, i):
-                    add(stored(t + 1, i) <= stored(t, i) + R[t, i], f"store_{t + 1}_{i}")
+                kept = stored(t + 1, i)
+                if not isinstance(kept, int) or kept:  # a window's boundary that drops i: nothing to say
+                    add(kept <= stored(t, i) + R[t, i], f"store_{t + 1}_{i}")
 
     # The outputs of an op with several: each is in memory only while the op is (HELD <= S), only if it was at the
     # start of the stage before or was computed there (as (1c)), and a reader of it needs it (as (1b)). The op is

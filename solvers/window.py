@@ -87,7 +87,6 @@ def solve_window(graph: Graph, budget_bytes: int, R: list[list[int]], S: list[li
     return (R2, S2) if after < before * (1 - GAIN) else None
 
 
-
 def recompute_seconds(graph: Graph, R: list[list[int]]) -> list[float]:
     """Seconds each stage spends computing nodes again."""
     return [sum(graph.nodes[i].compute_s for i in range(t) if R[t][i]) for t in range(len(graph))]
