@@ -21,14 +21,15 @@ It is loose where recomputing a value needs its inputs back too (long recomputat
 crowded moments a chained form says so (below). And it counts each recomputed value once, where a value brought
 back to recompute another and then dropped again, because holding it until its own readers does not fit, is
 computed twice (revolve's case): pairs of those moments say so too (second_computations, on graphs of up to
-PAIRS_MAX_NODES). The gap it implies is an upper bound on the true gap.
+PAIRS_MAX_NODES), and chains of those moments count the third and later computations. The gap it implies
+is an upper bound on the true gap.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -38,7 +39,9 @@ from solvers.base import SolveOptions
 if TYPE_CHECKING:
     import pulp
 
-CHAINED_MOMENTS = 12  # the most crowded moments get the chained form (recomputing needs the inputs back)
+CHAINED_MOMENTS = 12  # the most crowded moments get the chained form (recomputing needs the inputs back),
+CHAINED_NODE_MOMENTS = 1200  # or more on small graphs: up to this many chained moments x nodes. A 24-layer chain's
+# step (49 nodes) at its smallest budgets needs every moment chained to prove its plans (revolve's many recomputations)
 PAIRS_MAX_NODES = 600  # larger graphs go without second computations: on GPT-2's step (968 nodes) at 1.1 x min they
 # lifted the bound 0.13 points for 10 s more (37 s against 27 s), time the planner's plans on such graphs need more
 MILP_SHARE = 0.75  # of the time limit, for the covering MILP; its LP relaxation (the fallback) gets the rest
@@ -93,15 +96,21 @@ def dead_bytes(node: Node, last_reader: int, reader: int, t: int) -> int:
 
 
 def second_computations(problem: pulp.LpProblem, graph: Graph, absent_at: dict[int, tuple[dict, dict]],
-                        last_user: list[int]) -> dict[int, pulp.LpVariable]:
-    """Values computed at least twice more, from pairs of chained moments s < t (Checkmate's revolve effect).
+                        last_user: list[int], recomputed: Callable[[int], pulp.LpVariable]
+                        ) -> dict[int, pulp.LpVariable]:
+    """Values computed twice or more again, from pairs of chained moments s < t (Checkmate's revolve effect):
+    {w: e_w, its computations beyond its first two}. `recomputed(w)`: x_w, the covering's variable.
 
     A value v absent at s (y_v of s) and read at some u in (s, t] is computed again in (s, u). So is each input w
     that this needs and that was absent at s too (or dead at s and not held through it), recursively: w is then
     in memory at some point in (s, t). If w is absent at t as well (y_w of t) and read after t, it is computed
     once more after t: at least twice in all, where x_w counts once. e_w >= [w computed in (s, t)] + y_w(t) - 1
     adds w's seconds again. The [w computed in (s, t)] indicators are continuous: their lower bounds are 0 or 1
-    whenever the y and h variables are.
+    whenever the y and h variables are. Each also says x_w = 1 (w < s: computed in (s, t), it is computed again).
+    Computations in disjoint intervals add up: a value computed in (s1, t1), again in (s2, t2) with t1 <= s2, and
+    absent at t2 and read later is computed four times. On a chain's step at its smallest budgets (revolve's
+    quadratic regime) this makes the bound the optimum: a 12-layer chain at 40 bytes costs 80 s, and counting at
+    most twice gave 44 s (tests/test_bounds.py).
     For an op with several outputs released one by one, y says only that some output held across the moment is
     absent, not which (a schedule may hold the one a reader needs and drop another): such an op joins only as a
     dead input (what v reads of it is known gone unless held) or as the w absent at t, never through its y at s."""
@@ -109,6 +118,7 @@ def second_computations(problem: pulp.LpProblem, graph: Graph, absent_at: dict[i
 
     nodes = graph.nodes
     second: dict[int, pulp.LpVariable] = {}
+    inside: dict[tuple[int, int], dict[int, pulp.LpVariable]] = {}  # (s, t) -> {w: [w computed in (s, t)]}
     order = sorted(absent_at)
     for k, s in enumerate(order):
         y_s, held_s = absent_at[s]
@@ -137,17 +147,46 @@ def second_computations(problem: pulp.LpProblem, graph: Graph, absent_at: dict[i
                         computed[w] = problem.add_variable(f"in_{s}_{t}_{w}", 0, 1, pulp.LpContinuous)
                         stack.append(w)
                     problem.addConstraint(computed[w] >= floor, f"need_{s}_{t}_{w}_{v}")
-            for w, inside in computed.items():
-                if w in y_t:
-                    if w not in second:
-                        second[w] = problem.add_variable(f"e_{w}", 0, 1, pulp.LpContinuous)
-                    problem.addConstraint(second[w] >= inside + y_t[w] - 1, f"twice_{s}_{t}_{w}")
+            inside[s, t] = computed
+    spans: dict[int, list[tuple[int, int, pulp.LpVariable]]] = {}  # w -> (s, t, [w computed in (s, t)])
+    for (s, t), computed in inside.items():
+        for w, inside_s_t in computed.items():
+            # computed in (s, t), after its first computation (w < s): computed more than once
+            problem.addConstraint(recomputed(w) >= inside_s_t, f"more_{s}_{t}_{w}")
+            spans.setdefault(w, []).append((s, t, inside_s_t))
+    for w, intervals in spans.items():
+        second[w] = problem.add_variable(f"e_{w}", 0, None, pulp.LpContinuous)
+        # Computations in disjoint intervals add up: count[t] is at least w's computations after its first and
+        # before moment t, the most any chain of intervals (s1, t1), (s2 >= t1, t2), ..., ending by t gives. One
+        # more follows t when w is absent at t (and read later). x_w counts one of them: e_w the rest.
+        disjoint = any(t1 <= s2 for _, t1, _ in intervals for s2, _, _ in intervals)
+        count: dict[int, pulp.LpAffineExpression | pulp.LpVariable] = {}
+        for s, t, inside_s_t in sorted(intervals, key=lambda interval: interval[1]):  # chains ending by s first
+            if not disjoint:  # at most one interval counts: no chain variables needed
+                count.setdefault(t, []).append(inside_s_t)
+                continue
+            if t not in count:
+                count[t] = problem.add_variable(f"count_{t}_{w}", 0, None, pulp.LpContinuous)
+            problem.addConstraint(count[t] >= count.get(s, 0) + inside_s_t, f"count_{s}_{t}_{w}")
+        for t, counted in count.items():
+            y_t = absent_at[t][0]
+            if not disjoint and w in y_t:
+                for k, inside_s_t in enumerate(counted):
+                    problem.addConstraint(second[w] >= inside_s_t + y_t[w] - 1, f"again_{t}_{w}_{k}")
+            elif disjoint:
+                problem.addConstraint(second[w] >= counted + (y_t[w] if w in y_t else 0) - 1, f"again_{t}_{w}")
     return second
 
 
+def chained_moments_for(nodes: int) -> int:
+    """How many moments get the chained form on a graph of this many nodes."""
+    return max(CHAINED_MOMENTS, CHAINED_NODE_MOMENTS // max(nodes, 1))
+
+
 def covering_bound(graph: Graph, budget_bytes: int, options: SolveOptions | None = None,
-                   chained_moments: int = CHAINED_MOMENTS) -> Bound:
-    """The lifetime covering bound (see the module docstring), solved with HiGHS within the time limit."""
+                   chained_moments: int | None = None) -> Bound:
+    """The lifetime covering bound (see the module docstring), solved with HiGHS within the time limit.
+    `chained_moments`: how many of the most crowded moments get the chained form (chained_moments_for by default)."""
     import pulp
 
     from solvers.checkmate import solve_problem
@@ -196,6 +235,8 @@ def covering_bound(graph: Graph, budget_bytes: int, options: SolveOptions | None
     if not moments:
         return Bound(graph.compute_s, "store-all", time.perf_counter() - started)
 
+    if chained_moments is None:
+        chained_moments = chained_moments_for(n)
     chained: set[int] = set()  # the most crowded moments with distinct alive sets get the chained form
     seen: set[tuple[int, ...]] = set()
     for _, t, optional in sorted(moments, key=lambda moment: moment[:2], reverse=True):
@@ -241,7 +282,7 @@ def covering_bound(graph: Graph, budget_bytes: int, options: SolveOptions | None
                     - pulp.lpSum(held_size[w] / scale * h for w, h in held.items()) >= over / scale,
                     f"C_{t}")
         absent_at[t] = (y, held)
-    again = second_computations(problem, graph, absent_at, last_user) if n <= PAIRS_MAX_NODES else {}
+    again = second_computations(problem, graph, absent_at, last_user, recomputed) if n <= PAIRS_MAX_NODES else {}
     problem += pulp.lpSum(nodes[v].compute_s / second * var for v, var in (*x.items(), *again.items()))
     # The time limit covers the whole bound: the MILP gets most of it, and the LP relaxation (the fallback when
     # the MILP's root does not finish) the rest, or a quarter of the limit if the MILP left less.
