@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -44,6 +44,9 @@ CHAINED_NODE_MOMENTS = 1200  # or more on small graphs: up to this many chained 
 # step (49 nodes) at its smallest budgets needs every moment chained to prove its plans (revolve's many recomputations)
 PAIRS_MAX_NODES = 600  # larger graphs go without second computations: on GPT-2's step (968 nodes) at 1.1 x min they
 # lifted the bound 0.13 points for 10 s more (37 s against 27 s), time the planner's plans on such graphs need more
+COUNT_MAX_NODES = 200  # graphs up to this size count third and later computations (second_computations). On the
+# CNNs' steps (215 to 520 nodes) counting raised no bound and slowed the covering MILP by 1 to 2 s (U-Net at 1.1 x min:
+# 2.8 -> 4.6 s; ResNet-50 at 50% no longer proven in its 5-s share of a 30-s plan); on chains' steps it is the proof
 MILP_SHARE = 0.75  # of the time limit, for the covering MILP; its LP relaxation (the fallback) gets the rest
 
 
@@ -96,17 +99,16 @@ def dead_bytes(node: Node, last_reader: int, reader: int, t: int) -> int:
 
 
 def second_computations(problem: pulp.LpProblem, graph: Graph, absent_at: dict[int, tuple[dict, dict]],
-                        last_user: list[int], recomputed: Callable[[int], pulp.LpVariable]
-                        ) -> dict[int, pulp.LpVariable]:
+                        last_user: list[int], count_chains: bool = True) -> dict[int, pulp.LpVariable]:
     """Values computed twice or more again, from pairs of chained moments s < t (Checkmate's revolve effect):
-    {w: e_w, its computations beyond its first two}. `recomputed(w)`: x_w, the covering's variable.
+    {w: e_w, its computations beyond its first two}. `count_chains`: count the third and later ones too (below).
 
     A value v absent at s (y_v of s) and read at some u in (s, t] is computed again in (s, u). So is each input w
     that this needs and that was absent at s too (or dead at s and not held through it), recursively: w is then
     in memory at some point in (s, t). If w is absent at t as well (y_w of t) and read after t, it is computed
     once more after t: at least twice in all, where x_w counts once. e_w >= [w computed in (s, t)] + y_w(t) - 1
     adds w's seconds again. The [w computed in (s, t)] indicators are continuous: their lower bounds are 0 or 1
-    whenever the y and h variables are. Each also says x_w = 1 (w < s: computed in (s, t), it is computed again).
+    whenever the y and h variables are.
     Computations in disjoint intervals add up: a value computed in (s1, t1), again in (s2, t2) with t1 <= s2, and
     absent at t2 and read later is computed four times. On a chain's step at its smallest budgets (revolve's
     quadratic regime) this makes the bound the optimum: a 12-layer chain at 40 bytes costs 80 s, and counting at
@@ -151,30 +153,30 @@ def second_computations(problem: pulp.LpProblem, graph: Graph, absent_at: dict[i
     spans: dict[int, list[tuple[int, int, pulp.LpVariable]]] = {}  # w -> (s, t, [w computed in (s, t)])
     for (s, t), computed in inside.items():
         for w, inside_s_t in computed.items():
-            # computed in (s, t), after its first computation (w < s): computed more than once
-            problem.addConstraint(recomputed(w) >= inside_s_t, f"more_{s}_{t}_{w}")
             spans.setdefault(w, []).append((s, t, inside_s_t))
     for w, intervals in spans.items():
-        second[w] = problem.add_variable(f"e_{w}", 0, None, pulp.LpContinuous)
+        if not count_chains or not any(t1 <= s2 for _, t1, _ in intervals for s2, _, _ in intervals):
+            # pairs alone: computed in (s, t), and again after t when absent at t (x_w counts one of the two)
+            for s, t, inside_s_t in intervals:
+                y_t = absent_at[t][0]
+                if w in y_t:
+                    if w not in second:
+                        second[w] = problem.add_variable(f"e_{w}", 0, 1, pulp.LpContinuous)
+                    problem.addConstraint(second[w] >= inside_s_t + y_t[w] - 1, f"twice_{s}_{t}_{w}")
+            continue
         # Computations in disjoint intervals add up: count[t] is at least w's computations after its first and
-        # before moment t, the most any chain of intervals (s1, t1), (s2 >= t1, t2), ..., ending by t gives. One
-        # more follows t when w is absent at t (and read later). x_w counts one of them: e_w the rest.
-        disjoint = any(t1 <= s2 for _, t1, _ in intervals for s2, _, _ in intervals)
-        count: dict[int, pulp.LpAffineExpression | pulp.LpVariable] = {}
-        for s, t, inside_s_t in sorted(intervals, key=lambda interval: interval[1]):  # chains ending by s first
-            if not disjoint:  # at most one interval counts: no chain variables needed
-                count.setdefault(t, []).append(inside_s_t)
-                continue
+        # before moment t, the most any chain of intervals (s1, t1), (s2 >= t1, t2), ..., ending at t gives. One
+        # more follows t when w is absent at t (and read later). x_w counts one of them, e_w the rest.
+        most = len(absent_at)  # computations in disjoint intervals between chained moments, and one after the last
+        second[w] = problem.add_variable(f"e_{w}", 0, most, pulp.LpContinuous)
+        count: dict[int, pulp.LpVariable] = {}
+        for s, t, inside_s_t in sorted(intervals, key=lambda interval: interval[1]):  # chains ending at s first
             if t not in count:
-                count[t] = problem.add_variable(f"count_{t}_{w}", 0, None, pulp.LpContinuous)
+                count[t] = problem.add_variable(f"count_{t}_{w}", 0, most, pulp.LpContinuous)
             problem.addConstraint(count[t] >= count.get(s, 0) + inside_s_t, f"count_{s}_{t}_{w}")
         for t, counted in count.items():
             y_t = absent_at[t][0]
-            if not disjoint and w in y_t:
-                for k, inside_s_t in enumerate(counted):
-                    problem.addConstraint(second[w] >= inside_s_t + y_t[w] - 1, f"again_{t}_{w}_{k}")
-            elif disjoint:
-                problem.addConstraint(second[w] >= counted + (y_t[w] if w in y_t else 0) - 1, f"again_{t}_{w}")
+            problem.addConstraint(second[w] >= counted + (y_t[w] if w in y_t else 0) - 1, f"again_{t}_{w}")
     return second
 
 
@@ -282,7 +284,8 @@ def covering_bound(graph: Graph, budget_bytes: int, options: SolveOptions | None
                     - pulp.lpSum(held_size[w] / scale * h for w, h in held.items()) >= over / scale,
                     f"C_{t}")
         absent_at[t] = (y, held)
-    again = second_computations(problem, graph, absent_at, last_user, recomputed) if n <= PAIRS_MAX_NODES else {}
+    again = second_computations(problem, graph, absent_at, last_user,
+                                count_chains=n <= COUNT_MAX_NODES) if n <= PAIRS_MAX_NODES else {}
     problem += pulp.lpSum(nodes[v].compute_s / second * var for v, var in (*x.items(), *again.items()))
     # The time limit covers the whole bound: the MILP gets most of it, and the LP relaxation (the fallback when
     # the MILP's root does not finish) the rest, or a quarter of the limit if the MILP left less.

@@ -80,6 +80,12 @@ def test_computations_in_disjoint_intervals_add_up():
     assert exact.status == OPTIMAL and exact.objective_s == pytest.approx(38.0)
 
 
+def test_graphs_over_count_max_nodes_count_two_recomputations_at_most(monkeypatch):
+    monkeypatch.setattr(bounds, "COUNT_MAX_NODES", 16)  # the 17-node chain step counts as large
+    bound = covering_bound(chain_training_graph(8), 40, SolveOptions(time_limit_s=10))
+    assert bound.lower_bound_s == pytest.approx(28.0)
+
+
 def test_a_24_layer_chain_at_its_smallest_budget_is_proven_optimal_in_a_second():
     # 49 nodes: every crowded moment is chained (chained_moments_for). The cover-round plan costs 302 s and the
     # bound proves it; with 12 chained moments the bound was 236 s, and the whole MILP's own bound after 30 s lower.
