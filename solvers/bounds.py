@@ -149,25 +149,23 @@ def second_computations(problem: pulp.LpProblem, graph: Graph, absent_at: dict[i
                         computed[w] = problem.add_variable(f"in_{s}_{t}_{w}", 0, 1, pulp.LpContinuous)
                         stack.append(w)
                     problem.addConstraint(computed[w] >= floor, f"need_{s}_{t}_{w}_{v}")
-            inside[s, t] = computed
-    spans: dict[int, list[tuple[int, int, pulp.LpVariable]]] = {}  # w -> (s, t, [w computed in (s, t)])
-    for (s, t), computed in inside.items():
-        for w, inside_s_t in computed.items():
-            spans.setdefault(w, []).append((s, t, inside_s_t))
-    for w, intervals in spans.items():
-        if not count_chains or not any(t1 <= s2 for _, t1, _ in intervals for s2, _, _ in intervals):
-            # pairs alone: computed in (s, t), and again after t when absent at t (x_w counts one of the two)
-            for s, t, inside_s_t in intervals:
-                y_t = absent_at[t][0]
+            if count_chains:
+                inside[s, t] = computed
+                continue
+            for w, inside_s_t in computed.items():  # computed in (s, t), and again after t when absent at t
                 if w in y_t:
                     if w not in second:
                         second[w] = problem.add_variable(f"e_{w}", 0, 1, pulp.LpContinuous)
                     problem.addConstraint(second[w] >= inside_s_t + y_t[w] - 1, f"twice_{s}_{t}_{w}")
-            continue
-        # Computations in disjoint intervals add up: count[t] is at least w's computations after its first and
-        # before moment t, the most any chain of intervals (s1, t1), (s2 >= t1, t2), ..., ending at t gives. One
-        # more follows t when w is absent at t (and read later). x_w counts one of them, e_w the rest.
-        most = len(absent_at)  # computations in disjoint intervals between chained moments, and one after the last
+    # Computations in disjoint intervals add up: count[t] is at least w's computations after its first and before
+    # moment t, the most any chain of intervals (s1, t1), (s2 >= t1, t2), ..., ending at t gives. One more follows t
+    # when w is absent at t (and read later). x_w counts one of them, e_w the rest.
+    spans: dict[int, list[tuple[int, int, pulp.LpVariable]]] = {}  # w -> (s, t, [w computed in (s, t)])
+    for (s, t), computed in inside.items():
+        for w, inside_s_t in computed.items():
+            spans.setdefault(w, []).append((s, t, inside_s_t))
+    most = len(absent_at)  # computations in disjoint intervals between chained moments, and one after the last
+    for w, intervals in spans.items():
         second[w] = problem.add_variable(f"e_{w}", 0, most, pulp.LpContinuous)
         count: dict[int, pulp.LpVariable] = {}
         for s, t, inside_s_t in sorted(intervals, key=lambda interval: interval[1]):  # chains ending at s first
