@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -99,9 +99,11 @@ def dead_bytes(node: Node, last_reader: int, reader: int, t: int) -> int:
 
 
 def second_computations(problem: pulp.LpProblem, graph: Graph, absent_at: dict[int, tuple[dict, dict]],
-                        last_user: list[int], count_chains: bool = True) -> dict[int, pulp.LpVariable]:
+                        last_user: list[int], recomputed: Callable[[int], pulp.LpVariable],
+                        count_chains: bool = True) -> dict[int, pulp.LpVariable]:
     """Values computed twice or more again, from pairs of chained moments s < t (Checkmate's revolve effect):
-    {w: e_w, its computations beyond its first two}. `count_chains`: count the third and later ones too (below).
+    {w: e_w, its computations beyond its first two}. `recomputed(w)`: the covering's x_w. `count_chains`: count the
+    third and later computations too (below).
 
     A value v absent at s (y_v of s) and read at some u in (s, t] is computed again in (s, u). So is each input w
     that this needs and that was absent at s too (or dead at s and not held through it), recursively: w is then
@@ -164,13 +166,15 @@ def second_computations(problem: pulp.LpProblem, graph: Graph, absent_at: dict[i
     for (s, t), computed in inside.items():
         for w, inside_s_t in computed.items():
             spans.setdefault(w, []).append((s, t, inside_s_t))
-    most = len(absent_at)  # computations in disjoint intervals between chained moments, and one after the last
     for w, intervals in spans.items():
-        second[w] = problem.add_variable(f"e_{w}", 0, most, pulp.LpContinuous)
+        second[w] = problem.add_variable(f"e_{w}", 0, None, pulp.LpContinuous)
         count: dict[int, pulp.LpVariable] = {}
         for s, t, inside_s_t in sorted(intervals, key=lambda interval: interval[1]):  # chains ending at s first
+            # computed in (s, t), after its first computation (w < s): computed more than once. Implied for integer
+            # y and h, but it tightens the relaxation (a 14-layer chain's step at 50 B: proven in 2 s, not in 4)
+            problem.addConstraint(recomputed(w) >= inside_s_t, f"more_{s}_{t}_{w}")
             if t not in count:
-                count[t] = problem.add_variable(f"count_{t}_{w}", 0, most, pulp.LpContinuous)
+                count[t] = problem.add_variable(f"count_{t}_{w}", 0, None, pulp.LpContinuous)
             problem.addConstraint(count[t] >= count.get(s, 0) + inside_s_t, f"count_{s}_{t}_{w}")
         for t, counted in count.items():
             y_t = absent_at[t][0]
@@ -282,7 +286,7 @@ def covering_bound(graph: Graph, budget_bytes: int, options: SolveOptions | None
                     - pulp.lpSum(held_size[w] / scale * h for w, h in held.items()) >= over / scale,
                     f"C_{t}")
         absent_at[t] = (y, held)
-    again = second_computations(problem, graph, absent_at, last_user,
+    again = second_computations(problem, graph, absent_at, last_user, recomputed,
                                 count_chains=n <= COUNT_MAX_NODES) if n <= PAIRS_MAX_NODES else {}
     problem += pulp.lpSum(nodes[v].compute_s / second * var for v, var in (*x.items(), *again.items()))
     # The time limit covers the whole bound: the MILP gets most of it, and the LP relaxation (the fallback when
