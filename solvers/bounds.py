@@ -39,8 +39,8 @@ from solvers.base import SolveOptions
 if TYPE_CHECKING:
     import pulp
 
-CHAINED_MOMENTS = 12  # the most crowded moments get the chained form (recomputing needs the inputs back),
-CHAINED_NODE_MOMENTS = 1200  # or more on small graphs: up to this many chained moments x nodes. A 24-layer chain's
+CHAINED_MOMENTS = 12  # the most crowded moments get the chained form (recomputing needs the inputs back)
+CHAINED_NODE_MOMENTS = 1200  # small graphs chain more: up to this many chained moments x nodes. A 24-layer chain's
 # step (49 nodes) at its smallest budgets needs every moment chained to prove its plans (revolve's many recomputations)
 PAIRS_MAX_NODES = 600  # larger graphs go without second computations: on GPT-2's step (968 nodes) at 1.1 x min they
 # lifted the bound 0.13 points for 10 s more (37 s against 27 s), time the planner's plans on such graphs need more
@@ -113,8 +113,8 @@ def second_computations(problem: pulp.LpProblem, graph: Graph, absent_at: dict[i
     whenever the y and h variables are.
     Computations in disjoint intervals add up: a value computed in (s1, t1), again in (s2, t2) with t1 <= s2, and
     absent at t2 and read later is computed four times. On a chain's step at its smallest budgets (revolve's
-    quadratic regime) this makes the bound the optimum: a 12-layer chain at 40 bytes costs 80 s, and counting at
-    most twice gave 44 s (tests/test_bounds.py).
+    quadratic regime) this makes the bound the optimum: an 8-layer chain's step at 40 bytes costs 38 s, where
+    counting at most twice gave 28 s (tests/test_bounds.py; 12 layers: 80 s against 44 s).
     For an op with several outputs released one by one, y says only that some output held across the moment is
     absent, not which (a schedule may hold the one a reader needs and drop another): such an op joins only as a
     dead input (what v reads of it is known gone unless held) or as the w absent at t, never through its y at s."""
@@ -170,8 +170,8 @@ def second_computations(problem: pulp.LpProblem, graph: Graph, absent_at: dict[i
         second[w] = problem.add_variable(f"e_{w}", 0, None, pulp.LpContinuous)
         count: dict[int, pulp.LpVariable] = {}
         for s, t, inside_s_t in sorted(intervals, key=lambda interval: interval[1]):  # chains ending at s first
-            # computed in (s, t), after its first computation (w < s): computed more than once. Implied for integer
-            # y and h, but it tightens the relaxation (a 14-layer chain's step at 50 B: proven in 2 s, not in 4)
+            # computed in (s, t), after its first computation (w < s): computed more than once. It tightens the
+            # relaxation (a 14-layer chain's step at 50 B: proven in 2 s, not within 4 s without these rows)
             problem.addConstraint(recomputed(w) >= inside_s_t, f"more_{s}_{t}_{w}")
             if t not in count:
                 count[t] = problem.add_variable(f"count_{t}_{w}", 0, None, pulp.LpContinuous)
