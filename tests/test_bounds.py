@@ -55,29 +55,23 @@ def test_recomputing_a_value_needs_the_released_output_it_reads_back():
     assert simulate(graph, plan.schedule).fits(12)
 
 
-def test_a_value_brought_back_for_a_recomputation_and_dropped_again_counts_twice():
+@pytest.mark.parametrize("layers, budget, optimum", [
     # A 10-layer chain's training step (21 unit-cost ops) at 50 bytes. The backward needs the dropped activations
     # back: recomputing a late one brings the earlier ones back on the way, and holding them all until their own
     # backward does not fit, so some are dropped again and computed a third time. Counting each recomputed value
-    # once gives 28 s; counting those second recomputations (pairs of crowded moments) gives 32 s, the optimum,
-    # which Checkmate's MILP proves on its own.
-    graph = chain_training_graph(10)
-    bound = covering_bound(graph, 50, SolveOptions(time_limit_s=10))
-    assert bound.method == "covering" and bound.lower_bound_s == pytest.approx(32.0)
-    exact = solve_checkmate(graph, 50, SolveOptions(time_limit_s=60, mip_gap=1e-9))
-    assert exact.status == OPTIMAL and exact.objective_s == pytest.approx(32.0)
-
-
-def test_computations_in_disjoint_intervals_add_up():
+    # once gives 28 s; counting those second recomputations (pairs of crowded moments) gives 32 s, the optimum.
+    (10, 50, 32.0),
     # An 8-layer chain's step at 40 bytes: two activations besides the gradient. The early activations are
     # computed again for each later backward (revolve's quadratic regime): counting a value's computations in
-    # disjoint intervals between crowded moments gives the optimum, 38 s, which Checkmate's MILP proves on its
-    # own. Counting at most two recomputations of each gave 28 s.
-    graph = chain_training_graph(8)
-    bound = covering_bound(graph, 40, SolveOptions(time_limit_s=10))
-    assert bound.method == "covering" and bound.lower_bound_s == pytest.approx(38.0)
-    exact = solve_checkmate(graph, 40, SolveOptions(time_limit_s=60, mip_gap=1e-9))
-    assert exact.status == OPTIMAL and exact.objective_s == pytest.approx(38.0)
+    # disjoint intervals between crowded moments gives the optimum, 38 s. Counting at most two of each gave 28 s.
+    (8, 40, 38.0),
+], ids=["second computations", "computations in disjoint intervals add up"])
+def test_values_computed_again_and_again_count_each_time(layers, budget, optimum):
+    graph = chain_training_graph(layers)
+    bound = covering_bound(graph, budget, SolveOptions(time_limit_s=10))
+    assert bound.method == "covering" and bound.lower_bound_s == pytest.approx(optimum)
+    exact = solve_checkmate(graph, budget, SolveOptions(time_limit_s=60, mip_gap=1e-9))  # proves it on its own
+    assert exact.status == OPTIMAL and exact.objective_s == pytest.approx(optimum)
 
 
 def test_graphs_over_count_max_nodes_count_two_recomputations_at_most(monkeypatch):
