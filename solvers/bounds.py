@@ -122,7 +122,7 @@ def second_computations(problem: pulp.LpProblem, graph: Graph, absent_at: dict[i
 
     nodes = graph.nodes
     second: dict[int, pulp.LpVariable] = {}
-    inside: dict[tuple[int, int], dict[int, pulp.LpVariable]] = {}  # (s, t) -> {w: [w computed in (s, t)]}
+    spans: dict[int, list[tuple[int, int, pulp.LpVariable]]] = {}  # w -> (s, t, [w computed in (s, t)]), to count
     order = sorted(absent_at)
     for k, s in enumerate(order):
         y_s, held_s = absent_at[s]
@@ -152,7 +152,8 @@ def second_computations(problem: pulp.LpProblem, graph: Graph, absent_at: dict[i
                         stack.append(w)
                     problem.addConstraint(computed[w] >= floor, f"need_{s}_{t}_{w}_{v}")
             if count_chains:
-                inside[s, t] = computed
+                for w, inside_s_t in computed.items():
+                    spans.setdefault(w, []).append((s, t, inside_s_t))
                 continue
             for w, inside_s_t in computed.items():  # computed in (s, t), and again after t when absent at t
                 if w in y_t:
@@ -162,10 +163,6 @@ def second_computations(problem: pulp.LpProblem, graph: Graph, absent_at: dict[i
     # Computations in disjoint intervals add up: count[t] is at least w's computations after its first and before
     # moment t, the most any chain of intervals (s1, t1), (s2 >= t1, t2), ..., ending at t gives. One more follows t
     # when w is absent at t (and read later). x_w counts one of them, e_w the rest.
-    spans: dict[int, list[tuple[int, int, pulp.LpVariable]]] = {}  # w -> (s, t, [w computed in (s, t)])
-    for (s, t), computed in inside.items():
-        for w, inside_s_t in computed.items():
-            spans.setdefault(w, []).append((s, t, inside_s_t))
     for w, intervals in spans.items():
         second[w] = problem.add_variable(f"e_{w}", 0, None, pulp.LpContinuous)
         count: dict[int, pulp.LpVariable] = {}

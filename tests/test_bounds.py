@@ -80,7 +80,7 @@ def test_graphs_over_count_max_nodes_count_two_recomputations_at_most(monkeypatc
     assert bound.lower_bound_s == pytest.approx(28.0)
 
 
-def test_a_24_layer_chain_at_its_smallest_budget_is_proven_optimal_in_a_second():
+def test_a_24_layer_chain_at_its_smallest_budget_is_proven_optimal_by_the_plan_from_the_bound():
     # 49 nodes: every crowded moment is chained (chained_moments_for). The cover-round plan costs 302 s and the
     # bound proves it; with 12 chained moments the bound was 236 s, and the whole MILP's own bound after 30 s lower.
     graph = chain_training_graph(24)
