@@ -19,7 +19,7 @@ from remat.graph import Graph
 from remat.schedule import Schedule, tighten_frees
 from remat.simulate import Simulation, simulate
 from solvers.anneal import Space, anneal_at_once, score
-from solvers.base import FEASIBLE, INFEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions, SolverResult
+from solvers.base import FEASIBLE, INFEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions, SolverResult, meets_bound
 from solvers.baselines import BASELINES
 from solvers.bounds import covering_bound
 from solvers.coarsen import Coarsening, coarsen, contiguous_groups
@@ -214,7 +214,7 @@ def _tighten_bound(plan: Plan, started: float, deadline: float, say: Callable[[s
     lower_bound_s, method = plan.lower_bound_s, plan.lower_bound_method
     if covering.lower_bound_s is not None and covering.lower_bound_s > lower_bound_s:
         lower_bound_s, method = min(covering.lower_bound_s, plan.compute_s), covering.method
-    status = OPTIMAL if plan.compute_s <= lower_bound_s * (1 + 1e-9) else FEASIBLE
+    status = OPTIMAL if meets_bound(plan.compute_s, lower_bound_s) else FEASIBLE
     return replace(plan, lower_bound_s=lower_bound_s, status=status, wall_s=time.perf_counter() - started,
                    lower_bound_method=method)
 
@@ -284,7 +284,7 @@ def _adopt(plan: Plan, candidate: Candidate, started: float, how: str) -> Plan:
     plan = replace(plan, candidates=(*plan.candidates, candidate), wall_s=time.perf_counter() - started)
     if not candidate.fits(plan.budget_bytes) or candidate.simulation.compute_s >= plan.compute_s:
         return plan
-    status = OPTIMAL if candidate.simulation.compute_s <= plan.lower_bound_s * (1 + 1e-9) else FEASIBLE
+    status = OPTIMAL if meets_bound(candidate.simulation.compute_s, plan.lower_bound_s) else FEASIBLE
     return replace(plan, method=candidate.method, status=status, schedule=candidate.schedule,
                    simulation=candidate.simulation, message=f"{candidate.message}; {plan.method} gave "
                    f"{plan.compute_s:.6g} s", picked=f"{plan.picked}; then {how}")
@@ -318,7 +318,7 @@ def _polish(plan: Plan, started: float, deadline: float, backend: str, say: Call
         plan = replace(plan, method=polished.method, schedule=polished.schedule, simulation=polished.simulation,
                        message=f"{polished.message}; {plan.method} gave {plan.compute_s:.6g} s",
                        picked=f"{plan.picked}; then the whole-graph MILP warm-started from it")
-    proven = result.status == OPTIMAL or plan.compute_s <= lower_bound_s * (1 + 1e-9)
+    proven = result.status == OPTIMAL or meets_bound(plan.compute_s, lower_bound_s)
     return replace(plan, status=OPTIMAL if proven else FEASIBLE, lower_bound_s=min(lower_bound_s, plan.compute_s),
                    lower_bound_method=bound_method)
 
@@ -392,7 +392,7 @@ def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, bac
                                    repairs=repairs)
         covered = _candidate(graph, "cover-round", result, result.schedule)
         candidates.append(covered)
-        if covered.fits(budget_bytes) and covered.simulation.compute_s <= lower_bound_s * (1 + 1e-9):
+        if covered.fits(budget_bytes) and meets_bound(covered.simulation.compute_s, lower_bound_s):
             return _finish(graph, budget_bytes, [covered] + [c for c in candidates if c is not covered], candidates,
                            store_all, bound, started, lower_bound_s, bound_method=bound_method,
                            picked="cover-round: dropping what the lower bound recomputes costs the bound itself")
@@ -575,7 +575,7 @@ def _finish(graph: Graph, budget_bytes: int, preference: list[Candidate], candid
     if best is not preference[0] and preference[0].simulation is not None and preference[0].fits(budget_bytes):
         message = (f"{best.method} is cheaper than {preference[0].method} "
                    f"({best.simulation.compute_s:.6g} s vs {preference[0].simulation.compute_s:.6g} s)")
-    if lower_bound_s is not None and best.simulation.compute_s <= lower_bound_s * (1 + 1e-9):
+    if meets_bound(best.simulation.compute_s, lower_bound_s):
         status = OPTIMAL  # the plan meets a valid lower bound
     if lower_bound_s is not None:
         lower_bound_s = min(lower_bound_s, best.simulation.compute_s)  # float rounding only (bounds are shaved)

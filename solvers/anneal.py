@@ -40,7 +40,7 @@ from typing import Any
 from remat.graph import Graph
 from remat.schedule import Schedule
 from remat.simulate import Simulation, live_bytes_at, simulate
-from solvers.base import FEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions, SolverResult
+from solvers.base import FEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions, SolverResult, meets_bound
 
 FIRST_TEMPERATURE = 0.05  # of the start's score: a move that adds 5% is taken with probability 1/e at first
 LAST_TEMPERATURE = 1e-4  # at the end only what adds under a basis point or so is ever taken
@@ -103,8 +103,7 @@ def anneal(space: Space, graph: Graph, budget_bytes: int, start: Any, options: S
             elapsed = time.perf_counter() - started
             if elapsed > options.time_limit_s:
                 break
-            if best is not None and lower_bound_s is not None and \
-                    best.simulation.compute_s <= lower_bound_s * (1 + 1e-9):
+            if best is not None and meets_bound(best.simulation.compute_s, lower_bound_s):
                 break  # meets the bound: optimal
             progress = max(moves / moves_at_most, elapsed / max(options.time_limit_s, 1e-9))
             temperature = first_score * first_temperature * (LAST_TEMPERATURE / first_temperature) ** progress
@@ -150,7 +149,7 @@ def _outcome(space: Space, best: Current | None, lower_bound_s: float | None, de
         return SolverResult(space.method, NO_SOLUTION, None, wall_s=wall_s, detail=detail,
                             message=f"no schedule that fits in {moves} moves")
     seconds = best.simulation.compute_s
-    proven = lower_bound_s is not None and seconds <= lower_bound_s * (1 + 1e-9)
+    proven = meets_bound(seconds, lower_bound_s)
     return SolverResult(space.method, OPTIMAL if proven else FEASIBLE, best.schedule, objective_s=seconds,
                         lower_bound_s=lower_bound_s, wall_s=wall_s, detail=detail,
                         message=f"{improvements} improvement(s) in {moves} moves")

@@ -16,6 +16,11 @@ FEASIBLE = "feasible"  # a valid schedule, optimality not proven (time limit, he
 INFEASIBLE = "infeasible"  # proven: no schedule fits the budget
 NO_SOLUTION = "no_solution"  # none found in the time limit, nothing proven
 
+# How close to a proven lower bound a plan must be to be called optimal. HiGHS stops with its dual bound within
+# about 1e-6 of its objective's unit (a mean op's time in the covering MILP), so a plan that costs exactly the
+# covering optimum can sit a few parts in 1e8 above the bound it reports; 1e-7 of a step is nanoseconds.
+OPTIMAL_TOLERANCE = 1e-7
+
 
 @dataclass(frozen=True)
 class SolveOptions:
@@ -46,6 +51,11 @@ class SolverResult:
         if self.objective_s <= 0:
             return 0.0
         return max(0.0, (self.objective_s - self.lower_bound_s) / self.objective_s)
+
+
+def meets_bound(seconds: float, lower_bound_s: float | None) -> bool:
+    """Whether a plan of `seconds` is proven optimal by `lower_bound_s` (None: no bound, nothing proven)."""
+    return lower_bound_s is not None and seconds <= lower_bound_s * (1 + OPTIMAL_TOLERANCE)
 
 
 def settled_without_solving(solver: str, graph: Graph, budget_bytes: int) -> SolverResult | None:

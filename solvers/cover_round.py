@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from remat.graph import Graph
 from remat.schedule import COMPUTE, Schedule
 from remat.simulate import Simulation, live_bytes_at, simulate
-from solvers.base import FEASIBLE, NO_SOLUTION, SolveOptions, SolverResult
+from solvers.base import FEASIBLE, NO_SOLUTION, SolveOptions, SolverResult, meets_bound
 from solvers.baselines import first_backward_index
 from solvers.bounds import Bound, covering_bound, parts
 from solvers.decompose import emit, prune_rows
@@ -243,7 +243,7 @@ def solve_cover_round(graph: Graph, budget_bytes: int, first: Bound, options: So
                 best, best_drops = (schedule, seconds, peak), drops
             if fitted is None or margin < fitted:
                 fitted, room = margin, budget_bytes - peak
-            if first.lower_bound_s is not None and best[1] <= first.lower_bound_s * (1 + 1e-9):
+            if meets_bound(best[1], first.lower_bound_s):
                 break  # meets the bound: optimal
         elif overshot is None or margin > overshot:
             overshot = margin
@@ -269,7 +269,7 @@ def solve_cover_round(graph: Graph, budget_bytes: int, first: Bound, options: So
     for fit in sorted(fitting, key=lambda f: (f[0], f[1], not f[3].reuse)):
         starts.setdefault(fit[3].dropped, fit)
     for k, (seconds, peak, schedule, drops) in enumerate(list(starts.values())[:KEEP_STARTS]):
-        if (first.lower_bound_s is not None and best[1] <= first.lower_bound_s * (1 + 1e-9)) or (
+        if meets_bound(best[1], first.lower_bound_s) or (
                 k > 0 and time.perf_counter() > deadline):
             break
         kept_best, kept_drops, changes = keep_what_fits(graph, budget_bytes, (schedule, seconds, peak), drops, deadline)

@@ -18,7 +18,16 @@ import time
 from remat.graph import Graph
 from remat.schedule import Schedule, minimal_storage
 from remat.simulate import simulate
-from solvers.base import FEASIBLE, INFEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions, SolverResult, settled_without_solving
+from solvers.base import (
+    FEASIBLE,
+    INFEASIBLE,
+    NO_SOLUTION,
+    OPTIMAL,
+    SolveOptions,
+    SolverResult,
+    meets_bound,
+    settled_without_solving,
+)
 from solvers.checkmate import MEMORY_SCALE, build_model, second_unit, solve_problem
 
 THRESHOLDS = tuple(k / 10 for k in range(1, 10))  # deterministic roundings: store where S >= threshold
@@ -144,6 +153,6 @@ def solve_lp_round(graph: Graph, budget_bytes: int, options: SolveOptions | None
     cost, schedule = best
     # Floating-point noise can put the LP value a hair above an optimum it equals: clamp to the achieved cost.
     bound = min(lp_bound, cost)
-    status = OPTIMAL if cost <= lp_bound * (1 + 1e-9) else FEASIBLE
+    status = OPTIMAL if meets_bound(cost, lp_bound) else FEASIBLE
     return SolverResult("lp-round", status, schedule, cost, bound, wall,
                         f"best of {fitting} fitting roundings out of {trials} ({message})", detail)
