@@ -207,7 +207,8 @@ def _print_plan(plan, wall_s: float, out: str | None) -> None:
     meta = graph.meta
     forward = len(graph.forward_nodes)
     console.print(f"[bold]{meta.get('model')}[/]: {meta.get('description', '')}")
-    console.print(f"  batch {meta.get('batch')}, seq {meta.get('seq')}, {meta.get('precision')}, "
+    seq = f"seq {meta['seq']}, " if meta.get("seq") is not None else ""  # image models and factories' own default
+    console.print(f"  batch {meta.get('batch')}, {seq}{meta.get('precision')}, "
                   f"optimizer {meta.get('optimizer')}, costed for {meta.get('device')}")
     console.print(f"budget         {format_bytes(plan.budget_bytes)} = {plan.budget_bytes:,} bytes")
     console.print(f"fixed memory   {format_bytes(fixed.total_bytes)} = parameters {format_bytes(fixed.parameter_bytes)}"

@@ -18,13 +18,13 @@ import contextlib
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.fx.traceback as fx_traceback
 from torch import nn
 from torch._functorch.aot_autograd import aot_export_joint_with_descriptors
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
 PRECISIONS = ("fp32", "bf16-mixed")
 
@@ -155,13 +155,58 @@ def capture_step(model: nn.Module, example_inputs: Sequence[Any], loss_fn: Calla
     return CapturedStep(gm, input_kinds, input_names, _tied_parameters(step), output_kinds, output_names, precision)
 
 
-def capture_fake(build: Callable[[], Any], precision: str = "fp32") -> tuple[Any, CapturedStep]:
+Spec = TypeVar("Spec")
+
+
+def capture_fake(build: Callable[[], Spec], precision: str = "fp32") -> tuple[Spec, CapturedStep]:
     """Build a model spec (an object with .model, .example_inputs, .loss_fn) and trace it on
     fake tensors: shapes and dtypes only, no parameter or activation memory."""
-    with FakeTensorMode(allow_non_fake_inputs=False):
-        spec = build()
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    spec = build_on_fake(build, mode)
+    with mode:
         step = capture_step(spec.model, spec.example_inputs, spec.loss_fn, precision)
     return spec, step
+
+
+def build_on_fake(build: Callable[[], Spec], mode: FakeTensorMode) -> Spec:
+    """Run `build` (it returns an object with .model and .example_inputs) so that every tensor is fake in `mode`.
+
+    Inside `mode` first, which costs no memory. Some model code reads a tensor's value while it builds: torch's
+    nn.init.trunc_normal_ (ViT's and ConvNeXt's init), drop-path rates made with .tolist(). Fake tensors have no
+    values, so such a model is built on real CPU tensors instead and its parameters, buffers and example inputs are
+    then made fake tensors of `mode` (same shapes and dtypes). The random number generator is left as it was."""
+    try:
+        with mode:
+            return build()
+    except Exception as error:
+        if not _reads_values(error):
+            raise
+    with torch.random.fork_rng(devices=[]):
+        spec = build()
+    fakes: dict[int, torch.Tensor] = {}  # by the real tensor's id: tied weights stay one parameter
+
+    def fake(tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) not in fakes:
+            made = mode.from_tensor(tensor, static_shapes=True)
+            fakes[id(tensor)] = nn.Parameter(made, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else made
+        return fakes[id(tensor)]
+
+    for module in spec.model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                if tensor is not None:
+                    table[name] = fake(tensor)
+    spec.example_inputs = tuple(fake(x) if isinstance(x, torch.Tensor) else x for x in spec.example_inputs)
+    return spec
+
+
+def _reads_values(error: BaseException | None) -> bool:
+    """Whether `error`, or an error it was raised from, is a fake tensor refusing to give a value."""
+    while error is not None:
+        if isinstance(error, DataDependentOutputException):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _tied_parameters(module: nn.Module) -> dict[str, str]:

@@ -494,7 +494,20 @@ def build_model(name_or_path: str, batch: int = 16, seq: int | None = None) -> M
 
 
 # ----------------------------------------------------------------------------------------------------------
-# User factories: def factory([batch=16], [seq=None]) -> (model, example_inputs[, loss_fn])
+# User factories: def factory([batch=16], [seq=...]) -> (model, example_inputs[, loss_fn])
+
+
+class KeywordInputs(nn.Module):
+    """A model that takes its inputs by name (Hugging Face's: {"input_ids": ..., "labels": ...}) as a module called
+    with them in order, as the capture calls every model: forward(*inputs) is model(**dict(zip(names, inputs)))."""
+
+    def __init__(self, model: nn.Module, names: tuple[str, ...]):
+        super().__init__()
+        self.model = model
+        self.names = names
+
+    def forward(self, *inputs):
+        return self.model(**dict(zip(self.names, inputs, strict=True)))
 
 _module_counter = itertools.count()
 
@@ -541,8 +554,9 @@ def _factory_kwargs(factory: Callable, where: str, batch: int, seq: int | None) 
     kwargs = {}
     if takes_any or "batch" in accepted:
         kwargs["batch"] = batch
-    if takes_any or "seq" in accepted:
-        kwargs["seq"] = seq
+    seq_required = "seq" in parameters and parameters["seq"].default is inspect.Parameter.empty
+    if (takes_any or "seq" in accepted) and (seq is not None or seq_required):
+        kwargs["seq"] = seq  # no --seq: the factory's own default, not None over it
     elif seq is not None:
         raise ModelError(f"--seq {seq} was given but {where} takes no seq argument: add one or leave --seq out")
     return kwargs
@@ -580,9 +594,15 @@ def _build_from_factory(path: Path, factory_name: str, batch: int, seq: int | No
         example_inputs = (example_inputs,)
     elif isinstance(example_inputs, list):
         example_inputs = tuple(example_inputs)
+    elif isinstance(example_inputs, dict):
+        if not all(isinstance(name, str) for name in example_inputs):
+            raise ModelError(f"{where} returned a dict of example_inputs with keys that are not all strings: "
+                             "give the model's argument names")
+        model = KeywordInputs(model, tuple(example_inputs))
+        example_inputs = tuple(example_inputs.values())
     if not isinstance(example_inputs, tuple):
-        raise ModelError(f"{where} returned example_inputs of type {type(example_inputs).__name__}: "
-                         "give a tensor or a tuple of model(*example_inputs) arguments")
+        raise ModelError(f"{where} returned example_inputs of type {type(example_inputs).__name__}: give a tensor, "
+                         "a tuple of model(*example_inputs) arguments or a dict of model(**example_inputs) ones")
     if loss_fn is not None and not callable(loss_fn):
         raise ModelError(f"{where} returned a {type(loss_fn).__name__} as loss_fn: give a callable or None")
 

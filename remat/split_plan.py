@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat.capture import CapturedStep, capture_step, fake_tensor_mode
+from remat.capture import CapturedStep, build_on_fake, capture_step, fake_tensor_mode
 from remat.cost import load_profile
 from remat.graph import Graph
 from remat.lower import lower
@@ -140,8 +140,7 @@ class SplitTracer:
         """A zoo model (or `file.py:factory`) built on fake tensors."""
         load_profile(device)  # fail on a bad device before building the model
         mode = fake_tensor_mode()
-        with mode:
-            spec = build_model(model, batch=batch, seq=seq)
+        spec = build_on_fake(lambda: build_model(model, batch=batch, seq=seq), mode)
         meta = {"model": model, "batch": batch, "seq": spec.seq, "description": spec.description}
         return cls(spec.model, spec.example_inputs, loss_fn=spec.loss_fn, precision=precision, device=device,
                    optimizer=optimizer, meta=meta, mode=mode)

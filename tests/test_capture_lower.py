@@ -3,6 +3,7 @@
 import pytest
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor, FakeTensorMode
 
 from remat.capture import CaptureError, capture_fake, capture_step
 from remat.cost import load_profile
@@ -74,6 +75,32 @@ def test_real_tensors_capture_the_same_graph_as_fake_ones():
     _, fake_step = capture_fake(build)
     fake = lower(fake_step, load_profile("h100"))
     assert real.content_hash == fake.content_hash
+
+
+class TruncNormalNet(TiedNet):
+    """TiedNet with ViT's and ConvNeXt's init: nn.init.trunc_normal_ reads a tensor's value, which fake tensors lack."""
+
+    def __init__(self):
+        super().__init__()
+        for layer in self.layers:
+            nn.init.trunc_normal_(layer.weight, std=0.02)
+
+
+def test_a_model_whose_init_reads_values_is_built_on_real_tensors_then_traced_on_fake_ones():
+    from types import SimpleNamespace
+
+    with FakeTensorMode(), pytest.raises(DataDependentOutputException):
+        TruncNormalNet()  # why the fallback exists
+    rng = torch.random.get_rng_state()
+    spec, step = capture_fake(lambda: SimpleNamespace(model=TruncNormalNet(), loss_fn=None,
+                                                      example_inputs=(torch.randint(0, 64, (4, 8)),)))
+    assert torch.equal(torch.random.get_rng_state(), rng)  # planning leaves the user's RNG alone
+    assert all(isinstance(t, FakeTensor) for t in (*spec.model.parameters(), *spec.example_inputs))
+    assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in spec.model.parameters())
+    assert spec.model.head.weight is spec.model.embed.weight  # still tied
+    assert step.tied_to == {"model.head.weight": "model.embed.weight"}
+    _, plain = capture_fake(build)  # the same network built on fake tensors from the start
+    assert lower(step, load_profile("h100")).content_hash == lower(plain, load_profile("h100")).content_hash
 
 
 def test_a_model_without_trainable_parameters_is_a_clear_error():

@@ -19,6 +19,20 @@ def make(batch=4):
 
 def broken():
     raise RuntimeError("factory exploded")
+
+
+class Regressor(nn.Module):  # as Hugging Face models are: inputs by name, trunc_normal_ init, returns .loss
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 1))
+        nn.init.trunc_normal_(self.body[0].weight, std=0.02)  # reads a value: no fake-tensor build
+
+    def forward(self, features, labels):
+        return type("Output", (), {"loss": (self.body(features) - labels).pow(2).mean()})()
+
+
+def by_name(batch=4, seq=32):
+    return Regressor(), {"features": torch.randn(batch, seq, 64), "labels": torch.zeros(batch, seq, 1)}
 '''
 
 
@@ -114,6 +128,14 @@ def test_user_model_plan_json_and_plan_file(factory_file, probe, tmp_path):
     assert summary["compute_s"] <= min(c["compute_s"] for c in baselines) * (1 + 1e-9)
     plan = json.loads(out.read_text())
     assert plan["graph_hash"] and plan["schedule"]["ops"]
+
+
+def test_user_model_with_inputs_by_name_and_value_reading_init(factory_file):
+    result = remat("solve", "--model", f"{factory_file}:by_name", "--budget", "1GB", "--batch", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "optimal" and summary["peak_bytes"] <= 10**9
+    assert summary["batch"] == 2 and summary["nodes"] > 10
 
 
 def test_human_output_explains_the_budget(factory_file, probe):

@@ -305,7 +305,8 @@ def test_factory_reading_tensor_values_fails_clearly_under_fake_mode(tmp_path):
     ("(Net(),)", "of length 1"),
     ("(Net(), torch.randn(1, 8), None, None)", "of length 4"),
     ("('net', torch.randn(1, 8))", "not a torch.nn.Module"),
-    ("(Net(), {'x': torch.randn(1, 8)})", "example_inputs of type dict"),
+    ("(Net(), {0: torch.randn(1, 8)})", "keys that are not all strings"),
+    ("(Net(), {'x'})", "example_inputs of type set"),
     ("(Net(), torch.randn(1, 8), 'mse')", "as loss_fn"),
 ])
 def test_factory_returning_the_wrong_thing(tmp_path, returned, fragment):
@@ -313,6 +314,36 @@ def test_factory_returning_the_wrong_thing(tmp_path, returned, fragment):
     with pytest.raises(ModelError) as error:
         build_model(f"{path}:make")
     assert_one_line_error(error, fragment, ":make")
+
+
+def test_factory_keeps_its_own_seq_default_when_no_seq_is_given(tmp_path):
+    path = write(tmp_path, """
+        def make(batch=4, seq=12):
+            return Net(), torch.randn(batch, seq, 8)
+        """)
+    assert build_model(f"{path}:make", batch=2).example_inputs[0].shape == (2, 12, 8)
+    assert build_model(f"{path}:make", batch=2, seq=5).example_inputs[0].shape == (2, 5, 8)
+
+
+def test_factory_with_keyword_inputs_calls_the_model_with_them_by_name(tmp_path):
+    # Hugging Face models take their inputs by name: model(input_ids=..., labels=...)
+    path = write(tmp_path, """
+        class Scored(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.net = Net()
+
+            def forward(self, features=None, target=None, scale=1.0):
+                return ((self.net(features) - target) ** 2).mean() * scale
+
+        def make(batch):
+            return Scored(), {"target": torch.zeros(batch, 3), "features": torch.randn(batch, 8)}
+        """)
+    spec = build_model(f"{path}:make", batch=4)
+    assert [x.shape for x in spec.example_inputs] == [(4, 3), (4, 8)]
+    features, target = spec.example_inputs[1], spec.example_inputs[0]
+    expected = ((spec.model.model.net(features) - target) ** 2).mean()
+    assert torch.allclose(training_loss(spec), expected)
 
 
 def test_factory_needing_other_arguments(tmp_path):
