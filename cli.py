@@ -529,9 +529,9 @@ def run(model, plan_path, budget, batch, seq, precision, steps, time_limit, as_j
     """
     import torch
 
-    from remat.apply import PlanError, apply
     from remat.capture import CaptureError
     from remat.models import ModelError, build_model
+    from remat.training import PlanError, apply
 
     if (plan_path is None) == (budget is None):
         fail("give either --plan FILE or --budget SIZE")
@@ -540,7 +540,7 @@ def run(model, plan_path, budget, batch, seq, precision, steps, time_limit, as_j
         with stderr.status(f"building {model} (batch {batch}) on {where}", spinner="dots") as status:
             spec = build_model(model, batch=batch, seq=seq)
             spec.model.to(where)
-            inputs = tuple(x.to(where) for x in spec.example_inputs)
+            inputs = tuple(x.to(where) if isinstance(x, torch.Tensor) else x for x in spec.example_inputs)
             status.update("tracing and planning the step")
             with _stdout_to_stderr():
                 planned = apply(spec.model, budget=budget, example_inputs=inputs, plan=plan_path, loss_fn=spec.loss_fn,

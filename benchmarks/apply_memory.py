@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from remat.apply import apply, trace_step
 from remat.capture import LossStep
 from remat.models import UNet, build_model
 from remat.planner import solve
+from remat.training import apply, trace_step
 from remat.units import format_bytes
 
 

@@ -15,7 +15,7 @@ import json
 import torch
 
 from benchmarks.gpu_pareto import fresh, release, training_step
-from remat.apply import apply
+from remat.training import apply
 
 GIB = 2**30
 

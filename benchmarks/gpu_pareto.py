@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from remat.apply import apply
 from remat.capture import LossStep
 from remat.models import build_model
+from remat.training import apply
 
 COMPILE_BUDGETS = (1.0, 0.5, 0.2, 0.0)
 WARMUP_STEPS = 2

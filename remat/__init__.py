@@ -14,7 +14,8 @@ from remat.units import format_bytes, parse_size
 # Loaded on first use: remat.planner imports the solvers (which import remat's data modules), and
 # remat.trace loads torch and transformers.
 _LAZY = {"Plan": "remat.planner", "solve": "remat.planner", "sweep": "remat.planner", "trace_model": "remat.trace",
-         "apply": "remat.apply", "plan": "remat.apply", "RematModule": "remat.apply", "PlanError": "remat.apply"}
+         "apply": "remat.training", "plan": "remat.training", "RematModule": "remat.training",
+         "PlanError": "remat.training"}
 
 
 def __getattr__(name: str):

@@ -17,11 +17,12 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 import torch.fx.traceback as fx_traceback
+import torch.utils._pytree as pytree
 from torch import nn
 from torch._functorch.aot_autograd import aot_export_joint_with_descriptors
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
@@ -44,18 +45,58 @@ class CapturedStep:
     precision: str
 
 
-class LossStep(nn.Module):
-    """model + loss function + autocast as one module whose output is the scalar loss."""
+@dataclass(frozen=True)
+class Call:
+    """The arguments of one call, model(*args, **kwargs). The traced step takes the tensors among them (nested in
+    lists, tuples and dicts too) as its inputs, in order: `tensors`. Everything else (None, flags, sizes) is fixed
+    in the graph, as torch.export fixes constants, so Hugging Face's model(input_ids=..., labels=...) traces."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable | None, precision: str):
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+    @staticmethod
+    def of(inputs: Call | Sequence[Any] | dict[str, Any]) -> Call:
+        """A call from positional inputs (a tuple or list), keyword inputs (a dict), or a Call."""
+        if isinstance(inputs, Call):
+            return inputs
+        if isinstance(inputs, dict):
+            return Call((), dict(inputs))
+        return Call(tuple(inputs))
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(leaf for leaf in pytree.tree_leaves((self.args, self.kwargs)) if isinstance(leaf, torch.Tensor))
+
+    def with_tensors(self, tensors: Sequence[torch.Tensor]) -> tuple[tuple, dict]:
+        """(args, kwargs) of this call with its tensors, in order, replaced by `tensors`."""
+        leaves, spec = pytree.tree_flatten((self.args, self.kwargs))
+        given = iter(tensors)
+        return pytree.tree_unflatten([next(given) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves],
+                                     spec)
+
+    def describe(self) -> list:
+        """Shapes of the tensors and reprs of the rest, for a graph's metadata; keyword inputs by name."""
+        def describe(value: Any) -> Any:
+            return list(value.shape) if isinstance(value, torch.Tensor) else repr(value)
+
+        return [*map(describe, self.args), *(f"{name}={describe(value)}" for name, value in self.kwargs.items())]
+
+
+class LossStep(nn.Module):
+    """model + loss function + autocast as one module whose output is the scalar loss. `call`: how the step's
+    inputs, the call's tensors, make the model's arguments (None: they are its positional arguments)."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable | None, precision: str, call: Call | None = None):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
         self.precision = precision
+        self.call = call
 
     def forward(self, *inputs: Any) -> torch.Tensor:
+        args, kwargs = self.call.with_tensors(inputs) if self.call is not None else (inputs, {})
         with _autocast(self.model, self.precision):
-            output = self.model(*inputs)
+            output = self.model(*args, **kwargs)
             loss = self.loss_fn(output) if self.loss_fn is not None else output
         loss = getattr(loss, "loss", loss)  # Hugging Face ModelOutput
         if isinstance(loss, (tuple, list)):
@@ -121,9 +162,10 @@ def _record_module_paths(model: nn.Module):
             handle.remove()
 
 
-def capture_step(model: nn.Module, example_inputs: Sequence[Any], loss_fn: Callable | None = None,
-                 precision: str = "fp32") -> CapturedStep:
-    """Trace model(*example_inputs) -> loss -> backward into a joint FX graph.
+def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[str, Any],
+                 loss_fn: Callable | None = None, precision: str = "fp32") -> CapturedStep:
+    """Trace model(*example_inputs) (or model(**example_inputs) for a dict, or a Call) -> loss -> backward into a
+    joint FX graph whose user inputs are the call's tensors, in order (`Call.tensors`).
 
     Works on real or fake tensors alike; `capture_fake` is the memory-free path for planning.
     """
@@ -131,10 +173,11 @@ def capture_step(model: nn.Module, example_inputs: Sequence[Any], loss_fn: Calla
         raise CaptureError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     if not any(p.requires_grad for p in model.parameters()):
         raise CaptureError("the model has no parameter that requires grad: nothing to train")
-    step = LossStep(model, loss_fn, precision)
+    call = Call.of(example_inputs)
+    step = LossStep(model, loss_fn, precision, call)
     with _record_module_paths(model), _compiling(), contextlib.ExitStack() as stack:
         try:
-            joint = aot_export_joint_with_descriptors(stack, step, tuple(example_inputs))
+            joint = aot_export_joint_with_descriptors(stack, step, call.tensors)
         except CaptureError:
             raise
         except Exception as error:  # torch raises many types; the user needs the gist

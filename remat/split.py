@@ -52,7 +52,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from remat.capture import CapturedStep, capture_step
+from remat.capture import Call, CapturedStep, capture_step
 
 aten = torch.ops.aten
 
@@ -390,7 +390,15 @@ def find_mlps(forward: torch.fx.GraphModule) -> list[Region]:
         return []
     largest = max(r.largest_bytes for r in regions)
     order = {n.name: i for i, n in enumerate(forward.graph.nodes)}
-    return sorted((r for r in regions if 2 * r.largest_bytes >= largest), key=lambda r: order[r.exit])
+    kept: list[Region] = []
+    taken: set[str] = set()
+    for region in sorted((r for r in regions if 2 * r.largest_bytes >= largest), key=lambda r: order[r.exit]):
+        # a plain stack of widening layers chains them, one's output matmul the next one's input: each node is
+        # split in one region only, so of two regions that share a matmul the first is kept
+        if taken.isdisjoint(region.nodes):
+            kept.append(region)
+            taken.update(region.nodes)
+    return kept
 
 
 WIDENING = 2  # an MLP's hidden tensors are 4x (GPT-2) or 2.7x (Llama) its output
@@ -970,13 +978,14 @@ def batch_size(example_inputs: Sequence[Any]) -> int:
     return next((int(x.shape[0]) for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0), 0)
 
 
-def capture_split(model: nn.Module, example_inputs: Sequence[Any], step: CapturedStep, chunks: int,
+def capture_split(model: nn.Module, example_inputs: Call | Sequence[Any], step: CapturedStep, chunks: int,
                   mlp_chunks: int = 1, attention_chunks: int = 1) -> tuple[CapturedStep, Split]:
     """The training step of `model` (already captured as `step`) with its head split into `chunks`, each of its
     MLPs into `mlp_chunks` and each attention block into `attention_chunks` chunks of the batch (1: that part
     not split)."""
     if max(chunks, mlp_chunks, attention_chunks) < 2:
         raise ValueError("nothing to split: every chunk count is 1")
+    example_inputs = Call.of(example_inputs).tensors  # the captured step's user inputs
     forward = forward_graph(step)
     head, mlps, attentions = None, [], []
     if mlp_chunks > 1:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat.capture import CapturedStep, build_on_fake, capture_step, fake_tensor_mode
+from remat.capture import Call, CapturedStep, build_on_fake, capture_step, fake_tensor_mode
 from remat.cost import load_profile
 from remat.graph import Graph
 from remat.lower import lower
@@ -121,11 +121,11 @@ class SplitTracer:
     traces the user's own module (remat.apply), leaving its parameters and the RNG as they were.
     """
 
-    def __init__(self, model: nn.Module, inputs: Sequence[Any], *, loss_fn: Callable | None = None,
+    def __init__(self, model: nn.Module, inputs: Call | Sequence[Any], *, loss_fn: Callable | None = None,
                  precision: str = "fp32", device: str = "cpu", optimizer: str = "adamw", meta: dict | None = None,
                  mode: contextlib.AbstractContextManager | None = None):
         self.profile = load_profile(device)  # fail on a bad device before the slow trace
-        self.model, self.inputs, self.optimizer = model, tuple(inputs), optimizer
+        self.model, self.inputs, self.optimizer = model, Call.of(inputs), optimizer
         self.mode = mode or contextlib.nullcontext()
         self.meta = {**(meta or {}), "device": self.profile.name, "precision": precision}
         with self._tracing():
@@ -211,7 +211,7 @@ class SplitTracer:
         if self._modules is None:
             with self._tracing():
                 forward = forward_graph(self.step)
-                attentions = find_attention(forward, batch_size(self.inputs))
+                attentions = find_attention(forward, batch_size(self.inputs.tensors))
                 self._modules = {MLP: tuple(r.module for r in find_mlps(forward) if r.module),
                                  ATTENTION: tuple(r.module for r in attentions if r.module)}
         for kind, modules in self._modules.items():  # a region not split yet

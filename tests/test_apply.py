@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 import remat
-from remat.apply import PlanError, apply, trace_step
 from remat.capture import LossStep
 from remat.models import UNet, build_model
 from remat.planner import solve
+from remat.training import PlanError, apply, trace_step
 from solvers.baselines import BASELINES
 from tests.test_capture_lower import TiedNet
 from tests.test_replay import ConvNet, DropoutNet
@@ -202,6 +202,56 @@ def test_new_input_shape_is_planned_again_and_cached():
     planned(torch.randn(4, 16, dtype=torch.float64)).backward()
     planned(x).backward()
     assert len(planned.steps) == 2
+
+
+class ByName(nn.Module):
+    """A model as Hugging Face writes them: inputs by name, optional ones None, a flag, an output with .loss."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def forward(self, features, mask=None, labels=None, scale_by=2.0):
+        hidden = self.body(features if mask is None else features * mask) * scale_by
+        return type("Output", (), {"loss": (hidden - labels).pow(2).mean()})()
+
+
+def test_inputs_by_name_and_non_tensor_arguments_plan_and_match_eager():
+    model = ByName().double()
+    features, labels = torch.randn(256, 16, dtype=torch.float64), torch.randn(256, 1, dtype=torch.float64)
+    batch = {"features": features, "labels": labels}
+    planned = apply(model, budget="80%", device="cpu", example_inputs=batch, time_limit=TIME_LIMIT)
+    step = planned.planned
+    assert step.simulation.peak_bytes <= step.plan.budget_bytes and step.plan.schedule.recomputed_nodes()
+    loss = planned(**batch)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    expected = model(**batch).loss.float()  # the planned step returns the loss in fp32, as LossStep does
+    expected.backward()
+    assert torch.equal(loss, expected)
+    for grad, parameter in zip(grads, model.parameters(), strict=True):  # the MLP runs in chunks: sums reordered
+        torch.testing.assert_close(grad, parameter.grad, rtol=1e-12, atol=1e-15)
+    # None and 2.0 are fixed in the traced graph: another value is another step, traced and planned again
+    assert torch.equal(planned(features, None, labels, 3.0), model(features, None, labels, 3.0).loss.float())
+    mask = torch.ones_like(features)
+    assert torch.equal(planned(features, mask=mask, labels=labels),
+                       model(features, mask=mask, labels=labels).loss.float())
+    assert len(planned.steps) == 3
+    with torch.no_grad():
+        assert torch.equal(planned(**batch), expected.detach())
+
+
+def test_remat_apply_stays_the_function_after_its_module_is_imported():
+    import subprocess
+    import sys
+
+    code = ("import remat; first = remat.apply; import remat.training; "
+            "assert remat.apply is first is remat.training.apply and remat.plan is remat.training.plan; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=__import__("pathlib").Path(__file__).resolve().parent.parent)
+    assert out.stdout.split() == ["ok"]
 
 
 def test_evaluation_without_grad_runs_the_model_directly():

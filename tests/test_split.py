@@ -243,6 +243,24 @@ def test_an_mlp_with_dropout_inside_is_not_split():
         assert len(find_mlps(forward_graph(step))) == expected
 
 
+def _stack():  # widening layers one after another: each output matmul is the next MLP's input matmul
+    layers = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 4))
+    return layers, (torch.randn(8, 16),)
+
+
+BUILDERS["stack"] = _stack
+
+
+def test_mlps_that_share_a_matmul_are_split_one_at_a_time():
+    model, example_inputs, step = unsplit("stack")
+    mlps = find_mlps(forward_graph(step))
+    assert [m.exit for m in mlps] == ["addmm_1"]  # 32 -> 16 kept; 16 -> 4 would share addmm_1 with it
+    assert all(set(a.nodes).isdisjoint(b.nodes) for a in mlps for b in mlps if a is not b)
+    _, _, split_step, split, graph, inputs = split_setup("stack", 1, 2)
+    assert split.mlp_chunks == 2 and split.mlps == "1 x mlp"
+    assert_replays_like_eager("stack", model, example_inputs, split_step, graph, inputs)
+
+
 @pytest.mark.parametrize(("name", "chunks", "mlp_chunks"), [
     ("gpt2-tiny", 1, 3),  # MLPs only: 24 rows in chunks of 8
     ("gpt2-tiny", 2, 4),  # head and MLPs, each with its own count

@@ -8,6 +8,9 @@ train/eval) it traces the training step once, plans it for the budget (or takes 
 checked against the traced graph's hash), and builds the forward and backward graphs that run
 the schedule (remat/execute.py). The module's parameters are the user's own, so any optimizer
 works on `model.parameters()`; BatchNorm running statistics are written back to its buffers.
+
+Named training.py, not apply.py: importing a submodule sets it as the package's attribute of that name, so
+`remat.apply` became the module instead of the function after its first use.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat.capture import CapturedStep, LossStep, capture_step
+from remat.capture import Call, CapturedStep, LossStep, capture_step
 from remat.cost import load_profile
 from remat.execute import ExecuteError, PartitionedStep, StepMemory, StepRunner, partition
 from remat.graph import Graph
@@ -114,7 +117,7 @@ class PreparedStep:
 
 
 class RematModule(nn.Module):
-    """The user's module, run with a planned schedule. `forward(*inputs)` returns the loss."""
+    """The user's module, run with a planned schedule. `forward(*args, **kwargs)` returns the loss."""
 
     def __init__(self, model: nn.Module, budget: str | int | float | None, *, loss_fn: Callable | None,
                  precision: str, solver: str, device: str | None, optimizer: str, time_limit: float,
@@ -138,20 +141,22 @@ class RematModule(nn.Module):
         self.progress = progress
         self.steps: dict[tuple, PreparedStep] = {}
 
-    def forward(self, *inputs: Any) -> torch.Tensor:
-        if not torch.is_grad_enabled():
-            return LossStep(self.model, self.loss_fn, self.precision)(*inputs)  # evaluation: nothing to plan
-        step = self.prepare(*inputs)
-        return step.runner.loss(self._primals(step.parts, inputs))
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        call = Call(args, kwargs)
+        if not torch.is_grad_enabled():  # evaluation: nothing to plan
+            return LossStep(self.model, self.loss_fn, self.precision, call)(*call.tensors)
+        step = self.prepare(*args, **kwargs)
+        return step.runner.loss(self._primals(step.parts, call.tensors))
 
-    def prepare(self, *inputs: Any) -> PreparedStep:
+    def prepare(self, *args: Any, **kwargs: Any) -> PreparedStep:
         """Trace, plan and partition the step for inputs of this signature (cached)."""
-        key = _signature(self.model, inputs)
+        call = Call(args, kwargs)
+        key = _signature(self.model, call)
         if key not in self.steps:
-            self.steps[key] = self._prepare(inputs)
+            self.steps[key] = self._prepare(call)
         return self.steps[key]
 
-    def measure(self, *inputs: Any) -> tuple[torch.Tensor, StepMemory]:
+    def measure(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, StepMemory]:
         """Run forward and backward once and measure memory; returns the loss and the memory.
 
         CPU: the graphs run through an interpreter that counts the storages live values hold,
@@ -159,13 +164,13 @@ class RematModule(nn.Module):
         step, `torch.cuda.max_memory_allocated()` (peak_bytes: everything allocated; peak_live_bytes:
         what the step added to what was allocated before it, i.e. activations and new gradients).
         """
-        step = self.prepare(*inputs)
+        step = self.prepare(*args, **kwargs)
         first = next(self.model.parameters(), None)
         if first is not None and first.device.type == "cuda":
             torch.cuda.synchronize(first.device)
             before = torch.cuda.memory_allocated(first.device)
             torch.cuda.reset_peak_memory_stats(first.device)
-            loss = self(*inputs)
+            loss = self(*args, **kwargs)
             loss.backward()
             torch.cuda.synchronize(first.device)
             peak = torch.cuda.max_memory_allocated(first.device)
@@ -174,7 +179,7 @@ class RematModule(nn.Module):
             raise ValueError("on CPU, live bytes are counted by running the planned graphs eagerly: measure with "
                              "backend='eager' (Inductor's own memory is measured on CUDA)")
         with step.runner.measuring() as memory:
-            loss = self(*inputs)
+            loss = self(*args, **kwargs)
             loss.backward()
         return loss.detach(), memory
 
@@ -185,7 +190,7 @@ class RematModule(nn.Module):
             raise RuntimeError("no step prepared yet: call the module, or pass example_inputs to remat.apply")
         return next(reversed(self.steps.values()))
 
-    def _prepare(self, inputs: Sequence[Any]) -> PreparedStep:
+    def _prepare(self, inputs: Call) -> PreparedStep:
         say = self.progress or (lambda message: None)
         solved = None
         if self.given_plan is not None:
@@ -209,9 +214,9 @@ class RematModule(nn.Module):
             raise PlanError(f"the plan cannot run on this model: {error}") from None
         return PreparedStep(graph, plan, simulation, parts, StepRunner(parts, graph, self.backend), solved)
 
-    def _primals(self, parts: PartitionedStep, inputs: Sequence[Any]) -> list[Any]:
+    def _primals(self, parts: PartitionedStep, inputs: Sequence[torch.Tensor]) -> list[Any]:
         """The graphs' primal inputs from the live module: its parameters (so that autograd hands
-        them their gradients), its buffers (updated in place), then the call's inputs."""
+        them their gradients), its buffers (updated in place), then the call's tensors."""
         params = dict(self.model.named_parameters(remove_duplicate=False))
         buffers = dict(self.model.named_buffers(remove_duplicate=False))
         user = iter(inputs)
@@ -222,14 +227,20 @@ class RematModule(nn.Module):
         return values
 
 
-def _signature(model: nn.Module, inputs: Sequence[Any]) -> tuple:
+def _signature(model: nn.Module, call: Call) -> tuple:
+    """What a traced step depends on: the mode, autocast, and each argument (a tensor's shape, dtype, device; any
+    other value itself), keyword arguments by name."""
     def describe(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             return ("tensor", tuple(value.shape), value.dtype, value.device.type, value.requires_grad)
+        if isinstance(value, (tuple, list)):
+            return (type(value).__name__, *map(describe, value))
+        if isinstance(value, dict):
+            return ("dict", *((key, describe(item)) for key, item in value.items()))
         return ("value", repr(value))
 
     return (model.training, torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"),
-            *(describe(v) for v in inputs))
+            *map(describe, call.args), *((name, describe(value)) for name, value in call.kwargs.items()))
 
 
 def default_device_profile(model: nn.Module) -> str:
@@ -241,27 +252,30 @@ def default_device_profile(model: nn.Module) -> str:
     return next((p for p in ("h100", "a100", "v100") if p in name), "h100")
 
 
-def trace_step(model: nn.Module, inputs: Sequence[Any], loss_fn: Callable | None = None, precision: str = "fp32",
+def trace_step(model: nn.Module, inputs: Call | Sequence[Any] | dict[str, Any], loss_fn: Callable | None = None,
+               precision: str = "fp32",
                device: str | None = None, optimizer: str = "adamw", split_chunks: int = 1, mlp_chunks: int = 1,
                attention_chunks: int = 1):
     """The user's model -> (Graph, CapturedStep), without touching its parameters or the RNG.
     `split_chunks` > 1: the loss head split into that many chunks (remat.split), `mlp_chunks` > 1: each MLP,
     `attention_chunks` > 1: each attention block, as a plan made with a split needs."""
     profile = load_profile(device or default_device_profile(model))
+    inputs = Call.of(inputs)
     meta = {"model": type(model).__name__, "precision": precision, "device": profile.name,
-            "inputs": [list(v.shape) if isinstance(v, torch.Tensor) else repr(v) for v in inputs]}
+            "inputs": inputs.describe()}
     with torch.random.fork_rng(devices=[]):
-        captured = capture_step(model, tuple(inputs), loss_fn, precision)
+        captured = capture_step(model, inputs, loss_fn, precision)
         if max(split_chunks, mlp_chunks, attention_chunks) > 1:
             from remat.split import capture_split
 
-            captured, split = capture_split(model, tuple(inputs), captured, split_chunks, mlp_chunks,
+            captured, split = capture_split(model, inputs, captured, split_chunks, mlp_chunks,
                                             attention_chunks)
             meta["split"] = split.to_meta()
     return lower(captured, profile, optimizer=optimizer, meta=meta), captured
 
 
-def plan_step(model: nn.Module, inputs: Sequence[Any], budget: str | int | float, solver: str = "auto",
+def plan_step(model: nn.Module, inputs: Call | Sequence[Any] | dict[str, Any], budget: str | int | float,
+              solver: str = "auto",
               time_limit: float = 60.0, loss_fn: Callable | None = None, precision: str = "fp32",
               device: str | None = None, optimizer: str = "adamw",
               progress: Callable[[str], None] | None = None) -> tuple[Plan, CapturedStep]:
@@ -270,8 +284,8 @@ def plan_step(model: nn.Module, inputs: Sequence[Any], budget: str | int | float
     does. Returns the plan and the captured step its graph was lowered from; infeasible -> PlanError."""
     say = progress or (lambda message: None)
     say("tracing the training step")
-    meta = {"model": type(model).__name__,
-            "inputs": [list(v.shape) if isinstance(v, torch.Tensor) else repr(v) for v in inputs]}
+    inputs = Call.of(inputs)
+    meta = {"model": type(model).__name__, "inputs": inputs.describe()}
     tracer = SplitTracer(model, inputs, loss_fn=loss_fn, precision=precision,
                          device=device or default_device_profile(model), optimizer=optimizer, meta=meta)
     unsplit = tracer.unsplit.graph
@@ -289,7 +303,8 @@ def plan_step(model: nn.Module, inputs: Sequence[Any], budget: str | int | float
     return result, tracer.variant_of(chosen.split).step
 
 
-def apply(model: nn.Module, budget: str | int | float | None = None, example_inputs: Sequence[Any] | None = None,
+def apply(model: nn.Module, budget: str | int | float | None = None,
+          example_inputs: Sequence[Any] | dict[str, Any] | None = None,
           *, solver: str = "auto", device: str | None = None, time_limit: float = 60.0,
           plan: Plan | PlanFile | str | Path | None = None, backend: str = "eager", loss_fn: Callable | None = None,
           precision: str = "fp32", optimizer: str = "adamw",
@@ -299,7 +314,10 @@ def apply(model: nn.Module, budget: str | int | float | None = None, example_inp
     budget: the whole memory of the step (parameters, gradients, optimizer state, inputs,
         activations): bytes, "16GB", "16GiB", or "60%" of the store-all peak.
     example_inputs: plan now (errors surface here, and the first step is not slowed); without
-        them the plan is made at the first call, and again for each new input signature.
+        them the plan is made at the first call, and again for each new input signature. A tuple for
+        model(*example_inputs), a dict for model(**example_inputs) (Hugging Face: input_ids=..., labels=...);
+        the module is then called the same way. Tensors are the step's inputs; other values (None, flags) are
+        fixed in its graph, and a call with other such values is traced and planned again.
     plan: a Plan, or a plan file written by `remat solve --out`; refused if the model traces to
         another graph. device: the cost profile (h100, a100, cpu, a JSON file); default: where
         the model is. precision: "fp32" or "bf16-mixed" (autocast inside the planned graphs).
@@ -308,12 +326,15 @@ def apply(model: nn.Module, budget: str | int | float | None = None, example_inp
     """
     module = RematModule(model, budget, loss_fn=loss_fn, precision=precision, solver=solver, device=device,
                          optimizer=optimizer, time_limit=time_limit, plan=plan, backend=backend, progress=progress)
-    if example_inputs is not None:
+    if isinstance(example_inputs, dict):
+        module.prepare(**example_inputs)
+    elif example_inputs is not None:
         module.prepare(*example_inputs)
     return module
 
 
-def plan(model: nn.Module, example_inputs: Sequence[Any], budget: str | int | float, *, solver: str = "auto",
+def plan(model: nn.Module, example_inputs: Sequence[Any] | dict[str, Any], budget: str | int | float, *,
+         solver: str = "auto",
          device: str | None = None, time_limit: float = 60.0, loss_fn: Callable | None = None,
          precision: str = "fp32", optimizer: str = "adamw") -> Plan:
     """The plan (schedule + simulated figures) for `model` on `example_inputs`; `.save(path)` writes a
