@@ -53,7 +53,8 @@ def main() -> None:
 
 @main.command()
 @click.option("--model", required=True, help="Zoo name (gpt2, resnet50, ...) or path/to/file.py:factory.")
-@click.option("--budget", required=True, help="Whole device memory for the step: 16GB (1e9 bytes), 16GiB (2^30).")
+@click.option("--budget", required=True,
+              help="Whole device memory for the step: 16GB (1e9 bytes), 16GiB (2^30), or 60% of the store-all peak.")
 @click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option("--seq", default=None, type=click.IntRange(min=1), help="Sequence length [default: the model's context].")
 @click.option("--device", default="h100", show_default=True,
@@ -74,14 +75,15 @@ def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_
 
     started = time.perf_counter()
     try:
-        budget_bytes = parse_size(budget)
+        parse_size(budget, reference_bytes=1)  # a typo fails now, not after the trace; "60%" is resolved after it
     except ValueError as error:
         fail(f"--budget: {error}")
     if solver not in SOLVER_NAMES:
         fail(f"unknown solver {solver!r}: choose one of {', '.join(SOLVER_NAMES)}")
 
     with _stdout_to_stderr():
-        plan = _solve_split(model, batch, seq, precision, device, optimizer, budget_bytes, solver, time_limit, backend)
+        plan = _solve_split(model, batch, seq, precision, device, optimizer, budget, solver, time_limit, backend)
+    budget_bytes = plan.budget_bytes
     wall_s = time.perf_counter() - started
 
     if out and plan.schedule is not None:
@@ -107,16 +109,23 @@ def _solve(graph, budget_bytes, solver, time_limit, backend):
             fail(str(error))
 
 
-def _solve_split(model, batch, seq, precision, device, optimizer, budget_bytes, solver, time_limit, backend):
-    """Plan with the head split into the chunk count that fits the budget at least cost (remat.split_plan)."""
+def _solve_split(model, batch, seq, precision, device, optimizer, budget, solver, time_limit, backend):
+    """Plan with the head split into the chunk count that fits the budget at least cost (remat.split_plan).
+    `budget`: as given; a percentage is of the unsplit step's store-all peak."""
     from remat.capture import CaptureError
     from remat.models import ModelError
+    from remat.simulate import simulate
     from remat.split_plan import SplitTracer, solve_split
+    from solvers.base import SolveOptions
+    from solvers.baselines import store_all
 
     with stderr.status(f"tracing {model} (batch {batch}) on fake tensors", spinner="dots") as status:
         try:
             tracer = SplitTracer.zoo(model, batch=batch, seq=seq, precision=precision, device=device,
                                      optimizer=optimizer)
+            unsplit = tracer.unsplit.graph
+            store_all_peak = simulate(unsplit, store_all(unsplit, 0, SolveOptions()).schedule).peak_bytes
+            budget_bytes = parse_size(budget, reference_bytes=store_all_peak)
             return solve_split(tracer, budget_bytes, solver=solver, time_limit_s=time_limit, backend=backend,
                                progress=lambda stage: status.update(f"planning: {stage}")).plan
         except (ModelError, CaptureError, ValueError) as error:

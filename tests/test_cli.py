@@ -109,6 +109,18 @@ def probe(factory_file):
     return summary
 
 
+def test_budget_as_a_share_of_the_store_all_peak(factory_file, probe):
+    store_all, lowest = probe["store_all_peak_bytes"], probe["min_feasible_bytes"]
+    percent = round(100 * (store_all + lowest) / 2 / store_all, 1)  # halfway between the minimum and store-all
+    result = remat("solve", "--model", f"{factory_file}:make", "--budget", f"{percent}%", "--json",
+                   "--time-limit", "10")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert abs(summary["budget_bytes"] - percent / 100 * store_all) <= 1
+    assert summary["peak_bytes"] <= summary["budget_bytes"] and summary["overhead"] > 0
+    assert_one_line_error(remat("solve", "--model", f"{factory_file}:make", "--budget", "90 %%"), "--budget")
+
+
 def test_user_model_plan_json_and_plan_file(factory_file, probe, tmp_path):
     out = tmp_path / "plan.json"
     budget = (probe["store_all_peak_bytes"] + probe["min_feasible_bytes"]) // 2
