@@ -25,9 +25,12 @@ import torch
 import transformers as hf
 
 BATCH = 4
+# two layers of width 128 (4 heads, MLP 256) over a 1,000-token vocabulary
+SMALL_DECODER = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                     vocab_size=1000)
 
 
-def _causal_lm(config, model_class, batch: int, seq: int):
+def _language_model(config, model_class, batch: int, seq: int):
     ids = torch.randint(0, config.vocab_size, (batch, seq))
     return model_class(config), {"input_ids": ids, "labels": ids}
 
@@ -37,68 +40,62 @@ def _images(model, batch: int, size: int, labels: int = 10):
 
 
 def bert(batch: int = BATCH, seq: int = 128):
-    return _causal_lm(hf.BertConfig(num_hidden_layers=4, hidden_size=256, num_attention_heads=4,
+    return _language_model(hf.BertConfig(num_hidden_layers=4, hidden_size=256, num_attention_heads=4,
                                     intermediate_size=1024), hf.BertForMaskedLM, batch, seq)
 
 
 def roberta(batch: int = BATCH, seq: int = 128):
-    return _causal_lm(hf.RobertaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                       num_attention_heads=4, vocab_size=1000), hf.RobertaForMaskedLM, batch, seq)
+    return _language_model(hf.RobertaConfig(**SMALL_DECODER), hf.RobertaForMaskedLM, batch, seq)
 
 
 def distilbert(batch: int = BATCH, seq: int = 128):
-    return _causal_lm(hf.DistilBertConfig(dim=128, hidden_dim=256, n_layers=2, n_heads=4, vocab_size=1000),
+    return _language_model(hf.DistilBertConfig(dim=128, hidden_dim=256, n_layers=2, n_heads=4, vocab_size=1000),
                       hf.DistilBertForMaskedLM, batch, seq)
 
 
 def llama(batch: int = BATCH, seq: int = 256):
-    return _causal_lm(hf.LlamaConfig(num_hidden_layers=4, hidden_size=256, num_attention_heads=4,
+    return _language_model(hf.LlamaConfig(num_hidden_layers=4, hidden_size=256, num_attention_heads=4,
                                      num_key_value_heads=2, intermediate_size=688, vocab_size=32000),
                       hf.LlamaForCausalLM, batch, seq)
 
 
 def mistral(batch: int = BATCH, seq: int = 128):
-    return _causal_lm(hf.MistralConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=1000,
-                                       sliding_window=64), hf.MistralForCausalLM, batch, seq)
+    return _language_model(hf.MistralConfig(**SMALL_DECODER, num_key_value_heads=2, sliding_window=64),
+                      hf.MistralForCausalLM, batch, seq)
 
 
 def qwen2(batch: int = BATCH, seq: int = 128):
-    return _causal_lm(hf.Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=1000),
-                      hf.Qwen2ForCausalLM, batch, seq)
+    return _language_model(hf.Qwen2Config(**SMALL_DECODER, num_key_value_heads=2), hf.Qwen2ForCausalLM, batch, seq)
 
 
 def gemma(batch: int = BATCH, seq: int = 128):
-    return _causal_lm(hf.GemmaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=1, head_dim=32, vocab_size=1000),
-                      hf.GemmaForCausalLM, batch, seq)
+    return _language_model(hf.GemmaConfig(**SMALL_DECODER, num_key_value_heads=1, head_dim=32), hf.GemmaForCausalLM,
+                      batch, seq)
 
 
 def phi(batch: int = BATCH, seq: int = 128):
-    return _causal_lm(hf.PhiConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=4, vocab_size=1000), hf.PhiForCausalLM, batch, seq)
+    return _language_model(hf.PhiConfig(**SMALL_DECODER), hf.PhiForCausalLM, batch, seq)
 
 
 def gpt_neo(batch: int = BATCH, seq: int = 128):
-    return _causal_lm(hf.GPTNeoConfig(hidden_size=128, num_layers=2, num_heads=4,
+    return _language_model(hf.GPTNeoConfig(hidden_size=128, num_layers=2, num_heads=4,
                                       attention_types=[[["global", "local"], 1]], vocab_size=1000,
                                       max_position_embeddings=256), hf.GPTNeoForCausalLM, batch, seq)
 
 
 def opt(batch: int = BATCH, seq: int = 128):
-    return _causal_lm(hf.OPTConfig(hidden_size=128, ffn_dim=256, num_hidden_layers=2, num_attention_heads=4,
+    return _language_model(hf.OPTConfig(hidden_size=128, ffn_dim=256, num_hidden_layers=2, num_attention_heads=4,
                                    vocab_size=1000, word_embed_proj_dim=128), hf.OPTForCausalLM, batch, seq)
 
 
 def t5(batch: int = BATCH, seq: int = 128):
-    return _causal_lm(hf.T5Config(num_layers=2, num_decoder_layers=2, d_model=256, d_ff=1024, num_heads=4, d_kv=64,
+    return _language_model(hf.T5Config(num_layers=2, num_decoder_layers=2, d_model=256, d_ff=1024, num_heads=4, d_kv=64,
                                   decoder_start_token_id=0, pad_token_id=0), hf.T5ForConditionalGeneration,
                       batch, seq)
 
 
 def bart(batch: int = BATCH, seq: int = 64):
-    return _causal_lm(hf.BartConfig(d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+    return _language_model(hf.BartConfig(d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
                                     decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128,
                                     vocab_size=1000), hf.BartForConditionalGeneration, batch, seq)
 
