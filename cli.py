@@ -549,7 +549,10 @@ def run(model, plan_path, budget, batch, seq, precision, steps, time_limit, as_j
         with stderr.status(f"building {model} (batch {batch}) on {where}", spinner="dots") as status:
             spec = build_model(model, batch=batch, seq=seq)
             spec.model.to(where)
-            inputs = tuple(x.to(where) if isinstance(x, torch.Tensor) else x for x in spec.example_inputs)
+            named = isinstance(spec.example_inputs, dict)  # a factory's inputs by name: model(**inputs)
+            inputs = {k: v.to(where) if isinstance(v, torch.Tensor) else v for k, v in spec.example_inputs.items()} \
+                if named else tuple(x.to(where) if isinstance(x, torch.Tensor) else x for x in spec.example_inputs)
+            args, kwargs = ((), inputs) if named else (inputs, {})
             status.update("tracing and planning the step")
             with _stdout_to_stderr():
                 planned = apply(spec.model, budget=budget, example_inputs=inputs, plan=plan_path, loss_fn=spec.loss_fn,
@@ -562,9 +565,9 @@ def run(model, plan_path, budget, batch, seq, precision, steps, time_limit, as_j
     for index in range(steps):
         started = time.perf_counter()
         if index == 0:
-            loss, memory = planned.measure(*inputs)
+            loss, memory = planned.measure(*args, **kwargs)
         else:
-            loss = planned(*inputs)
+            loss = planned(*args, **kwargs)
             loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -239,7 +239,7 @@ def build_on_fake(build: Callable[[], Spec], mode: FakeTensorMode) -> Spec:
             for name, tensor in table.items():
                 if tensor is not None:
                     table[name] = fake(tensor)
-    spec.example_inputs = tuple(fake(x) if isinstance(x, torch.Tensor) else x for x in spec.example_inputs)
+    spec.example_inputs = pytree.tree_map(lambda x: fake(x) if isinstance(x, torch.Tensor) else x, spec.example_inputs)
     return spec
 
 

@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,7 @@ class ModelSpec:
 
     name: str
     model: nn.Module  # model(*example_inputs) returns the scalar training loss (or an object with .loss)
-    example_inputs: tuple  # passed positionally to model
+    example_inputs: tuple | dict[str, Any]  # passed positionally to model, or by name (a user factory's dict)
     loss_fn: Callable | None = None  # if given: loss = loss_fn(model(*example_inputs))
     batch: int = 16
     seq: int | None = None  # sequence length for language models; None for others
@@ -496,19 +497,6 @@ def build_model(name_or_path: str, batch: int = 16, seq: int | None = None) -> M
 # ----------------------------------------------------------------------------------------------------------
 # User factories: def factory([batch=16], [seq=...]) -> (model, example_inputs[, loss_fn])
 
-
-class KeywordInputs(nn.Module):
-    """A model that takes its inputs by name (Hugging Face's: {"input_ids": ..., "labels": ...}) as a module called
-    with them in order, as the capture calls every model: forward(*inputs) is model(**dict(zip(names, inputs)))."""
-
-    def __init__(self, model: nn.Module, names: tuple[str, ...]):
-        super().__init__()
-        self.model = model
-        self.names = names
-
-    def forward(self, *inputs):
-        return self.model(**dict(zip(self.names, inputs, strict=True)))
-
 _module_counter = itertools.count()
 
 
@@ -594,20 +582,18 @@ def _build_from_factory(path: Path, factory_name: str, batch: int, seq: int | No
         example_inputs = (example_inputs,)
     elif isinstance(example_inputs, list):
         example_inputs = tuple(example_inputs)
-    elif isinstance(example_inputs, dict):
-        if not all(isinstance(name, str) for name in example_inputs):
-            raise ModelError(f"{where} returned a dict of example_inputs with keys that are not all strings: "
-                             "give the model's argument names")
-        model = KeywordInputs(model, tuple(example_inputs))
-        example_inputs = tuple(example_inputs.values())
-    if not isinstance(example_inputs, tuple):
+    elif isinstance(example_inputs, dict) and not all(isinstance(name, str) for name in example_inputs):
+        raise ModelError(f"{where} returned a dict of example_inputs with keys that are not all strings: "
+                         "give the model's argument names")
+    if not isinstance(example_inputs, (tuple, dict)):
         raise ModelError(f"{where} returned example_inputs of type {type(example_inputs).__name__}: give a tensor, "
                          "a tuple of model(*example_inputs) arguments or a dict of model(**example_inputs) ones")
     if loss_fn is not None and not callable(loss_fn):
         raise ModelError(f"{where} returned a {type(loss_fn).__name__} as loss_fn: give a callable or None")
 
     if "batch" not in kwargs:  # the factory chose its own batch: report the leading dimension of its first tensor
-        first = next((x for x in example_inputs if isinstance(x, torch.Tensor) and x.dim() > 0), None)
+        values = example_inputs.values() if isinstance(example_inputs, dict) else example_inputs
+        first = next((x for x in values if isinstance(x, torch.Tensor) and x.dim() > 0), None)
         batch = int(first.shape[0]) if first is not None else batch
     description = f"{where} ({_millions(count_parameters(model))} params)"
     return ModelSpec(where, model, example_inputs, loss_fn=loss_fn, batch=batch, seq=seq, description=description)

@@ -22,7 +22,8 @@ REFERENCE_PARAMETERS = {
 
 
 def training_loss(spec: ModelSpec) -> torch.Tensor:
-    output = spec.model(*spec.example_inputs)
+    inputs = spec.example_inputs
+    output = spec.model(**inputs) if isinstance(inputs, dict) else spec.model(*inputs)
     loss = spec.loss_fn(output) if spec.loss_fn is not None else output
     return getattr(loss, "loss", loss)
 
@@ -340,10 +341,10 @@ def test_factory_with_keyword_inputs_calls_the_model_with_them_by_name(tmp_path)
             return Scored(), {"target": torch.zeros(batch, 3), "features": torch.randn(batch, 8)}
         """)
     spec = build_model(f"{path}:make", batch=4)
-    assert [x.shape for x in spec.example_inputs] == [(4, 3), (4, 8)]
-    features, target = spec.example_inputs[1], spec.example_inputs[0]
-    expected = ((spec.model.model.net(features) - target) ** 2).mean()
-    assert torch.allclose(training_loss(spec), expected)
+    assert {name: x.shape for name, x in spec.example_inputs.items()} == {"target": (4, 3), "features": (4, 8)}
+    features, target = spec.example_inputs["features"], spec.example_inputs["target"]
+    expected = ((spec.model.net(features) - target) ** 2).mean()
+    assert torch.allclose(training_loss(spec), expected) and spec.batch == 4
 
 
 def test_factory_needing_other_arguments(tmp_path):
