@@ -114,20 +114,14 @@ def _solve_split(model, batch, seq, precision, device, optimizer, budget, solver
     `budget`: as given; a percentage is of the unsplit step's store-all peak."""
     from remat.capture import CaptureError
     from remat.models import ModelError
-    from remat.simulate import simulate
     from remat.split_plan import SplitTracer, solve_split
-    from solvers.base import SolveOptions
-    from solvers.baselines import store_all
 
     with stderr.status(f"tracing {model} (batch {batch}) on fake tensors", spinner="dots") as status:
         try:
             tracer = SplitTracer.zoo(model, batch=batch, seq=seq, precision=precision, device=device,
                                      optimizer=optimizer)
-            unsplit = tracer.unsplit.graph
-            store_all_peak = simulate(unsplit, store_all(unsplit, 0, SolveOptions()).schedule).peak_bytes
-            budget_bytes = parse_size(budget, reference_bytes=store_all_peak)
-            return solve_split(tracer, budget_bytes, solver=solver, time_limit_s=time_limit, backend=backend,
-                               progress=lambda stage: status.update(f"planning: {stage}")).plan
+            return solve_split(tracer, tracer.budget_bytes(budget), solver=solver, time_limit_s=time_limit,
+                               backend=backend, progress=lambda stage: status.update(f"planning: {stage}")).plan
         except (ModelError, CaptureError, ValueError) as error:
             fail(str(error))
 

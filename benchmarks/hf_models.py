@@ -145,11 +145,7 @@ BASELINES_SHOWN = ("chen-sqrtn", "chen-greedy", "per-block", "griewank", "checkp
 
 def plan_one(name: str, budget: str, time_limit_s: float) -> dict:
     """Trace and plan one architecture as `remat solve` does; its figures, or the error a user would see."""
-    from remat.simulate import simulate
     from remat.split_plan import SplitTracer, solve_split
-    from remat.units import parse_size
-    from solvers.base import SolveOptions
-    from solvers.baselines import store_all
 
     started = time.perf_counter()
     try:
@@ -158,13 +154,12 @@ def plan_one(name: str, budget: str, time_limit_s: float) -> dict:
         return {"model": name, "error": f"{type(error).__name__}: {str(error).splitlines()[0]}"}
     trace_s = time.perf_counter() - started
     graph = tracer.unsplit.graph
-    store_all_peak = simulate(graph, store_all(graph, 0, SolveOptions()).schedule).peak_bytes
-    budget_bytes = parse_size(budget, reference_bytes=store_all_peak)
+    budget_bytes = tracer.budget_bytes(budget)
     started = time.perf_counter()
     plan = solve_split(tracer, budget_bytes, time_limit_s=time_limit_s).plan
     wall_s = time.perf_counter() - started
     row = {"model": name, "nodes": len(graph), "trace_s": trace_s, "wall_s": wall_s, "budget_bytes": budget_bytes,
-           "store_all_peak_bytes": store_all_peak, "status": plan.status, "method": plan.method,
+           "status": plan.status, "method": plan.method,
            "fits": plan.schedule is not None, "overhead": None, "gap": plan.gap, "best_baseline": None}
     if plan.schedule is None:
         return row

@@ -51,7 +51,7 @@ from remat.split import (
     find_mlps,
     forward_graph,
 )
-from remat.units import format_bytes
+from remat.units import format_bytes, parse_size
 from solvers.base import FEASIBLE, SolveOptions
 from solvers.baselines import BASELINES
 
@@ -148,6 +148,12 @@ class SplitTracer:
     @property
     def unsplit(self) -> Variant:
         return self.variants[1, 1, 1]
+
+    def budget_bytes(self, budget: str | int | float) -> int:
+        """Bytes of `budget`: a size ("16GB", bytes) or a share of the unsplit step's store-all peak ("60%")."""
+        graph = self.unsplit.graph
+        store_all = BASELINES["store-all"](graph, 0, SolveOptions()).schedule
+        return parse_size(budget, reference_bytes=simulate(graph, store_all).peak_bytes)
 
     @property
     def step(self) -> CapturedStep:

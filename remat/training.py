@@ -33,9 +33,8 @@ from remat.planner import Plan
 from remat.schedule import Schedule
 from remat.simulate import Simulation, simulate
 from remat.split_plan import SplitTracer, solve_split
-from remat.units import format_bytes, parse_size
-from solvers.base import INFEASIBLE, SolveOptions
-from solvers.baselines import store_all
+from remat.units import format_bytes
+from solvers.base import INFEASIBLE
 
 BACKENDS = ("eager", "inductor")
 
@@ -289,8 +288,7 @@ def plan_step(model: nn.Module, inputs: Call | Sequence[Any] | dict[str, Any], b
     tracer = SplitTracer(model, inputs, loss_fn=loss_fn, precision=precision,
                          device=device or default_device_profile(model), optimizer=optimizer, meta=meta)
     unsplit = tracer.unsplit.graph
-    store_all_peak = simulate(unsplit, store_all(unsplit, 0, SolveOptions()).schedule).peak_bytes
-    budget_bytes = parse_size(budget, reference_bytes=store_all_peak)
+    budget_bytes = tracer.budget_bytes(budget)
     say(f"planning {len(unsplit)} nodes")
     chosen = solve_split(tracer, budget_bytes, solver=solver, time_limit_s=time_limit, progress=progress)
     result = chosen.plan
