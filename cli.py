@@ -272,11 +272,16 @@ def _print_recomputed(console: Console, plan) -> None:
                   f"{sum(counts[i] - 1 for i in again)} extra runs, +{format_seconds(extra)}: {ops}")
 
 
-def _sizes(text: str) -> list[int]:
+def _sizes(text: str) -> list[str]:
+    """The comma-separated budgets, each checked now (a typo fails before the trace) and resolved after it: a
+    percentage is of the traced step's store-all peak."""
+    parts = [part.strip() for part in text.split(",") if part.strip()] or [text]
     try:
-        return [parse_size(part) for part in text.split(",") if part.strip()] or [parse_size(text)]
+        for part in parts:
+            parse_size(part, reference_bytes=1)
     except ValueError as error:
         fail(f"--budget: {error}")
+    return parts
 
 
 def _split_tracer(model, batch, seq, precision, device, optimizer):
@@ -311,7 +316,8 @@ def _console() -> Console:
 
 @main.command()
 @click.option("--model", required=True, help="Zoo name (gpt2, resnet50, ...) or path/to/file.py:factory.")
-@click.option("--budget", required=True, help="One size or several, comma-separated: 12GB,16GB,24GB.")
+@click.option("--budget", required=True,
+              help="One size or several, comma-separated: 12GB,16GB,24GB, or shares of the store-all peak: 60%,80%.")
 @click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option("--seq", default=None, type=click.IntRange(min=1), help="Sequence length [default: the model's context].")
 @click.option("--device", default="h100", show_default=True,
@@ -345,6 +351,7 @@ def compare(model, budget, batch, seq, device, precision, optimizer, solvers, ti
         fail(f"--solvers: {error}")
     with _stdout_to_stderr():
         traced = _split_tracer(model, batch, seq, precision, device, optimizer)  # remat's plans may split the head
+        budgets = [traced.budget_bytes(part) for part in budgets]
         with stderr.status("comparing", spinner="dots") as status:
             traces = None
             if with_max_batch:

@@ -157,6 +157,16 @@ def test_cli_compare_json_and_markdown(tmp_path):
     assert (tmp_path / "r.md").is_file() and str(tmp_path / "r.md") in data["files"]
 
 
+def test_cli_compare_budgets_as_shares_of_the_store_all_peak():
+    result = remat("compare", "--model", "mlp", "--batch", "8", "--budget", "60%,100%", "--solvers",
+                   "store-all,checkpoint-all", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    store_all = next(r for r in data["rows"] if r["method"] == "store-all")
+    assert data["budgets_bytes"][1] == store_all["peak_bytes"]
+    assert abs(data["budgets_bytes"][0] - 0.6 * store_all["peak_bytes"]) <= 1
+
+
 def test_cli_compare_bad_solver_is_one_line():
     result = remat("compare", "--model", "mlp", "--budget", "1GB", "--solvers", "store-all,magic")
     assert result.returncode == 2
