@@ -539,7 +539,7 @@ def run(model, plan_path, budget, batch, seq, precision, steps, time_limit, as_j
     """
     import torch
 
-    from remat.capture import CaptureError
+    from remat.capture import Call, CaptureError
     from remat.models import ModelError, build_model
     from remat.training import PlanError, apply
 
@@ -550,14 +550,12 @@ def run(model, plan_path, budget, batch, seq, precision, steps, time_limit, as_j
         with stderr.status(f"building {model} (batch {batch}) on {where}", spinner="dots") as status:
             spec = build_model(model, batch=batch, seq=seq)
             spec.model.to(where)
-            named = isinstance(spec.example_inputs, dict)  # a factory's inputs by name: model(**inputs)
-            inputs = {k: v.to(where) if isinstance(v, torch.Tensor) else v for k, v in spec.example_inputs.items()} \
-                if named else tuple(x.to(where) if isinstance(x, torch.Tensor) else x for x in spec.example_inputs)
-            args, kwargs = ((), inputs) if named else (inputs, {})
+            call = Call.of(spec.example_inputs)  # a factory's inputs, in order or by name
+            args, kwargs = call.with_tensors([x.to(where) for x in call.tensors])
             status.update("tracing and planning the step")
             with _stdout_to_stderr():
-                planned = apply(spec.model, budget=budget, example_inputs=inputs, plan=plan_path, loss_fn=spec.loss_fn,
-                                precision=precision, time_limit=time_limit)
+                planned = apply(spec.model, budget=budget, example_inputs=kwargs or args, plan=plan_path,
+                                loss_fn=spec.loss_fn, precision=precision, time_limit=time_limit)
     except (PlanError, ModelError, CaptureError, ValueError) as error:
         fail(str(error))
     step = planned.planned

@@ -324,10 +324,9 @@ def apply(model: nn.Module, budget: str | int | float | None = None,
     """
     module = RematModule(model, budget, loss_fn=loss_fn, precision=precision, solver=solver, device=device,
                          optimizer=optimizer, time_limit=time_limit, plan=plan, backend=backend, progress=progress)
-    if isinstance(example_inputs, dict):
-        module.prepare(**example_inputs)
-    elif example_inputs is not None:
-        module.prepare(*example_inputs)
+    if example_inputs is not None:
+        call = Call.of(example_inputs)
+        module.prepare(*call.args, **call.kwargs)
     return module
 
 
