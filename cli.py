@@ -55,7 +55,8 @@ def main() -> None:
 @click.option("--model", required=True, help="Zoo name (gpt2, resnet50, ...) or path/to/file.py:factory.")
 @click.option("--budget", required=True,
               help="Whole device memory for the step: 16GB (1e9 bytes), 16GiB (2^30), or 60% of the store-all peak.")
-@click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch", default=None, type=click.IntRange(min=1),
+              help="Batch size [default: 16, or a file.py:factory's own batch= default].")
 @click.option("--seq", default=None, type=click.IntRange(min=1), help="Sequence length [default: the model's context].")
 @click.option("--device", default="h100", show_default=True,
               help="Device profile: h100, a100, v100, cpu, or a JSON file.")
@@ -116,7 +117,7 @@ def _solve_split(model, batch, seq, precision, device, optimizer, budget, solver
     from remat.models import ModelError
     from remat.split_plan import SplitTracer, solve_split
 
-    with stderr.status(f"tracing {model} (batch {batch}) on fake tensors", spinner="dots") as status:
+    with stderr.status(f"tracing {model}{_batch_note(batch)} on fake tensors", spinner="dots") as status:
         try:
             tracer = SplitTracer.zoo(model, batch=batch, seq=seq, precision=precision, device=device,
                                      optimizer=optimizer)
@@ -131,7 +132,7 @@ def _trace(model, batch, seq, precision, device, optimizer):
     from remat.models import ModelError
     from remat.trace import trace_model
 
-    with stderr.status(f"tracing {model} (batch {batch}) on fake tensors", spinner="dots"):
+    with stderr.status(f"tracing {model}{_batch_note(batch)} on fake tensors", spinner="dots"):
         try:
             return trace_model(model, batch=batch, seq=seq, precision=precision, device=device, optimizer=optimizer)
         except (ModelError, CaptureError, ValueError) as error:
@@ -210,8 +211,9 @@ def _print_plan(plan, wall_s: float, out: str | None) -> None:
     meta = graph.meta
     forward = len(graph.forward_nodes)
     console.print(f"[bold]{meta.get('model')}[/]: {meta.get('description', '')}")
-    seq = f"seq {meta['seq']}, " if meta.get("seq") is not None else ""  # image models and factories' own default
-    console.print(f"  batch {meta.get('batch')}, {seq}{meta.get('precision')}, "
+    # image models have no seq; a factory's inputs may have no batch dimension to read its batch from
+    shape = "".join(f"{k} {meta[k]}, " for k in ("batch", "seq") if meta.get(k) is not None)
+    console.print(f"  {shape}{meta.get('precision')}, "
                   f"optimizer {meta.get('optimizer')}, costed for {meta.get('device')}")
     console.print(f"budget         {format_bytes(plan.budget_bytes)} = {plan.budget_bytes:,} bytes")
     console.print(f"fixed memory   {format_bytes(fixed.total_bytes)} = parameters {format_bytes(fixed.parameter_bytes)}"
@@ -290,7 +292,7 @@ def _split_tracer(model, batch, seq, precision, device, optimizer):
     from remat.models import ModelError
     from remat.split_plan import SplitTracer
 
-    with stderr.status(f"tracing {model} (batch {batch}) on fake tensors", spinner="dots"):
+    with stderr.status(f"tracing {model}{_batch_note(batch)} on fake tensors", spinner="dots"):
         try:
             return SplitTracer.zoo(model, batch=batch, seq=seq, precision=precision, device=device,
                                    optimizer=optimizer)
@@ -303,11 +305,15 @@ def _trace_step(model, batch, seq, precision, device, optimizer):
     from remat.models import ModelError
     from remat.trace import trace_step
 
-    with stderr.status(f"tracing {model} (batch {batch}) on fake tensors", spinner="dots"):
+    with stderr.status(f"tracing {model}{_batch_note(batch)} on fake tensors", spinner="dots"):
         try:
             return trace_step(model, batch=batch, seq=seq, precision=precision, device=device, optimizer=optimizer)
         except (ModelError, CaptureError, ValueError) as error:
             fail(str(error))
+
+
+def _batch_note(batch: int | None) -> str:
+    return f" (batch {batch})" if batch is not None else ""
 
 
 def _console() -> Console:
@@ -318,7 +324,8 @@ def _console() -> Console:
 @click.option("--model", required=True, help="Zoo name (gpt2, resnet50, ...) or path/to/file.py:factory.")
 @click.option("--budget", required=True,
               help="One size or several, comma-separated: 12GB,16GB,24GB, or shares of the store-all peak: 60%,80%.")
-@click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch", default=None, type=click.IntRange(min=1),
+              help="Batch size [default: 16, or a file.py:factory's own batch= default].")
 @click.option("--seq", default=None, type=click.IntRange(min=1), help="Sequence length [default: the model's context].")
 @click.option("--device", default="h100", show_default=True,
               help="Device profile: h100, a100, v100, cpu, or a JSON file.")
@@ -472,7 +479,8 @@ def maxbatch(model, budget, seq, start_batch, device, precision, optimizer, solv
 @main.command()
 @click.option("--model", required=True, help="Zoo name (gpt2, resnet50, ...) or path/to/file.py:factory.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Profile JSON to write.")
-@click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch", default=None, type=click.IntRange(min=1),
+              help="Batch size [default: 16, or a file.py:factory's own batch= default].")
 @click.option("--seq", default=None, type=click.IntRange(min=1), help="Sequence length [default: the model's context].")
 @click.option("--precision", default="bf16-mixed", show_default=True, type=click.Choice(["bf16-mixed", "fp32"]))
 @click.option("--base", default="auto", show_default=True,
@@ -517,7 +525,8 @@ def profile(model, out, batch, seq, precision, base, warmup, repeats, as_json) -
     console = _console()
     console.print(f"{gpu}: {len(measurement.measured_s)} distinct ops measured ({measurement.ops} ops in the graph), "
                   f"{len(measurement.failed)} left to the {base_name} roofline; wrote {out} in {wall_s:.1f} s")
-    console.print(f"use it: remat solve --model {model} --batch {batch} --device {out} --budget ...")
+    batch_flag = f" --batch {meta['batch']}" if meta.get("batch") is not None else ""
+    console.print(f"use it: remat solve --model {model}{batch_flag} --device {out} --budget ...")
 
 
 @main.command()
@@ -525,7 +534,8 @@ def profile(model, out, batch, seq, precision, base, warmup, repeats, as_json) -
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False),
               help="A plan file from `remat solve --out` (refused if the model traces to another graph).")
 @click.option("--budget", help="Plan here instead: whole step memory, 16GB, 16GiB, or 60% of store-all.")
-@click.option("--batch", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch", default=None, type=click.IntRange(min=1),
+              help="Batch size [default: 16, or a file.py:factory's own batch= default].")
 @click.option("--seq", default=None, type=click.IntRange(min=1), help="Sequence length [default: the model's context].")
 @click.option("--precision", default="bf16-mixed", show_default=True, type=click.Choice(["bf16-mixed", "fp32"]))
 @click.option("--steps", default=3, show_default=True, type=click.IntRange(min=1), help="Training steps (AdamW).")
@@ -547,7 +557,7 @@ def run(model, plan_path, budget, batch, seq, precision, steps, time_limit, as_j
         fail("give either --plan FILE or --budget SIZE")
     where = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        with stderr.status(f"building {model} (batch {batch}) on {where}", spinner="dots") as status:
+        with stderr.status(f"building {model}{_batch_note(batch)} on {where}", spinner="dots") as status:
             spec = build_model(model, batch=batch, seq=seq)
             spec.model.to(where)
             call = Call.of(spec.example_inputs)  # a factory's inputs, in order or by name
@@ -573,7 +583,8 @@ def run(model, plan_path, budget, batch, seq, precision, steps, time_limit, as_j
         losses.append(loss.item())
         step_s.append(time.perf_counter() - started)
     sim = step.simulation
-    summary = {"model": model, "batch": batch, "device": where, "method": step.plan.method, "nodes": len(step.graph),
+    summary = {"model": model, "batch": spec.batch, "device": where, "method": step.plan.method,
+               "nodes": len(step.graph),
                "recomputed_nodes": len(step.plan.schedule.recomputed_nodes()), "planned_peak_bytes": sim.peak_bytes,
                "planned_activation_bytes": sim.activation_peak_bytes, "measured_peak_bytes": memory.peak_bytes,
                "measured_activation_bytes": memory.peak_live_bytes, "losses": losses, "step_s": step_s}
@@ -581,7 +592,7 @@ def run(model, plan_path, budget, batch, seq, precision, steps, time_limit, as_j
         click.echo(json.dumps(summary))
         return
     console = _console()
-    console.print(f"{model} batch {batch} on {where}: plan {step.plan.method}, {len(step.graph)} nodes, "
+    console.print(f"{model} batch {spec.batch} on {where}: plan {step.plan.method}, {len(step.graph)} nodes, "
                   f"{summary['recomputed_nodes']} recomputed")
     console.print(f"planned peak {_fmt(sim.peak_bytes)} (activations {_fmt(sim.activation_peak_bytes)}); measured "
                   f"{_fmt(memory.peak_bytes)} (activations {_fmt(memory.peak_live_bytes)})")

@@ -22,6 +22,7 @@ from remat.comparators import (
 )
 from remat.graph import Graph
 from remat.maxbatch import MILP_METHODS, BatchTraces, max_batch
+from remat.models import DEFAULT_BATCH
 from remat.planner import Candidate, solve
 from remat.schedule import Schedule
 from remat.simulate import Simulation, simulate
@@ -176,7 +177,7 @@ def compare(traced: TracedStep | SplitTracer, budgets_bytes: Sequence[int], meth
     rows.sort(key=lambda r: (r.budget_bytes, order[r.method]))
     if batch_traces is not None:
         batch_traces.add(traced)
-        start = graph.meta.get("batch", 16)
+        start = graph.meta.get("batch") or DEFAULT_BATCH
         with_batch = []
         for row in rows:
             say(f"largest batch for {row.method} under {row.budget_bytes / 1e9:.2f} GB")

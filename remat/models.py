@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+DEFAULT_BATCH = 16  # the zoo's batch, and a factory's batch= when it has no default of its own
+
 
 @dataclass
 class ModelSpec:
@@ -31,7 +33,7 @@ class ModelSpec:
     model: nn.Module  # model(*example_inputs) returns the scalar training loss (or an object with .loss)
     example_inputs: tuple | dict[str, Any]  # passed positionally to model, or by name (a user factory's dict)
     loss_fn: Callable | None = None  # if given: loss = loss_fn(model(*example_inputs))
-    batch: int = 16
+    batch: int | None = DEFAULT_BATCH  # None: a factory's inputs with no batch dimension to read it from
     seq: int | None = None  # sequence length for language models; None for others
     description: str = ""
 
@@ -470,13 +472,16 @@ def _build_image_model(name: str, batch: int, seq: int | None) -> ModelSpec:
     return ModelSpec(name, model, (images, labels), batch=batch, description=description)
 
 
-def build_model(name_or_path: str, batch: int = 16, seq: int | None = None) -> ModelSpec:
-    """A zoo model by name, or `path/to/file.py:factory` for a model of your own.
+def build_model(name_or_path: str, batch: int | None = None, seq: int | None = None) -> ModelSpec:
+    """A zoo model by name, or `path/to/file.py:factory` for a model of your own. `batch` None: DEFAULT_BATCH for
+    the zoo, the factory's own `batch=` default for a factory that has one.
 
     Safe to call inside FakeTensorMode (the capture stage does): no tensor values are read.
     """
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise ModelError(f"batch must be a positive integer, got {batch!r}")
+    if not name_or_path.endswith(".py") and ".py:" not in name_or_path:
+        batch = DEFAULT_BATCH if batch is None else batch
     if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or seq < 1):
         raise ModelError(f"--seq must be a positive integer, got {seq!r}")
     if name_or_path in GPT2_SIZES:
@@ -495,7 +500,7 @@ def build_model(name_or_path: str, batch: int = 16, seq: int | None = None) -> M
 
 
 # ----------------------------------------------------------------------------------------------------------
-# User factories: def factory([batch=16], [seq=...]) -> (model, example_inputs[, loss_fn])
+# User factories: def factory([batch=...], [seq=...]) -> (model, example_inputs[, loss_fn])
 
 _module_counter = itertools.count()
 
@@ -525,8 +530,9 @@ def _import_file(path: Path):
     return module
 
 
-def _factory_kwargs(factory: Callable, where: str, batch: int, seq: int | None) -> dict:
-    """batch= and seq= for the factory parameters that take them; no arguments for a factory that takes none."""
+def _factory_kwargs(factory: Callable, where: str, batch: int | None, seq: int | None) -> dict:
+    """batch= and seq= for the factory parameters that take them; no arguments for a factory that takes none. Either
+    left None keeps the factory's own default; a batch= without one gets DEFAULT_BATCH."""
     try:
         parameters = inspect.signature(factory).parameters
     except (TypeError, ValueError):
@@ -540,8 +546,9 @@ def _factory_kwargs(factory: Callable, where: str, batch: int, seq: int | None) 
     if required:
         raise ModelError(f"{where} needs arguments {', '.join(required)}: a factory may take only batch= and seq=")
     kwargs = {}
-    if takes_any or "batch" in accepted:
-        kwargs["batch"] = batch
+    batch_required = "batch" in parameters and parameters["batch"].default is inspect.Parameter.empty
+    if (takes_any or "batch" in accepted) and (batch is not None or batch_required):
+        kwargs["batch"] = DEFAULT_BATCH if batch is None else batch  # no --batch: the factory's own default
     seq_required = "seq" in parameters and parameters["seq"].default is inspect.Parameter.empty
     if (takes_any or "seq" in accepted) and (seq is not None or seq_required):
         kwargs["seq"] = seq  # no --seq: the factory's own default, not None over it
@@ -550,7 +557,7 @@ def _factory_kwargs(factory: Callable, where: str, batch: int, seq: int | None) 
     return kwargs
 
 
-def _build_from_factory(path: Path, factory_name: str, batch: int, seq: int | None) -> ModelSpec:
+def _build_from_factory(path: Path, factory_name: str, batch: int | None, seq: int | None) -> ModelSpec:
     where = f"{path}:{factory_name}"
     if not path.is_file():
         raise ModelError(f"model file {path} not found: give path/to/file.py:factory with an existing file")
@@ -591,9 +598,22 @@ def _build_from_factory(path: Path, factory_name: str, batch: int, seq: int | No
     if loss_fn is not None and not callable(loss_fn):
         raise ModelError(f"{where} returned a {type(loss_fn).__name__} as loss_fn: give a callable or None")
 
-    if "batch" not in kwargs:  # the factory chose its own batch: report the leading dimension of its first tensor
+    if "batch" in kwargs:
+        batch = kwargs["batch"]
+    else:  # the factory chose its own batch: report the leading dimension of its first tensor
         values = example_inputs.values() if isinstance(example_inputs, dict) else example_inputs
         first = next((x for x in values if isinstance(x, torch.Tensor) and x.dim() > 0), None)
-        batch = int(first.shape[0]) if first is not None else batch
+        batch = int(first.shape[0]) if first is not None else None
+    if seq is None:  # the factory's own default, for the report
+        seq = _default_of(factory, "seq")
     description = f"{where} ({_millions(count_parameters(model))} params)"
     return ModelSpec(where, model, example_inputs, loss_fn=loss_fn, batch=batch, seq=seq, description=description)
+
+
+def _default_of(factory: Callable, name: str) -> int | None:
+    """The factory's default for its parameter `name` when that is an integer."""
+    try:
+        default = inspect.signature(factory).parameters[name].default
+    except (TypeError, ValueError, KeyError):
+        return None
+    return default if isinstance(default, int) and not isinstance(default, bool) else None

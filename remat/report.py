@@ -63,8 +63,8 @@ def summary_lines(comparison: Comparison) -> list[str]:
     meta = graph.meta
     return [
         f"{meta.get('model')}: {meta.get('description', '')}",
-        f"batch {meta.get('batch')}" + (f", seq {meta.get('seq')}" if meta.get("seq") else "")
-        + f", {meta.get('precision')}, optimizer "
+        "".join(f"{k} {meta[k]}, " for k in ("batch", "seq") if meta.get(k) is not None)
+        + f"{meta.get('precision')}, optimizer "
         f"{meta.get('optimizer')}, costed for {meta.get('device')}; {len(graph)} nodes, hash {graph.content_hash}",
         f"fixed memory {format_bytes(fixed.total_bytes)} (parameters {format_bytes(fixed.parameter_bytes)}, gradients "
         f"{format_bytes(fixed.gradient_bytes)}, optimizer {format_bytes(fixed.optimizer_bytes)}, inputs "

@@ -135,13 +135,13 @@ class SplitTracer:
         self._modules: dict[str, tuple[str, ...]] | None = None  # MLP / ATTENTION -> the module paths of its regions
 
     @classmethod
-    def zoo(cls, model: str, batch: int = 16, seq: int | None = None, precision: str = "bf16-mixed",
+    def zoo(cls, model: str, batch: int | None = None, seq: int | None = None, precision: str = "bf16-mixed",
             device: str = "h100", optimizer: str = "adamw") -> SplitTracer:
         """A zoo model (or `file.py:factory`) built on fake tensors."""
         load_profile(device)  # fail on a bad device before building the model
         mode = fake_tensor_mode()
         spec = build_on_fake(lambda: build_model(model, batch=batch, seq=seq), mode)
-        meta = {"model": model, "batch": batch, "seq": spec.seq, "description": spec.description}
+        meta = {"model": model, "batch": spec.batch, "seq": spec.seq, "description": spec.description}
         return cls(spec.model, spec.example_inputs, loss_fn=spec.loss_fn, precision=precision, device=device,
                    optimizer=optimizer, meta=meta, mode=mode)
 

@@ -17,17 +17,17 @@ class TracedStep:
     graph: Graph  # the lowered, costed Graph IR
 
 
-def trace_model(model: str, batch: int = 16, seq: int | None = None, precision: str = "bf16-mixed",
+def trace_model(model: str, batch: int | None = None, seq: int | None = None, precision: str = "bf16-mixed",
                 device: str = "h100", optimizer: str = "adamw") -> Graph:
     """The training-step graph of a zoo model or a `file.py:factory`, costed for `device`."""
     return trace_step(model, batch, seq, precision, device, optimizer).graph
 
 
-def trace_step(model: str, batch: int = 16, seq: int | None = None, precision: str = "bf16-mixed",
+def trace_step(model: str, batch: int | None = None, seq: int | None = None, precision: str = "bf16-mixed",
                device: str = "h100", optimizer: str = "adamw") -> TracedStep:
     """trace_model, keeping the captured joint FX graph beside the Graph."""
     profile = load_profile(device)  # fail on a bad device before the slow trace
     spec, step = capture_fake(lambda: build_model(model, batch=batch, seq=seq), precision)
-    meta = {"model": model, "batch": batch, "seq": spec.seq, "device": profile.name, "precision": precision,
+    meta = {"model": model, "batch": spec.batch, "seq": spec.seq, "device": profile.name, "precision": precision,
             "description": spec.description}
     return TracedStep(step, lower(step, profile, optimizer=optimizer, meta=meta))

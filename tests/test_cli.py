@@ -132,7 +132,7 @@ def test_user_model_plan_json_and_plan_file(factory_file, probe, tmp_path):
                 "compute_s", "store_all_s", "store_all_peak_bytes", "overhead", "lower_bound_s", "gap", "wall_s",
                 "nodes"):
         assert key in summary
-    assert summary["budget_bytes"] == budget
+    assert summary["budget_bytes"] == budget and summary["batch"] == 4  # no --batch: the factory's own default
     assert summary["peak_bytes"] <= budget < summary["store_all_peak_bytes"]
     assert summary["overhead"] == pytest.approx(summary["compute_s"] / summary["store_all_s"] - 1)
     assert summary["overhead"] > 0

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-from remat.models import ZOO_NAMES, ModelError, ModelSpec, build_model, count_parameters
+from remat.models import DEFAULT_BATCH, ZOO_NAMES, ModelError, ModelSpec, build_model, count_parameters
 
 # torchvision's figures for the same architectures; Hugging Face's for GPT-2 small (tied lm_head)
 REFERENCE_PARAMETERS = {
@@ -324,6 +324,26 @@ def test_factory_keeps_its_own_seq_default_when_no_seq_is_given(tmp_path):
         """)
     assert build_model(f"{path}:make", batch=2).example_inputs[0].shape == (2, 12, 8)
     assert build_model(f"{path}:make", batch=2, seq=5).example_inputs[0].shape == (2, 5, 8)
+
+
+def test_factory_keeps_its_own_batch_default_when_no_batch_is_given(tmp_path):
+    path = write(tmp_path, """
+        def make(batch=4, seq=12):
+            return Net(), torch.randn(batch, seq, 8)
+
+        def needs_batch(batch):
+            return Net(), torch.randn(batch, 8)
+
+        def fixed():
+            return Net(), torch.randn(3, 8)
+        """)
+    own = build_model(f"{path}:make")
+    assert own.example_inputs[0].shape == (4, 12, 8) and (own.batch, own.seq) == (4, 12)
+    assert build_model(f"{path}:make", batch=2).batch == 2
+    assert build_model(f"{path}:needs_batch").batch == DEFAULT_BATCH  # no default of its own: the zoo's
+    assert build_model(f"{path}:fixed").batch == 3  # read from its inputs, whatever was asked
+    assert build_model(f"{path}:fixed", batch=7).batch == 3
+    assert build_model("mlp").batch == DEFAULT_BATCH
 
 
 def test_factory_with_keyword_inputs_calls_the_model_with_them_by_name(tmp_path):
