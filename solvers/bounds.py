@@ -53,7 +53,9 @@ MILP_SHARE = 0.75  # of the time limit, for the covering MILP; its LP relaxation
 @dataclass(frozen=True)
 class Bound:
     lower_bound_s: float | None  # None: no schedule of the class fits the budget (proven)
-    method: str  # "covering", "covering-lp" (the relaxation, when the MILP ran out of time), "store-all"
+    # "covering"; "covering (dual bound at the time limit)", "covering (LP relaxation)" (the MILP's root did not
+    # finish) or "covering (not solved in time: ...)" when cut short; "store-all" when nothing needs recomputing
+    method: str
     wall_s: float
     proven_infeasible: bool = False
     recomputed: tuple[int, ...] | None = None  # the covering MILP's incumbent x (values it recomputes), if any
@@ -306,8 +308,8 @@ def covering_bound(graph: Graph, budget_bytes: int, options: SolveOptions | None
         deadline = max(started + options.time_limit_s, time.perf_counter() + (1 - MILP_SHARE) * options.time_limit_s)
         outcome = solve_problem(problem, options, mip=False, deadline=deadline)
         wall_s = time.perf_counter() - started
-        if outcome.status != "optimal" or outcome.objective is None:
-            return Bound(graph.compute_s, "store-all", wall_s)
+        if outcome.status != "optimal" or outcome.objective is None:  # every node once: still a bound
+            return Bound(graph.compute_s, "covering (not solved in time: every node once)", wall_s)
         outcome = replace(outcome, bound=outcome.objective)
         method = "covering (LP relaxation)"
     # The incumbent's x: which values it drops (solvers/cover_round.py turns that into a schedule).

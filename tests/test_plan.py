@@ -10,6 +10,8 @@ from remat.graph import Graph
 from remat.planner import MAX_EXACT_NODES, MAX_WHOLE_NODES, solve, sweep
 from remat.simulate import simulate
 from solvers import base
+from solvers.baselines import BASELINES
+from solvers.bounds import Bound
 from tests.graphs import chain_training_graph, make_graph
 
 
@@ -155,3 +157,28 @@ def test_a_plan_that_costs_its_bound_is_proven_within_the_milp_tolerance(monkeyp
     plan = solve(graph, 40, time_limit_s=10)
     assert plan.status == "optimal" and plan.picked.startswith("cover-round")
     assert plan.compute_s == pytest.approx(302.0) and plan.gap < base.OPTIMAL_TOLERANCE
+
+
+def test_a_lower_bound_cut_short_before_any_solution_is_solved_again_not_coarsened(monkeypatch):
+    # On DenseNet-121 (1,707 nodes, no repeated blocks) the covering MILP's root did not finish in its share of
+    # 30 s: no incumbent, so no cover-round plan, and the coarsened MILP's plan was +300% where chen-greedy had
+    # +12.6% (at 50% of store-all only checkpoint-all fit: +6679%). The time left must go to the covering MILP
+    # again, whose solutions make the plan.
+    real = planner.covering_bound
+    calls = []
+
+    def first_solve_cut_short(graph, budget_bytes, options=None, *args, **kwargs):
+        calls.append(options.time_limit_s)
+        if len(calls) == 1:  # as HiGHS reports a root it could not finish: the LP relaxation, no incumbent
+            return Bound(graph.compute_s, "covering (LP relaxation)", 0.1)
+        return real(graph, budget_bytes, options, *args, **kwargs)
+
+    monkeypatch.setattr(planner, "covering_bound", first_solve_cut_short)
+    graph = chain_training_graph(60)  # 121 nodes, past the MILP's whole-graph size, and no decomposition
+    assert len(graph) > MAX_WHOLE_NODES
+    plan = solve(graph, 250, time_limit_s=10)
+    assert len(calls) == 2
+    assert not [c.method for c in plan.candidates if "coarse" in c.method]
+    assert plan.method == "cover-round" and plan.status == "optimal" and "solved again" in plan.picked
+    baselines = [c.simulation.compute_s for c in plan.candidates if c.method in BASELINES and c.fits(250)]
+    assert plan.compute_s < min(baselines)
