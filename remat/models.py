@@ -13,6 +13,7 @@ import inspect
 import itertools
 import sys
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -362,6 +363,69 @@ class MobileNetV2(Classifier):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# DenseNet: every layer of a block reads the concatenation of all the block's earlier outputs
+
+
+class DenseLayer(nn.Module):
+    """BatchNorm -> ReLU -> 1x1 conv (to 4 x growth) -> BatchNorm -> ReLU -> 3x3 conv (to growth channels)."""
+
+    def __init__(self, in_channels: int, growth: int, width: int = 4):
+        super().__init__()
+        self.norm1, self.relu1 = nn.BatchNorm2d(in_channels), nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(in_channels, width * growth, kernel_size=1, bias=False)
+        self.norm2, self.relu2 = nn.BatchNorm2d(width * growth), nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(width * growth, growth, kernel_size=3, padding=1, bias=False)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        x = torch.cat(features, 1)  # (B, in_channels, H, W): every earlier output of the block
+        x = self.conv1(self.relu1(self.norm1(x)))
+        return self.conv2(self.relu2(self.norm2(x)))  # (B, growth, H, W)
+
+
+class DenseBlock(nn.ModuleDict):
+    def __init__(self, layers: int, in_channels: int, growth: int):
+        super().__init__({f"denselayer{i + 1}": DenseLayer(in_channels + i * growth, growth) for i in range(layers)})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [x]
+        for layer in self.values():
+            features.append(layer(features))
+        return torch.cat(features, 1)  # (B, in_channels + layers x growth, H, W)
+
+
+class DenseNet121(Classifier):
+    """torchvision's densenet121: 4 dense blocks of 6, 12, 24 and 16 layers (growth 32), transitions that halve
+    the channels and the resolution between them. Checkmate's paper found DenseNet the hardest to solve."""
+
+    BLOCKS = (6, 12, 24, 16)
+
+    def __init__(self, num_classes: int = 1000, growth: int = 32, stem_channels: int = 64):
+        super().__init__()
+        self.features = nn.Sequential()
+        self.features.add_module("conv0", nn.Conv2d(3, stem_channels, kernel_size=7, stride=2, padding=3, bias=False))
+        self.features.add_module("norm0", nn.BatchNorm2d(stem_channels))
+        self.features.add_module("relu0", nn.ReLU(inplace=True))
+        self.features.add_module("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+        channels = stem_channels
+        for index, layers in enumerate(self.BLOCKS, start=1):
+            self.features.add_module(f"denseblock{index}", DenseBlock(layers, channels, growth))
+            channels += layers * growth
+            if index < len(self.BLOCKS):
+                self.features.add_module(f"transition{index}", nn.Sequential(
+                    OrderedDict(norm=nn.BatchNorm2d(channels), relu=nn.ReLU(inplace=True),
+                                conv=nn.Conv2d(channels, channels // 2, kernel_size=1, bias=False),
+                                pool=nn.AvgPool2d(kernel_size=2, stride=2))))
+                channels //= 2
+        self.features.add_module("norm5", nn.BatchNorm2d(channels))
+        self.classifier = nn.Linear(channels, num_classes)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.features(x))  # (B, 1024, H/32, W/32)
+        x = x.mean(dim=(2, 3))  # (B, 1024)
+        return self.classifier(x)  # (B, num_classes)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # U-Net: per-pixel segmentation
 
 
@@ -453,6 +517,7 @@ IMAGE_TASKS = {
     "resnet50": ImageTask("ResNet-50, 224x224 RGB, 1000 classes", ResNet50, (3, 224, 224), (), 1000),
     "mobilenet_v2": ImageTask("MobileNetV2, 224x224 RGB, 1000 classes", MobileNetV2, (3, 224, 224), (), 1000),
     "unet": ImageTask("U-Net, 256x256 RGB, 2-class segmentation", UNet, (3, 256, 256), (256, 256), 2),
+    "densenet121": ImageTask("DenseNet-121, 224x224 RGB, 1000 classes", DenseNet121, (3, 224, 224), (), 1000),
     # extreme classification: the output layer and its logits dwarf the rest of the network
     "mlp-xc": ImageTask("MLP, 4 x Linear(1024, 1024) + ReLU, 1024 features, 131,072 classes",
                         lambda: MLP(depth=4, num_classes=131072), (1024,), (), 131072),

@@ -15,6 +15,7 @@ REFERENCE_PARAMETERS = {
     "resnet50": 25_557_032,
     "vgg16": 138_357_544,
     "mobilenet_v2": 3_504_872,
+    "densenet121": 7_978_856,
     "gpt2": 124_439_808,
     "gpt2-medium": 354_823_168,
     "gpt2-xl": 1_557_611_200,
@@ -37,11 +38,11 @@ def assert_one_line_error(error: pytest.ExceptionInfo, *fragments: str) -> None:
 
 def test_zoo_names():
     assert set(ZOO_NAMES) == {"gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt2-tiny", "llama", "llama-tiny",
-                              "mlp", "mlp-xc", "vgg16", "resnet50", "mobilenet_v2", "unet"}
+                              "mlp", "mlp-xc", "vgg16", "resnet50", "mobilenet_v2", "unet", "densenet121"}
 
 
 @pytest.mark.parametrize("name, batch", [("gpt2-tiny", 2), ("mlp", 2), ("mobilenet_v2", 1), ("resnet50", 1),
-                                         ("vgg16", 1), ("unet", 1)])
+                                         ("vgg16", 1), ("unet", 1), ("densenet121", 1)])
 def test_zoo_model_trains_on_real_tensors(name, batch):
     torch.manual_seed(0)
     spec = build_model(name, batch=batch)
@@ -103,7 +104,9 @@ def test_every_zoo_model_builds_and_runs_on_fake_tensors_at_default_batch(name):
 @pytest.mark.parametrize("name, path", [("resnet50", "layer2.1.conv1"), ("resnet50", "layer4.0.downsample"),
                                         ("vgg16", "features.3"), ("mobilenet_v2", "features.3.conv"),
                                         ("unet", "downs.3.conv"), ("unet", "ups.0.up"), ("mlp", "blocks.6.fc"),
-                                        ("gpt2-tiny", "lm.transformer.h.1.attn")])
+                                        ("gpt2-tiny", "lm.transformer.h.1.attn"),
+                                        ("densenet121", "features.denseblock3.denselayer24.conv2"),
+                                        ("densenet121", "features.transition2.pool")])
 def test_repeated_blocks_have_indexed_module_paths(name, path):
     with FakeTensorMode():
         spec = build_model(name, batch=1)
