@@ -614,6 +614,9 @@ def _factory_kwargs(factory: Callable, where: str, batch: int | None, seq: int |
     batch_required = "batch" in parameters and parameters["batch"].default is inspect.Parameter.empty
     if (takes_any or "batch" in accepted) and (batch is not None or batch_required):
         kwargs["batch"] = DEFAULT_BATCH if batch is None else batch  # no --batch: the factory's own default
+    elif batch is not None:
+        raise ModelError(f"{where} takes no batch argument, but batch {batch} was asked for (--batch; remat maxbatch "
+                         "tries several): add a batch= parameter, or leave --batch out")
     seq_required = "seq" in parameters and parameters["seq"].default is inspect.Parameter.empty
     if (takes_any or "seq" in accepted) and (seq is not None or seq_required):
         kwargs["seq"] = seq  # no --seq: the factory's own default, not None over it

@@ -190,7 +190,7 @@ def test_factory_without_arguments_returning_model_and_a_single_tensor(tmp_path)
             model = Net()
             return model, torch.randn(5, 8)
         """)
-    spec = build_model(f"{path}:make", batch=16)
+    spec = build_model(f"{path}:make")
     assert spec.name == f"{path}:make" and spec.loss_fn is None
     assert isinstance(spec.example_inputs, tuple) and spec.example_inputs[0].shape == (5, 8)
     assert spec.batch == 5  # the factory fixed its own batch
@@ -344,8 +344,9 @@ def test_factory_keeps_its_own_batch_default_when_no_batch_is_given(tmp_path):
     assert own.example_inputs[0].shape == (4, 12, 8) and (own.batch, own.seq) == (4, 12)
     assert build_model(f"{path}:make", batch=2).batch == 2
     assert build_model(f"{path}:needs_batch").batch == DEFAULT_BATCH  # no default of its own: the zoo's
-    assert build_model(f"{path}:fixed").batch == 3  # read from its inputs, whatever was asked
-    assert build_model(f"{path}:fixed", batch=7).batch == 3
+    assert build_model(f"{path}:fixed").batch == 3  # read from its inputs
+    with pytest.raises(ModelError, match="takes no batch argument, but batch 7 was asked for"):
+        build_model(f"{path}:fixed", batch=7)  # not silently another batch than asked for
     assert build_model("mlp").batch == DEFAULT_BATCH
 
 
