@@ -545,16 +545,15 @@ def build_model(name_or_path: str, batch: int | None = None, seq: int | None = N
     """
     if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise ModelError(f"batch must be a positive integer, got {batch!r}")
-    if not name_or_path.endswith(".py") and ".py:" not in name_or_path:
-        batch = DEFAULT_BATCH if batch is None else batch
     if seq is not None and (isinstance(seq, bool) or not isinstance(seq, int) or seq < 1):
         raise ModelError(f"--seq must be a positive integer, got {seq!r}")
+    zoo_batch = DEFAULT_BATCH if batch is None else batch
     if name_or_path in GPT2_SIZES:
-        return _build_gpt2(name_or_path, batch, seq)
+        return _build_gpt2(name_or_path, zoo_batch, seq)
     if name_or_path in LLAMA_SIZES:
-        return _build_llama(name_or_path, batch, seq)
+        return _build_llama(name_or_path, zoo_batch, seq)
     if name_or_path in IMAGE_TASKS:
-        return _build_image_model(name_or_path, batch, seq)
+        return _build_image_model(name_or_path, zoo_batch, seq)
     path, _, factory = name_or_path.rpartition(":")
     if path.endswith(".py") and factory:
         return _build_from_factory(Path(path), factory, batch, seq)
