@@ -2,6 +2,7 @@
 worse than a baseline that fits."""
 
 import dataclasses
+import time
 
 import pytest
 
@@ -182,3 +183,32 @@ def test_a_lower_bound_cut_short_before_any_solution_is_solved_again_not_coarsen
     assert plan.method == "cover-round" and plan.status == "optimal" and "solved again" in plan.picked
     baselines = [c.simulation.compute_s for c in plan.candidates if c.method in BASELINES and c.fits(250)]
     assert plan.compute_s < min(baselines)
+
+
+@pytest.mark.parametrize("large_gap, searched", [(0.2, True), (0.5, False)])
+def test_a_graph_past_the_search_size_is_searched_when_its_plan_is_far_from_its_bound(monkeypatch, large_gap,
+                                                                                      searched):
+    # DenseNet-121 at 1.1 x min (1,707 nodes, past MAX_SEARCH_NODES): cover-round's plan is +568% against a bound of
+    # +19%, and drop-search takes it to +262% in 30 s. Here a 29-node chain step stands in for such a graph: its
+    # plan before the search is 64 s against a bound of 48.8 s (a gap of 24%).
+    monkeypatch.setattr(planner, "MAX_SEARCH_NODES", 20)
+    monkeypatch.setattr(planner, "MAX_POLISH_NODES", 20)  # nor polished by the whole-graph MILP, as DenseNet is not
+    monkeypatch.setattr(planner, "LARGE_GAP", large_gap)
+    real_tighten = planner._tighten_bound
+    given = []  # (seconds to the deadline _tighten_bound is given, to solve's own deadline), the plan's gap
+
+    def tighten(plan, started, deadline, say):
+        now = time.perf_counter()
+        given.append((deadline - now, started + 4 - now, plan.gap))
+        return real_tighten(plan, started, deadline, say)
+
+    monkeypatch.setattr(planner, "_tighten_bound", tighten)
+    real_plan = planner._plan  # the MILP on the whole graph would take all 4 s: leave the search some
+    monkeypatch.setattr(planner, "_plan", lambda graph, budget, solver, limit_s, *rest:
+                        real_plan(graph, budget, solver, 1.0, *rest))
+    plan = solve(chain_training_graph(14), 50, time_limit_s=4)
+    ((tighten_s, left_s, gap),) = given
+    assert gap >= 0.2 and any(c.method == "drop-search" for c in plan.candidates) == searched
+    # the bound, solved again, gets a share of the time left where the search needs the rest
+    assert tighten_s == pytest.approx(planner.LARGE_GAP_TIGHTEN_SHARE * max(0.0, left_s) if searched else left_s,
+                                      abs=1e-3)
