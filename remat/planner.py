@@ -142,10 +142,12 @@ class Plan:
 
 def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: float = 60.0,
           backend: str = "highs", progress: Callable[[str], None] | None = None,
-          known: Sequence[Candidate] = ()) -> Plan:
+          known: Sequence[Candidate] = (), beaten_at_s: float | None = None) -> Plan:
     """The cheapest schedule of `graph` whose simulated peak fits `budget_bytes`.
 
     `known`: schedules found earlier for this graph (a smaller budget's plan, say), weighed like the baselines.
+    `beaten_at_s`: the seconds of a plan found elsewhere (another chunk count's): once the lower bound shows no
+    schedule of this graph costs less, the solve stops with what it has (`Plan.picked` says so).
     Every stage draws on one deadline, `time_limit_s` from now: when it is near or past, the stages still to
     come get MIN_STAGE_S each (a MILP then keeps its warm start; a finer coarse level is skipped), and the best
     plan found so far is returned with its bound. Building a MILP is not interruptible: that is the overrun.
@@ -155,7 +157,9 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
         raise ValueError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVER_NAMES)}")
     started = time.perf_counter()
     say = progress or (lambda message: None)
-    plan = _plan(graph, budget_bytes, solver, time_limit_s, backend, say, known, started)
+    plan = _plan(graph, budget_bytes, solver, time_limit_s, backend, say, known, started, beaten_at_s)
+    if _beaten(plan.lower_bound_s, beaten_at_s):
+        return plan
     deadline = started + time_limit_s
     tighten_until = deadline
     if solver == "auto" and _searched_for_its_gap(plan):  # the search needs time after the bound's
@@ -354,8 +358,14 @@ def _polish_windows(plan: Plan, started: float, deadline: float, backend: str, s
     return _adopt(plan, polished, started, "the MILP on windows of its stages")
 
 
+def _beaten(lower_bound_s: float | None, beaten_at_s: float | None) -> bool:
+    """No schedule can cost less than the plan found elsewhere (ties go to that plan: fewer chunks)."""
+    return lower_bound_s is not None and beaten_at_s is not None and lower_bound_s >= beaten_at_s
+
+
 def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, backend: str,
-          say: Callable[[str], None], known: Sequence[Candidate], started: float) -> Plan:
+          say: Callable[[str], None], known: Sequence[Candidate], started: float,
+          beaten_at_s: float | None = None) -> Plan:
     """solve's search, every stage on one deadline from `started`."""
     deadline = started + time_limit_s
 
@@ -394,6 +404,10 @@ def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, bac
         lower_bound_s, bound_method = None, "covering: no schedule fits"
     else:
         lower_bound_s, bound_method = covering.lower_bound_s, covering.method
+    if _beaten(lower_bound_s, beaten_at_s):
+        return _finish(graph, budget_bytes, candidates, candidates, store_all, bound, started, lower_bound_s,
+                       note=f"stopped: no schedule costs less than {beaten_at_s:.6g} s, a plan found elsewhere",
+                       bound_method=bound_method, picked="stopped at the lower bound: beaten by a plan found elsewhere")
 
     # The schedule that drops what the bound's covering MILP recomputes: on chains of layers it costs the bound
     # itself, which proves it optimal at once; elsewhere one more candidate and warm start.

@@ -9,7 +9,8 @@ so it is worth having only where the budget needs it:
     op leaves two thirds of the activation budget free and checkpoint-all fits, or while its single-op floor
     or checkpoint-all's peak keeps falling (`SplitTracer.lowering`); the plan is the cheapest that fits of
     the unsplit step (when its floor is below the budget) and the last variant (the time limit is shared:
-    each gets an even share of the time left).
+    each gets an even share of the time left, and the second stops once its lower bound shows it cannot beat
+    the first's plan).
     Ties go to fewer chunks. The baselines, with the chunks streamed (`stream_head`), join the solver's
     candidates: they know nothing of chunks and would hold every chunk's logits until its backward.
 The chosen split and the reason are recorded in the graph's meta ("split", "split_note"), so the plan
@@ -354,7 +355,10 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
             weighed = streamed_baselines(variant, budget_bytes) if variant.head and solver not in BASELINES else []
         # an even share of the time left: what a solve that ends early (proven optimal) leaves goes to the next
         share = max(deadline - time.monotonic(), 0.0) / (len(candidates) - position)
-        solved.append((variant, solve(variant.graph, budget_bytes, solver, share, backend, progress, known=weighed)))
+        # a plan found for an earlier candidate: this one stops once its bound shows it cannot do better
+        beaten_at_s = min((p.compute_s for _, p in solved if p.compute_s is not None), default=None)
+        solved.append((variant, solve(variant.graph, budget_bytes, solver, share, backend, progress, known=weighed,
+                                      beaten_at_s=beaten_at_s)))
     tried = [(k, floor, next((p for v, p in solved if v.key == k), None)) for k, floor in floors.items()]
 
     fits = [(v, p) for v, p in solved if p.schedule is not None]

@@ -212,3 +212,17 @@ def test_a_graph_past_the_search_size_is_searched_when_its_plan_is_far_from_its_
     # the bound, solved again, gets a share of the time left where the search needs the rest
     assert tighten_s == pytest.approx(planner.LARGE_GAP_TIGHTEN_SHARE * max(0.0, left_s) if searched else left_s,
                                       abs=1e-3)
+
+
+@pytest.mark.parametrize("beaten_at_s, stopped", [(300.0, True), (400.0, False)])
+def test_a_solve_stops_once_its_bound_shows_a_plan_found_elsewhere_is_as_cheap(beaten_at_s, stopped):
+    # solve_split passes the plan of the chunk count solved before: Swin (80%, 30 s) had its unsplit step proven
+    # optimal in 0.5 s, and the MLP-split step, whose covering bound was above that plan after 1.5 s, then ran its
+    # coarsened MILPs for 26 s more. The 24-layer chain step at 40 bytes: covering bound and optimum 302 s.
+    plan = solve(chain_training_graph(24), 40, time_limit_s=10, beaten_at_s=beaten_at_s)
+    assert plan.lower_bound_s == pytest.approx(302.0, rel=1e-6)
+    assert plan.picked.startswith("stopped") == stopped
+    if stopped:  # the baselines' best, not searched further: that plan found elsewhere is at least as cheap
+        assert plan.method in BASELINES and plan.compute_s > 302.0
+    else:
+        assert plan.method == "cover-round" and plan.status == "optimal"

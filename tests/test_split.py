@@ -330,11 +330,13 @@ def test_a_solve_that_ends_early_hands_its_time_to_the_next_chunk_count(monkeypa
     import remat.split_plan as split_plan
     from remat.planner import solve
 
-    limits = []
+    limits, beaten_at, plans = [], [], []
 
     def recording_solve(graph, budget, solver, time_limit_s, *args, **kwargs):
         limits.append(time_limit_s)
-        return solve(graph, budget, solver, time_limit_s, *args, **kwargs)
+        beaten_at.append(kwargs.get("beaten_at_s"))
+        plans.append(solve(graph, budget, solver, time_limit_s, *args, **kwargs))
+        return plans[-1]
 
     monkeypatch.setattr(split_plan, "solve", recording_solve)
     tracer = tiny_tracer()
@@ -342,6 +344,8 @@ def test_a_solve_that_ends_early_hands_its_time_to_the_next_chunk_count(monkeypa
     solve_split(tracer, tracer.unsplit.floor_bytes, solver="chen-sqrtn", time_limit_s=20.0)
     assert len(limits) == 2  # the unsplit step, then the split one
     assert 9.0 <= limits[0] <= 10.0 and limits[1] >= 18.0  # a baseline is done at once: the rest goes on
+    # the split step's solve knows the unsplit plan's cost: it stops once its bound shows it cannot do better
+    assert beaten_at == [None, plans[0].compute_s]
 
 
 # --- attention ------------------------------------------------------------------------------------------
