@@ -12,7 +12,7 @@ computed again at its recomputation points, together with the inputs it needs th
 of placing the points (VARIANTS) are each emitted and simulated, for each incumbent the covering solve found on its
 way (near its optimum, solutions of about the same seconds differ a lot as schedules: schedules_for_bound); the
 cheapest that fits is the plan. Where the cheap way (values brought back once and held for every later point)
-overshoots, release_reused lets go of the largest held at the peak, one at a time, until it fits. When nothing
+overshoots, release_held lets go of the largest held at the peak, one at a time, until it fits. When nothing
 fits (recomputation transients, inputs held longer), the covering MILP is solved again for a lower budget.
 Last, one value at a time while the schedule still fits, a drop is undone (the covering may drop more than needed),
 an input computed again only to recompute a dropped value is held instead, or a value let go is held again.
@@ -20,6 +20,7 @@ an input computed again only to recompute a dropped value is held instead, or a 
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -33,15 +34,24 @@ from solvers.bounds import Bound, covering_bound, parts
 from solvers.decompose import emit, prune_rows
 
 MAX_REPAIRS = 4  # covering solves for a moved budget after the first
-MAX_FRESH = 48  # values release_reused may stop holding for later points, one per schedule tried
+MAX_FRESH = 48  # values release_held may stop holding for later points, one per schedule tried
 KEEP_STARTS = 8  # drops whose cheapest schedule that fits keep_what_fits starts from, the cheapest first
 REPAIR_STEPS = 100  # the margin moves no further once it would move by less than this share of the activation budget
 HOLD_SHARE = 1000  # inputs of at most this share of the activation budget may be held rather than recomputed
+# Which inputs of a dropped value are held until its points rather than computed again there (rows_for_drops):
+HOLD_NONE = "none"
+HOLD_SMALL = "small"  # those of at most 1/HOLD_SHARE of the activation budget (a weight's cast)
+# every one: a DenseNet's concatenations read the block's features, the last of them in the forward, so bringing a
+# dropped concatenation back in the backward computes those features again, each from the ones before it (DenseNet-121
+# at 1.1 x min: +567% where the same drops with every input held cost +74%)
+HOLD_ALL = "all"
 # The ways of turning the drops into rows that are tried (each is an emit and a simulation: milliseconds):
-# (where a dropped value comes back, reuse values brought back, hold small inputs)
-VARIANTS = [(rule, reuse, hold) for rule in ("first", "longest") for reuse, hold in ((True, False), (False, False),
-                                                                                     (True, True))]
-VARIANTS += [("every", False, False), ("every", False, True)]
+# (where a dropped value comes back, reuse values brought back, which inputs are held)
+VARIANTS = [(rule, reuse, hold) for rule in ("first", "longest") for reuse, hold in ((True, HOLD_NONE),
+                                                                                     (False, HOLD_NONE),
+                                                                                     (True, HOLD_SMALL))]
+VARIANTS += [("every", False, HOLD_NONE), ("every", False, HOLD_SMALL), ("first", True, HOLD_ALL),
+             ("first", False, HOLD_ALL)]
 
 
 @dataclass(frozen=True)
@@ -53,7 +63,7 @@ class Drops:
     rule: str = "first"  # where a dropped value comes back (recompute_points)
     reuse: bool = False  # a value brought back is held for the later points that need it
     hold_bytes: int = 0  # inputs of at most this many bytes are held rather than computed again
-    fresh: frozenset[int] = frozenset()  # values never held for later points, even with reuse (release_reused)
+    fresh: frozenset[int] = frozenset()  # values never held for later points, even with reuse (release_held)
     held: frozenset[int] = frozenset()  # inputs held until the points that read them, whatever their size
 
 
@@ -84,7 +94,7 @@ def rows_for_drops(graph: Graph, dropped: set[int], rule: str = "first", reuse: 
     than computed once more (fewer seconds, more bytes held in the backward). `hold_bytes`: an input of at most
     this many bytes that is not dropped is held until the point rather than computed again (a weight's cast);
     so is every input in `held` (see keep_what_fits). `fresh`: values never held for later points, even with
-    `reuse` (see release_reused)."""
+    `reuse` (see release_held)."""
     backward_start = first_backward_index(graph)
     last_reader = [max(graph.users[v], default=v) for v in range(len(graph))]
     points = {v: recompute_points(graph, v, backward_start, rule) for v in dropped}
@@ -130,30 +140,52 @@ def schedule_for_drops(graph: Graph, drops: Drops) -> Schedule:
     return schedule
 
 
-def release_reused(graph: Graph, budget_bytes: int, drops: Drops, deadline: float) -> tuple[Schedule, Simulation,
-                                                                                             Drops] | None:
-    """With `reuse`, a value brought back at one point is held for the later points that read it: the fewest
-    seconds, but where the backward brings back a chain (a U-Net's full-resolution stem: convolution, relu,
-    convolution, relu, each read again a few ops apart) every link is held at once. Make values fresh (brought
-    back at each point that needs them, not held in between), the largest held at the peak first, until the
-    schedule fits. The schedule, its simulation and its drops (`drops` with reuse and the fresh values); None
-    when it does not fit in MAX_FRESH steps or by the deadline, or nothing held at the peak can be let go."""
-    fresh: set[int] = set()
+def drops_for_variant(graph: Graph, dropped: tuple[int, ...], rule: str, reuse: bool, hold: str,
+                      small: int) -> Drops:
+    """The drops of one of VARIANTS; `small`: the bytes up to which HOLD_SMALL holds an input."""
+    return Drops(dropped, rule, reuse, small if hold == HOLD_SMALL else 0,
+                 held=frozenset(range(len(graph))) if hold == HOLD_ALL else frozenset())
+
+
+def release_held(graph: Graph, budget_bytes: int, drops: Drops, deadline: float) -> tuple[Schedule, Simulation,
+                                                                                           Drops] | None:
+    """Let go of the largest values the schedule holds at its peak only for a later point, as many as add up to its
+    overshoot, until the schedule fits. Two kinds are held so:
+    - with `reuse`, a value brought back at one point, for the later points that read it: the fewest seconds, but
+      where the backward brings back a chain (a U-Net's full-resolution stem: convolution, relu, convolution, relu,
+      each read again a few ops apart) every link is held at once. Let go, it is brought back fresh at each point;
+    - an input in `held`, past its last reader, for the points that recompute its dropped readers (HOLD_ALL: a
+      DenseNet's features). Let go, it is computed again at those points.
+    The schedule, its simulation and its drops; None when it does not fit in MAX_FRESH steps or by the deadline,
+    or nothing held at the peak can be let go."""
+    last_reader = [max(graph.users[v], default=v) for v in range(len(graph))]
     for _ in range(MAX_FRESH):
-        released = replace(drops, reuse=True, fresh=frozenset(fresh))
-        schedule = schedule_for_drops(graph, released)
+        schedule = schedule_for_drops(graph, drops)
         sim = simulate(graph, schedule)
         if sim.peak_bytes <= budget_bytes:
-            return schedule, sim, released
+            return schedule, sim, drops
         if time.perf_counter() > deadline:
             return None
         peak = schedule.ops[sim.peak_op].node
-        computed = Counter(op.node for op in schedule.ops[:sim.peak_op + 1] if op.kind == COMPUTE)
+        before_peak = schedule.ops[:sim.peak_op + 1]
+        computed = Counter(op.node for op in before_peak if op.kind == COMPUTE)
+        stage = max(computed)  # the stage the peak is in, or the one before
         held = [(size, v) for v, size in live_bytes_at(graph, schedule, sim.peak_op).items()
-                if computed[v] > 1 and v not in fresh and v != peak and v not in graph.nodes[peak].deps]
+                if v != peak and v not in graph.nodes[peak].deps and v not in drops.fresh
+                and ((drops.reuse and computed[v] > 1)
+                     or (v in drops.held and v not in drops.dropped and last_reader[v] < stage))]
         if not held:
             return None
-        fresh.add(max(held)[1])
+        fresh, kept, freed = set(drops.fresh), set(drops.held), 0
+        for size, v in sorted(held, reverse=True):  # the largest, until they add up to the overshoot
+            if freed >= sim.peak_bytes - budget_bytes:
+                break
+            freed += size
+            if drops.reuse and computed[v] > 1:
+                fresh.add(v)
+            else:
+                kept.discard(v)
+        drops = replace(drops, fresh=frozenset(fresh), held=frozenset(kept))
     return None
 
 
@@ -171,44 +203,60 @@ def schedules_for_bound(graph: Graph, budget_bytes: int, bound: Bound, small: in
     the covering optimum, solutions of about the same seconds differ a lot as schedules: one drops a chain of links
     (GPT-2's residual stream, one add per link) that the covering counts as an add each, and bringing the last link
     back then recomputes the whole chain; an earlier incumbent drops every other link and fits at +17% where the
-    best recomputes +400% (gpt2-medium at 1.1 x min). Then release_reused, for each reuse variant that
-    overshoots while costing less than the cheapest fit (it only adds recomputation). Until the deadline, but
-    the last incumbent's variants always, until one fits. Appends a row to `tried` for each schedule; returns the
-    incumbents it turned into schedules too."""
+    best recomputes +400% (gpt2-medium at 1.1 x min). Then release_held, for each variant that holds values for
+    later points and overshoots while costing less than the cheapest fit (it only adds recomputation). Until the
+    deadline, but the last incumbent's variants always, until one fits. Appends a row to `tried` for each schedule;
+    returns the incumbents it turned into schedules too."""
     fits: list[tuple[float, int, Schedule, Drops]] = []
     over: list[int] = []
-    overshooting: list[tuple[float, int, Drops]] = []
+    overshooting: list[tuple[float, float, int, str, Drops]] = []  # (score, seconds, incumbent, hold, drops)
+    capacity = max(1, budget_bytes - graph.fixed.total_bytes)
+    cheapest = math.inf  # the seconds of the cheapest schedule that fits
     done: list[tuple[int, ...]] = []
     for incumbent, dropped in enumerate(incumbents_of(bound)):
         if incumbent > 0 and time.perf_counter() > deadline:
             break  # the last incumbent's schedules at least
         done.append(dropped)
+        rows_seen: set[tuple[tuple[int, ...], ...]] = set()
         for rule, reuse, hold in VARIANTS:
             if (incumbent > 0 or fits) and time.perf_counter() > deadline:
                 break  # each variant is an emit and a simulation: about 0.5 s on DenseNet-121's 1,707 nodes
-            drops = Drops(dropped, rule, reuse, small if hold else 0)
-            schedule = schedule_for_drops(graph, drops)
+            drops = drops_for_variant(graph, dropped, rule, reuse, hold, small)
+            rows = prune_rows(graph, rows_for_drops(graph, set(dropped), rule, reuse, drops.hold_bytes,
+                                                    held=drops.held))
+            key = tuple(map(tuple, rows))
+            if hold == HOLD_ALL and key in rows_seen:
+                continue  # every input was in memory at its points already: the schedule of an earlier variant
+            rows_seen.add(key)
+            if fits and sum(graph.nodes[v].compute_s for row in rows for v in row) > cheapest * (1 + 1e-9):
+                continue  # costs more than a schedule that fits, and letting go of held values only adds to it
+            schedule, _ = emit(graph, rows)
             sim = simulate(graph, schedule)
             assert sim.valid, sim.errors  # emit is valid for any rows
             tried.append({"margin_bytes": margin, "incumbent": incumbent, "dropped": len(dropped), "rule": rule,
-                          "reuse": reuse, "hold_small": hold, "peak_bytes": sim.peak_bytes,
-                          "compute_s": sim.compute_s})
+                          "reuse": reuse, "hold": hold, "peak_bytes": sim.peak_bytes, "compute_s": sim.compute_s})
             if sim.peak_bytes <= budget_bytes:
                 fits.append((sim.compute_s, sim.peak_bytes, schedule, drops))
+                cheapest = min(cheapest, sim.compute_s)
             else:
                 over.append(sim.peak_bytes - budget_bytes)
-                if reuse:  # the cheap placement overshoots: holding fewer of the values it brings back may fit
-                    overshooting.append((sim.compute_s, incumbent, drops))
-    for seconds, incumbent, drops in sorted(overshooting, key=lambda item: item[:2]):
-        if (fits and seconds > min(f[0] for f in fits)) or time.perf_counter() > deadline:
+                if reuse or drops.held:  # the cheap placement overshoots: holding less of what it holds may fit
+                    # the nearest to fitting first: letting go of each value held costs an emit and a simulation
+                    score = sim.compute_s * (1 + (sim.peak_bytes - budget_bytes) / capacity)
+                    overshooting.append((score, sim.compute_s, incumbent, hold, drops))
+    for _, seconds, incumbent, hold, drops in sorted(overshooting, key=lambda item: item[:3]):
+        if time.perf_counter() > deadline:
             break
-        released = release_reused(graph, budget_bytes, drops, deadline)
+        if seconds > cheapest:
+            continue
+        released = release_held(graph, budget_bytes, drops, deadline)
         if released is not None:
             schedule, sim, drops = released
             tried.append({"margin_bytes": margin, "incumbent": incumbent, "dropped": len(drops.dropped),
-                          "rule": drops.rule, "reuse": True, "hold_small": drops.hold_bytes > 0,
-                          "fresh": len(drops.fresh), "peak_bytes": sim.peak_bytes, "compute_s": sim.compute_s})
+                          "rule": drops.rule, "reuse": drops.reuse, "hold": hold, "fresh": len(drops.fresh),
+                          "peak_bytes": sim.peak_bytes, "compute_s": sim.compute_s})
             fits.append((sim.compute_s, sim.peak_bytes, schedule, drops))
+            cheapest = min(cheapest, sim.compute_s)
     return fits, over, done
 
 
@@ -301,13 +349,14 @@ def keep_what_fits(graph: Graph, budget_bytes: int, best: tuple[Schedule, float,
       before the point). The covering bound counts the dropped value's recomputation only, so such an input makes
       the plan cost more than the bound even where holding it fits (U-Net at 50%: bringing back a dropped
       concatenation recomputed the convolution it concatenates; held, the plan meets the bound);
-    - "reuse" a value release_reused made fresh: it let go of the largest values at the peak first, and later
+    - "reuse" a value release_held made fresh: it let go of the largest values at the peak first, and later
       ones may have made room for an earlier one (ResNet-50 at 1.1 x min: +24.7% -> +24.2%).
     Until the deadline. Returns the best schedule, its drops and how many changes of each kind it kept."""
     kept: Counter[str] = Counter()
     counts = best[0].compute_counts()
     changes = [(v, "undo") for v in drops.dropped]
-    changes += [(v, "hold") for v, count in enumerate(counts) if count > 1 and v not in drops.dropped]
+    changes += [(v, "hold") for v, count in enumerate(counts)
+                if count > 1 and v not in drops.dropped and v not in drops.held]
     changes += [(v, "reuse") for v in drops.fresh]
     for v, change in sorted(changes, key=lambda item: graph.nodes[item[0]].compute_s, reverse=True):
         if time.perf_counter() > deadline:

@@ -17,12 +17,16 @@ from solvers.base import FEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions
 from solvers.bounds import covering_bound
 from solvers.checkmate import solve_checkmate
 from solvers.cover_round import (
+    HOLD_ALL,
+    HOLD_NONE,
     VARIANTS,
     Drops,
+    drops_for_variant,
     keep_what_fits,
     recompute_points,
-    release_reused,
+    release_held,
     schedule_for_drops,
+    schedules_for_bound,
     solve_cover_round,
 )
 from tests.bruteforce import cheapest_schedule
@@ -53,7 +57,8 @@ def test_every_variant_of_any_drops_is_a_valid_schedule(graph, fraction):
     dropped = tuple(range(len(graph)))[:: 1 + int(fraction * 3)]
     held = frozenset(range(len(graph))[1::2])  # inputs held until their points, dropped or not
     for rule, reuse, hold in VARIANTS:
-        schedule = schedule_for_drops(graph, Drops(dropped, rule, reuse, 5 if hold else 0, held=held))
+        drops = drops_for_variant(graph, dropped, rule, reuse, hold, small=5)
+        schedule = schedule_for_drops(graph, replace(drops, held=drops.held | held))
         assert simulate(graph, schedule).valid
 
 
@@ -77,7 +82,7 @@ def test_the_covering_bound_holds_against_every_schedule_of_drops(graph, fractio
     bound = covering_bound(graph, budget, SolveOptions(time_limit_s=10))
     dropped = tuple(v for v in sorted(drops) if v < len(graph))
     for rule, reuse, hold in VARIANTS:
-        sim = simulate(graph, schedule_for_drops(graph, Drops(dropped, rule, reuse, 5 if hold else 0)))
+        sim = simulate(graph, schedule_for_drops(graph, drops_for_variant(graph, dropped, rule, reuse, hold, small=5)))
         assert sim.valid
         if sim.fits(budget):
             assert not bound.proven_infeasible and bound.lower_bound_s <= sim.compute_s * (1 + 1e-9)
@@ -137,11 +142,16 @@ def test_an_input_brought_back_only_to_recompute_a_drop_is_held_where_it_fits():
     budget = 32  # store-all peaks at 35
     bound = covering_bound(graph, budget, SolveOptions(time_limit_s=10))
     assert bound.recomputed == (2,)
-    made_again = simulate(graph, schedule_for_drops(graph, Drops((2,), "first", reuse=True)))
-    assert made_again.fits(budget) and made_again.compute_s == pytest.approx(bound.lower_bound_s + 3)
+    dropped = Drops((2,), "first", reuse=True)
+    made_again = schedule_for_drops(graph, dropped)
+    sim = simulate(graph, made_again)
+    assert sim.fits(budget) and sim.compute_s == pytest.approx(bound.lower_bound_s + 3)
+    (_, seconds, _), kept_drops, kept = keep_what_fits(graph, budget, (made_again, sim.compute_s, sim.peak_bytes),
+                                                       dropped, deadline=float("inf"))
+    assert kept_drops.held == {1} and kept == {"hold": 1} and seconds == pytest.approx(bound.lower_bound_s)
+    # cover-round's variant that holds every input gets there at once
     result = solve_cover_round(graph, budget, bound, SolveOptions(time_limit_s=10), repairs=0)
-    assert result.detail["drops"].held == {1} and result.detail["kept"] == {"hold": 1}
-    assert result.objective_s == pytest.approx(bound.lower_bound_s)
+    assert 1 in result.detail["drops"].held and result.objective_s == pytest.approx(bound.lower_bound_s)
     assert result.objective_s == pytest.approx(cheapest_schedule(graph, budget).compute_s)
     plan = solve(graph, budget, time_limit_s=20)
     assert plan.method == "cover-round" and plan.status == OPTIMAL and plan.simulation.fits(budget)
@@ -172,7 +182,7 @@ def test_releasing_reused_values_fits_where_reuse_does_not_for_less_than_no_reus
     fresh = simulate(graph, schedule_for_drops(graph, Drops(dropped, "first", reuse=False)))
     budget = 164
     assert reused.peak_bytes > budget and fresh.fits(budget)
-    released = release_reused(graph, budget, Drops(dropped, "first"), deadline=float("inf"))
+    released = release_held(graph, budget, Drops(dropped, "first", reuse=True), deadline=float("inf"))
     assert released is not None
     schedule, sim, drops = released
     let_go = drops.fresh
@@ -182,12 +192,12 @@ def test_releasing_reused_values_fits_where_reuse_does_not_for_less_than_no_reus
 
 
 def test_keeping_what_fits_holds_again_a_value_released_too_eagerly():
-    # release_reused lets go of the largest value at the peak, one at a time: at this budget all five stem values,
+    # release_held lets go of the largest value at the peak, one at a time: at this budget all five stem values,
     # made again at each of their readers. Holding one of them again fits too, once drops are undone.
     graph = stem_chain()
     budget = 128
     dropped = tuple(range(5))
-    schedule, sim, released = release_reused(graph, budget, Drops(dropped, "first"), deadline=float("inf"))
+    schedule, sim, released = release_held(graph, budget, Drops(dropped, "first", reuse=True), deadline=float("inf"))
     assert released.fresh == set(dropped) and sim.compute_s == 33
     (kept_schedule, seconds, peak), kept_drops, kept = keep_what_fits(
         graph, budget, (schedule, sim.compute_s, sim.peak_bytes), released, deadline=float("inf"))
@@ -197,14 +207,70 @@ def test_keeping_what_fits_holds_again_a_value_released_too_eagerly():
 
 
 @FAST
-@given(graph=dags_with_multi_output_ops(), fraction=st.floats(0.0, 1.0), drops=st.sets(st.integers(0, 7)))
-def test_released_schedules_are_valid_and_fit(graph, fraction, drops):
+@given(graph=dags_with_multi_output_ops(), fraction=st.floats(0.0, 1.0), drops=st.sets(st.integers(0, 7)),
+       reuse=st.booleans(), hold_all=st.booleans())
+def test_released_schedules_are_valid_and_fit(graph, fraction, drops, reuse, hold_all):
     budget = budget_between(graph, fraction)
     dropped = tuple(v for v in sorted(drops) if v < len(graph))
-    released = release_reused(graph, budget, Drops(dropped, "first"), deadline=float("inf"))
+    start = Drops(dropped, "first", reuse=reuse, held=frozenset(range(len(graph))) if hold_all else frozenset())
+    held = simulate(graph, schedule_for_drops(graph, start))
+    released = release_held(graph, budget, start, deadline=float("inf"))
     if released is not None:
-        schedule, sim, _ = released
+        schedule, sim, drops_released = released
         assert sim.valid and sim.fits(budget) and simulate(graph, schedule) == sim
+        # letting go of what is held only adds recomputation
+        assert drops_released.held <= start.held and sim.compute_s >= held.compute_s * (1 - 1e-9)
+        if held.fits(budget):
+            assert drops_released == start
+    elif not reuse and not hold_all:
+        assert not held.fits(budget)  # nothing is held for later points: nothing to let go of
+
+
+def dense_block(features: int = 3):
+    """A DenseNet block: a stem x, each feature a_k a costly convolution of the concatenation before it (of x for
+    the first), each concatenation c_k = cat(x, a_1, .., a_k) large and cheap. The features' last readers are
+    concatenations, in the forward; each feature's backward reads its input (x or a concatenation)."""
+    deps, sizes, costs = [[]], [2], [5.0]
+    grown: list[int] = []
+    for _ in range(features):
+        deps.append([len(deps) - 1])  # a_k of x or of the concatenation before
+        sizes.append(2)
+        costs.append(5.0)
+        grown.append(len(deps) - 1)
+        deps.append([0, *grown])  # c_k
+        sizes.append(2 + 2 * len(grown) + 2)
+        costs.append(1.0)
+    deps.append([len(deps) - 1])  # the loss
+    sizes.append(1)
+    costs.append(1.0)
+    loss = len(deps) - 1
+    for k in reversed(range(features)):  # a_k's backward reads its input
+        deps.append([len(deps) - 1, 2 * k])
+        sizes.append(2)
+        costs.append(1.0)
+    deps.append([len(deps) - 1])
+    sizes.append(2)
+    costs.append(1.0)
+    n = len(deps)
+    return make_graph(deps, sizes, costs, outputs=[loss, n - 1], backward=[i > loss for i in range(n)])
+
+
+def test_a_dropped_concatenation_is_brought_back_from_its_features_held():
+    # At this budget the covering drops both concatenations the backward reads (c1, c2: 1 s each). Brought back
+    # there, each reads features gone since the forward's last concatenation read them: made again, they need the
+    # concatenations before them, and so on down the block. Holding every input meets the bound, the optimum.
+    graph = dense_block(3)
+    budget = 23  # store-all peaks at 32
+    optimum = cheapest_schedule(graph, budget).compute_s
+    bound = covering_bound(graph, budget, SolveOptions(time_limit_s=10))
+    assert bound.recomputed == (2, 4) and bound.lower_bound_s == pytest.approx(optimum)
+    tried: list[dict] = []
+    fits, _, _ = schedules_for_bound(graph, budget, bound, small=0, deadline=float("inf"), margin=0, tried=tried)
+    by_hold = {hold: min(row["compute_s"] for row in tried if row["hold"] == hold and row["peak_bytes"] <= budget)
+               for hold in (HOLD_NONE, HOLD_ALL)}
+    assert by_hold[HOLD_ALL] == pytest.approx(optimum) == 30
+    assert by_hold[HOLD_NONE] >= optimum + 10  # two features made again, at 5 s each, and more
+    assert min(f[0] for f in fits) == pytest.approx(optimum)
 
 
 def test_cover_round_tries_every_incumbent_of_the_covering_solve():

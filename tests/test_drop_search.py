@@ -44,7 +44,7 @@ def test_searched_schedules_are_valid_fit_and_never_beat_the_optimum(graph, frac
 def skip_heavy_step():
     """An 18-node training step (found by a random search) whose cover-round schedule costs 40.5 s at a budget of
     194 bytes before keep_what_fits, where the optimum (Checkmate's MILP) is 38.5 s. The covering bound is 38.5 s
-    too (37.5 s without its second computations, solvers/bounds.py). release_reused lets go of one value more than
+    too (37.5 s without its second computations, solvers/bounds.py). release_held lets go of one value more than
     it needs to: keep_what_fits holds it again, and cover-round meets the optimum itself."""
     deps = [[], [0], [1], [1, 2], [3], [3, 4], [5], [0, 6], [7], [7, 8], [5, 6, 9], [10], [11], [3, 12], [2, 13],
             [5], [0, 1, 14], [16]]
