@@ -12,7 +12,7 @@ computed again at its recomputation points, together with the inputs it needs th
 of placing the points (VARIANTS) are each emitted and simulated, for each incumbent the covering solve found on its
 way (near its optimum, solutions of about the same seconds differ a lot as schedules: schedules_for_bound); the
 cheapest that fits is the plan. Where the cheap way (values brought back once and held for every later point)
-overshoots, release_held lets go of the largest held at the peak, one at a time, until it fits. When nothing
+overshoots, release_held lets go of the largest held at the peak, a few at a time, until it fits. When nothing
 fits (recomputation transients, inputs held longer), the covering MILP is solved again for a lower budget.
 Last, one value at a time while the schedule still fits, a drop is undone (the covering may drop more than needed),
 an input computed again only to recompute a dropped value is held instead, or a value let go is held again.
@@ -34,7 +34,7 @@ from solvers.bounds import Bound, covering_bound, parts
 from solvers.decompose import emit, prune_rows
 
 MAX_REPAIRS = 4  # covering solves for a moved budget after the first
-MAX_FRESH = 48  # values release_held may stop holding for later points, one per schedule tried
+MAX_FRESH = 48  # schedules release_held tries, each letting go of more of what it holds for later points
 KEEP_STARTS = 8  # drops whose cheapest schedule that fits keep_what_fits starts from, the cheapest first
 REPAIR_STEPS = 100  # the margin moves no further once it would move by less than this share of the activation budget
 HOLD_SHARE = 1000  # inputs of at most this share of the activation budget may be held rather than recomputed
@@ -133,10 +133,14 @@ def rows_for_drops(graph: Graph, dropped: set[int], rule: str = "first", reuse: 
     return rows
 
 
+def pruned_rows_for(graph: Graph, drops: Drops) -> list[list[int]]:
+    """rows_for_drops for `drops`, without the computations nothing reads."""
+    return prune_rows(graph, rows_for_drops(graph, set(drops.dropped), drops.rule, drops.reuse, drops.hold_bytes,
+                                            drops.fresh, drops.held))
+
+
 def schedule_for_drops(graph: Graph, drops: Drops) -> Schedule:
-    rows = rows_for_drops(graph, set(drops.dropped), drops.rule, drops.reuse, drops.hold_bytes, drops.fresh,
-                          drops.held)
-    schedule, _ = emit(graph, prune_rows(graph, rows))
+    schedule, _ = emit(graph, pruned_rows_for(graph, drops))
     return schedule
 
 
@@ -167,21 +171,23 @@ def release_held(graph: Graph, budget_bytes: int, drops: Drops, deadline: float)
         if time.perf_counter() > deadline:
             return None
         peak = schedule.ops[sim.peak_op].node
-        before_peak = schedule.ops[:sim.peak_op + 1]
-        computed = Counter(op.node for op in before_peak if op.kind == COMPUTE)
+        computed = Counter(op.node for op in schedule.ops[:sim.peak_op + 1] if op.kind == COMPUTE)
         stage = max(computed)  # the stage the peak is in, or the one before
-        held = [(size, v) for v, size in live_bytes_at(graph, schedule, sim.peak_op).items()
-                if v != peak and v not in graph.nodes[peak].deps and v not in drops.fresh
-                and ((drops.reuse and computed[v] > 1)
-                     or (v in drops.held and v not in drops.dropped and last_reader[v] < stage))]
+        held = []  # (bytes, value, brought back: else an input held)
+        for v, size in live_bytes_at(graph, schedule, sim.peak_op).items():
+            if v == peak or v in graph.nodes[peak].deps or v in drops.fresh:
+                continue
+            brought_back = drops.reuse and computed[v] > 1
+            if brought_back or (v in drops.held and v not in drops.dropped and last_reader[v] < stage):
+                held.append((size, v, brought_back))
         if not held:
             return None
         fresh, kept, freed = set(drops.fresh), set(drops.held), 0
-        for size, v in sorted(held, reverse=True):  # the largest, until they add up to the overshoot
+        for size, v, brought_back in sorted(held, reverse=True):  # the largest, until they add up to the overshoot
             if freed >= sim.peak_bytes - budget_bytes:
                 break
             freed += size
-            if drops.reuse and computed[v] > 1:
+            if brought_back:
                 fresh.add(v)
             else:
                 kept.discard(v)
@@ -222,8 +228,7 @@ def schedules_for_bound(graph: Graph, budget_bytes: int, bound: Bound, small: in
             if (incumbent > 0 or fits) and time.perf_counter() > deadline:
                 break  # each variant is an emit and a simulation: about 0.5 s on DenseNet-121's 1,707 nodes
             drops = drops_for_variant(graph, dropped, rule, reuse, hold, small)
-            rows = prune_rows(graph, rows_for_drops(graph, set(dropped), rule, reuse, drops.hold_bytes,
-                                                    held=drops.held))
+            rows = pruned_rows_for(graph, drops)
             key = tuple(map(tuple, rows))
             if hold == HOLD_ALL and key in rows_seen:
                 continue  # every input was in memory at its points already: the schedule of an earlier variant
