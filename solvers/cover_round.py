@@ -93,7 +93,7 @@ def rows_for_drops(graph: Graph, dropped: set[int], rule: str = "first", reuse: 
     again at one point (for itself or as another's input) is held for the points after it that need it, rather
     than computed once more (fewer seconds, more bytes held in the backward). `hold_bytes`: an input of at most
     this many bytes that is not dropped is held until the point rather than computed again (a weight's cast);
-    so is every input in `held` (see keep_what_fits). `fresh`: values never held for later points, even with
+    so is every input in `held` (HOLD_ALL, keep_what_fits). `fresh`: values never held for later points, even with
     `reuse` (see release_held)."""
     backward_start = first_backward_index(graph)
     last_reader = [max(graph.users[v], default=v) for v in range(len(graph))]
