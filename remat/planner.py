@@ -443,16 +443,20 @@ def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, bac
     else:
         auto_note = ""
 
-    if (solver == "auto" and len(graph) > MAX_WHOLE_NODES and not covering.incumbents
+    if (solver == "auto" and len(graph) > MAX_WHOLE_NODES and (not covering.incumbents or len(graph) > MAX_SEARCH_NODES)
             and covering.method.startswith("covering (") and any(c.fits(budget_bytes) for c in candidates)
             and deadline - time.perf_counter() >= TIGHTEN_MIN_S):
-        # The covering MILP was cut short before its first solution, so cover-round had nothing to start from; on
-        # a graph this size the coarsened MILP's plans are poor (DenseNet-121 at 80%: +300% where chen-greedy has
-        # +12.6%). The time goes to the covering MILP again instead (solve's _tighten_bound) and its solutions'
-        # cover-round plans (+3.2%; at 50% of store-all +15.3%, where checkpoint-all's +6679% was the only fit).
+        # The covering MILP was cut short: before its first solution, so cover-round had nothing to start from, or
+        # (on graphs too big for the searches) after a few. On a graph this size the coarsened MILP's plans are poor
+        # (DenseNet-121 at 80%: +300% where chen-greedy has +12.6%; at 90%, +20.9% where cover-round had +7.4%
+        # from the covering's first incumbents). The time goes to the covering MILP again instead (solve's
+        # _tighten_bound) and its solutions' cover-round plans (80%: +3.2%; at 50% of store-all +15.3%, where
+        # checkpoint-all's +6679% was the only fit; 90%: proven optimal at +1.0%).
+        cheapest = min((c for c in candidates if c.fits(budget_bytes)), key=lambda c: c.simulation.compute_s)
+        first = "cover-round" if cheapest.method == "cover-round" else "the best baseline"
         return _finish(graph, budget_bytes, candidates, candidates, store_all, bound, started, lower_bound_s,
-                       note="the lower bound was cut short before its first solution: it is solved again",
-                       bound_method=bound_method, picked=f"the best baseline{auto_note}")
+                       note="the lower bound was cut short: it is solved again",
+                       bound_method=bound_method, picked=f"{first}{auto_note}")
 
     # The MILP sees the whole graph when it is small enough. A larger graph is coarsened twice, to
     # about MAX_EXACT_NODES and half that; the small one is solved first and its plan, expanded,

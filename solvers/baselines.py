@@ -332,6 +332,30 @@ def find_blocks(graph: Graph) -> dict[str, list[int]]:
     return {}
 
 
+def find_named_blocks(graph: Graph) -> dict[str, list[int]]:
+    """Repeated containers numbered in their names rather than by an index ("features.denseblock1.denselayer3":
+    torchvision's DenseNet), for per-block where find_blocks finds none: a container is a module path that holds
+    others, numbered when its name ends in a number and another container's path is the same but for its numbers
+    ("features.denseblock2.denselayer1" and "features.denseblock1.denselayer4"); the innermost of those
+    (that hold no numbered container) are the blocks: a DenseNet's layers, as its own memory_efficient option
+    checkpoints them. Returns block prefix -> its forward nodes, ascending."""
+    paths = {graph.nodes[v].module for v in range(first_backward_index(graph))}
+    containers = {".".join(path.split(".")[:depth]) for path in paths for depth in range(1, path.count(".") + 1)}
+    kinds: dict[str, set[str]] = defaultdict(set)  # the path without its numbers -> the paths
+    for path in containers:
+        stem = path.rstrip("0123456789")
+        if stem != path and not stem.endswith("."):
+            kinds[".".join(part.rstrip("0123456789") for part in path.split("."))].add(path)
+    numbered = {path for group in kinds.values() if len(group) >= 2 for path in group}
+    innermost = {path for path in numbered if not any(_in_module(other, path) and other != path for other in numbered)}
+    blocks: dict[str, list[int]] = defaultdict(list)
+    for v in range(first_backward_index(graph)):
+        block = next((path for path in innermost if _in_module(graph.nodes[v].module, path)), None)
+        if block is not None:
+            blocks[block].append(v)
+    return dict(blocks) if len(blocks) >= 2 else {}
+
+
 def _in_module(module: str, prefix: str) -> bool:
     return module == prefix or module.startswith(prefix + ".")
 
@@ -340,10 +364,10 @@ def per_block(graph: Graph, budget_bytes: int, options: SolveOptions) -> SolverR
     """Store each block's inputs, drop what the block computes, and recompute the whole block's forward
     right before its first backward node; nodes outside blocks are stored as in store-all."""
     started = time.perf_counter()
-    blocks = find_blocks(graph)
+    blocks = find_blocks(graph) or find_named_blocks(graph)
     if not blocks:
         return SolverResult("per-block", NO_SOLUTION, None, wall_s=time.perf_counter() - started,
-                            message="no repeated blocks in the module paths (like 'transformer.h.3'): "
+                            message="no repeated blocks in the module paths (like 'transformer.h.3' or 'denselayer3'): "
                                     "per-block checkpointing does not apply")
     forward_end = first_backward_index(graph)
     block_of = {v: prefix for prefix, members in blocks.items() for v in members}

@@ -87,19 +87,22 @@ def recompute_points(graph: Graph, v: int, backward_start: int, rule: str) -> li
 
 def rows_for_drops(graph: Graph, dropped: set[int], rule: str = "first", reuse: bool = False,
                    hold_bytes: int = 0, fresh: frozenset[int] = frozenset(),
-                   held: frozenset[int] = frozenset()) -> list[list[int]]:
+                   held: frozenset[int] = frozenset(), max_seconds: float = math.inf) -> list[list[int]] | None:
     """Checkmate rows (stage t runs rows[t] in ascending order) that recompute every dropped value at its
     recomputation points (`rule`, see recompute_points), with its missing inputs. `reuse`: a value computed
     again at one point (for itself or as another's input) is held for the points after it that need it, rather
     than computed once more (fewer seconds, more bytes held in the backward). `hold_bytes`: an input of at most
     this many bytes that is not dropped is held until the point rather than computed again (a weight's cast);
     so is every input in `held` (HOLD_ALL, keep_what_fits). `fresh`: values never held for later points, even with
-    `reuse` (see release_held)."""
+    `reuse` (see release_held). None once the rows' seconds pass `max_seconds`: a variant that costs more than a
+    schedule already found is not worth finishing (on DenseNet-121 near its minimum, an early covering incumbent's
+    rows without reuse recompute a block's features over and over: +37,000%, 2 s to build)."""
     backward_start = first_backward_index(graph)
     last_reader = [max(graph.users[v], default=v) for v in range(len(graph))]
     points = {v: recompute_points(graph, v, backward_start, rule) for v in dropped}
     again: dict[int, int] = {}  # value -> the first point where it is computed again
     rows = [[t] for t in range(len(graph))]
+    seconds = sum(node.compute_s for node in graph.nodes)
 
     def last_read(d: int, w: int) -> int:
         """The last reader of the outputs of d that w reads (an op whose outputs are released one by one: a
@@ -129,14 +132,19 @@ def rows_for_drops(graph: Graph, dropped: set[int], rule: str = "first", reuse: 
             stack.extend(d for d in graph.nodes[w].deps if d not in rows[point] and not present(d, point, w))
         for w in needed:
             again.setdefault(w, point)
+        # each of these is read (by v, or by what v needs) before anything else computes it: prune_rows keeps it
+        seconds += sum(graph.nodes[w].compute_s for w in needed)
+        if seconds > max_seconds:
+            return None
         rows[point] = sorted(set(rows[point]) | needed)
     return rows
 
 
-def pruned_rows_for(graph: Graph, drops: Drops) -> list[list[int]]:
-    """rows_for_drops for `drops`, without the computations nothing reads."""
-    return prune_rows(graph, rows_for_drops(graph, set(drops.dropped), drops.rule, drops.reuse, drops.hold_bytes,
-                                            drops.fresh, drops.held))
+def pruned_rows_for(graph: Graph, drops: Drops, max_seconds: float = math.inf) -> list[list[int]] | None:
+    """rows_for_drops for `drops`, without the computations nothing reads; None past `max_seconds`."""
+    rows = rows_for_drops(graph, set(drops.dropped), drops.rule, drops.reuse, drops.hold_bytes, drops.fresh,
+                          drops.held, max_seconds)
+    return None if rows is None else prune_rows(graph, rows)
 
 
 def schedule_for_drops(graph: Graph, drops: Drops) -> Schedule:
@@ -228,13 +236,14 @@ def schedules_for_bound(graph: Graph, budget_bytes: int, bound: Bound, small: in
             if (incumbent > 0 or fits) and time.perf_counter() > deadline:
                 break  # each variant is an emit and a simulation: about 0.5 s on DenseNet-121's 1,707 nodes
             drops = drops_for_variant(graph, dropped, rule, reuse, hold, small)
-            rows = pruned_rows_for(graph, drops)
+            # costs more than a schedule that fits (letting go of held values only adds to it): not finished
+            rows = pruned_rows_for(graph, drops, cheapest * (1 + 1e-9))
+            if rows is None:
+                continue
             key = tuple(map(tuple, rows))
             if hold == HOLD_ALL and key in rows_seen:
                 continue  # every input was in memory at its points already: the schedule of an earlier variant
             rows_seen.add(key)
-            if fits and sum(graph.nodes[v].compute_s for row in rows for v in row) > cheapest * (1 + 1e-9):
-                continue  # costs more than a schedule that fits, and letting go of held values only adds to it
             schedule, _ = emit(graph, rows)
             sim = simulate(graph, schedule)
             assert sim.valid, sim.errors  # emit is valid for any rows
@@ -372,7 +381,10 @@ def keep_what_fits(graph: Graph, budget_bytes: int, best: tuple[Schedule, float,
             changed = replace(drops, held=drops.held | {v})
         else:
             changed = replace(drops, fresh=drops.fresh - {v})
-        schedule = schedule_for_drops(graph, changed)
+        rows = pruned_rows_for(graph, changed, best[1])
+        if rows is None:
+            continue  # costs more than the best: not emitted or simulated
+        schedule, _ = emit(graph, rows)
         sim = simulate(graph, schedule)
         if sim.peak_bytes <= budget_bytes and sim.compute_s < best[1]:
             best, drops = (schedule, sim.compute_s, sim.peak_bytes), changed

@@ -15,6 +15,7 @@ from solvers.baselines import (
     BASELINES,
     cut_vertices,
     find_blocks,
+    find_named_blocks,
     revolve,
     revolve_advances,
     shared_values,
@@ -406,6 +407,22 @@ def test_find_blocks_takes_the_shallowest_indexed_level():
     nested = graph_with(["encoder.0.layers.0.ff", "encoder.0.layers.1.ff", "encoder.0.norm"])
     assert find_blocks(nested) == {"encoder.0.layers.0": [0], "encoder.0.layers.1": [1]}
     assert find_blocks(graph_with(["embed", "h.10.attn", "head"])) == {}
+
+
+def test_find_named_blocks_takes_the_innermost_containers_numbered_in_their_names():
+    def graph_with(modules):
+        return make_graph([[]] + [[i] for i in range(len(modules) - 1)], [1] * len(modules), modules=modules)
+
+    densenet = graph_with(["features.conv0", "features.denseblock1.denselayer1",
+                           "features.denseblock1.denselayer1.conv1", "features.denseblock1.denselayer1.conv2",
+                           "features.denseblock1.denselayer2.conv1", "features.denseblock1",
+                           "features.transition1.conv", "features.denseblock2.denselayer1.conv1", "classifier"])
+    assert find_blocks(densenet) == {}  # no index of its own: conv0, conv1 and conv2 are layers, not containers
+    assert find_named_blocks(densenet) == {"features.denseblock1.denselayer1": [1, 2, 3],
+                                           "features.denseblock1.denselayer2": [4],
+                                           "features.denseblock2.denselayer1": [7]}
+    assert find_named_blocks(graph_with(["stem.conv1", "stem.conv2", "head"])) == {}  # numbered layers only
+    assert find_named_blocks(graph_with(["down1.conv", "mid.conv", "up1.conv"])) == {}  # no two of a name
 
 
 def test_per_block_recomputes_each_block_forward_once_before_its_backward():

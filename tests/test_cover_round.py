@@ -7,7 +7,7 @@ import time
 from dataclasses import replace
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from remat import planner
@@ -23,6 +23,7 @@ from solvers.cover_round import (
     Drops,
     drops_for_variant,
     keep_what_fits,
+    pruned_rows_for,
     recompute_points,
     release_held,
     schedule_for_drops,
@@ -224,6 +225,24 @@ def test_released_schedules_are_valid_and_fit(graph, fraction, drops, reuse, hol
             assert drops_released == start
     elif not reuse and not hold_all:
         assert not held.fits(budget)  # nothing is held for later points: nothing to let go of
+
+
+@FAST
+@given(graph=dags_with_multi_output_ops(), drops=st.sets(st.integers(0, 7)), variant=st.sampled_from(VARIANTS),
+       fresh=st.sets(st.integers(0, 7)), cap=st.floats(0.0, 1.0))
+def test_rows_are_cut_short_exactly_when_they_cost_more_than_the_cap(graph, drops, variant, fresh, cap):
+    # schedules_for_bound stops building a variant's rows once they cost more than a schedule that fits; pruning
+    # removes none of what rows_for_drops adds, so the cut is exact
+    rule, reuse, hold = variant
+    dropped = tuple(v for v in sorted(drops) if v < len(graph))
+    drops = replace(drops_for_variant(graph, dropped, rule, reuse, hold, small=5), fresh=frozenset(fresh))
+    rows = pruned_rows_for(graph, drops)
+    seconds = sum(graph.nodes[v].compute_s for row in rows for v in row)
+    store_all = sum(node.compute_s for node in graph.nodes)
+    max_seconds = store_all + cap * 2 * (seconds - store_all)
+    assume(abs(seconds - max_seconds) > 1e-9 * seconds)  # not a tie that summing in another order may break
+    capped = pruned_rows_for(graph, drops, max_seconds)
+    assert capped == (rows if seconds <= max_seconds else None)
 
 
 def dense_block(features: int = 3):

@@ -101,8 +101,11 @@ def assert_close_to_eager(model, example_inputs, step, result):
     assert torch.allclose(result.loss, loss, rtol=LOSS_RTOL, atol=0), (result.loss, loss)
     replayed = summed_tied(result.grads, step)
     assert set(replayed) == set(grads)
+    # a gradient that is zero in exact arithmetic (a convolution's bias before a batch norm) is rounding noise, which
+    # differs with the order of the sums: each is measured against at least a thousandth of the largest gradient
+    largest = max(grad.abs().max() for grad in grads.values())
     for name, grad in grads.items():
-        error = (replayed[name] - grad).abs().max() / grad.abs().max().clamp_min(1e-300)
+        error = (replayed[name] - grad).abs().max() / torch.maximum(grad.abs().max(), 1e-3 * largest).clamp_min(1e-300)
         assert error <= GRAD_RTOL, (name, error.item())
 
 
