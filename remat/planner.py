@@ -167,6 +167,9 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
     plan = _tighten_bound(plan, started, tighten_until, say)
     if solver != "auto":
         return plan
+    if _beaten(plan.lower_bound_s, beaten_at_s):  # the bound solved again shows the other plan is as cheap
+        return replace(plan, picked=f"{plan.picked}; stopped at the lower bound solved again: beaten by a plan "
+                       "found elsewhere")
     # kept for the MILP polish, when the time left covers it (large graphs never polish: no estimate needed). The
     # decision is made here, once: the search may overrun its deadline by a little (its child anneals, the last
     # simulation), and the polish then runs on what is left rather than not at all.

@@ -187,6 +187,52 @@ def test_a_lower_bound_cut_short_before_any_solution_is_solved_again_not_coarsen
     assert plan.compute_s < min(baselines)
 
 
+@pytest.mark.parametrize("beaten_at_s, searched", [(300.0, False), (500.0, True)])
+def test_a_solve_stops_once_its_bound_solved_again_shows_a_plan_found_elsewhere_is_as_cheap(monkeypatch, beaten_at_s,
+                                                                                          searched):
+    # solve_split's second chunk count: when the bound solved again (_tighten_bound) reaches the plan found for the
+    # first, searching this graph for the rest of the time cannot give a cheaper plan
+    real_plan = planner._plan
+    searches = []
+    # the first bound is far below the plan (and _plan does not stop on it); the bound solved again proves the plan
+    monkeypatch.setattr(planner, "_plan", lambda *args: dataclasses.replace(
+        real_plan(*args[:-1], None), lower_bound_s=100.0, status="feasible"))
+    monkeypatch.setattr(planner, "_tighten_bound", lambda plan, *args: dataclasses.replace(
+        plan, lower_bound_s=plan.compute_s, status="optimal"))
+    monkeypatch.setattr(planner, "_search", lambda plan, *args: searches.append(plan) or plan)
+    plan = solve(chain_training_graph(24), 40, time_limit_s=10, beaten_at_s=beaten_at_s)
+    assert plan.compute_s == pytest.approx(302.0)  # cover-round's plan costs the optimum, 302 s
+    assert bool(searches) == searched
+    assert ("beaten by a plan found elsewhere" in plan.picked) != searched
+
+
+@pytest.mark.parametrize("max_search_nodes, coarsened", [(100, False), (600, True)])
+def test_a_lower_bound_cut_short_after_a_solution_is_solved_again_on_graphs_past_the_searches(
+        monkeypatch, max_search_nodes, coarsened):
+    # DenseNet-121 at 90%: the covering MILP found two solutions in its 5-s share of 30 s, with a dual bound of
+    # store-all itself. The coarsened MILPs then took 20 s for +20.9% and cover-round's +7.4% stood, where the
+    # covering solved again proves +1.0% optimal. Graphs the searches take (up to MAX_SEARCH_NODES) keep the MILP.
+    monkeypatch.setattr(planner, "MAX_SEARCH_NODES", max_search_nodes)
+    real = planner.covering_bound
+    calls = []
+
+    def first_solve_cut_short(graph, budget_bytes, options=None, *args, **kwargs):
+        calls.append(options.time_limit_s)
+        bound = real(graph, budget_bytes, options, *args, **kwargs)
+        if len(calls) == 1:  # its solutions, but a bound no higher than store-all
+            return dataclasses.replace(bound, lower_bound_s=graph.compute_s,
+                                       method="covering (dual bound at the time limit)")
+        return bound
+
+    monkeypatch.setattr(planner, "covering_bound", first_solve_cut_short)
+    graph = chain_training_graph(60)  # 121 nodes, past the MILP's whole-graph size, and no decomposition
+    assert MAX_WHOLE_NODES < len(graph) <= 600
+    plan = solve(graph, 250, time_limit_s=10)
+    assert bool([c.method for c in plan.candidates if "coarse" in c.method]) == coarsened
+    if not coarsened:
+        assert len(calls) == 2 and plan.status == "optimal"  # the bound solved again proves cover-round's plan
+
+
 @pytest.mark.parametrize("large_gap, searched", [(0.2, True), (0.5, False)])
 def test_a_graph_past_the_search_size_is_searched_when_its_plan_is_far_from_its_bound(monkeypatch, large_gap,
                                                                                       searched):
