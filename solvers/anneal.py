@@ -83,6 +83,8 @@ class Space:
     neighbour: Callable[[Graph, Current, random.Random], Any]  # one change to the current point (or the same)
     to_json: Callable[[Any], Any]
     from_json: Callable[[Any], Any]
+    # the point's schedule, or None once its seconds pass the given ceiling (then it is not built: see anneal)
+    schedule_within: Callable[[Graph, Any, float], Schedule | None] | None = None
 
 
 def anneal(space: Space, graph: Graph, budget_bytes: int, start: Any, options: SolveOptions,
@@ -111,11 +113,20 @@ def anneal(space: Space, graph: Graph, budget_bytes: int, start: Any, options: S
             point = space.neighbour(graph, current, rng)
             if point == current.point:
                 continue
-            schedule = space.schedule_of(graph, point)
+            # The Metropolis test, drawn first: the move is taken when its score rises by less than `allowed`. A
+            # score is at least the seconds, so a point whose seconds pass current + allowed is not even built
+            # (about a quarter of the moves near the CNNs' minimum budgets; each build is an emit and a simulation)
+            allowed = -temperature * math.log(max(rng.random(), 1e-300))
+            if space.schedule_within is None:
+                schedule = space.schedule_of(graph, point)
+            else:
+                schedule = space.schedule_within(graph, point, (current_score + allowed) * (1 + 1e-9))
+                if schedule is None:
+                    continue
             proposed = Current(graph, point, schedule, simulate(graph, schedule))
             proposed_score = score(proposed.simulation, budget_bytes)
             rise = proposed_score - current_score
-            if rise > 0 and rng.random() >= math.exp(-rise / temperature):
+            if rise > 0 and rise >= allowed:
                 continue
             current, current_score = proposed, proposed_score
             if current.simulation.fits(budget_bytes) and (best is None or

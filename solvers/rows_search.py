@@ -82,7 +82,14 @@ def _rows_from_json(data: list[list[int]]) -> Rows:
     return tuple(tuple(row) for row in data)
 
 
-SPACE = Space("rows-search", __name__, MOVES, schedule_of, neighbour, _rows_to_json, _rows_from_json)
+def schedule_within(graph: Graph, rows: Rows, max_seconds: float) -> Schedule | None:
+    """The schedule of `rows`, or None when they cost more than `max_seconds` (it is not emitted)."""
+    if sum(graph.nodes[k].compute_s for row in rows for k in row) > max_seconds:
+        return None
+    return schedule_of(graph, rows)
+
+
+SPACE = Space("rows-search", __name__, MOVES, schedule_of, neighbour, _rows_to_json, _rows_from_json, schedule_within)
 
 
 def search_rows(graph: Graph, budget_bytes: int, start: Rows, options: SolveOptions | None = None,

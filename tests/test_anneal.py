@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -47,6 +48,31 @@ def test_anneals_at_once_find_what_the_same_seeds_find_one_by_one(case):
     assert at_once.detail["best"] in [r.detail["best"] for r in one_by_one]
     sim = simulate(graph, at_once.schedule)
     assert sim.valid and sim.fits(budget) and sim.compute_s == pytest.approx(at_once.objective_s)
+
+
+@pytest.mark.parametrize("case", [drops_case, rows_case], ids=["drops", "rows"])
+def test_points_ruled_out_by_their_seconds_are_not_built_and_the_walk_is_the_same(case):
+    # the Metropolis test is drawn before a point is built, and a point whose seconds alone fail it is skipped: the
+    # same moves are taken as when every point is emitted and simulated, for fewer simulations
+    space, graph, budget, start = case()
+    options = SolveOptions(time_limit_s=600)  # the moves run out long before: the cooling follows them only
+    built = {"every": 0, "within": 0}  # schedules emitted (and then simulated) after the start
+
+    def counted(build, tally):
+        def schedule(*args):
+            schedule = build(*args)
+            built[tally] += schedule is not None
+            return schedule
+        return schedule
+
+    def walk(space):
+        result = anneal(space, graph, budget, start, options, seed=3, moves_at_most=400)
+        return result.objective_s, result.detail
+
+    every = walk(replace(space, schedule_of=counted(space.schedule_of, "every"), schedule_within=None))
+    within = walk(replace(space, schedule_within=counted(space.schedule_within, "within")))
+    assert within == every
+    assert built["within"] < built["every"] - 1  # the start is built by schedule_of
 
 
 def test_drops_travel_to_a_child_anneal_whole():
