@@ -80,11 +80,11 @@ class Space:
     module: str  # the module that defines it as SPACE (a child process imports it from there)
     moves: int  # moves over which an anneal cools, unless the time limit runs out first
     schedule_of: Callable[[Graph, Any], Schedule]
+    # the point's schedule, or None once its seconds pass the given ceiling (then it is not built: see anneal)
+    schedule_within: Callable[[Graph, Any, float], Schedule | None]
     neighbour: Callable[[Graph, Current, random.Random], Any]  # one change to the current point (or the same)
     to_json: Callable[[Any], Any]
     from_json: Callable[[Any], Any]
-    # the point's schedule, or None once its seconds pass the given ceiling (then it is not built: see anneal)
-    schedule_within: Callable[[Graph, Any, float], Schedule | None] | None = None
 
 
 def anneal(space: Space, graph: Graph, budget_bytes: int, start: Any, options: SolveOptions,
@@ -117,12 +117,9 @@ def anneal(space: Space, graph: Graph, budget_bytes: int, start: Any, options: S
             # score is at least the seconds, so a point whose seconds pass current + allowed is not even built
             # (about a quarter of the moves near the CNNs' minimum budgets; each build is an emit and a simulation)
             allowed = -temperature * math.log(max(rng.random(), 1e-300))
-            if space.schedule_within is None:
-                schedule = space.schedule_of(graph, point)
-            else:
-                schedule = space.schedule_within(graph, point, (current_score + allowed) * (1 + 1e-9))
-                if schedule is None:
-                    continue
+            schedule = space.schedule_within(graph, point, (current_score + allowed) * (1 + 1e-9))
+            if schedule is None:
+                continue
             proposed = Current(graph, point, schedule, simulate(graph, schedule))
             proposed_score = score(proposed.simulation, budget_bytes)
             rise = proposed_score - current_score

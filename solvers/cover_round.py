@@ -152,6 +152,12 @@ def schedule_for_drops(graph: Graph, drops: Drops) -> Schedule:
     return schedule
 
 
+def schedule_for_drops_within(graph: Graph, drops: Drops, max_seconds: float) -> Schedule | None:
+    """schedule_for_drops, or None once the rows cost more than `max_seconds` (they are not finished or emitted)."""
+    rows = pruned_rows_for(graph, drops, max_seconds)
+    return None if rows is None else emit(graph, rows)[0]
+
+
 def drops_for_variant(graph: Graph, dropped: tuple[int, ...], rule: str, reuse: bool, hold: str,
                       small: int) -> Drops:
     """The drops of one of VARIANTS; `small`: the bytes up to which HOLD_SMALL holds an input."""
@@ -381,10 +387,9 @@ def keep_what_fits(graph: Graph, budget_bytes: int, best: tuple[Schedule, float,
             changed = replace(drops, held=drops.held | {v})
         else:
             changed = replace(drops, fresh=drops.fresh - {v})
-        rows = pruned_rows_for(graph, changed, best[1])
-        if rows is None:
-            continue  # costs more than the best: not emitted or simulated
-        schedule, _ = emit(graph, rows)
+        schedule = schedule_for_drops_within(graph, changed, best[1])
+        if schedule is None:
+            continue  # costs more than the best: not simulated
         sim = simulate(graph, schedule)
         if sim.peak_bytes <= budget_bytes and sim.compute_s < best[1]:
             best, drops = (schedule, sim.compute_s, sim.peak_bytes), changed

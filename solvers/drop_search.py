@@ -22,11 +22,9 @@ import random
 from dataclasses import asdict, replace
 
 from remat.graph import Graph
-from remat.schedule import Schedule
 from solvers.anneal import Current, Space, anneal
 from solvers.base import SolveOptions, SolverResult
-from solvers.cover_round import Drops, pruned_rows_for, schedule_for_drops
-from solvers.decompose import emit
+from solvers.cover_round import Drops, schedule_for_drops, schedule_for_drops_within
 
 MOVES = 8000  # moves over which the temperature cools (fewer when the time limit runs out first)
 
@@ -84,14 +82,8 @@ def _drops_from_json(data: dict) -> Drops:
                     "held": frozenset(data.get("held", ()))})
 
 
-def schedule_within(graph: Graph, drops: Drops, max_seconds: float) -> Schedule | None:
-    """The schedule of `drops`, or None once its rows cost more than `max_seconds` (they are not finished)."""
-    rows = pruned_rows_for(graph, drops, max_seconds)
-    return None if rows is None else emit(graph, rows)[0]
-
-
-SPACE = Space("drop-search", __name__, MOVES, schedule_for_drops, neighbour, _drops_to_json, _drops_from_json,
-              schedule_within)
+SPACE = Space("drop-search", __name__, MOVES, schedule_for_drops, schedule_for_drops_within, neighbour,
+              _drops_to_json, _drops_from_json)
 
 
 def search_drops(graph: Graph, budget_bytes: int, start: Drops, options: SolveOptions | None = None,

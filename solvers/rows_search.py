@@ -89,7 +89,7 @@ def schedule_within(graph: Graph, rows: Rows, max_seconds: float) -> Schedule | 
     return schedule_of(graph, rows)
 
 
-SPACE = Space("rows-search", __name__, MOVES, schedule_of, neighbour, _rows_to_json, _rows_from_json, schedule_within)
+SPACE = Space("rows-search", __name__, MOVES, schedule_of, schedule_within, neighbour, _rows_to_json, _rows_from_json)
 
 
 def search_rows(graph: Graph, budget_bytes: int, start: Rows, options: SolveOptions | None = None,
