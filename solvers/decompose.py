@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, replace
+from functools import cache
 
 from remat.graph import FixedMemory, Graph, Node
 from remat.schedule import COMPUTE, FREE, Op, Schedule
@@ -383,27 +384,36 @@ def emit(graph: Graph, rows: list[list[int]]) -> tuple[Schedule, list[int]]:
     their own stage: every read is served by the value's latest computation, at this stage or before.
     Also returns the stage of each instruction."""
     n = len(graph)
-    last_read: dict[tuple[int, int], tuple[int, int]] = {}  # (value, stage computed) -> (stage, node) read last
-    latest = [-1] * n
-    for t, row in enumerate(rows):
-        for k in row:
-            for d in graph.nodes[k].deps:
-                last_read[d, latest[d]] = (t, k)
-            latest[k] = t
-    frees_at: dict[tuple[int, int], list[int]] = {}  # (stage, node) -> values freed right after it runs
-    for t, row in enumerate(rows):
-        for k in row:
-            frees_at.setdefault(last_read.get((k, t), (t, k)), []).append(k)
+    computes, frees = _instructions(n)
+    order = [(t, k) for t, row in enumerate(rows) for k in row]  # every computation, in run order
+    freed_after: list[list[int]] = [[] for _ in order]  # values freed right after each computation
+    latest = [-1] * n  # the computation (its index in order) whose value is in memory
+    last_read = [-1] * n  # the last computation that read it so far
+    for i, (_, k) in enumerate(order):
+        for d in graph.nodes[k].deps:
+            last_read[d] = i
+        if latest[k] >= 0:  # computed again: the earlier copy goes after its last read
+            freed_after[max(latest[k], last_read[k])].append(k)
+        latest[k], last_read[k] = i, -1
+    for v in range(n):
+        if latest[v] >= 0:
+            freed_after[max(latest[v], last_read[v])].append(v)
     ops: list[Op] = []
     stages: list[int] = []
-    for t, row in enumerate(rows):
-        for k in row:
-            ops.append(Op(COMPUTE, k))
+    for (t, k), freed in zip(order, freed_after, strict=True):
+        ops.append(computes[k])
+        stages.append(t)
+        for v in sorted(freed):
+            ops.append(frees[v])
             stages.append(t)
-            for v in sorted(frees_at.get((t, k), ())):
-                ops.append(Op(FREE, v))
-                stages.append(t)
     return Schedule(tuple(ops), n), stages
+
+
+@cache
+def _instructions(n: int) -> tuple[tuple[Op, ...], tuple[Op, ...]]:
+    """The compute and the free instruction of each node of an n-node graph, made once: emit uses thousands a
+    schedule, and the searches emit thousands of schedules."""
+    return tuple(Op(COMPUTE, k) for k in range(n)), tuple(Op(FREE, k) for k in range(n))
 
 
 # --- combining blocks ---------------------------------------------------------------------------------

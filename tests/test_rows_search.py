@@ -12,7 +12,7 @@ from remat.schedule import COMPUTE, Op, Schedule
 from remat.simulate import simulate
 from solvers.base import SolveOptions
 from solvers.cover_round import Drops, schedule_for_drops
-from solvers.decompose import prune_rows
+from solvers.decompose import emit, prune_rows
 from solvers.drop_search import search_drops
 from solvers.rows_search import rows_of, schedule_of, search_rows
 from tests.bruteforce import cheapest_schedule
@@ -44,6 +44,26 @@ def test_searched_schedules_are_valid_fit_and_never_beat_the_optimum(case, fract
     assert sim.compute_s == pytest.approx(result.objective_s)
     assert sim.compute_s >= best.compute_s * (1 - 1e-9)
     assert schedule_of(graph, result.detail["best"]) == result.schedule
+
+
+@FAST
+@given(case=dags_with_rows())
+def test_emit_runs_the_rows_and_frees_each_value_right_after_its_last_read(case):
+    graph, rows = case
+    schedule, stages = emit(graph, [list(row) for row in rows])
+    assert simulate(graph, schedule).valid
+    computes = [(stage, op.node) for op, stage in zip(schedule.ops, stages, strict=True) if op.kind == COMPUTE]
+    assert computes == [(t, k) for t, row in enumerate(rows) for k in row]
+    last_use: dict[int, int] = {}  # value -> the last compute that made or read its copy in memory
+    compute_at = -1  # the last compute so far
+    for position, op in enumerate(schedule.ops):
+        if op.kind == COMPUTE:
+            compute_at = position
+            for v in (op.node, *graph.nodes[op.node].deps):
+                last_use[v] = position
+        else:  # freed in the frees right after the compute that used it last, not later
+            assert last_use.pop(op.node) == compute_at
+    assert not last_use  # everything computed is freed
 
 
 def chain_case():
