@@ -87,6 +87,11 @@ class Graph:
         return tuple(tuple(u) for u in users)
 
     @cached_property
+    def last_users(self) -> tuple[int, ...]:
+        """last_users[i]: the last node that reads node i (i itself when none does)."""
+        return tuple(users[-1] if users else i for i, users in enumerate(self.users))
+
+    @cached_property
     def part_reads(self) -> tuple[tuple[tuple[int, int], ...], ...]:
         """part_reads[i]: the (node, output) pairs node i reads among the outputs of multi-output ops."""
         return tuple(tuple((dep, k) for dep in sorted(set(node.deps))

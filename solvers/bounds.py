@@ -101,7 +101,7 @@ def dead_bytes(node: Node, last_reader: int, reader: int, t: int) -> int:
 
 
 def second_computations(problem: pulp.LpProblem, graph: Graph, absent_at: dict[int, tuple[dict, dict]],
-                        last_user: list[int], recomputed: Callable[[int], pulp.LpVariable],
+                        last_user: Sequence[int], recomputed: Callable[[int], pulp.LpVariable],
                         count_chains: bool = True) -> dict[int, pulp.LpVariable]:
     """Values computed twice or more again, from pairs of chained moments s < t (Checkmate's revolve effect):
     {w: e_w, its computations beyond its first two}. `recomputed(w)`: the covering's x_w. `count_chains`: count the
@@ -200,7 +200,7 @@ def covering_bound(graph: Graph, budget_bytes: int, options: SolveOptions | None
     nodes = graph.nodes
     if n == 0:
         return Bound(0.0, "store-all", 0.0)
-    last_user = [max(graph.users[v], default=v) for v in range(n)]
+    last_user = graph.last_users
     capacity = budget_bytes - graph.fixed.total_bytes
     scale = max(capacity, 1) / 1000.0  # model units of memory, as in the MILP
     second = max(graph.compute_s / n, 1e-12)

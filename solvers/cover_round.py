@@ -98,7 +98,7 @@ def rows_for_drops(graph: Graph, dropped: set[int], rule: str = "first", reuse: 
     schedule already found is not worth finishing (on DenseNet-121 near its minimum, an early covering incumbent's
     rows without reuse recompute a block's features over and over: +37,000%, 2 s to build)."""
     backward_start = first_backward_index(graph)
-    last_reader = [max(graph.users[v], default=v) for v in range(len(graph))]
+    last_reader = graph.last_users
     points = {v: recompute_points(graph, v, backward_start, rule) for v in dropped}
     again: dict[int, int] = {}  # value -> the first point where it is computed again
     rows = [[t] for t in range(len(graph))]
@@ -176,7 +176,7 @@ def release_held(graph: Graph, budget_bytes: int, drops: Drops, deadline: float)
       DenseNet's features). Let go, it is computed again at those points.
     The schedule, its simulation and its drops; None when it does not fit in MAX_FRESH steps or by the deadline,
     or nothing held at the peak can be let go."""
-    last_reader = [max(graph.users[v], default=v) for v in range(len(graph))]
+    last_reader = graph.last_users
     for _ in range(MAX_FRESH):
         schedule = schedule_for_drops(graph, drops)
         sim = simulate(graph, schedule)
