@@ -368,13 +368,15 @@ def prune_rows(graph: Graph, rows: list[list[int]]) -> list[list[int]]:
     kept_rows: list[list[int]] = []
     for t in reversed(range(len(rows))):
         kept = []
-        for k in sorted(set(rows[t]) | {t}, reverse=True):
+        row = rows[t]
+        computed = row if len(row) == 1 and row[0] == t else sorted(set(row) | {t})  # most stages run only t
+        for k in reversed(computed):
             if k == t or wanted[k]:
                 kept.append(k)
                 wanted[k] = False  # the reads after this computation are served by it
                 for d in graph.nodes[k].deps:
                     wanted[d] = True
-        kept_rows.append(sorted(kept))
+        kept_rows.append(kept[::-1])  # kept in descending order
     return kept_rows[::-1]
 
 
