@@ -339,7 +339,8 @@ def find_named_blocks(graph: Graph) -> dict[str, list[int]]:
     ("features.denseblock2.denselayer1" and "features.denseblock1.denselayer4"); the innermost of those
     (that hold no numbered container) are the blocks: a DenseNet's layers, as its own memory_efficient option
     checkpoints them. Returns block prefix -> its forward nodes, ascending."""
-    paths = {graph.nodes[v].module for v in range(first_backward_index(graph))}
+    forward = range(first_backward_index(graph))
+    paths = {graph.nodes[v].module for v in forward}
     containers = {".".join(path.split(".")[:depth]) for path in paths for depth in range(1, path.count(".") + 1)}
     kinds: dict[str, set[str]] = defaultdict(set)  # the path without its numbers -> the paths
     for path in containers:
@@ -349,7 +350,7 @@ def find_named_blocks(graph: Graph) -> dict[str, list[int]]:
     numbered = {path for group in kinds.values() if len(group) >= 2 for path in group}
     innermost = {path for path in numbered if not any(_in_module(other, path) and other != path for other in numbered)}
     blocks: dict[str, list[int]] = defaultdict(list)
-    for v in range(first_backward_index(graph)):
+    for v in forward:
         block = next((path for path in innermost if _in_module(graph.nodes[v].module, path)), None)
         if block is not None:
             blocks[block].append(v)

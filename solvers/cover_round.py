@@ -102,7 +102,7 @@ def rows_for_drops(graph: Graph, dropped: set[int], rule: str = "first", reuse: 
     points = {v: recompute_points(graph, v, backward_start, rule) for v in dropped}
     again: dict[int, int] = {}  # value -> the first point where it is computed again
     rows = [[t] for t in range(len(graph))]
-    seconds = sum(node.compute_s for node in graph.nodes)
+    seconds = graph.compute_s  # every node once; the recomputations are added below
 
     def last_read(d: int, w: int) -> int:
         """The last reader of the outputs of d that w reads (an op whose outputs are released one by one: a
