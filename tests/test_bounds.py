@@ -10,15 +10,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from remat.graph import Graph
-from remat.planner import _tighten_bound, solve
+from remat.planner import _focus_bound, _tighten_bound, solve
 from remat.schedule import Schedule
 from remat.simulate import simulate
 from solvers import bounds
 from solvers.base import OPTIMAL, SolveOptions
-from solvers.bounds import covering_bound
+from solvers.bounds import covering_bound, recomputed_again
 from solvers.checkmate import solve_checkmate
 from solvers.cover_round import solve_cover_round
-from tests.graphs import chain_training_graph, make_graph
+from tests.graphs import chain_training_graph, eager_schedule, make_graph
 from tests.test_solver_properties import budget_between
 
 
@@ -170,3 +170,73 @@ def test_time_a_plan_leaves_raises_a_cut_short_covering_bound_to_a_proof():
     assert tightened.status == OPTIMAL and tightened.lower_bound_method == "covering"
     assert tightened.lower_bound_s == pytest.approx(plan.compute_s, rel=1e-9)
     assert tightened.schedule is plan.schedule
+
+
+def test_recomputed_again_finds_the_stretches_between_a_values_recomputations():
+    # A 4-layer chain's step (f0..f3, loss 4, b3..b0 as 5..8), each backward rebuilding what it reads from f0: f0 is
+    # computed again in stages 5, 6 and 7, f1 in 5 and 6, f2 in 5 only (twice in all: no stretch).
+    graph = chain_training_graph(4)
+    schedule = Schedule.from_pairs([
+        ("compute", 0), ("compute", 1), ("free", 0), ("compute", 2), ("free", 1), ("compute", 3), ("free", 2),
+        ("compute", 4),
+        ("compute", 0), ("compute", 1), ("free", 0), ("compute", 2), ("free", 1), ("compute", 5), ("free", 4),
+        ("free", 3),
+        ("compute", 0), ("compute", 1), ("free", 0), ("compute", 6), ("free", 5), ("free", 2),
+        ("compute", 0), ("compute", 7), ("free", 6), ("free", 1),
+        ("compute", 8), ("free", 7), ("free", 0), ("free", 8)], len(graph))
+    sim = simulate(graph, schedule)
+    assert sim.valid and sim.compute_counts[:4] == (4, 3, 2, 1)
+    assert recomputed_again(graph, [schedule]) == [(5, 6), (6, 7)]  # (5, 6) first: f0 and f1 are computed at its ends
+    assert recomputed_again(graph, [schedule, schedule]) == [(5, 6), (6, 7)]
+    assert recomputed_again(graph, [eager_schedule(graph)]) == []
+
+
+def exact_and_focused(graph, budget):
+    exact = solve_checkmate(graph, budget, SolveOptions(time_limit_s=60, mip_gap=1e-9))
+    assert exact.status == OPTIMAL
+    return exact, recomputed_again(graph, [exact.schedule])
+
+
+def test_moments_between_a_plans_recomputations_raise_the_bound():
+    # An 8-layer chain's step at 40 bytes (optimum 38 s, revolve's regime): with one chained moment, where the forward
+    # turns into the backward, the bound counts each early activation's recomputations once or twice; chained
+    # moments between the optimal schedule's recomputations count the rest.
+    graph = chain_training_graph(8)
+    exact, stretches = exact_and_focused(graph, 40)
+    assert exact.objective_s == pytest.approx(38.0) and stretches
+    alone = covering_bound(graph, 40, SolveOptions(time_limit_s=10), chained_moments=1)
+    focused = covering_bound(graph, 40, SolveOptions(time_limit_s=10), chained_moments=1, focus=stretches)
+    assert alone.lower_bound_s < focused.lower_bound_s - 5 and focused.lower_bound_s <= 38.0 * (1 + 1e-9)
+
+
+def test_the_planner_raises_its_bound_at_the_moments_its_plan_brings_values_back(monkeypatch):
+    monkeypatch.setattr(bounds, "CHAINED_MOMENTS", 1)  # as on a large graph: one chained moment, where the turn is
+    monkeypatch.setattr(bounds, "CHAINED_NODE_MOMENTS", 0)
+    graph = chain_training_graph(8)
+    exact, _ = exact_and_focused(graph, 40)
+    alone = covering_bound(graph, 40, SolveOptions(time_limit_s=10))
+    plan = solve(graph, 40, time_limit_s=20)
+    assert plan.compute_s == pytest.approx(38.0)
+    cut = dataclasses.replace(plan, status="feasible", lower_bound_s=alone.lower_bound_s, lower_bound_method="covering",
+                              schedule=exact.schedule, simulation=simulate(graph, exact.schedule))
+    now = time.perf_counter()
+    assert _focus_bound(cut, now, now + 1.0, print) is cut  # under TIGHTEN_MIN_S left: nothing to do
+    focused = _focus_bound(cut, now, now + 20.0, print)
+    assert alone.lower_bound_s + 5 < focused.lower_bound_s <= 38.0 * (1 + 1e-9)
+    assert focused.lower_bound_method == "covering, focused on plans' recomputations"
+    assert focused.schedule is cut.schedule
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(graph=training_steps(), fraction=st.floats(0.0, 0.5), data=st.data())
+def test_moments_anywhere_in_focus_keep_the_bound_under_the_optimum(graph, fraction, data):
+    budget = budget_between(graph, fraction)
+    exact = solve_checkmate(graph, budget, SolveOptions(time_limit_s=60, mip_gap=1e-9))
+    if exact.status != OPTIMAL:
+        return
+    n = len(graph)
+    stretches = data.draw(st.lists(st.tuples(st.integers(0, n - 1), st.integers(1, n)).filter(lambda s: s[0] < s[1]),
+                                   max_size=6))
+    stretches += recomputed_again(graph, [exact.schedule])
+    bound = covering_bound(graph, budget, SolveOptions(time_limit_s=30), chained_moments=1, focus=stretches)
+    assert graph.compute_s - 1e-9 <= bound.lower_bound_s <= exact.objective_s * (1 + 1e-9)

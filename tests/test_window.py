@@ -115,8 +115,9 @@ def test_solve_keeps_its_window_share_of_the_time_when_the_whole_milp_does_not_f
     monkeypatch.setattr(planner, "MAX_POLISH_NODES", 0)  # as if the graph were too big for the whole MILP
     monkeypatch.setattr(planner, "WINDOW_MIN_LEFT_S", 8.0)
     plan = solve(as_if.graph, as_if.budget_bytes, time_limit_s=10)
-    assert searched_until[0] == pytest.approx((1 - planner.WINDOW_SHARE) * 10, abs=0.5)
+    # the windows' share is kept, and of the rest FOCUS_SHARE for the bound focused on the plan's recomputations
+    assert searched_until[0] == pytest.approx((1 - planner.WINDOW_SHARE) * (1 - planner.FOCUS_SHARE) * 10, abs=0.5)
     assert plan.method == "window-polish" and plan.compute_s == pytest.approx(38.5)
     # less than WINDOW_MIN_LEFT_S left: the search has all of it
     assert solve(as_if.graph, as_if.budget_bytes, time_limit_s=6).method == "cover-round"
-    assert searched_until[1] == pytest.approx(6, abs=0.5)
+    assert searched_until[1] == pytest.approx(6 * (1 - planner.FOCUS_SHARE), abs=0.5)
