@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from remat import planner
 from remat.graph import Graph
 from remat.planner import _focus_bound, _tighten_bound, solve
 from remat.schedule import Schedule
@@ -223,6 +224,9 @@ def test_the_planner_raises_its_bound_at_the_moments_its_plan_brings_values_back
     assert _focus_bound(cut, now, now + 1.0, print) is cut  # under TIGHTEN_MIN_S left: nothing to do
     focused = _focus_bound(cut, now, now + 20.0, print)
     assert alone.lower_bound_s + 5 < focused.lower_bound_s <= 38.0 * (1 + 1e-9)
+    # the focused solve chains FOCUS_CROWDED_MOMENTS crowded moments: those alone are not what raised it
+    crowded = covering_bound(graph, 40, SolveOptions(time_limit_s=10), chained_moments=planner.FOCUS_CROWDED_MOMENTS)
+    assert crowded.lower_bound_s + 3 < focused.lower_bound_s
     assert focused.lower_bound_method == "covering, focused on plans' recomputations"
     assert focused.schedule is cut.schedule
 
