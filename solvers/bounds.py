@@ -49,8 +49,8 @@ COUNT_MAX_NODES = 200  # graphs up to this size count third and later computatio
 # CNNs' steps (215 to 520 nodes) counting raised no bound and slowed the covering MILP by 1 to 2 s (U-Net at 1.1 x min:
 # 2.8 -> 4.6 s; ResNet-50 at 50% no longer proven in its 5-s share of a 30-s plan); on chains' steps it is the proof
 FOCUS_MOMENTS = 8  # chained moments from `focus` stretches at most: each adds pairs to second_computations. At 1.1 x
-# min, from the stretches of a 30-s plan and cover-round's: U-Net +23.24% -> +23.81% in 6 s (+25.15% solved, 35 s);
-# ResNet-50 +20.97% -> +21.06% (+21.37%, 28 s); MobileNet-v2 +21.52% -> +22.11% (2 s)
+# min, from the stretches of a 30-s plan and cover-round's, with the 12 most crowded moments: U-Net +23.24% -> +23.71%
+# in 6 s (+25.15% solved, 35 s); ResNet-50 +20.97% -> +21.06% (+21.37%, 28 s); MobileNet-v2 +21.52% -> +22.11% (2 s)
 MILP_SHARE = 0.75  # of the time limit, for the covering MILP; its LP relaxation (the fallback) gets the rest
 
 
