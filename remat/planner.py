@@ -184,10 +184,11 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
     left = deadline - time.perf_counter()
     by_windows = not reserve and len(graph) <= MAX_SEARCH_NODES and left >= WINDOW_MIN_LEFT_S
     windows = WINDOW_SHARE * left if by_windows else 0.0
-    focus = FOCUS_SHARE * max(0.0, deadline - reserve - windows - time.perf_counter()) if _focuses(plan) else 0.0
-    plan = _search(plan, started, deadline - reserve - windows - focus, say)
+    searched_by = deadline - reserve - windows  # the search's and the focused bound's time
+    focus = FOCUS_SHARE * max(0.0, searched_by - time.perf_counter()) if _focuses(plan) else 0.0
+    plan = _search(plan, started, searched_by - focus, say)
     if focus:
-        plan = _focus_bound(plan, started, deadline - reserve - windows, say)
+        plan = _focus_bound(plan, started, searched_by, say)
     if reserve:
         return _polish(plan, started, deadline, backend, say)
     return _polish_windows(plan, started, deadline, backend, say) if windows else plan
