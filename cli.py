@@ -181,6 +181,7 @@ def _plan_summary(plan, wall_s: float) -> dict:
         "store_all_peak_bytes": plan.store_all.peak_bytes,
         "overhead": plan.overhead,
         "lower_bound_s": plan.lower_bound_s,
+        "lower_bound_method": plan.lower_bound_method or None,
         "gap": plan.gap,
         "wall_s": wall_s,
         "nodes": len(graph),
@@ -240,7 +241,8 @@ def _print_plan(plan, wall_s: float, out: str | None) -> None:
                       f"{format_seconds(sim.compute_s)} per step, overhead {plan.overhead:+.2%} vs store-all")
         bound = "unknown" if plan.lower_bound_s is None else format_seconds(plan.lower_bound_s)
         gap = "unknown" if plan.gap is None else f"{plan.gap:.2%}"
-        console.print(f"bound          {bound} lower bound on the optimal step time, gap {gap}")
+        proof = f" ({plan.lower_bound_method})" if plan.lower_bound_method else ""
+        console.print(f"bound          {bound} lower bound on the optimal step time{proof}, gap {gap}")
         if plan.message:
             console.print(f"note           {plan.message}")
         _print_recomputed(console, plan)

@@ -106,7 +106,8 @@ class LossStep(nn.Module):
                                "return a scalar loss or pass a loss_fn")
         if loss.dim() != 0:
             loss = loss.sum()  # a non-scalar output is trained as if its sum were the loss
-        return loss.float()
+        # a bf16 loss is reported in float32; a float64 model's loss stays float64
+        return loss if loss.dtype == torch.float64 else loss.float()
 
 
 def _autocast(model: nn.Module, precision: str) -> contextlib.AbstractContextManager:

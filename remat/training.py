@@ -116,7 +116,11 @@ class PreparedStep:
 
 
 class RematModule(nn.Module):
-    """The user's module, run with a planned schedule. `forward(*args, **kwargs)` returns the loss."""
+    """The user's module, run with a planned schedule. `forward(*args, **kwargs)` returns the loss.
+
+    Its state dict is the user's model's, with the model's own keys: a checkpoint saved from it loads into the
+    plain model and the other way round (a stateful `loss_fn` is the caller's object and is not saved in it).
+    """
 
     def __init__(self, model: nn.Module, budget: str | int | float | None, *, loss_fn: Callable | None,
                  precision: str, solver: str, device: str | None, optimizer: str, time_limit: float,
@@ -139,6 +143,8 @@ class RematModule(nn.Module):
         self.backend = backend
         self.progress = progress
         self.steps: dict[tuple, PreparedStep] = {}
+        self.register_state_dict_post_hook(_model_keys)
+        self.register_load_state_dict_pre_hook(_wrapped_model_keys)
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         call = Call(args, kwargs)
@@ -216,14 +222,48 @@ class RematModule(nn.Module):
     def _primals(self, parts: PartitionedStep, inputs: Sequence[torch.Tensor]) -> list[Any]:
         """The graphs' primal inputs from the live module: its parameters (so that autograd hands
         them their gradients), its buffers (updated in place), then the call's tensors."""
-        params = dict(self.model.named_parameters(remove_duplicate=False))
-        buffers = dict(self.model.named_buffers(remove_duplicate=False))
+        # capture wraps the model and the loss function in LossStep, whose names ("model.", "loss_fn.") are ours
+        params = dict(self.named_parameters(remove_duplicate=False))
+        buffers = dict(self.named_buffers(remove_duplicate=False))
         user = iter(inputs)
         values = []
         for kind, name in zip(parts.primal_kinds, parts.primal_names, strict=True):
-            key = name.removeprefix("model.")  # capture wraps the model in LossStep
-            values.append(params[key] if kind == "param" else buffers[key] if kind == "buffer" else next(user))
+            values.append(params[name] if kind == "param" else buffers[name] if kind == "buffer" else next(user))
         return values
+
+
+def _model_keys(module: RematModule, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict post-hook: only the wrapped model's entries, without the "model." this wrapper adds."""
+    moved = {key: _moved(key, prefix + "model.", prefix) for key in state_dict if key.startswith(prefix)}
+    values = {key: state_dict.pop(key) for key in moved}
+    state_dict.update((new, values[key]) for key, new in moved.items() if new is not None)
+    _move_metadata(state_dict, prefix + "model.", prefix)
+
+
+def _wrapped_model_keys(module: RematModule, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                        missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+    """Load-state-dict pre-hook: the model's keys back under "model.", and the loss function's state as it is."""
+    values = {key: state_dict.pop(key) for key in [k for k in state_dict if k.startswith(prefix)]}
+    state_dict.update((_moved(key, prefix, prefix + "model."), value) for key, value in values.items())
+    _move_metadata(state_dict, prefix, prefix + "model.")
+    if isinstance(module.loss_fn, nn.Module):
+        state_dict.update(module.loss_fn.state_dict(prefix=prefix + "loss_fn."))
+
+
+def _moved(key: str, old: str, new: str) -> str | None:
+    """`key` with its prefix `old` replaced by `new` (both "" or ending in "."); None when it lacks `old`."""
+    return new + key.removeprefix(old) if key.startswith(old) else None
+
+
+def _move_metadata(state_dict: dict, old: str, new: str) -> None:
+    """Moves the module versions a state dict carries (BatchNorm's, say: loading reads them by module path)."""
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is None:
+        return
+    # a module's path is its keys' prefix without the dot ("" for the root)
+    moved = {path: _moved(path + "." if path else "", old, new) for path in metadata}
+    versions = {path: metadata.pop(path) for path, dotted in moved.items() if dotted is not None}
+    metadata.update((moved[path].removesuffix("."), version) for path, version in versions.items())
 
 
 def _signature(model: nn.Module, call: Call) -> tuple:

@@ -228,16 +228,17 @@ def test_inputs_by_name_and_non_tensor_arguments_plan_and_match_eager():
     loss.backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    expected = model(**batch).loss.float()  # the planned step returns the loss in fp32, as LossStep does
+    expected = model(**batch).loss  # a float64 model's loss comes back in float64
+    assert loss.dtype == torch.float64
     expected.backward()
     assert torch.equal(loss, expected)
     for grad, parameter in zip(grads, model.parameters(), strict=True):  # the MLP runs in chunks: sums reordered
         torch.testing.assert_close(grad, parameter.grad, rtol=1e-12, atol=1e-15)
     # None and 2.0 are fixed in the traced graph: another value is another step, traced and planned again
-    assert torch.equal(planned(features, None, labels, 3.0), model(features, None, labels, 3.0).loss.float())
+    assert torch.equal(planned(features, None, labels, 3.0), model(features, None, labels, 3.0).loss)
     mask = torch.ones_like(features)
     assert torch.equal(planned(features, mask=mask, labels=labels),
-                       model(features, mask=mask, labels=labels).loss.float())
+                       model(features, mask=mask, labels=labels).loss)
     assert len(planned.steps) == 3
     with torch.no_grad():
         assert torch.equal(planned(**batch), expected.detach())
@@ -465,3 +466,58 @@ def test_apply_far_below_the_unsplit_floor_splits_the_attention_blocks_too():
     _, _, split = _apply_split("gpt2-tiny", 4, 128, 12.5)
     assert split["attention_chunks"] > 1 and split["attentions"] == "2 x lm.transformer.h.*.attn"
     assert split["chunks"] > 1 and split["mlp_chunks"] > 1
+
+
+class Wrapped(nn.Module):
+    """A body under the name "model", as Hugging Face's causal LMs have it: the wrapper's prefix must not be
+    confused with the model's own."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = ConvNet()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return self.model(x) * self.scale
+
+
+class WeightedLoss(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("weight", torch.tensor(2.0, dtype=torch.float64))
+
+    def forward(self, output):
+        return output * self.weight
+
+
+def test_state_dict_is_the_models_own_both_ways():
+    torch.manual_seed(0)
+    model, inputs = Wrapped().double(), (torch.randn(2, 3, 8, 8, dtype=torch.float64),)
+    planned = apply(model, budget="100%", example_inputs=inputs, device="cpu", time_limit=TIME_LIMIT,
+                    loss_fn=WeightedLoss())
+    reference = copy.deepcopy(model)
+    loss = planned(*inputs)  # the loss function's buffer is one of the planned graphs' inputs
+    assert torch.allclose(loss, 2 * reference(*inputs))
+    loss.backward()  # a training step moves BatchNorm's running statistics
+    with torch.no_grad():
+        model.scale.mul_(3)
+    saved = planned.state_dict()
+    assert saved.keys() == model.state_dict().keys()  # "model.bn.running_mean", not "model.model.bn..."
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+
+    torch.manual_seed(1)
+    fresh = Wrapped().double()
+    fresh.load_state_dict(saved)  # strict: the same keys, BatchNorm's version metadata included
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in saved.items())
+
+    torch.manual_seed(2)
+    other = apply(Wrapped().double(), budget="100%", device="cpu", loss_fn=WeightedLoss())
+    other.loss_fn.weight.fill_(5.0)
+    other.load_state_dict(model.state_dict())  # a plain model's checkpoint; the loss function keeps its own state
+    assert all(torch.equal(other.model.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert other.loss_fn.weight.item() == 5.0
+
+    outer = nn.ModuleDict({"net": apply(Wrapped().double(), budget="100%", device="cpu")})  # nested: prefixes hold
+    assert set(outer.state_dict()) == {f"net.{key}" for key in saved}
+    outer.load_state_dict({f"net.{key}": value for key, value in saved.items()})
+    assert all(torch.equal(outer["net"].model.state_dict()[k], v) for k, v in saved.items())

@@ -136,6 +136,7 @@ def test_user_model_plan_json_and_plan_file(factory_file, probe, tmp_path):
     assert summary["peak_bytes"] <= budget < summary["store_all_peak_bytes"]
     assert summary["overhead"] == pytest.approx(summary["compute_s"] / summary["store_all_s"] - 1)
     assert summary["overhead"] > 0
+    assert summary["lower_bound_s"] <= summary["compute_s"] and summary["lower_bound_method"]  # what proves the bound
     baselines = [c for c in summary["candidates"] if c["fits"]]
     assert summary["compute_s"] <= min(c["compute_s"] for c in baselines) * (1 + 1e-9)
     plan = json.loads(out.read_text())
@@ -158,3 +159,5 @@ def test_human_output_explains_the_budget(factory_file, probe):
     assert f"{int(float(budget_mib) * 2**20):,} bytes" in text
     for words in ("fixed memory", "store-all", "plan", "recomputed", "minimum budget", "chen-sqrtn"):
         assert words in text
+    bound_line = next(line for line in text.splitlines() if line.startswith("bound "))
+    assert "(covering" in bound_line or "(milp" in bound_line or "(store-all" in bound_line, bound_line

@@ -3,8 +3,8 @@ a lower single-op floor, and a split only where a plan needs it.
 
 Tolerance: the split changes only the order of two reductions, the loss (a sum of k partial sums) and the
 gradient of the head's weight (a sum of k partial matmuls), so in float64 the gradients agree to 1e-12
-relative. Hugging Face computes its loss in float32 (`logits.float()`), and LossStep returns a float32
-loss, so the loss agrees to float32 rounding (1e-6 relative).
+relative. Hugging Face computes its loss in float32 (`logits.float()`), so the loss agrees to float32 rounding
+(1e-6 relative).
 """
 
 from functools import cache
