@@ -15,6 +15,7 @@ from functools import cached_property
 from pathlib import Path
 
 SCHEMA_VERSION = 1
+PerNode = tuple[tuple[int, ...], ...]  # a tuple of ints for each node
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,22 @@ class Graph:
         return tuple(tuple((dep, k) for dep in sorted(set(node.deps))
                            for k, users in enumerate(self.nodes[dep].part_users) if index in users)
                      for index, node in enumerate(self.nodes))
+
+    @cached_property
+    def node_columns(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[float, ...], PerNode]:
+        """Each node's output bytes, workspace bytes, seconds and inputs, as columns (remat/simulate.py's loop)."""
+        return (tuple(node.output_bytes for node in self.nodes), tuple(node.workspace_bytes for node in self.nodes),
+                tuple(node.compute_s for node in self.nodes), tuple(node.deps for node in self.nodes))
+
+    @cached_property
+    def part_slots(self) -> tuple[PerNode, PerNode, tuple[tuple[int, int], ...]]:
+        """The outputs of multi-output ops numbered 0, 1, ...: (each node's own slots, the slots each node reads,
+        each slot's (node, output)). remat/simulate.py looks them up by list index, faster than by pair."""
+        pairs = tuple((i, k) for i, node in enumerate(self.nodes) for k in range(len(node.part_bytes)))
+        slot = {pair: number for number, pair in enumerate(pairs)}
+        own = tuple(tuple(slot[i, k] for k in range(len(node.part_bytes))) for i, node in enumerate(self.nodes))
+        reads = tuple(tuple(slot[pair] for pair in node_reads) for node_reads in self.part_reads)
+        return own, reads, pairs
 
     @property
     def compute_s(self) -> float:

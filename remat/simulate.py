@@ -47,43 +47,48 @@ def simulate(graph: Graph, schedule: Schedule, max_errors: int = 10) -> Simulati
     compute_s = 0.0
     timeline: list[int] = []
 
+    output_bytes, workspace_bytes, seconds, deps = graph.node_columns
+    n = len(nodes)
     for position, op in enumerate(schedule.ops):
         i = op.node
-        if not 0 <= i < len(nodes):
+        if not 0 <= i < n:
             errors.append(f"instruction {position}: node {i} does not exist")
             timeline.append(fixed + live_bytes)
             continue
-        node = nodes[i]
         if op.kind == COMPUTE:
-            missing = [d for d in node.deps if not live[d]]
-            if missing:
-                errors.append(f"instruction {position}: compute {node.name} needs "
+            if not all(live[d] for d in deps[i]):
+                missing = [d for d in deps[i] if not live[d]]
+                errors.append(f"instruction {position}: compute {nodes[i].name} needs "
                               f"{', '.join(nodes[d].name for d in missing[:3])} which is not in memory")
+            size = output_bytes[i]
             if live[i]:
-                errors.append(f"instruction {position}: compute {node.name} while it is already in memory")
-            during = live_bytes + (0 if live[i] else node.output_bytes) + node.workspace_bytes
+                errors.append(f"instruction {position}: compute {nodes[i].name} while it is already in memory")
+                during = live_bytes + workspace_bytes[i]
+            else:
+                during = live_bytes + size + workspace_bytes[i]
+                live[i] = True
+                live_bytes += size
+                held[i] = size
             if during > peak:
                 peak, peak_op = during, position
             timeline.append(fixed + during)
-            if not live[i]:
-                live[i] = True
-                live_bytes += node.output_bytes
-                held[i] = node.output_bytes
             counts[i] += 1
-            compute_s += node.compute_s
-            for owner, part in releases.get(position, ()):  # outputs of multi-output ops read for the last time
-                if live[owner]:
-                    live_bytes -= nodes[owner].part_bytes[part]
-                    held[owner] -= nodes[owner].part_bytes[part]
+            compute_s += seconds[i]
+            if position in releases:  # outputs of multi-output ops read for the last time
+                for owner, part in releases[position]:
+                    if live[owner]:
+                        size = nodes[owner].part_bytes[part]
+                        live_bytes -= size
+                        held[owner] -= size
         else:
             if not live[i]:
-                errors.append(f"instruction {position}: free {node.name} which is not in memory")
+                errors.append(f"instruction {position}: free {nodes[i].name} which is not in memory")
             else:
                 live[i] = False
                 live_bytes -= held[i]
                 held[i] = 0
             timeline.append(fixed + live_bytes)
-        if len(errors) >= max_errors:
+        if errors and len(errors) >= max_errors:
             break
 
     never = [i for i in graph.outputs if counts[i] == 0]
@@ -109,26 +114,29 @@ def part_releases(graph: Graph, schedule: Schedule) -> dict[int, list[tuple[int,
     op's next free or recomputation (right after t if nothing reads it), as the executor's graphs
     free it. One backward sweep over the schedule.
     """
-    nodes = graph.nodes
-    outputs = [len(node.part_bytes) for node in nodes]  # 0 for an op with one output
-    if not any(outputs):
+    own, reads, pairs = graph.part_slots
+    if not pairs:
         return {}
-    reads = graph.part_reads
+    nodes = len(graph.nodes)
     releases: dict[int, list[tuple[int, int]]] = {}
-    last_read: dict[tuple[int, int], int] = {}  # (node, output) -> its last read in the lifetime being swept
-    for position in range(len(schedule.ops) - 1, -1, -1):
-        op = schedule.ops[position]
+    last_read = [-1] * len(pairs)  # per output: its last read in the lifetime being swept (-1: none yet)
+    ops = schedule.ops
+    for position in range(len(ops) - 1, -1, -1):
+        op = ops[position]
         i = op.node
-        if not 0 <= i < len(nodes):
+        if not 0 <= i < nodes:
             continue
         if op.kind == COMPUTE:
-            for read in reads[i]:
-                last_read.setdefault(read, position)
-            for part in range(outputs[i]):
-                releases.setdefault(last_read.pop((i, part), position), []).append((i, part))
+            for slot in reads[i]:
+                if last_read[slot] < 0:
+                    last_read[slot] = position
+            for slot in own[i]:
+                at = last_read[slot]
+                releases.setdefault(position if at < 0 else at, []).append(pairs[slot])
+                last_read[slot] = -1
         else:
-            for part in range(outputs[i]):
-                last_read.pop((i, part), None)
+            for slot in own[i]:
+                last_read[slot] = -1
     return releases
 
 
