@@ -100,6 +100,14 @@ class Graph:
                      for index, node in enumerate(self.nodes))
 
     @cached_property
+    def read_until(self) -> dict[tuple[int, int], int]:
+        """(d, w) -> the last reader of the outputs of multi-output op d that w reads (a batch norm's output goes
+        after the next op, its statistics stay for the backward); for other pairs, last_users[d]."""
+        return {(d, w): max(max(users) for users in self.nodes[d].part_users if w in users)
+                for d, node in enumerate(self.nodes) if node.part_users
+                for w in self.users[d] if any(w in users for users in node.part_users)}
+
+    @cached_property
     def node_columns(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[float, ...], PerNode]:
         """Each node's output bytes, workspace bytes, seconds and inputs, as columns (remat/simulate.py's loop)."""
         return (tuple(node.output_bytes for node in self.nodes), tuple(node.workspace_bytes for node in self.nodes),

@@ -30,7 +30,7 @@ from remat.schedule import COMPUTE, Schedule
 from remat.simulate import Simulation, live_bytes_at, simulate
 from solvers.base import FEASIBLE, NO_SOLUTION, SolveOptions, SolverResult, meets_bound
 from solvers.baselines import first_backward_index
-from solvers.bounds import Bound, covering_bound, parts
+from solvers.bounds import Bound, covering_bound
 from solvers.decompose import emit, prune_rows
 
 MAX_REPAIRS = 4  # covering solves for a moved budget after the first
@@ -104,16 +104,13 @@ def rows_for_drops(graph: Graph, dropped: set[int], rule: str = "first", reuse: 
     rows = [[t] for t in range(len(graph))]
     seconds = graph.compute_s  # every node once; the recomputations are added below
 
-    def last_read(d: int, w: int) -> int:
-        """The last reader of the outputs of d that w reads (an op whose outputs are released one by one: a
-        batch norm's output goes after the next op, its statistics stay for the backward)."""
-        return max((max(users) for _, users in parts(graph.nodes[d]) if w in users), default=last_reader[d])
+    read_until = graph.read_until  # what w reads of an op whose outputs are released one by one
 
     def present(d: int, t: int, w: int) -> bool:
         """Whether what w reads of value d is in memory when stage t starts without being computed again there."""
         if reuse and d not in fresh and again.get(d, t + 1) <= t:
             return True  # computed again at an earlier point and held since
-        if last_read(d, w) < t:
+        if read_until.get((d, w), last_reader[d]) < t:
             return d not in dropped and (graph.nodes[d].output_bytes <= hold_bytes or d in held)  # held on, or gone
         if not points.get(d):
             return True  # never dropped (or nothing to gain: a single reader)

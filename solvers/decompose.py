@@ -35,7 +35,7 @@ from functools import cache
 
 from remat.graph import FixedMemory, Graph, Node
 from remat.schedule import COMPUTE, FREE, Op, Schedule
-from remat.simulate import simulate
+from remat.simulate import part_releases, simulate
 from solvers.base import FEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions, SolverResult, settled_without_solving
 from solvers.baselines import _in_module, find_blocks, first_backward_index
 from solvers.bounds import parts
@@ -462,7 +462,8 @@ def measure_phases(graph: Graph, layout: BlockLayout, schedule: Schedule, stages
             if not held[i]:
                 held[i], counted[i] = node.output_bytes, mine
                 owned += node.output_bytes if mine else 0
-            for part_owner, size in releases.get(position, ()):
+            for part_owner, part in releases.get(position, ()):
+                size = graph.nodes[part_owner].part_bytes[part]
                 held[part_owner] -= size
                 owned -= size if counted[part_owner] else 0
         else:
@@ -489,30 +490,6 @@ def measure_phases(graph: Graph, layout: BlockLayout, schedule: Schedule, stages
     for outside, past in between.values():
         merged[past] = max(merged.get(past, 0), outside)
     return Phases(tuple(forward_outside), tuple(backward_outside), tuple(sorted(merged.items(), key=lambda x: x[1])))
-
-
-def part_releases(graph: Graph, schedule: Schedule) -> dict[int, list[tuple[int, int]]]:
-    """position -> (node, bytes) of the outputs of multi-output ops that remat/simulate.py releases right after
-    that instruction: each output after its last read before the op's next free or computation (right after
-    the op if nothing reads it). Empty for graphs without such ops."""
-    readers = {i: parts(node) for i, node in enumerate(graph.nodes) if parts(node)}
-    releases: dict[int, list[tuple[int, int]]] = {}
-    if not readers:
-        return releases
-    last_read: dict[tuple[int, int], int] = {}  # (node, output) -> its last read in the lifetime being swept
-    for position in range(len(schedule.ops) - 1, -1, -1):
-        op = schedule.ops[position]
-        if op.kind == COMPUTE:
-            for dep in set(graph.nodes[op.node].deps):
-                for k, (_, users) in enumerate(readers.get(dep, ())):
-                    if op.node in users:
-                        last_read.setdefault((dep, k), position)
-            for k, (size, _) in enumerate(readers.get(op.node, ())):
-                releases.setdefault(last_read.pop((op.node, k), position), []).append((op.node, size))
-        else:
-            for k in range(len(readers.get(op.node, ()))):
-                last_read.pop((op.node, k), None)
-    return releases
 
 
 def _active(layout: BlockLayout, k: int, t: int) -> bool:
