@@ -56,10 +56,12 @@ def simulate(graph: Graph, schedule: Schedule, max_errors: int = 10) -> Simulati
             timeline.append(fixed + live_bytes)
             continue
         if op.kind == COMPUTE:
-            if not all(live[d] for d in deps[i]):
-                missing = [d for d in deps[i] if not live[d]]
-                errors.append(f"instruction {position}: compute {nodes[i].name} needs "
-                              f"{', '.join(nodes[d].name for d in missing[:3])} which is not in memory")
+            for d in deps[i]:  # a loop, not all(...): this runs for every instruction of every search move
+                if not live[d]:
+                    missing = [d for d in deps[i] if not live[d]]
+                    errors.append(f"instruction {position}: compute {nodes[i].name} needs "
+                                  f"{', '.join(nodes[d].name for d in missing[:3])} which is not in memory")
+                    break
             size = output_bytes[i]
             if live[i]:
                 errors.append(f"instruction {position}: compute {nodes[i].name} while it is already in memory")

@@ -365,6 +365,7 @@ def prune_rows(graph: Graph, rows: list[list[int]]) -> list[list[int]]:
     a kept computation after it reads it before the value's next computation; a kept one makes its inputs
     wanted by the computations before it."""
     wanted = [False] * len(graph)
+    deps = graph.node_columns[3]
     kept_rows: list[list[int]] = []
     for t in reversed(range(len(rows))):
         kept = []
@@ -374,7 +375,7 @@ def prune_rows(graph: Graph, rows: list[list[int]]) -> list[list[int]]:
             if k == t or wanted[k]:
                 kept.append(k)
                 wanted[k] = False  # the reads after this computation are served by it
-                for d in graph.nodes[k].deps:
+                for d in deps[k]:
                     wanted[d] = True
         kept_rows.append(kept[::-1])  # kept in descending order
     return kept_rows[::-1]
@@ -391,8 +392,9 @@ def emit(graph: Graph, rows: list[list[int]]) -> tuple[Schedule, list[int]]:
     freed_after: list[list[int]] = [[] for _ in order]  # values freed right after each computation
     latest = [-1] * n  # the computation (its index in order) whose value is in memory
     last_read = [-1] * n  # the last computation that read it so far
+    deps = graph.node_columns[3]
     for i, (_, k) in enumerate(order):
-        for d in graph.nodes[k].deps:
+        for d in deps[k]:
             last_read[d] = i
         if latest[k] >= 0:  # computed again: the earlier copy goes after its last read
             freed_after[max(latest[k], last_read[k])].append(k)
