@@ -19,6 +19,14 @@ PerNode = tuple[tuple[int, ...], ...]  # a tuple of ints for each node
 
 
 @dataclass(frozen=True)
+class NodeColumns:
+    output_bytes: tuple[int, ...]
+    workspace_bytes: tuple[int, ...]
+    seconds: tuple[float, ...]
+    deps: PerNode
+
+
+@dataclass(frozen=True)
 class Node:
     """One operation that allocates storage (views and tuple unpacking are folded into it)."""
 
@@ -108,10 +116,12 @@ class Graph:
                 for w in self.users[d] if any(w in users for users in node.part_users)}
 
     @cached_property
-    def node_columns(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[float, ...], PerNode]:
-        """Each node's output bytes, workspace bytes, seconds and inputs, as columns (remat/simulate.py's loop)."""
-        return (tuple(node.output_bytes for node in self.nodes), tuple(node.workspace_bytes for node in self.nodes),
-                tuple(node.compute_s for node in self.nodes), tuple(node.deps for node in self.nodes))
+    def columns(self) -> NodeColumns:
+        """Each node's output bytes, workspace bytes, seconds and inputs, as columns (the simulator's and the
+        searches' inner loops index them rather than read each node's fields)."""
+        return NodeColumns(tuple(node.output_bytes for node in self.nodes),
+                           tuple(node.workspace_bytes for node in self.nodes),
+                           tuple(node.compute_s for node in self.nodes), tuple(node.deps for node in self.nodes))
 
     @cached_property
     def part_slots(self) -> tuple[PerNode, PerNode, tuple[tuple[int, int], ...]]:

@@ -47,7 +47,9 @@ def simulate(graph: Graph, schedule: Schedule, max_errors: int = 10) -> Simulati
     compute_s = 0.0
     timeline: list[int] = []
 
-    output_bytes, workspace_bytes, seconds, deps = graph.node_columns
+    columns = graph.columns
+    output_bytes, workspace_bytes, seconds, deps = (columns.output_bytes, columns.workspace_bytes,
+                                                    columns.seconds, columns.deps)
     n = len(nodes)
     for position, op in enumerate(schedule.ops):
         i = op.node

@@ -365,7 +365,7 @@ def prune_rows(graph: Graph, rows: list[list[int]]) -> list[list[int]]:
     a kept computation after it reads it before the value's next computation; a kept one makes its inputs
     wanted by the computations before it."""
     wanted = [False] * len(graph)
-    deps = graph.node_columns[3]
+    deps = graph.columns.deps
     kept_rows: list[list[int]] = []
     for t in reversed(range(len(rows))):
         kept = []
@@ -392,7 +392,7 @@ def emit(graph: Graph, rows: list[list[int]]) -> tuple[Schedule, list[int]]:
     freed_after: list[list[int]] = [[] for _ in order]  # values freed right after each computation
     latest = [-1] * n  # the computation (its index in order) whose value is in memory
     last_read = [-1] * n  # the last computation that read it so far
-    deps = graph.node_columns[3]
+    deps = graph.columns.deps
     for i, (_, k) in enumerate(order):
         for d in deps[k]:
             last_read[d] = i
