@@ -58,11 +58,13 @@ class PartitionedStep:
     saved_names: list[str]  # joint FX names of the saved tensors
     rng_names: list[str]  # joint FX names of the random ops recomputed in the backward
     tangent: Any  # a fake (meta) tensor: the loss tangent's shape and dtype
-    # Copies (FX node names of either graph) whose result is gradient storage, the fixed memory the
-    # plan does not count as activations: None for the whole result, else the outputs k of a tuple.
+    # Copies in the backward graph (gradients come after the cut; the forward graph's names may be the
+    # same) whose result is gradient storage, the fixed memory the plan does not count as activations:
+    # None for the whole result, else the outputs k of a tuple.
     gradient_storage: dict[str, set[int] | None] = field(default_factory=dict)
-    # Copy name -> (joint FX name, position of the compute instruction that made it): for checking
-    # a run against the schedule op by op.
+    # "forward:<copy name>" or "backward:<copy name>" (the two graphs name their nodes apart) ->
+    # (joint FX name, position of the compute instruction that made it): for checking a run against the
+    # schedule op by op.
     origin: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     @property
@@ -121,6 +123,7 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
     cut = first_backward_position(graph, schedule)
 
     copies: dict[str, list[str]] = {}  # joint name -> the names of its copies
+    planned: set[torch.fx.Node] = set()  # each compute instruction's copy of its Graph node's storage owner
     origin: dict[str, tuple[str, int]] = {}
     first_copy: dict[str, torch.fx.Node] = {}  # joint name -> its first copy, for the outputs
     rng_state: dict[str, torch.fx.Node] = {}  # joint name of a random op -> its saved RNG state
@@ -151,8 +154,10 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
                 clone = _copy(target, by_name[name], lambda x, r=reader: lookup(x, r), name in replayed,
                              rng_state, current)
                 current[name] = clone
+                if name == node.name:  # the storage owner: what the plan computes, read or not
+                    planned.add(clone)
                 copies.setdefault(name, []).append(clone.name)
-                origin[clone.name] = (name, position)
+                origin[f"{part}:{clone.name}"] = (name, position)
                 first_copy.setdefault(name, clone)
 
     # Forward: the instructions before the cut.
@@ -195,15 +200,19 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
             raise ExecuteError(f"the schedule never computes the buffer update {name}")
     backward.output((*grad_values, *(first_copy[name] for name, _ in backward_mutations)))
 
-    # Save only what the backward reads: an unread input would stay alive for the whole backward.
+    # Save only what the backward reads: an unread input would stay alive for the whole backward. Dead code
+    # goes first: what only an unread copy of a view read is not read.
+    _eliminate_dead_code(backward, planned)
     saved_names = [name for name in saved_names if _used(backward, saved[name])]
     rng_names = [name for name in forward_rng if _used(backward, rng_inputs[name])]
-    forward.output((first_copy[loss[0]], *(first_copy[name] for name, _ in forward_mutations),
+    # A buffer update held at the cut comes from the copy held there: a batch norm computed again in the forward
+    # lets its first copy's statistics go with it, as the simulator releases them (every copy computes the same)
+    forward.output((first_copy[loss[0]], *(forward_values.get(name, first_copy[name]) for name, _ in forward_mutations),
                     *(forward_values[name] for name in saved_names), *(forward_rng[name] for name in rng_names)))
 
     return PartitionedStep(
-        forward=_module(step.joint, forward),
-        backward=_module(step.joint, backward),
+        forward=_module(step.joint, forward, planned),
+        backward=_module(step.joint, backward, planned),
         primal_kinds=[kind for kind, _ in primal_info],
         primal_names=[name for _, name in primal_info],
         forward_mutations=[buffer for _, buffer in forward_mutations],
@@ -281,10 +290,18 @@ def _live_after(schedule: Schedule, position: int) -> list[int]:
     return list(live)
 
 
-def _module(root: torch.fx.GraphModule, graph: torch.fx.Graph) -> torch.fx.GraphModule:
+def _eliminate_dead_code(graph: torch.fx.Graph, planned: set[torch.fx.Node]) -> None:
+    """Remove the copies nothing reads (the unused outputs of a multi-output op copied for one of them, say), but
+    not the plan's computations: one whose value nothing reads (a Checkmate stage runs its own node, read or not)
+    still runs, and is freed right after, as the simulator counts it. Removed, the inputs it reads could be
+    freed earlier than planned, and a saved tensor only it read would be held through the whole backward."""
+    graph.eliminate_dead_code(is_impure_node=lambda node: node in planned or node.is_impure())
+
+
+def _module(root: torch.fx.GraphModule, graph: torch.fx.Graph, planned: set[torch.fx.Node]) -> torch.fx.GraphModule:
     """A GraphModule with the boxed calling convention: it takes one list of inputs and clears it."""
     graph.set_codegen(torch.fx.graph._BoxedCodeGen())
-    graph.eliminate_dead_code()  # e.g. the unused outputs of a multi-output op copied for one of them
+    _eliminate_dead_code(graph, planned)
     graph.lint()
     module = torch.fx.GraphModule(root, graph)
     return module
@@ -354,8 +371,10 @@ class StepRunner:
         with no_autocast(), torch.no_grad():
             if self.memory is None:
                 return list(compiled(values))
-            excluded = {t.untyped_storage().data_ptr() for v in values[counted:] for t in tensors_in(v)}
-            interpreter = _CountingInterpreter(module, self, excluded)
+            fixed = [t for v in values[counted:] for t in tensors_in(v)]
+            # gradients are computed after the cut; the forward's copies may bear the same FX names
+            gradients = self.parts.gradient_storage if module is self.parts.backward else {}
+            interpreter = _CountingInterpreter(module, self, fixed, gradients)
             outputs = interpreter.run(*values, enable_io_processing=False)
             values.clear()
             return list(outputs)
@@ -413,10 +432,19 @@ def tensors_in(value: Any):
 class _CountingInterpreter(torch.fx.Interpreter):
     """Runs a graph node by node and records the peak bytes of the storages its live values hold."""
 
-    def __init__(self, module: torch.fx.GraphModule, runner: StepRunner, excluded: set[int]):
+    def __init__(self, module: torch.fx.GraphModule, runner: StepRunner, fixed: list[torch.Tensor],
+                 gradients: dict[str, set[int] | None]):
         super().__init__(module)
         self.runner = runner
-        self.excluded = excluded
+        self.gradients = gradients
+        for node in module.graph.nodes:  # a value nothing reads goes right after it is made, as in FX's code
+            if not node.users and node.op not in ("placeholder", "output"):
+                self.user_to_last_uses.setdefault(node, []).append(node)
+        # Storages not counted, by address: held here until the run ends, so that no activation allocated
+        # later can take the address of one freed meanwhile (the tangent; a gradient computed twice).
+        self.pinned: list[torch.Tensor] = []
+        self.excluded: set[int] = set()
+        self._pin(fixed)
 
     def run_node(self, node: torch.fx.Node) -> Any:
         result = super().run_node(node)
@@ -427,11 +455,10 @@ class _CountingInterpreter(torch.fx.Interpreter):
             return result
         if node.target is run_and_save_rng_state:
             self._exclude(result[0], memory)
-        gradient = self.runner.parts.gradient_storage
-        if node.name in gradient:  # gradients are fixed memory
-            parts = gradient[node.name]
+        if node.name in self.gradients:  # gradients are fixed memory
+            parts = self.gradients[node.name]
             storage = result if parts is None else [result[k] for k in parts]
-            self.excluded.update(t.untyped_storage().data_ptr() for t in tensors_in(storage))
+            self._pin(tensors_in(storage))
         held: dict[int, int] = {}
         for value in (*self.env.values(), result):
             for tensor in tensors_in(value):
@@ -441,10 +468,15 @@ class _CountingInterpreter(torch.fx.Interpreter):
         memory.peak_live_bytes = max(memory.peak_live_bytes, sum(held.values()))
         return result
 
+    def _pin(self, tensors) -> None:
+        for tensor in tensors:
+            self.pinned.append(tensor)
+            self.excluded.add(tensor.untyped_storage().data_ptr())
+
     def _exclude(self, value: Any, memory: StepMemory) -> None:
         for tensor in tensors_in(value):
             if tensor.untyped_storage().data_ptr() not in self.excluded:
-                self.excluded.add(tensor.untyped_storage().data_ptr())
+                self._pin([tensor])
                 memory.rng_state_bytes += tensor.untyped_storage().nbytes()
 
 

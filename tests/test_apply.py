@@ -3,6 +3,8 @@ and holds the bytes the simulator planned, for budgets from store-all down to th
 
 import copy
 import json
+import random
+from dataclasses import replace
 from functools import cache
 
 import pytest
@@ -13,8 +15,13 @@ import remat
 from remat.capture import LossStep
 from remat.models import UNet, build_model
 from remat.planner import solve
+from remat.simulate import simulate
 from remat.training import PlanError, apply, trace_step
+from solvers.anneal import Current
 from solvers.baselines import BASELINES
+from solvers.registry import solve_with
+from solvers.rows_search import SPACE as ROWS
+from solvers.rows_search import rows_of
 from tests.test_capture_lower import TiedNet
 from tests.test_replay import ConvNet, DropoutNet
 
@@ -521,3 +528,29 @@ def test_state_dict_is_the_models_own_both_ways():
     assert set(outer.state_dict()) == {f"net.{key}" for key in saved}
     outer.load_state_dict({f"net.{key}": value for key, value in saved.items()})
     assert all(torch.equal(outer["net"].model.state_dict()[k], v) for k, v in saved.items())
+
+
+def test_any_rows_run_with_the_bytes_the_simulator_counts():
+    """Rows-search's points compute values nothing reads (a Checkmate stage runs its own node), recompute batch
+    norms in the forward and gradient-producing ops in the backward: the executed graphs still hold, op for op,
+    what the simulator counts (before: a saved tensor only a dropped computation read was held through the whole
+    backward, a batch norm's first statistics stayed to the forward's end, and a freed gradient's address made
+    the count miss what came after it)."""
+    model, inputs = _unet()
+    graph, _ = trace_step(model, inputs, device="cpu")
+    plan = remat.plan(model, inputs, budget="100%", device="cpu", time_limit=TIME_LIMIT)
+    schedule = solve_with("chen-sqrtn", graph, plan.budget_bytes).schedule
+    rows, rng = rows_of(schedule), random.Random(0)
+    for point in range(12):
+        for _ in range(4):
+            schedule = ROWS.schedule_of(graph, rows)
+            rows = ROWS.neighbour(graph, Current(graph, rows, schedule, simulate(graph, schedule)), rng)
+        schedule = ROWS.schedule_of(graph, rows)
+        simulation = simulate(graph, schedule)
+        assert simulation.valid, simulation.errors
+        fresh, fresh_inputs = _unet()
+        planned = apply(fresh, plan=replace(plan, schedule=schedule, simulation=simulation),
+                        example_inputs=fresh_inputs)
+        torch.manual_seed(1)
+        _, memory = planned.measure(*fresh_inputs)
+        assert memory.peak_live_bytes == simulation.activation_peak_bytes, point
