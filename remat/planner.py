@@ -35,6 +35,10 @@ from solvers.window import MIN_WINDOW_S, polish_windows
 MAX_EXACT_NODES = 100  # larger graphs are coarsened to this size (when no decomposition applies)
 MAX_WHOLE_NODES = 100  # the MILP takes graphs up to this size whole. VGG16 (155 nodes) whole: +1.8% at 90% in one
 #                        run, but no better than chen-greedy and 65 s for a 30 s limit (build and min-peak) in another
+WHOLE_MILP_SHARE = 0.4  # of the time left, for the MILP on a whole graph (auto): what it does not prove by then goes
+#                         to the searches and the MILP polish. Near the smallest budgets the MILP's 30-s plans are
+#                         poor (a 32-layer chain's step at 90 B: 104 s, then 94 s; a 54-node U-Net at 1.1 x min:
+#                         +57.7%, then +43.3%); what it proves at once it still proves
 MIN_STAGE_S = 0.5  # the least time a solver stage gets once the deadline is near or past (then it keeps its warm start)
 BOUND_SHARE = 1 / 6  # of the time limit, at most BOUND_MAX_S, for the covering lower bound
 BOUND_MAX_S = 20.0  # gpt2-medium (90 s a chunk count) gets 15 s: its covering MILP (so cover-round) improves to ~15 s
@@ -167,7 +171,7 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
         return plan
     deadline = started + time_limit_s
     tighten_until = deadline
-    if solver == "auto" and _searched_for_its_gap(plan):  # the search needs time after the bound's
+    if solver == "auto" and _leaves_time_to_search(plan):  # the search needs time after the bound's
         tighten_until = time.perf_counter() + LARGE_GAP_TIGHTEN_SHARE * max(0.0, deadline - time.perf_counter())
     plan = _tighten_bound(plan, started, tighten_until, say)
     if solver != "auto":
@@ -276,6 +280,13 @@ def _focus_bound(plan: Plan, started: float, deadline: float, say: Callable[[str
     status = OPTIMAL if meets_bound(plan.compute_s, lower_bound_s) else FEASIBLE
     return replace(plan, lower_bound_s=lower_bound_s, status=status,
                    lower_bound_method=f"{covering.method}, focused on plans' recomputations")
+
+
+def _leaves_time_to_search(plan: Plan) -> bool:
+    """A plan LARGE_GAP or more from its bound, which the search takes: the bound solved again gets only
+    LARGE_GAP_TIGHTEN_SHARE of the time left (a 20-layer chain's step at 50 B: it took all 13 s after the MILP)."""
+    return (plan.gap is not None and plan.gap >= LARGE_GAP
+            and (len(plan.graph) <= MAX_SEARCH_NODES or _searched_for_its_gap(plan)))
 
 
 def _searched_for_its_gap(plan: Plan) -> bool:
@@ -574,7 +585,7 @@ def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, bac
         warm = min(options, key=lambda option: option[0])[1] if options else None
 
         # of two coarse levels, the coarser gets a third of the time left and the finer what is left after it
-        share = left(1 / 3 if depth > 1 else 1.0)
+        share = left(1 / 3 if depth > 1 else WHOLE_MILP_SHARE if solver == "auto" and not levels else 1.0)
         say(f"solving the MILP on {len(working)} nodes ({share:.1f} s)")
         result = solve_with(name, working, budget_bytes,
                             SolveOptions(time_limit_s=share, warm_start=warm, backend=backend))

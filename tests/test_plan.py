@@ -274,3 +274,16 @@ def test_a_solve_stops_once_its_bound_shows_a_plan_found_elsewhere_is_as_cheap(b
         assert plan.method in BASELINES and plan.compute_s > 302.0
     else:
         assert plan.method == "cover-round" and plan.status == "optimal"
+
+
+def test_a_small_graph_near_its_minimum_budget_is_searched_after_the_whole_graph_milp():
+    """The MILP takes graphs up to MAX_WHOLE_NODES whole, but near the smallest budgets its plans within a time
+    limit are poor: it gets WHOLE_MILP_SHARE of the time, and the searches and the MILP polish the rest. A 14-layer
+    chain's step at 50 B: the MILP alone, given 30 s, stopped at 55 s; now rows-search reaches 52 s (the optimum)
+    in 10 s."""
+    limit = 10.0
+    plan = solve(chain_training_graph(14), 50, time_limit_s=limit)
+    milp = next(c for c in plan.candidates if c.method == "checkmate")
+    assert milp.wall_s <= planner.WHOLE_MILP_SHARE * limit + 1.0
+    assert any(c.method in ("drop-search", "rows-search") for c in plan.candidates)
+    assert plan.simulation.fits(50) and plan.compute_s <= min(55.0, milp.simulation.compute_s)
