@@ -200,8 +200,8 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
             raise ExecuteError(f"the schedule never computes the buffer update {name}")
     backward.output((*grad_values, *(first_copy[name] for name, _ in backward_mutations)))
 
-    # Save only what the backward reads: an unread input would stay alive for the whole backward. Dead code
-    # goes first: what only an unread copy of a view read is not read.
+    # Save only what the backward reads: an unread input would stay alive for the whole backward. Dead copies
+    # go first: a saved tensor that only they read is not read.
     _eliminate_dead_code(backward, planned)
     saved_names = [name for name in saved_names if _used(backward, saved[name])]
     rng_names = [name for name in forward_rng if _used(backward, rng_inputs[name])]
