@@ -92,7 +92,7 @@ def simulate(graph: Graph, schedule: Schedule, max_errors: int = 10) -> Simulati
                 live_bytes -= held[i]
                 held[i] = 0
             timeline.append(fixed + live_bytes)
-        if errors and len(errors) >= max_errors:
+        if len(errors) >= max_errors:
             break
 
     never = [i for i in graph.outputs if counts[i] == 0]
