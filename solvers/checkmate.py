@@ -30,7 +30,10 @@ Units inside the model: bytes in `byte_unit` (about 1/1000 of the budget) and se
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -387,6 +390,24 @@ class _HighsWithStart(pulp.HiGHS):
         lp.solverModel.run()
 
 
+@functools.cache
+def _skip_highs_banner() -> None:
+    """HiGHS prints its banner from C++ to stdout when a process makes its first Highs object, whatever its
+    options (msg=False sets them only after): make that first one with stdout on /dev/null, so the banner does
+    not open remat's report."""
+    import highspy
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            highspy.Highs()
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _solve_highs(problem: pulp.LpProblem, options: SolveOptions, start: dict[str, float] | None,
                  mip: bool, deadline: float,
                  on_incumbent: Callable[[Sequence[float]], None] | None = None) -> SolveOutcome:
@@ -396,6 +417,8 @@ def _solve_highs(problem: pulp.LpProblem, options: SolveOptions, start: dict[str
     if not solver.available():  # no highspy: the command-line HiGHS through files
         return _solve_command(problem, pulp.HiGHS_CMD(timeLimit=left, warmStart=start is not None, **settings),
                               start)
+    if not options.verbose:
+        _skip_highs_banner()
     import highspy
 
     problem.solve(solver)

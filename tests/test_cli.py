@@ -156,6 +156,7 @@ def test_human_output_explains_the_budget(factory_file, probe):
     result = remat("solve", "--model", f"{factory_file}:make", "--budget", f"{budget_mib}MiB", "--time-limit", "5")
     text = result.stdout
     assert result.returncode == 0, result.stderr
+    assert "HiGHS" not in text + result.stderr  # its C++ banner once opened the report
     assert f"{int(float(budget_mib) * 2**20):,} bytes" in text
     for words in ("fixed memory", "store-all", "plan", "recomputed", "minimum budget", "chen-sqrtn"):
         assert words in text
