@@ -62,10 +62,6 @@ class PartitionedStep:
     # same) whose result is gradient storage, the fixed memory the plan does not count as activations:
     # None for the whole result, else the outputs k of a tuple.
     gradient_storage: dict[str, set[int] | None] = field(default_factory=dict)
-    # "forward:<copy name>" or "backward:<copy name>" (the two graphs name their nodes apart) ->
-    # (joint FX name, position of the compute instruction that made it): for checking a run against the
-    # schedule op by op.
-    origin: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     @property
     def num_saved(self) -> int:
@@ -124,7 +120,6 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
 
     copies: dict[str, list[str]] = {}  # joint name -> the names of its copies
     planned: set[torch.fx.Node] = set()  # each compute instruction's copy of its Graph node's storage owner
-    origin: dict[str, tuple[str, int]] = {}
     first_copy: dict[str, torch.fx.Node] = {}  # joint name -> its first copy, for the outputs
     rng_state: dict[str, torch.fx.Node] = {}  # joint name of a random op -> its saved RNG state
 
@@ -157,7 +152,6 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
                 if name == node.name:  # the storage owner: what the plan computes, read or not
                     planned.add(clone)
                 copies.setdefault(name, []).append(clone.name)
-                origin[f"{part}:{clone.name}"] = (name, position)
                 first_copy.setdefault(name, clone)
 
     # Forward: the instructions before the cut.
@@ -222,7 +216,6 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
         rng_names=rng_names,
         tangent=tangent.meta.get("val"),
         gradient_storage=_gradient_storage([by_name[name] for name, _ in grads], copies),
-        origin=origin,
     )
 
 
