@@ -162,8 +162,8 @@ def drops_for_variant(graph: Graph, dropped: tuple[int, ...], rule: str, reuse: 
                  held=frozenset(range(len(graph))) if hold == HOLD_ALL else frozenset())
 
 
-def release_held(graph: Graph, budget_bytes: int, drops: Drops, deadline: float) -> tuple[Schedule, Simulation,
-                                                                                           Drops] | None:
+def release_held(graph: Graph, budget_bytes: int, drops: Drops, deadline: float,
+                 built: tuple[Schedule, Simulation] | None = None) -> tuple[Schedule, Simulation, Drops] | None:
     """Let go of the largest values the schedule holds at its peak only for a later point, as many as add up to its
     overshoot, until the schedule fits. Two kinds are held so:
     - with `reuse`, a value brought back at one point, for the later points that read it: the fewest seconds, but
@@ -171,12 +171,15 @@ def release_held(graph: Graph, budget_bytes: int, drops: Drops, deadline: float)
       each read again a few ops apart) every link is held at once. Let go, it is brought back fresh at each point;
     - an input in `held`, past its last reader, for the points that recompute its dropped readers (HOLD_ALL: a
       DenseNet's features). Let go, it is computed again at those points.
+    `built`: the drops' schedule and simulation, when the caller has them (each is an emit and a simulation).
     The schedule, its simulation and its drops; None when it does not fit in MAX_FRESH steps or by the deadline,
     or nothing held at the peak can be let go."""
     last_reader = graph.last_users
     for _ in range(MAX_FRESH):
-        schedule = schedule_for_drops(graph, drops)
-        sim = simulate(graph, schedule)
+        if built is None:
+            schedule = schedule_for_drops(graph, drops)
+            built = schedule, simulate(graph, schedule)
+        (schedule, sim), built = built, None
         if sim.peak_bytes <= budget_bytes:
             return schedule, sim, drops
         if time.perf_counter() > deadline:
@@ -226,7 +229,8 @@ def schedules_for_bound(graph: Graph, budget_bytes: int, bound: Bound, small: in
     returns the incumbents it turned into schedules too."""
     fits: list[tuple[float, int, Schedule, Drops]] = []
     over: list[int] = []
-    overshooting: list[tuple[float, float, int, str, Drops]] = []  # (score, seconds, incumbent, hold, drops)
+    # (score, seconds, incumbent, hold, drops, (schedule, simulation))
+    overshooting: list[tuple[float, float, int, str, Drops, tuple[Schedule, Simulation]]] = []
     capacity = max(1, budget_bytes - graph.fixed.total_bytes)
     cheapest = math.inf  # the seconds of the cheapest schedule that fits
     done: list[tuple[int, ...]] = []
@@ -260,13 +264,13 @@ def schedules_for_bound(graph: Graph, budget_bytes: int, bound: Bound, small: in
                 if reuse or drops.held:  # the cheap placement overshoots: holding less of what it holds may fit
                     # the nearest to fitting first: letting go of each value held costs an emit and a simulation
                     score = sim.compute_s * (1 + (sim.peak_bytes - budget_bytes) / capacity)
-                    overshooting.append((score, sim.compute_s, incumbent, hold, drops))
-    for _, seconds, incumbent, hold, drops in sorted(overshooting, key=lambda item: item[:3]):
+                    overshooting.append((score, sim.compute_s, incumbent, hold, drops, (schedule, sim)))
+    for _, seconds, incumbent, hold, drops, built in sorted(overshooting, key=lambda item: item[:3]):
         if time.perf_counter() > deadline:
             break
         if seconds > cheapest:
             continue
-        released = release_held(graph, budget_bytes, drops, deadline)
+        released = release_held(graph, budget_bytes, drops, deadline, built)
         if released is not None:
             schedule, sim, drops = released
             tried.append({"margin_bytes": margin, "incumbent": incumbent, "dropped": len(drops.dropped),
