@@ -398,7 +398,10 @@ def _skip_highs_banner() -> None:
     import highspy
 
     sys.stdout.flush()
-    saved = os.dup(1)
+    try:
+        saved = os.dup(1)
+    except OSError:  # no stdout to print to (a daemon's closed descriptor): nothing to keep the banner off
+        return
     try:
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), 1)
