@@ -11,6 +11,8 @@ so it is worth having only where the budget needs it:
     the unsplit step (when its floor is below the budget) and the last variant (the time limit is shared:
     each gets an even share of the time left, and the second stops once its lower bound shows it cannot beat
     the first's plan).
+    Where the unsplit step's floor is below the budget, no variant is traced when the step's own trace took more
+    than TRACE_SHARE of the time limit (a variant's trace takes as long).
     Ties go to fewer chunks. The baselines, with the chunks streamed (`stream_head`), join the solver's
     candidates: they know nothing of chunks and would hold every chunk's logits until its backward.
 The chosen split and the reason are recorded in the graph's meta ("split", "split_note"), so the plan
@@ -66,6 +68,9 @@ FLOOR_GAIN = 0.05  # keep doubling k while the floor falls by more than this fra
 # leave two thirds and store-all fits them.
 ROOM_SHARE = 2 / 3
 MIN_SOLVE_S = 1.0  # the least time a solve gets when tracing the split variants took the time limit
+# Where the budget is above the unsplit floor, split variants are traced only if the step's own trace took at most
+# this share of the time limit: a variant's trace takes as long (a 2-layer LSTM unrolled over 128 steps: 15 s each).
+TRACE_SHARE = 1 / 3
 STREAMED_FRACTION = 16  # stream_head drops and recomputes head values of at least 1/16 of the largest one
 
 
@@ -99,21 +104,32 @@ class Variant:
         return max(range(len(self.graph)), key=self.graph.working_set_bytes)
 
     @cached_property
-    def _checkpoint_all(self) -> tuple[Schedule, Simulation]:
-        schedule = BASELINES["checkpoint-all"](self.graph, 0, SolveOptions()).schedule
-        return schedule, simulate(self.graph, schedule)
+    def _lowest_baseline(self) -> tuple[Schedule, Simulation]:
+        """checkpoint-all's schedule and simulation, or, where that is too long to build (a deep chain), those of
+        the baseline with the lowest peak."""
+        lowest = None
+        for name in ("checkpoint-all", *(b for b in BASELINES if b != "checkpoint-all")):
+            schedule = BASELINES[name](self.graph, 0, SolveOptions()).schedule
+            if schedule is not None:
+                simulation = simulate(self.graph, schedule)
+                if lowest is None or simulation.peak_bytes < lowest[1].peak_bytes:
+                    lowest = schedule, simulation
+                if name == "checkpoint-all":
+                    break
+        assert lowest is not None  # store-all always builds
+        return lowest
 
     @property
     def reach_bytes(self) -> int:
-        """The peak of checkpoint-all (recompute every forward value where it is read): a budget that is known to
-        fit without solving. Above the floor by the values that must be live together, e.g. an MLP's hidden
-        activations in its backward, which a split lowers where the floor barely moves."""
-        return self._checkpoint_all[1].peak_bytes
+        """The peak of checkpoint-all (recompute every forward value where it is read; see _lowest_baseline): a
+        budget that is known to fit without solving. Above the floor by the values that must be live together,
+        e.g. an MLP's hidden activations in its backward, which a split lowers where the floor barely moves."""
+        return self._lowest_baseline[1].peak_bytes
 
     @property
     def reach_op(self) -> int:
-        """The node computed at checkpoint-all's peak."""
-        schedule, simulation = self._checkpoint_all
+        """The node computed at checkpoint-all's peak (see _lowest_baseline)."""
+        schedule, simulation = self._lowest_baseline
         return schedule.ops[simulation.peak_op].node if simulation.peak_op >= 0 else self.largest_op
 
 
@@ -131,9 +147,11 @@ class SplitTracer:
         self.model, self.inputs, self.optimizer = model, Call.of(inputs), optimizer
         self.mode = mode or contextlib.nullcontext()
         self.meta = {**(meta or {}), "device": self.profile.name, "precision": precision}
+        started = time.perf_counter()
         with self._tracing():
             step = capture_step(model, self.inputs, loss_fn, precision)
         unsplit = Variant(1, self._lower(step, self.meta), None, step)
+        self.trace_s = time.perf_counter() - started  # what a split variant's trace takes too, about
         self.variants: dict[tuple[int, int, int], Variant | None] = {unsplit.key: unsplit}
         self._modules: dict[str, tuple[str, ...]] | None = None  # MLP / ATTENTION -> the module paths of its regions
 
@@ -332,7 +350,8 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
 
     # Split variants, doubling chunk counts until one leaves room, or while the floor or the reach falls.
     variants = [unsplit]
-    for variant in tracer.lowering(say):
+    slow_to_trace = unsplit.floor_bytes <= budget_bytes and tracer.trace_s > TRACE_SHARE * time_limit_s
+    for variant in () if slow_to_trace else tracer.lowering(say):
         variants.append(variant)
         if leaves_room(variant):
             break
@@ -341,6 +360,10 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
         nothing_splits = tracer.head is None and all(v is None for k, v in tracer.variants.items() if k != unsplit.key)
         why_not = ("not split: no head from a matmul to the loss, MLP or attention block to split" if nothing_splits
                    else f"not split: the largest op is not in a region that splits ({_largest_op(unsplit.graph)})")
+        if slow_to_trace:
+            why_not = (f"not split: the budget is above the unsplit floor, and tracing a split variant takes about "
+                       f"as long as the step's trace ({tracer.trace_s:.0f} s), more than {TRACE_SHARE:.0%} of the "
+                       f"time limit")
         plan = solve(unsplit.graph, budget_bytes, solver, max(deadline - time.monotonic(), MIN_SOLVE_S), backend,
                      progress, known=list(known))
         return _finish(plan, None, why_not, [(k, floor, plan if k == unsplit.key else None)

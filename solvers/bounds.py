@@ -52,6 +52,10 @@ FOCUS_MOMENTS = 8  # chained moments from `focus` stretches at most: each adds p
 # min, from the stretches of a 30-s plan and cover-round's, with the 12 most crowded moments: U-Net +23.24% -> +23.71%
 # in 6 s (+25.15% solved, 35 s); ResNet-50 +20.97% -> +21.06% (+21.37%, 28 s); MobileNet-v2 +21.52% -> +22.11% (2 s)
 MILP_SHARE = 0.75  # of the time limit, for the covering MILP; its LP relaxation (the fallback) gets the rest
+MAX_MOMENT_TERMS = 1_000_000  # (C_t) terms at most, the most crowded moments first: any subset of the moments gives
+# a valid bound. DenseNet-121's step (1,707 nodes) has 0.5M, built in 2 s; a 2-layer LSTM unrolled over 128 steps
+# (10,276 nodes, ~1,800 values alive at each of 3,500 moments) 6.2M, built in 55 s, past any time limit.
+MOMENT_TERMS_PER_S = 150_000  # and at most this many a second of the time limit: about what PuLP and HiGHS take in
 
 
 @dataclass(frozen=True)
@@ -224,6 +228,20 @@ def recomputed_again(graph: Graph, schedules: Sequence[Schedule]) -> list[tuple[
     return sorted(stretches, key=lambda stretch: (-stretches[stretch], stretch))
 
 
+def most_crowded(moments: list[tuple[int, int, dict[int, int]]], max_terms: int) -> list[tuple[int, int, dict]]:
+    """The moments (bytes over, t, values that may free bytes), most bytes over first, until their values number
+    `max_terms`; in their order (by t). All of them when they fit."""
+    if sum(len(optional) for *_, optional in moments) <= max_terms:
+        return moments
+    kept, terms = [], 0
+    for moment in sorted(moments, key=lambda moment: moment[:2], reverse=True):
+        if kept and terms + len(moment[2]) > max_terms:
+            break
+        kept.append(moment)
+        terms += len(moment[2])
+    return sorted(kept, key=lambda moment: moment[1])
+
+
 def covering_bound(graph: Graph, budget_bytes: int, options: SolveOptions | None = None,
                    chained_moments: int | None = None, focus: Sequence[tuple[int, int]] = ()) -> Bound:
     """The lifetime covering bound (see the module docstring), solved with HiGHS within the time limit.
@@ -260,27 +278,45 @@ def covering_bound(graph: Graph, budget_bytes: int, options: SolveOptions | None
     moments: list[tuple[int, int, dict[int, int]]] = []  # (bytes over, t, {value: bytes it may free at t})
     alive: set[int] = set()
     starts: dict[int, list[int]] = {}
+    ends: dict[int, list[int]] = {}
     for v in range(n):
         if last_user[v] > v + 1 and nodes[v].output_bytes > 0:
             starts.setdefault(v + 1, []).append(v)
+            ends.setdefault(last_user[v], []).append(v)
+    # Values held whole are summed as they come and go (a 10,276-node LSTM step has ~1,800 alive at each t); the
+    # outputs of ops with several are counted at each t, as the simulator releases them one by one.
+    whole = [0 if parts(node) else node.output_bytes for node in nodes]
+    alive_whole = 0
+    alive_parts: set[int] = set()
     for t in range(n):
-        alive.update(starts.get(t, ()))
-        alive = {v for v in alive if last_user[v] > t}
+        for v in starts.get(t, ()):
+            alive.add(v)
+            alive_whole += whole[v]
+            if not whole[v]:
+                alive_parts.add(v)
+        for v in ends.get(t, ()):
+            alive.discard(v)
+            alive_whole -= whole[v]
+            alive_parts.discard(v)
         deps = set(nodes[t].deps)
-        # bytes in memory at t unless the value is recomputed: of the values alive across t, and of t's inputs
-        # the outputs that t does not read but a later op does (they may be released and recomputed)
-        optional = {v: held_bytes(nodes[v], t, read_by_t=False) for v in alive if v not in deps}
-        optional.update((d, later_only_bytes(nodes[d], t)) for d in deps)
-        optional = {v: size for v, size in sorted(optional.items()) if size > 0}
         forced = (nodes[t].output_bytes + nodes[t].workspace_bytes
                   + sum(read_bytes(nodes[d], t) for d in deps))
         if forced > capacity:  # t's run alone does not fit (t's output and workspace, what it reads)
             return Bound(None, "covering", time.perf_counter() - started, proven_infeasible=True)
-        over = forced + sum(optional.values()) - capacity
+        # bytes in memory at t unless the value is recomputed: of the values alive across t, and of t's inputs
+        # the outputs that t does not read but a later op does (they may be released and recomputed)
+        optional_bytes = (alive_whole - sum(whole[d] for d in deps if d in alive)
+                          + sum(held_bytes(nodes[v], t, read_by_t=False) for v in alive_parts if v not in deps)
+                          + sum(later_only_bytes(nodes[d], t) for d in deps))
+        over = forced + optional_bytes - capacity
         if over > 0:
-            moments.append((over, t, optional))
+            optional = {v: held_bytes(nodes[v], t, read_by_t=False) if not whole[v] else whole[v]
+                        for v in alive if v not in deps}
+            optional.update((d, later_only_bytes(nodes[d], t)) for d in deps)
+            moments.append((over, t, {v: size for v, size in sorted(optional.items()) if size > 0}))
     if not moments:
         return Bound(graph.compute_s, "store-all", time.perf_counter() - started)
+    moments = most_crowded(moments, min(MAX_MOMENT_TERMS, int(MOMENT_TERMS_PER_S * options.time_limit_s)))
 
     if chained_moments is None:
         chained_moments = chained_moments_for(n)
@@ -305,7 +341,7 @@ def covering_bound(graph: Graph, budget_bytes: int, options: SolveOptions | None
     for over, t, optional in moments:
         if t not in chained:
             # (C_t): the values dropped must free at least `over` bytes
-            problem += (pulp.lpSum(size / scale * recomputed(v) for v, size in optional.items())
+            problem += (pulp.LpAffineExpression([(recomputed(v), size / scale) for v, size in optional.items()])
                         >= over / scale, f"C_{t}")
             continue
         # Chained form at t: y_v = v absent at t (then computed again after t, so x_v >= y_v). Recomputing v

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from remat.graph import FixedMemory, Graph, Node
 from remat.schedule import Op
 from remat.simulate import simulate
+from solvers import baselines
 from solvers.base import FEASIBLE, NO_SOLUTION, SolveOptions
 from solvers.baselines import (
     BASELINES,
@@ -237,6 +238,19 @@ def test_memory_and_time_order_on_a_long_chain():
     assert checkpoint_all.activation_peak_bytes <= 4 * 10
     # sqrt(n) stores each forward value at most twice: 30 layers recomputed at most once, not quadratically
     assert sqrtn.compute_s <= 2 * store_all.compute_s
+
+
+def test_checkpoint_all_is_not_built_past_its_instruction_limit(monkeypatch):
+    graph = chain_training_graph(30)
+    result, simulation = run("checkpoint-all", graph)
+    # recomputing from the input before each backward node: quadratic in the depth
+    assert len(result.schedule.ops) > 10 * len(graph) and max(simulation.compute_counts) >= 30
+    monkeypatch.setattr(baselines, "CHECKPOINT_ALL_MAX_OPS", len(result.schedule.ops) - 1)
+    too_long, _ = run("checkpoint-all", graph)
+    assert too_long.status == NO_SOLUTION and too_long.schedule is None
+    assert f"more than {len(result.schedule.ops) - 1:,} instructions" in too_long.message
+    monkeypatch.setattr(baselines, "CHECKPOINT_ALL_MAX_OPS", len(result.schedule.ops))
+    assert run("checkpoint-all", graph)[0].schedule == result.schedule
 
 
 def test_chen_sqrtn_checkpoints_about_sqrt_n_cut_vertices():

@@ -16,7 +16,7 @@ from remat.schedule import Schedule
 from remat.simulate import simulate
 from solvers import bounds
 from solvers.base import OPTIMAL, SolveOptions
-from solvers.bounds import covering_bound, recomputed_again
+from solvers.bounds import covering_bound, most_crowded, recomputed_again
 from solvers.checkmate import solve_checkmate
 from solvers.cover_round import solve_cover_round
 from tests.graphs import chain_training_graph, eager_schedule, make_graph
@@ -131,6 +131,24 @@ def test_with_every_moment_chained_the_bound_never_exceeds_the_optimum(graph, fr
         return
     assert not bound.proven_infeasible
     assert graph.compute_s - 1e-9 <= bound.lower_bound_s <= exact.objective_s * (1 + 1e-9)
+
+
+def test_most_crowded_keeps_the_moments_furthest_over_until_the_term_limit_in_their_order():
+    moments = [(5, 1, {0: 5}), (9, 2, {0: 5, 1: 4}), (7, 3, {1: 4, 2: 3}), (9, 4, {2: 3, 3: 6})]
+    assert most_crowded(moments, 8) == moments
+    assert most_crowded(moments, 5) == [(9, 2, {0: 5, 1: 4}), (9, 4, {2: 3, 3: 6})]  # ties: the later first
+    assert most_crowded(moments, 2) == [(9, 4, {2: 3, 3: 6})]
+    assert most_crowded(moments, 0) == [(9, 4, {2: 3, 3: 6})]  # never none: the bound needs a moment over
+
+
+def test_a_covering_model_past_its_term_limit_is_still_a_bound(monkeypatch):
+    # A 2-layer LSTM unrolled over 128 steps has 6.2M (C_t) terms: a subset of the moments gives a lower bound
+    graph = chain_training_graph(10)
+    full = covering_bound(graph, 50, SolveOptions(time_limit_s=10))
+    assert full.lower_bound_s == pytest.approx(32.0)  # the optimum (Checkmate's MILP)
+    monkeypatch.setattr(bounds, "MAX_MOMENT_TERMS", 20)
+    capped = covering_bound(graph, 50, SolveOptions(time_limit_s=10))
+    assert graph.compute_s < capped.lower_bound_s < full.lower_bound_s
 
 
 def test_graphs_over_pairs_max_nodes_go_without_second_computations(monkeypatch):

@@ -222,6 +222,24 @@ def test_a_plan_splits_only_when_the_budget_needs_it():
     assert tight.plan.min_feasible_bytes < unsplit.floor_bytes
 
 
+def test_a_step_slow_to_trace_is_split_only_below_the_unsplit_floor(monkeypatch):
+    """A split variant is traced as the step was, and takes as long (a 2-layer LSTM unrolled over 128 steps: 15 s):
+    with a time limit under three such traces, a budget above the unsplit floor is planned unsplit."""
+    tracer = tiny_tracer()
+    floor = tracer.unsplit.floor_bytes
+    monkeypatch.setattr(tracer, "trace_s", 100.0)
+    traced = []
+    monkeypatch.setattr(tracer, "variant", lambda *key: traced.append(key))
+    fits = solve_split(tracer, floor + 10**6, solver="chen-sqrtn", time_limit_s=299)
+    assert fits.split is None and traced == []
+    assert "tracing a split variant takes about as long as the step's trace (100 s)" in fits.note
+    solve_split(tracer, floor + 10**6, solver="chen-sqrtn", time_limit_s=301)
+    assert traced  # a time limit that covers three traces
+    traced.clear()
+    solve_split(tracer, floor - 1, solver="chen-sqrtn", time_limit_s=5)
+    assert traced  # below the unsplit floor only a split can fit
+
+
 # --- MLPs -------------------------------------------------------------------------------------------------
 
 
