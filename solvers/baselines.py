@@ -249,13 +249,14 @@ def store_all(graph: Graph, budget_bytes: int, options: SolveOptions) -> SolverR
     return _fixed_plan("store-all", graph, RematPlan(), time.perf_counter())
 
 
-def checkpoint_all(graph: Graph, budget_bytes: int, options: SolveOptions) -> SolverResult:
+def checkpoint_all(graph: Graph, budget_bytes: int, options: SolveOptions, capped: bool = True) -> SolverResult:
     """The low-memory extreme: drop every forward value after its last forward use and recompute,
-    before each backward node, what it reads from the nearest values still in memory."""
+    before each backward node, what it reads from the nearest values still in memory. `capped`: not built past
+    CHECKPOINT_ALL_MAX_OPS instructions."""
     started = time.perf_counter()
     plan = RematPlan(dropped=frozenset(range(first_backward_index(graph))))
     try:
-        schedule = build_schedule(graph, plan, max_ops=CHECKPOINT_ALL_MAX_OPS)
+        schedule = build_schedule(graph, plan, max_ops=CHECKPOINT_ALL_MAX_OPS if capped else None)
     except ScheduleTooLong as too_long:
         return SolverResult("checkpoint-all", NO_SOLUTION, None, wall_s=time.perf_counter() - started,
                             message=f"not built: its schedule recomputes the forward before each backward node, "

@@ -10,7 +10,7 @@ from remat import planner
 from remat.graph import Graph
 from remat.planner import MAX_EXACT_NODES, MAX_WHOLE_NODES, solve, sweep
 from remat.simulate import simulate
-from solvers import base
+from solvers import base, baselines
 from solvers.baselines import BASELINES
 from solvers.bounds import Bound
 from tests.graphs import chain_training_graph, make_graph
@@ -287,3 +287,17 @@ def test_a_small_graph_near_its_minimum_budget_is_searched_after_the_whole_graph
     assert milp.wall_s <= planner.WHOLE_MILP_SHARE * limit + 1.0
     assert any(c.method in ("drop-search", "rows-search") for c in plan.candidates)
     assert plan.simulation.fits(50) and plan.compute_s <= min(55.0, milp.simulation.compute_s)
+
+
+def test_checkpoint_all_past_its_instruction_limit_is_built_only_where_nothing_else_fits(monkeypatch):
+    graph = chain_training_graph(30)  # checkpoint-all: 1,054 instructions, peak 40 B; chen-sqrtn's 111 B
+    monkeypatch.setattr(baselines, "CHECKPOINT_ALL_MAX_OPS", 500)
+    roomy = solve(graph, 150, time_limit_s=5)
+    assert next(c for c in roomy.candidates if c.method == "checkpoint-all").schedule is None
+    # Too big for the MILP whole, and coarsened into groups whose working sets are over 40 B: no MILP runs at 40 B
+    monkeypatch.setattr(planner, "MAX_WHOLE_NODES", 20)
+    monkeypatch.setattr(planner, "MAX_EXACT_NODES", 10)
+    tight = solve(graph, 40, solver="checkmate", time_limit_s=5)
+    others = [c for c in tight.candidates if c.method != "checkpoint-all"]
+    assert not [c for c in others if c.fits(40)]
+    assert tight.method == "checkpoint-all" and tight.simulation.peak_bytes == 40
