@@ -55,7 +55,6 @@ MILP_SHARE = 0.75  # of the time limit, for the covering MILP; its LP relaxation
 MAX_MOMENT_TERMS = 1_000_000  # (C_t) terms at most, the most crowded moments first: any subset of the moments gives
 # a valid bound. DenseNet-121's step (1,707 nodes) has 0.5M, built in 2 s; a 2-layer LSTM unrolled over 128 steps
 # (10,276 nodes, ~1,800 values alive at each of 3,500 moments) 6.2M, built in 55 s, past any time limit.
-MOMENT_TERMS_PER_S = 150_000  # and at most this many a second of the time limit: about what PuLP and HiGHS take in
 
 
 @dataclass(frozen=True)
@@ -316,7 +315,7 @@ def covering_bound(graph: Graph, budget_bytes: int, options: SolveOptions | None
             moments.append((over, t, {v: size for v, size in sorted(optional.items()) if size > 0}))
     if not moments:
         return Bound(graph.compute_s, "store-all", time.perf_counter() - started)
-    moments = most_crowded(moments, min(MAX_MOMENT_TERMS, int(MOMENT_TERMS_PER_S * options.time_limit_s)))
+    moments = most_crowded(moments, MAX_MOMENT_TERMS)
 
     if chained_moments is None:
         chained_moments = chained_moments_for(n)
