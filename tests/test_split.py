@@ -32,6 +32,8 @@ from remat.split import (
 )
 from remat.split import MLP as MLP_REGION
 from remat.split_plan import SplitTracer, head_nodes, solve_split, stream_head
+from solvers.base import SolveOptions
+from solvers.baselines import BASELINES
 from tests.test_replay import ConvNet, eager_loss_and_grads, schedule_for, summed_tied
 
 GRAD_RTOL = 1e-12
@@ -238,6 +240,21 @@ def test_a_step_slow_to_trace_is_split_only_below_the_unsplit_floor(monkeypatch)
     traced.clear()
     solve_split(tracer, floor - 1, solver="chen-sqrtn", time_limit_s=5)
     assert traced  # below the unsplit floor only a split can fit
+
+
+def test_the_plan_weighs_torch_compiles_own_choice():
+    tracer = tiny_tracer()
+    unsplit = tracer.unsplit
+    store_all = simulate(unsplit.graph, BASELINES["store-all"](unsplit.graph, 0, SolveOptions()).schedule)
+    budget = (unsplit.floor_bytes + store_all.peak_bytes) // 2
+    chosen = solve_split(tracer, budget, time_limit_s=10)
+    plan = next(plan for key, _, plan in chosen.tried if key == unsplit.key)
+    compiled = next(c for c in plan.candidates if c.method == "compile-budget-1.0")
+    assert compiled.schedule is not None and compiled.simulation.valid and "saves" in compiled.message
+    if compiled.fits(budget):
+        assert plan.simulation.compute_s <= compiled.simulation.compute_s
+    asked = solve_split(tracer, budget, solver="checkmate", time_limit_s=5)  # only auto weighs it
+    assert not [c for _, _, p in asked.tried if p for c in p.candidates if c.method == "compile-budget-1.0"]
 
 
 # --- MLPs -------------------------------------------------------------------------------------------------
