@@ -276,7 +276,9 @@ def milp_outcome(traces: BatchTraces, method: str, batch: int, budget_bytes: int
     `others`: every baseline and torch's choices, on the unsplit and split steps."""
     if traces.lowest_floor(batch) > budget_bytes:
         return Outcome(False, method, None)
-    chosen = solve_split(traces.tracer(batch), budget_bytes, solver=method, time_limit_s=time_limit_s)
+    # auto weighs torch.compile's own choice: the one this batch's probes made (cached) rather than a second one
+    known = [traces.compile_candidate(batch, 1.0)] if method == "auto" else []
+    chosen = solve_split(traces.tracer(batch), budget_bytes, solver=method, time_limit_s=time_limit_s, known=known)
     plan = chosen.plan
     name = with_chunks(plan.method, chosen.split)
     mine = [Candidate(name, plan.status, plan.schedule, plan.simulation, 0.0)] if plan.schedule is not None else []

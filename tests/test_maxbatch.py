@@ -155,3 +155,15 @@ def test_cli_max_overhead_is_checked():
 
     result = CliRunner().invoke(main, ["maxbatch", "--model", "mlp", "--budget", "1GB", "--max-overhead", "lots"])
     assert result.exit_code == 2 and "--max-overhead" in result.output
+
+
+def test_auto_weighs_the_torch_choice_the_probes_made_rather_than_a_second_one(traces, monkeypatch):
+    import remat.split_plan
+
+    def second_one(*args):
+        raise AssertionError("solve_split computed torch.compile's choice again")
+
+    monkeypatch.setattr(remat.split_plan, "compile_budget_candidate", second_one)
+    found = max_batch(traces, "auto", BUDGET, start=8, time_limit_s=3, cap=8)
+    assert found.batch == 8 and found.peak_bytes <= BUDGET
+    assert (8, 1.0) in traces._compile
