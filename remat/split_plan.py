@@ -108,17 +108,11 @@ class Variant:
     def _lowest_baseline(self) -> tuple[Schedule, Simulation]:
         """checkpoint-all's schedule and simulation, or, where that is too long to build (a deep chain), those of
         the baseline with the lowest peak."""
-        lowest = None
-        for name in ("checkpoint-all", *(b for b in BASELINES if b != "checkpoint-all")):
-            schedule = BASELINES[name](self.graph, 0, SolveOptions()).schedule
-            if schedule is not None:
-                simulation = simulate(self.graph, schedule)
-                if lowest is None or simulation.peak_bytes < lowest[1].peak_bytes:
-                    lowest = schedule, simulation
-                if name == "checkpoint-all":
-                    break
-        assert lowest is not None  # store-all always builds
-        return lowest
+        lowest = BASELINES["checkpoint-all"](self.graph, 0, SolveOptions()).schedule
+        schedules = [lowest] if lowest is not None else [
+            BASELINES[name](self.graph, 0, SolveOptions()).schedule for name in BASELINES if name != "checkpoint-all"]
+        simulated = [(schedule, simulate(self.graph, schedule)) for schedule in schedules if schedule is not None]
+        return min(simulated, key=lambda pair: pair[1].peak_bytes)  # store-all always builds
 
     @property
     def reach_bytes(self) -> int:
@@ -365,13 +359,14 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
             break
     floors.update((k, v.floor_bytes) for k, v in tracer.variants.items() if v is not None)  # every one traced
     if len(variants) == 1:
-        nothing_splits = tracer.head is None and all(v is None for k, v in tracer.variants.items() if k != unsplit.key)
-        why_not = ("not split: no head from a matmul to the loss, MLP or attention block to split" if nothing_splits
-                   else f"not split: the largest op is not in a region that splits ({_largest_op(unsplit.graph)})")
-        if slow_to_trace:
+        if slow_to_trace:  # (tracer.head is not looked for either: that copies the joint graph)
             why_not = (f"not split: the budget is above the unsplit floor, and tracing a split variant takes about "
                        f"as long as the step's trace ({tracer.trace_s:.0f} s), more than {TRACE_SHARE:.0%} of the "
                        f"time limit")
+        elif tracer.head is None and all(v is None for k, v in tracer.variants.items() if k != unsplit.key):
+            why_not = "not split: no head from a matmul to the loss, MLP or attention block to split"
+        else:
+            why_not = f"not split: the largest op is not in a region that splits ({_largest_op(unsplit.graph)})"
         plan = solve(unsplit.graph, budget_bytes, solver, max(deadline - time.monotonic(), MIN_SOLVE_S), backend,
                      progress, known=list(known))
         return _finish(plan, None, why_not, [(k, floor, plan if k == unsplit.key else None)

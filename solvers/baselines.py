@@ -207,8 +207,8 @@ def _result(name: str, graph: Graph, schedule: Schedule, simulation: Simulation,
 
 
 def _fixed_plan(name: str, graph: Graph, plan: RematPlan, started: float, message: str = "",
-                detail: dict | None = None) -> SolverResult:
-    schedule = build_schedule(graph, plan)
+                detail: dict | None = None, max_ops: int | None = None) -> SolverResult:
+    schedule = build_schedule(graph, plan, max_ops)
     return _result(name, graph, schedule, simulate(graph, schedule), started, message, detail)
 
 
@@ -256,12 +256,11 @@ def checkpoint_all(graph: Graph, budget_bytes: int, options: SolveOptions, cappe
     started = time.perf_counter()
     plan = RematPlan(dropped=frozenset(range(first_backward_index(graph))))
     try:
-        schedule = build_schedule(graph, plan, max_ops=CHECKPOINT_ALL_MAX_OPS if capped else None)
+        return _fixed_plan("checkpoint-all", graph, plan, started, max_ops=CHECKPOINT_ALL_MAX_OPS if capped else None)
     except ScheduleTooLong as too_long:
         return SolverResult("checkpoint-all", NO_SOLUTION, None, wall_s=time.perf_counter() - started,
                             message=f"not built: its schedule recomputes the forward before each backward node, "
                                     f"{too_long} (a deep chain, such as an unrolled RNN)")
-    return _result("checkpoint-all", graph, schedule, simulate(graph, schedule), started)
 
 
 def _segment_plan(graph: Graph, checkpoints: set[int]) -> RematPlan:
