@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from remat.units import format_bytes, format_seconds, parse_size
@@ -27,7 +28,7 @@ class UserError(Exception):
 
 
 def fail(message: str) -> None:
-    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     sys.exit(EXIT_BAD_INPUT)
 
 
@@ -211,7 +212,7 @@ def _print_plan(plan, wall_s: float, out: str | None) -> None:
     graph, fixed, sim = plan.graph, plan.graph.fixed, plan.simulation
     meta = graph.meta
     forward = len(graph.forward_nodes)
-    console.print(f"[bold]{meta.get('model')}[/]: {meta.get('description', '')}")
+    console.print(f"[bold]{escape(str(meta.get('model')))}[/]: {escape(meta.get('description', ''))}")
     # image models have no seq; a factory's inputs may have no batch dimension to read its batch from
     shape = "".join(f"{k} {meta[k]}, " for k in ("batch", "seq") if meta.get(k) is not None)
     console.print(f"  {shape}{meta.get('precision')}, "
@@ -227,7 +228,7 @@ def _print_plan(plan, wall_s: float, out: str | None) -> None:
                   + f", hash {graph.content_hash}")
     split = Split.from_meta(meta["split"]) if meta.get("split") else None
     if meta.get("split_note"):
-        console.print(f"split          {split.describe() if split else 'none'} ({meta['split_note']})")
+        console.print(f"split          {split.describe() if split else 'none'} ({escape(meta['split_note'])})")
     with_split = f" with the {split.short()}" if split else ""
     console.print(f"store-all      peak {format_bytes(plan.store_all.peak_bytes)}, "
                   f"{format_seconds(plan.store_all.compute_s)} per step (no rematerialization{with_split})")
@@ -235,7 +236,7 @@ def _print_plan(plan, wall_s: float, out: str | None) -> None:
                   f"(no schedule fits below {format_bytes(plan.min_budget_lower_bound_bytes)}: fixed memory + "
                   f"the largest single op's working set{with_split})")
     if sim is None:
-        console.print(f"[bold red]plan           none fits[/]: {plan.message}")
+        console.print(f"[bold red]plan           none fits[/]: {escape(plan.message)}")
     else:
         console.print(f"[bold]plan[/]           {plan.method} ({plan.status}): peak {format_bytes(sim.peak_bytes)}, "
                       f"{format_seconds(sim.compute_s)} per step, overhead {plan.overhead:+.2%} vs store-all")
@@ -244,7 +245,7 @@ def _print_plan(plan, wall_s: float, out: str | None) -> None:
         proof = f" ({plan.lower_bound_method})" if plan.lower_bound_method else ""
         console.print(f"bound          {bound} lower bound on the optimal step time{proof}, gap {gap}")
         if plan.message:
-            console.print(f"note           {plan.message}")
+            console.print(f"note           {escape(plan.message)}")
         _print_recomputed(console, plan)
     table = Table(title="every method on this graph (simulated)", title_justify="left")
     for column in ("method", "status", "peak", "step time", "overhead", "fits", "wall"):
@@ -392,7 +393,7 @@ def compare(model, budget, batch, seq, device, precision, optimizer, solvers, ti
         table.add_row(*cells(row, "max batch" in columns), style=None if row.fits else "dim")
     console.print(table)
     for note in notes(comparison):
-        console.print(f"note: {note}")
+        console.print(f"note: {escape(note)}")
     console.print(f"wall time {wall_s:.1f} s" + (f"; wrote {', '.join(str(p) for p in written)}" if written else ""))
 
 

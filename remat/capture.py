@@ -15,7 +15,9 @@ repeated-block baselines and the reports need them.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -25,7 +27,8 @@ import torch.fx.traceback as fx_traceback
 import torch.utils._pytree as pytree
 from torch import nn
 from torch._functorch.aot_autograd import aot_export_joint_with_descriptors
-from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 PRECISIONS = ("fp32", "bf16-mixed")
 
@@ -182,8 +185,7 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
         except CaptureError:
             raise
         except Exception as error:  # torch raises many types; the user needs the gist
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise CaptureError(f"could not trace the training step: {type(error).__name__}: {first_line}") from error
+            raise CaptureError(f"could not trace the training step: {_explain(error)}") from error
     gm = joint.graph_module
     input_kinds, input_names = [], []
     for node in gm.graph.find_nodes(op="placeholder"):
@@ -251,6 +253,52 @@ def _reads_values(error: BaseException | None) -> bool:
             return True
         error = error.__cause__ or error.__context__
     return False
+
+
+# What a trace cannot follow, said in the user's terms: the step is traced once into one graph with fixed shapes.
+_VALUE_DEPENDENT = (
+    (DynamicOutputShapeException, "an op's output shape depends on tensor values (boolean-mask indexing, nonzero, "
+     "unique, ...), and one graph has fixed shapes: keep shapes fixed (torch.where, a mask multiplied in, a fixed "
+     "capacity per expert)"),
+    ((DataDependentOutputException, GuardOnDataDependentSymNode), "Python reads a tensor's value (`if tensor ...:`, "
+     "`.item()`, `.tolist()`), and one graph cannot follow a branch on data: compute it with tensor ops "
+     "(torch.where), or decide it outside the model"),
+)
+
+
+def _explain(error: BaseException) -> str:
+    """The gist of a tracing error: what torch could not trace, in the user's terms where it is one we know, and
+    the line of the model's code (outside torch and remat) that asked for it."""
+    text = str(error).strip()
+    gist = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+    cause: BaseException | None = error
+    while cause is not None:
+        for kinds, meaning in _VALUE_DEPENDENT:
+            if isinstance(cause, kinds):
+                gist = f"{meaning} (torch: {gist})"
+                cause = None
+                break
+        else:
+            cause = cause.__cause__ or cause.__context__
+    where = _model_line(error)
+    return f"{where}: {gist}" if where else gist
+
+
+def _model_line(error: BaseException) -> str:
+    """"file.py:31 `if x.mean() > 0:`": the innermost frame of the traceback in neither torch nor remat."""
+    internal = tuple(os.path.dirname(module.__file__) + os.sep for module in (torch, _remat_package()))
+    frames = [frame for frame in traceback.extract_tb(error.__traceback__)
+              if not os.path.abspath(frame.filename).startswith(internal) and not frame.filename.startswith("<")]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    return f"{frame.filename}:{frame.lineno}" + (f" `{frame.line.strip()}`" if frame.line else "")
+
+
+def _remat_package():
+    import remat
+
+    return remat
 
 
 def _tied_parameters(module: nn.Module) -> dict[str, str]:

@@ -132,6 +132,42 @@ def test_a_model_that_fails_to_trace_is_a_clear_error():
         raise AssertionError("expected a CaptureError")
 
 
+class BranchOnData(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        # Python reads a value: one graph cannot follow this
+        if x.mean() > 0:
+            return self.a(x).sum()
+        return self.b(x).sum()
+
+
+class MaskRouting(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate, self.expert = nn.Linear(4, 2), nn.Linear(4, 4)
+
+    def forward(self, x):
+        mask = self.gate(x).argmax(-1) == 0
+        # as many rows as the mask holds: a shape set by data
+        return self.expert(x[mask]).sum()
+
+
+@pytest.mark.parametrize(("model", "meaning", "line"), [
+    (BranchOnData, "Python reads a tensor's value", "if x.mean() > 0:"),
+    (MaskRouting, "output shape depends on tensor values", "return self.expert(x[mask]).sum()"),
+])
+def test_a_step_that_depends_on_tensor_values_names_the_cause_and_the_line(model, meaning, line):
+    """Fake tensors have no values: the error says so in the model's terms and points at the model's own line,
+    not at torch's internals."""
+    with pytest.raises(CaptureError) as caught:
+        capture_step(model(), (torch.randn(8, 4),))
+    message = str(caught.value)
+    assert meaning in message and "test_capture_lower.py:" in message and f"`{line}`" in message
+
+
 def test_hugging_face_gpt2_traces_with_tied_weights_and_flash_attention():
     from remat.trace import trace_model
 

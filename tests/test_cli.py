@@ -33,6 +33,19 @@ class Regressor(nn.Module):  # as Hugging Face models are: inputs by name, trunc
 
 def by_name(batch=4, seq=32):
     return Regressor(), {"features": torch.randn(batch, seq, 64), "labels": torch.zeros(batch, seq, 1)}
+
+
+class Routed(nn.Module):  # mixture-of-experts routing by a boolean mask: as many rows as the mask holds
+    def __init__(self):
+        super().__init__()
+        self.gate, self.expert = nn.Linear(64, 2), nn.Linear(64, 1)
+
+    def forward(self, x):
+        return self.expert(x[self.gate(x).argmax(-1) == 0]).pow(2).mean()
+
+
+def routed(batch=4):
+    return Routed(), (torch.randn(batch, 64),)
 '''
 
 
@@ -77,6 +90,13 @@ def test_missing_factory_file(tmp_path):
 
 def test_factory_that_raises(factory_file):
     assert_one_line_error(remat("solve", "--model", f"{factory_file}:broken", "--budget", "1GB"), "factory exploded")
+
+
+def test_a_step_that_cannot_be_traced_names_the_line_as_written(factory_file):
+    """The model's line is printed as it is, brackets included (the console would read `[mask]` as markup)."""
+    assert_one_line_error(remat("solve", "--model", f"{factory_file}:routed", "--budget", "1GB"),
+                          "output shape depends on tensor values", "mymodel.py:",
+                          "`return self.expert(x[self.gate(x).argmax(-1) == 0]).pow(2).mean()`")
 
 
 def test_unknown_device(factory_file):
