@@ -40,7 +40,7 @@ from remat.lower import lower
 from remat.models import build_model
 from remat.planner import Candidate, Plan, solve
 from remat.schedule import COMPUTE, FREE, Op, Schedule
-from remat.simulate import Simulation, simulate
+from remat.simulate import Simulation, live_bytes_at, simulate
 from remat.split import (
     ATTENTION,
     CHUNK_COUNTS,
@@ -231,15 +231,40 @@ class SplitTracer:
             return find_head(self._forward)
 
     def _head_could_lower(self, variant: Variant) -> bool:
-        """Whether the head holds enough memory that splitting it might lower the floor or the reach by FLOOR_GAIN,
-        from the unsplit step's head: its ops' forward tensors, their gradients and what the backward saves, each
-        at most its largest tensor. A classifier's head is a few KB: not traced (1.6 s of a 30-s limit on
-        ResNet-50, 4.6 s on DenseNet-121, for a variant that lowers nothing)."""
+        """Whether splitting the head might lower the floor or the reach by FLOOR_GAIN. First from the head's size:
+        its ops' forward tensors, their gradients and what the backward saves, each at most its largest tensor. A
+        classifier's head is a few KB: not traced (1.6 s of a 30-s limit on ResNet-50, 4.6 s on DenseNet-121, for a
+        variant that lowers nothing). Then from where the head is: the floor falls only if the largest op is a head op
+        (an op outside the head that reads its input's gradient keeps its working set), the reach only by the head
+        values live at its peak. A 2-layer LSTM's head (logits of
+        4 MB, 74 MB by size) is neither: its trace took 18 s of a 60-s limit for a variant that lowered nothing."""
         head = self.head
         if head is None:
             return False
         most = 3 * len(head.nodes) * head.largest_bytes
-        return most > FLOOR_GAIN * min(variant.floor_bytes, variant.reach_bytes)
+        if most <= FLOOR_GAIN * min(variant.floor_bytes, variant.reach_bytes):
+            return False
+        in_head = self._head_values(variant)
+        if variant.largest_op in in_head:
+            return True
+        schedule, simulation = variant._lowest_baseline
+        live = live_bytes_at(variant.graph, schedule, simulation.peak_op) if simulation.peak_op >= 0 else {}
+        return sum(b for node, b in live.items() if node in in_head) > FLOOR_GAIN * variant.reach_bytes
+
+    def _head_values(self, variant: Variant) -> set[int]:
+        """Nodes of the unsplit `variant`'s graph whose values a head split makes smaller: the head's forward ops,
+        the backward of its modules, and backward ops that read a forward head value (the loss's gradient)."""
+        head = self.head
+        assert head is not None
+        names = set(head.nodes)
+        module = head.module
+
+        def in_module(path: str) -> bool:
+            return bool(module) and (path == module or path.startswith(module + "."))
+
+        forward = {i for i, node in enumerate(variant.graph.nodes) if not node.is_backward and node.name in names}
+        return forward | {i for i, node in enumerate(variant.graph.nodes) if node.is_backward
+                          and (in_module(node.module) or any(d in forward for d in node.deps))}
 
     def _traced(self, key: tuple[int, int, int], progress: Callable[[str], None] | None) -> Variant | None:
         if max(key) > CHUNK_COUNTS[-1]:
