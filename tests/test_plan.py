@@ -162,6 +162,30 @@ def test_a_plan_that_costs_its_bound_is_proven_within_the_milp_tolerance(monkeyp
     assert plan.compute_s == pytest.approx(302.0) and plan.gap < base.OPTIMAL_TOLERANCE
 
 
+@pytest.mark.parametrize("large", [True, False])
+def test_a_plan_within_the_covering_milps_own_gap_stops_the_search(monkeypatch, large):
+    """On graphs over MAX_REPAIR_NODES the covering MILP stops within a relative gap (1e-4) of its recomputation
+    seconds, so a plan that close to its bound cannot be beaten by more: GPT-2 XL at 70% spent 42 s decomposing
+    after cover-round's plan was 0.0002% from its bound. On smaller graphs the covering is solved to 1e-9, and the
+    same distance is searched on."""
+    real = planner.covering_bound
+    graph = chain_training_graph(24)  # cover-round's plan meets the covering bound: 302 s
+    shaved = 0.5 * base.SolveOptions().mip_gap * (302.0 - graph.compute_s)  # half the MILP's own gap, in seconds
+
+    def covering_bound_within_its_gap(*args, **kwargs):
+        bound = real(*args, **kwargs)
+        return dataclasses.replace(bound, lower_bound_s=bound.lower_bound_s - shaved)
+
+    monkeypatch.setattr(planner, "covering_bound", covering_bound_within_its_gap)
+    if large:
+        monkeypatch.setattr(planner, "MAX_REPAIR_NODES", len(graph) - 1)
+    plan = solve(graph, 40, time_limit_s=3)
+    assert plan.compute_s == pytest.approx(302.0) and plan.status == "feasible" and plan.gap > base.OPTIMAL_TOLERANCE
+    assert ("stopping gap" in plan.picked) == large
+    if large:
+        assert [c.method for c in plan.candidates][-1] == "cover-round"  # nothing ran after it
+
+
 def test_a_lower_bound_cut_short_before_any_solution_is_solved_again_not_coarsened(monkeypatch):
     # On DenseNet-121 (1,707 nodes, no repeated blocks) the covering MILP's root did not finish in its share of
     # 30 s: no incumbent, so no cover-round plan, and the coarsened MILP's plan was +300% where chen-greedy had
