@@ -18,7 +18,7 @@ import contextlib
 import os
 import re
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -248,11 +248,14 @@ def build_on_fake(build: Callable[[], Spec], mode: FakeTensorMode) -> Spec:
 
 def _reads_values(error: BaseException | None) -> bool:
     """Whether `error`, or an error it was raised from, is a fake tensor refusing to give a value."""
+    return any(isinstance(cause, DataDependentOutputException) for cause in _causes(error))
+
+
+def _causes(error: BaseException | None) -> Iterator[BaseException]:
+    """`error` and the errors it was raised from, the latest first."""
     while error is not None:
-        if isinstance(error, DataDependentOutputException):
-            return True
+        yield error
         error = error.__cause__ or error.__context__
-    return False
 
 
 # What a trace cannot follow, said in the user's terms: the step is traced once into one graph with fixed shapes.
@@ -271,34 +274,28 @@ def _explain(error: BaseException) -> str:
     the line of the model's code (outside torch and remat) that asked for it."""
     text = str(error).strip()
     gist = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
-    cause: BaseException | None = error
-    while cause is not None:
-        for kinds, meaning in _VALUE_DEPENDENT:
-            if isinstance(cause, kinds):
-                gist = f"{meaning} (torch: {gist})"
-                cause = None
-                break
-        else:
-            cause = cause.__cause__ or cause.__context__
+    meaning = _meaning(error)
+    if meaning:
+        gist = f"{meaning} (torch: {gist})"
     where = _model_line(error)
     return f"{where}: {gist}" if where else gist
 
 
+def _meaning(error: BaseException) -> str | None:
+    """What `error`, or an error it was raised from, means in the user's terms (_VALUE_DEPENDENT), if we know."""
+    return next((meaning for cause in _causes(error) for kinds, meaning in _VALUE_DEPENDENT
+                 if isinstance(cause, kinds)), None)
+
+
 def _model_line(error: BaseException) -> str:
     """"file.py:31 `if x.mean() > 0:`": the innermost frame of the traceback in neither torch nor remat."""
-    internal = tuple(os.path.dirname(module.__file__) + os.sep for module in (torch, _remat_package()))
+    internal = tuple(os.path.dirname(os.path.abspath(path)) + os.sep for path in (torch.__file__, __file__))
     frames = [frame for frame in traceback.extract_tb(error.__traceback__)
               if not os.path.abspath(frame.filename).startswith(internal) and not frame.filename.startswith("<")]
     if not frames:
         return ""
     frame = frames[-1]
     return f"{frame.filename}:{frame.lineno}" + (f" `{frame.line.strip()}`" if frame.line else "")
-
-
-def _remat_package():
-    import remat
-
-    return remat
 
 
 def _tied_parameters(module: nn.Module) -> dict[str, str]:

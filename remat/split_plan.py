@@ -236,8 +236,8 @@ class SplitTracer:
         classifier's head is a few KB: not traced (1.6 s of a 30-s limit on ResNet-50, 4.6 s on DenseNet-121, for a
         variant that lowers nothing). Then from where the head is: the floor falls only if the largest op is a head op
         (an op outside the head that reads its input's gradient keeps its working set), the reach only by the head
-        values live at its peak. A 2-layer LSTM's head (logits of
-        4 MB, 74 MB by size) is neither: its trace took 18 s of a 60-s limit for a variant that lowered nothing."""
+        values live at its peak. A 2-layer LSTM's head (logits of 4 MB, 74 MB by size) is neither: its trace took
+        18 s of a 60-s limit for a variant that lowered nothing."""
         head = self.head
         if head is None:
             return False
