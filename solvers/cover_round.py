@@ -164,8 +164,8 @@ def drops_for_variant(graph: Graph, dropped: tuple[int, ...], rule: str, reuse: 
 
 def release_held(graph: Graph, budget_bytes: int, drops: Drops, deadline: float,
                  built: tuple[Schedule, Simulation] | None = None) -> tuple[Schedule, Simulation, Drops] | None:
-    """Let go of the largest values the schedule holds at its peak only for a later point, as many as add up to its
-    overshoot, until the schedule fits. Two kinds are held so:
+    """Let go of values the schedule holds at its peak only for a later point, the cheapest to make again per byte
+    first, as many as add up to its overshoot, until the schedule fits. Two kinds are held so:
     - with `reuse`, a value brought back at one point, for the later points that read it: the fewest seconds, but
       where the backward brings back a chain (a U-Net's full-resolution stem: convolution, relu, convolution, relu,
       each read again a few ops apart) every link is held at once. Let go, it is brought back fresh at each point;
@@ -197,7 +197,9 @@ def release_held(graph: Graph, budget_bytes: int, drops: Drops, deadline: float,
         if not held:
             return None
         fresh, kept, freed = set(drops.fresh), set(drops.held), 0
-        for size, v, brought_back in sorted(held, reverse=True):  # the largest, until they add up to the overshoot
+        # the cheapest to make again per byte first, until they add up to the overshoot (the largest first made
+        # ResNet-50's cover-round plan at 1.1 x min +24.22%, this +24.00%; U-Net's +47.7%, this +44.4%)
+        for size, v, brought_back in sorted(held, key=lambda item: (graph.nodes[item[1]].compute_s / item[0], item[1])):
             if freed >= sim.peak_bytes - budget_bytes:
                 break
             freed += size

@@ -193,18 +193,30 @@ def test_releasing_reused_values_fits_where_reuse_does_not_for_less_than_no_reus
 
 
 def test_keeping_what_fits_holds_again_a_value_released_too_eagerly():
-    # release_held lets go of the largest value at the peak, one at a time: at this budget all five stem values,
-    # made again at each of their readers. Holding one of them again fits too, once drops are undone.
+    # Every stem value let go (made again at each of its readers: what release_held did when it let go of the
+    # largest first) fits at this budget; holding one of them again fits too, once drops are undone.
     graph = stem_chain()
     budget = 128
     dropped = tuple(range(5))
-    schedule, sim, released = release_held(graph, budget, Drops(dropped, "first", reuse=True), deadline=float("inf"))
-    assert released.fresh == set(dropped) and sim.compute_s == 33
+    eager = Drops(dropped, "first", reuse=True, fresh=frozenset(dropped))
+    schedule = schedule_for_drops(graph, eager)
+    sim = simulate(graph, schedule)
+    assert sim.fits(budget) and sim.compute_s == 33
     (kept_schedule, seconds, peak), kept_drops, kept = keep_what_fits(
-        graph, budget, (schedule, sim.compute_s, sim.peak_bytes), released, deadline=float("inf"))
+        graph, budget, (schedule, sim.compute_s, sim.peak_bytes), eager, deadline=float("inf"))
     assert kept["reuse"] == 1 and len(kept_drops.fresh) == 4 and seconds == 21
     kept_sim = simulate(graph, kept_schedule)
     assert kept_sim.valid and kept_sim.fits(budget) and kept_sim.compute_s == seconds and kept_sim.peak_bytes == peak
+
+
+def test_release_lets_go_of_the_cheapest_per_byte_first_and_only_what_the_overshoot_needs():
+    # The five stem values cost the same per byte: the first two let go are enough at this budget (26 s), where
+    # letting go of the largest one at a time (ties: the latest) let go of all five (33 s).
+    graph = stem_chain()
+    schedule, sim, released = release_held(graph, 128, Drops(tuple(range(5)), "first", reuse=True),
+                                           deadline=float("inf"))
+    assert released.fresh == {0, 1} and sim.fits(128) and sim.compute_s == 26
+    assert simulate(graph, schedule) == sim
 
 
 @FAST

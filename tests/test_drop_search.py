@@ -14,10 +14,10 @@ from remat import planner
 from remat.planner import SEARCH_ROUNDS, _candidate, _polish, _search, anneals_at_once, polish_seconds, solve
 from remat.simulate import simulate
 from solvers import cover_round
-from solvers.base import FEASIBLE, OPTIMAL, SolveOptions
+from solvers.base import FEASIBLE, OPTIMAL, SolveOptions, SolverResult
 from solvers.bounds import covering_bound
 from solvers.checkmate import solve_checkmate
-from solvers.cover_round import Drops, solve_cover_round
+from solvers.cover_round import Drops, schedule_for_drops, solve_cover_round
 from solvers.drop_search import search_drops
 from tests.bruteforce import cheapest_schedule
 from tests.graphs import make_graph
@@ -42,10 +42,10 @@ def test_searched_schedules_are_valid_fit_and_never_beat_the_optimum(graph, frac
 
 
 def skip_heavy_step():
-    """An 18-node training step (found by a random search) whose cover-round schedule costs 40.5 s at a budget of
-    194 bytes before keep_what_fits, where the optimum (Checkmate's MILP) is 38.5 s. The covering bound is 38.5 s
-    too (37.5 s without its second computations, solvers/bounds.py). release_held lets go of one value more than
-    it needs to: keep_what_fits holds it again, and cover-round meets the optimum itself."""
+    """An 18-node training step (found by a random search) whose optimum (Checkmate's MILP) is 38.5 s at a budget of
+    194 bytes. The covering bound is 38.5 s too (37.5 s without its second computations, solvers/bounds.py), and its
+    drops, brought back and held for later points, overshoot: release_held must let go of one of them, and letting
+    go of one more (as it did when it let go of the largest first) costs 40.5 s."""
     deps = [[], [0], [1], [1, 2], [3], [3, 4], [5], [0, 6], [7], [7, 8], [5, 6, 9], [10], [11], [3, 12], [2, 13],
             [5], [0, 1, 14], [16]]
     sizes = [36, 58, 40, 28, 34, 5, 17, 9, 56, 27, 42, 16, 51, 46, 6, 39, 50, 25]
@@ -57,22 +57,28 @@ def skip_heavy_step():
     return dataclasses.replace(graph, nodes=nodes), 194
 
 
-def cover_round_before_keeping(graph, budget, bound):
-    """cover-round's result without keep_what_fits: a start with a gap for the searches."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cover_round, "KEEP_STARTS", 0)
-        return solve_cover_round(graph, budget, bound, SolveOptions(time_limit_s=10))
+def start_with_a_gap(graph, budget, bound):
+    """A start with a gap for the searches: the covering's drops (0, 1, 2), brought back and held for later points,
+    with one value more let go than the budget needs (0 and 1): 40.5 s. cover-round's own schedule lets go of 0
+    only and costs the optimum (test below)."""
+    drops = Drops(bound.recomputed, "first", reuse=True, fresh=frozenset({0, 1}))
+    assert drops.dropped == (0, 1, 2)
+    schedule = schedule_for_drops(graph, drops)
+    seconds = simulate(graph, schedule).compute_s
+    return SolverResult("cover-round", FEASIBLE, schedule, objective_s=seconds, detail={"drops": drops})
 
 
 def test_the_search_finds_the_optimum_where_cover_round_drops_too_much():
     graph, budget = skip_heavy_step()
     optimum = solve_checkmate(graph, budget, EXACT)
     bound = covering_bound(graph, budget, SolveOptions(time_limit_s=10))
-    covered = cover_round_before_keeping(graph, budget, bound)
+    covered = start_with_a_gap(graph, budget, bound)
     assert optimum.status == OPTIMAL and optimum.objective_s == pytest.approx(38.5)
     assert bound.lower_bound_s == pytest.approx(38.5) and covered.objective_s == pytest.approx(40.5)
-    kept = solve_cover_round(graph, budget, bound, SolveOptions(time_limit_s=10))  # holding a let-go value again
-    assert kept.objective_s == pytest.approx(38.5) and kept.detail["kept"] == {"reuse": 1}
+    with pytest.MonkeyPatch.context() as patch:  # cover-round itself, keeping nothing: lets go of 0 only
+        patch.setattr(cover_round, "KEEP_STARTS", 0)
+        released = solve_cover_round(graph, budget, bound, SolveOptions(time_limit_s=10))
+    assert released.objective_s == pytest.approx(38.5) and released.detail["drops"].fresh == {0}
     searched = search_drops(graph, budget, covered.detail["drops"], SolveOptions(time_limit_s=120),
                             lower_bound_s=bound.lower_bound_s)
     sim = simulate(graph, searched.schedule)
@@ -84,13 +90,13 @@ def test_the_search_finds_the_optimum_where_cover_round_drops_too_much():
 
 def cover_round_plan():
     """The planner's plan for skip_heavy_step as if the graph were too big for the whole-graph MILP (which proves it
-    optimal) and cover-round had not kept what fits: its schedule (40.5 s) with a bound of 37.5 s (the covering
-    bound without its second computations: valid, below the optimum), so that a search still has a gap to close at
-    the optimum."""
+    optimal) and cover-round had let go of a value too many: start_with_a_gap (40.5 s) with a bound of 37.5 s (the
+    covering bound without its second computations: valid, below the optimum), so that a search still has a gap to
+    close at the optimum."""
     graph, budget = skip_heavy_step()
     plan = solve(graph, budget, time_limit_s=30)
     bound = dataclasses.replace(covering_bound(graph, budget, SolveOptions(time_limit_s=10)), lower_bound_s=37.5)
-    result = cover_round_before_keeping(graph, budget, bound)
+    result = start_with_a_gap(graph, budget, bound)
     covered = _candidate(graph, "cover-round", result, result.schedule)
     assert covered.drops is not None and covered.drops == result.detail["drops"]  # the planner keeps the drops
     return dataclasses.replace(plan, method="cover-round", status=FEASIBLE, schedule=covered.schedule,
