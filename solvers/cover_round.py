@@ -192,8 +192,8 @@ def release_held(graph: Graph, budget_bytes: int, drops: Drops, deadline: float,
             if v == peak or v in graph.nodes[peak].deps or v in drops.fresh:
                 continue
             brought_back = drops.reuse and computed[v] > 1
-            if brought_back or (v in drops.held and v not in drops.dropped and last_reader[v] < stage):
-                held.append((size, v, brought_back))
+            if size > 0 and (brought_back or (v in drops.held and v not in drops.dropped and last_reader[v] < stage)):
+                held.append((size, v, brought_back))  # (a value of no bytes frees nothing)
         if not held:
             return None
         fresh, kept, freed = set(drops.fresh), set(drops.held), 0
