@@ -2,6 +2,7 @@
 a method that fits, torch.compile's saved sets become valid schedules, and the reports carry their plots."""
 
 import base64
+import contextlib
 import json
 import re
 import subprocess
@@ -83,6 +84,17 @@ def test_compile_budget_saved_sets_are_valid_schedules(traced):
         if budget == 0.0:  # torch saves nothing but parameters and inputs: the backward recomputes the forward
             assert recomputed
             assert "saves 0 forward values" in candidate.message
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.5, 0.0])
+def test_the_partition_without_recompiling_saves_what_it_saves_with(traced, budget, monkeypatch):
+    """compile_budget_saved skips the partitioner's code generation (_without_recompiling): the saved set must be
+    the one torch's own partition gives."""
+    from remat import capture
+
+    fast = capture.compile_budget_saved(traced.step, budget)
+    monkeypatch.setattr(capture, "_without_recompiling", contextlib.nullcontext)
+    assert fast and fast == capture.compile_budget_saved(traced.step, budget)
 
 
 def test_saved_set_recomputes_each_value_once():
