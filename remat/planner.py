@@ -212,7 +212,7 @@ def _covering_gap(graph: Graph) -> float:
     return SolveOptions().mip_gap if len(graph) > MAX_REPAIR_NODES else EXACT_BOUND_GAP
 
 
-def within_covering_gap(graph: Graph, seconds: float, lower_bound_s: float | None) -> bool:
+def _within_covering_gap(graph: Graph, seconds: float, lower_bound_s: float | None) -> bool:
     """Whether a plan of `seconds` is as close to the covering bound as the covering MILP itself was asked to get:
     on graphs over MAX_REPAIR_NODES it stops within a relative gap of its objective (the recomputation's seconds),
     so no other plan can be cheaper by more than that share of the recomputation, and searching on is wasted (GPT-2
@@ -490,15 +490,16 @@ def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, bac
                                    repairs=repairs)
         covered = _candidate(graph, "cover-round", result, result.schedule)
         candidates.append(covered)
+        done = ""  # why no other plan is worth looking for
         if covered.fits(budget_bytes) and meets_bound(covered.simulation.compute_s, lower_bound_s):
+            done = "dropping what the lower bound recomputes costs the bound itself"
+        elif covered.fits(budget_bytes) and _within_covering_gap(graph, covered.simulation.compute_s, lower_bound_s):
+            done = (f"within the covering MILP's own stopping gap ({_covering_gap(graph):.0e} of its recomputation) "
+                    "of the lower bound")
+        if done:
             return _finish(graph, budget_bytes, [covered] + [c for c in candidates if c is not covered], candidates,
                            store_all, bound, started, lower_bound_s, bound_method=bound_method,
-                           picked="cover-round: dropping what the lower bound recomputes costs the bound itself")
-        if covered.fits(budget_bytes) and within_covering_gap(graph, covered.simulation.compute_s, lower_bound_s):
-            return _finish(graph, budget_bytes, [covered] + [c for c in candidates if c is not covered], candidates,
-                           store_all, bound, started, lower_bound_s, bound_method=bound_method,
-                           picked=f"cover-round: within the covering MILP's own stopping gap "
-                                  f"({_covering_gap(graph):.0e} of its recomputation) of the lower bound")
+                           picked=f"cover-round: {done}")
 
     wants_decompose = solver == "decompose" or (solver == "auto" and len(graph) > MAX_EXACT_NODES)
     if wants_decompose and covering.proven_infeasible is False:
