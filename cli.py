@@ -94,10 +94,21 @@ def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_
         click.echo(json.dumps(_plan_summary(plan, wall_s)))
     else:
         _print_plan(plan, wall_s, out)
+    if plan.schedule is None and budget_bytes < plan.graph.fixed.total_bytes:
+        fail(f"no plan fits {format_bytes(budget_bytes)} ({budget_bytes} bytes) for {model}: "
+             f"{_below_fixed_memory(plan.graph.fixed)}")
     if plan.schedule is None:
         fail(f"no plan fits {format_bytes(budget_bytes)} ({budget_bytes} bytes) for {model}: the minimum feasible "
              f"budget found is {_fmt(plan.min_feasible_bytes)} ({plan.min_feasible_bytes} bytes); "
              f"use --budget {_ceil_gb(plan.min_feasible_bytes)} or more, or a smaller --batch")
+
+
+def _below_fixed_memory(fixed) -> str:
+    """Why a budget below fixed memory fits no plan, and what lowers fixed memory."""
+    lighter = "; an optimizer with less state lowers it (--optimizer sgd holds none)" if fixed.optimizer_bytes else ""
+    return (f"fixed memory alone is {fixed.describe()}, whatever is recomputed, and parameters, gradients and "
+            f"optimizer state do not shrink with the batch. A budget above it leaves room for activations (one still "
+            f"too small gets the minimum feasible budget named){lighter}")
 
 
 def _solve(graph, budget_bytes, solver, time_limit, backend):
@@ -232,9 +243,13 @@ def _print_plan(plan, wall_s: float, out: str | None) -> None:
     with_split = f" with the {split.short()}" if split else ""
     console.print(f"store-all      peak {format_bytes(plan.store_all.peak_bytes)}, "
                   f"{format_seconds(plan.store_all.compute_s)} per step (no rematerialization{with_split})")
-    console.print(f"minimum budget {_fmt(plan.min_feasible_bytes)} is the lowest peak found "
-                  f"(no schedule fits below {format_bytes(plan.min_budget_lower_bound_bytes)}: fixed memory + "
-                  f"the largest single op's working set{with_split})")
+    if plan.min_feasible_bytes is None and plan.budget_bytes < fixed.total_bytes:
+        console.print(f"minimum budget not searched: the budget is below fixed memory, "
+                      f"{format_bytes(fixed.total_bytes)}, which every schedule holds")
+    else:
+        console.print(f"minimum budget {_fmt(plan.min_feasible_bytes)} is the lowest peak found "
+                      f"(no schedule fits below {format_bytes(plan.min_budget_lower_bound_bytes)}: fixed memory + "
+                      f"the largest single op's working set{with_split})")
     if sim is None:
         console.print(f"[bold red]plan           none fits[/]: {escape(plan.message)}")
     else:

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
+from remat.units import format_bytes
+
 SCHEMA_VERSION = 1
 PerNode = tuple[tuple[int, ...], ...]  # a tuple of ints for each node
 
@@ -61,6 +63,12 @@ class FixedMemory:
     @property
     def total_bytes(self) -> int:
         return self.parameter_bytes + self.gradient_bytes + self.optimizer_bytes + self.input_bytes
+
+    def describe(self) -> str:
+        """'1.99 GB (parameters 497.76 MB, gradients 497.76 MB, optimizer state 995.52 MB, inputs 131.08 KB)'."""
+        return (f"{format_bytes(self.total_bytes)} (parameters {format_bytes(self.parameter_bytes)}, gradients "
+                f"{format_bytes(self.gradient_bytes)}, optimizer state {format_bytes(self.optimizer_bytes)}, inputs "
+                f"{format_bytes(self.input_bytes)})")
 
 
 @dataclass(frozen=True)

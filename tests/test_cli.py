@@ -105,13 +105,22 @@ def test_unknown_device(factory_file):
 
 
 def test_infeasible_budget_names_the_minimum(factory_file):
-    result = remat("solve", "--model", f"{factory_file}:make", "--budget", "100KB", "--json", "--time-limit", "5")
+    # below fixed memory (parameters, gradients and Adam's state: 1.3 MB) no plan can fit, and the error says why
+    below = remat("solve", "--model", f"{factory_file}:make", "--budget", "100KB", "--json", "--time-limit", "5")
+    assert below.returncode == 2 and "Traceback" not in below.stderr
+    summary = json.loads(below.stdout)
+    assert summary["status"] == "infeasible" and summary["min_feasible_bytes"] is None
+    fixed = summary["fixed_bytes"]
+    assert fixed > 100_000 and "fixed memory alone is" in below.stderr and "--optimizer sgd" in below.stderr
+    # above it, a budget too small for any schedule gets the minimum named
+    result = remat("solve", "--model", f"{factory_file}:make", "--budget", str(fixed + 1), "--json",
+                   "--time-limit", "5")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     summary = json.loads(result.stdout)
     assert summary["status"] == "infeasible"
     minimum = summary["min_feasible_bytes"]
-    assert minimum > 100_000
+    assert minimum > fixed + 1
     assert str(minimum) in result.stderr and "minimum feasible budget" in result.stderr
     # and a budget 1% above that minimum gets a plan
     again = remat("solve", "--model", f"{factory_file}:make", "--budget", str(int(minimum * 1.01)), "--json",

@@ -242,6 +242,21 @@ def test_a_step_slow_to_trace_is_split_only_below_the_unsplit_floor(monkeypatch)
     assert traced  # below the unsplit floor only a split can fit
 
 
+def test_a_budget_below_fixed_memory_traces_no_split_and_names_no_minimum(monkeypatch):
+    # no chunk count changes parameters, gradients or optimizer state: tracing variants (44 s on GPT-2 small at
+    # 1 GB) would only find a minimum far above the budget, and the unsplit step's is none for a split one
+    tracer = tiny_tracer()
+    fixed = tracer.unsplit.graph.fixed.total_bytes
+    traced = []
+    monkeypatch.setattr(tracer, "variant", lambda *key: traced.append(key))
+    below = solve_split(tracer, fixed - 1, time_limit_s=10)
+    assert traced == [] and below.split is None and below.plan.schedule is None
+    assert below.plan.min_feasible_bytes is None and below.plan.min_budget_lower_bound_bytes == fixed
+    assert "below fixed memory" in below.note and "fixed memory alone" in below.plan.message
+    solve_split(tracer, fixed + 1, solver="chen-sqrtn", time_limit_s=5)
+    assert traced  # above fixed memory the variants name the minimum
+
+
 def test_the_plan_weighs_torch_compiles_own_choice():
     tracer = tiny_tracer()
     unsplit = tracer.unsplit
