@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from remat.units import format_bytes, format_seconds, parse_size
+from solvers.base import FEASIBLE
 
 EXIT_BAD_INPUT = 2  # bad input and infeasible budgets: the user has something to change
 
@@ -101,6 +102,12 @@ def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_
         fail(f"no plan fits {format_bytes(budget_bytes)} ({budget_bytes} bytes) for {model}: the minimum feasible "
              f"budget found is {_fmt(plan.min_feasible_bytes)} ({plan.min_feasible_bytes} bytes); "
              f"use --budget {_ceil_gb(plan.min_feasible_bytes)} or more, or a smaller --batch")
+
+
+def _cut_short(plan) -> bool:
+    """The plan is more than 1% from its bound, and the bound is the covering MILP's as far as time let it go."""
+    return (plan.status == FEASIBLE and plan.gap is not None and plan.gap > 0.01
+            and plan.lower_bound_method.startswith("covering ("))
 
 
 def _below_fixed_memory(fixed) -> str:
@@ -259,6 +266,9 @@ def _print_plan(plan, wall_s: float, out: str | None) -> None:
         gap = "unknown" if plan.gap is None else f"{plan.gap:.2%}"
         proof = f" ({plan.lower_bound_method})" if plan.lower_bound_method else ""
         console.print(f"bound          {bound} lower bound on the optimal step time{proof}, gap {gap}")
+        if _cut_short(plan):
+            console.print("hint           the time limit cut the lower bound short, so the true gap may be smaller: "
+                          "a longer --time-limit tightens the bound and may find a cheaper plan")
         if plan.message:
             console.print(f"note           {escape(plan.message)}")
         _print_recomputed(console, plan)

@@ -191,3 +191,25 @@ def test_human_output_explains_the_budget(factory_file, probe):
         assert words in text
     bound_line = next(line for line in text.splitlines() if line.startswith("bound "))
     assert "(covering" in bound_line or "(milp" in bound_line or "(store-all" in bound_line, bound_line
+
+
+def test_a_plan_far_from_a_bound_cut_short_by_time_says_a_longer_limit_may_help(capsys):
+    import dataclasses
+
+    from cli import _print_plan
+    from remat.planner import solve
+    from solvers.base import FEASIBLE
+    from tests.graphs import chain_training_graph
+
+    proven = solve(chain_training_graph(10), 50, time_limit_s=10)
+    assert proven.status == "optimal" and proven.gap < 1e-6
+    _print_plan(proven, 1.0, None)
+    assert "hint" not in capsys.readouterr().out
+    # GPT-2 XL at 70% in 60 s: the covering MILP's root did not finish in its share, the gap is against every node once
+    cut = dataclasses.replace(proven, status=FEASIBLE, lower_bound_s=0.9 * proven.compute_s,
+                              lower_bound_method="covering (not solved in time: every node once)")
+    _print_plan(cut, 1.0, None)
+    assert "a longer --time-limit tightens the bound" in capsys.readouterr().out
+    close = dataclasses.replace(cut, lower_bound_s=0.995 * proven.compute_s)  # within 1%: no hint
+    _print_plan(close, 1.0, None)
+    assert "hint" not in capsys.readouterr().out
