@@ -110,12 +110,23 @@ def _cut_short(plan) -> bool:
             and plan.lower_bound_method.startswith("covering ("))
 
 
+def _lighter_optimizer(fixed) -> str:
+    return "; an optimizer with less state lowers it (--optimizer sgd holds none)" if fixed.optimizer_bytes else ""
+
+
 def _below_fixed_memory(fixed) -> str:
     """Why a budget below fixed memory fits no plan, and what lowers fixed memory."""
-    lighter = "; an optimizer with less state lowers it (--optimizer sgd holds none)" if fixed.optimizer_bytes else ""
     return (f"fixed memory alone is {fixed.describe()}, whatever is recomputed, and parameters, gradients and "
             f"optimizer state do not shrink with the batch. A budget above it leaves room for activations (one still "
-            f"too small gets the minimum feasible budget named){lighter}")
+            f"too small gets the minimum feasible budget named){_lighter_optimizer(fixed)}")
+
+
+def _below_model_state(fixed) -> str:
+    """Why a budget below parameters, gradients and optimizer state fits no batch."""
+    return (f"parameters, gradients and optimizer state alone are {format_bytes(fixed.state_bytes)} (parameters "
+            f"{format_bytes(fixed.parameter_bytes)}, gradients {format_bytes(fixed.gradient_bytes)}, optimizer state "
+            f"{format_bytes(fixed.optimizer_bytes)}), at every batch and whatever is recomputed"
+            f"{_lighter_optimizer(fixed)}")
 
 
 def _solve(graph, budget_bytes, solver, time_limit, backend):
@@ -465,6 +476,14 @@ def maxbatch(model, budget, seq, start_batch, device, precision, optimizer, solv
     with _stdout_to_stderr(), Progress(*columns, console=stderr, transient=True) as progress:
         task = progress.add_task("")
         traces = BatchTraces(model, seq, precision, device, optimizer)
+        progress.update(task, description=f"tracing batch {start_batch}")
+        try:
+            fixed = traces.graph(start_batch).fixed
+        except (ModelError, CaptureError, ValueError) as error:
+            fail(str(error))
+        if budget_bytes < fixed.state_bytes:  # no batch fits: searching down to batch 1 took 137 s on gpt2 at 1 GB
+            fail(f"no batch fits {format_bytes(budget_bytes)} ({budget_bytes} bytes) for {model}: "
+                 f"{_below_model_state(fixed)}")
         for method in methods:
             progress.update(task, description=f"{method}: searching")
             traces.on_trace = lambda b, m=method: progress.update(task, description=f"{m}: tracing batch {b}")

@@ -64,6 +64,11 @@ class FixedMemory:
     def total_bytes(self) -> int:
         return self.parameter_bytes + self.gradient_bytes + self.optimizer_bytes + self.input_bytes
 
+    @property
+    def state_bytes(self) -> int:
+        """Parameters, gradients and optimizer state: fixed memory that no batch size changes."""
+        return self.parameter_bytes + self.gradient_bytes + self.optimizer_bytes
+
     def describe(self) -> str:
         """'1.99 GB (parameters 497.76 MB, gradients 497.76 MB, optimizer state 995.52 MB, inputs 131.08 KB)'."""
         return (f"{format_bytes(self.total_bytes)} (parameters {format_bytes(self.parameter_bytes)}, gradients "

@@ -213,3 +213,13 @@ def test_a_plan_far_from_a_bound_cut_short_by_time_says_a_longer_limit_may_help(
     close = dataclasses.replace(cut, lower_bound_s=0.995 * proven.compute_s)  # within 1%: no hint
     _print_plan(close, 1.0, None)
     assert "hint" not in capsys.readouterr().out
+
+
+def test_maxbatch_under_the_model_state_says_no_batch_fits_at_once(factory_file):
+    # parameters, gradients and Adam's state (1.3 MB) fit no batch: no search down to batch 1
+    result = remat("maxbatch", "--model", f"{factory_file}:make", "--budget", "1MB", "--solvers", "store-all")
+    assert_one_line_error(result, "no batch fits", "optimizer state alone are", "--optimizer sgd")
+    lighter = remat("maxbatch", "--model", f"{factory_file}:make", "--budget", "1MB", "--optimizer", "none",
+                    "--solvers", "store-all", "--json")  # parameters and gradients: 662 KB, room for a batch
+    assert lighter.returncode == 0, lighter.stderr
+    assert json.loads(lighter.stdout)["results"][0]["max_batch"] > 0
