@@ -301,6 +301,9 @@ def max_batch(traces: BatchTraces, method: str, budget_bytes: int, start: int = 
     """
     started = time.perf_counter()
     outcomes: dict[int, Outcome] = {}
+    if budget_bytes < traces.graph(start).fixed.state_bytes:  # parameters, gradients, optimizer state: every batch
+        return MaxBatch(method, budget_bytes, 0, "", None, None, None, (Probe(start, False, None),),
+                        time.perf_counter() - started, max_overhead=max_overhead)
 
     def max_compute_s(batch: int) -> float:
         return math.inf if max_overhead is None else (1 + max_overhead) * traces.store_all(batch).compute_s

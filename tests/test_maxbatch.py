@@ -83,6 +83,15 @@ def test_fits_at_the_result_and_not_one_above(traces, method):
         assert result.overhead == pytest.approx(0.0)
 
 
+def test_a_budget_under_the_model_state_fits_no_batch_without_probing_down_to_one(traces, monkeypatch):
+    state = traces.graph(8).fixed.state_bytes  # parameters, gradients and Adam's state: the same at every batch
+    traced = []
+    monkeypatch.setattr(traces, "tracer", lambda batch: traced.append(batch))
+    result = max_batch(traces, "auto", state - 1, start=8)
+    assert result.batch == 0 and traced == []  # batch 8 was traced already: no other batch, no split variant
+    assert result.probes == (Probe(8, False, None),)
+
+
 @pytest.mark.slow  # a MILP solve at each batch above the baselines' (about 30 s a probe on a loaded 2-core machine)
 def test_remat_plan_fits_the_largest_batch(traces):
     found = {m: max_batch(traces, m, BUDGET, start=8, time_limit_s=3)
