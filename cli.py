@@ -476,14 +476,6 @@ def maxbatch(model, budget, seq, start_batch, device, precision, optimizer, solv
     with _stdout_to_stderr(), Progress(*columns, console=stderr, transient=True) as progress:
         task = progress.add_task("")
         traces = BatchTraces(model, seq, precision, device, optimizer)
-        progress.update(task, description=f"tracing batch {start_batch}")
-        try:
-            fixed = traces.graph(start_batch).fixed
-        except (ModelError, CaptureError, ValueError) as error:
-            fail(str(error))
-        if budget_bytes < fixed.state_bytes:  # no batch fits: searching down to batch 1 took 137 s on gpt2 at 1 GB
-            fail(f"no batch fits {format_bytes(budget_bytes)} ({budget_bytes} bytes) for {model}: "
-                 f"{_below_model_state(fixed)}")
         for method in methods:
             progress.update(task, description=f"{method}: searching")
             traces.on_trace = lambda b, m=method: progress.update(task, description=f"{m}: tracing batch {b}")
@@ -499,7 +491,14 @@ def maxbatch(model, budget, seq, start_batch, device, precision, optimizer, solv
                                "precision": precision, "optimizer": optimizer, "budget_bytes": budget_bytes,
                                "max_overhead": overhead_cap, "results": [r.to_json() for r in results],
                                "wall_s": wall_s}))
-        return
+    else:
+        _print_max_batches(model, graph, precision, optimizer, budget_bytes, overhead_cap, results, wall_s)
+    if budget_bytes < graph.fixed.state_bytes:  # max_batch answered 0 after one trace (it searched 137 s before)
+        fail(f"no batch fits {format_bytes(budget_bytes)} ({budget_bytes} bytes) for {model}: "
+             f"{_below_model_state(graph.fixed)}")
+
+
+def _print_max_batches(model, graph, precision, optimizer, budget_bytes, overhead_cap, results, wall_s) -> None:
     console = _console()
     console.print(f"[bold]{model}[/]: {graph.meta.get('description', '')}; {precision}, optimizer {optimizer}, "
                   f"costed for {graph.meta.get('device')}")

@@ -217,8 +217,10 @@ def test_a_plan_far_from_a_bound_cut_short_by_time_says_a_longer_limit_may_help(
 
 def test_maxbatch_under_the_model_state_says_no_batch_fits_at_once(factory_file):
     # parameters, gradients and Adam's state (1.3 MB) fit no batch: no search down to batch 1
-    result = remat("maxbatch", "--model", f"{factory_file}:make", "--budget", "1MB", "--solvers", "store-all")
+    result = remat("maxbatch", "--model", f"{factory_file}:make", "--budget", "1MB", "--solvers", "store-all",
+                   "--json")
     assert_one_line_error(result, "no batch fits", "optimizer state alone are", "--optimizer sgd")
+    assert [r["probes"] for r in json.loads(result.stdout)["results"]] == [[[16, False]]]  # one trace, no search
     lighter = remat("maxbatch", "--model", f"{factory_file}:make", "--budget", "1MB", "--optimizer", "none",
                     "--solvers", "store-all", "--json")  # parameters and gradients: 662 KB, room for a batch
     assert lighter.returncode == 0, lighter.stderr
