@@ -95,10 +95,10 @@ def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_
         click.echo(json.dumps(_plan_summary(plan, wall_s)))
     else:
         _print_plan(plan, wall_s, out)
-    if plan.schedule is None and budget_bytes < plan.graph.fixed.total_bytes:
-        fail(f"no plan fits {format_bytes(budget_bytes)} ({budget_bytes} bytes) for {model}: "
-             f"{_below_fixed_memory(plan.graph.fixed)}")
     if plan.schedule is None:
+        if budget_bytes < plan.graph.fixed.total_bytes:
+            fail(f"no plan fits {format_bytes(budget_bytes)} ({budget_bytes} bytes) for {model}: "
+                 f"{_below_fixed_memory(plan.graph.fixed)}")
         fail(f"no plan fits {format_bytes(budget_bytes)} ({budget_bytes} bytes) for {model}: the minimum feasible "
              f"budget found is {_fmt(plan.min_feasible_bytes)} ({plan.min_feasible_bytes} bytes); "
              f"use --budget {_ceil_gb(plan.min_feasible_bytes)} or more, or a smaller --batch")

@@ -332,11 +332,11 @@ def plan_step(model: nn.Module, inputs: Call | Sequence[Any] | dict[str, Any], b
     say(f"planning {len(unsplit)} nodes")
     chosen = solve_split(tracer, budget_bytes, solver=solver, time_limit_s=time_limit, progress=progress)
     result = chosen.plan
-    if (result.status == INFEASIBLE or result.schedule is None) and budget_bytes < unsplit.fixed.total_bytes:
-        raise PlanError(
-            f"no schedule fits a budget of {format_bytes(budget_bytes)} ({budget_bytes} bytes): fixed memory alone is "
-            f"{unsplit.fixed.describe()}, whatever is recomputed; a budget above it leaves room for activations")
     if result.status == INFEASIBLE or result.schedule is None:
+        if budget_bytes < unsplit.fixed.total_bytes:
+            raise PlanError(
+                f"no schedule fits a budget of {format_bytes(budget_bytes)} ({budget_bytes} bytes): fixed memory alone "
+                f"is {unsplit.fixed.describe()}, whatever is recomputed; a budget above it leaves room for activations")
         lowest = result.min_feasible_bytes
         raise PlanError(
             f"no schedule fits a budget of {format_bytes(budget_bytes)} ({budget_bytes} bytes): the minimum feasible "
