@@ -438,7 +438,7 @@ def compare(model, budget, batch, seq, device, precision, optimizer, solvers, ti
 @click.option("--budget", required=True, help="Whole device memory for the step: 16GB (1e9 bytes), 16GiB (2^30).")
 @click.option("--seq", default=None, type=click.IntRange(min=1), help="Sequence length [default: the model's context].")
 @click.option("--start-batch", default=16, show_default=True, type=click.IntRange(min=1),
-              help="The search doubles or halves from here.")
+              help="The search doubles from here (or tries 1 where it does not fit).")
 @click.option("--device", default="h100", show_default=True,
               help="Device profile: h100, a100, v100, cpu, or a JSON file.")
 @click.option("--precision", default="bf16-mixed", show_default=True, type=click.Choice(["bf16-mixed", "fp32"]))

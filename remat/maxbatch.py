@@ -1,9 +1,10 @@
 """The largest batch each method fits under a memory budget (fixed memory counted).
 
 Every probe traces the model at that batch (fake tensors: no memory) and simulates the method's
-schedule; the search doubles (or halves) from a start batch until the answer changes, then narrows the
-bracket, guessing from the peaks at its ends (peak memory is close to affine in the batch) with bisection
-as the safeguard. It returns a batch that fits and a batch + 1 that does not, both probed.
+schedule; the search doubles from a start batch until the answer changes (or, where the start does not
+fit, tries batch 1), then narrows the bracket, guessing from the peaks at its ends (peak memory is close
+to affine in the batch) with bisection as the safeguard. It returns a batch that fits and a batch + 1
+that does not, both probed.
 
 Methods: any baseline by name, `compile-budget` (the best of torch.compile's budgets 1.0, 0.5, 0.2, 0.0),
 `compile-budget-B`, and `auto` (the default: `remat solve`'s planner) or another of remat's planners
@@ -109,14 +110,12 @@ def largest_batch(probe: Callable[[int], Probe], budget_bytes: int, start: int =
             else:
                 hi = nxt
     else:
+        # batch 1 next: the cheapest probe settles "no batch fits" at once (a budget that leaves no room for
+        # activations), and otherwise brackets the answer for the guesses below
         hi = start
-        while lo == 0 and hi > 1:
-            nxt = hi // 2
-            if at(nxt).fits:
-                lo = nxt
-            else:
-                hi = nxt
-        if lo == 0:
+        if start > 1 and at(1).fits:
+            lo = 1
+        else:
             return 0, probes
     bisect_next = False
     while hi - lo > 1:

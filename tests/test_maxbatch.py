@@ -49,6 +49,12 @@ def test_search_finds_the_threshold(start, curve):
         assert len(calls) <= 2 * 17 + 2
 
 
+def test_where_no_batch_fits_the_search_stops_after_batch_one():
+    make, calls = affine(1_000, 10)
+    assert largest_batch(make(1_005), 1_005, start=64)[0] == 0
+    assert calls == [64, 1]  # not 32, 16, 8, 4, 2: each probe of a real model is a trace and a solve
+
+
 def test_search_stops_at_the_cap():
     make, _ = affine(0, 1)
     batch, probes = largest_batch(make(10**9), 10**9, start=16, cap=100)
