@@ -80,7 +80,8 @@ def phi(batch: int = BATCH, seq: int = 128):
 def gpt_neo(batch: int = BATCH, seq: int = 128):
     return _language_model(hf.GPTNeoConfig(hidden_size=128, num_layers=2, num_heads=4,
                                       attention_types=[[["global", "local"], 1]], vocab_size=1000,
-                                      max_position_embeddings=256), hf.GPTNeoForCausalLM, batch, seq)
+                                      max_position_embeddings=256, bos_token_id=0, eos_token_id=0),
+                           hf.GPTNeoForCausalLM, batch, seq)
 
 
 def opt(batch: int = BATCH, seq: int = 128):
