@@ -73,6 +73,10 @@ WINDOW_SHARE = 0.4  # of the time after the bound, for window polish (solvers/wi
 #                     that improves on ResNet-50 or MobileNet-v2 at 1.1 x min takes 20 to 50 s, and with 30 s plans
 #                     the share cost the search more than the windows found (benchmarks/search_settings.py)
 WINDOW_MIN_LEFT_S = 60.0
+SEARCHED_MILP_SHARE = 0.25  # of the time left after cover-round, for the decomposition and the coarsened MILPs on a
+#                            graph the searches take, when cover-round's plan fits: there the searches from its drops
+#                            find the plans (Hugging Face's Whisper at 80%, 272 nodes, 30 s: the coarsened MILPs took
+#                            all of it for +20.25%, where the searches reach +17.67%)
 POLISH_S_PER_FREE = 2e-3  # seconds the MILP wants per FREE variable to improve on its warm start: U-Net (215 nodes,
 #                           64k): build 6 s, presolve 56 s, +13.8% -> +12.9% by 120 s at 50% (2 cores)
 
@@ -440,9 +444,9 @@ def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, bac
     """solve's search, every stage on one deadline from `started`."""
     deadline = started + time_limit_s
 
-    def left(share: float = 1.0) -> float:
-        """A share of the time left before the deadline, and never less than MIN_STAGE_S."""
-        return max(MIN_STAGE_S, share * (deadline - time.perf_counter()))
+    def left(share: float = 1.0, until: float | None = None) -> float:
+        """A share of the time left before the deadline (or `until`), and never less than MIN_STAGE_S."""
+        return max(MIN_STAGE_S, share * ((deadline if until is None else until) - time.perf_counter()))
 
     say("baselines")
     candidates = [_run(graph, name, budget_bytes, SolveOptions(time_limit_s=left())) for name in BASELINES]
@@ -501,12 +505,20 @@ def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, bac
                            store_all, bound, started, lower_bound_s, bound_method=bound_method,
                            picked=f"cover-round: {done}")
 
+    # The decomposition's and the coarsened MILPs' time ends here. On a graph the searches take, with a cover-round
+    # plan that fits, they get a share and the searches the rest (solve's _search, after this function returns).
+    milp_until = deadline
+    if solver == "auto" and MAX_WHOLE_NODES < len(graph) <= MAX_SEARCH_NODES and any(
+            c.method == "cover-round" and c.fits(budget_bytes) for c in candidates):
+        milp_until = time.perf_counter() + SEARCHED_MILP_SHARE * max(0.0, deadline - time.perf_counter())
+
     wants_decompose = solver == "decompose" or (solver == "auto" and len(graph) > MAX_EXACT_NODES)
     if wants_decompose and covering.proven_infeasible is False:
         applies, why = decompose_applies(graph, budget_bytes)
         if applies or solver == "decompose":
             say("block decomposition")
-            result = solve_with("decompose", graph, budget_bytes, SolveOptions(time_limit_s=left(), backend=backend))
+            result = solve_with("decompose", graph, budget_bytes,
+                                SolveOptions(time_limit_s=left(until=milp_until), backend=backend))
             decomposed = _candidate(graph, "decompose", result, result.schedule)
             candidates.append(decomposed)
             picked = (f"decompose: {len(graph)} nodes (more than {MAX_EXACT_NODES}) with {why}" if solver == "auto"
@@ -571,7 +583,7 @@ def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, bac
         working = graphs[depth]
         if result is not None:  # a finer level, after a coarser one
             needed_s = max(MIN_STAGE_S, 2 * _build_s(result, working, graphs[depth + 1]))
-            if deadline - time.perf_counter() < needed_s:
+            if milp_until - time.perf_counter() < needed_s:
                 # Too little time to build this level's MILP and still search: the coarser plan, expanded, stands.
                 say(f"no time left for the MILP on {len(working)} nodes")
                 break
@@ -604,7 +616,8 @@ def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, bac
         warm = min(options, key=lambda option: option[0])[1] if options else None
 
         # of two coarse levels, the coarser gets a third of the time left and the finer what is left after it
-        share = left(1 / 3 if depth > 1 else WHOLE_MILP_SHARE if solver == "auto" and not levels else 1.0)
+        share = left(1 / 3 if depth > 1 else WHOLE_MILP_SHARE if solver == "auto" and not levels else 1.0,
+                     until=milp_until)
         say(f"solving the MILP on {len(working)} nodes ({share:.1f} s)")
         result = solve_with(name, working, budget_bytes,
                             SolveOptions(time_limit_s=share, warm_start=warm, backend=backend))
