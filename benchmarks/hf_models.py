@@ -105,7 +105,7 @@ def whisper(batch: int = BATCH):
     config = hf.WhisperConfig(d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
                               decoder_attention_heads=2, encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=1000,
                               num_mel_bins=16, max_source_positions=50, max_target_positions=64,
-                              decoder_start_token_id=1, pad_token_id=0)
+                              decoder_start_token_id=1, pad_token_id=0, bos_token_id=1, eos_token_id=1)
     batch_inputs = {"input_features": torch.randn(batch, 16, 100), "labels": torch.randint(2, 1000, (batch, 16))}
     return hf.WhisperForConditionalGeneration(config), batch_inputs
 
