@@ -123,10 +123,8 @@ def _below_fixed_memory(fixed) -> str:
 
 def _below_model_state(fixed) -> str:
     """Why a budget below parameters, gradients and optimizer state fits no batch."""
-    return (f"parameters, gradients and optimizer state alone are {format_bytes(fixed.state_bytes)} (parameters "
-            f"{format_bytes(fixed.parameter_bytes)}, gradients {format_bytes(fixed.gradient_bytes)}, optimizer state "
-            f"{format_bytes(fixed.optimizer_bytes)}), at every batch and whatever is recomputed"
-            f"{_lighter_optimizer(fixed)}")
+    return (f"parameters, gradients and optimizer state alone are {fixed.describe(inputs=False)}, at every batch and "
+            f"whatever is recomputed{_lighter_optimizer(fixed)}")
 
 
 def _solve(graph, budget_bytes, solver, time_limit, backend):

@@ -69,11 +69,14 @@ class FixedMemory:
         """Parameters, gradients and optimizer state: fixed memory that no batch size changes."""
         return self.parameter_bytes + self.gradient_bytes + self.optimizer_bytes
 
-    def describe(self) -> str:
-        """'1.99 GB (parameters 497.76 MB, gradients 497.76 MB, optimizer state 995.52 MB, inputs 131.08 KB)'."""
-        return (f"{format_bytes(self.total_bytes)} (parameters {format_bytes(self.parameter_bytes)}, gradients "
-                f"{format_bytes(self.gradient_bytes)}, optimizer state {format_bytes(self.optimizer_bytes)}, inputs "
-                f"{format_bytes(self.input_bytes)})")
+    def describe(self, inputs: bool = True) -> str:
+        """'1.99 GB (parameters 497.76 MB, gradients 497.76 MB, optimizer state 995.52 MB, inputs 131.08 KB)';
+        without `inputs`, the state alone (state_bytes and its three parts)."""
+        total = self.total_bytes if inputs else self.state_bytes
+        with_inputs = f", inputs {format_bytes(self.input_bytes)}" if inputs else ""
+        return (f"{format_bytes(total)} (parameters {format_bytes(self.parameter_bytes)}, gradients "
+                f"{format_bytes(self.gradient_bytes)}, optimizer state {format_bytes(self.optimizer_bytes)}"
+                f"{with_inputs})")
 
 
 @dataclass(frozen=True)
