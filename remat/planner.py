@@ -42,6 +42,11 @@ WHOLE_MILP_SHARE = 0.4  # of the time left, for the MILP on a whole graph (auto)
 MIN_STAGE_S = 0.5  # the least time a solver stage gets once the deadline is near or past (then it keeps its warm start)
 BOUND_SHARE = 1 / 6  # of the time limit, at most BOUND_MAX_S, for the covering lower bound
 BOUND_MAX_S = 20.0  # gpt2-medium (90 s a chunk count) gets 15 s: its covering MILP (so cover-round) improves to ~15 s
+LARGE_BOUND_SHARE = 0.5  # in place of BOUND_SHARE on graphs past MAX_REPAIR_NODES: there cover-round's plan from a
+#                          covering solved to its end beats the decomposition's, which takes the time left (GPT-2 large
+#                          at 70%, 60 s: +8.25% at a gap of 7.6%, the covering cut short on both chunk counts, then
+#                          +4.93% at a gap of 0.0002% in 39 s), and a covering cut short before its first solution is
+#                          time lost (GPT-2 large's split step needs 7.5 s, XL's 14 s)
 MAX_REPAIR_NODES = 600  # larger graphs get one schedule from the bound, no covering re-solves (GPT-2's are seconds
 #                         each, and its blocks' plans come from the decomposition), and the default MILP gap
 EXACT_BOUND_GAP = 1e-9  # the covering MILP's relative gap on graphs up to MAX_REPAIR_NODES
@@ -472,8 +477,9 @@ def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, bac
 
     # A valid lower bound on the fine graph, whatever solves it (solvers/bounds.py): cheap, so always.
     say("lower bound")
+    bound_share = BOUND_SHARE if len(graph) <= MAX_REPAIR_NODES else LARGE_BOUND_SHARE
     covering = covering_bound(graph, budget_bytes,
-                              SolveOptions(time_limit_s=min(BOUND_MAX_S, max(1.0, BOUND_SHARE * time_limit_s), left()),
+                              SolveOptions(time_limit_s=min(BOUND_MAX_S, max(1.0, bound_share * time_limit_s), left()),
                                            mip_gap=_covering_gap(graph)))
     if covering.proven_infeasible:
         lower_bound_s, bound_method = None, "covering: no schedule fits"
@@ -490,7 +496,7 @@ def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, bac
         say("schedule from the lower bound")
         repairs = MAX_REPAIRS if len(graph) <= MAX_REPAIR_NODES else 0
         result = solve_cover_round(graph, budget_bytes, covering,
-                                   SolveOptions(time_limit_s=min(BOUND_MAX_S, left(BOUND_SHARE)), backend=backend),
+                                   SolveOptions(time_limit_s=min(BOUND_MAX_S, left(bound_share)), backend=backend),
                                    repairs=repairs)
         covered = _candidate(graph, "cover-round", result, result.schedule)
         candidates.append(covered)
