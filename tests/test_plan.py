@@ -195,8 +195,8 @@ def test_a_plan_within_the_covering_milps_own_gap_stops_the_search(monkeypatch, 
 @pytest.mark.parametrize("large", [True, False])
 def test_graphs_past_the_repair_size_give_their_covering_bound_most_of_the_time(monkeypatch, large):
     """On graphs over MAX_REPAIR_NODES the covering MILP's solution makes the plan (cover-round), and a covering cut
-    short is solved again from the start: it gets LARGE_BOUND_SHARE of the time limit, not BOUND_SHARE. GPT-2 large
-    at 50% of store-all, 60 s: +19.6% at a gap of 16.4% with a sixth, +15.7% at 0.07% with 0.8."""
+    short is solved again from the start: it gets LARGE_BOUND_SHARE of the time limit, not BOUND_SHARE, and no cap.
+    GPT-2 large at 50% of store-all, 60 s: +19.6% at a gap of 16.4% with a sixth, +15.7% at 0.07% with 0.8."""
     real = planner.covering_bound
     limits = []
 
@@ -208,9 +208,10 @@ def test_graphs_past_the_repair_size_give_their_covering_bound_most_of_the_time(
     graph = chain_training_graph(24)
     if large:
         monkeypatch.setattr(planner, "MAX_REPAIR_NODES", len(graph) - 1)
-    plan = solve(graph, 40, time_limit_s=12)
+    plan = solve(graph, 40, time_limit_s=30)  # cover-round's plan proves itself at once: the limit is not spent
     share = planner.LARGE_BOUND_SHARE if large else planner.BOUND_SHARE
-    assert limits[0] == pytest.approx(share * 12) and (share > 0.5) == large
+    assert limits[0] == pytest.approx(share * 30) and (share > 0.5) == large
+    assert (limits[0] > planner.BOUND_MAX_S) == large  # nor held to BOUND_MAX_S (GPT-2 XL's split step at 50%: 42 s)
     assert plan.method == "cover-round" and plan.compute_s == pytest.approx(302.0)
 
 
