@@ -40,7 +40,7 @@ WHOLE_MILP_SHARE = 0.4  # of the time left, for the MILP on a whole graph (auto)
 #                         poor (a 32-layer chain's step at 90 B: 104 s, then 94 s; a 54-node U-Net at 1.1 x min:
 #                         +57.7%, then +43.3%); what it proves at once it still proves
 MIN_STAGE_S = 0.5  # the least time a solver stage gets once the deadline is near or past (then it keeps its warm start)
-BOUND_SHARE = 1 / 6  # of the time limit, at most BOUND_MAX_S, for the covering lower bound
+BOUND_SHARE = 1 / 6  # of the time limit, at most BOUND_MAX_S, for the covering lower bound (up to MAX_REPAIR_NODES)
 BOUND_MAX_S = 20.0  # gpt2-medium (90 s a chunk count) gets 15 s: its covering MILP (so cover-round) improves to ~15 s
 LARGE_BOUND_SHARE = 0.8  # in place of BOUND_SHARE on graphs past MAX_REPAIR_NODES. There cover-round's plan from a
 #                          covering solved to its end beats the decomposition's, which gets the time left, and a
@@ -52,7 +52,8 @@ LARGE_BOUND_SHARE = 0.8  # in place of BOUND_SHARE on graphs past MAX_REPAIR_NOD
 #                          Nor is it held to BOUND_MAX_S there: GPT-2 XL at 50%, 180 s, decompose's +18.3% (gap
 #                          15.5%), both coverings cut short at 20 s; with 60 s, cover-round's +14.2% (0.001%) in 133 s
 MAX_REPAIR_NODES = 600  # larger graphs get one schedule from the bound, no covering re-solves (GPT-2's are seconds
-#                         each, and its blocks' plans come from the decomposition), and the default MILP gap
+#                         each, and its blocks' plans come from the decomposition), the default MILP gap, and
+#                         LARGE_BOUND_SHARE of the time for their covering
 EXACT_BOUND_GAP = 1e-9  # the covering MILP's relative gap on graphs up to MAX_REPAIR_NODES
 TIGHTEN_MIN_S = 2.0  # the least time left worth solving a cut-short covering bound again
 TIGHTEN_SHARE = 0.8  # of the time left, for that solve; the rest covers cover-round on its new incumbents (gpt2-medium:
