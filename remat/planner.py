@@ -20,7 +20,7 @@ from remat.schedule import Schedule, tighten_frees
 from remat.simulate import Simulation, simulate
 from solvers.anneal import Space, anneal_at_once, score
 from solvers.base import FEASIBLE, INFEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions, SolverResult, meets_bound
-from solvers.baselines import BASELINES, checkpoint_all
+from solvers.baselines import BASELINES, BUDGET_FREE_BASELINES, checkpoint_all
 from solvers.bounds import PAIRS_MAX_NODES, covering_bound, recomputed_again
 from solvers.coarsen import Coarsening, coarsen, contiguous_groups
 from solvers.cover_round import MAX_REPAIRS, Drops, incumbents_of, solve_cover_round
@@ -169,6 +169,8 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
     """The cheapest schedule of `graph` whose simulated peak fits `budget_bytes`.
 
     `known`: schedules found earlier for this graph (a smaller budget's plan, say), weighed like the baselines.
+    One named after a baseline stands in for that baseline, which is then not built again: it must be that
+    baseline's schedule of this graph at this budget (`baseline_candidate`).
     `beaten_at_s`: the seconds of a plan found elsewhere (another chunk count's): once the lower bound shows no
     schedule of this graph costs less, the solve stops with what it has (`Plan.picked` says so).
     Every stage draws on one deadline, `time_limit_s` from now: when it is near or past, the stages still to
@@ -459,8 +461,10 @@ def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, bac
         return max(MIN_STAGE_S, share * ((deadline if until is None else until) - time.perf_counter()))
 
     say("baselines")
-    candidates = [_run(graph, name, budget_bytes, SolveOptions(time_limit_s=left())) for name in BASELINES]
-    candidates += known
+    given = {c.method: c for c in known if c.method in BASELINES}  # built already: not built again
+    candidates = [given.get(name) or _run(graph, name, budget_bytes, SolveOptions(time_limit_s=left()))
+                  for name in BASELINES]
+    candidates += [c for c in known if c.method not in given]
     store_all = next(c for c in candidates if c.method == "store-all").simulation
     assert store_all is not None and store_all.valid, "store-all must always be a valid schedule"
     bound = graph.min_budget_lower_bound()
@@ -669,9 +673,11 @@ def sweep(graph: Graph, budgets_bytes: Sequence[int], solver: str = "auto", time
     for budget in sorted(set(budgets_bytes)):
         plan = solve(graph, budget, solver, time_limit_s, backend, progress, known=known)
         plans.append(plan)
+        # the baselines that ignore the budget are built once (checkpoint-all: 4 s on GPT-2 XL)
+        known = [c for c in plan.candidates if c.method in BUDGET_FREE_BASELINES]
         if plan.schedule is not None:
-            known = [Candidate(f"{plan.method}@{plan.budget_bytes}", FEASIBLE, plan.schedule, plan.simulation, 0.0,
-                               f"the plan for {plan.budget_bytes} bytes")]
+            known.append(Candidate(f"{plan.method}@{plan.budget_bytes}", FEASIBLE, plan.schedule, plan.simulation,
+                                   0.0, f"the plan for {plan.budget_bytes} bytes"))
     return plans
 
 
@@ -681,8 +687,16 @@ def _build_s(coarser: SolverResult, finer: Graph, coarser_graph: Graph) -> float
     return 1.5 * coarser.detail.get("build_s", 0.0) * (len(finer) / max(1, len(coarser_graph))) ** 2
 
 
-def _run(graph: Graph, name: str, budget_bytes: int, options: SolveOptions) -> Candidate:
-    result = solve_with(name, graph, budget_bytes, options)
+def baseline_candidate(graph: Graph, name: str, budget_bytes: int, result: SolverResult | None = None) -> Candidate:
+    """Baseline `name`'s schedule of `graph` as the planner weighs it (each value freed at its last read), for
+    `solve`'s `known`. `result`: that baseline's own result, where it was built already (a split variant's
+    checkpoint-all, built for its reach)."""
+    return _run(graph, name, budget_bytes, SolveOptions(), result)
+
+
+def _run(graph: Graph, name: str, budget_bytes: int, options: SolveOptions,
+         result: SolverResult | None = None) -> Candidate:
+    result = result or solve_with(name, graph, budget_bytes, options)
     return _candidate(graph, name, result, result.schedule)
 
 

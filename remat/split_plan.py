@@ -38,7 +38,7 @@ from remat.cost import load_profile
 from remat.graph import Graph
 from remat.lower import lower
 from remat.models import build_model
-from remat.planner import Candidate, Plan, solve
+from remat.planner import Candidate, Plan, baseline_candidate, solve
 from remat.schedule import COMPUTE, FREE, Op, Schedule
 from remat.simulate import Simulation, live_bytes_at, simulate
 from remat.split import (
@@ -58,7 +58,7 @@ from remat.split import (
     forward_graph,
 )
 from remat.units import format_bytes, parse_size
-from solvers.base import FEASIBLE, SolveOptions
+from solvers.base import FEASIBLE, SolveOptions, SolverResult
 from solvers.baselines import BASELINES
 
 REGION_KINDS = (HEAD, MLP, ATTENTION)  # the order of a variant's key
@@ -105,10 +105,22 @@ class Variant:
         return max(range(len(self.graph)), key=self.graph.working_set_bytes)
 
     @cached_property
+    def checkpoint_all(self) -> SolverResult:
+        """checkpoint-all's schedule (it ignores the budget): built once, for the reach and for the solve."""
+        return BASELINES["checkpoint-all"](self.graph, 0, SolveOptions())
+
+    def built_baselines(self) -> list[Candidate]:
+        """The baselines built for this variant already, as `solve`'s `known`: checkpoint-all, where the reach
+        was asked for (2 s of a 60-s limit on GPT-2 XL, not spent again)."""
+        if "checkpoint_all" not in self.__dict__:
+            return []
+        return [baseline_candidate(self.graph, "checkpoint-all", 0, self.checkpoint_all)]
+
+    @cached_property
     def _lowest_baseline(self) -> tuple[Schedule, Simulation]:
         """checkpoint-all's schedule and simulation, or, where that is too long to build (a deep chain), those of
         the baseline with the lowest peak."""
-        lowest = BASELINES["checkpoint-all"](self.graph, 0, SolveOptions()).schedule
+        lowest = self.checkpoint_all.schedule
         schedules = [lowest] if lowest is not None else [
             BASELINES[name](self.graph, 0, SolveOptions()).schedule for name in BASELINES if name != "checkpoint-all"]
         simulated = [(schedule, simulate(self.graph, schedule)) for schedule in schedules if schedule is not None]
@@ -366,7 +378,7 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
     fixed = unsplit.graph.fixed
     if budget_bytes < fixed.total_bytes:
         plan = solve(unsplit.graph, budget_bytes, solver, max(deadline - time.monotonic(), MIN_SOLVE_S), backend,
-                     progress, known=list(known))
+                     progress, known=[*known, *unsplit.built_baselines()])
         # the unsplit step's lowest peak is no minimum for a split one: name none rather than a wrong one
         message = f"no schedule fits {budget_bytes} bytes: fixed memory alone is {fixed.total_bytes} bytes"
         plan = replace(plan, min_feasible_bytes=None, min_budget_lower_bound_bytes=fixed.total_bytes, message=message)
@@ -406,7 +418,7 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
         else:
             why_not = f"not split: the largest op is not in a region that splits ({_largest_op(unsplit.graph)})"
         plan = solve(unsplit.graph, budget_bytes, solver, max(deadline - time.monotonic(), MIN_SOLVE_S), backend,
-                     progress, known=list(known))
+                     progress, known=[*known, *unsplit.built_baselines()])
         return _finish(plan, None, why_not, [(k, floor, plan if k == unsplit.key else None)
                                              for k, floor in floors.items()])
 
@@ -421,6 +433,7 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
             weighed = list(known)
         else:
             weighed = streamed_baselines(variant, budget_bytes) if variant.head and solver not in BASELINES else []
+        weighed += variant.built_baselines()
         # an even share of the time left: what a solve that ends early (proven optimal) leaves goes to the next
         share = max(deadline - time.monotonic(), 0.0) / (len(candidates) - position)
         # a plan found for an earlier candidate: this one stops once its bound shows it cannot do better
@@ -463,7 +476,8 @@ def streamed_baselines(variant: Variant, budget_bytes: int, plain: bool = False)
         if name == "checkpoint-all" and not plain:
             continue
         started = time.perf_counter()
-        result = baseline(variant.graph, budget_bytes, SolveOptions())
+        result = (variant.checkpoint_all if name == "checkpoint-all"
+                  else baseline(variant.graph, budget_bytes, SolveOptions()))
         if result.schedule is None:
             continue
         if plain:

@@ -112,17 +112,20 @@ def build_schedule(graph: Graph, plan: RematPlan, max_ops: int | None = None) ->
                 stack.extend(d for d in nodes[v].deps if not live[d] and d not in computed)
         order = sorted(computed)
         last_read = {v: v for v in order}
-        for k in order:
+        for k in order:  # ascending: the last k to read d is the last to set it
             for d in nodes[k].deps:
                 if d in computed:
-                    last_read[d] = max(last_read[d], k)
+                    last_read[d] = k
+        frees_after: dict[int, list[int]] = defaultdict(list)  # k -> the values freed right after it, ascending
+        for v in order:
+            if v not in keep_until:
+                frees_after[last_read[v]].append(v)
         for k in order:
             ops.append(Op(COMPUTE, k))
             live[k] = True
-            for v in sorted(computed.intersection(nodes[k].deps) | {k}):
-                if last_read[v] == k and v not in keep_until:
-                    ops.append(Op(FREE, v))
-                    live[v] = False
+            for v in frees_after.get(k, ()):
+                ops.append(Op(FREE, v))
+                live[v] = False
         for v, position in keep_until.items():
             if live[v]:
                 hold_until(v, max(hold[v], position))
@@ -512,3 +515,5 @@ BASELINES: dict[str, Baseline] = {
     "per-block": per_block,
     "griewank": griewank,
 }
+# the baselines whose schedule does not depend on the budget (chen-greedy and griewank pick by it)
+BUDGET_FREE_BASELINES = ("store-all", "checkpoint-all", "chen-sqrtn", "per-block")

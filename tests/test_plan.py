@@ -137,6 +137,23 @@ def test_sweep_cost_never_rises_with_the_budget():
     assert costs[-1] == pytest.approx(graph.compute_s)  # the largest budget holds everything
 
 
+def test_sweep_builds_the_baselines_that_ignore_the_budget_once(monkeypatch):
+    from solvers.baselines import BASELINES, BUDGET_FREE_BASELINES
+
+    graph = chain_training_graph(12)
+    floor, peak = graph.min_budget_lower_bound(), solve(graph, 10**9).store_all.peak_bytes
+    built = []
+    for name in BUDGET_FREE_BASELINES:
+        def counted(graph, budget_bytes, options, name=name, baseline=BASELINES[name]):
+            built.append(name)
+            return baseline(graph, budget_bytes, options)
+        monkeypatch.setitem(BASELINES, name, counted)
+    plans = sweep(graph, [floor + (peak - floor) * k // 4 for k in (1, 2, 3)], time_limit_s=2)
+    assert len(plans) == 3 and sorted(built) == sorted(BUDGET_FREE_BASELINES)
+    for plan in plans:  # each plan still weighs them all
+        assert {c.method for c in plan.candidates} >= set(BUDGET_FREE_BASELINES)
+
+
 def test_public_api_plans_without_loading_torch():
     import subprocess
     import sys

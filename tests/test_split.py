@@ -431,6 +431,27 @@ def test_a_solve_that_ends_early_hands_its_time_to_the_next_chunk_count(monkeypa
     assert beaten_at == [None, plans[0].compute_s]
 
 
+def test_checkpoint_all_is_built_once_per_chunk_count(monkeypatch):
+    """Each variant builds checkpoint-all for its reach; its solve weighs that one rather than building it again
+    (856k instructions on GPT-2 XL: 2 s of a 60-s limit each time)."""
+    built = []
+    checkpoint_all = BASELINES["checkpoint-all"]
+
+    def counted(graph, budget_bytes, options):
+        built.append(graph)
+        return checkpoint_all(graph, budget_bytes, options)
+
+    monkeypatch.setitem(BASELINES, "checkpoint-all", counted)
+    tracer = SplitTracer.zoo("gpt2-tiny", batch=16, precision="bf16-mixed", device="h100")  # none built yet
+    chosen = solve_split(tracer, tracer.unsplit.floor_bytes, time_limit_s=10)
+    solved = [plan for _, _, plan in chosen.tried if plan is not None]
+    assert len(solved) == 2  # the unsplit step and a split one
+    for plan in solved:
+        assert any(c.method == "checkpoint-all" and c.schedule is not None for c in plan.candidates)
+    assert len(built) == len({id(graph) for graph in built}) >= 2
+    assert {id(plan.graph) for plan in solved} <= {id(graph) for graph in built}
+
+
 # --- attention ------------------------------------------------------------------------------------------
 
 
