@@ -529,27 +529,36 @@ def combine(layout: BlockLayout, curves: list[list[BlockOption]], phases: Phases
     def units(size: int) -> int:
         return -(-size // unit)
 
+    # A state's choices are a linked list, (index, drops, the choices before), not a tuple copied at each block:
+    # fronts of thousands of states over 48 blocks (GPT-2 XL) spent most of the DP's seconds copying.
     State = tuple[int, int, bool]
-    front: dict[State, tuple[float, tuple[tuple[int, bool], ...]]] = {(0, 0, False): (0.0, ())}
+    Chosen = tuple[int, bool, "Chosen"] | None
+    front: dict[State, tuple[float, Chosen]] = {(0, 0, False): (0.0, None)}
     for k in range(blocks):
-        following: dict[State, tuple[float, tuple[tuple[int, bool], ...]]] = {}
+        following: dict[State, tuple[float, Chosen]] = {}
+        # per option: its index, gap units, seconds, and the room it needs under the capacity at k's forward
+        # and backward, in units' bytes of the kept (and pending) bytes
+        options = [(index, units(o.gap_bytes), o.compute_s,
+                    capacity_bytes - phases.forward_outside[k] - o.forward_peak_bytes,
+                    capacity_bytes - phases.backward_outside[k] - o.backward_peak_bytes)
+                   for index, o in enumerate(curves[k])]
+        room_between = capacity_bytes - between.get(k, 0)
+        can_drop = k < blocks - 1
         for (kept, pending, open_segment), (seconds, chosen) in front.items():
-            if between.get(k, 0) + (kept + pending) * unit > capacity_bytes:
+            if (kept + pending) * unit > room_between:
                 continue
-            for index, option in enumerate(curves[k]):
-                if phases.forward_outside[k] + kept * unit + option.forward_peak_bytes > capacity_bytes:
+            kept_bytes, held_bytes = kept * unit, (kept + pending) * unit
+            carried = pending if open_segment else 0
+            for index, gap, compute_s, forward_room, backward_room in options:
+                if kept_bytes > forward_room or held_bytes > backward_room:
                     continue
-                if phases.backward_outside[k] + (kept + pending) * unit + option.backward_peak_bytes > capacity_bytes:
-                    continue
-                gap = units(option.gap_bytes)
-                moves = [((kept + gap, 0, False), option.compute_s, False)]
-                if k < blocks - 1:
-                    moves.append(((kept, (pending if open_segment else 0) + gap, True),
-                                  option.compute_s + forward_s[k], True))
-                for key, cost, drops in moves:
-                    value = (seconds + cost, (*chosen, (index, drops)))
-                    if key not in following or value[0] < following[key][0]:
-                        following[key] = value
+                key, value = (kept + gap, 0, False), seconds + compute_s
+                if key not in following or value < following[key][0]:
+                    following[key] = (value, (index, False, chosen))
+                if can_drop:
+                    key, value = (kept, carried + gap, True), seconds + (compute_s + forward_s[k])
+                    if key not in following or value < following[key][0]:
+                        following[key] = (value, (index, True, chosen))
         front = _dominant(following)
     head = list(head) or [None]
     final = []
@@ -564,7 +573,12 @@ def combine(layout: BlockLayout, curves: list[list[BlockOption]], phases: Phases
     if not final:
         return None
     seconds, chosen, head_index = min(final, key=lambda entry: entry[0])
-    return seconds, [Choice(curves[k][index], drops) for k, (index, drops) in enumerate(chosen)], head_index
+    choices = []
+    while chosen is not None:
+        index, drops, chosen = chosen
+        choices.append((index, drops))
+    choices.reverse()
+    return seconds, [Choice(curves[k][index], drops) for k, (index, drops) in enumerate(choices)], head_index
 
 
 def combine_with_stem(layout: BlockLayout, curves: list[list[BlockOption]], phases: Phases, capacity_bytes: int,
