@@ -38,6 +38,9 @@ def parse_size(text: str | int | float, reference_bytes: int | None = None) -> i
     value = float(match.group(1)) * _UNITS[match.group(2).lower()]
     if value <= 0:
         raise ValueError(f"size must be positive, got {raw!r}")
+    if value < 1:  # "0.6" rounds to 0 bytes: most likely a share meant as 60%
+        raise ValueError(f"{raw!r} is less than a byte: a number without a unit is bytes; write 60% for a share "
+                         "of the store-all peak, or a size such as 16GB")
     return int(value)
 
 

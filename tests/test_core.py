@@ -130,6 +130,11 @@ def test_parse_size_rejects_bad_input(text):
         parse_size(text, reference_bytes=100)
 
 
+def test_a_fraction_without_a_unit_is_not_read_as_zero_bytes():
+    with pytest.raises(ValueError, match="write 60%"):
+        parse_size("0.6", reference_bytes=100)
+
+
 def test_percent_and_format():
     assert parse_size("75%", reference_bytes=200) == 150
     assert format_bytes(16 * 10**9) == "16.00 GB"
