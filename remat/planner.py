@@ -703,7 +703,7 @@ def _run(graph: Graph, name: str, budget_bytes: int, options: SolveOptions,
 def _long_checkpoint_all_if_nothing_fits(graph: Graph, budget_bytes: int, candidates: list[Candidate],
                                         say: Callable[[str], None]) -> list[Candidate]:
     """`candidates`, with checkpoint-all built however long where none of them fits and it was not built for its
-    length (solvers/baselines.py's CHECKPOINT_ALL_MAX_OPS): the last resort, a schedule of the lowest peak known
+    length (solvers/baselines.py's checkpoint_all_max_ops): the last resort, a schedule of the lowest peak known
     without solving (a 10,276-node LSTM: 11.1M instructions, about 40 s with its simulations)."""
     index = next((i for i, c in enumerate(candidates) if c.method == "checkpoint-all" and c.schedule is None), None)
     if index is None or any(c.fits(budget_bytes) for c in candidates):

@@ -34,9 +34,13 @@ from solvers.base import FEASIBLE, NO_SOLUTION, SolveOptions, SolverResult
 GREEDY_THRESHOLDS = 30  # segment-size thresholds chen-greedy tries, log-spaced
 MAX_REVOLVE_VARIANTS = 30  # snapshot counts griewank tries at most
 # checkpoint-all's schedule grows with the square of a chain's depth: 856k instructions (2.3 s to build) for
-# GPT-2 XL's 3,549 nodes, 11.1M (18 s) for a 2-layer LSTM unrolled over 128 steps (10,276 nodes). Past this
-# many it is not built: a baseline 500 times slower than store-all says nothing a user can use.
+# GPT-2 XL's 3,549 nodes, 11.1M (18 s) for a 2-layer LSTM unrolled over 128 steps (10,276 nodes: 1,080 per node,
+# 530 times slower than store-all). Past CHECKPOINT_ALL_MAX_OPS, or CHECKPOINT_ALL_OPS_PER_NODE per node where that
+# is more, it is not built: a baseline that runs each op hundreds of times says nothing a user can use. The
+# per-node allowance is for wide steps: GPT-2 small with its head in 64 chunks, MLPs in 8 and attention in 2
+# (5,444 nodes) has 1.81M, 332 per node, and at batch 706 it is the one schedule known to fit 16 GB.
 CHECKPOINT_ALL_MAX_OPS = 1_000_000
+CHECKPOINT_ALL_OPS_PER_NODE = 400
 
 
 class ScheduleTooLong(ValueError):
@@ -255,15 +259,21 @@ def store_all(graph: Graph, budget_bytes: int, options: SolveOptions) -> SolverR
 def checkpoint_all(graph: Graph, budget_bytes: int, options: SolveOptions, capped: bool = True) -> SolverResult:
     """The low-memory extreme: drop every forward value after its last forward use and recompute,
     before each backward node, what it reads from the nearest values still in memory. `capped`: not built past
-    CHECKPOINT_ALL_MAX_OPS instructions."""
+    checkpoint_all_max_ops(graph) instructions."""
     started = time.perf_counter()
     plan = RematPlan(dropped=frozenset(range(first_backward_index(graph))))
     try:
-        return _fixed_plan("checkpoint-all", graph, plan, started, max_ops=CHECKPOINT_ALL_MAX_OPS if capped else None)
+        return _fixed_plan("checkpoint-all", graph, plan, started,
+                           max_ops=checkpoint_all_max_ops(graph) if capped else None)
     except ScheduleTooLong as too_long:
         return SolverResult("checkpoint-all", NO_SOLUTION, None, wall_s=time.perf_counter() - started,
                             message=f"not built: its schedule recomputes the forward before each backward node, "
                                     f"{too_long} (a deep chain, such as an unrolled RNN)")
+
+
+def checkpoint_all_max_ops(graph: Graph) -> int:
+    """The longest checkpoint-all schedule that is built (see CHECKPOINT_ALL_MAX_OPS)."""
+    return max(CHECKPOINT_ALL_MAX_OPS, CHECKPOINT_ALL_OPS_PER_NODE * len(graph))
 
 
 def _segment_plan(graph: Graph, checkpoints: set[int]) -> RematPlan:

@@ -245,12 +245,25 @@ def test_checkpoint_all_is_not_built_past_its_instruction_limit(monkeypatch):
     result, simulation = run("checkpoint-all", graph)
     # recomputing from the input before each backward node: quadratic in the depth
     assert len(result.schedule.ops) > 10 * len(graph) and max(simulation.compute_counts) >= 30
+    monkeypatch.setattr(baselines, "CHECKPOINT_ALL_OPS_PER_NODE", 0)
     monkeypatch.setattr(baselines, "CHECKPOINT_ALL_MAX_OPS", len(result.schedule.ops) - 1)
     too_long, _ = run("checkpoint-all", graph)
     assert too_long.status == NO_SOLUTION and too_long.schedule is None
     assert f"more than {len(result.schedule.ops) - 1:,} instructions" in too_long.message
     monkeypatch.setattr(baselines, "CHECKPOINT_ALL_MAX_OPS", len(result.schedule.ops))
     assert run("checkpoint-all", graph)[0].schedule == result.schedule
+
+
+def test_checkpoint_all_of_a_wide_step_is_built_past_the_flat_limit(monkeypatch):
+    """The limit grows with the step: a wide step (GPT-2 small split 64/8/2 ways, 5,444 nodes) has 332 instructions
+    per node; a deep chain's schedule grows with the square of its depth and passes any fixed allowance per node."""
+    graph = chain_training_graph(30)  # 61 nodes, 1,054 instructions: 17 per node
+    ops = len(run("checkpoint-all", graph)[0].schedule.ops)
+    monkeypatch.setattr(baselines, "CHECKPOINT_ALL_MAX_OPS", 500)
+    monkeypatch.setattr(baselines, "CHECKPOINT_ALL_OPS_PER_NODE", -(-ops // len(graph)))
+    assert len(run("checkpoint-all", graph)[0].schedule.ops) == ops
+    monkeypatch.setattr(baselines, "CHECKPOINT_ALL_OPS_PER_NODE", ops // len(graph) - 1)
+    assert run("checkpoint-all", graph)[0].schedule is None
 
 
 def test_chen_sqrtn_checkpoints_about_sqrt_n_cut_vertices():

@@ -362,6 +362,7 @@ def test_a_small_graph_near_its_minimum_budget_is_searched_after_the_whole_graph
 def test_checkpoint_all_past_its_instruction_limit_is_built_only_where_nothing_else_fits(monkeypatch):
     graph = chain_training_graph(30)  # checkpoint-all: 1,054 instructions, peak 40 B; chen-sqrtn's 111 B
     monkeypatch.setattr(baselines, "CHECKPOINT_ALL_MAX_OPS", 500)
+    monkeypatch.setattr(baselines, "CHECKPOINT_ALL_OPS_PER_NODE", 0)
     roomy = solve(graph, 150, time_limit_s=5)
     assert next(c for c in roomy.candidates if c.method == "checkpoint-all").schedule is None
     # Too big for the MILP whole, and coarsened into groups whose working sets are over 40 B: no MILP runs at 40 B
