@@ -55,6 +55,22 @@ def test_rows_agree_with_the_simulator(comparison):
         assert row.overhead == pytest.approx(sim.compute_s / comparison.store_all.compute_s - 1, abs=1e-12)
 
 
+def test_baselines_that_ignore_the_budget_are_built_once_across_budgets(traced, monkeypatch):
+    from solvers.baselines import BASELINES
+
+    built = []
+    for name in ("checkpoint-all", "chen-greedy"):
+        def counted(graph, budget_bytes, options, name=name, baseline=BASELINES[name]):
+            built.append(name)
+            return baseline(graph, budget_bytes, options)
+        monkeypatch.setitem(BASELINES, name, counted)
+    budgets = [10**8, 2 * 10**8, 3 * 10**8]
+    result = compare(traced, budgets, ("checkpoint-all", "chen-greedy"))
+    assert built.count("checkpoint-all") == 1 and built.count("chen-greedy") == len(budgets)  # greedy picks by budget
+    rows = [row for row in result.rows if row.method == "checkpoint-all"]
+    assert [row.budget_bytes for row in rows] == budgets and len({row.peak_bytes for row in rows}) == 1
+
+
 def test_remat_plan_never_loses_and_never_rises(comparison):
     previous = None
     for budget in comparison.budgets_bytes:
