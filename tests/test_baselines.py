@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from remat.graph import FixedMemory, Graph, Node
-from remat.schedule import Op
+from remat.schedule import FREE, Op, tighten_frees
 from remat.simulate import simulate
 from solvers import baselines
 from solvers.base import FEASIBLE, NO_SOLUTION, SolveOptions
@@ -47,6 +47,19 @@ def check_result(name, graph, result, simulation):
     assert result.detail["peak_bytes"] == simulation.peak_bytes
     assert min(simulation.compute_counts) >= 1  # the main walk runs every node
     assert simulation.compute_s >= graph.compute_s - 1e-9
+    # each value freed at its last read, as the executor frees it: the peak is the one a run holds
+    assert frees_after_each_compute(tighten_frees(graph, result.schedule)) == frees_after_each_compute(result.schedule)
+
+
+def frees_after_each_compute(schedule) -> list[tuple[int, frozenset[int]]]:
+    """Each computation with the values freed right after it (in any order)."""
+    steps: list[tuple[int, set[int]]] = []
+    for op in schedule.ops:
+        if op.kind == FREE:
+            steps[-1][1].add(op.node)
+        else:
+            steps.append((op.node, set()))
+    return [(node, frozenset(freed)) for node, freed in steps]
 
 
 def residual_training_graph(blocks: int, width: int = 10, mask: bool = False) -> Graph:
