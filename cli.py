@@ -20,6 +20,7 @@ from remat.units import format_bytes, format_seconds, parse_size
 from solvers.base import FEASIBLE
 
 EXIT_BAD_INPUT = 2  # bad input and infeasible budgets: the user has something to change
+SLOW_BATCH_OVERHEAD = 1.0  # maxbatch hints at --max-overhead past this overhead (twice store-all's step time)
 
 stderr = Console(stderr=True)
 
@@ -65,9 +66,10 @@ def main() -> None:
 @click.option("--precision", default="bf16-mixed", show_default=True, type=click.Choice(["bf16-mixed", "fp32"]))
 @click.option("--optimizer", default="adamw", show_default=True,
               type=click.Choice(["adamw", "adam", "sgd", "sgd-momentum", "none"]))
-@click.option("--solver", default="auto", show_default=True, help="auto, checkmate, lp-round, cpsat, or a baseline.")
+@click.option("--solver", default="auto", show_default=True,
+              help="auto, checkmate, decompose, lp-round, cpsat, or a baseline (store-all, per-block, ...).")
 @click.option("--time-limit", default=60.0, show_default=True, type=click.FloatRange(min=0.1),
-              help="Seconds for the MILP; the best plan so far is returned when it runs out.")
+              help="Seconds for the whole solve; the best plan so far is returned when it runs out.")
 @click.option("--backend", default="highs", show_default=True, type=click.Choice(["highs", "cbc", "gurobi"]),
               help="MILP back-end.")
 @click.option("--out", type=click.Path(dir_okay=False), help="Write the plan (graph hash + schedule) as JSON.")
@@ -518,6 +520,11 @@ def _print_max_batches(model, graph, precision, optimizer, budget_bytes, overhea
     console.print(table)
     console.print(f"batches tried: x = does not fit; overhead is against store-all's step time at the same batch; "
                   f"wall time {wall_s:.1f} s")
+    slow = [r for r in results if r.overhead is not None and r.overhead > SLOW_BATCH_OVERHEAD]
+    if overhead_cap is None and slow:  # the largest batch can be the one that recomputes everything
+        times = ", ".join(f"{1 + r.overhead:,.1f} x for {r.method}" for r in slow)
+        console.print(f"hint: the largest batch is not the fastest: a step there takes store-all's time {times}; "
+                      "--max-overhead 25% finds the largest batch within +25%")
 
 
 @main.command()

@@ -154,6 +154,9 @@ class BatchTraces:
     optimizer: str = "adamw"
     keep_steps: int = 2
     on_trace: Callable[[int], None] | None = None  # called before each trace (progress)
+    # kept among the keep_steps when others go: max_batch pins the largest batch that fits so far, which it plans
+    # again at the end (GPT-2 small at batch 706: its step and a dozen split variants, 100 s to trace again)
+    pinned: int | None = None
     graphs: dict[int, Graph] = field(default_factory=dict)
     _tracers: OrderedDict = field(default_factory=OrderedDict)
     _added: dict[int, TracedStep] = field(default_factory=dict)
@@ -171,7 +174,10 @@ class BatchTraces:
                                  optimizer=self.optimizer)
         self._tracers[batch] = tracer
         while len(self._tracers) > self.keep_steps:
-            self._tracers.popitem(last=False)
+            oldest = next((b for b in self._tracers if b not in (self.pinned, batch)), None)
+            if oldest is None:
+                break
+            del self._tracers[oldest]
         self.graphs.setdefault(batch, tracer.unsplit.graph)
         return tracer
 
@@ -300,6 +306,7 @@ def max_batch(traces: BatchTraces, method: str, budget_bytes: int, start: int = 
     """
     started = time.perf_counter()
     outcomes: dict[int, Outcome] = {}
+    traces.pinned = None
     if budget_bytes < traces.graph(start).fixed.state_bytes:  # parameters, gradients, optimizer state: every batch
         return MaxBatch(method, budget_bytes, 0, "", None, None, None, (Probe(start, False, None),),
                         time.perf_counter() - started, max_overhead=max_overhead)
@@ -335,6 +342,8 @@ def max_batch(traces: BatchTraces, method: str, budget_bytes: int, start: int = 
             if not outcome.fits:
                 outcome = milp_outcome(traces, method, batch, budget_bytes, time_limit_s, candidates, slowest)
             outcomes[batch] = outcome
+            if outcome.fits:  # the largest batch that fits so far (the search only probes above it): planned again
+                traces.pinned = batch
             return Probe(batch, outcome.fits, _lowest_peak(candidates))
         candidates = method_candidates(traces, method, batch, budget_bytes)
         outcome = best_outcome(candidates, budget_bytes, slowest)

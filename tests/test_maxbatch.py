@@ -2,6 +2,7 @@
 a batch at least as large as every other method's."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +99,31 @@ def test_a_budget_under_the_model_state_fits_no_batch_without_probing_down_to_on
     assert result.probes == (Probe(8, False, None),)
 
 
+def test_the_pinned_batch_outlives_the_batches_traced_after_it(monkeypatch):
+    # max_batch pins the largest batch that fits and plans it again at the end: it must not be traced again
+    from types import SimpleNamespace
+
+    from remat import maxbatch
+
+    traced = []
+
+    def zoo(model, batch, **kwargs):
+        traced.append(batch)
+        return SimpleNamespace(unsplit=SimpleNamespace(graph=f"graph at {batch}"))
+
+    monkeypatch.setattr(maxbatch.SplitTracer, "zoo", zoo)
+    traces = BatchTraces("gpt2-tiny")  # keeps 2 steps
+    traces.tracer(706)
+    traces.pinned = 706
+    for batch in (776, 707, 706, 846, 706):
+        traces.tracer(batch)
+    assert traced == [706, 776, 707, 846]  # 776 went for 707, then 707 for 846; 706 stayed
+    traces.pinned = None
+    for batch in (1024, 2048, 706):  # unpinned, the least recently used goes: 846, then 706
+        traces.tracer(batch)
+    assert traced == [706, 776, 707, 846, 1024, 2048, 706]
+
+
 @pytest.mark.slow  # a MILP solve at each batch above the baselines' (about 30 s a probe on a loaded 2-core machine)
 def test_remat_plan_fits_the_largest_batch(traces):
     found = {m: max_batch(traces, m, BUDGET, start=8, time_limit_s=3)
@@ -139,6 +165,21 @@ def test_cli_maxbatch_json():
     for r in data["results"]:
         assert {"max_batch", "peak_bytes", "compute_s", "overhead", "samples_per_s", "probes"} <= set(r)
         assert r["peak_bytes"] <= 200_000_000
+
+
+def test_cli_maxbatch_hints_at_the_overhead_cap_where_the_largest_batch_is_slow():
+    def run(*extra):
+        return subprocess.run([sys.executable, str(ROOT / "cli.py"), "maxbatch", "--model", "mlp", "--budget", "200MB",
+                               "--solvers", "store-all,checkpoint-all", *extra], capture_output=True, text=True,
+                              cwd=ROOT, timeout=300, env={**os.environ, "COLUMNS": "300"})
+
+    result = run()
+    assert result.returncode == 0, result.stderr
+    hint = next(line for line in result.stdout.splitlines() if line.startswith("hint:"))
+    assert "x for checkpoint-all" in hint and "store-all" not in hint.split("time")[1]  # recomputing everything
+    assert "--max-overhead" in hint
+    capped = run("--max-overhead", "25%")
+    assert capped.returncode == 0 and "hint:" not in capped.stdout
 
 
 def test_remat_plans_split_the_head_to_fit_a_larger_batch():
