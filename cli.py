@@ -103,7 +103,7 @@ def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_
                  f"{_below_fixed_memory(plan.graph.fixed)}")
         fail(f"no plan fits {format_bytes(budget_bytes)} ({budget_bytes} bytes) for {model}: the minimum feasible "
              f"budget found is {_fmt(plan.min_feasible_bytes)} ({plan.min_feasible_bytes} bytes); "
-             f"use --budget {_ceil_gb(plan.min_feasible_bytes)} or more, or a smaller --batch")
+             f"use --budget {_ceil_size(plan.min_feasible_bytes)} or more, or a smaller --batch")
 
 
 def _cut_short(plan) -> bool:
@@ -180,10 +180,15 @@ def _fraction(text: str, option: str) -> float:
     return value
 
 
-def _ceil_gb(num_bytes: int | None) -> str:
+def _ceil_size(num_bytes: int | None) -> str:
+    """A --budget of at least `num_bytes`, rounded up to two decimals of its unit ("6.89MB", "11.88GB")."""
     if num_bytes is None:
         return "?"
-    return f"{(num_bytes + 10**7 - 1) // 10**7 / 100:.2f}GB"
+    unit, scale = next(((u, s) for u, s in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)) if num_bytes >= s), ("B", 1))
+    if scale == 1:
+        return f"{num_bytes}B"
+    step = scale // 100
+    return f"{(num_bytes + step - 1) // step / 100:.2f}{unit}"
 
 
 def _fmt(num_bytes: int | None) -> str:

@@ -102,11 +102,13 @@ class LossStep(nn.Module):
             output = self.model(*args, **kwargs)
             loss = self.loss_fn(output) if self.loss_fn is not None else output
         loss = getattr(loss, "loss", loss)  # Hugging Face ModelOutput
+        if isinstance(loss, dict) and "loss" in loss:  # {"loss": ..., "logits": ...}
+            loss = loss["loss"]
         if isinstance(loss, (tuple, list)):
             loss = loss[0]
         if not isinstance(loss, torch.Tensor):
-            raise CaptureError(f"the model returned {type(loss).__name__}, not a loss tensor: "
-                               "return a scalar loss or pass a loss_fn")
+            raise CaptureError(f"the model returned {type(loss).__name__}, not a loss tensor: return a scalar loss "
+                               "(or a dict or an object with a `loss`) or pass a loss_fn")
         if loss.dim() != 0:
             loss = loss.sum()  # a non-scalar output is trained as if its sum were the loss
         # a bf16 loss is reported in float32; a float64 model's loss stays float64
@@ -281,10 +283,25 @@ def _explain(error: BaseException) -> str:
     return f"{where}: {gist}" if where else gist
 
 
+# A tensor the step reads that is none of its inputs, parameters or buffers becomes a constant of the graph, which
+# fake tracing refuses (and a real run would keep the example's value): torch's words for it, on fake and real inputs.
+_NOT_AN_INPUT = ("Unexpected fake buffer", "Please convert all Tensors to FakeTensors first")
+_NOT_AN_INPUT_MEANING = (
+    "the step reads a tensor that is not one of its inputs, parameters or buffers (a loss_fn that closes over the "
+    "targets, or a tensor kept as a plain attribute): pass it as an input, e.g. a module whose forward(x, targets) "
+    "returns the loss, with example_inputs=(x, targets); register a constant with register_buffer")
+
+
 def _meaning(error: BaseException) -> str | None:
-    """What `error`, or an error it was raised from, means in the user's terms (_VALUE_DEPENDENT), if we know."""
-    return next((meaning for cause in _causes(error) for kinds, meaning in _VALUE_DEPENDENT
-                 if isinstance(cause, kinds)), None)
+    """What `error`, or an error it was raised from, means in the user's terms (_VALUE_DEPENDENT, _NOT_AN_INPUT), if
+    we know."""
+    for cause in _causes(error):
+        for kinds, meaning in _VALUE_DEPENDENT:
+            if isinstance(cause, kinds):
+                return meaning
+        if any(words in str(cause) for words in _NOT_AN_INPUT):
+            return _NOT_AN_INPUT_MEANING
+    return None
 
 
 def _model_line(error: BaseException) -> str:

@@ -1,5 +1,7 @@
 """Capture and lowering: a real module becomes a Graph with the right sizes, outputs and fixed memory."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
@@ -166,6 +168,42 @@ def test_a_step_that_depends_on_tensor_values_names_the_cause_and_the_line(model
         capture_step(model(), (torch.randn(8, 4),))
     message = str(caught.value)
     assert meaning in message and "test_capture_lower.py:" in message and f"`{line}`" in message
+
+
+@pytest.mark.parametrize("on_fake", [False, True], ids=["real", "fake"])
+def test_a_loss_fn_that_closes_over_the_targets_says_to_pass_them_as_inputs(on_fake):
+    """The most common loss_fn reads targets it was not given: a constant of the graph, which torch refuses with
+    words about fake tensors. The error says what the step read and how to pass it."""
+    def build():
+        targets = torch.randint(0, 4, (8,))
+        return SimpleNamespace(model=nn.Linear(4, 4), example_inputs=(torch.randn(8, 4),),
+                               loss_fn=lambda out: nn.functional.cross_entropy(out, targets))
+
+    with pytest.raises(CaptureError) as caught:
+        if on_fake:
+            capture_fake(build)
+        else:
+            spec = build()
+            capture_step(spec.model, spec.example_inputs, spec.loss_fn)
+    message = str(caught.value)
+    assert "not one of its inputs, parameters or buffers" in message and "forward(x, targets)" in message
+
+
+def test_a_model_that_returns_a_dict_with_a_loss_is_trained_on_it():
+    class DictOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 3)
+
+        def forward(self, x, labels):
+            logits = self.linear(x)
+            return {"logits": logits, "loss": nn.functional.cross_entropy(logits, labels)}
+
+    model, x, labels = DictOut(), torch.randn(8, 4), torch.randint(0, 3, (8,))
+    step = capture_step(model, (x, labels))
+    graph = lower(step, load_profile("cpu"))
+    assert any(n.op == "aten.nll_loss_forward.default" for n in graph.nodes)
+    assert any(n.op == "aten.nll_loss_backward.default" for n in graph.nodes)  # the loss was differentiated
 
 
 def test_hugging_face_gpt2_traces_with_tied_weights_and_flash_attention():

@@ -225,3 +225,13 @@ def test_maxbatch_under_the_model_state_says_no_batch_fits_at_once(factory_file)
                     "--solvers", "store-all", "--json")  # parameters and gradients: 662 KB, room for a batch
     assert lighter.returncode == 0, lighter.stderr
     assert json.loads(lighter.stdout)["results"][0]["max_batch"] > 0
+
+
+@pytest.mark.parametrize(("num_bytes", "suggested"), [
+    (6_888_412, "6.89MB"), (11_868_000_001, "11.87GB"), (10**9, "1.00GB"), (2_345, "2.35KB"), (999, "999B")])
+def test_the_suggested_budget_is_the_minimum_rounded_up_in_its_own_unit(num_bytes, suggested):
+    # a 6.89 MB minimum was suggested as "0.01GB"
+    from cli import _ceil_size
+    from remat.units import parse_size
+
+    assert _ceil_size(num_bytes) == suggested and parse_size(suggested) >= num_bytes
