@@ -69,6 +69,20 @@ def test_interpolation_needs_few_probes_on_affine_peaks():
     assert len(calls) <= 10  # 16..1024 doubling (7), then the guess and its neighbour
 
 
+def test_where_the_peaks_fit_but_the_verdict_is_no_the_search_bisects():
+    # --max-overhead: a batch fails for its step time while its lowest peak fits the memory; the peaks say
+    # nothing about where that happens. Guessing from them probed 70 71x 78x 79x 94x 95x 127x 128x.
+    calls = []
+
+    def probe(batch: int) -> Probe:
+        calls.append(batch)
+        return Probe(batch, batch <= 70, 100 + batch)  # fast enough up to batch 70
+
+    batch, probes = largest_batch(probe, 16_000, start=16)
+    assert batch == 70 and probes[70].fits and not probes[71].fits
+    assert sorted(calls) == [16, 32, 64, 68, 70, 71, 72, 80, 96, 128]  # doubling, then bisection
+
+
 @pytest.fixture(scope="module")
 def traces():
     return BatchTraces("gpt2-tiny", seq=32, precision="fp32", device="h100")
