@@ -180,6 +180,7 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
     if not any(p.requires_grad for p in model.parameters()):
         raise CaptureError("the model has no parameter that requires grad: nothing to train")
     call = Call.of(example_inputs)
+    _register_plain_tensors(model)
     step = LossStep(model, loss_fn, precision, call)
     with _record_module_paths(model), _compiling(), contextlib.ExitStack() as stack:
         try:
@@ -201,6 +202,17 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
         output_kinds.append(kind)
         output_names.append(name)
     return CapturedStep(gm, input_kinds, input_names, _tied_parameters(step), output_kinds, output_names, precision)
+
+
+def _register_plain_tensors(model: nn.Module) -> None:
+    """Register each tensor kept as a plain attribute (`self.mask = torch.tril(...)`) as a non-persistent buffer.
+    The trace would otherwise meet it as a constant, which it refuses; as a buffer it is an input of the step,
+    read afresh at each call, it moves with the module, and state_dict stays as it was."""
+    for module in model.modules():
+        for name, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and not value.requires_grad:
+                delattr(module, name)
+                module.register_buffer(name, value, persistent=False)
 
 
 Spec = TypeVar("Spec")
@@ -288,8 +300,8 @@ def _explain(error: BaseException) -> str:
 _NOT_AN_INPUT = ("Unexpected fake buffer", "Please convert all Tensors to FakeTensors first")
 _NOT_AN_INPUT_MEANING = (
     "the step reads a tensor that is not one of its inputs, parameters or buffers (a loss_fn that closes over the "
-    "targets, or a tensor kept as a plain attribute): pass it as an input, e.g. a module whose forward(x, targets) "
-    "returns the loss, with example_inputs=(x, targets); register a constant with register_buffer")
+    "targets, or a tensor the model reads from a global): pass it as an input, e.g. a module whose forward(x, "
+    "targets) returns the loss, with example_inputs=(x, targets); register a constant with register_buffer")
 
 
 def _meaning(error: BaseException) -> str | None:

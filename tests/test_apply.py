@@ -183,6 +183,36 @@ def test_training_loop_with_an_optimizer_matches_eager():
         assert torch.equal(b, c)
 
 
+class PlainTensorNet(nn.Module):
+    """Tensors kept as plain attributes, not buffers, as much user code keeps masks and scales."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.outer = nn.Linear(16, 64), nn.Linear(64, 16)
+        self.scale = torch.full((64,), 2.0)
+        self.mask = torch.tril(torch.ones(16, 16))
+
+    def forward(self, x):
+        return ((self.outer(torch.tanh(self.inner(x)) * self.scale) @ self.mask) ** 2).mean()
+
+
+def test_tensors_kept_as_plain_attributes_are_inputs_read_at_each_call():
+    torch.manual_seed(0)
+    reference, x = PlainTensorNet(), torch.randn(32, 16)
+    model = copy.deepcopy(reference)
+    keys = set(reference.state_dict())
+    planned = apply(model, budget="95%", example_inputs=(x,), device="cpu", time_limit=TIME_LIMIT)
+    assert set(planned.state_dict()) == keys  # non-persistent buffers: checkpoints are the model's as before
+    for scale in (2.0, 3.0):  # a new value is read by the next step, as eager reads it
+        model.scale = reference.scale = torch.full((64,), scale)
+        loss, expected = planned(x), reference(x)
+        assert torch.allclose(loss, expected, rtol=1e-6)
+        loss.backward()
+        expected.backward()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+
+
 def test_bf16_mixed_matches_eager_autocast_within_tolerance():
     spec = build_model("gpt2-tiny", batch=2, seq=32)
     torch.manual_seed(0)

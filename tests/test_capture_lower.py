@@ -189,6 +189,22 @@ def test_a_loss_fn_that_closes_over_the_targets_says_to_pass_them_as_inputs(on_f
     assert "not one of its inputs, parameters or buffers" in message and "forward(x, targets)" in message
 
 
+def test_a_tensor_kept_as_a_plain_attribute_is_traced_as_a_buffer_on_fake_tensors():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+            self.scale = torch.full((4,), 2.0)  # not registered: a constant the trace would refuse
+
+        def forward(self, x):
+            return (self.linear(x) * self.scale).sum()
+
+    spec, step = capture_fake(lambda: SimpleNamespace(model=Scaled(), example_inputs=(torch.randn(8, 4),),
+                                                      loss_fn=None))
+    assert "scale" in dict(spec.model.named_buffers()) and "scale" not in spec.model.state_dict()
+    assert [n for n, k in zip(step.input_names, step.input_kinds, strict=True) if k == "buffer"] == ["model.scale"]
+
+
 def test_a_model_that_returns_a_dict_with_a_loss_is_trained_on_it():
     class DictOut(nn.Module):
         def __init__(self):
