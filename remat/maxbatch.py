@@ -134,8 +134,7 @@ def largest_batch(probe: Callable[[int], Probe], budget_bytes: int, start: int =
 def _interpolate(low: Probe, high: Probe, budget_bytes: int) -> int | None:
     """The batch where the line through the two probes' peaks meets the budget; None where the peaks do not explain
     the verdicts: with --max-overhead a batch whose lowest peak fits the memory fails for its step time, and a line
-    through two peaks under the budget guessed hi - 1 again and again (gpt2 at 16 GB within +25%: probes 127x, 95x,
-    79x and 71x beside the bisection's)."""
+    through two peaks under the budget guessed hi - 1 again and again (gpt2 at 16 GB within +25%: 127x, 94x, 78x)."""
     if low.peak_bytes is None or high.peak_bytes is None or high.peak_bytes <= low.peak_bytes:
         return None
     if high.peak_bytes <= budget_bytes or low.peak_bytes > budget_bytes:
