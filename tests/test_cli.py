@@ -235,3 +235,15 @@ def test_the_suggested_budget_is_the_minimum_rounded_up_in_its_own_unit(num_byte
     from remat.units import parse_size
 
     assert _ceil_size(num_bytes) == suggested and parse_size(suggested) >= num_bytes
+
+
+def test_the_readme_classifier_factory_plans(tmp_path):
+    # the README's example of labels as inputs, as a user would copy it
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("  # my_classifier.py\n", 1)[1].split("  ```", 1)[0]
+    path = tmp_path / "my_classifier.py"
+    path.write_text("\n".join(line.removeprefix("  ") for line in block.splitlines()))
+    result = remat("solve", "--model", f"{path}:make", "--budget", "80%", "--time-limit", "10", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["peak_bytes"] <= plan["budget_bytes"] and plan["overhead"] > 0  # it recomputes to fit
