@@ -2,8 +2,8 @@
 
 Every probe traces the model at that batch (fake tensors: no memory) and simulates the method's
 schedule; the search doubles from a start batch until the answer changes (or, where the start does not
-fit, tries batch 1), then narrows the bracket, guessing from the peaks at its ends (peak memory is close
-to affine in the batch) with bisection as the safeguard. It returns a batch that fits and a batch + 1
+fit, tries batch 1), then narrows the bracket, guessing from the peaks probed so far (each step variant's
+peak is affine in the batch) with bisection as the safeguard. It returns a batch that fits and a batch + 1
 that does not, both probed.
 
 Methods: any baseline by name, `compile-budget` (the best of torch.compile's budgets 1.0, 0.5, 0.2, 0.0),
@@ -47,11 +47,24 @@ def parse_methods(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(methods))
 
 
+UNSPLIT = (1, 1, 1)  # the chunk counts (head, MLPs, attention) of the step as traced
+VariantKey = tuple[int, int, int]
+
+
 @dataclass(frozen=True)
 class Probe:
     batch: int
     fits: bool
-    peak_bytes: int | None  # the method's lowest peak at this batch (for the next guess), None if unknown
+    peak_bytes: int | None  # the method's lowest peak at this batch, None if unknown
+    # the lowest peak on each step variant tried (key: its chunk counts), for the next guess; where empty, the
+    # probe's peak_bytes stands for one variant
+    variant_peaks: dict[VariantKey, int] = field(default_factory=dict, compare=False)
+
+    @property
+    def peaks(self) -> dict[VariantKey, int]:
+        if self.variant_peaks:
+            return self.variant_peaks
+        return {UNSPLIT: self.peak_bytes} if self.peak_bytes is not None else {}
 
 
 @dataclass(frozen=True)
@@ -87,9 +100,10 @@ class MaxBatch:
 
 
 def largest_batch(probe: Callable[[int], Probe], budget_bytes: int, start: int = 16,
-                  cap: int = MAX_BATCH) -> tuple[int, dict[int, Probe]]:
+                  cap: int = MAX_BATCH, base_bytes: int = 0) -> tuple[int, dict[int, Probe]]:
     """The largest batch b <= cap with probe(b).fits, where probe(b + 1) does not fit (or b == cap).
-    Assumes fitting is monotone in the batch; the returned pair is probed either way."""
+    Assumes fitting is monotone in the batch; the returned pair is probed either way. `base_bytes`: the memory
+    no batch changes (parameters, gradients, optimizer state), where a variant's peak line starts."""
     probes: dict[int, Probe] = {}
 
     def at(batch: int) -> Probe:
@@ -117,30 +131,50 @@ def largest_batch(probe: Callable[[int], Probe], budget_bytes: int, start: int =
             lo = 1
         else:
             return 0, probes
-    bisect_next = False
+    # A guess is followed by bisection where its verdict was not the line's (wrong) or it did not halve the bracket
+    # (slow), except that a slow guess's line may put the answer at an end of the bracket, which one probe settles:
+    # an exact guess fits and leaves the bracket wide, and its neighbour above ends the search.
+    wrong = slow = False
     while hi - lo > 1:
-        guess = None if bisect_next else _interpolate(probes[lo], probes[hi], budget_bytes)
-        mid = guess if guess is not None else (lo + hi) // 2
-        mid = min(max(mid, lo + 1), hi - 1)
-        width = hi - lo
-        if at(mid).fits:
-            lo = mid
+        guess = _guess(probes, lo, hi, budget_bytes, base_bytes)
+        settles = guess is not None and (guess <= lo or guess >= hi - 1)
+        if guess is None or wrong or (slow and not settles):
+            mid, predicted = (lo + hi) // 2, None
         else:
-            hi = mid
-        bisect_next = guess is not None and hi - lo > width / 2  # the guess did not halve the bracket
+            mid = min(max(guess, lo + 1), hi - 1)
+            predicted = mid <= guess  # the line's verdict at mid
+        width = hi - lo
+        fits = at(mid).fits
+        lo, hi = (mid, hi) if fits else (lo, mid)
+        wrong = predicted is not None and fits != predicted
+        slow = predicted is not None and hi - lo > width / 2
     return lo, probes
 
 
-def _interpolate(low: Probe, high: Probe, budget_bytes: int) -> int | None:
-    """The batch where the line through the two probes' peaks meets the budget; None where the peaks do not explain
-    the verdicts: with --max-overhead a batch whose lowest peak fits the memory fails for its step time, and a line
-    through two peaks under the budget guessed hi - 1 again and again (gpt2 at 16 GB within +25%: 127x, 94x, 78x)."""
-    if low.peak_bytes is None or high.peak_bytes is None or high.peak_bytes <= low.peak_bytes:
+def _guess(probes: dict[int, Probe], lo: int, hi: int, budget_bytes: int, base_bytes: int) -> int | None:
+    """The largest batch where some step variant's peak line stays within the budget. A variant's peak is affine in
+    the batch (GPT-2's reaches and floors to the byte), but the variants differ: the lowest peak at one batch is on
+    a variant another probe never tried (the walk stops at the first that fits), so one line through the lowest
+    peaks at the bracket's ends mixed variants (gpt2 at 16 GB: 668, 846x, 776x before 706). A variant's line goes
+    through its two probes nearest the bracket, or through its one probe and `base_bytes`.
+    None where the peaks do not explain the verdicts: with --max-overhead a batch whose peak fits the memory fails
+    for its step time, and guesses from peaks under the budget probed hi - 1 again and again (127x, 94x, 78x)."""
+    low, high = probes[lo].peaks, probes[hi].peaks
+    if not low or not high or min(low.values()) > budget_bytes or min(high.values()) <= budget_bytes:
         return None
-    if high.peak_bytes <= budget_bytes or low.peak_bytes > budget_bytes:
-        return None
-    slope = (high.peak_bytes - low.peak_bytes) / (high.batch - low.batch)
-    return low.batch + int((budget_bytes - low.peak_bytes) // slope)
+
+    def distance(batch: int) -> int:
+        return max(lo - batch, batch - hi, 0)
+
+    guesses = []
+    for key in {key for p in probes.values() for key in p.peaks}:
+        points = sorted(((p.batch, p.peaks[key]) for p in probes.values() if key in p.peaks),
+                        key=lambda point: distance(point[0]))[:2]
+        (b1, p1), (b2, p2) = points if len(points) == 2 else [(0, base_bytes), points[0]]
+        slope = (p2 - p1) / (b2 - b1)
+        if slope > 0:
+            guesses.append(math.floor(b1 + (budget_bytes - p1) / slope))
+    return max(guesses) if guesses else None
 
 
 # --- traces per batch ---------------------------------------------------------------------------
@@ -265,33 +299,55 @@ def best_outcome(candidates: list[Candidate], budget_bytes: int, max_compute_s: 
 
 
 def split_candidates(traces: BatchTraces, batch: int, budget_bytes: int,
-                     stop_at: Callable[[Candidate], bool] | None = None) -> list[Candidate]:
-    """The baselines' schedules, plain and with the head streamed, on each split variant whose floor fits
-    (fewest chunks first; with `stop_at`, up to the first variant where one of them is good enough)."""
-    candidates = []
+                     stop_at: Callable[[Candidate], bool] | None = None) -> dict[VariantKey, list[Candidate]]:
+    """The baselines' schedules, plain and with the head streamed, on each split variant whose floor fits, by
+    variant (fewest chunks first; with `stop_at`, up to the first variant where one of them is good enough)."""
+    candidates = {}
     for variant in traces.split_variants(batch):
         if variant.floor_bytes > budget_bytes:
             continue
         found = streamed_baselines(variant, budget_bytes, plain=True)
-        candidates += [replace(c, method=with_chunks(c.method, variant.split)) for c in found]
+        candidates[variant.key] = [replace(c, method=with_chunks(c.method, variant.split)) for c in found]
         if stop_at is not None and any(stop_at(c) for c in found):
             break
     return candidates
 
 
-def milp_outcome(traces: BatchTraces, method: str, batch: int, budget_bytes: int, time_limit_s: float,
-                 others: list[Candidate], max_compute_s: float = math.inf) -> Outcome:
-    """remat's plan at this batch, as `remat solve` makes it (the head split where that helps), weighed against
-    `others`: every baseline and torch's choices, on the unsplit and split steps."""
+def plan_candidates(traces: BatchTraces, method: str, batch: int, budget_bytes: int, time_limit_s: float
+                    ) -> dict[VariantKey, list[Candidate]]:
+    """remat's plan at this batch, as `remat solve` makes it (the head split where that helps), under the key of
+    the variant it runs on; none where no chunk count's floor fits."""
     if traces.lowest_floor(batch) > budget_bytes:
-        return Outcome(False, method, None)
+        return {}
     # auto weighs torch.compile's own choice: the one this batch's probes made (cached) rather than a second one
     known = [traces.compile_candidate(batch, 1.0)] if method == "auto" else []
-    chosen = solve_split(traces.tracer(batch), budget_bytes, solver=method, time_limit_s=time_limit_s, known=known)
+    tracer = traces.tracer(batch)
+    chosen = solve_split(tracer, budget_bytes, solver=method, time_limit_s=time_limit_s, known=known)
     plan = chosen.plan
+    if plan.schedule is None:
+        return {}
     name = with_chunks(plan.method, chosen.split)
-    mine = [Candidate(name, plan.status, plan.schedule, plan.simulation, 0.0)] if plan.schedule is not None else []
+    return {tracer.variant_of(chosen.split).key: [Candidate(name, plan.status, plan.schedule, plan.simulation, 0.0)]}
+
+
+def milp_outcome(traces: BatchTraces, method: str, batch: int, budget_bytes: int, time_limit_s: float,
+                 others: list[Candidate], max_compute_s: float = math.inf) -> Outcome:
+    """remat's plan at this batch weighed against `others`: every baseline and torch's choices, on the unsplit and
+    split steps."""
+    mine = flat(plan_candidates(traces, method, batch, budget_bytes, time_limit_s))
+    if not mine and traces.lowest_floor(batch) > budget_bytes:
+        return Outcome(False, method, None)
     return best_outcome(mine + others, budget_bytes, max_compute_s)
+
+
+def flat(by_variant: dict[VariantKey, list[Candidate]]) -> list[Candidate]:
+    return [c for found in by_variant.values() for c in found]
+
+
+def _lowest_peaks(by_variant: dict[VariantKey, list[Candidate]]) -> dict[VariantKey, int]:
+    """The lowest valid peak on each variant."""
+    lowest = {key: _lowest_peak(found) for key, found in by_variant.items()}
+    return {key: peak for key, peak in lowest.items() if peak is not None}
 
 
 def _lowest_peak(candidates: list[Candidate]) -> int | None:
@@ -329,38 +385,42 @@ def max_batch(traces: BatchTraces, method: str, budget_bytes: int, start: int = 
         if method in MILP_METHODS:
             # cheapest first, and the first schedule that fits settles the probe: the baselines, then the
             # baselines on the step with its head in 2, 4, ... chunks, then torch's choices, then the MILP
-            candidates = baselines(batch)
-            outcome = best_outcome(candidates, budget_bytes, slowest)
+            by_variant = {UNSPLIT: baselines(batch)}
+            outcome = best_outcome(flat(by_variant), budget_bytes, slowest)
             if not outcome.fits:
                 def good(candidate: Candidate) -> bool:
                     return candidate.fits(budget_bytes) and candidate.simulation.compute_s <= slowest
 
-                candidates += split_candidates(traces, batch, budget_bytes, stop_at=good)
-                outcome = best_outcome(candidates, budget_bytes, slowest)
+                by_variant |= split_candidates(traces, batch, budget_bytes, stop_at=good)
+                outcome = best_outcome(flat(by_variant), budget_bytes, slowest)
             if not outcome.fits:
                 floor = traces.lowest_floor(batch)  # no chunk count fits: nothing more to try
                 if floor > budget_bytes:
-                    return Probe(batch, False, floor)
-                candidates += others(batch)
-                outcome = best_outcome(candidates, budget_bytes, slowest)
+                    return Probe(batch, False, floor, _lowest_peaks(by_variant))
+                by_variant[UNSPLIT] = by_variant[UNSPLIT] + others(batch)
+                outcome = best_outcome(flat(by_variant), budget_bytes, slowest)
             if not outcome.fits:
-                outcome = milp_outcome(traces, method, batch, budget_bytes, time_limit_s, candidates, slowest)
+                for key, found in plan_candidates(traces, method, batch, budget_bytes, time_limit_s).items():
+                    by_variant[key] = by_variant.get(key, []) + found
+                outcome = best_outcome(flat(by_variant), budget_bytes, slowest)
             outcomes[batch] = outcome
             if outcome.fits:  # the largest batch that fits so far (the search only probes above it): planned again
                 traces.pinned = batch
-            return Probe(batch, outcome.fits, _lowest_peak(candidates))
+            peaks = _lowest_peaks(by_variant)
+            return Probe(batch, outcome.fits, min(peaks.values(), default=None), peaks)
         candidates = method_candidates(traces, method, batch, budget_bytes)
         outcome = best_outcome(candidates, budget_bytes, slowest)
         outcomes[batch] = outcome
         return Probe(batch, outcome.fits, _lowest_peak(candidates))
 
-    batch, probes = largest_batch(probe, budget_bytes, start=start, cap=cap)
+    batch, probes = largest_batch(probe, budget_bytes, start=start, cap=cap,
+                                  base_bytes=traces.graph(start).fixed.state_bytes)
     if batch == 0:
         return MaxBatch(method, budget_bytes, 0, "", None, None, None, tuple(probes.values()),
                         time.perf_counter() - started, max_overhead=max_overhead)
     outcome = outcomes[batch]
     if method in MILP_METHODS:  # the probe may have stopped at the first schedule that fits: plan for step time
-        known = others(batch) + split_candidates(traces, batch, budget_bytes)
+        known = others(batch) + flat(split_candidates(traces, batch, budget_bytes))
         outcome = milp_outcome(traces, method, batch, budget_bytes, time_limit_s, known, max_compute_s(batch))
         if not outcome.fits:  # the final solve found less than the probe did (a shorter search): keep the probe's
             outcome = outcomes[batch]

@@ -83,6 +83,30 @@ def test_where_the_peaks_fit_but_the_verdict_is_no_the_search_bisects():
     assert sorted(calls) == [16, 32, 64, 68, 70, 71, 72, 80, 96, 128]  # doubling, then bisection
 
 
+def test_guesses_follow_each_variants_line_not_the_lowest_peaks():
+    # max_batch's probes try step variants in turn and stop at the first that fits, so the lowest peak at the
+    # bracket's low end is on another variant than at its high end. A line through those two peaks mixed variants
+    # (gpt2 at 16 GB probed 668, 846x, 776x before 706); each variant's own line finds the answer at once.
+    base, budget = 1_000, 3_800
+    lines = {(1, 1, 1): 10, (2, 1, 1): 5, (4, 1, 1): 4}  # bytes per example, tried in this order
+    calls = []
+
+    def probe(batch: int) -> Probe:
+        calls.append(batch)
+        peaks = {}
+        for key, per_example in lines.items():
+            peaks[key] = base + per_example * batch
+            if peaks[key] <= budget:
+                break
+        return Probe(batch, min(peaks.values()) <= budget, min(peaks.values()), peaks)
+
+    batch, probes = largest_batch(probe, budget, start=16, base_bytes=base)
+    assert batch == 700 and probes[700].fits and not probes[701].fits  # the last variant: 1000 + 4 x 700
+    # 512 fits on the second variant, 1024 on none: the third's line through 1024 and the base meets the budget at
+    # 700; that leaves the bracket wider than half, but the line puts the answer at its low end: 701 settles it
+    assert calls == [16, 32, 64, 128, 256, 512, 1024, 700, 701]
+
+
 @pytest.fixture(scope="module")
 def traces():
     return BatchTraces("gpt2-tiny", seq=32, precision="fp32", device="h100")
