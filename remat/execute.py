@@ -54,7 +54,7 @@ class PartitionedStep:
     primal_names: list[str]
     forward_mutations: list[str]  # buffer names updated by the forward's outputs 1..
     backward_mutations: list[str]  # buffer names updated by the backward's outputs after the grads
-    grad_names: list[str]  # parameter name of each gradient the backward returns
+    grad_names: list[str]  # the primal (parameter, or input that requires grad) of each gradient the backward returns
     saved_names: list[str]  # joint FX names of the saved tensors
     rng_names: list[str]  # joint FX names of the random ops recomputed in the backward
     tangent: Any  # a fake (meta) tensor: the loss tangent's shape and dtype
@@ -397,7 +397,7 @@ class _PlannedStep(torch.autograd.Function):
         outputs = runner._call(parts.backward, runner.run_backward, values, counted=len(parts.saved_names))
         grads = dict(zip(parts.grad_names, outputs, strict=False))
         _write_buffers(parts, primals, parts.backward_mutations, outputs[len(parts.grad_names):])
-        per_primal = [grads.get(name) if kind == "param" else None
+        per_primal = [grads.get(name) if kind in ("param", "input") else None  # inputs that require grad get theirs
                       for kind, name in zip(parts.primal_kinds, parts.primal_names, strict=True)]
         return (None, *per_primal)
 

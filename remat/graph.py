@@ -58,7 +58,7 @@ class FixedMemory:
     parameter_bytes: int = 0
     gradient_bytes: int = 0
     optimizer_bytes: int = 0
-    input_bytes: int = 0  # batch inputs, buffers, and the loss tangent
+    input_bytes: int = 0  # batch inputs, buffers, the loss tangent, and the gradients of inputs that require grad
 
     @property
     def total_bytes(self) -> int:

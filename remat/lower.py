@@ -122,8 +122,12 @@ def lower(step: CapturedStep, profile: DeviceProfile, optimizer: str = "adamw", 
     trained = {name for name, kind in zip(step.output_names, step.output_kinds, strict=True) if kind == "grad"}
     trained_bytes = unique_bytes((name, p) for name, p in params if name in trained)
     other_bytes = sum(tensor_bytes(p.meta["val"]) for p in placeholders if kind_of[p] != "param")
+    # an input that requires grad gets its gradient too (held to the step's end, like the parameters')
+    input_grad_bytes = sum(tensor_bytes(p.meta["val"]) for p, name in zip(placeholders, step.input_names, strict=True)
+                           if kind_of[p] == "input" and name in trained)
     fixed = FixedMemory(parameter_bytes=unique_bytes(params), gradient_bytes=trained_bytes,
-                        optimizer_bytes=OPTIMIZERS[optimizer] * trained_bytes, input_bytes=other_bytes)
+                        optimizer_bytes=OPTIMIZERS[optimizer] * trained_bytes,
+                        input_bytes=other_bytes + input_grad_bytes)
     outputs = tuple(dict.fromkeys(index_of[o] for o in output_owners))
     return Graph(nodes=tuple(nodes), outputs=outputs, fixed=fixed,
                  meta={**(meta or {}), "optimizer": optimizer, "profile": profile.name,

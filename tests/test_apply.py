@@ -213,6 +213,57 @@ def test_tensors_kept_as_plain_attributes_are_inputs_read_at_each_call():
         assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7)
 
 
+def test_inputs_that_require_grad_get_their_gradient():
+    # an input's gradient (adversarial training, saliency, or embeddings made outside the model) was computed by
+    # the planned backward and then dropped: the input's .grad stayed None
+    model, (x,) = _mlp()
+    reference = copy.deepcopy(model)
+    lowest, _ = _range("mlp")
+    x, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    budget = lowest + x.numel() * x.element_size()  # the input's gradient is fixed memory too
+    planned = apply(model, budget=budget, example_inputs=(x,), device="cpu", time_limit=TIME_LIMIT)
+    step = planned.planned
+    assert step.plan.schedule.recomputed_nodes()
+    loss, memory = planned.measure(x)
+    LossStep(reference, None, "fp32")(x_ref).backward()
+    assert torch.equal(x.grad, x_ref.grad)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+    # its gradient is held to the step's end, like the parameters': fixed memory, counted as the step measures it
+    assert step.graph.fixed.input_bytes >= 2 * x.numel() * x.element_size()
+    assert memory.peak_bytes == step.simulation.peak_bytes
+    x.grad = None
+    planned(x.detach()).backward()  # an input that does not require grad is another step: planned again
+    assert len(planned.steps) == 2 and x.grad is None
+
+
+class LSTMNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(8, 16, num_layers=2, batch_first=True)
+        self.out = nn.Linear(16, 1)
+
+    def forward(self, x):
+        return self.out(self.lstm(x)[0]).pow(2).mean()
+
+
+def test_a_cpu_lstm_holds_the_planned_bytes():
+    # oneDNN's fused LSTM layer returned its workspace (which its backward reads) only under grad mode, and fake
+    # tensors gave it 0 bytes: every CPU LSTM failed with "got None ... for argument #22 'workspace'", and its plan
+    # left megabytes out. It is traced as its cells' ops now.
+    torch.manual_seed(0)
+    reference, x = LSTMNet(), torch.randn(4, 12, 8)
+    model = copy.deepcopy(reference)
+    planned = apply(model, budget="90%", example_inputs=(x,), device="cpu", time_limit=TIME_LIMIT)
+    assert planned.planned.plan.schedule.recomputed_nodes()
+    loss, memory = planned.measure(x)
+    reference(x).backward()
+    assert torch.allclose(loss, reference(x).detach(), rtol=1e-6)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+    assert memory.peak_bytes == planned.planned.simulation.peak_bytes
+
+
 def test_bf16_mixed_matches_eager_autocast_within_tolerance():
     spec = build_model("gpt2-tiny", batch=2, seq=32)
     torch.manual_seed(0)
