@@ -390,6 +390,10 @@ class _PlannedStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
+        if ctx.saved is None:
+            raise RuntimeError("this step's planned backward ran already, and it frees each saved value after its last "
+                               "read, as the plan counts them: backward(retain_graph=True) and a second backward "
+                               "through the same step are not supported; run the forward again")
         runner, parts = ctx.runner, ctx.runner.parts
         values = [*ctx.saved, *ctx.primals, grad_loss]
         primals = ctx.primals

@@ -237,6 +237,19 @@ def test_inputs_that_require_grad_get_their_gradient():
     assert len(planned.steps) == 2 and x.grad is None
 
 
+def test_a_second_backward_through_one_step_is_a_clear_error():
+    # the planned backward frees the saved values as it goes; a second one failed with "Value after * must be an
+    # iterable, not NoneType"
+    model, (x,) = _mlp()
+    lowest, store_all = _range("mlp")
+    planned = apply(model, budget=(lowest + store_all) // 2, example_inputs=(x,), device="cpu", time_limit=TIME_LIMIT)
+    loss = planned(x)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph=True.*run the forward again"):
+        loss.backward()
+    planned(x).backward()  # a new step runs as before
+
+
 class LSTMNet(nn.Module):
     def __init__(self):
         super().__init__()
