@@ -288,7 +288,8 @@ def _print_plan(plan, wall_s: float, out: str | None) -> None:
         if plan.message:
             console.print(f"note           {escape(plan.message)}")
         _print_recomputed(console, plan)
-    table = Table(title="every method on this graph (simulated)", title_justify="left")
+    table = Table(title="every method on this graph (simulated)", title_justify="left",
+                  caption="* the plan" if plan.schedule is not None else None, caption_justify="left")
     for column in ("method", "status", "peak", "step time", "overhead", "fits", "wall"):
         table.add_column(column, justify="left" if column in ("method", "status") else "right")
     runs: Counter[str] = Counter()
@@ -296,7 +297,10 @@ def _print_plan(plan, wall_s: float, out: str | None) -> None:
         s = c.simulation
         runs[c.method] += 1  # cover-round runs again on the incumbents of the bound's second solve
         label = c.method if runs[c.method] == 1 else f"{c.method} (run {runs[c.method]})"
-        table.add_row(label, c.status, _fmt(s.peak_bytes) if s else "-",
+        chosen = c.schedule is not None and c.schedule is plan.schedule
+        # the plan's row says what the bound proves (optimal); the others, what their own solve said
+        table.add_row(f"{label} *" if chosen else label, plan.status if chosen else c.status,
+                      _fmt(s.peak_bytes) if s else "-",
                       format_seconds(s.compute_s) if s else "-",
                       f"{s.compute_s / plan.store_all.compute_s - 1:+.1%}" if s else "-",
                       "yes" if c.fits(plan.budget_bytes) else "no", f"{c.wall_s:.1f} s")

@@ -18,6 +18,7 @@ from pathlib import Path
 from remat.graph import Graph
 from remat.schedule import Schedule, tighten_frees
 from remat.simulate import Simulation, simulate
+from remat.units import format_seconds
 from solvers.anneal import Space, anneal_at_once, score
 from solvers.base import FEASIBLE, INFEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions, SolverResult, meets_bound
 from solvers.baselines import BASELINES, BUDGET_FREE_BASELINES, checkpoint_all
@@ -752,8 +753,8 @@ def _finish(graph: Graph, budget_bytes: int, preference: list[Candidate], candid
     status = OPTIMAL if (best.status == OPTIMAL and (proven_optimal or best.method == "store-all")) else FEASIBLE
     message = note or best.message
     if best is not preference[0] and preference[0].simulation is not None and preference[0].fits(budget_bytes):
-        message = (f"{best.method} is cheaper than {preference[0].method} "
-                   f"({best.simulation.compute_s:.6g} s vs {preference[0].simulation.compute_s:.6g} s)")
+        ours, theirs = (format_seconds(c.simulation.compute_s) for c in (best, preference[0]))
+        message = f"{best.method} is cheaper than {preference[0].method} ({ours} vs {theirs})"
     if meets_bound(best.simulation.compute_s, lower_bound_s):
         status = OPTIMAL  # the plan meets a valid lower bound
     if lower_bound_s is not None:

@@ -191,6 +191,11 @@ def test_human_output_explains_the_budget(factory_file, probe):
         assert words in text
     bound_line = next(line for line in text.splitlines() if line.startswith("bound "))
     assert "(covering" in bound_line or "(milp" in bound_line or "(store-all" in bound_line, bound_line
+    # the table marks the plan's row, with the plan's status (a proven plan's row said "feasible")
+    plan_line = next(line for line in text.splitlines() if line.startswith("plan "))
+    status = plan_line.split("(")[1].split(")")[0]
+    rows = [line for line in text.splitlines() if " * " in line]
+    assert len(rows) == 1 and f" {status} " in rows[0] and "* the plan" in text, (plan_line, rows)
 
 
 def test_a_plan_far_from_a_bound_cut_short_by_time_says_a_longer_limit_may_help(capsys):
