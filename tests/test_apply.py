@@ -218,10 +218,9 @@ def test_inputs_that_require_grad_get_their_gradient():
     # the planned backward and then dropped: the input's .grad stayed None
     model, (x,) = _mlp()
     reference = copy.deepcopy(model)
-    lowest, _ = _range("mlp")
     x, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
-    budget = lowest + x.numel() * x.element_size()  # the input's gradient is fixed memory too
-    planned = apply(model, budget=budget, example_inputs=(x,), device="cpu", time_limit=TIME_LIMIT)
+    # of store-all's peak, whose fixed memory holds the input's gradient too; the minimum is about 95%
+    planned = apply(model, budget="96%", example_inputs=(x,), device="cpu", time_limit=2.0)  # any valid plan
     step = planned.planned
     assert step.plan.schedule.recomputed_nodes()
     loss, memory = planned.measure(x)
@@ -241,8 +240,7 @@ def test_a_second_backward_through_one_step_is_a_clear_error():
     # the planned backward frees the saved values as it goes; a second one failed with "Value after * must be an
     # iterable, not NoneType"
     model, (x,) = _mlp()
-    lowest, store_all = _range("mlp")
-    planned = apply(model, budget=(lowest + store_all) // 2, example_inputs=(x,), device="cpu", time_limit=TIME_LIMIT)
+    planned = apply(model, budget="97%", example_inputs=(x,), device="cpu", time_limit=TIME_LIMIT)
     loss = planned(x)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="retain_graph=True.*run the forward again"):
