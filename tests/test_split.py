@@ -383,8 +383,7 @@ class TaggerGRU(nn.Module):
 
 def test_a_head_neither_at_the_floor_nor_live_at_the_reach_peak_is_not_traced_split(monkeypatch):
     """By size the head could lower the floor by FLOOR_GAIN, but the largest op is not the head's and no head value is
-    live at the reach's peak: a 2-layer LSTM of 10,276 nodes (oneDNN's fused layer then) spent 18 s of a 60-s limit
-    tracing such a variant."""
+    live at the reach's peak: a 2-layer LSTM of 10,276 nodes spent 18 s of a 60-s limit tracing such a variant."""
     def tracer():
         return SplitTracer(TaggerGRU(), (torch.randn(8, 8, 64),), loss_fn=lambda out: out.logsumexp(-1).mean())
 
