@@ -42,7 +42,7 @@ class CapturedStep:
     joint: torch.fx.GraphModule
     input_kinds: list[str]  # per placeholder: "param", "buffer", "input" or "tangent"
     input_names: list[str]  # parameter / buffer name, or a description of the input
-    tied_to: dict[str, str]  # parameter name -> the name of the parameter it shares storage with
+    tied_to: dict[str, str]  # parameter or buffer name -> the first name of the same tensor (tied weights)
     output_kinds: list[str]  # per joint output: "loss", "grad", "mutation" or "none"
     output_names: list[str]  # parameter name for gradients, buffer name for mutations
     precision: str
@@ -215,7 +215,7 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
         kind, name = _describe_output(desc, value)
         output_kinds.append(kind)
         output_names.append(name)
-    return CapturedStep(gm, input_kinds, input_names, _tied_parameters(step), output_kinds, output_names, precision)
+    return CapturedStep(gm, input_kinds, input_names, _tied_tensors(step), output_kinds, output_names, precision)
 
 
 def _register_plain_tensors(model: nn.Module) -> None:
@@ -341,12 +341,14 @@ def _model_line(error: BaseException) -> str:
     return f"{frame.filename}:{frame.lineno}" + (f" `{frame.line.strip()}`" if frame.line else "")
 
 
-def _tied_parameters(module: nn.Module) -> dict[str, str]:
-    """Tied weights (GPT-2's wte and lm_head) trace as two placeholders of one storage."""
+def _tied_tensors(module: nn.Module) -> dict[str, str]:
+    """Tied weights (GPT-2's wte and lm_head) trace as two placeholders of one storage, and so does a buffer that two
+    modules hold (a mask made once and kept by every layer): name -> the first name of the same tensor."""
     first_name: dict[int, str] = {}
     tied = {}
-    for name, parameter in module.named_parameters(remove_duplicate=False):
-        canonical = first_name.setdefault(id(parameter), name)
+    named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    for name, tensor in named:
+        canonical = first_name.setdefault(id(tensor), name)
         if canonical != name:
             tied[name] = canonical
     return tied

@@ -111,7 +111,7 @@ def lower(step: CapturedStep, profile: DeviceProfile, optimizer: str = "adamw", 
             **_part_fields(fx_node, part_readers, grad_parts.get(fx_node, set()), fx_node in grad_owners),
         ))
 
-    # 4. Fixed memory. Tied parameters share one storage and one gradient.
+    # 4. Fixed memory. Tied parameters share one storage and one gradient; a buffer held by two modules is one too.
     def unique_bytes(names_and_nodes) -> int:
         seen = {}
         for name, p in names_and_nodes:
@@ -121,7 +121,9 @@ def lower(step: CapturedStep, profile: DeviceProfile, optimizer: str = "adamw", 
     params = [(name, p) for p, name in zip(placeholders, step.input_names, strict=True) if kind_of[p] == "param"]
     trained = {name for name, kind in zip(step.output_names, step.output_kinds, strict=True) if kind == "grad"}
     trained_bytes = unique_bytes((name, p) for name, p in params if name in trained)
-    other_bytes = sum(tensor_bytes(p.meta["val"]) for p in placeholders if kind_of[p] != "param")
+    buffers = [(name, p) for p, name in zip(placeholders, step.input_names, strict=True) if kind_of[p] == "buffer"]
+    other_bytes = unique_bytes(buffers) + sum(tensor_bytes(p.meta["val"]) for p in placeholders
+                                              if kind_of[p] not in ("param", "buffer"))
     # an input that requires grad gets its gradient too (held to the step's end, like the parameters')
     input_grad_bytes = sum(tensor_bytes(p.meta["val"]) for p, name in zip(placeholders, step.input_names, strict=True)
                            if kind_of[p] == "input" and name in trained)

@@ -205,6 +205,39 @@ def test_a_tensor_kept_as_a_plain_attribute_is_traced_as_a_buffer_on_fake_tensor
     assert [n for n, k in zip(step.input_names, step.input_kinds, strict=True) if k == "buffer"] == ["model.scale"]
 
 
+def test_a_tensor_two_modules_hold_is_fixed_memory_once():
+    # a mask made once and kept by every layer, as a plain attribute or a registered buffer: one storage, which
+    # fixed memory counted once per module
+    mask = torch.ones(64, 64)
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(64, 64)
+            self.mask = mask  # a plain attribute, registered as a buffer when traced
+
+        def forward(self, x):
+            return self.linear(x) * self.mask
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.Sequential(Layer(), Layer(), Layer())
+            self.register_buffer("scale", torch.ones(64, 64))
+            self.other = nn.Module()
+            self.other.register_buffer("scale", self.scale)
+
+        def forward(self, x):
+            return (self.layers(x) * self.scale * self.other.scale).pow(2).mean()
+
+    step = capture_step(Net(), (torch.randn(64, 64),))
+    assert step.tied_to == {"model.layers.1.mask": "model.layers.0.mask", "model.layers.2.mask": "model.layers.0.mask",
+                            "model.other.scale": "model.scale"}
+    graph = lower(step, load_profile("cpu"))
+    tangent = 4
+    assert graph.fixed.input_bytes == 3 * 64 * 64 * 4 + tangent  # the mask, the scale and the input, once each
+
+
 def test_a_model_that_returns_a_dict_with_a_loss_is_trained_on_it():
     class DictOut(nn.Module):
         def __init__(self):

@@ -96,7 +96,8 @@ def summed_tied(grads, step):
     """The joint graph returns one gradient per tied placeholder; eager sums them into the canonical one."""
     grads = dict(grads)
     for name, canonical in step.tied_to.items():
-        grads[canonical] = grads[canonical] + grads.pop(name)
+        if name in grads:  # tied buffers have no gradient
+            grads[canonical] = grads[canonical] + grads.pop(name)
     return grads
 
 
