@@ -377,8 +377,11 @@ def max_batch(traces: BatchTraces, method: str, budget_bytes: int, start: int = 
     def baselines(batch: int) -> list[Candidate]:
         return [c for name in BASELINES for c in method_candidates(traces, name, batch, budget_bytes)]
 
+    def torch_choices(batch: int) -> list[Candidate]:
+        return method_candidates(traces, COMPILE_PREFIX, batch, budget_bytes)
+
     def others(batch: int) -> list[Candidate]:
-        return method_candidates(traces, COMPILE_PREFIX, batch, budget_bytes) + baselines(batch)
+        return torch_choices(batch) + baselines(batch)
 
     def probe(batch: int) -> Probe:
         slowest = max_compute_s(batch)
@@ -397,7 +400,7 @@ def max_batch(traces: BatchTraces, method: str, budget_bytes: int, start: int = 
                 floor = traces.lowest_floor(batch)  # no chunk count fits: nothing more to try
                 if floor > budget_bytes:
                     return Probe(batch, False, floor, _lowest_peaks(by_variant))
-                by_variant[UNSPLIT] = by_variant[UNSPLIT] + others(batch)
+                by_variant[UNSPLIT] = by_variant[UNSPLIT] + torch_choices(batch)  # the baselines are there
                 outcome = best_outcome(flat(by_variant), budget_bytes, slowest)
             if not outcome.fits:
                 for key, found in plan_candidates(traces, method, batch, budget_bytes, time_limit_s).items():
