@@ -18,6 +18,7 @@ import contextlib
 import os
 import re
 import traceback
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -26,6 +27,7 @@ import torch
 import torch.fx.traceback as fx_traceback
 import torch.utils._pytree as pytree
 from torch import nn
+from torch._dynamo.eval_frame import OptimizedModule
 from torch._functorch.aot_autograd import aot_export_joint_with_descriptors
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
@@ -113,6 +115,18 @@ class LossStep(nn.Module):
             loss = loss.sum()  # a non-scalar output is trained as if its sum were the loss
         # a bf16 loss is reported in float32; a float64 model's loss stays float64
         return loss if loss.dtype == torch.float64 else loss.float()
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module `torch.compile(module)` wrapped, with a warning; any other module as it is. A compiled module's
+    forward runs Dynamo, which cannot be traced again on fake tensors (the capture failed with "Attempting to use
+    FunctionalTensor on its own"); the plan is made and run on the module itself, whose parameters the compiled one
+    shares."""
+    if not isinstance(model, OptimizedModule):
+        return model
+    warnings.warn("remat got a torch.compile'd module: it plans and runs the module it wraps (`_orig_mod`, the same "
+                  "parameters); remat.apply(..., backend=\"inductor\") compiles the planned graphs", stacklevel=4)
+    return model._orig_mod
 
 
 def _autocast(model: nn.Module, precision: str) -> contextlib.AbstractContextManager:

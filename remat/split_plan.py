@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat.capture import Call, CapturedStep, build_on_fake, capture_step, fake_tensor_mode
+from remat.capture import Call, CapturedStep, build_on_fake, capture_step, fake_tensor_mode, uncompiled
 from remat.comparators import compile_budget_candidate, compile_method
 from remat.cost import load_profile
 from remat.graph import Graph
@@ -151,12 +151,12 @@ class SplitTracer:
                  precision: str = "fp32", device: str = "cpu", optimizer: str = "adamw", meta: dict | None = None,
                  mode: contextlib.AbstractContextManager | None = None):
         self.profile = load_profile(device)  # fail on a bad device before the slow trace
-        self.model, self.inputs, self.optimizer = model, Call.of(inputs), optimizer
+        self.model, self.inputs, self.optimizer = uncompiled(model), Call.of(inputs), optimizer
         self.mode = mode or contextlib.nullcontext()
         self.meta = {**(meta or {}), "device": self.profile.name, "precision": precision}
         started = time.perf_counter()
         with self._tracing():
-            step = capture_step(model, self.inputs, loss_fn, precision)
+            step = capture_step(self.model, self.inputs, loss_fn, precision)
         unsplit = Variant(1, self._lower(step, self.meta), None, step)
         self.trace_s = time.perf_counter() - started  # what a split variant's trace takes too, about
         self.variants: dict[tuple[int, int, int], Variant | None] = {unsplit.key: unsplit}

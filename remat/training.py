@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat.capture import Call, CapturedStep, LossStep, capture_step
+from remat.capture import Call, CapturedStep, LossStep, capture_step, uncompiled
 from remat.cost import load_profile
 from remat.execute import ExecuteError, PartitionedStep, StepMemory, StepRunner, partition
 from remat.graph import Graph
@@ -131,7 +131,7 @@ class RematModule(nn.Module):
             raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         if budget is None and plan is None:
             raise ValueError("give a budget (e.g. budget=\"16GB\") or a plan")
-        self.model = model
+        self.model = uncompiled(model)
         self.budget = budget
         self.loss_fn = loss_fn
         self.precision = precision
@@ -142,6 +142,10 @@ class RematModule(nn.Module):
         self.given_plan = plan_from(plan) if plan is not None else None  # a bad file fails here, before any trace
         self.backend = backend
         self.progress = progress
+        # The bytes the first plan got. A share ("60%") is of each input's own store-all peak, and never less than
+        # these: an epoch's last, smaller batch gets the memory the first had, not 60% of its own smaller peak (which
+        # can be below a small model's fixed memory, and then the epoch stopped at its end).
+        self.first_budget_bytes: int | None = None
         self.steps: dict[tuple, PreparedStep] = {}
         self.register_state_dict_post_hook(_model_keys)
         self.register_load_state_dict_pre_hook(_wrapped_model_keys)
@@ -209,8 +213,12 @@ class RematModule(nn.Module):
                                          attention_chunks=int(split.get("attention_chunks", 1)))
             simulation = check_plan(plan, graph)
         else:
+            at_least = self.first_budget_bytes if _is_share(self.budget) else None
             solved, captured = plan_step(self.model, inputs, self.budget, self.solver, self.time_limit, self.loss_fn,
-                                         self.precision, self.device, self.optimizer, self.progress)
+                                         self.precision, self.device, self.optimizer, self.progress,
+                                         at_least_bytes=at_least)
+            if self.first_budget_bytes is None:
+                self.first_budget_bytes = solved.budget_bytes
             graph, plan, simulation = solved.graph, plan_from(solved), solved.simulation
         say("building the forward and backward graphs")
         try:
@@ -230,6 +238,11 @@ class RematModule(nn.Module):
         for kind, name in zip(parts.primal_kinds, parts.primal_names, strict=True):
             values.append(params[name] if kind == "param" else buffers[name] if kind == "buffer" else next(user))
         return values
+
+
+def _is_share(budget: str | int | float | None) -> bool:
+    """A budget given as a share of the store-all peak ("60%")."""
+    return isinstance(budget, str) and budget.strip().endswith("%")
 
 
 def _model_keys(module: RematModule, state_dict: dict, prefix: str, local_metadata: dict) -> None:
@@ -298,6 +311,7 @@ def trace_step(model: nn.Module, inputs: Call | Sequence[Any] | dict[str, Any], 
     """The user's model -> (Graph, CapturedStep), without touching its parameters or the RNG.
     `split_chunks` > 1: the loss head split into that many chunks (remat.split), `mlp_chunks` > 1: each MLP,
     `attention_chunks` > 1: each attention block, as a plan made with a split needs."""
+    model = uncompiled(model)
     profile = load_profile(device or default_device_profile(model))
     inputs = Call.of(inputs)
     meta = {"model": type(model).__name__, "precision": precision, "device": profile.name,
@@ -317,10 +331,12 @@ def plan_step(model: nn.Module, inputs: Call | Sequence[Any] | dict[str, Any], b
               solver: str = "auto",
               time_limit: float = 60.0, loss_fn: Callable | None = None, precision: str = "fp32",
               device: str | None = None, optimizer: str = "adamw",
-              progress: Callable[[str], None] | None = None) -> tuple[Plan, CapturedStep]:
-    """Trace the user's step and plan it for `budget` (bytes, "16GB", or "60%" of the store-all peak), splitting
-    the loss head into chunks where that fits a lower budget or costs less (remat.split_plan), as `remat solve`
-    does. Returns the plan and the captured step its graph was lowered from; infeasible -> PlanError."""
+              progress: Callable[[str], None] | None = None,
+              at_least_bytes: int | None = None) -> tuple[Plan, CapturedStep]:
+    """Trace the user's step and plan it for `budget` (bytes, "16GB", or "60%" of the store-all peak; never less than
+    `at_least_bytes`), splitting the loss head into chunks where that fits a lower budget or costs less
+    (remat.split_plan), as `remat solve` does. Returns the plan and the captured step its graph was lowered from;
+    infeasible -> PlanError."""
     say = progress or (lambda message: None)
     say("tracing the training step")
     inputs = Call.of(inputs)
@@ -328,7 +344,7 @@ def plan_step(model: nn.Module, inputs: Call | Sequence[Any] | dict[str, Any], b
     tracer = SplitTracer(model, inputs, loss_fn=loss_fn, precision=precision,
                          device=device or default_device_profile(model), optimizer=optimizer, meta=meta)
     unsplit = tracer.unsplit.graph
-    budget_bytes = tracer.budget_bytes(budget)
+    budget_bytes = max(tracer.budget_bytes(budget), at_least_bytes or 0)
     say(f"planning {len(unsplit)} nodes")
     chosen = solve_split(tracer, budget_bytes, solver=solver, time_limit_s=time_limit, progress=progress)
     result = chosen.plan
@@ -354,7 +370,8 @@ def apply(model: nn.Module, budget: str | int | float | None = None,
     """Wrap `model` so that its training step runs a schedule that fits `budget`.
 
     budget: the whole memory of the step (parameters, gradients, optimizer state, inputs,
-        activations): bytes, "16GB", "16GiB", or "60%" of the store-all peak.
+        activations): bytes, "16GB", "16GiB", or "60%" of the store-all peak (of each input signature's step,
+        and never less than the first signature's plan got: `model.first_budget_bytes`).
     example_inputs: plan now (errors surface here, and the first step is not slowed); without
         them the plan is made at the first call, and again for each new input signature. A tuple for
         model(*example_inputs), a dict for model(**example_inputs) (Hugging Face: input_ids=..., labels=...);

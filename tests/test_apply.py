@@ -649,3 +649,54 @@ def test_any_rows_run_with_the_bytes_the_simulator_counts():
         torch.manual_seed(1)
         _, memory = planned.measure(*fresh_inputs)
         assert memory.peak_live_bytes == simulation.activation_peak_bytes, point
+
+
+
+def test_a_share_of_the_peak_never_gives_a_later_input_less_than_the_first_plan_got():
+    """"70%" is of each input's own store-all peak, and never less than the bytes of the first plan: an epoch's last,
+    smaller batch gets the memory the first had. Before, it got 70% of its own peak, which is below its fixed memory
+    here: PlanError, and the epoch stopped at its end."""
+    model, _ = _mlp()
+    torch.manual_seed(0)
+    x = torch.randn(512, 16, dtype=torch.float64)
+    last = x[:7].clone()
+    reference = copy.deepcopy(model)
+    planned = apply(model, budget="70%", example_inputs=(x,), device="cpu", time_limit=TIME_LIMIT)
+    first = planned.planned
+    assert first.plan.schedule.recomputed_nodes()
+    assert planned.first_budget_bytes == first.plan.budget_bytes
+
+    loss = planned(last)
+    loss.backward()
+    assert len(planned.steps) == 2
+    assert planned.planned.plan.budget_bytes == first.plan.budget_bytes
+    assert planned.planned.simulation.peak_bytes <= first.plan.budget_bytes
+    reference_loss = LossStep(reference, None, "fp32")(last)
+    reference_loss.backward()
+    assert torch.equal(loss, reference_loss.detach())
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+
+    # a larger step gets 70% of its own peak, more than the first's bytes
+    model.zero_grad()
+    planned(torch.cat([x, x])).backward()
+    assert planned.planned.plan.budget_bytes > first.plan.budget_bytes
+    assert planned.first_budget_bytes == first.plan.budget_bytes
+
+
+def test_a_compiled_module_is_planned_as_the_module_it_wraps():
+    """torch.compile(model) wraps the model in a module whose forward runs Dynamo, which the capture cannot trace
+    (it failed with "Attempting to use FunctionalTensor on its own"): the wrapped module is planned instead."""
+    model, inputs = _mlp()
+    reference = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="torch.compile'd module"):
+        planned = apply(torch.compile(model), budget="100%", example_inputs=inputs, device="cpu",
+                        time_limit=TIME_LIMIT)
+    assert planned.model is model
+    loss = planned(*inputs)
+    loss.backward()
+    reference_loss = LossStep(reference, None, "fp32")(*inputs)
+    reference_loss.backward()
+    assert torch.equal(loss, reference_loss.detach())
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
