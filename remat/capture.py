@@ -48,6 +48,7 @@ class CapturedStep:
     output_kinds: list[str]  # per joint output: "loss", "grad", "mutation" or "none"
     output_names: list[str]  # parameter name for gradients, buffer name for mutations
     precision: str
+    summed_shape: tuple[int, ...] | None = None  # the shape of a non-scalar output whose sum is the loss
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class LossStep(nn.Module):
         self.loss_fn = loss_fn
         self.precision = precision
         self.call = call
+        self.summed_shape: tuple[int, ...] | None = None  # set when a trace finds a non-scalar output to sum
 
     def forward(self, *inputs: Any) -> torch.Tensor:
         args, kwargs = self.call.with_tensors(inputs) if self.call is not None else (inputs, {})
@@ -112,6 +114,7 @@ class LossStep(nn.Module):
             raise CaptureError(f"the model returned {type(loss).__name__}, not a loss tensor: return a scalar loss "
                                "(or a dict or an object with a `loss`) or pass a loss_fn")
         if loss.dim() != 0:
+            self.summed_shape = tuple(loss.shape)
             loss = loss.sum()  # a non-scalar output is trained as if its sum were the loss
         # a bf16 loss is reported in float32; a float64 model's loss stays float64
         return loss if loss.dtype == torch.float64 else loss.float()
@@ -229,7 +232,8 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
         kind, name = _describe_output(desc, value)
         output_kinds.append(kind)
         output_names.append(name)
-    return CapturedStep(gm, input_kinds, input_names, _tied_tensors(step), output_kinds, output_names, precision)
+    return CapturedStep(gm, input_kinds, input_names, _tied_tensors(step), output_kinds, output_names, precision,
+                        step.summed_shape)
 
 
 def _register_plain_tensors(model: nn.Module) -> None:

@@ -16,6 +16,7 @@ Named training.py, not apply.py: importing a submodule sets it as the package's 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,6 +221,14 @@ class RematModule(nn.Module):
             if self.first_budget_bytes is None:
                 self.first_budget_bytes = solved.budget_bytes
             graph, plan, simulation = solved.graph, plan_from(solved), solved.simulation
+        if captured.summed_shape is not None and not self.steps:
+            # A model that returns features or logits, with the loss computed outside it, would get this sum back
+            # and train on whatever loss the caller makes of it: said once, at the first plan.
+            warnings.warn(f"the {'loss_fn' if self.loss_fn is not None else 'model'} returns a tensor of shape "
+                          f"{tuple(captured.summed_shape)}, not a scalar loss: remat trains its sum as the loss, and "
+                          "the module returns that sum. To train another loss of the output, pass loss_fn=, with the "
+                          "targets among the inputs (a module whose forward(x, targets) returns the loss)",
+                          stacklevel=4)
         say("building the forward and backward graphs")
         try:
             parts = partition(captured, graph, plan.schedule)

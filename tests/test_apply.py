@@ -700,3 +700,16 @@ def test_a_compiled_module_is_planned_as_the_module_it_wraps():
     assert torch.equal(loss, reference_loss.detach())
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         assert torch.equal(p.grad, q.grad)
+
+
+def test_a_model_that_returns_no_scalar_loss_is_trained_on_its_sum_with_a_warning(recwarn):
+    """A model that returns logits or features, with the loss computed outside it, gets the sum back: said at once."""
+    model, inputs = _mlp()  # returns (8, 1)
+    with pytest.warns(UserWarning, match=r"returns a tensor of shape \(8, 1\), not a scalar loss"):
+        planned = apply(model, budget="100%", example_inputs=inputs, device="cpu", time_limit=TIME_LIMIT)
+    loss = planned(*inputs)
+    assert loss.dim() == 0 and torch.equal(loss, LossStep(copy.deepcopy(model), None, "fp32")(*inputs))
+    recwarn.clear()
+    apply(model, budget="100%", example_inputs=inputs, device="cpu", time_limit=TIME_LIMIT,
+          loss_fn=lambda output: output.pow(2).mean())
+    assert not [w for w in recwarn if "scalar loss" in str(w.message)]
