@@ -611,7 +611,7 @@ def run(model, plan_path, budget, batch, seq, precision, steps, time_limit, as_j
 
     from remat.capture import Call, CaptureError
     from remat.models import ModelError, build_model
-    from remat.training import PlanError, apply
+    from remat.training import PlanError, apply, backward_from
 
     if (plan_path is None) == (budget is None):
         fail("give either --plan FILE or --budget SIZE")
@@ -637,10 +637,10 @@ def run(model, plan_path, budget, batch, seq, precision, steps, time_limit, as_j
             loss, memory = planned.measure(*args, **kwargs)
         else:
             loss = planned(*args, **kwargs)
-            loss.backward()
+            backward_from(loss)
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(loss.item())
+        losses.append(loss.sum().item())  # a model that returns logits: their sum, the loss measure() ran
         step_s.append(time.perf_counter() - started)
     sim = step.simulation
     summary = {"model": model, "batch": spec.batch, "device": where, "method": step.plan.method,

@@ -48,7 +48,6 @@ class CapturedStep:
     output_kinds: list[str]  # per joint output: "loss", "grad", "mutation" or "none"
     output_names: list[str]  # parameter name for gradients, buffer name for mutations
     precision: str
-    summed_shape: tuple[int, ...] | None = None  # the shape of a non-scalar output whose sum is the loss
 
 
 @dataclass(frozen=True)
@@ -89,8 +88,9 @@ class Call:
 
 
 class LossStep(nn.Module):
-    """model + loss function + autocast as one module whose output is the scalar loss. `call`: how the step's
-    inputs, the call's tensors, make the model's arguments (None: they are its positional arguments)."""
+    """model + loss function + autocast as one module whose output is the scalar loss, or the model's one non-scalar
+    output (logits, features) as it is, for the caller's loss. `call`: how the step's inputs, the call's tensors,
+    make the model's arguments (None: they are its positional arguments)."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable | None, precision: str, call: Call | None = None):
         super().__init__()
@@ -98,24 +98,29 @@ class LossStep(nn.Module):
         self.loss_fn = loss_fn
         self.precision = precision
         self.call = call
-        self.summed_shape: tuple[int, ...] | None = None  # set when a trace finds a non-scalar output to sum
 
     def forward(self, *inputs: Any) -> torch.Tensor:
         args, kwargs = self.call.with_tensors(inputs) if self.call is not None else (inputs, {})
         with _autocast(self.model, self.precision):
             output = self.model(*args, **kwargs)
-            loss = self.loss_fn(output) if self.loss_fn is not None else output
-        loss = getattr(loss, "loss", loss)  # Hugging Face ModelOutput
+            returned = self.loss_fn(output) if self.loss_fn is not None else output
+        loss = getattr(returned, "loss", returned)  # Hugging Face ModelOutput
         if isinstance(loss, dict) and "loss" in loss:  # {"loss": ..., "logits": ...}
             loss = loss["loss"]
         if isinstance(loss, (tuple, list)):
             loss = loss[0]
         if not isinstance(loss, torch.Tensor):
             raise CaptureError(f"the model returned {type(loss).__name__}, not a loss tensor: return a scalar loss "
-                               "(or a dict or an object with a `loss`) or pass a loss_fn")
+                               "(or a dict or an object with a `loss`), one tensor (logits, features), or pass a "
+                               "loss_fn")
         if loss.dim() != 0:
-            self.summed_shape = tuple(loss.shape)
-            loss = loss.sum()  # a non-scalar output is trained as if its sum were the loss
+            if loss is not returned:  # the step would return a tensor where the model returns a tuple, say
+                raise CaptureError(
+                    f"the model returned a {type(returned).__name__} whose first item is a tensor of shape "
+                    f"{tuple(loss.shape)}, not a scalar loss: return the loss first, or one tensor (logits, "
+                    "features) for a loss computed outside, or pass a loss_fn that makes the loss of the output")
+            # logits or features, as the model returns them: the caller's loss of them hands back their gradient
+            return loss
         # a bf16 loss is reported in float32; a float64 model's loss stays float64
         return loss if loss.dtype == torch.float64 else loss.float()
 
@@ -232,8 +237,7 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
         kind, name = _describe_output(desc, value)
         output_kinds.append(kind)
         output_names.append(name)
-    return CapturedStep(gm, input_kinds, input_names, _tied_tensors(step), output_kinds, output_names, precision,
-                        step.summed_shape)
+    return CapturedStep(gm, input_kinds, input_names, _tied_tensors(step), output_kinds, output_names, precision)
 
 
 def _register_plain_tensors(model: nn.Module) -> None:

@@ -16,7 +16,6 @@ Named training.py, not apply.py: importing a submodule sets it as the package's 
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,7 +116,8 @@ class PreparedStep:
 
 
 class RematModule(nn.Module):
-    """The user's module, run with a planned schedule. `forward(*args, **kwargs)` returns the loss.
+    """The user's module, run with a planned schedule. `forward(*args, **kwargs)` returns the loss (or the model's one
+    non-scalar output, logits say, for the caller's loss).
 
     Its state dict is the user's model's, with the model's own keys: a checkpoint saved from it loads into the
     plain model and the other way round (a stateful `loss_fn` is the caller's object and is not saved in it).
@@ -167,7 +167,8 @@ class RematModule(nn.Module):
         return self.steps[key]
 
     def measure(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, StepMemory]:
-        """Run forward and backward once and measure memory; returns the loss and the memory.
+        """Run forward and backward once and measure memory; returns the loss and the memory. A model that returns
+        logits or features is run backward as if their sum were the loss.
 
         CPU: the graphs run through an interpreter that counts the storages live values hold,
         comparable with the plan to the byte (`StepMemory`). CUDA: the allocator's peak over the
@@ -181,7 +182,7 @@ class RematModule(nn.Module):
             before = torch.cuda.memory_allocated(first.device)
             torch.cuda.reset_peak_memory_stats(first.device)
             loss = self(*args, **kwargs)
-            loss.backward()
+            backward_from(loss)
             torch.cuda.synchronize(first.device)
             peak = torch.cuda.max_memory_allocated(first.device)
             return loss.detach(), StepMemory(peak_live_bytes=peak - before, peak_bytes=peak)
@@ -190,7 +191,7 @@ class RematModule(nn.Module):
                              "backend='eager' (Inductor's own memory is measured on CUDA)")
         with step.runner.measuring() as memory:
             loss = self(*args, **kwargs)
-            loss.backward()
+            backward_from(loss)
         return loss.detach(), memory
 
     @property
@@ -221,14 +222,6 @@ class RematModule(nn.Module):
             if self.first_budget_bytes is None:
                 self.first_budget_bytes = solved.budget_bytes
             graph, plan, simulation = solved.graph, plan_from(solved), solved.simulation
-        if captured.summed_shape is not None and not self.steps:
-            # A model that returns features or logits, with the loss computed outside it, would get this sum back
-            # and train on whatever loss the caller makes of it: said once, at the first plan.
-            warnings.warn(f"the {'loss_fn' if self.loss_fn is not None else 'model'} returns a tensor of shape "
-                          f"{tuple(captured.summed_shape)}, not a scalar loss: remat trains its sum as the loss, and "
-                          "the module returns that sum. To train another loss of the output, pass loss_fn=, with the "
-                          "targets among the inputs (a module whose forward(x, targets) returns the loss)",
-                          stacklevel=4)
         say("building the forward and backward graphs")
         try:
             parts = partition(captured, graph, plan.schedule)
@@ -247,6 +240,11 @@ class RematModule(nn.Module):
         for kind, name in zip(parts.primal_kinds, parts.primal_names, strict=True):
             values.append(params[name] if kind == "param" else buffers[name] if kind == "buffer" else next(user))
         return values
+
+
+def backward_from(output: torch.Tensor) -> None:
+    """`output.backward()` for a scalar loss; for logits or features, as if their sum were the loss."""
+    output.backward(None if output.dim() == 0 else torch.ones_like(output))
 
 
 def _is_share(budget: str | int | float | None) -> bool:
@@ -390,7 +388,8 @@ def apply(model: nn.Module, budget: str | int | float | None = None,
         another graph. device: the cost profile (h100, a100, cpu, a JSON file); default: where
         the model is. precision: "fp32" or "bf16-mixed" (autocast inside the planned graphs).
     optimizer: whose state the budget must hold (adamw, adam, sgd-momentum, sgd, none).
-    The returned module's forward returns the loss (the model's output, or `loss_fn(output)`).
+    The returned module's forward returns the loss (the model's output, or `loss_fn(output)`), or the model's one
+    non-scalar output (logits, features) as it is, whose gradient the caller's loss hands to the planned backward.
     """
     module = RematModule(model, budget, loss_fn=loss_fn, precision=precision, solver=solver, device=device,
                          optimizer=optimizer, time_limit=time_limit, plan=plan, backend=backend, progress=progress)

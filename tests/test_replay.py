@@ -88,7 +88,8 @@ def eager_loss_and_grads(model, example_inputs):
     """Plain eager execution, gradients keyed like CapturedStep.output_names."""
     params = dict(model.named_parameters())  # a tied weight appears once, with the summed gradient
     loss = LossStep(model, None, "fp32")(*example_inputs)
-    grads = torch.autograd.grad(loss, list(params.values()))
+    # a model that returns logits (the MLP here) runs backward as the step does: as if their sum were the loss
+    grads = torch.autograd.grad(loss, list(params.values()), grad_outputs=torch.ones_like(loss))
     return loss.detach(), {f"model.{name}": g for name, g in zip(params, grads, strict=True)}
 
 
