@@ -12,7 +12,8 @@ so it is worth having only where the budget needs it:
     each gets an even share of the time left, and the second stops once its lower bound shows it cannot beat
     the first's plan).
     Where the unsplit step's floor is below the budget, no variant is traced when the step's own trace took more
-    than TRACE_SHARE of the time limit (a variant's trace takes as long).
+    than TRACE_SHARE of the time limit (a variant's trace takes as long), and no further one once the next (taken
+    to be as slow as the slowest so far) would end past TRACES_UNTIL of the time limit.
     Ties go to fewer chunks. The baselines, with the chunks streamed (`stream_head`), join the solver's
     candidates: they know nothing of chunks and would hold every chunk's logits until its backward.
 The chosen split and the reason are recorded in the graph's meta ("split", "split_note"), so the plan
@@ -72,6 +73,10 @@ MIN_SOLVE_S = 1.0  # the least time a solve gets when tracing the split variants
 # Where the budget is above the unsplit floor, split variants are traced only if the step's own trace took at most
 # this share of the time limit: a variant's trace takes as long (a 2-layer LSTM unrolled over 128 steps: 15 s each).
 TRACE_SHARE = 1 / 3
+# ... and a further variant only if it would end within this share of the time limit (a 2-layer LSTM LM unrolled
+# over 64 steps, 4k nodes, 30 s: 8 s for torch.compile's choice, then 11 and 12 s for the head in 2 and 4 chunks,
+# and the solves began at 31.5 s, past the limit; the second trace lowered nothing that fit).
+TRACES_UNTIL = 1 / 2
 STREAMED_FRACTION = 16  # stream_head drops and recomputes head values of at least 1/16 of the largest one
 
 
@@ -402,10 +407,16 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
 
     # Split variants, doubling chunk counts until one leaves room, or while the floor or the reach falls.
     variants = [unsplit]
-    slow_to_trace = unsplit.floor_bytes <= budget_bytes and tracer.trace_s > TRACE_SHARE * time_limit_s
+    unsplit_may_fit = unsplit.floor_bytes <= budget_bytes
+    slow_to_trace = unsplit_may_fit and tracer.trace_s > TRACE_SHARE * time_limit_s
+    slowest_s, traced_at = 0.0, time.monotonic()
     for variant in () if slow_to_trace else tracer.lowering(say):
         variants.append(variant)
         if leaves_room(variant):
+            break
+        slowest_s, traced_at = max(slowest_s, time.monotonic() - traced_at), time.monotonic()
+        if unsplit_may_fit and traced_at + slowest_s > deadline - (1 - TRACES_UNTIL) * time_limit_s:
+            say("no time to trace another split variant")
             break
     floors.update((k, v.floor_bytes) for k, v in tracer.variants.items() if v is not None)  # every one traced
     if len(variants) == 1:

@@ -8,11 +8,13 @@ relative. Hugging Face computes its loss in float32 (`logits.float()`), so the l
 """
 
 from functools import cache
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
+from remat import split_plan
 from remat.capture import capture_step
 from remat.cost import load_profile
 from remat.lower import lower
@@ -240,6 +242,36 @@ def test_a_step_slow_to_trace_is_split_only_below_the_unsplit_floor(monkeypatch)
     traced.clear()
     solve_split(tracer, floor - 1, solver="chen-sqrtn", time_limit_s=5)
     assert traced  # below the unsplit floor only a split can fit
+
+
+def test_split_variants_stop_being_traced_once_the_next_would_pass_half_the_time_limit(monkeypatch):
+    """Above the unsplit floor, a further variant is traced only if it would end within half the time limit, taken
+    to be as slow as the slowest so far (a 4k-node LSTM LM at 30 s traced its head in 2 and in 4 chunks, 11 and 12 s,
+    and its solves began past the limit)."""
+    tracer = SplitTracer.zoo("gpt2-tiny", batch=16, precision="bf16-mixed", device="h100")  # its own: traced again
+    budget = tracer.unsplit.floor_bytes + 10**6
+    traced = []
+    real_variant = tracer.variant
+    monkeypatch.setattr(tracer, "variant", lambda *key: traced.append(key) or real_variant(*key))
+    solve_split(tracer, budget, solver="chen-sqrtn", time_limit_s=100)
+    assert len(traced) >= 2  # fast traces: the doubling goes on
+    every = list(traced)
+
+    clock = [0.0]  # each trace now takes 40 s of a 100-s limit
+
+    def slow_variant(*key):
+        clock[0] += 40.0
+        traced.append(key)
+        return real_variant(*key)
+    real_time = split_plan.time
+    monkeypatch.setattr(split_plan, "time", SimpleNamespace(monotonic=lambda: real_time.monotonic() + clock[0],
+                                                             perf_counter=real_time.perf_counter))
+    monkeypatch.setattr(tracer, "variant", slow_variant)
+    tracer.variants = {key: v for key, v in tracer.variants.items() if key == (1, 1, 1)}
+    traced.clear()
+    said = []
+    solve_split(tracer, budget, solver="chen-sqrtn", time_limit_s=100, progress=said.append)
+    assert traced == every[:1] and "no time to trace another split variant" in said
 
 
 def test_a_budget_below_fixed_memory_traces_no_split_and_names_no_minimum(monkeypatch):
