@@ -101,9 +101,11 @@ def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_
         if budget_bytes < plan.graph.fixed.total_bytes:
             fail(f"no plan fits {format_bytes(budget_bytes)} ({budget_bytes} bytes) for {model}: "
                  f"{_below_fixed_memory(plan.graph.fixed)}")
+        more_chunks = (", or a longer --time-limit: it was too short to trace the step split in more chunks, which "
+                       "may fit" if plan.graph.meta.get("split_cut") else "")
         fail(f"no plan fits {format_bytes(budget_bytes)} ({budget_bytes} bytes) for {model}: the minimum feasible "
              f"budget found is {_fmt(plan.min_feasible_bytes)} ({plan.min_feasible_bytes} bytes); "
-             f"use --budget {_ceil_size(plan.min_feasible_bytes)} or more, or a smaller --batch")
+             f"use --budget {_ceil_size(plan.min_feasible_bytes)} or more, or a smaller --batch{more_chunks}")
 
 
 def _cut_short(plan) -> bool:

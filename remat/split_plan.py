@@ -410,6 +410,7 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
     unsplit_may_fit = unsplit.floor_bytes <= budget_bytes
     slow_to_trace = unsplit_may_fit and tracer.trace_s > TRACE_SHARE * time_limit_s
     slowest_s, traced_at = 0.0, time.monotonic()
+    cut = ""  # said in the note when the doubling stopped for time
     for variant in () if slow_to_trace else tracer.lowering(say):
         variants.append(variant)
         if leaves_room(variant):
@@ -417,6 +418,8 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
         slowest_s, traced_at = max(slowest_s, time.monotonic() - traced_at), time.monotonic()
         if unsplit_may_fit and traced_at + slowest_s > deadline - (1 - TRACES_UNTIL) * time_limit_s:
             say("no time to trace another split variant")
+            cut = (f"; more chunks not traced: the next trace (about {slowest_s:.0f} s) would end past "
+                   f"{TRACES_UNTIL:.0%} of the time limit")
             break
     floors.update((k, v.floor_bytes) for k, v in tracer.variants.items() if v is not None)  # every one traced
     if len(variants) == 1:
@@ -431,7 +434,7 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
         plan = solve(unsplit.graph, budget_bytes, solver, max(deadline - time.monotonic(), MIN_SOLVE_S), backend,
                      progress, known=[*known, *unsplit.built_baselines()])
         return _finish(plan, None, why_not, [(k, floor, plan if k == unsplit.key else None)
-                                             for k, floor in floors.items()])
+                                             for k, floor in floors.items()], cut_for_time=slow_to_trace)
 
     # Candidates: the unsplit step if its floor fits, and the last variant: the fewest chunks that leave
     # room, or else the most chunks (the lowest floor: the plan when nothing fits, and the minimum budget).
@@ -462,11 +465,11 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
         note = (f"no chunk count fits: the unsplit step cannot go below {format_bytes(unsplit.floor_bytes)} "
                 f"and the step {variant.describe()} not below {format_bytes(plan.min_feasible_bytes or 0)}")
         plan = replace(plan, min_feasible_bytes=min_feasible, min_budget_lower_bound_bytes=lowest_floor)
-        return _finish(plan, variant.split, note, tried)
+        return _finish(plan, variant.split, note + cut, tried, bool(cut))
     best_variant, best = min(fits, key=lambda vp: (vp[1].simulation.compute_s, sum(vp[0].key)))
     plan = replace(best, min_feasible_bytes=min_feasible, min_budget_lower_bound_bytes=lowest_floor)
     if best_variant.split is None:
-        return _finish(plan, None, "not split: the unsplit plan fits and is the cheapest", tried)
+        return _finish(plan, None, "not split: the unsplit plan fits and is the cheapest" + cut, tried, bool(cut))
     unsplit_plan = next((p for v, p in solved if v.split is None), None)
     against_unsplit = f"step {best.compute_s / unsplit.graph.compute_s - 1:+.1%} against unsplit store-all"
     if unsplit_plan is None or unsplit_plan.schedule is None:
@@ -475,7 +478,7 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
     else:
         why = (f"{against_unsplit}, the best unsplit plan "
                f"{unsplit_plan.compute_s / unsplit.graph.compute_s - 1:+.1%}")
-    return _finish(plan, best_variant.split, why, tried)
+    return _finish(plan, best_variant.split, why + cut, tried, bool(cut))
 
 
 def streamed_baselines(variant: Variant, budget_bytes: int, plain: bool = False) -> list[Candidate]:
@@ -583,8 +586,10 @@ def _largest_op(graph: Graph) -> str:
     return f"{node.op.removeprefix('aten.').removesuffix('.default')} {node.shape} holds {holds} by itself"
 
 
-def _finish(plan: Plan, split: Split | None, note: str, tried) -> SplitPlan:
-    meta = {**plan.graph.meta, "split_note": note}
+def _finish(plan: Plan, split: Split | None, note: str, tried, cut_for_time: bool = False) -> SplitPlan:
+    """`cut_for_time`: chunk counts were left untraced for the time limit (meta "split_cut": a longer limit traces
+    them, and where nothing fits they may)."""
+    meta = {**plan.graph.meta, "split_note": note, "split_cut": cut_for_time}
     if split is not None:
         split = replace(split, reason=note)
         meta["split"] = split.to_meta()

@@ -361,10 +361,13 @@ def plan_step(model: nn.Module, inputs: Call | Sequence[Any] | dict[str, Any], b
                 f"no schedule fits a budget of {format_bytes(budget_bytes)} ({budget_bytes} bytes): fixed memory alone "
                 f"is {unsplit.fixed.describe()}, whatever is recomputed; a budget above it leaves room for activations")
         lowest = result.min_feasible_bytes
+        more_chunks = ("; a longer time_limit traces the step split in more chunks, which may fit"
+                       if result.graph.meta.get("split_cut") else "")
         raise PlanError(
             f"no schedule fits a budget of {format_bytes(budget_bytes)} ({budget_bytes} bytes): the minimum feasible "
             f"budget found for this model and input is {format_bytes(lowest)} ({lowest} bytes); fixed memory "
-            f"(parameters, gradients, optimizer state, inputs) alone is {format_bytes(unsplit.fixed.total_bytes)}")
+            f"(parameters, gradients, optimizer state, inputs) alone is {format_bytes(unsplit.fixed.total_bytes)}"
+            f"{more_chunks}")
     return result, tracer.variant_of(chosen.split).step
 
 

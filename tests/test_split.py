@@ -7,6 +7,7 @@ relative. Hugging Face computes its loss in float32 (`logits.float()`), so the l
 (1e-6 relative).
 """
 
+import re
 from functools import cache
 from types import SimpleNamespace
 
@@ -237,6 +238,7 @@ def test_a_step_slow_to_trace_is_split_only_below_the_unsplit_floor(monkeypatch)
     fits = solve_split(tracer, floor + 10**6, solver="chen-sqrtn", time_limit_s=299)
     assert fits.split is None and traced == []
     assert "tracing a split variant takes about as long as the step's trace (100 s)" in fits.note
+    assert fits.plan.graph.meta["split_cut"]
     solve_split(tracer, floor + 10**6, solver="chen-sqrtn", time_limit_s=301)
     assert traced  # a time limit that covers three traces
     traced.clear()
@@ -253,8 +255,8 @@ def test_split_variants_stop_being_traced_once_the_next_would_pass_half_the_time
     traced = []
     real_variant = tracer.variant
     monkeypatch.setattr(tracer, "variant", lambda *key: traced.append(key) or real_variant(*key))
-    solve_split(tracer, budget, solver="chen-sqrtn", time_limit_s=100)
-    assert len(traced) >= 2  # fast traces: the doubling goes on
+    fast = solve_split(tracer, budget, solver="chen-sqrtn", time_limit_s=100)
+    assert len(traced) >= 2 and not fast.plan.graph.meta["split_cut"]  # fast traces: the doubling goes on
     every = list(traced)
 
     clock = [0.0]  # each trace now takes 40 s of a 100-s limit
@@ -270,8 +272,11 @@ def test_split_variants_stop_being_traced_once_the_next_would_pass_half_the_time
     tracer.variants = {key: v for key, v in tracer.variants.items() if key == (1, 1, 1)}
     traced.clear()
     said = []
-    solve_split(tracer, budget, solver="chen-sqrtn", time_limit_s=100, progress=said.append)
+    cut = solve_split(tracer, budget, solver="chen-sqrtn", time_limit_s=100, progress=said.append)
     assert traced == every[:1] and "no time to trace another split variant" in said
+    assert re.search(r"more chunks not traced: the next trace \(about 4\d s\) would end past 50% of the time limit",
+                     cut.note)
+    assert cut.plan.graph.meta["split_cut"]  # remat solve and remat.apply say a longer limit would trace more
 
 
 def test_a_budget_below_fixed_memory_traces_no_split_and_names_no_minimum(monkeypatch):
