@@ -109,6 +109,10 @@ class LossStep(nn.Module):
             loss = loss["loss"]
         if isinstance(loss, (tuple, list)):
             loss = loss[0]
+        if loss is None and getattr(returned, "loss", 0) is None:
+            raise CaptureError(f"the model returned a {type(returned).__name__} whose loss is None (Hugging Face "
+                               "models compute it when given labels): pass labels among the inputs, or a loss_fn of "
+                               "the output")
         if not isinstance(loss, torch.Tensor):
             raise CaptureError(f"the model returned {type(loss).__name__}, not a loss tensor: return a scalar loss "
                                "(or a dict or an object with a `loss`), one tensor (logits, features), or pass a "

@@ -751,3 +751,19 @@ def test_a_tuple_of_outputs_without_a_loss_first_is_refused_with_what_to_return(
     # the step would return a tensor where the model returns a tuple: `out, aux = model(x)` would unpack rows
     with pytest.raises(CaptureError, match=r"returned a tuple whose first item is a tensor of shape \(8, 4\)"):
         apply(TwoOutputs(), budget="100%", example_inputs=(torch.randn(8, 16),), device="cpu")
+
+
+class NoLabels(nn.Module):
+    """As a Hugging Face model called without labels: an output object whose loss is None."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return type("CausalLMOutput", (), {"loss": None, "logits": self.a(x)})()
+
+
+def test_an_output_whose_loss_is_none_says_to_pass_labels():
+    with pytest.raises(CaptureError, match="CausalLMOutput whose loss is None .* pass labels among the inputs"):
+        apply(NoLabels(), budget="100%", example_inputs=(torch.randn(8, 16),), device="cpu")
