@@ -287,8 +287,8 @@ def _move_metadata(state_dict: dict, old: str, new: str) -> None:
 
 
 def _signature(model: nn.Module, call: Call) -> tuple:
-    """What a traced step depends on: the mode, autocast, and each argument (a tensor's shape, dtype, device; any
-    other value itself), keyword arguments by name."""
+    """What a traced step depends on: the mode, which parameters require grad, autocast, and each argument (a
+    tensor's shape, dtype, device; any other value itself), keyword arguments by name."""
     def describe(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             return ("tensor", tuple(value.shape), value.dtype, value.device.type, value.requires_grad)
@@ -298,7 +298,9 @@ def _signature(model: nn.Module, call: Call) -> tuple:
             return ("dict", *((key, describe(item)) for key, item in value.items()))
         return ("value", repr(value))
 
-    return (model.training, torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"),
+    # which parameters train: a layer unfrozen after the first plan needs a backward that computes its gradient
+    trains = tuple(p.requires_grad for p in model.parameters())
+    return (model.training, trains, torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"),
             *map(describe, call.args), *((name, describe(value)) for name, value in call.kwargs.items()))
 
 

@@ -767,3 +767,36 @@ class NoLabels(nn.Module):
 def test_an_output_whose_loss_is_none_says_to_pass_labels():
     with pytest.raises(CaptureError, match="CausalLMOutput whose loss is None .* pass labels among the inputs"):
         apply(NoLabels(), budget="100%", example_inputs=(torch.randn(8, 16),), device="cpu")
+
+
+class Backbone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh())
+        self.head = nn.Linear(64, 1)
+
+    def forward(self, x):
+        return self.head(self.backbone(x)).pow(2).mean()
+
+
+def test_a_layer_unfrozen_after_the_first_plan_gets_its_gradient():
+    """Fine-tuning that unfreezes the backbone after some epochs: the cached step had no backward for it, and its
+    gradients stayed None (the backbone never trained). Which parameters train is part of the step's signature."""
+    model = Backbone().double()
+    reference = copy.deepcopy(model)
+    x = torch.randn(64, 16, dtype=torch.float64)
+    for module in (model, reference):
+        module.backbone.requires_grad_(False)
+    planned = apply(model, budget="100%", example_inputs=(x,), device="cpu", time_limit=TIME_LIMIT)
+    planned(x).backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+
+    for module in (model, reference):
+        module.backbone.requires_grad_(True)
+        module.zero_grad()
+    planned(x).backward()
+    reference(x).backward()
+    assert len(planned.steps) == 2
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert p.grad is not None and torch.equal(p.grad, q.grad)
