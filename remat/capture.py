@@ -182,6 +182,39 @@ def _without_onednn():
 
 
 @contextlib.contextmanager
+def _keeping_module_state(model: nn.Module):
+    """Undo what the traced forward wrote onto its modules: an attribute set or replaced (`self.acc = ...`, a counter,
+    a cache) and a buffer replaced. Those writes happen once, at the trace, with fake tensors: `model.acc` was left a
+    FakeTensor that every later read failed on, and never changed with the steps the plan runs. A tensor written so is
+    said in a warning (return it from forward, or compute it outside)."""
+    modules = dict(model.named_modules())
+    before = {path: (dict(vars(m)), dict(m._buffers)) for path, m in modules.items()}
+    try:
+        yield
+    finally:
+        written = []
+        for path, module in modules.items():
+            attributes, buffers = before[path]
+            for name in [n for n in vars(module) if n not in attributes]:
+                value = vars(module).pop(name)
+                written.append((path, name, value))
+            for name, value in attributes.items():
+                if vars(module).get(name, value) is not value:
+                    written.append((path, name, vars(module)[name]))
+                    vars(module)[name] = value
+            for name, value in buffers.items():
+                if module._buffers.get(name, value) is not value:
+                    module._buffers[name] = value
+        tensors = [f"{path + '.' if path else ''}{name}" for path, name, value in written
+                   if isinstance(value, torch.Tensor)]
+        if tensors:
+            warnings.warn(f"the model's forward sets {', '.join(tensors)} to a tensor: the planned step runs the "
+                          "traced graph, not the forward's Python code, so such a value is not set at each step (it "
+                          "keeps what it had before planning); return it from forward or compute it outside",
+                          stacklevel=2)
+
+
+@contextlib.contextmanager
 def _record_module_paths(model: nn.Module):
     """Annotate every traced node with the path of the innermost module that issued it."""
     active: list[str] = []
@@ -222,7 +255,8 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
     call = Call.of(example_inputs)
     _register_plain_tensors(model)
     step = LossStep(model, loss_fn, precision, call)
-    with _record_module_paths(model), _compiling(), _without_onednn(), contextlib.ExitStack() as stack:
+    with _keeping_module_state(model), _record_module_paths(model), _compiling(), _without_onednn(), \
+            contextlib.ExitStack() as stack:
         try:
             joint = aot_export_joint_with_descriptors(stack, step, call.tensors)
         except CaptureError:

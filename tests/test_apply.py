@@ -800,3 +800,33 @@ def test_a_layer_unfrozen_after_the_first_plan_gets_its_gradient():
     assert len(planned.steps) == 2
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         assert p.grad is not None and torch.equal(p.grad, q.grad)
+
+
+class SetsMetrics(nn.Module):
+    """Writes a metric and a counter onto itself in forward, as much training code logs."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 4)
+        self.calls = 0
+
+    def forward(self, x, y):
+        logits = self.b(torch.tanh(self.a(x)))
+        self.accuracy = (logits.argmax(-1) == y).float().mean().detach()
+        self.calls += 1
+        return nn.functional.cross_entropy(logits, y)
+
+
+def test_what_the_traced_forward_writes_onto_the_model_is_undone_with_a_warning():
+    """The trace ran the forward once on fake tensors: `model.accuracy` was left a FakeTensor that every read failed on,
+    and the counter counted traces. Both are as before planning, and the tensor is named in a warning."""
+    model = SetsMetrics().double()
+    x, y = torch.randn(32, 16, dtype=torch.float64), torch.randint(0, 4, (32,))
+    with pytest.warns(UserWarning, match="the model's forward sets accuracy to a tensor"):
+        planned = apply(model, budget="100%", example_inputs=(x, y), device="cpu", time_limit=TIME_LIMIT)
+    assert not hasattr(model, "accuracy") and model.calls == 0
+    planned(x, y).backward()
+    with torch.no_grad():
+        planned(x, y)  # evaluation runs the module's own forward, which sets them for real
+    assert model.accuracy.item() >= 0 and model.calls == 1
