@@ -16,6 +16,8 @@ Named training.py, not apply.py: importing a submodule sets it as the package's 
 from __future__ import annotations
 
 import json
+import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,9 @@ from remat.units import format_bytes
 from solvers.base import INFEASIBLE
 
 BACKENDS = ("eager", "inductor")
+# A warning at this many input signatures: inputs padded to each batch's longest sequence make a plan per length,
+# each a trace and a solve (seconds to a minute).
+MANY_SIGNATURES = 8
 
 
 class PlanError(ValueError):
@@ -147,6 +152,7 @@ class RematModule(nn.Module):
         # these: an epoch's last, smaller batch gets the memory the first had, not 60% of its own smaller peak (which
         # can be below a small model's fixed memory, and then the epoch stopped at its end).
         self.first_budget_bytes: int | None = None
+        self.planning_s = 0.0  # tracing and planning, over every signature
         self.steps: dict[tuple, PreparedStep] = {}
         self.register_state_dict_post_hook(_model_keys)
         self.register_load_state_dict_pre_hook(_wrapped_model_keys)
@@ -163,7 +169,13 @@ class RematModule(nn.Module):
         call = Call(args, kwargs)
         key = _signature(self.model, call)
         if key not in self.steps:
+            started = time.perf_counter()
             self.steps[key] = self._prepare(call)
+            self.planning_s += time.perf_counter() - started
+            if len(self.steps) == MANY_SIGNATURES:
+                warnings.warn(f"remat.apply has traced and planned {len(self.steps)} input signatures "
+                              f"({self.planning_s:.0f} s so far), one for each new shape: inputs padded to a few "
+                              "lengths (buckets) keep that to a few plans", stacklevel=2)
         return self.steps[key]
 
     def measure(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, StepMemory]:

@@ -304,6 +304,18 @@ def test_new_input_shape_is_planned_again_and_cached():
     assert len(planned.steps) == 2
 
 
+def test_many_input_shapes_are_said_to_cost_a_plan_each(recwarn):
+    """Inputs padded to each batch's longest sequence make a new signature per length, each traced and planned: said
+    once, at the eighth."""
+    model, _ = _mlp()
+    planned = apply(model, budget="100%", device="cpu", solver="chen-sqrtn")
+    for rows in range(1, 9):
+        planned(torch.randn(rows, 16, dtype=torch.float64)).sum().backward()
+        said = [w for w in recwarn if "input signatures" in str(w.message)]
+        assert len(said) == (rows == 8), rows
+    assert "traced and planned 8 input signatures" in str(said[0].message)
+
+
 class ByName(nn.Module):
     """A model as Hugging Face writes them: inputs by name, optional ones None, a flag, an output with .loss."""
 
