@@ -842,3 +842,31 @@ def test_what_the_traced_forward_writes_onto_the_model_is_undone_with_a_warning(
     with torch.no_grad():
         planned(x, y)  # evaluation runs the module's own forward, which sets them for real
     assert model.accuracy.item() >= 0 and model.calls == 1
+
+
+@pytest.mark.slow  # two processes, each importing torch and planning: 5 to 6 s a case
+@pytest.mark.parametrize("order", ["ddp-of-remat", "remat-of-ddp"])
+def test_distributed_data_parallel_averages_the_ranks_gradients(tmp_path, order):
+    """DistributedDataParallel over two CPU processes (gloo), wrapped around remat.apply or inside it: each rank's
+    gradients are the average of the two ranks' eager ones (the planned backward hands DDP's hooks the gradients)."""
+    import socket
+    import subprocess
+    import sys
+
+    from tests.ddp_worker import Classifier, batch
+
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    outs = [tmp_path / f"rank{rank}.pt" for rank in range(2)]
+    ranks = [subprocess.Popen([sys.executable, "-m", "tests.ddp_worker", str(rank), str(port), order, str(out)])
+             for rank, out in enumerate(outs)]
+    assert [rank.wait(timeout=300) for rank in ranks] == [0, 0]
+    reference = Classifier().double()
+    for rank in range(2):
+        (LossStep(reference, None, "fp32")(*batch(rank)) / 2).backward()
+    for out in outs:
+        result = torch.load(out)
+        assert result["recomputed"] > 0
+        for grad, p in zip(result["grads"], reference.parameters(), strict=True):
+            torch.testing.assert_close(grad, p.grad, rtol=1e-12, atol=1e-15)
