@@ -35,7 +35,7 @@ from remat.planner import Plan
 from remat.schedule import Schedule
 from remat.simulate import Simulation, simulate
 from remat.split_plan import SplitTracer, solve_split
-from remat.units import format_bytes
+from remat.units import format_bytes, is_share
 from solvers.base import INFEASIBLE
 
 BACKENDS = ("eager", "inductor")
@@ -227,7 +227,7 @@ class RematModule(nn.Module):
                                          attention_chunks=int(split.get("attention_chunks", 1)))
             simulation = check_plan(plan, graph)
         else:
-            at_least = self.first_budget_bytes if _is_share(self.budget) else None
+            at_least = self.first_budget_bytes if is_share(self.budget) else None
             solved, captured = plan_step(self.model, inputs, self.budget, self.solver, self.time_limit, self.loss_fn,
                                          self.precision, self.device, self.optimizer, self.progress,
                                          at_least_bytes=at_least)
@@ -257,11 +257,6 @@ class RematModule(nn.Module):
 def backward_from(output: torch.Tensor) -> None:
     """`output.backward()` for a scalar loss; for logits or features, as if their sum were the loss."""
     output.backward(None if output.dim() == 0 else torch.ones_like(output))
-
-
-def _is_share(budget: str | int | float | None) -> bool:
-    """A budget given as a share of the store-all peak ("60%")."""
-    return isinstance(budget, str) and budget.strip().endswith("%")
 
 
 def _model_keys(module: RematModule, state_dict: dict, prefix: str, local_metadata: dict) -> None:

@@ -13,6 +13,11 @@ _UNITS = {
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 
 
+def is_share(text: str | int | float | None) -> bool:
+    """A size given as a share of a reference ("75%"), which parse_size reads against `reference_bytes`."""
+    return isinstance(text, str) and text.strip().endswith("%")
+
+
 def parse_size(text: str | int | float, reference_bytes: int | None = None) -> int:
     """Bytes in `text`: "16GB", "16 GiB", "1.5e9", "512MiB", or "75%" of `reference_bytes`."""
     if isinstance(text, bool):
@@ -22,7 +27,7 @@ def parse_size(text: str | int | float, reference_bytes: int | None = None) -> i
             raise ValueError(f"size must be positive, got {text!r}")
         return int(text)
     raw = str(text).strip()
-    if raw.endswith("%"):
+    if is_share(raw):
         if reference_bytes is None:
             raise ValueError(f"a percentage ({raw}) needs a reference size here")
         try:
