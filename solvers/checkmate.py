@@ -39,12 +39,21 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import pulp
 
 from remat.graph import Graph
 from remat.schedule import Schedule, compute_seconds, minimal_storage
 from remat.simulate import simulate
 from solvers.base import FEASIBLE, INFEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions, SolverResult, settled_without_solving
+from solvers.highs_process import (
+    LARGE_MODEL_NONZEROS,
+    HighsArrays,
+    HighsResult,
+    load,
+    result_of,
+    solve_in_child,
+)
 from solvers.stage_memory import Part, freed_by, node_parts, stage_values
 
 BACKENDS = ("highs", "cbc", "gurobi")
@@ -323,6 +332,34 @@ class SolveOutcome:
 MIN_RUN_S = 1e-3  # HiGHS's time limit when the deadline has passed: it returns the warm start at once
 
 
+def highs_arrays(problem: pulp.LpProblem) -> HighsArrays:
+    """The problem as HiGHS takes it, setting var.index (PuLP's numbering of the columns) on the way."""
+    infinity = math.inf
+    sign = -1 if problem.sense == pulp.LpMaximize else 1
+    variables = problem.variables()
+    for index, var in enumerate(variables):
+        var.index = index
+    starts, columns, coefficients, row_lower, row_upper = [], [], [], [], []
+    for index, constraint in enumerate(problem._constraints.values()):
+        constraint.index = index
+        starts.append(len(columns))
+        for var, coefficient in constraint.items():
+            if coefficient != 0:
+                columns.append(var.index)
+                coefficients.append(coefficient)
+        low, high = constraint.getLb(), constraint.getUb()
+        row_lower.append(-infinity if low is None else low)
+        row_upper.append(infinity if high is None else high)
+    return HighsArrays(
+        costs=np.array([sign * problem.objective.get(var, 0.0) for var in variables], dtype=np.float64),
+        lower=np.array([-infinity if var.lowBound is None else var.lowBound for var in variables], dtype=np.float64),
+        upper=np.array([infinity if var.upBound is None else var.upBound for var in variables], dtype=np.float64),
+        integers=np.array([var.index for var in variables if var.cat == pulp.LpInteger], dtype=np.int32),
+        row_lower=np.array(row_lower, dtype=np.float64), row_upper=np.array(row_upper, dtype=np.float64),
+        starts=np.array(starts, dtype=np.int32), columns=np.array(columns, dtype=np.int32),
+        coefficients=np.array(coefficients, dtype=np.float64))
+
+
 class _HighsWithStart(pulp.HiGHS):
     """pulp.HiGHS (highspy in-process) that hands HiGHS a starting solution before it runs, and sets its time
     limit to what is left before `deadline` (a time.perf_counter() value) once PuLP has copied the model in:
@@ -330,48 +367,16 @@ class _HighsWithStart(pulp.HiGHS):
     with each improving MIP solution HiGHS finds (its column values, by var.index), where highspy has callbacks."""
 
     def __init__(self, start: dict[str, float] | None, deadline: float | None = None,
-                 on_incumbent: Callable[[Sequence[float]], None] | None = None, **kwargs) -> None:
+                 on_incumbent: Callable[[Sequence[float]], None] | None = None, model: HighsArrays | None = None,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
         self.start = start
         self.deadline = deadline
         self.on_incumbent = on_incumbent
+        self.model = model  # the problem's arrays, when they are made already
 
     def buildSolverModel(self, lp: pulp.LpProblem) -> None:  # noqa: N802 (PuLP's name)
-        """PuLP's copy of the model into HiGHS, in one call for the columns, one for their integrality and one
-        for the rows instead of one call each (the integrality calls alone took a second on 100 nodes)."""
-        import highspy
-        import numpy as np
-
-        highs, infinity = lp.solverModel, highspy.kHighsInf
-        sign = -1 if lp.sense == pulp.LpMaximize else 1
-        variables = lp.variables()
-        for index, var in enumerate(variables):
-            var.index = index
-        costs = [sign * lp.objective.get(var, 0.0) for var in variables]
-        lower = [-infinity if var.lowBound is None else var.lowBound for var in variables]
-        upper = [infinity if var.upBound is None else var.upBound for var in variables]
-        no_entries = np.zeros(0, dtype=np.int32)
-        highs.addCols(len(variables), np.array(costs, dtype=np.float64), np.array(lower, dtype=np.float64),
-                      np.array(upper, dtype=np.float64), 0, np.zeros(len(variables), dtype=np.int32), no_entries,
-                      np.zeros(0, dtype=np.float64))
-        if self.mip:
-            integers = np.array([var.index for var in variables if var.cat == pulp.LpInteger], dtype=np.int32)
-            kinds = np.full(len(integers), int(highspy.HighsVarType.kInteger), dtype=np.uint8)
-            highs.changeColsIntegrality(len(integers), integers, kinds)
-        starts, columns, coefficients, row_lower, row_upper = [], [], [], [], []
-        for index, constraint in enumerate(lp._constraints.values()):
-            constraint.index = index
-            starts.append(len(columns))
-            for var, coefficient in constraint.items():
-                if coefficient != 0:
-                    columns.append(var.index)
-                    coefficients.append(coefficient)
-            low, high = constraint.getLb(), constraint.getUb()
-            row_lower.append(-infinity if low is None else low)
-            row_upper.append(infinity if high is None else high)
-        highs.addRows(len(starts), np.array(row_lower, dtype=np.float64), np.array(row_upper, dtype=np.float64),
-                      len(columns), np.array(starts, dtype=np.int32), np.array(columns, dtype=np.int32),
-                      np.array(coefficients, dtype=np.float64))
+        load(lp.solverModel, self.model or highs_arrays(lp), self.mip)
 
     def callSolver(self, lp: pulp.LpProblem) -> None:  # noqa: N802 (PuLP's name)
         if self.start:
@@ -415,55 +420,73 @@ def _solve_highs(problem: pulp.LpProblem, options: SolveOptions, start: dict[str
                  mip: bool, deadline: float,
                  on_incumbent: Callable[[Sequence[float]], None] | None = None) -> SolveOutcome:
     settings = dict(mip=mip, msg=options.verbose, gapRel=options.mip_gap, threads=options.threads or None)
-    left = max(MIN_RUN_S, deadline - time.perf_counter())
-    solver = _HighsWithStart(start, deadline, on_incumbent, timeLimit=left, **settings)
-    if not solver.available():  # no highspy: the command-line HiGHS through files
+    if not pulp.HiGHS().available():  # no highspy: the command-line HiGHS through files
+        left = max(MIN_RUN_S, deadline - time.perf_counter())
         return _solve_command(problem, pulp.HiGHS_CMD(timeLimit=left, warmStart=start is not None, **settings),
                               start)
     if not options.verbose:
         _skip_highs_banner()
-    import highspy
-
-    problem.solve(solver)
-    highs = problem.solverModel
-    model_status = highs.getModelStatus()
-    if model_status in (highspy.HighsModelStatus.kSolveError, highspy.HighsModelStatus.kPostsolveError) or \
-            _start_handed_back(problem, highs, start):
+    model = highs_arrays(problem)
+    run = _run_in_child if model.nonzeros >= LARGE_MODEL_NONZEROS else _run_in_process
+    result = run(problem, model, options, start, mip, deadline, on_incumbent, presolve=True)
+    retried = ""
+    if result.model_status in ("kSolveError", "kPostsolveError") or _start_handed_back(problem, result, start):
         # HiGHS 1.15's presolve can hand back a solution that breaks the model (seen on 3-node graphs, then
         # reported as a solve error), and HiGHS 1.16's can hand back the start itself with the objective of a
         # better solution it found in the presolved model: solve again without presolve in the time left.
-        left = max(MIN_RUN_S, deadline - time.perf_counter())
-        problem.solve(_HighsWithStart(start, deadline, on_incumbent, timeLimit=left, presolve="off", **settings))
-        highs = problem.solverModel
-        model_status = highs.getModelStatus()
+        result = run(problem, model, options, start, mip, deadline, on_incumbent, presolve=False)
         retried = " (solved again without presolve, after its presolve failed or handed back the start)"
-    else:
-        retried = ""
-    info = highs.getInfo()
-    has_incumbent = info.primal_solution_status == highspy.SolutionStatus.kSolutionStatusFeasible
-    bound = info.mip_dual_bound if mip else info.objective_function_value
-    bound = bound if math.isfinite(bound) else None
-    message = f"HiGHS: {highs.modelStatusToString(model_status)}{retried}"
-    if model_status == highspy.HighsModelStatus.kOptimal:
-        objective = info.objective_function_value
-        return SolveOutcome(OPTIMAL, objective, bound if bound is not None else objective, message)
-    if model_status in (highspy.HighsModelStatus.kInfeasible, highspy.HighsModelStatus.kUnboundedOrInfeasible):
+    stopped = f"; {result.stopped}" if result.stopped else ""
+    message = f"HiGHS: {result.status_text}{retried}{stopped}"
+    if result.model_status == "kOptimal":
+        return SolveOutcome(OPTIMAL, result.objective, result.dual_bound if result.dual_bound is not None
+                            else result.objective, message)
+    if result.model_status in ("kInfeasible", "kUnboundedOrInfeasible"):
         return SolveOutcome(INFEASIBLE, None, None, message)  # the objective is bounded: infeasible
-    if has_incumbent:
-        return SolveOutcome(FEASIBLE, info.objective_function_value, bound, message)
-    return SolveOutcome(NO_SOLUTION, None, bound, message)
+    if result.primal_feasible:
+        return SolveOutcome(FEASIBLE, result.objective, result.dual_bound, message)
+    return SolveOutcome(NO_SOLUTION, None, result.dual_bound, message)
 
 
-def _start_handed_back(problem: pulp.LpProblem, highs, start: dict[str, float] | None) -> bool:
+def _run_in_process(problem: pulp.LpProblem, model: HighsArrays, options: SolveOptions,
+                    start: dict[str, float] | None, mip: bool, deadline: float,
+                    on_incumbent: Callable[[Sequence[float]], None] | None, presolve: bool) -> HighsResult:
+    settings = dict(mip=mip, msg=options.verbose, gapRel=options.mip_gap, threads=options.threads or None)
+    if not presolve:
+        settings["presolve"] = "off"
+    left = max(MIN_RUN_S, deadline - time.perf_counter())
+    problem.solve(_HighsWithStart(start, deadline, on_incumbent, model, timeLimit=left, **settings))
+    return result_of(problem.solverModel, mip)
+
+
+def _run_in_child(problem: pulp.LpProblem, model: HighsArrays, options: SolveOptions,
+                  start: dict[str, float] | None, mip: bool, deadline: float,
+                  on_incumbent: Callable[[Sequence[float]], None] | None, presolve: bool) -> HighsResult:
+    """The same run in a process of its own, killed if it overruns its deadline (solvers/highs_process.py);
+    the problem's variables get the values it ends with, as PuLP gives them in-process."""
+    highs_options: dict[str, object] = {}
+    if mip:
+        highs_options["mip_rel_gap"] = options.mip_gap
+    if options.threads:
+        highs_options["threads"] = options.threads
+    if not presolve:
+        highs_options["presolve"] = "off"
+    variables = problem.variables()  # by var.index, which highs_arrays set
+    values = [start.get(var.name, 0.0) for var in variables] if start else None
+    result = solve_in_child(model, mip, highs_options, values, deadline, on_incumbent, verbose=options.verbose)
+    if result.values is not None:
+        for var, value in zip(variables, result.values.tolist(), strict=True):
+            var.varValue = value
+    return result
+
+
+def _start_handed_back(problem: pulp.LpProblem, result: HighsResult, start: dict[str, float] | None) -> bool:
     """Whether HiGHS returned values whose objective is not the one it reports (its presolve mapped a better
     solution of the reduced model back onto the warm start: seen on a 5-node graph, values at 6 reported as 5)."""
-    import highspy
-
-    if not start or highs.getInfo().primal_solution_status != highspy.SolutionStatus.kSolutionStatusFeasible:
+    if not start or not result.primal_feasible or result.objective is None:
         return False
-    reported = highs.getInfo().objective_function_value
     achieved = problem.objective.value() or 0.0
-    return abs(achieved - reported) > 1e-6 * max(1.0, abs(reported))
+    return abs(achieved - result.objective) > 1e-6 * max(1.0, abs(result.objective))
 
 
 def _solve_command(problem: pulp.LpProblem, solver: pulp.LpSolver, start: dict[str, float] | None) -> SolveOutcome:
