@@ -100,33 +100,42 @@ class LossStep(nn.Module):
         self.call = call
 
     def forward(self, *inputs: Any) -> torch.Tensor:
+        return loss_of(self.output(*inputs))
+
+    def output(self, *inputs: Any) -> Any:
+        """What the model returns (or the loss function makes of it) for the step's inputs."""
         args, kwargs = self.call.with_tensors(inputs) if self.call is not None else (inputs, {})
         with _autocast(self.model, self.precision):
             output = self.model(*args, **kwargs)
-            returned = self.loss_fn(output) if self.loss_fn is not None else output
-        loss = getattr(returned, "loss", returned)  # Hugging Face ModelOutput
-        if isinstance(loss, dict) and "loss" in loss:  # {"loss": ..., "logits": ...}
-            loss = loss["loss"]
-        if isinstance(loss, (tuple, list)):
-            loss = loss[0]
-        if loss is None and getattr(returned, "loss", 0) is None:
-            raise CaptureError(f"the model returned a {type(returned).__name__} whose loss is None (Hugging Face "
-                               "models compute it when given labels): pass labels among the inputs, or a loss_fn of "
-                               "the output")
-        if not isinstance(loss, torch.Tensor):
-            raise CaptureError(f"the model returned {type(loss).__name__}, not a loss tensor: return a scalar loss "
-                               "(or a dict or an object with a `loss`), one tensor (logits, features), or pass a "
-                               "loss_fn")
-        if loss.dim() != 0:
-            if loss is not returned:  # the step would return a tensor where the model returns a tuple, say
-                raise CaptureError(
-                    f"the model returned a {type(returned).__name__} whose first item is a tensor of shape "
-                    f"{tuple(loss.shape)}, not a scalar loss: return the loss first, or one tensor (logits, "
-                    "features) for a loss computed outside, or pass a loss_fn that makes the loss of the output")
-            # logits or features, as the model returns them: the caller's loss of them hands back their gradient
-            return loss
-        # a bf16 loss is reported in float32; a float64 model's loss stays float64
-        return loss if loss.dtype == torch.float64 else loss.float()
+            return self.loss_fn(output) if self.loss_fn is not None else output
+
+
+def loss_of(returned: Any) -> torch.Tensor:
+    """The loss in what the model returned: a scalar, a `loss` attribute or key, a tuple's first item; or the one
+    non-scalar tensor it returned (logits, features). Anything else is a CaptureError that says what to return."""
+    loss = getattr(returned, "loss", returned)  # Hugging Face ModelOutput
+    if isinstance(loss, dict) and "loss" in loss:  # {"loss": ..., "logits": ...}
+        loss = loss["loss"]
+    if isinstance(loss, (tuple, list)):
+        loss = loss[0]
+    if loss is None and getattr(returned, "loss", 0) is None:
+        raise CaptureError(f"the model returned a {type(returned).__name__} whose loss is None (Hugging Face "
+                           "models compute it when given labels): pass labels among the inputs, or a loss_fn of "
+                           "the output")
+    if not isinstance(loss, torch.Tensor):
+        raise CaptureError(f"the model returned {type(loss).__name__}, not a loss tensor: return a scalar loss "
+                           "(or a dict or an object with a `loss`), one tensor (logits, features), or pass a "
+                           "loss_fn")
+    if loss.dim() != 0:
+        if loss is not returned:  # the step would return a tensor where the model returns a tuple, say
+            raise CaptureError(
+                f"the model returned a {type(returned).__name__} whose first item is a tensor of shape "
+                f"{tuple(loss.shape)}, not a scalar loss: return the loss first, or one tensor (logits, "
+                "features) for a loss computed outside, or pass a loss_fn that makes the loss of the output")
+        # logits or features, as the model returns them: the caller's loss of them hands back their gradient
+        return loss
+    # a bf16 loss is reported in float32; a float64 model's loss stays float64
+    return loss if loss.dtype == torch.float64 else loss.float()
 
 
 def uncompiled(model: nn.Module) -> nn.Module:
@@ -214,6 +223,26 @@ def _keeping_module_state(model: nn.Module):
                           stacklevel=2)
 
 
+def _warn_of_forward_hooks(model: nn.Module) -> None:
+    """Forward hooks run when the step is traced, once, on fake tensors: what they do to a module's inputs or output is
+    in the traced graph, what they keep elsewhere (activations appended to a list, a logger) is not updated at each
+    step, and holds the trace's tensors, which cannot be read. Weight norm's and spectral norm's pre-hooks compute the
+    weight, which the graph has."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    computing = (WeightNorm, SpectralNorm)
+    hooked = [path or type(model).__name__ for path, module in model.named_modules()
+              if any(not isinstance(hook, computing)
+                     for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()))]
+    if hooked:
+        where = ", ".join(hooked[:3]) + (" and more" if len(hooked) > 3 else "")
+        warnings.warn(f"forward hooks on {where} run once, when the step is traced: what they change in a "
+                      "module's inputs or output is planned, but what they record elsewhere (activations kept in a "
+                      "list, a logger) is not updated at each step, and holds tensors of the trace that cannot be "
+                      "read; compute such values from the model's outputs", stacklevel=3)
+
+
 @contextlib.contextmanager
 def _record_module_paths(model: nn.Module):
     """Annotate every traced node with the path of the innermost module that issued it."""
@@ -254,6 +283,7 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
         raise CaptureError("the model has no parameter that requires grad: nothing to train")
     call = Call.of(example_inputs)
     _register_plain_tensors(model)
+    _warn_of_forward_hooks(model)
     step = LossStep(model, loss_fn, precision, call)
     with _keeping_module_state(model), _record_module_paths(model), _compiling(), _without_onednn(), \
             contextlib.ExitStack() as stack:
@@ -434,8 +464,10 @@ def _describe_output(desc: Any, value: Any) -> tuple[str, str]:
         return "grad", getattr(grad_of, "target", repr(grad_of))
     if kind == "PlainAOTOutput":
         return "loss", "loss"
-    mutated = getattr(desc, "mutated_input", None)  # InputMutationAOTOutput: a buffer updated in place
-    return "mutation", getattr(mutated, "target", repr(desc))
+    # InputMutationAOTOutput: a buffer updated in place (by its name), or an input the forward writes into (named as
+    # _describe_input names it), which the step writes back into the caller's tensor as eager does
+    mutated = getattr(desc, "mutated_input", None)
+    return "mutation", getattr(mutated, "target", repr(mutated))
 
 
 def tensor_bytes(value: Any) -> int:

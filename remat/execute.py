@@ -390,6 +390,10 @@ class _PlannedStep(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
+        if torch.is_grad_enabled():  # autograd runs a backward with grad mode on only for create_graph=True
+            raise RuntimeError("remat's planned backward is not differentiable: gradients of gradients "
+                               "(create_graph=True: gradient penalties, double backward, MAML) need the plain model's "
+                               "own backward; run such a step on the wrapped model (`model.model`)")
         if ctx.saved is None:
             raise RuntimeError("this step's planned backward ran already, and it frees each saved value after its last "
                                "read, as the plan counts them: backward(retain_graph=True) and a second backward "
@@ -407,11 +411,12 @@ class _PlannedStep(torch.autograd.Function):
 
 
 def _write_buffers(parts: PartitionedStep, primals, names: list[str], values: list[Any]) -> None:
-    """Buffer updates (BatchNorm running statistics) go back into the module's buffers."""
+    """Buffer updates (BatchNorm running statistics) go back into the module's buffers, and what the forward wrote
+    into an input (`labels[labels == pad] = -100`) into the caller's tensor."""
     if not names:
         return
     index = {name: i for i, (kind, name) in enumerate(zip(parts.primal_kinds, parts.primal_names, strict=True))
-             if kind == "buffer"}
+             if kind in ("buffer", "input")}
     with torch.no_grad():
         for name, value in zip(names, values, strict=True):
             primals[index[name]].copy_(value)

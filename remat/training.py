@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat.capture import Call, CapturedStep, LossStep, capture_step, uncompiled
+from remat.capture import Call, CapturedStep, CaptureError, LossStep, capture_step, loss_of, uncompiled
 from remat.cost import load_profile
 from remat.execute import ExecuteError, PartitionedStep, StepMemory, StepRunner, partition
 from remat.graph import Graph
@@ -154,13 +154,38 @@ class RematModule(nn.Module):
         self.first_budget_bytes: int | None = None
         self.planning_s = 0.0  # tracing and planning, over every signature
         self.steps: dict[tuple, PreparedStep] = {}
+        self.plans: dict[tuple, PlanFile] = {}  # each signature's plan: a copy of this module traces with it again
+        # Plans by the hash of the unsplit step they were made for: a signature that traces to the same graph (a module
+        # setting that the forward does not read changed, a counter) runs the same plan, traced again but not solved.
+        self.plans_by_graph: dict[str, PlanFile] = {}
         self.register_state_dict_post_hook(_model_keys)
         self.register_load_state_dict_pre_hook(_wrapped_model_keys)
 
+    def __getattr__(self, name: str) -> Any:
+        """The wrapped model's attributes and methods (`model.config`, `model.generate`), as FSDP forwards them."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model" or name.startswith("__"):
+                raise
+            return getattr(self.model, name)
+
+    def __getstate__(self) -> dict:
+        """copy.deepcopy, pickle and torch.save(model) keep the plans but not the traced graphs, whose fake tensors
+        cannot be copied (a deep copy crashed the process at exit; pickling failed): the copy traces its step again
+        at its first call, with the same plan, and solves nothing."""
+        state = super().__getstate__()
+        state["steps"] = {}
+        return state
+
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         call = Call(args, kwargs)
-        if not torch.is_grad_enabled():  # evaluation: nothing to plan
-            return LossStep(self.model, self.loss_fn, self.precision, call)(*call.tensors)
+        if not torch.is_grad_enabled():  # evaluation: nothing to plan; the model's own forward
+            returned = LossStep(self.model, self.loss_fn, self.precision, call).output(*call.tensors)
+            try:
+                return loss_of(returned)  # what a training step returns
+            except CaptureError:  # no loss in it (a Hugging Face model without labels): the output as it is
+                return returned
         step = self.prepare(*args, **kwargs)
         return step.runner.loss(self._primals(step.parts, call.tensors))
 
@@ -170,12 +195,16 @@ class RematModule(nn.Module):
         key = _signature(self.model, call)
         if key not in self.steps:
             started = time.perf_counter()
-            self.steps[key] = self._prepare(call)
+            self.steps[key] = self._prepare(call, self.given_plan or self.plans.get(key))
+            self.plans[key] = self.steps[key].plan
             self.planning_s += time.perf_counter() - started
             if len(self.steps) == MANY_SIGNATURES:
                 warnings.warn(f"remat.apply has traced and planned {len(self.steps)} input signatures "
-                              f"({self.planning_s:.0f} s so far), one for each new shape: inputs padded to a few "
-                              "lengths (buckets) keep that to a few plans", stacklevel=2)
+                              f"({self.planning_s:.0f} s so far), one for each new input shape or layout, "
+                              "non-tensor argument, or module setting (a public number or string attribute, a "
+                              "hook) changed since: inputs padded to a few lengths (buckets) keep that to a few "
+                              "plans, and a value passed as a tensor is an input, not part of the graph",
+                              stacklevel=2)
         return self.steps[key]
 
     def measure(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, StepMemory]:
@@ -213,12 +242,12 @@ class RematModule(nn.Module):
             raise RuntimeError("no step prepared yet: call the module, or pass example_inputs to remat.apply")
         return next(reversed(self.steps.values()))
 
-    def _prepare(self, inputs: Call) -> PreparedStep:
+    def _prepare(self, inputs: Call, plan: PlanFile | None) -> PreparedStep:
+        """Trace the step and plan it, or run `plan` (a given plan file, or the plan this signature had)."""
         say = self.progress or (lambda message: None)
         solved = None
-        if self.given_plan is not None:
+        if plan is not None:
             say("tracing the training step")
-            plan = self.given_plan
             split = plan.graph_meta.get("split") or {}
             precision = plan.graph_meta.get("precision", self.precision)
             graph, captured = trace_step(self.model, inputs, self.loss_fn, precision, self.device, self.optimizer,
@@ -227,13 +256,24 @@ class RematModule(nn.Module):
                                          attention_chunks=int(split.get("attention_chunks", 1)))
             simulation = check_plan(plan, graph)
         else:
-            at_least = self.first_budget_bytes if is_share(self.budget) else None
-            solved, captured = plan_step(self.model, inputs, self.budget, self.solver, self.time_limit, self.loss_fn,
-                                         self.precision, self.device, self.optimizer, self.progress,
-                                         at_least_bytes=at_least)
-            if self.first_budget_bytes is None:
-                self.first_budget_bytes = solved.budget_bytes
-            graph, plan, simulation = solved.graph, plan_from(solved), solved.simulation
+            tracer = _trace_for_planning(self.model, inputs, self.loss_fn, self.precision, self.device, self.optimizer,
+                                         self.progress)
+            traced_to = tracer.unsplit.graph.content_hash
+            plan = self.plans_by_graph.get(traced_to)
+            if plan is not None:  # a setting the forward does not read changed (a counter): the step is the same
+                split = plan.graph_meta.get("split") or {}
+                variant = tracer.variant(int(split.get("chunks", 1)), int(split.get("mlp_chunks", 1)),
+                                         int(split.get("attention_chunks", 1)))
+                graph, captured = variant.graph, variant.step
+                simulation = check_plan(plan, graph)
+            else:
+                at_least = self.first_budget_bytes if is_share(self.budget) else None
+                solved, captured = _plan_traced(tracer, self.budget, self.solver, self.time_limit, self.progress,
+                                                at_least)
+                if self.first_budget_bytes is None:
+                    self.first_budget_bytes = solved.budget_bytes
+                graph, plan, simulation = solved.graph, plan_from(solved), solved.simulation
+                self.plans_by_graph[traced_to] = plan
         say("building the forward and backward graphs")
         try:
             parts = partition(captured, graph, plan.schedule)
@@ -294,21 +334,50 @@ def _move_metadata(state_dict: dict, old: str, new: str) -> None:
 
 
 def _signature(model: nn.Module, call: Call) -> tuple:
-    """What a traced step depends on: the mode, which parameters require grad, autocast, and each argument (a
-    tensor's shape, dtype, device; any other value itself), keyword arguments by name."""
+    """What a traced step depends on besides the values of tensors: the model's state (_model_state), autocast, and
+    each argument (a tensor's shape, layout, dtype, device; any other value itself), keyword arguments by name."""
     def describe(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
-            return ("tensor", tuple(value.shape), value.dtype, value.device.type, value.requires_grad)
+            return ("tensor", tuple(value.shape), _layout(value), value.dtype, value.device.type,
+                    value.requires_grad)
         if isinstance(value, (tuple, list)):
             return (type(value).__name__, *map(describe, value))
         if isinstance(value, dict):
             return ("dict", *((key, describe(item)) for key, item in value.items()))
         return ("value", repr(value))
 
-    # which parameters train: a layer unfrozen after the first plan needs a backward that computes its gradient
-    trains = tuple(p.requires_grad for p in model.parameters())
-    return (model.training, trains, torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"),
+    return (_model_state(model), torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"),
             *map(describe, call.args), *((name, describe(value)) for name, value in call.kwargs.items()))
+
+
+def _layout(tensor: torch.Tensor) -> Any:
+    """The strides a traced graph assumes: its views (`x.view(b, -1)` from a reshape) hold for these only."""
+    if tensor.is_contiguous():
+        return "contiguous"
+    if tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return tensor.stride()
+
+
+SCALARS = (bool, int, float, str)
+
+
+def _model_state(model: nn.Module) -> tuple:
+    """What the trace takes from the model as fixed, module by module: train or eval, its hooks, its plain settings
+    (a dropout's p, a temperature, a flag: public attributes that are numbers or strings), and its parameters' and
+    buffers' shapes, dtypes and devices, and which parameters require grad. A change to any of them is traced and
+    planned again: the planned graph has the old value in it (a dropout annealed to 0 kept its first p, a hook added
+    later never ran, a model cast to float64 ran in float64 with a float32 plan's memory)."""
+    modules = []
+    for module in model.modules():
+        settings = tuple((name, value) for name, value in vars(module).items()
+                         if isinstance(value, SCALARS) and not name.startswith("_"))
+        hooks = tuple(map(tuple, (module._forward_pre_hooks, module._forward_hooks, module._backward_pre_hooks,
+                                  module._backward_hooks)))
+        tensors = tuple((tensor.shape, tensor.dtype, tensor.device, tensor.requires_grad)
+                        for tensor in (*module._parameters.values(), *module._buffers.values()) if tensor is not None)
+        modules.append((settings, hooks, tensors))
+    return tuple(modules)
 
 
 def default_device_profile(model: nn.Module) -> str:
@@ -353,12 +422,23 @@ def plan_step(model: nn.Module, inputs: Call | Sequence[Any] | dict[str, Any], b
     `at_least_bytes`), splitting the loss head into chunks where that fits a lower budget or costs less
     (remat.split_plan), as `remat solve` does. Returns the plan and the captured step its graph was lowered from;
     infeasible -> PlanError."""
-    say = progress or (lambda message: None)
-    say("tracing the training step")
+    tracer = _trace_for_planning(model, inputs, loss_fn, precision, device, optimizer, progress)
+    return _plan_traced(tracer, budget, solver, time_limit, progress, at_least_bytes)
+
+
+def _trace_for_planning(model: nn.Module, inputs: Call | Sequence[Any] | dict[str, Any], loss_fn: Callable | None,
+                        precision: str, device: str | None, optimizer: str,
+                        progress: Callable[[str], None] | None) -> SplitTracer:
+    (progress or (lambda message: None))("tracing the training step")
     inputs = Call.of(inputs)
     meta = {"model": type(model).__name__, "inputs": inputs.describe()}
-    tracer = SplitTracer(model, inputs, loss_fn=loss_fn, precision=precision,
-                         device=device or default_device_profile(model), optimizer=optimizer, meta=meta)
+    return SplitTracer(model, inputs, loss_fn=loss_fn, precision=precision,
+                       device=device or default_device_profile(model), optimizer=optimizer, meta=meta)
+
+
+def _plan_traced(tracer: SplitTracer, budget: str | int | float, solver: str, time_limit: float,
+                 progress: Callable[[str], None] | None, at_least_bytes: int | None) -> tuple[Plan, CapturedStep]:
+    say = progress or (lambda message: None)
     unsplit = tracer.unsplit.graph
     budget_bytes = max(tracer.budget_bytes(budget), at_least_bytes or 0)
     say(f"planning {len(unsplit)} nodes")

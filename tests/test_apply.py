@@ -3,6 +3,7 @@ and holds the bytes the simulator planned, for budgets from store-all down to th
 
 import copy
 import json
+import pickle
 import random
 from dataclasses import replace
 from functools import cache
@@ -870,3 +871,178 @@ def test_distributed_data_parallel_averages_the_ranks_gradients(tmp_path, order)
         assert result["recomputed"] > 0
         for grad, p in zip(result["grads"], reference.parameters(), strict=True):
             torch.testing.assert_close(grad, p.grad, rtol=1e-12, atol=1e-15)
+
+
+# --- what a step depends on besides its inputs' values ---------------------------------------------------------
+
+
+class Scaled(nn.Module):
+    """A dropout and a plain setting (a temperature) that training loops anneal, and a call counter."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.drop = nn.Linear(16, 32), nn.Linear(32, 1), nn.Dropout(0.5)
+        self.scale = 1.0
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return (self.scale * self.b(self.drop(torch.tanh(self.a(x))))).pow(2).mean()
+
+
+def _same_step(planned, model, reference, *inputs, seed=3):
+    """One planned and one eager step from the same RNG state: equal losses and gradients."""
+    model.zero_grad()
+    reference.zero_grad()
+    torch.manual_seed(seed)
+    loss = planned(*inputs)
+    loss.backward()
+    torch.manual_seed(seed)
+    expected = reference(*inputs)
+    expected.backward()
+    assert torch.equal(loss, expected)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+
+
+@pytest.mark.filterwarnings("ignore:forward hooks on")
+def test_a_setting_or_hook_changed_after_planning_is_traced_again():
+    """The traced graph has the settings' values in it: a dropout annealed to 0 kept its first p, a changed temperature
+    its first value, and a hook added later never ran, all silently. They are part of the step's signature; a change
+    that leaves the graph as it was (a counter) is traced again but runs the plan it had, without solving."""
+    model = Scaled().double()
+    reference = copy.deepcopy(model)
+    x = torch.randn(64, 16, dtype=torch.float64)
+    planned = apply(model, budget="100%", example_inputs=(x,), device="cpu", time_limit=TIME_LIMIT)
+    _same_step(planned, model, reference, x)
+    for change in (lambda m: setattr(m.drop, "p", 0.0), lambda m: setattr(m, "scale", 3.0),
+                   lambda m: m.a.register_forward_hook(lambda module, args, out: out * 2)):
+        for module in (model, reference):
+            change(module)
+        _same_step(planned, model, reference, x)
+    assert len(planned.steps) == 4
+    with torch.no_grad():
+        planned(x)  # evaluation runs the forward itself: the counter changes, the graph does not
+    _same_step(planned, model, reference, x)
+    assert len(planned.steps) == 5 and planned.planned.solved is None  # traced again, not solved
+
+
+class Flattens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 6 * 6, 2)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1)).pow(2).mean()
+
+
+def test_inputs_of_another_memory_layout_are_traced_for_it():
+    """The trace turns a reshape of the example's contiguous tensors into a view, which fails on other strides
+    (channels_last images, a transposed batch): the layout is part of the signature."""
+    model = Flattens().double()
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    planned = apply(model, budget="100%", example_inputs=(x,), device="cpu", time_limit=TIME_LIMIT)
+    for layout in (x.to(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().transpose(2, 3), x):
+        _same_step(planned, model, reference, layout)
+    assert len(planned.steps) == 3
+
+
+def test_a_model_cast_after_planning_is_planned_again():
+    """Token ids keep their dtype when the model is cast: the float32 plan ran the float64 model, holding twice the
+    bytes it planned."""
+    model, (ids,) = _tied()
+    model = model.float()
+    planned = apply(model, budget="100%", example_inputs=(ids,), device="cpu", time_limit=TIME_LIMIT)
+    float32_peak = planned.planned.simulation.activation_peak_bytes
+    model.double()
+    _, memory = planned.measure(ids)
+    assert len(planned.steps) == 2
+    assert memory.peak_live_bytes == planned.planned.simulation.activation_peak_bytes > float32_peak
+
+
+def test_gradients_of_gradients_are_a_clear_error():
+    model, (x,) = _mlp()
+    x = x.requires_grad_()
+    planned = apply(model, budget="100%", example_inputs=(x,), device="cpu", time_limit=TIME_LIMIT)
+    (grad,) = torch.autograd.grad(planned(x).sum(), x, create_graph=False)
+    assert grad.shape == x.shape
+    with pytest.raises(RuntimeError, match="planned backward is not differentiable"):
+        torch.autograd.grad(planned(x).sum(), x, create_graph=True)
+
+
+def test_a_copy_of_the_planned_module_trains_with_the_same_plan():
+    """copy.deepcopy (also inside torch.optim.swa_utils.AveragedModel) crashed the process at exit, on the traced
+    graphs' fake tensors, and pickling failed: a copy keeps the plans, and traces again with them."""
+    model, inputs = _conv_bn()
+    planned = apply(model, budget="80%", example_inputs=inputs, device="cpu", time_limit=TIME_LIMIT)
+    plan = planned.planned.plan
+    for copied in (copy.deepcopy(planned), pickle.loads(pickle.dumps(planned))):
+        reference = copy.deepcopy(copied.model)
+        assert not copied.steps
+        _same_step(copied, copied.model, reference, *inputs)
+        assert copied.planned.plan == plan and copied.planned.solved is None
+
+
+class ClampsItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 1)
+
+    def forward(self, x):
+        x.clamp_(-1, 1)  # in place, on the caller's tensor
+        return self.b(torch.tanh(self.a(torch.tanh(self.a(x))))).pow(2).mean()
+
+
+def test_what_the_forward_writes_into_an_input_reaches_the_callers_tensor():
+    """The planned step failed with a KeyError on the input's mutation; it now writes it back, as eager does."""
+    model = ClampsItsInput().double()
+    reference = copy.deepcopy(model)
+    x = 3 * torch.randn(512, 16, dtype=torch.float64)
+    planned = apply(model, budget="85%", example_inputs=(x.clone(),), device="cpu", time_limit=TIME_LIMIT)
+    mine, theirs = x.clone(), x.clone()
+    loss, memory = planned.measure(mine)
+    expected = reference(theirs)
+    expected.backward()
+    assert torch.equal(loss, expected) and torch.equal(mine, theirs) and mine.abs().max() == 1
+    assert memory.peak_live_bytes == planned.planned.simulation.activation_peak_bytes
+
+
+def test_forward_hooks_are_said_to_run_at_the_trace_only():
+    model, inputs = _mlp()
+    recorded = []
+    model[1].register_forward_hook(lambda module, args, out: recorded.append(out))
+    with pytest.warns(UserWarning, match=r"forward hooks on 1 run once, when the step is traced"):
+        apply(model, budget="100%", example_inputs=inputs, device="cpu", time_limit=TIME_LIMIT)
+
+
+class OutputWithLoss(dict):
+    """What a Hugging Face model returns: keys, and attributes for them."""
+
+    __getattr__ = dict.get
+
+
+class LabelsOptional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = nn.Linear(8, 5)
+        self.config = {"vocab": 5}
+
+    def forward(self, x, labels=None):
+        logits = self.head(x)
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return OutputWithLoss(loss=loss, logits=logits)
+
+
+def test_evaluation_without_labels_returns_the_models_output_and_its_attributes_are_reachable():
+    model = LabelsOptional().double()
+    x, labels = torch.randn(4, 8, dtype=torch.float64), torch.randint(0, 5, (4,))
+    planned = apply(model, budget="100%", example_inputs=(x, labels), device="cpu", time_limit=TIME_LIMIT)
+    with torch.no_grad():
+        assert torch.equal(planned(x).logits, model.head(x))  # no loss to return: the output as it is
+        assert planned(x, labels).dim() == 0  # the loss, as a training step returns it
+    assert planned.config == {"vocab": 5}
