@@ -22,7 +22,7 @@ from solvers.base import FEASIBLE
 EXIT_BAD_INPUT = 2  # bad input and infeasible budgets: the user has something to change
 SLOW_BATCH_OVERHEAD = 1.0  # maxbatch hints at --max-overhead past this overhead (twice store-all's step time)
 
-stderr = Console(stderr=True)
+stderr = Console(stderr=True, emoji=False)  # a factory called `llama` is not :llama:
 
 
 class UserError(Exception):
@@ -32,6 +32,21 @@ class UserError(Exception):
 def fail(message: str) -> None:
     stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     sys.exit(EXIT_BAD_INPUT)
+
+
+def _output_file(context: click.Context, parameter: click.Parameter, value: str | None) -> str | None:
+    """An option naming a file to write: its folder is made now, and must be writable, so that a long solve does not
+    end in a traceback when it writes (a missing folder raised FileNotFoundError after the whole solve)."""
+    if value is None:
+        return None
+    folder = Path(value).parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise click.BadParameter(f"cannot make its folder {folder}: {error.strerror}") from None
+    if not os.access(folder, os.W_OK):
+        raise click.BadParameter(f"cannot write into {folder}")
+    return value
 
 
 @contextlib.contextmanager
@@ -72,7 +87,8 @@ def main() -> None:
               help="Seconds for the whole solve; the best plan so far is returned when it runs out.")
 @click.option("--backend", default="highs", show_default=True, type=click.Choice(["highs", "cbc", "gurobi"]),
               help="MILP back-end.")
-@click.option("--out", type=click.Path(dir_okay=False), help="Write the plan (graph hash + schedule) as JSON.")
+@click.option("--out", type=click.Path(dir_okay=False), callback=_output_file,
+              help="Write the plan (graph hash + schedule) as JSON.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the report.")
 def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_limit, backend, out, as_json) -> None:
     """Plan the training step of MODEL under a memory BUDGET."""
@@ -101,11 +117,18 @@ def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_
         if budget_bytes < plan.graph.fixed.total_bytes:
             fail(f"no plan fits {format_bytes(budget_bytes)} ({budget_bytes} bytes) for {model}: "
                  f"{_below_fixed_memory(plan.graph.fixed)}")
+        asked = next((c.simulation for c in plan.candidates if c.method == solver and c.simulation is not None
+                      and c.simulation.valid), None)
+        if asked is not None and plan.min_feasible_bytes is not None and plan.min_feasible_bytes <= budget_bytes:
+            fail(f"{solver}'s schedule for {model} peaks at {_fmt(asked.peak_bytes)} ({asked.peak_bytes} bytes), over "
+                 f"the budget of {format_bytes(budget_bytes)}: use --budget {_ceil_size(asked.peak_bytes)} or more, or "
+                 f"--solver auto, whose plans go down to {_fmt(plan.min_feasible_bytes)} here")
         more_chunks = (", or a longer --time-limit: it was too short to trace the step split in more chunks, which "
                        "may fit" if plan.graph.meta.get("split_cut") else "")
         fail(f"no plan fits {format_bytes(budget_bytes)} ({budget_bytes} bytes) for {model}: the minimum feasible "
              f"budget found is {_fmt(plan.min_feasible_bytes)} ({plan.min_feasible_bytes} bytes); "
-             f"use --budget {_ceil_size(plan.min_feasible_bytes)} or more, or a smaller --batch{more_chunks}")
+             f"use --budget {_ceil_size(plan.min_feasible_bytes)} or more"
+             f"{', or a smaller --batch' if plan.graph.meta.get('batch', 2) != 1 else ''}{more_chunks}")
 
 
 def _cut_short(plan) -> bool:
@@ -210,7 +233,7 @@ def _plan_summary(plan, wall_s: float) -> dict:
         "fixed_bytes": graph.fixed.total_bytes,
         "fixed": {"parameters": graph.fixed.parameter_bytes, "gradients": graph.fixed.gradient_bytes,
                   "optimizer": graph.fixed.optimizer_bytes, "inputs": graph.fixed.input_bytes},
-        "solver": plan.method,
+        "solver": plan.method if plan.schedule is not None else None,  # infeasible: no method's plan to name
         "status": plan.status,
         "peak_bytes": sim.peak_bytes if sim else None,
         "compute_s": sim.compute_s if sim else None,
@@ -244,7 +267,7 @@ def _print_plan(plan, wall_s: float, out: str | None) -> None:
     from remat.split import Split
 
     # piped output keeps whole lines: rich would wrap at 80 columns when stdout is not a terminal
-    console = Console(highlight=False, width=shutil.get_terminal_size((140, 24)).columns)
+    console = Console(highlight=False, emoji=False, width=shutil.get_terminal_size((140, 24)).columns)
     graph, fixed, sim = plan.graph, plan.graph.fixed, plan.simulation
     meta = graph.meta
     forward = len(graph.forward_nodes)
@@ -367,7 +390,7 @@ def _batch_note(batch: int | None) -> str:
 
 
 def _console() -> Console:
-    return Console(highlight=False, width=shutil.get_terminal_size((140, 24)).columns)
+    return Console(highlight=False, emoji=False, width=shutil.get_terminal_size((140, 24)).columns)
 
 
 @main.command()
@@ -390,15 +413,19 @@ def _console() -> Console:
               help="Seconds for each MILP solve (one per budget).")
 @click.option("--max-batch", "with_max_batch", is_flag=True,
               help="Add each row's largest batch under its budget (traces the model at more batches).")
-@click.option("--out", type=click.Path(dir_okay=False), help="Write a self-contained HTML report (plots inlined).")
-@click.option("--md", type=click.Path(dir_okay=False), help="Write a Markdown report, its PNG plots beside it.")
+@click.option("--out", type=click.Path(dir_okay=False), callback=_output_file,
+              help="Write a self-contained HTML report (plots inlined).")
+@click.option("--md", type=click.Path(dir_okay=False), callback=_output_file,
+              help="Write a Markdown report, its PNG plots beside it.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 def compare(model, budget, batch, seq, device, precision, optimizer, solvers, time_limit, with_max_batch, out, md,
             as_json) -> None:
     """Compare methods (remat's plan, baselines, torch.compile's budgets) on MODEL at one or more BUDGETs."""
+    from remat.capture import CaptureError
     from remat.compare import compare as compare_methods
     from remat.compare import parse_methods
     from remat.maxbatch import BatchTraces
+    from remat.models import ModelError
 
     started = time.perf_counter()
     budgets = _sizes(budget)
@@ -414,9 +441,12 @@ def compare(model, budget, batch, seq, device, precision, optimizer, solvers, ti
             if with_max_batch:
                 traces = BatchTraces(model, seq, precision, device, optimizer,
                                      on_trace=lambda b: status.update(f"comparing: tracing batch {b}"))
-            comparison = compare_methods(traced, budgets, methods, time_limit_s=time_limit,
-                                         progress=lambda stage: status.update(f"comparing: {stage}"),
-                                         batch_traces=traces)
+            try:
+                comparison = compare_methods(traced, budgets, methods, time_limit_s=time_limit,
+                                             progress=lambda stage: status.update(f"comparing: {stage}"),
+                                             batch_traces=traces)
+            except (ModelError, CaptureError, ValueError) as error:  # another batch's trace (--max-batch)
+                fail(str(error))
         written = []
         if out or md:
             from remat.report import write_reports
@@ -473,6 +503,9 @@ def maxbatch(model, budget, seq, start_batch, device, precision, optimizer, solv
     from remat.models import ModelError
 
     started = time.perf_counter()
+    if budget.strip().endswith("%"):
+        fail(f"--budget: maxbatch needs a size such as 16GB, not a share ({budget}): the store-all peak a share would "
+             "be of grows with the batch")
     try:
         budget_bytes = parse_size(budget)
     except ValueError as error:
@@ -540,7 +573,8 @@ def _print_max_batches(model, graph, precision, optimizer, budget_bytes, overhea
 
 @main.command()
 @click.option("--model", required=True, help="Zoo name (gpt2, resnet50, ...) or path/to/file.py:factory.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Profile JSON to write.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), callback=_output_file,
+              help="Profile JSON to write.")
 @click.option("--batch", default=None, type=click.IntRange(min=1),
               help="Batch size [default: 16, or a file.py:factory's own batch= default].")
 @click.option("--seq", default=None, type=click.IntRange(min=1), help="Sequence length [default: the model's context].")
@@ -599,11 +633,14 @@ def profile(model, out, batch, seq, precision, base, warmup, repeats, as_json) -
 @click.option("--batch", default=None, type=click.IntRange(min=1),
               help="Batch size [default: 16, or a file.py:factory's own batch= default].")
 @click.option("--seq", default=None, type=click.IntRange(min=1), help="Sequence length [default: the model's context].")
-@click.option("--precision", default="bf16-mixed", show_default=True, type=click.Choice(["bf16-mixed", "fp32"]))
-@click.option("--steps", default=3, show_default=True, type=click.IntRange(min=1), help="Training steps (AdamW).")
+@click.option("--precision", default=None, type=click.Choice(["bf16-mixed", "fp32"]),
+              help="[default: the plan file's, or bf16-mixed]")
+@click.option("--optimizer", default=None, type=click.Choice(["adamw", "adam", "sgd", "sgd-momentum", "none"]),
+              help="The optimizer stepped, and whose state the plan holds [default: the plan file's, or adamw].")
+@click.option("--steps", default=3, show_default=True, type=click.IntRange(min=1), help="Training steps.")
 @click.option("--time-limit", default=60.0, show_default=True, type=click.FloatRange(min=0.1))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the report.")
-def run(model, plan_path, budget, batch, seq, precision, steps, time_limit, as_json) -> None:
+def run(model, plan_path, budget, batch, seq, precision, optimizer, steps, time_limit, as_json) -> None:
     """Train a zoo model for a few steps on this machine with a plan, and measure the memory it holds.
 
     CUDA when available (torch.cuda.max_memory_allocated), else CPU (live storages counted as the
@@ -613,10 +650,21 @@ def run(model, plan_path, budget, batch, seq, precision, steps, time_limit, as_j
 
     from remat.capture import Call, CaptureError
     from remat.models import ModelError, build_model
-    from remat.training import PlanError, apply, backward_from
+    from remat.training import PlanError, PlanFile, apply, backward_from
 
     if (plan_path is None) == (budget is None):
         fail("give either --plan FILE or --budget SIZE")
+    made_with = {}
+    if plan_path is not None:
+        try:
+            made_with = PlanFile.load(plan_path).graph_meta
+        except PlanError as error:
+            fail(str(error))
+    for name, value in (("precision", precision), ("optimizer", optimizer)):
+        if value is not None and made_with.get(name, value) != value:  # the plan would be refused, or run unasked
+            fail(f"the plan was made for --{name} {made_with[name]}: leave --{name} out, or plan again with it")
+    precision = precision or made_with.get("precision", "bf16-mixed")
+    optimizer = optimizer or made_with.get("optimizer", "adamw")
     where = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         with stderr.status(f"building {model}{_batch_note(batch)} on {where}", spinner="dots") as status:
@@ -627,11 +675,12 @@ def run(model, plan_path, budget, batch, seq, precision, steps, time_limit, as_j
             status.update("tracing and planning the step")
             with _stdout_to_stderr():
                 planned = apply(spec.model, budget=budget, example_inputs=kwargs or args, plan=plan_path,
-                                loss_fn=spec.loss_fn, precision=precision, time_limit=time_limit)
+                                loss_fn=spec.loss_fn, precision=precision, optimizer=optimizer,
+                                time_limit=time_limit)
     except (PlanError, ModelError, CaptureError, ValueError) as error:
         fail(str(error))
     step = planned.planned
-    optimizer = torch.optim.AdamW(spec.model.parameters(), lr=1e-4)
+    optimizer = _torch_optimizer(optimizer, spec.model.parameters())
     losses, step_s = [], []
     for index in range(steps):
         started = time.perf_counter()
@@ -640,8 +689,9 @@ def run(model, plan_path, budget, batch, seq, precision, steps, time_limit, as_j
         else:
             loss = planned(*args, **kwargs)
             backward_from(loss)
-        optimizer.step()
-        optimizer.zero_grad()
+        if optimizer is not None:
+            optimizer.step()
+        spec.model.zero_grad()
         losses.append(loss.sum().item())  # a model that returns logits: their sum, the loss measure() ran
         step_s.append(time.perf_counter() - started)
     sim = step.simulation
@@ -660,6 +710,17 @@ def run(model, plan_path, budget, batch, seq, precision, steps, time_limit, as_j
                   f"{_fmt(memory.peak_bytes)} (activations {_fmt(memory.peak_live_bytes)})")
     for index, (value, seconds) in enumerate(zip(losses, step_s, strict=True)):
         console.print(f"step {index}: loss {value:.4f}  {seconds * 1e3:.0f} ms")
+
+
+def _torch_optimizer(name: str, parameters):
+    """The optimizer `remat run` steps: the one whose state the plan holds (--optimizer)."""
+    import torch
+
+    if name == "none":
+        return None
+    if name in ("adamw", "adam"):
+        return (torch.optim.AdamW if name == "adamw" else torch.optim.Adam)(parameters, lr=1e-4)
+    return torch.optim.SGD(parameters, lr=1e-3, momentum=0.9 if name == "sgd-momentum" else 0.0)
 
 
 if __name__ == "__main__":

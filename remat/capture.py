@@ -15,11 +15,13 @@ repeated-block baselines and the reports need them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 import os
 import re
 import traceback
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -59,14 +61,23 @@ class Call:
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        _register_dataclasses((self.args, self.kwargs))
+
     @staticmethod
-    def of(inputs: Call | Sequence[Any] | dict[str, Any]) -> Call:
-        """A call from positional inputs (a tuple or list), keyword inputs (a dict), or a Call."""
+    def of(inputs: Call | Sequence[Any] | Mapping[str, Any]) -> Call:
+        """A call from positional inputs (a tuple or list), keyword inputs (a dict, or a mapping such as Hugging
+        Face's BatchEncoding), or a Call."""
         if isinstance(inputs, Call):
             return inputs
-        if isinstance(inputs, dict):
+        if isinstance(inputs, Mapping):
             return Call((), dict(inputs))
         return Call(tuple(inputs))
+
+    def flattened(self) -> tuple[str, list[Any]]:
+        """How the arguments nest (tuples, lists, dicts, dataclasses; keywords by name), and their leaves in order."""
+        leaves, spec = pytree.tree_flatten((self.args, self.kwargs))
+        return str(spec), leaves
 
     @property
     def tensors(self) -> tuple[torch.Tensor, ...]:
@@ -85,6 +96,27 @@ class Call:
             return list(value.shape) if isinstance(value, torch.Tensor) else repr(value)
 
         return [*map(describe, self.args), *(f"{name}={describe(value)}" for name, value in self.kwargs.items())]
+
+
+def _register_dataclasses(value: Any) -> None:
+    """A batch made as a dataclass holds tensors that are the step's inputs too: its type is registered with torch's
+    pytree (as torch.export asks of its users), so that flattening the call finds them. Unregistered, they were taken
+    for constants and the trace failed ("reads a tensor that is not one of its inputs")."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        if type(value) not in pytree.SUPPORTED_NODES:
+            try:
+                pytree.register_dataclass(type(value))
+            except (TypeError, ValueError):  # fields it cannot rebuild the dataclass from (init=False)
+                return
+        children = [getattr(value, item.name) for item in dataclasses.fields(value)]
+    elif isinstance(value, (tuple, list)):
+        children = value
+    elif isinstance(value, dict):
+        children = value.values()
+    else:
+        return
+    for child in children:
+        _register_dataclasses(child)
 
 
 class LossStep(nn.Module):
@@ -171,9 +203,23 @@ def _compiling():
     previous = torch.compiler._is_compiling_flag
     torch.compiler._is_compiling_flag = True
     try:
-        yield
+        with _quiet_fake_tensor_log():
+            yield
     finally:
         torch.compiler._is_compiling_flag = previous
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensor_log():
+    """Fake tensors log the traceback of an op that fails on them (a Linear given the wrong number of features) before
+    raising: 19 lines on stderr before remat's own one-line error. The error is raised and explained all the same."""
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -305,6 +351,10 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
         kind, name = _describe_output(desc, value)
         output_kinds.append(kind)
         output_names.append(name)
+    if "grad" not in output_kinds:
+        raise CaptureError("no parameter gets a gradient from the model's output: it does not depend on them "
+                           "through differentiable ops (argmax, comparisons, .detach(), integer outputs), so there is "
+                           "nothing to train; return a loss made of the model's outputs")
     return CapturedStep(gm, input_kinds, input_names, _tied_tensors(step), output_kinds, output_names, precision)
 
 
@@ -337,13 +387,15 @@ def build_on_fake(build: Callable[[], Spec], mode: FakeTensorMode) -> Spec:
 
     Inside `mode` first, which costs no memory. Some model code reads a tensor's value while it builds: torch's
     nn.init.trunc_normal_ (ViT's and ConvNeXt's init), drop-path rates made with .tolist(). Fake tensors have no
-    values, so such a model is built on real CPU tensors instead and its parameters, buffers and example inputs are
-    then made fake tensors of `mode` (same shapes and dtypes). The random number generator is left as it was."""
+    values, and a module of fake parameters cannot be cast or moved (`model.to(torch.bfloat16)`, `.half()`: torch swaps
+    each parameter, which fake ones refuse), so such a model is built on real CPU tensors instead and its parameters,
+    buffers and example inputs are then made fake tensors of `mode` (same shapes and dtypes). The random number
+    generator is left as it was."""
     try:
-        with mode:
+        with mode, _quiet_fake_tensor_log():
             return build()
     except Exception as error:
-        if not _reads_values(error):
+        if not (_reads_values(error) or _casts_parameters(error)):
             raise
     with torch.random.fork_rng(devices=[]):
         spec = build()
@@ -367,6 +419,12 @@ def build_on_fake(build: Callable[[], Spec], mode: FakeTensorMode) -> Spec:
 def _reads_values(error: BaseException | None) -> bool:
     """Whether `error`, or an error it was raised from, is a fake tensor refusing to give a value."""
     return any(isinstance(cause, DataDependentOutputException) for cause in _causes(error))
+
+
+def _casts_parameters(error: BaseException | None) -> bool:
+    """Whether `error` is torch's refusal to swap a module's fake parameter for its cast or moved copy."""
+    return any(isinstance(cause, RuntimeError) and str(cause).startswith("_apply(): Couldn't swap")
+               for cause in _causes(error))
 
 
 def _causes(error: BaseException | None) -> Iterator[BaseException]:

@@ -12,8 +12,10 @@ Measured profiles (`remat profile`) add `measured_s`: seconds per op, keyed by t
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
@@ -56,6 +58,40 @@ def load_profile(name_or_path: str) -> DeviceProfile:
                          "or give a profile JSON file")
     try:
         data = json.loads(path.read_text())
-        return DeviceProfile(**{k: v for k, v in data.items() if k in DeviceProfile.__dataclass_fields__})
-    except (json.JSONDecodeError, TypeError) as error:
-        raise ValueError(f"device profile {path} is not valid: {error}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"device profile {path} is not valid JSON: {error}") from None
+    problem = _profile_problem(data)
+    if problem:
+        raise ValueError(f"device profile {path} is not valid: {problem} (see profiles/h100.json for the form)")
+    data.setdefault("description", data["name"])
+    return DeviceProfile(**{k: v for k, v in data.items() if k in DeviceProfile.__dataclass_fields__})
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _profile_problem(data: Any) -> str:
+    """What is wrong with a profile's JSON, or "": a negative or zero bandwidth made every step cheaper, or divided
+    by zero, and a missing peak for a dtype fell back to fp32's without a word."""
+    if not isinstance(data, dict):
+        return f"a JSON object is needed, not {type(data).__name__}"
+    missing = [k for k in ("name", "memory_bytes", "memory_bandwidth_bytes_per_s", "flops_per_s") if k not in data]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    for key in ("memory_bytes", "memory_bandwidth_bytes_per_s", "launch_overhead_s"):
+        if key in data and not (_positive(data[key]) or (key == "launch_overhead_s" and data[key] == 0)):
+            return f"{key} must be a positive number, not {data[key]!r}"
+    for key in ("matmul_efficiency", "memory_efficiency"):
+        if key in data and not (_positive(data[key]) and data[key] <= 1):
+            return f"{key} must be a number in (0, 1], not {data[key]!r}"
+    peaks = data["flops_per_s"]
+    if not isinstance(peaks, dict) or "fp32" not in peaks:
+        return "flops_per_s must map compute dtypes to peak FLOP/s, fp32 among them"
+    wrong = [f"{dtype}: {value!r}" for dtype, value in peaks.items() if not _positive(value)]
+    if wrong:
+        return f"flops_per_s must be positive numbers ({', '.join(wrong)})"
+    measured = data.get("measured_s", {})
+    if not isinstance(measured, dict) or any(not (_positive(v) or v == 0) for v in measured.values()):
+        return "measured_s must map op keys to seconds (numbers, 0 or more)"
+    return ""

@@ -49,6 +49,8 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def _millions(count: int) -> str:
+    if count < 1e5:  # a small model's 0.0M said nothing
+        return f"{count / 1e3:.1f}K"
     return f"{count / 1e6:.1f}M" if count < 1e9 else f"{count / 1e9:.2f}B"
 
 
@@ -617,7 +619,9 @@ def _factory_kwargs(factory: Callable, where: str, batch: int | None, seq: int |
         raise ModelError(f"{where} takes no batch argument, but batch {batch} was asked for (--batch; remat maxbatch "
                          "tries several): add a batch= parameter, or leave --batch out")
     seq_required = "seq" in parameters and parameters["seq"].default is inspect.Parameter.empty
-    if (takes_any or "seq" in accepted) and (seq is not None or seq_required):
+    if seq_required and seq is None:
+        raise ModelError(f"{where} takes seq= without a default: give --seq (or a default in the factory)")
+    if (takes_any or "seq" in accepted) and seq is not None:
         kwargs["seq"] = seq  # no --seq: the factory's own default, not None over it
     elif seq is not None:
         raise ModelError(f"--seq {seq} was given but {where} takes no seq argument: add one or leave --seq out")
@@ -673,7 +677,7 @@ def _build_from_factory(path: Path, factory_name: str, batch: int | None, seq: i
         batch = int(first.shape[0]) if first is not None else None
     if seq is None:  # the factory's own default, for the report
         seq = _default_of(factory, "seq")
-    description = f"{where} ({_millions(count_parameters(model))} params)"
+    description = f"{type(model).__name__} ({_millions(count_parameters(model))} params)"  # printed after `where`
     return ModelSpec(where, model, example_inputs, loss_fn=loss_fn, batch=batch, seq=seq, description=description)
 
 

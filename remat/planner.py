@@ -181,6 +181,11 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
     """
     if solver not in SOLVER_NAMES:
         raise ValueError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVER_NAMES)}")
+    from solvers.checkmate import available_backends, backend_available  # pulp and highspy: only when needed
+
+    if solver not in BASELINES and not backend_available(backend):  # auto would go on without its MILPs, unsaid
+        raise ValueError(f"MILP back-end {backend!r} is not available here; available: "
+                         f"{', '.join(available_backends()) or 'none'}")
     started = time.perf_counter()
     say = progress or (lambda message: None)
     plan = _plan(graph, budget_bytes, solver, time_limit_s, backend, say, known, started, beaten_at_s)
@@ -421,7 +426,7 @@ def _polish(plan: Plan, started: float, deadline: float, backend: str, say: Call
     plan = replace(plan, candidates=(*plan.candidates, polished), wall_s=time.perf_counter() - started)
     if polished.fits(plan.budget_bytes) and polished.simulation.compute_s < plan.compute_s:
         plan = replace(plan, method=polished.method, schedule=polished.schedule, simulation=polished.simulation,
-                       message=f"{polished.message}; {plan.method} gave {plan.compute_s:.6g} s",
+                       message=f"{polished.message}; {plan.method} gave {format_seconds(plan.compute_s)}",
                        picked=f"{plan.picked}; then the whole-graph MILP warm-started from it")
     proven = result.status == OPTIMAL or meets_bound(plan.compute_s, lower_bound_s)
     return replace(plan, status=OPTIMAL if proven else FEASIBLE, lower_bound_s=min(lower_bound_s, plan.compute_s),

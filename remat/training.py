@@ -335,19 +335,17 @@ def _move_metadata(state_dict: dict, old: str, new: str) -> None:
 
 def _signature(model: nn.Module, call: Call) -> tuple:
     """What a traced step depends on besides the values of tensors: the model's state (_model_state), autocast, and
-    each argument (a tensor's shape, layout, dtype, device; any other value itself), keyword arguments by name."""
+    the arguments: how they nest (tuples, lists, dicts, dataclasses; keyword arguments by name), each tensor's shape,
+    layout, dtype, device and whether it requires grad, and any other value itself."""
     def describe(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             return ("tensor", tuple(value.shape), _layout(value), value.dtype, value.device.type,
                     value.requires_grad)
-        if isinstance(value, (tuple, list)):
-            return (type(value).__name__, *map(describe, value))
-        if isinstance(value, dict):
-            return ("dict", *((key, describe(item)) for key, item in value.items()))
         return ("value", repr(value))
 
-    return (_model_state(model), torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"),
-            *map(describe, call.args), *((name, describe(value)) for name, value in call.kwargs.items()))
+    nesting, leaves = call.flattened()
+    return (_model_state(model), torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"), str(nesting),
+            *map(describe, leaves))
 
 
 def _layout(tensor: torch.Tensor) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _UNITS = {
@@ -10,7 +11,7 @@ _UNITS = {
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
     "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
 }
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e\+?[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 
 
 def is_share(text: str | int | float | None) -> bool:
@@ -23,8 +24,8 @@ def parse_size(text: str | int | float, reference_bytes: int | None = None) -> i
     if isinstance(text, bool):
         raise ValueError(f"not a size: {text!r}")
     if isinstance(text, (int, float)):
-        if text <= 0:
-            raise ValueError(f"size must be positive, got {text!r}")
+        if not math.isfinite(text) or text <= 0:
+            raise ValueError(f"size must be a positive number, got {text!r}")
         return int(text)
     raw = str(text).strip()
     if is_share(raw):
@@ -34,13 +35,17 @@ def parse_size(text: str | int | float, reference_bytes: int | None = None) -> i
             percent = float(raw[:-1])
         except ValueError:
             raise ValueError(f"not a percentage: {raw!r}") from None
-        if percent <= 0:
-            raise ValueError(f"percentage must be positive, got {raw!r}")
+        if not math.isfinite(percent) or percent <= 0:
+            raise ValueError(f"percentage must be a positive number, got {raw!r}")
         return int(reference_bytes * percent / 100)
     match = _SIZE.match(raw)
+    if not match and raw.startswith("-"):
+        raise ValueError(f"size must be positive, got {raw!r}")
     if not match or match.group(2).lower() not in _UNITS:
         raise ValueError(f"cannot read size {raw!r}: use a number with a unit such as 16GB, 16GiB or 512MiB")
     value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if not math.isfinite(value):
+        raise ValueError(f"size {raw!r} is too large")
     if value <= 0:
         raise ValueError(f"size must be positive, got {raw!r}")
     if value < 1:  # "0.6" rounds to 0 bytes: most likely a share meant as 60%

@@ -2,6 +2,7 @@
 and holds the bytes the simulator planned, for budgets from store-all down to the minimum feasible."""
 
 import copy
+import dataclasses
 import json
 import pickle
 import random
@@ -1046,3 +1047,33 @@ def test_evaluation_without_labels_returns_the_models_output_and_its_attributes_
         assert torch.equal(planned(x).logits, model.head(x))  # no loss to return: the output as it is
         assert planned(x, labels).dim() == 0  # the loss, as a training step returns it
     assert planned.config == {"vocab": 5}
+
+
+@dataclasses.dataclass
+class Batch:
+    features: torch.Tensor
+    targets: torch.Tensor
+    weight: float = 1.0
+
+
+class TakesABatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 4)
+
+    def forward(self, batch):
+        return batch.weight * nn.functional.cross_entropy(self.b(torch.tanh(self.a(batch.features))), batch.targets)
+
+
+def test_a_batch_made_as_a_dataclass_is_the_steps_inputs():
+    """Its tensors were taken for constants: the trace failed ("reads a tensor that is not one of its inputs")."""
+    model = TakesABatch().double()
+    reference = copy.deepcopy(model)
+    batches = [Batch(torch.randn(8, 16, dtype=torch.float64), torch.randint(0, 4, (8,))) for _ in range(2)]
+    planned = apply(model, budget="100%", example_inputs=(batches[0],), device="cpu", time_limit=TIME_LIMIT)
+    for batch in batches:
+        _same_step(planned, model, reference, batch)
+    assert len(planned.steps) == 1  # the same shapes: one plan, whatever the values
+    _same_step(planned, model, reference, dataclasses.replace(batches[0], weight=2.0))
+    assert len(planned.steps) == 2  # a number in it is part of the graph

@@ -332,3 +332,18 @@ def test_convolution_backward_counts_its_input_gradient_but_not_its_weight_gradi
     second = next(node for node in backward if node.part_bytes)  # conv2's: input gradient (2, 8, 8, 8) in fp32
     assert second.part_bytes[0] == 2 * 8 * 8 * 8 * 4 and second.part_bytes[1:] == (0, 0)
     assert second.output_bytes == second.part_bytes[0]
+
+
+class ArgmaxScore(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return (self.a(x).argmax(-1) == 0).float().mean()  # an accuracy: no gradient reaches a parameter
+
+
+def test_a_loss_no_parameter_gets_a_gradient_from_is_refused():
+    """It was planned as a step with 0 bytes of gradients, and no word."""
+    with pytest.raises(CaptureError, match="no parameter gets a gradient"):
+        capture_step(ArgmaxScore(), (torch.randn(8, 16),))

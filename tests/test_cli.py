@@ -46,6 +46,25 @@ class Routed(nn.Module):  # mixture-of-experts routing by a boolean mask: as man
 
 def routed(batch=4):
     return Routed(), (torch.randn(batch, 64),)
+
+
+def llama(batch=4):  # cast in the factory: fake parameters refuse the swap that .to() makes
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 1)).to(torch.bfloat16)
+    return model, (torch.randn(batch, 64, dtype=torch.bfloat16),)
+
+
+def wrong_features(batch=4):
+    return nn.Sequential(nn.Linear(10, 3)), (torch.randn(batch, 7),)
+
+
+def needs_seq(seq, batch=4):
+    return nn.Sequential(nn.Linear(seq, 1)), (torch.randn(batch, seq),)
+
+
+def four_samples(batch=4):
+    if batch > 4:
+        raise ValueError(f"only 4 samples, not {batch}")
+    return make(batch)
 '''
 
 
@@ -151,7 +170,7 @@ def test_budget_as_a_share_of_the_store_all_peak(factory_file, probe):
 
 
 def test_user_model_plan_json_and_plan_file(factory_file, probe, tmp_path):
-    out = tmp_path / "plan.json"
+    out = tmp_path / "plans" / "plan.json"  # a folder that does not exist yet: made before the solve
     budget = (probe["store_all_peak_bytes"] + probe["min_feasible_bytes"]) // 2
     result = remat("solve", "--model", f"{factory_file}:make", "--budget", str(budget), "--json", "--out", str(out),
                    "--time-limit", "20")
@@ -170,6 +189,42 @@ def test_user_model_plan_json_and_plan_file(factory_file, probe, tmp_path):
     assert summary["compute_s"] <= min(c["compute_s"] for c in baselines) * (1 + 1e-9)
     plan = json.loads(out.read_text())
     assert plan["graph_hash"] and plan["schedule"]["ops"]
+    # remat run takes the plan's precision and optimizer; asked for others, it says so before building anything
+    for option, value in (("--precision", "fp32"), ("--optimizer", "sgd")):
+        assert_one_line_error(remat("run", "--model", f"{factory_file}:make", "--plan", str(out), option, value),
+                              f"the plan was made for {option} ")
+
+
+def test_a_factory_that_casts_its_model_plans_and_its_name_prints_as_written(factory_file):
+    """`.to(torch.bfloat16)` in a factory failed on fake parameters ("Couldn't swap Linear.weight"), blamed on the
+    factory; and rich printed `mymodel.py:llama` with a llama emoji."""
+    assert_one_line_error(remat("solve", "--model", f"{factory_file}:llama", "--budget", "1KB"),
+                          "mymodel.py:llama", "fixed memory alone")
+
+
+def test_a_shape_error_in_the_model_is_one_line_without_torchs_logged_traceback(factory_file):
+    assert_one_line_error(remat("solve", "--model", f"{factory_file}:wrong_features", "--budget", "1GB"),
+                          "could not trace the training step")
+
+
+def test_a_factory_whose_seq_has_no_default_asks_for_seq(factory_file):
+    assert_one_line_error(remat("solve", "--model", f"{factory_file}:needs_seq", "--budget", "1GB"), "give --seq")
+
+
+def test_a_baseline_asked_by_name_that_does_not_fit_names_its_own_peak(factory_file, probe):
+    """It said "the minimum feasible budget found is 2.27 MB; use --budget 2.28MB or more" of a 2.58-MB budget: the
+    minimum of other methods' plans, not of the one asked for."""
+    budget = (probe["store_all_peak_bytes"] + probe["min_feasible_bytes"]) // 2
+    result = remat("solve", "--model", f"{factory_file}:make", "--budget", str(budget), "--solver", "store-all",
+                   "--time-limit", "2")
+    assert_one_line_error(result, "store-all's schedule", "peaks at", "--solver auto, whose plans go down to")
+
+
+def test_maxbatch_of_a_factory_that_fails_at_a_larger_batch_and_of_a_share(factory_file):
+    assert_one_line_error(remat("maxbatch", "--model", "mlp", "--budget", "80%"), "not a share")
+    result = remat("compare", "--model", f"{factory_file}:four_samples", "--budget", "150%", "--max-batch",
+                   "--solvers", "store-all", "--time-limit", "1")
+    assert_one_line_error(result, "only 4 samples")
 
 
 def test_user_model_with_inputs_by_name_and_value_reading_init(factory_file):

@@ -118,13 +118,14 @@ def test_min_budget_lower_bound_is_the_largest_working_set():
 
 @pytest.mark.parametrize("text, expected", [
     ("16GB", 16 * 10**9), ("16GiB", 16 * 2**30), ("512MiB", 512 * 2**20), ("1.5e9", 1_500_000_000),
-    ("16 gb", 16 * 10**9), ("2048", 2048),
+    ("16 gb", 16 * 10**9), ("2048", 2048), ("1e+9", 10**9),
 ])
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
 
-@pytest.mark.parametrize("text", ["16XB", "-3GB", "", "GB", "0GB", "abc", "0%"])
+@pytest.mark.parametrize("text", ["16XB", "-3GB", "", "GB", "0GB", "abc", "0%", "inf%", "nan%", "1e400", float("inf"),
+                                  float("nan")])
 def test_parse_size_rejects_bad_input(text):
     with pytest.raises(ValueError):
         parse_size(text, reference_bytes=100)

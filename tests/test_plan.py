@@ -372,3 +372,11 @@ def test_checkpoint_all_past_its_instruction_limit_is_built_only_where_nothing_e
     others = [c for c in tight.candidates if c.method != "checkpoint-all"]
     assert not [c for c in others if c.fits(40)]
     assert tight.method == "checkpoint-all" and tight.simulation.peak_bytes == 40
+
+
+def test_an_unavailable_milp_backend_is_a_clear_error_for_auto():
+    """The auto planner went on without its MILPs, unsaid, where the back-end asked for was not installed."""
+    graph = make_graph([[], [0], [1]], [4, 4, 4], outputs=[2])
+    with pytest.raises(ValueError, match="MILP back-end 'nosuch' is not available here"):
+        solve(graph, 100, backend="nosuch")
+    assert solve(graph, 100, solver="store-all", backend="nosuch").schedule is not None  # a baseline needs none

@@ -2,6 +2,7 @@
 profiler writes are the keys lowering looks up; `remat profile` needs CUDA and says so."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,27 @@ def test_stored_profile_loads_with_its_roofline_fields():
     assert profile.flops_per_s == base.flops_per_s
     assert profile.memory_bandwidth_bytes_per_s == base.memory_bandwidth_bytes_per_s
     assert base.measured_s == {}
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda data: [1, 2], "a JSON object is needed"),
+    (lambda data: {**data, "memory_bandwidth_bytes_per_s": "3.35e12"}, "memory_bandwidth_bytes_per_s must be"),
+    (lambda data: {**data, "memory_bandwidth_bytes_per_s": 0}, "memory_bandwidth_bytes_per_s must be"),
+    (lambda data: {**data, "memory_bandwidth_bytes_per_s": -3.35e12}, "memory_bandwidth_bytes_per_s must be"),
+    (lambda data: {k: v for k, v in data.items() if k != "flops_per_s"}, "missing flops_per_s"),
+    (lambda data: {**data, "flops_per_s": {"bf16": 1e15}}, "fp32 among them"),
+    (lambda data: {**data, "matmul_efficiency": 6}, "matmul_efficiency must be a number in (0, 1]"),
+])
+def test_a_profile_with_wrong_values_is_refused_with_what_is_wrong(tmp_path, change, message):
+    """A list, a string, a zero or negative bandwidth failed deep in the cost model (AttributeError, TypeError,
+    ZeroDivisionError), or, negative, made every step cheaper without a word."""
+    data = json.loads((ROOT / "profiles" / "h100.json").read_text())
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(change(data)))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_profile(str(path))
+    path.write_text(json.dumps({k: v for k, v in data.items() if k != "description"}))
+    assert load_profile(str(path)).description == "h100"  # a description is not needed
 
 
 def test_measured_ops_take_their_time_and_the_rest_the_roofline(traced_pair):
