@@ -98,6 +98,36 @@ class Call:
         return [*map(describe, self.args), *(f"{name}={describe(value)}" for name, value in self.kwargs.items())]
 
 
+def tensor_layout(tensor: torch.Tensor) -> Any:
+    """The strides a traced graph assumes: its views (`x.view(b, -1)` from a reshape) hold for these only."""
+    if tensor.is_contiguous():
+        return "contiguous"
+    if tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return tensor.stride()
+
+
+SCALARS = (bool, int, float, str)
+
+
+def module_state(model: nn.Module) -> tuple:
+    """What the trace takes from the model as fixed, module by module: train or eval, its hooks, its plain settings
+    (a dropout's p, a temperature, a flag: public attributes that are numbers or strings), and its parameters' and
+    buffers' shapes, dtypes and devices, and which parameters require grad. A change to any of them is traced and
+    planned again: the planned graph has the old value in it (a dropout annealed to 0 kept its first p, a hook added
+    later never ran, a model cast to float64 ran in float64 with a float32 plan's memory)."""
+    modules = []
+    for module in model.modules():
+        settings = tuple((name, value) for name, value in vars(module).items()
+                         if isinstance(value, SCALARS) and not name.startswith("_"))
+        hooks = tuple(map(tuple, (module._forward_pre_hooks, module._forward_hooks, module._backward_pre_hooks,
+                                  module._backward_hooks)))
+        tensors = tuple((tensor.shape, tensor.dtype, tensor.device, tensor.requires_grad)
+                        for tensor in (*module._parameters.values(), *module._buffers.values()) if tensor is not None)
+        modules.append((settings, hooks, tensors))
+    return tuple(modules)
+
+
 def _register_dataclasses(value: Any) -> None:
     """A batch made as a dataclass holds tensors that are the step's inputs too: its type is registered with torch's
     pytree (as torch.export asks of its users), so that flattening the call finds them. Unregistered, they were taken

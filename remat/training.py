@@ -26,7 +26,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat.capture import Call, CapturedStep, CaptureError, LossStep, capture_step, loss_of, uncompiled
+from remat.capture import (
+    Call,
+    CapturedStep,
+    CaptureError,
+    LossStep,
+    capture_step,
+    loss_of,
+    module_state,
+    tensor_layout,
+    uncompiled,
+)
 from remat.cost import load_profile
 from remat.execute import ExecuteError, PartitionedStep, StepMemory, StepRunner, partition
 from remat.graph import Graph
@@ -334,48 +344,18 @@ def _move_metadata(state_dict: dict, old: str, new: str) -> None:
 
 
 def _signature(model: nn.Module, call: Call) -> tuple:
-    """What a traced step depends on besides the values of tensors: the model's state (_model_state), autocast, and
-    the arguments: how they nest (tuples, lists, dicts, dataclasses; keyword arguments by name), each tensor's shape,
-    layout, dtype, device and whether it requires grad, and any other value itself."""
+    """What a traced step depends on besides the values of tensors: the model's state (capture.module_state),
+    autocast, and the arguments: how they nest (tuples, lists, dicts, dataclasses; keyword arguments by name), each
+    tensor's shape, layout, dtype, device and whether it requires grad, and any other value itself."""
     def describe(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
-            return ("tensor", tuple(value.shape), _layout(value), value.dtype, value.device.type,
+            return ("tensor", tuple(value.shape), tensor_layout(value), value.dtype, value.device.type,
                     value.requires_grad)
         return ("value", repr(value))
 
     nesting, leaves = call.flattened()
-    return (_model_state(model), torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"), str(nesting),
+    return (module_state(model), torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"), str(nesting),
             *map(describe, leaves))
-
-
-def _layout(tensor: torch.Tensor) -> Any:
-    """The strides a traced graph assumes: its views (`x.view(b, -1)` from a reshape) hold for these only."""
-    if tensor.is_contiguous():
-        return "contiguous"
-    if tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last):
-        return "channels_last"
-    return tensor.stride()
-
-
-SCALARS = (bool, int, float, str)
-
-
-def _model_state(model: nn.Module) -> tuple:
-    """What the trace takes from the model as fixed, module by module: train or eval, its hooks, its plain settings
-    (a dropout's p, a temperature, a flag: public attributes that are numbers or strings), and its parameters' and
-    buffers' shapes, dtypes and devices, and which parameters require grad. A change to any of them is traced and
-    planned again: the planned graph has the old value in it (a dropout annealed to 0 kept its first p, a hook added
-    later never ran, a model cast to float64 ran in float64 with a float32 plan's memory)."""
-    modules = []
-    for module in model.modules():
-        settings = tuple((name, value) for name, value in vars(module).items()
-                         if isinstance(value, SCALARS) and not name.startswith("_"))
-        hooks = tuple(map(tuple, (module._forward_pre_hooks, module._forward_hooks, module._backward_pre_hooks,
-                                  module._backward_hooks)))
-        tensors = tuple((tensor.shape, tensor.dtype, tensor.device, tensor.requires_grad)
-                        for tensor in (*module._parameters.values(), *module._buffers.values()) if tensor is not None)
-        modules.append((settings, hooks, tensors))
-    return tuple(modules)
 
 
 def default_device_profile(model: nn.Module) -> str:
