@@ -292,14 +292,19 @@ def curve_targets(least: int, most: int, wanted: int | None) -> list[int]:
 
 
 def pareto(curve: list[BlockOption]) -> list[BlockOption]:
-    """Drop options that another beats on seconds, gap bytes and both peaks."""
-    def dominated(a: BlockOption, b: BlockOption) -> bool:
-        return (b.compute_s <= a.compute_s and b.gap_bytes <= a.gap_bytes
-                and b.forward_peak_bytes <= a.forward_peak_bytes and b.backward_peak_bytes <= a.backward_peak_bytes
-                and b != a)
-    kept = []
+    """Drop options that another beats on seconds, gap bytes or a peak and matches on the rest; of options with the
+    same four figures (different rows), the first. Before, such twins each dropped the other: a block MILP's
+    solutions for several targets, all the same schedule's figures, emptied the curve of that point, and given more
+    time (or after an earlier call had filled the cache) decompose found no plan where it had found one."""
+    def figures(option: BlockOption) -> tuple[float, int, int, int]:
+        return option.compute_s, option.gap_bytes, option.forward_peak_bytes, option.backward_peak_bytes
+
+    def beats(b: BlockOption, a: BlockOption) -> bool:
+        return all(x <= y for x, y in zip(figures(b), figures(a), strict=True)) and figures(b) != figures(a)
+
+    kept: list[BlockOption] = []
     for a in curve:
-        if not any(dominated(a, b) for b in curve) and a not in kept:
+        if not any(beats(b, a) for b in curve) and all(figures(k) != figures(a) for k in kept):
             kept.append(a)
     return sorted(kept, key=lambda o: o.gap_bytes)
 

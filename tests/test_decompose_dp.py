@@ -3,7 +3,7 @@ answers that with a Fenwick tree; here it is checked against the pairwise defini
 
 import random
 
-from solvers.decompose import _dominant
+from solvers.decompose import BlockOption, _dominant, pareto
 
 
 def dominated_pairwise(states: dict) -> set:
@@ -23,3 +23,16 @@ def test_the_front_is_every_state_no_other_dominates():
         front = _dominant(states)
         assert set(front) == set(states) - dominated_pairwise(states)
         assert all(front[key] == states[key] for key in front)
+
+
+def test_options_with_the_same_figures_keep_one_and_a_beaten_one_goes():
+    """Twins (the same seconds, gap and peaks from different rows, as a block MILP gives for several targets) each
+    dropped the other, and the curve lost that point: decompose then found no plan with more time (mlp at 140 MB:
+    a plan at 2 s, none at 3 s), or after an earlier solve had filled its cache of block solutions."""
+    def option(seconds, gap, rows):
+        return BlockOption(gap, seconds, 100, 100, rows, "optimal")
+
+    cheap_but_wide = option(1.0, 50, ((0,), (1,)))
+    twins = [option(2.0, 10, ((0,), (0, 1))), option(2.0, 10, ((0, 1), (1,)))]
+    beaten = option(2.5, 10, ((0,), (0, 1)))
+    assert pareto([cheap_but_wide, *twins, beaten]) == [twins[0], cheap_but_wide]
