@@ -18,7 +18,7 @@ from pathlib import Path
 from remat.graph import Graph
 from remat.schedule import Schedule, tighten_frees
 from remat.simulate import Simulation, simulate
-from remat.units import format_seconds
+from remat.units import format_seconds, is_share, parse_size
 from solvers.anneal import Space, anneal_at_once, score
 from solvers.base import FEASIBLE, INFEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions, SolverResult, meets_bound
 from solvers.baselines import BASELINES, BUDGET_FREE_BASELINES, checkpoint_all
@@ -164,10 +164,20 @@ class Plan:
         Path(path).write_text(json.dumps(self.to_json(), indent=1))
 
 
-def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: float = 60.0,
+def budget_of(graph: Graph, budget: int | float | str) -> int:
+    """Bytes of a budget: a number of bytes, a size ("16GB", "16GiB"), or a share of the graph's store-all peak
+    ("60%"). Not a positive, finite size: ValueError."""
+    if is_share(budget):
+        store_all = BASELINES["store-all"](graph, 0, SolveOptions()).schedule
+        return parse_size(budget, reference_bytes=simulate(graph, store_all).peak_bytes)
+    return parse_size(budget)
+
+
+def solve(graph: Graph, budget_bytes: int | str, solver: str = "auto", time_limit_s: float = 60.0,
           backend: str = "highs", progress: Callable[[str], None] | None = None,
           known: Sequence[Candidate] = (), beaten_at_s: float | None = None) -> Plan:
-    """The cheapest schedule of `graph` whose simulated peak fits `budget_bytes`.
+    """The cheapest schedule of `graph` whose simulated peak fits `budget_bytes` (bytes, or a size or share as
+    budget_of reads it: "16GB", "60%").
 
     `known`: schedules found earlier for this graph (a smaller budget's plan, say), weighed like the baselines.
     One named after a baseline stands in for that baseline, which is then not built again: it must be that
@@ -181,6 +191,7 @@ def solve(graph: Graph, budget_bytes: int, solver: str = "auto", time_limit_s: f
     """
     if solver not in SOLVER_NAMES:
         raise ValueError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVER_NAMES)}")
+    budget_bytes = budget_of(graph, budget_bytes)  # "16GB" failed deep in the planner with a TypeError
     from solvers.checkmate import available_backends, backend_available  # pulp and highspy: only when needed
 
     if solver not in BASELINES and not backend_available(backend):  # auto would go on without its MILPs, unsaid
@@ -475,9 +486,10 @@ def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, bac
     assert store_all is not None and store_all.valid, "store-all must always be a valid schedule"
     bound = graph.min_budget_lower_bound()
 
-    if solver in BASELINES:
+    if solver in BASELINES:  # its plan, with the bound that costs nothing: every node runs once
         chosen = next(c for c in candidates if c.method == solver)
-        return _finish(graph, budget_bytes, [chosen], candidates, store_all, bound, started, lower_bound_s=None,
+        return _finish(graph, budget_bytes, [chosen], candidates, store_all, bound, started,
+                       lower_bound_s=graph.compute_s, bound_method="every node once",
                        picked=f"{solver} (asked for by name)")
 
     lower_bound_s: float | None = graph.compute_s  # every node runs at least once
@@ -489,6 +501,10 @@ def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, bac
                            "the budget holds every activation: no rematerialization needed")
         return _finish(graph, budget_bytes, [chosen], candidates, store_all, bound, started, lower_bound_s,
                        bound_method="store-all", picked="store-all: the budget holds every activation")
+
+    if budget_bytes < graph.fixed.total_bytes:  # fixed memory alone is over: no search can help, say so at once
+        return _finish(graph, budget_bytes, candidates, candidates, store_all, bound, started, None,
+                       bound_method="fixed memory is over the budget", picked="none: fixed memory is over the budget")
 
     # A valid lower bound on the fine graph, whatever solves it (solvers/bounds.py): cheap, so always.
     say("lower bound")
@@ -667,16 +683,17 @@ def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, bac
                    bound_method=bound_method, picked=picked)
 
 
-def sweep(graph: Graph, budgets_bytes: Sequence[int], solver: str = "auto", time_limit_s: float = 60.0,
+def sweep(graph: Graph, budgets_bytes: Sequence[int | str], solver: str = "auto", time_limit_s: float = 60.0,
           backend: str = "highs", progress: Callable[[str], None] | None = None) -> list[Plan]:
-    """Plans for several budgets, smallest first: the budget -> cost curve.
+    """Plans for several budgets (bytes, sizes or shares, as `solve` takes them): one per distinct budget, smallest
+    first, each with its `budget_bytes`: the budget -> cost curve.
 
     A schedule that fits a budget fits every larger one, so each budget also weighs the plan of the
     budget below it: the curve never rises, whatever the time limit cut short.
     """
     plans: list[Plan] = []
     known: list[Candidate] = []
-    for budget in sorted(set(budgets_bytes)):
+    for budget in sorted({budget_of(graph, budget) for budget in budgets_bytes}):
         plan = solve(graph, budget, solver, time_limit_s, backend, progress, known=known)
         plans.append(plan)
         # the baselines that ignore the budget are built once (checkpoint-all: 4 s on GPT-2 XL)
@@ -749,6 +766,13 @@ def _finish(graph: Graph, budget_bytes: int, preference: list[Candidate], candid
     if not fitting:
         message = (f"no schedule fits {budget_bytes} bytes; the lowest peak found is {min_feasible} bytes "
                    f"(no schedule can go below {bound} bytes)")
+        asked = preference[0]
+        if len(preference) == 1 and asked.method in BASELINES:  # a baseline asked for by name: why it does not fit
+            own = asked.simulation
+            message = (f"{asked.method}'s schedule peaks at {own.peak_bytes} bytes, over the budget of {budget_bytes}"
+                       if own is not None and own.valid else f"{asked.method}: {asked.message}")
+            if min_feasible is not None and min_feasible <= budget_bytes:
+                message += f"; other methods fit (the lowest peak found is {min_feasible} bytes)"
         return Plan(graph, budget_bytes, preference[0].method, INFEASIBLE, None, None, None, store_all,
                     min_feasible, bound, wall_s, message, coarse_nodes, tuple(candidates), bound_method, picked)
     best = min(fitting, key=lambda c: c.simulation.compute_s)

@@ -17,6 +17,7 @@ from remat.compare import Comparison, Row
 from remat.graph import Graph
 from remat.maxbatch import MILP_METHODS
 from remat.schedule import COMPUTE, Schedule
+from remat.simulate import Simulation
 from remat.split import Split
 from remat.units import format_bytes, format_seconds
 
@@ -114,6 +115,19 @@ def _pyplot():
     return plt
 
 
+def memory_steps(graph: Graph, schedule: Schedule, simulation: Simulation) -> tuple[list[float], list[int]]:
+    """(seconds, bytes) to draw as steps: each instruction's memory from the moment it starts, until the next one
+    starts, and the step's end last. (Drawn from each op's end, an op's output and workspace showed over the next
+    op's time.)"""
+    elapsed, times = 0.0, []
+    for op in schedule.ops:
+        times.append(elapsed)
+        if op.kind == COMPUTE:
+            elapsed += graph.nodes[op.node].compute_s
+    memory = list(simulation.timeline_bytes)
+    return [*times, elapsed], [*memory, memory[-1]]
+
+
 def memory_plot(comparison: Comparison, budget_bytes: int) -> bytes:
     """Memory in use over the modelled step time, one line per method, with the budget as a dashed line."""
     plt = _pyplot()
@@ -128,14 +142,11 @@ def memory_plot(comparison: Comparison, budget_bytes: int) -> bytes:
             continue
         simulation = comparison.simulation(method, budget_bytes)
         runs_on = comparison.graph_of(method, budget_bytes)
-        elapsed, times = 0.0, []
-        for op in schedule.ops:
-            if op.kind == COMPUTE:
-                elapsed += runs_on.nodes[op.node].compute_s
-            times.append(elapsed * 1e3)
+        times, memory = memory_steps(runs_on, schedule, simulation)
+        times = [t * 1e3 for t in times]
         label = method if times[-1] <= right_ms else f"{method} (to {times[-1]:,.0f} ms)"
-        axes.plot(times, [b / scale for b in simulation.timeline_bytes], label=label, linewidth=1.1, alpha=0.85,
-                  drawstyle="steps-post", color=colors[method])
+        axes.plot(times, [b / scale for b in memory], label=label, linewidth=1.1, alpha=0.85, drawstyle="steps-post",
+                  color=colors[method])
     axes.set_xlim(left=0, right=right_ms)
     axes.axhline(budget_bytes / scale, color="black", linestyle="--", linewidth=1, label="budget")
     axes.axhline(graph.fixed.total_bytes / scale, color="gray", linestyle=":", linewidth=1, label="fixed memory")
@@ -282,7 +293,7 @@ def markdown(comparison: Comparison, images: list[tuple[str, str]]) -> str:
     lines += ["", *(f"Note: {note}" for note in notes(comparison))]
     for title, image in images:
         lines += ["", f"## {title}", "", f"![{title}]({image})"]
-    lines += ["", f"Compared in {comparison.wall_s:.1f} s.", ""]
+    lines += ["", f"Compared in {comparison.wall_s:.1f} s (tracing the model not counted).", ""]
     return "\n".join(lines)
 
 
@@ -308,7 +319,7 @@ def html_page(comparison: Comparison, figure_list: list[Figure]) -> str:
         data = base64.b64encode(figure.png).decode("ascii")
         parts.append(f"<h2>{html.escape(figure.title)}</h2><img alt='{html.escape(figure.title)}' "
                      f"src='data:image/png;base64,{data}'>")
-    parts.append(f"<p>Compared in {comparison.wall_s:.1f} s.</p></body></html>")
+    parts.append(f"<p>Compared in {comparison.wall_s:.1f} s (tracing the model not counted).</p></body></html>")
     return "\n".join(parts)
 
 

@@ -139,23 +139,27 @@ class RematModule(nn.Module):
     """
 
     def __init__(self, model: nn.Module, budget: str | int | float | None, *, loss_fn: Callable | None,
-                 precision: str, solver: str, device: str | None, optimizer: str, time_limit: float,
+                 precision: str | None, solver: str, device: str | None, optimizer: str, time_limit: float,
                  plan: Plan | PlanFile | str | Path | None, backend: str,
                  progress: Callable[[str], None] | None):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-        if budget is None and plan is None:
-            raise ValueError("give a budget (e.g. budget=\"16GB\") or a plan")
+        if (budget is None) == (plan is None):
+            raise ValueError("give a budget (e.g. budget=\"16GB\") or a plan, not both")
         self.model = uncompiled(model)
         self.budget = budget
         self.loss_fn = loss_fn
-        self.precision = precision
         self.solver = solver
         self.device = device
         self.optimizer = optimizer
         self.time_limit = time_limit
         self.given_plan = plan_from(plan) if plan is not None else None  # a bad file fails here, before any trace
+        planned_in = self.given_plan.graph_meta.get("precision") if self.given_plan is not None else None
+        if precision is not None and planned_in is not None and precision != planned_in:
+            raise PlanError(f"the plan was made for precision={planned_in!r}: leave precision out, or plan again "
+                            f"with {precision!r}")  # it ran the plan's while evaluation ran in the one given
+        self.precision = precision or planned_in or "fp32"
         self.backend = backend
         self.progress = progress
         # The bytes the first plan got. A share ("60%") is of each input's own store-all peak, and never less than
@@ -442,7 +446,7 @@ def apply(model: nn.Module, budget: str | int | float | None = None,
           example_inputs: Sequence[Any] | dict[str, Any] | None = None,
           *, solver: str = "auto", device: str | None = None, time_limit: float = 60.0,
           plan: Plan | PlanFile | str | Path | None = None, backend: str = "eager", loss_fn: Callable | None = None,
-          precision: str = "fp32", optimizer: str = "adamw",
+          precision: str | None = None, optimizer: str = "adamw",
           progress: Callable[[str], None] | None = None) -> RematModule:
     """Wrap `model` so that its training step runs a schedule that fits `budget`.
 
@@ -456,7 +460,8 @@ def apply(model: nn.Module, budget: str | int | float | None = None,
         fixed in its graph, and a call with other such values is traced and planned again.
     plan: a Plan, or a plan file written by `remat solve --out`; refused if the model traces to
         another graph. device: the cost profile (h100, a100, cpu, a JSON file); default: where
-        the model is. precision: "fp32" or "bf16-mixed" (autocast inside the planned graphs).
+        the model is. precision: "fp32" or "bf16-mixed" (autocast inside the planned graphs); default: the plan's,
+        or fp32.
     optimizer: whose state the budget must hold (adamw, adam, sgd-momentum, sgd, none).
     The returned module's forward returns the loss (the model's output, or `loss_fn(output)`), or the model's one
     non-scalar output (logits, features) as it is, whose gradient the caller's loss hands to the planned backward.

@@ -1077,3 +1077,15 @@ def test_a_batch_made_as_a_dataclass_is_the_steps_inputs():
     assert len(planned.steps) == 1  # the same shapes: one plan, whatever the values
     _same_step(planned, model, reference, dataclasses.replace(batches[0], weight=2.0))
     assert len(planned.steps) == 2  # a number in it is part of the graph
+
+
+def test_a_plan_file_runs_in_its_own_precision_and_another_is_refused(tmp_path):
+    """Given bf16-mixed with an fp32 plan, the plan ran in fp32 and evaluation under autocast, without a word."""
+    model, inputs = _mlp()
+    path = tmp_path / "plan.json"
+    remat.plan(model, inputs, "100%", device="cpu", time_limit=TIME_LIMIT).save(path)
+    assert apply(model, plan=path, example_inputs=inputs).precision == "fp32"
+    with pytest.raises(PlanError, match="the plan was made for precision='fp32'"):
+        apply(model, plan=path, precision="bf16-mixed")
+    with pytest.raises(ValueError, match="not both"):
+        apply(model, budget="1GB", plan=path)

@@ -380,3 +380,30 @@ def test_an_unavailable_milp_backend_is_a_clear_error_for_auto():
     with pytest.raises(ValueError, match="MILP back-end 'nosuch' is not available here"):
         solve(graph, 100, backend="nosuch")
     assert solve(graph, 100, solver="store-all", backend="nosuch").schedule is not None  # a baseline needs none
+
+
+def test_budgets_as_sizes_and_shares_and_below_fixed_memory():
+    """`remat.solve(graph, "16GB")` failed deep in the planner with a TypeError; a budget below fixed memory ran the
+    min-peak MILP for the whole time limit before saying so."""
+    graph = chain_training_graph(8)
+    store_all = solve(graph, 10**9).store_all.peak_bytes
+    assert solve(graph, f"{store_all}B").budget_bytes == store_all
+    assert solve(graph, "50%", time_limit_s=2).budget_bytes == store_all // 2
+    assert [p.budget_bytes for p in sweep(graph, ["100%", store_all, "50%"], time_limit_s=2)] == \
+        [store_all // 2, store_all]
+    for bad in (0, -5, "abc"):
+        with pytest.raises(ValueError):
+            solve(graph, bad)
+    below = make_graph([[], [0], [1]], [4, 4, 4], outputs=[2], fixed_bytes=100)
+    plan = solve(below, 99, time_limit_s=30)
+    assert plan.status == base.INFEASIBLE
+    assert {c.method for c in plan.candidates} <= set(BASELINES)  # no MILP, no search
+
+
+def test_a_baseline_asked_by_name_says_why_it_does_not_fit_and_carries_a_bound():
+    graph = chain_training_graph(8)
+    plan = solve(graph, "80%", solver="store-all")
+    assert plan.status == base.INFEASIBLE
+    assert plan.message.startswith("store-all's schedule peaks at") and "other methods fit" in plan.message
+    sqrtn = solve(graph, "100%", solver="chen-sqrtn")
+    assert sqrtn.lower_bound_s == graph.compute_s and sqrtn.gap is not None and sqrtn.gap > 0

@@ -235,3 +235,19 @@ def test_remat_plans_in_a_comparison_may_split_the_head(tmp_path):
     assert any("split lm.lm_head+loss into" in note for note in notes(result))
     written = write_reports(result, tmp_path / "report.html", None)
     assert written and (tmp_path / "report.html").stat().st_size > 10_000
+
+
+def test_the_memory_plot_draws_each_instruction_from_its_start():
+    """Drawn from each op's end, an op's output and workspace showed over the next op's time."""
+    from remat.report import memory_steps
+    from remat.simulate import simulate
+    from tests.graphs import eager_schedule, make_graph
+
+    graph = make_graph([[], [0], [1]], [4, 8, 2], [1.0, 2.0, 3.0], outputs=[2])
+    schedule = eager_schedule(graph)
+    simulation = simulate(graph, schedule)
+    times, memory = memory_steps(graph, schedule, simulation)
+    computes = [i for i, op in enumerate(schedule.ops) if op.kind == "compute"]
+    assert times[0] == 0.0 and times[-1] == graph.compute_s
+    assert [times[i] for i in computes] == [0.0, 1.0, 3.0]  # each op starts when the one before ends
+    assert memory[:-1] == list(simulation.timeline_bytes) and len(times) == len(memory)
