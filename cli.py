@@ -103,16 +103,19 @@ def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_
         fail(f"unknown solver {solver!r}: choose one of {', '.join(SOLVER_NAMES)}")
 
     with _stdout_to_stderr():
-        plan = _solve_split(model, batch, seq, precision, device, optimizer, budget, solver, time_limit, backend)
+        plan, traced_peak = _solve_split(model, batch, seq, precision, device, optimizer, budget, solver, time_limit,
+                                         backend)
     budget_bytes = plan.budget_bytes
     wall_s = time.perf_counter() - started
+    # A share is of the step as traced; a plan that splits the head reports its own, lower, store-all peak
+    share_of = traced_peak if budget.strip().endswith("%") else None
 
     if out and plan.schedule is not None:
         Path(out).write_text(json.dumps(plan.to_json()))
     if as_json:
-        click.echo(json.dumps(_plan_summary(plan, wall_s)))
+        click.echo(json.dumps({**_plan_summary(plan, wall_s), "budget_share_of_bytes": share_of}))
     else:
-        _print_plan(plan, wall_s, out)
+        _print_plan(plan, wall_s, out, budget if share_of else None, share_of)
     if plan.schedule is None:
         if budget_bytes < plan.graph.fixed.total_bytes:
             fail(f"no plan fits {format_bytes(budget_bytes)} ({budget_bytes} bytes) for {model}: "
@@ -176,8 +179,9 @@ def _solve_split(model, batch, seq, precision, device, optimizer, budget, solver
         try:
             tracer = SplitTracer.zoo(model, batch=batch, seq=seq, precision=precision, device=device,
                                      optimizer=optimizer)
-            return solve_split(tracer, tracer.budget_bytes(budget), solver=solver, time_limit_s=time_limit,
-                               backend=backend, progress=lambda stage: status.update(f"planning: {stage}")).plan
+            chosen = solve_split(tracer, tracer.budget_bytes(budget), solver=solver, time_limit_s=time_limit,
+                                 backend=backend, progress=lambda stage: status.update(f"planning: {stage}"))
+            return chosen.plan, tracer.budget_bytes("100%")
         except (ModelError, CaptureError, ValueError) as error:
             fail(str(error))
 
@@ -263,7 +267,7 @@ def _plan_summary(plan, wall_s: float) -> dict:
     }
 
 
-def _print_plan(plan, wall_s: float, out: str | None) -> None:
+def _print_plan(plan, wall_s: float, out: str | None, share: str | None = None, share_of: int | None = None) -> None:
     from remat.split import Split
 
     # piped output keeps whole lines: rich would wrap at 80 columns when stdout is not a terminal
@@ -276,7 +280,8 @@ def _print_plan(plan, wall_s: float, out: str | None) -> None:
     shape = "".join(f"{k} {meta[k]}, " for k in ("batch", "seq") if meta.get(k) is not None)
     console.print(f"  {shape}{meta.get('precision')}, "
                   f"optimizer {meta.get('optimizer')}, costed for {meta.get('device')}")
-    console.print(f"budget         {format_bytes(plan.budget_bytes)} = {plan.budget_bytes:,} bytes")
+    of = f" ({share.strip()} of the traced step's store-all peak, {format_bytes(share_of)})" if share else ""
+    console.print(f"budget         {format_bytes(plan.budget_bytes)} = {plan.budget_bytes:,} bytes{of}")
     console.print(f"fixed memory   {format_bytes(fixed.total_bytes)} = parameters {format_bytes(fixed.parameter_bytes)}"
                   f" + gradients {format_bytes(fixed.gradient_bytes)} + optimizer {format_bytes(fixed.optimizer_bytes)}"
                   f" + inputs {format_bytes(fixed.input_bytes)}")

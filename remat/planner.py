@@ -166,7 +166,12 @@ class Plan:
 
 def budget_of(graph: Graph, budget: int | float | str) -> int:
     """Bytes of a budget: a number of bytes, a size ("16GB", "16GiB"), or a share of the graph's store-all peak
-    ("60%"). Not a positive, finite size: ValueError."""
+    ("60%"). A negative, infinite or unreadable one: ValueError (0 bytes is a budget: what a graph holding nothing
+    needs)."""
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        if not math.isfinite(budget) or budget < 0:
+            raise ValueError(f"a budget is a number of bytes, 0 or more, not {budget!r}")
+        return int(budget)
     if is_share(budget):
         store_all = BASELINES["store-all"](graph, 0, SolveOptions()).schedule
         return parse_size(budget, reference_bytes=simulate(graph, store_all).peak_bytes)

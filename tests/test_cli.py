@@ -165,6 +165,7 @@ def test_budget_as_a_share_of_the_store_all_peak(factory_file, probe):
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert abs(summary["budget_bytes"] - percent / 100 * store_all) <= 1
+    assert summary["budget_share_of_bytes"] == store_all  # what the share is of, whatever the plan splits
     assert summary["peak_bytes"] <= summary["budget_bytes"] and summary["overhead"] > 0
     assert_one_line_error(remat("solve", "--model", f"{factory_file}:make", "--budget", "90 %%"), "--budget")
 

@@ -391,7 +391,7 @@ def test_budgets_as_sizes_and_shares_and_below_fixed_memory():
     assert solve(graph, "50%", time_limit_s=2).budget_bytes == store_all // 2
     assert [p.budget_bytes for p in sweep(graph, ["100%", store_all, "50%"], time_limit_s=2)] == \
         [store_all // 2, store_all]
-    for bad in (0, -5, "abc"):
+    for bad in (-5, float("nan"), "abc", "0GB"):
         with pytest.raises(ValueError):
             solve(graph, bad)
     below = make_graph([[], [0], [1]], [4, 4, 4], outputs=[2], fixed_bytes=100)
