@@ -284,7 +284,9 @@ def _keeping_module_state(model: nn.Module):
                 value = vars(module).pop(name)
                 written.append((path, name, value))
             for name, value in attributes.items():
-                if vars(module).get(name, value) is not value:
+                if name not in vars(module):  # deleted in the forward (`del self.cache`)
+                    vars(module)[name] = value
+                elif vars(module)[name] is not value:
                     written.append((path, name, vars(module)[name]))
                     vars(module)[name] = value
             for name, value in buffers.items():

@@ -824,11 +824,13 @@ class SetsMetrics(nn.Module):
         torch.manual_seed(0)
         self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 4)
         self.calls = 0
+        self.scratch = "kept until the first forward"
 
     def forward(self, x, y):
         logits = self.b(torch.tanh(self.a(x)))
         self.accuracy = (logits.argmax(-1) == y).float().mean().detach()
         self.calls += 1
+        vars(self).pop("scratch", None)  # deleted: the trace's deletion is undone too
         return nn.functional.cross_entropy(logits, y)
 
 
@@ -839,7 +841,7 @@ def test_what_the_traced_forward_writes_onto_the_model_is_undone_with_a_warning(
     x, y = torch.randn(32, 16, dtype=torch.float64), torch.randint(0, 4, (32,))
     with pytest.warns(UserWarning, match="the model's forward sets accuracy to a tensor"):
         planned = apply(model, budget="100%", example_inputs=(x, y), device="cpu", time_limit=TIME_LIMIT)
-    assert not hasattr(model, "accuracy") and model.calls == 0
+    assert not hasattr(model, "accuracy") and model.calls == 0 and model.scratch == "kept until the first forward"
     planned(x, y).backward()
     with torch.no_grad():
         planned(x, y)  # evaluation runs the module's own forward, which sets them for real
