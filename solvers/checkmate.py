@@ -330,6 +330,7 @@ class SolveOutcome:
 
 
 MIN_RUN_S = 1e-3  # HiGHS's time limit when the deadline has passed: it returns the warm start at once
+CHILD_MIN_LEFT_S = 1.0  # a large model is solved in a child process only with at least this much time left
 
 
 def highs_arrays(problem: pulp.LpProblem) -> HighsArrays:
@@ -427,7 +428,9 @@ def _solve_highs(problem: pulp.LpProblem, options: SolveOptions, start: dict[str
     if not options.verbose:
         _skip_highs_banner()
     model = highs_arrays(problem)
-    run = _run_in_child if model.nonzeros >= LARGE_MODEL_NONZEROS else _run_in_process
+    # With under a second left HiGHS returns at once (or with its warm start): a child's start-up would be the cost
+    in_child = model.nonzeros >= LARGE_MODEL_NONZEROS and deadline - time.perf_counter() >= CHILD_MIN_LEFT_S
+    run = _run_in_child if in_child else _run_in_process
     result = run(problem, model, options, start, mip, deadline, on_incumbent, presolve=True)
     retried = ""
     if result.model_status in ("kSolveError", "kPostsolveError") or _start_handed_back(problem, result, start):
