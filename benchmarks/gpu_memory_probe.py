@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
 
-from benchmarks.gpu_pareto import fresh, release, training_step
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/gpu_memory_probe.py` from anywhere
+from benchmarks.gpu_pareto import fresh, release, training_step  # noqa: E402
 from remat.training import apply
 
 GIB = 2**30

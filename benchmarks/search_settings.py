@@ -21,11 +21,14 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import remat.planner as planner
-from benchmarks.solver_scale import budget_for, commit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/search_settings.py` from anywhere
+from benchmarks.solver_scale import budget_for, commit  # noqa: E402
 from remat.split_plan import SplitTracer
 
 ROWS = "unet:0.5,unet:min1.1,mobilenet_v2:min1.1,resnet50:min1.1"
