@@ -1091,3 +1091,41 @@ def test_a_plan_file_runs_in_its_own_precision_and_another_is_refused(tmp_path):
         apply(model, plan=path, precision="bf16-mixed")
     with pytest.raises(ValueError, match="not both"):
         apply(model, budget="1GB", plan=path)
+
+
+class NormThenWide(nn.Module):
+    """A batch norm early, then a wide layer whose output makes the forward's peak."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = nn.Sequential(nn.Conv2d(3, 64, 1), nn.BatchNorm2d(64), nn.ReLU())
+        self.wide = nn.Sequential(nn.Conv2d(64, 256, 3, padding=1), nn.Tanh(), nn.Conv2d(256, 256, 3, padding=1))
+
+    def forward(self, x):
+        return self.wide(self.norm(x)).pow(2).mean()
+
+
+def test_a_norm_dropped_in_the_forward_writes_its_statistics_at_once():
+    """Its running-statistics update was returned at the forward's end and held to there, past the simulator's count
+    (ResNet-50's halfway plan in benchmarks/apply_memory.py held 85,928 bytes over it, a 30-s plan not run here).
+    It is written into the buffers where it is computed, and the buffers end as eager's."""
+    model = NormThenWide().double()
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    planned = apply(model, budget="100%", example_inputs=(x,), device="cpu", solver="checkpoint-all")
+    step = planned.planned
+    assert not step.parts.forward_mutations  # checkpoint-all drops the norm before the backward
+    copies = [n for n in step.parts.forward.graph.nodes if n.target is torch.ops.aten.copy_.default]
+    assert len(copies) == 3  # running mean, running variance, batches tracked
+    torch.manual_seed(1)
+    loss, memory = planned.measure(x)
+    torch.manual_seed(1)
+    expected = reference(x)
+    expected.backward()
+    assert torch.equal(loss, expected)
+    for (name, b), c in zip(model.named_buffers(), reference.buffers(), strict=True):
+        assert torch.equal(b, c), name
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+    assert memory.peak_live_bytes == step.simulation.activation_peak_bytes
