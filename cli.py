@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from remat.units import format_bytes, format_seconds, parse_size
+from remat.units import format_bytes, format_seconds, is_share, parse_size
 from solvers.base import FEASIBLE
 
 EXIT_BAD_INPUT = 2  # bad input and infeasible budgets: the user has something to change
@@ -108,7 +108,7 @@ def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_
     budget_bytes = plan.budget_bytes
     wall_s = time.perf_counter() - started
     # A share is of the step as traced; a plan that splits the head reports its own, lower, store-all peak
-    share_of = traced_peak if budget.strip().endswith("%") else None
+    share_of = traced_peak if is_share(budget) else None
 
     if out and plan.schedule is not None:
         Path(out).write_text(json.dumps(plan.to_json()))
@@ -510,7 +510,7 @@ def maxbatch(model, budget, seq, start_batch, device, precision, optimizer, solv
     from remat.models import ModelError
 
     started = time.perf_counter()
-    if budget.strip().endswith("%"):
+    if is_share(budget):
         fail(f"--budget: maxbatch needs a size such as 16GB, not a share ({budget}): the store-all peak a share would "
              "be of grows with the batch")
     try:
