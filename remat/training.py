@@ -200,12 +200,15 @@ class RematModule(nn.Module):
                 return loss_of(returned)  # what a training step returns
             except CaptureError:  # no loss in it (a Hugging Face model without labels): the output as it is
                 return returned
-        step = self.prepare(*args, **kwargs)
+        step = self._prepared(call)
         return step.runner.loss(self._primals(step.parts, call.tensors))
 
     def prepare(self, *args: Any, **kwargs: Any) -> PreparedStep:
         """Trace, plan and partition the step for inputs of this signature (cached)."""
-        call = Call(args, kwargs)
+        return self._prepared(Call(args, kwargs))
+
+    def _prepared(self, call: Call) -> PreparedStep:
+        """prepare() for a call already made (forward makes one per step: not twice)."""
         key = _signature(self.model, call)
         if key not in self.steps:
             started = time.perf_counter()
