@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from remat.units import format_bytes, format_seconds, is_share, parse_size
-from solvers.base import FEASIBLE
+from solvers.base import FEASIBLE, OVER_BUDGET
 
 EXIT_BAD_INPUT = 2  # bad input and infeasible budgets: the user has something to change
 SLOW_BATCH_OVERHEAD = 1.0  # maxbatch hints at --max-overhead past this overhead (twice store-all's step time)
@@ -329,7 +329,8 @@ def _print_plan(plan, wall_s: float, out: str | None, share: str | None = None, 
         label = c.method if runs[c.method] == 1 else f"{c.method} (run {runs[c.method]})"
         chosen = c.schedule is not None and c.schedule is plan.schedule
         # the plan's row says what the bound proves (optimal); the others, what their own solve said
-        table.add_row(f"{label} *" if chosen else label, plan.status if chosen else c.status,
+        status = plan.status if chosen else c.status if s is None or c.fits(plan.budget_bytes) else OVER_BUDGET
+        table.add_row(f"{label} *" if chosen else label, status,
                       _fmt(s.peak_bytes) if s else "-",
                       format_seconds(s.compute_s) if s else "-",
                       f"{s.compute_s / plan.store_all.compute_s - 1:+.1%}" if s else "-",

@@ -28,7 +28,7 @@ from remat.schedule import Schedule
 from remat.simulate import Simulation, simulate
 from remat.split_plan import SplitTracer, solve_split, with_chunks
 from remat.trace import TracedStep
-from solvers.base import FEASIBLE
+from solvers.base import FEASIBLE, OVER_BUDGET
 from solvers.baselines import BASELINES, BUDGET_FREE_BASELINES
 from solvers.registry import solve_with
 
@@ -39,14 +39,15 @@ DEFAULT_METHODS = ("auto", "store-all", "checkpoint-all", "chen-sqrtn", "per-blo
 class Row:
     method: str
     budget_bytes: int
-    status: str  # the solver's: optimal, feasible, infeasible, no_solution
+    # the solver's (optimal, feasible, infeasible, no_solution), or over_budget for a schedule that does not fit
+    status: str
     fits: bool  # the simulated peak is within the budget
     peak_bytes: int | None
     compute_s: float | None
     overhead: float | None  # compute_s / store-all's - 1
     gap: float | None  # (compute_s - lower bound) / compute_s, MILP methods only
     wall_s: float  # seconds the method took for this budget
-    schedule_from: str  # the method whose schedule it is (remat's plan may be a baseline's)
+    schedule_from: str  # the method whose schedule it is (remat's plan may be a baseline's); "" without one
     max_batch: int | None = None  # the largest batch this method fits under this budget, when asked for
     message: str = ""
 
@@ -130,10 +131,12 @@ def compare(traced: TracedStep | SplitTracer, budgets_bytes: Sequence[int], meth
             schedules[(method, budget)] = candidate.schedule
             if on is not None and on is not graph:
                 graphs[(method, budget)] = on
-        rows.append(Row(method, budget, status, sim is not None and sim.fits(budget),
+        fits = sim is not None and sim.fits(budget)
+        rows.append(Row(method, budget, OVER_BUDGET if sim is not None and not fits else status, fits,
                         sim.peak_bytes if sim else None, sim.compute_s if sim else None,
                         sim.compute_s / store_all.compute_s - 1 if sim and store_all.compute_s else None,
-                        gap, candidate.wall_s, candidate.method, message=candidate.message))
+                        gap, candidate.wall_s, candidate.method if sim is not None else "",
+                        message=candidate.message))
 
     compiled: list[Candidate] = []
     for method in methods:

@@ -113,7 +113,7 @@ class Candidate:
 class Plan:
     graph: Graph
     budget_bytes: int
-    method: str  # the method whose schedule this is
+    method: str  # the method whose schedule this is ("" where none fits)
     status: str  # optimal, feasible or infeasible
     schedule: Schedule | None
     simulation: Simulation | None
@@ -778,7 +778,7 @@ def _finish(graph: Graph, budget_bytes: int, preference: list[Candidate], candid
                        if own is not None and own.valid else f"{asked.method}: {asked.message}")
             if min_feasible is not None and min_feasible <= budget_bytes:
                 message += f"; other methods fit (the lowest peak found is {min_feasible} bytes)"
-        return Plan(graph, budget_bytes, preference[0].method, INFEASIBLE, None, None, None, store_all,
+        return Plan(graph, budget_bytes, "", INFEASIBLE, None, None, None, store_all,
                     min_feasible, bound, wall_s, message, coarse_nodes, tuple(candidates), bound_method, picked)
     best = min(fitting, key=lambda c: c.simulation.compute_s)
     first = fitting[0]

@@ -15,6 +15,9 @@ OPTIMAL = "optimal"  # proven optimal for this graph and budget
 FEASIBLE = "feasible"  # a valid schedule, optimality not proven (time limit, heuristic)
 INFEASIBLE = "infeasible"  # proven: no schedule fits the budget
 NO_SOLUTION = "no_solution"  # none found in the time limit, nothing proven
+# Not a solver's verdict: what reports show for a schedule that exists but peaks above the budget (a baseline
+# built without one, such as store-all), where "feasible" beside "fits: no" read as a contradiction.
+OVER_BUDGET = "over_budget"
 
 # How close to a proven lower bound a plan must be to be called optimal. HiGHS stops with its dual bound within
 # about 1e-6 of its objective's unit (a mean op's time in the covering MILP), so a plan that costs exactly the

@@ -252,6 +252,9 @@ def test_human_output_explains_the_budget(factory_file, probe):
     status = plan_line.split("(")[1].split(")")[0]
     rows = [line for line in text.splitlines() if " * " in line]
     assert len(rows) == 1 and f" {status} " in rows[0] and "* the plan" in text, (plan_line, rows)
+    # store-all peaks above this budget: its row says so, where it said "feasible" beside "fits: no"
+    store_all = next(line for line in text.splitlines() if line.startswith("│ store-all "))
+    assert " over_budget " in store_all and store_all.rstrip(" │").split("│")[-2].strip() == "no", store_all
 
 
 def test_a_plan_far_from_a_bound_cut_short_by_time_says_a_longer_limit_may_help(capsys):

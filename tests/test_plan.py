@@ -94,7 +94,7 @@ def test_infeasible_budget_reports_the_lowest_peak_found():
     graph = chain_training_graph(6)
     floor = graph.min_budget_lower_bound()
     plan = solve(graph, floor - 1)
-    assert plan.status == "infeasible" and plan.schedule is None
+    assert plan.status == "infeasible" and plan.schedule is None and plan.method == ""  # no method's plan to name
     assert plan.min_feasible_bytes is not None and plan.min_feasible_bytes >= floor
     again = solve(graph, int(plan.min_feasible_bytes * 1.01) + 1, time_limit_s=10)
     assert again.schedule is not None and again.simulation.fits(int(plan.min_feasible_bytes * 1.01) + 1)
