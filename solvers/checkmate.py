@@ -330,7 +330,7 @@ class SolveOutcome:
 
 
 MIN_RUN_S = 1e-3  # HiGHS's time limit when the deadline has passed: it returns the warm start at once
-CHILD_MIN_LEFT_S = 1.0  # a large model is solved in a child process only with at least this much time left
+CHILD_MIN_LEFT_S = 1.0  # a large model is solved (in a child process) only with at least this much time left
 
 
 def highs_arrays(problem: pulp.LpProblem) -> HighsArrays:
@@ -428,9 +428,15 @@ def _solve_highs(problem: pulp.LpProblem, options: SolveOptions, start: dict[str
     if not options.verbose:
         _skip_highs_banner()
     model = highs_arrays(problem)
-    # With under a second left HiGHS returns at once (or with its warm start): a child's start-up would be the cost
-    in_child = model.nonzeros >= LARGE_MODEL_NONZEROS and deadline - time.perf_counter() >= CHILD_MIN_LEFT_S
-    run = _run_in_child if in_child else _run_in_process
+    # HiGHS checks its clock only at some points (its MIP presolve ran for minutes past a 0.5-s limit on GPT-2's
+    # covering model), so a large model runs only in a child process that can be stopped; with too little time
+    # left for that child to start, it is not run at all (a warm start given is still the result).
+    large = model.nonzeros >= LARGE_MODEL_NONZEROS
+    left = deadline - time.perf_counter()
+    if large and left < CHILD_MIN_LEFT_S:
+        return SolveOutcome(NO_SOLUTION, None, None, f"HiGHS not run: {max(0.0, left):.1f} s left, too little to "
+                            f"start the process that solves a model of {model.nonzeros:,} non-zeros")
+    run = _run_in_child if large else _run_in_process
     result = run(problem, model, options, start, mip, deadline, on_incumbent, presolve=True)
     retried = ""
     if result.model_status in ("kSolveError", "kPostsolveError") or _start_handed_back(problem, result, start):
@@ -650,7 +656,8 @@ def _solve(graph: Graph, budget_bytes: int | None, options: SolveOptions, name: 
     if outcome.status == NO_SOLUTION:
         if fallback is not None:
             return result(FEASIBLE, fallback, bound_s(outcome.bound),
-                          f"no solution found in {options.time_limit_s} s: returning the warm start")
+                          f"no solution found in {options.time_limit_s} s ({outcome.message}): "
+                          "returning the warm start")
         return result(NO_SOLUTION, None, bound_s(outcome.bound), f"no solution found ({outcome.message})")
 
     R, S = rounded_matrices(model)

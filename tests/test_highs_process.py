@@ -114,3 +114,18 @@ def test_the_child_solves_the_model_it_is_sent():
                                           time.perf_counter() + 30.0)
     assert result.model_status == "kOptimal" and list(result.values) == [1.0, 0.0]
     assert result.objective == 2.0 and result.dual_bound == pytest.approx(2.0)
+
+
+def test_a_large_model_with_under_a_second_left_is_not_run_in_process(monkeypatch, every_model_in_a_child):
+    # HiGHS's MIP presolve sat past a 0.5-s limit for minutes on GPT-2's covering model (batch 2, seq 128): in
+    # the process it cannot be stopped, and a child would not start in the time left
+    where = _solves(monkeypatch)
+    graph = chain_training_graph(8)
+    warm = solve_checkmate(graph, 40, EXACT).schedule
+    where.clear()
+    monkeypatch.setattr(checkmate, "CHILD_MIN_LEFT_S", 3600.0)  # every deadline is "under a second" away
+    result = solve_checkmate(graph, 40, SolveOptions(time_limit_s=5, warm_start=warm))
+    assert where == [] and "HiGHS not run" in result.message
+    assert result.status == FEASIBLE and result.schedule == warm  # the warm start is still the result
+    bound = covering_bound(graph, 40, SolveOptions(time_limit_s=5))
+    assert where == [] and bound.lower_bound_s == pytest.approx(graph.compute_s)  # every node once
