@@ -242,12 +242,16 @@ def _compiling():
 @contextlib.contextmanager
 def _quiet_fake_tensor_log():
     """Fake tensors log the traceback of an op that fails on them (a Linear given the wrong number of features) before
-    raising: 19 lines on stderr before remat's own one-line error. The error is raised and explained all the same."""
+    raising: 19 lines on stderr before remat's own one-line error. The error is raised and explained all the same.
+    Also quiet while a model is built (build_on_fake)."""
     log = logging.getLogger("torch._subclasses.fake_tensor")
     level = log.level
     log.setLevel(logging.CRITICAL)
     try:
-        yield
+        with warnings.catch_warnings():
+            # copy.deepcopy reads each tensor's data pointer, which fake tensors warn of: the copy is made in ours
+            warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
+            yield
     finally:
         log.setLevel(level)
 
@@ -425,27 +429,49 @@ def build_on_fake(build: Callable[[], Spec], mode: FakeTensorMode) -> Spec:
     generator is left as it was."""
     try:
         with mode, _quiet_fake_tensor_log():
-            return build()
+            spec = build()
     except Exception as error:
         if not (_reads_values(error) or _casts_parameters(error)):
             raise
+    else:
+        # copy.deepcopy of a fake tensor makes one of a new mode (nn.TransformerEncoder deep-copies its layer, and
+        # many models clone their blocks so), which the trace refuses beside ours: same shapes and dtypes in ours
+        def into_mode(tensor: torch.Tensor) -> torch.Tensor:
+            if getattr(tensor, "fake_mode", None) is mode:
+                return tensor
+            with mode:
+                return torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=tensor.device)
+
+        _replace_tensors(spec, into_mode)
+        return spec
     with torch.random.fork_rng(devices=[]):
         spec = build()
-    fakes: dict[int, torch.Tensor] = {}  # by the real tensor's id: tied weights stay one parameter
+    _replace_tensors(spec, lambda tensor: mode.from_tensor(tensor, static_shapes=True))
+    return spec
 
-    def fake(tensor: torch.Tensor) -> torch.Tensor:
-        if id(tensor) not in fakes:
-            made = mode.from_tensor(tensor, static_shapes=True)
-            fakes[id(tensor)] = nn.Parameter(made, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else made
-        return fakes[id(tensor)]
+
+def _replace_tensors(spec: Spec, convert: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Put convert(tensor) in place of each parameter, buffer, tensor attribute and example input of the spec,
+    once per tensor (tied weights stay one parameter); a tensor that `convert` returns as it is stays."""
+    made: dict[int, torch.Tensor] = {}  # by the old tensor's id
+
+    def one(tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) not in made:
+            new = convert(tensor)
+            if new is not tensor and isinstance(tensor, nn.Parameter):
+                new = nn.Parameter(new, tensor.requires_grad)
+            made[id(tensor)] = new
+        return made[id(tensor)]
 
     for module in spec.model.modules():
         for table in (module._parameters, module._buffers):
             for name, tensor in table.items():
                 if tensor is not None:
-                    table[name] = fake(tensor)
-    spec.example_inputs = pytree.tree_map(lambda x: fake(x) if isinstance(x, torch.Tensor) else x, spec.example_inputs)
-    return spec
+                    table[name] = one(tensor)
+        for name, value in list(vars(module).items()):
+            if isinstance(value, torch.Tensor):
+                setattr(module, name, one(value))
+    spec.example_inputs = pytree.tree_map(lambda x: one(x) if isinstance(x, torch.Tensor) else x, spec.example_inputs)
 
 
 def _reads_values(error: BaseException | None) -> bool:

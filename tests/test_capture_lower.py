@@ -105,6 +105,36 @@ def test_a_model_whose_init_reads_values_is_built_on_real_tensors_then_traced_on
     assert lower(step, load_profile("h100")).content_hash == lower(plain, load_profile("h100")).content_hash
 
 
+def test_a_model_that_deep_copies_its_blocks_is_traced_on_fake_tensors(recwarn):
+    # nn.TransformerEncoder deep-copies its layer; a fake tensor's deep copy is one of another fake mode, and the trace
+    # refused it ("fake mode ... doesn't match mode ... from fake tensor input 0")
+    import copy
+    from types import SimpleNamespace
+
+    class Cloned(nn.Module):
+        def __init__(self):
+            super().__init__()
+            block = nn.Sequential(nn.Linear(16, 16), nn.Tanh())
+            self.blocks = nn.Sequential(*[copy.deepcopy(block) for _ in range(3)])
+            self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2,
+                                                 enable_nested_tensor=False)
+            self.head = nn.Linear(16, 1)
+
+        def forward(self, x):
+            return self.head(self.encoder(self.blocks(x))).pow(2).mean()
+
+    spec, step = capture_fake(lambda: SimpleNamespace(model=Cloned(), loss_fn=None,
+                                                      example_inputs=(torch.randn(2, 5, 16),)))
+    parameters = list(spec.model.parameters())
+    assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in parameters)
+    modes = {p.fake_mode for p in parameters}
+    assert len(modes) == 1 and spec.example_inputs[0].fake_mode in modes  # one fake mode for all
+    assert len(parameters) == 2 * 3 + 2 * 12 + 2  # 3 linears, 2 encoder layers of 12 tensors, the head
+    assert not [w for w in recwarn if "data pointer of FakeTensor" in str(w.message)]
+    graph = lower(step, load_profile("h100"))
+    assert graph.fixed.parameter_bytes == 4 * sum(p.numel() for p in parameters)
+
+
 def test_a_model_without_trainable_parameters_is_a_clear_error():
     model = nn.Linear(4, 4)
     for p in model.parameters():
