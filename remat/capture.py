@@ -167,9 +167,32 @@ class LossStep(nn.Module):
     def output(self, *inputs: Any) -> Any:
         """What the model returns (or the loss function makes of it) for the step's inputs."""
         args, kwargs = self.call.with_tensors(inputs) if self.call is not None else (inputs, {})
+        buffers = [(path, module, name, tensor) for path, module in self.model.named_modules()
+                   for name, tensor in module._buffers.items() if tensor is not None]
         with _autocast(self.model, self.precision):
             output = self.model(*args, **kwargs)
-            return self.loss_fn(output) if self.loss_fn is not None else output
+            output = self.loss_fn(output) if self.loss_fn is not None else output
+        _write_replaced_buffers(buffers)
+        return output
+
+
+def _write_replaced_buffers(buffers: list[tuple[str, nn.Module, str, torch.Tensor]]) -> None:
+    """A forward that replaces a buffer (`self.queue = torch.roll(self.queue, n, 0)`, `self.ema = 0.9 * self.ema +
+    ...`) gives it a new value at each eager step. The traced graph sees only writes into its inputs, so the new value
+    is written into the buffer it replaces, which the planned step then writes back at each step, as it does a batch
+    norm's statistics. Before, the buffer kept its first value, silently: losses and gradients drifted from eager's."""
+    for path, module, name, before in buffers:
+        after = module._buffers.get(name)
+        if after is None or after is before:
+            continue
+        if after.shape != before.shape or after.dtype != before.dtype:
+            raise CaptureError(f"the forward replaces buffer {path + '.' if path else ''}{name} "
+                               f"({before.dtype}{list(before.shape)}) with a {after.dtype}{list(after.shape)} "
+                               "tensor: a planned step writes a buffer's new value into it, so keep its shape and "
+                               "dtype")
+        with torch.no_grad():
+            before.copy_(after)
+        module._buffers[name] = before
 
 
 def loss_of(returned: Any) -> torch.Tensor:

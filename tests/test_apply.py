@@ -1129,3 +1129,55 @@ def test_a_norm_dropped_in_the_forward_writes_its_statistics_at_once():
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         assert torch.equal(p.grad, q.grad)
     assert memory.peak_live_bytes == step.simulation.activation_peak_bytes
+
+
+class ReplacesBuffers(nn.Module):
+    """Buffers given new tensors in forward: a feature queue rolled and written (MoCo), a running mean re-bound."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 4)
+        self.register_buffer("queue", torch.zeros(64, 16))
+        self.register_buffer("running", torch.zeros(16))
+
+    def forward(self, x, y):
+        h = torch.tanh(self.a(x))
+        with torch.no_grad():
+            self.queue = torch.roll(self.queue, h.shape[0], 0)
+            self.queue[: h.shape[0]] = h
+        self.running = 0.9 * self.running + 0.1 * h.detach().mean(0)
+        h = h + (h @ self.queue.t()).mean(1, keepdim=True) - self.running
+        return nn.functional.cross_entropy(self.b(torch.tanh(self.a(h))), y)
+
+
+def test_buffers_the_forward_replaces_get_their_new_values_at_each_step():
+    """They kept their first values, silently, and losses and gradients drifted from eager's from the second step."""
+    model = ReplacesBuffers().double()
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(32, 16, dtype=torch.float64), torch.randint(0, 4, (32,))
+    planned = apply(model, budget="85%", example_inputs=(x, y), device="cpu", time_limit=TIME_LIMIT)
+    assert planned.planned.plan.schedule.recomputed_nodes()  # the plan recomputes
+    queue = model.queue
+    for step in range(3):
+        xs = x + step
+        _same_step(planned, model, reference, xs, y)
+        assert torch.equal(model.queue, reference.queue) and torch.equal(model.running, reference.running), step
+    assert model.queue is queue  # written into, as batch norms' statistics are
+    assert model.running.abs().sum() > 0
+
+
+class ReshapesBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.register_buffer("seen", torch.zeros(0, 4))
+
+    def forward(self, x):
+        self.seen = torch.cat([self.seen, x.detach()])  # grows at each step
+        return self.a(x).pow(2).mean()
+
+
+def test_a_buffer_replaced_by_one_of_another_shape_is_a_clear_error():
+    with pytest.raises(CaptureError, match=r"replaces buffer seen .* keep its shape and dtype"):
+        apply(ReshapesBuffer(), budget="100%", example_inputs=(torch.randn(8, 4),), device="cpu")
