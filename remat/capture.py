@@ -384,9 +384,11 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
     """
     if precision not in PRECISIONS:
         raise CaptureError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if not any(p.requires_grad for p in model.parameters()):
-        raise CaptureError("the model has no parameter that requires grad: nothing to train")
     call = Call.of(example_inputs)
+    if not any(p.requires_grad for p in model.parameters()) and not any(
+            isinstance(t, torch.Tensor) and t.requires_grad for t in call.tensors):
+        # a frozen model attacked through its input (adversarial examples, saliency) still has a backward to plan
+        raise CaptureError("neither the model's parameters nor its inputs require grad: nothing to differentiate")
     _register_plain_tensors(model)
     _warn_of_forward_hooks(model)
     step = LossStep(model, loss_fn, precision, call)

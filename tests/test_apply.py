@@ -238,6 +238,21 @@ def test_inputs_that_require_grad_get_their_gradient():
     assert len(planned.steps) == 2 and x.grad is None
 
 
+def test_a_frozen_model_attacked_through_its_input_plans_the_inputs_gradient():
+    # adversarial examples against a frozen classifier were refused: "nothing to train"
+    model, (x,) = _mlp()
+    model.requires_grad_(False)
+    reference = copy.deepcopy(model)
+    x, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    planned = apply(model, budget="96%", example_inputs=(x,), device="cpu", time_limit=2.0)
+    assert planned.planned.graph.fixed.gradient_bytes == 0
+    planned(x).sum().backward()
+    LossStep(reference, None, "fp32")(x_ref).sum().backward()
+    assert torch.equal(x.grad, x_ref.grad) and all(p.grad is None for p in model.parameters())
+    with pytest.raises(CaptureError, match="neither the model's parameters nor its inputs require grad"):
+        apply(model, budget="96%", example_inputs=(x.detach(),), device="cpu")
+
+
 def test_a_second_backward_through_one_step_is_a_clear_error():
     # the planned backward frees the saved values as it goes; a second one failed with "Value after * must be an
     # iterable, not NoneType"
