@@ -17,7 +17,9 @@ remat/replay.py interprets it on real tensors:
     returns the gradients (and any buffer update computed after the cut).
 Random ops (dropout) that the schedule computes more than once run first through
 `run_and_save_rng_state` and are recomputed with `run_with_rng_state`, so every copy draws the
-same mask, and the generator advances as in a run without recomputation.
+same mask, and the generator advances as in a run without recomputation. Those save the default
+generator; an op given its own (`torch.rand(..., generator=g)`) goes through `save_generator_state`
+and `run_with_generator_state`, which do the same with that generator.
 
 Both graphs use the boxed calling convention: they take one list and clear it, so a saved tensor
 is freed after its last read in the backward, not when the step ends.
@@ -262,14 +264,36 @@ def _copy(target: torch.fx.Graph, joint_node: torch.fx.Node, lookup, replayed: b
         return target.node_copy(joint_node, lookup)
     args, kwargs = torch.fx.node.map_arg((joint_node.args, joint_node.kwargs), lookup)
     name = joint_node.name
+    # torch's pair saves and restores the default generator; an op given its own (torch.rand(..., generator=g))
+    # drew other numbers when recomputed, silently: its gradients and the generator's next draws were not eager's
+    own = kwargs.get("generator") is not None
+    save, replay = (save_generator_state, run_with_generator_state) if own else (run_and_save_rng_state,
+                                                                                 run_with_rng_state)
     if name not in rng_state:  # first run: remember the generator state it starts from
-        both = target.call_function(run_and_save_rng_state, (joint_node.target, *args), kwargs)
+        both = target.call_function(save, (joint_node.target, *args), kwargs)
         rng_state[name] = target.call_function(operator.getitem, (both, 0))
         value = target.call_function(operator.getitem, (both, 1))
     else:
-        value = target.call_function(run_with_rng_state, (rng_state[name], joint_node.target, *args), kwargs)
+        value = target.call_function(replay, (rng_state[name], joint_node.target, *args), kwargs)
     value.meta = dict(joint_node.meta)
     return value
+
+
+def save_generator_state(op, *args, generator: torch.Generator, **kwargs) -> tuple[torch.Tensor, Any]:
+    """run_and_save_rng_state for a random op that draws from its own generator: its state, then the op's output."""
+    state = generator.get_state()
+    return state, op(*args, generator=generator, **kwargs)
+
+
+def run_with_generator_state(state: torch.Tensor, op, *args, generator: torch.Generator, **kwargs) -> Any:
+    """The op again from the generator state of its first run; the generator is left where it was, as an eager step
+    that ran the op once leaves it."""
+    now = generator.get_state()
+    generator.set_state(state)
+    try:
+        return op(*args, generator=generator, **kwargs)
+    finally:
+        generator.set_state(now)
 
 
 def _used(graph: torch.fx.Graph, placeholder: torch.fx.Node) -> bool:
@@ -469,7 +493,7 @@ class _CountingInterpreter(torch.fx.Interpreter):
             if node.name.startswith("rng_state_"):
                 self._exclude(result, memory)
             return result
-        if node.target is run_and_save_rng_state:
+        if node.target in (run_and_save_rng_state, save_generator_state):
             self._exclude(result[0], memory)
         if node.name in self.gradients:  # gradients are fixed memory
             parts = self.gradients[node.name]

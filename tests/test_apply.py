@@ -165,6 +165,37 @@ def test_dropout_recomputation_replays_the_same_masks():
     assert torch.equal(after_planned, torch.rand(4))
 
 
+class OwnGenerator(nn.Module):
+    """Masks drawn from the module's own generator, not the default one."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(nn.Linear(32, 32) for _ in range(5))
+        self.head = nn.Linear(32, 4)
+        self.generator = torch.Generator().manual_seed(5)
+
+    def forward(self, x, y):
+        for layer in self.layers:
+            x = torch.tanh(layer(x)) * (torch.rand(x.shape, generator=self.generator, dtype=x.dtype) > 0.3)
+        return nn.functional.cross_entropy(self.head(x), y)
+
+
+def test_random_ops_with_their_own_generator_replay_it_when_recomputed():
+    """They were recomputed with torch's replay of the default generator: other masks, gradients off by 2e-3, and
+    the module's generator one draw further on at each step, so later losses differed too."""
+    model = OwnGenerator().double()
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(256, 32, dtype=torch.float64), torch.randint(0, 4, (256,))
+    planned = apply(model, budget="60%", example_inputs=(x, y), device="cpu", time_limit=TIME_LIMIT)
+    step = planned.planned
+    recomputed = {step.graph.nodes[i].op for i in step.plan.schedule.recomputed_nodes()}
+    assert "aten.rand.generator" in recomputed and step.parts.rng_names
+    for _ in range(2):
+        _same_step(planned, model, reference, x, y)
+        assert torch.equal(model.generator.get_state(), reference.generator.get_state())
+
+
 def test_training_loop_with_an_optimizer_matches_eager():
     reference, inputs = _conv_bn()
     model = copy.deepcopy(reference)
