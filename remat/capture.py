@@ -412,6 +412,15 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
         kind, name = _describe_output(desc, value)
         output_kinds.append(kind)
         output_names.append(name)
+    parameters = {name for name, kind in zip(input_names, input_kinds, strict=True) if kind == "param"}
+    written = [name for name, kind in zip(output_names, output_kinds, strict=True)
+               if kind == "mutation" and name in parameters]
+    if written:
+        names = ", ".join(name.removeprefix("model.") for name in written)
+        raise CaptureError(f"the forward writes into parameter {names} in place (weight clipping with clamp_ under "
+                           "no_grad, nn.Embedding(max_norm=...) renormalising the rows it looks up), which a planned "
+                           "step cannot do: clip or renormalise outside the forward (after optimizer.step(), under "
+                           "torch.no_grad()); model.model is the module itself")
     if "grad" not in output_kinds:
         raise CaptureError("no parameter gets a gradient from the model's output: it does not depend on them "
                            "through differentiable ops (argmax, comparisons, .detach(), integer outputs), so there is "

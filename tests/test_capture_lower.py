@@ -135,6 +135,25 @@ def test_a_model_that_deep_copies_its_blocks_is_traced_on_fake_tensors(recwarn):
     assert graph.fixed.parameter_bytes == 4 * sum(p.numel() for p in parameters)
 
 
+@pytest.mark.parametrize("writes", ["clamp", "max_norm"])
+def test_a_forward_that_writes_a_parameter_in_place_is_a_clear_error(writes):
+    # the plan was made, then refused at the first step: "the traced step has 2 loss tangents" (remat solve planned
+    # it without a word)
+    class Clips(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.a = nn.Embedding(50, 8, max_norm=1.0 if writes == "max_norm" else None), nn.Linear(8, 1)
+
+        def forward(self, ids):
+            if writes == "clamp":
+                with torch.no_grad():
+                    self.a.weight.clamp_(-0.1, 0.1)
+            return self.a(self.embed(ids)).pow(2).mean()
+
+    with pytest.raises(CaptureError, match=r"writes into parameter (a|embed)\.weight in place .* outside the forward"):
+        capture_step(Clips(), (torch.randint(0, 50, (4, 6)),))
+
+
 def test_a_model_without_trainable_parameters_is_a_clear_error():
     model = nn.Linear(4, 4)
     for p in model.parameters():
