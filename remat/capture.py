@@ -319,8 +319,14 @@ def _keeping_module_state(model: nn.Module):
             for name, value in buffers.items():
                 if module._buffers.get(name, value) is not value:
                     module._buffers[name] = value
+        from torch.nn.utils.spectral_norm import SpectralNorm
+        from torch.nn.utils.weight_norm import WeightNorm
+
+        # the old weight_norm's and spectral_norm's pre-hooks set the weight before each forward: in the graph
+        computed = {(path, hook.name) for path, module in modules.items()
+                    for hook in module._forward_pre_hooks.values() if isinstance(hook, (WeightNorm, SpectralNorm))}
         tensors = [f"{path + '.' if path else ''}{name}" for path, name, value in written
-                   if isinstance(value, torch.Tensor)]
+                   if isinstance(value, torch.Tensor) and (path, name) not in computed]
         if tensors:
             warnings.warn(f"the model's forward sets {', '.join(tensors)} to a tensor: the planned step runs the "
                           "traced graph, not the forward's Python code, so such a value is not set at each step (it "
@@ -393,7 +399,10 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
     _warn_of_forward_hooks(model)
     step = LossStep(model, loss_fn, precision, call)
     with _keeping_module_state(model), _record_module_paths(model), _compiling(), _without_onednn(), \
-            contextlib.ExitStack() as stack:
+            contextlib.ExitStack() as stack, warnings.catch_warnings():
+        # AOTAutograd differentiates in anomaly mode, which warns "Error detected in ..." with a forward traceback
+        # where an op's backward fails, also where torch recovers: the error, if any, is explained below
+        warnings.filterwarnings("ignore", message="Error detected in")
         try:
             joint = aot_export_joint_with_descriptors(stack, step, call.tensors)
         except CaptureError:
@@ -542,11 +551,41 @@ def _explain(error: BaseException) -> str:
     the line of the model's code (outside torch and remat) that asked for it."""
     text = str(error).strip()
     gist = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
-    meaning = _meaning(error)
+    meaning = _in_torch_nn(error) or _meaning(error)
     if meaning:
         gist = f"{meaning} (torch: {gist})"
     where = _model_line(error)
     return f"{where}: {gist}" if where else gist
+
+
+# Values torch.nn's own code reads, which the user cannot rewrite: (function, what to do instead).
+_READ_BY_TORCH_NN = {
+    "_detect_is_causal_mask": "torch's transformer layers compare the mask's values to tell whether it is causal, "
+                              "which one traced graph cannot do: pass is_causal=True with a causal mask",
+}
+_NUM_BATCHES_TRACKED = ("a batch norm with momentum=None averages by 1 / num_batches_tracked, a value Python reads, "
+                        "which one traced graph cannot follow: give the norm a momentum (torch's default is 0.1)")
+
+
+def _in_torch_nn(error: BaseException) -> str | None:
+    """Where a value is read in torch.nn's own code (the user's line is only the call): what to do instead."""
+    if not _reads_values(error):
+        return None
+    nn_dir = os.path.dirname(os.path.abspath(nn.__file__)) + os.sep
+    frames = traceback.extract_tb(error.__traceback__)
+    users = [i for i, frame in enumerate(frames) if _is_users(frame)]
+    inner = [frame for frame in frames[users[-1] + 1 if users else 0:]  # called from the user's last line
+             if os.path.abspath(frame.filename).startswith(nn_dir)]
+    if not inner:
+        return None
+    frame = inner[-1]
+    if frame.name in _READ_BY_TORCH_NN:
+        return _READ_BY_TORCH_NN[frame.name]
+    if "num_batches_tracked" in (frame.line or ""):
+        return _NUM_BATCHES_TRACKED
+    return (f"torch's own {frame.name} ({os.path.relpath(frame.filename, os.path.dirname(nn_dir))}:{frame.lineno}) "
+            "reads a tensor's value, which one traced graph cannot follow: the module's settings or arguments "
+            "decide whether it does (see its documentation)")
 
 
 # A tensor the step reads that is none of its inputs, parameters or buffers becomes a constant of the graph, which
@@ -567,14 +606,22 @@ def _meaning(error: BaseException) -> str | None:
                 return meaning
         if any(words in str(cause) for words in _NOT_AN_INPUT):
             return _NOT_AN_INPUT_MEANING
+        if "use_reentrant=True" in str(cause):
+            return ("torch.utils.checkpoint(..., use_reentrant=True) cannot be traced: remat differentiates the step "
+                    "with torch.autograd.grad, which a reentrant checkpoint refuses; pass use_reentrant=False, or "
+                    "drop the checkpoint and let the plan choose what to recompute")
     return None
+
+
+def _is_users(frame: traceback.FrameSummary) -> bool:
+    """Whether a traceback frame is the model's code: in neither torch nor remat."""
+    internal = tuple(os.path.dirname(os.path.abspath(path)) + os.sep for path in (torch.__file__, __file__))
+    return not os.path.abspath(frame.filename).startswith(internal) and not frame.filename.startswith("<")
 
 
 def _model_line(error: BaseException) -> str:
     """"file.py:31 `if x.mean() > 0:`": the innermost frame of the traceback in neither torch nor remat."""
-    internal = tuple(os.path.dirname(os.path.abspath(path)) + os.sep for path in (torch.__file__, __file__))
-    frames = [frame for frame in traceback.extract_tb(error.__traceback__)
-              if not os.path.abspath(frame.filename).startswith(internal) and not frame.filename.startswith("<")]
+    frames = [frame for frame in traceback.extract_tb(error.__traceback__) if _is_users(frame)]
     if not frames:
         return ""
     frame = frames[-1]

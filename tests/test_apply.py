@@ -925,6 +925,19 @@ def test_distributed_data_parallel_averages_the_ranks_gradients(tmp_path, order)
 # --- what a step depends on besides its inputs' values ---------------------------------------------------------
 
 
+def test_the_weight_old_weight_norm_sets_before_each_forward_is_not_warned_of(recwarn):
+    # its pre-hook sets module.weight, which the graph computes: "the model's forward sets 2.weight" was a false alarm
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), torch.nn.utils.weight_norm(nn.Linear(16, 1))).double()
+    reference = copy.deepcopy(model)
+    x = torch.randn(32, 8, dtype=torch.float64)
+    planned = apply(model, budget="100%", example_inputs=(x,), device="cpu", time_limit=TIME_LIMIT)
+    assert not [w for w in recwarn if "forward sets" in str(w.message)]
+    planned(x).sum().backward()
+    reference(x).sum().backward()
+    assert torch.equal(model[2].weight_g.grad, reference[2].weight_g.grad)
+
+
 class Scaled(nn.Module):
     """A dropout and a plain setting (a temperature) that training loops anneal, and a call counter."""
 

@@ -1,5 +1,6 @@
 """Capture and lowering: a real module becomes a Graph with the right sizes, outputs and fixed memory."""
 
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -152,6 +153,40 @@ def test_a_forward_that_writes_a_parameter_in_place_is_a_clear_error(writes):
 
     with pytest.raises(CaptureError, match=r"writes into parameter (a|embed)\.weight in place .* outside the forward"):
         capture_step(Clips(), (torch.randint(0, 50, (4, 6)),))
+
+
+class CausalEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+
+    def forward(self, x):
+        return self.encoder(x, mask=nn.Transformer.generate_square_subsequent_mask(x.shape[1])).pow(2).mean()
+
+
+class Reentrant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.b, self.a(x), use_reentrant=True).pow(2).mean()
+
+
+@pytest.mark.parametrize(("model", "advice"), [
+    (CausalEncoder, "pass is_causal=True with a causal mask"),
+    (lambda: nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16, momentum=None)), "give the norm a momentum"),
+    (Reentrant, "pass use_reentrant=False"),
+])
+def test_what_torch_nn_itself_cannot_trace_says_what_to_change(model, advice, recwarn):
+    # the message blamed the user's line and said to use torch.where, which the user cannot do in torch's own code;
+    # the reentrant checkpoint's spoke of .grad() and backward(inputs=...), which the user never called
+    x = torch.randn(4, 6, 16) if model is CausalEncoder else torch.randn(8, 16)
+    module = model()
+    with pytest.raises(CaptureError, match=re.escape(advice)):
+        capture_step(module, (x,), loss_fn=lambda out: out.pow(2).mean() if out.dim() else out)
+    assert not [w for w in recwarn if "Error detected in" in str(w.message)]  # anomaly mode's tracebacks
 
 
 def test_a_model_without_trainable_parameters_is_a_clear_error():
