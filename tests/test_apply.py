@@ -927,9 +927,11 @@ def test_distributed_data_parallel_averages_the_ranks_gradients(tmp_path, order)
 
 def test_the_weight_old_weight_norm_sets_before_each_forward_is_not_warned_of(recwarn):
     # its pre-hook sets module.weight, which the graph computes: "the model's forward sets 2.weight" was a false alarm
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), torch.nn.utils.weight_norm(nn.Linear(16, 1))).double()
-    reference = copy.deepcopy(model)
+    def build():
+        torch.manual_seed(0)  # weight_norm's modules cannot be deep-copied
+        return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), torch.nn.utils.weight_norm(nn.Linear(16, 1))).double()
+
+    model, reference = build(), build()
     x = torch.randn(32, 8, dtype=torch.float64)
     planned = apply(model, budget="100%", example_inputs=(x,), device="cpu", time_limit=TIME_LIMIT)
     assert not [w for w in recwarn if "forward sets" in str(w.message)]
