@@ -46,7 +46,7 @@ from remat.schedule import Schedule
 from remat.simulate import Simulation, simulate
 from remat.split_plan import SplitTracer, solve_split
 from remat.units import format_bytes, is_share
-from solvers.base import INFEASIBLE
+from solvers.base import INFEASIBLE, OPTIMAL
 
 BACKENDS = ("eager", "inductor")
 # A warning at this many input signatures: inputs padded to each batch's longest sequence make a plan per length,
@@ -437,11 +437,17 @@ def _plan_traced(tracer: SplitTracer, budget: str | int | float, solver: str, ti
         lowest = result.min_feasible_bytes
         more_chunks = ("; a longer time_limit traces the step split in more chunks, which may fit"
                        if result.graph.meta.get("split_cut") else "")
+        proven = result.coarse_nodes is None and any(
+            c.method == "checkmate-min-peak" and c.status == OPTIMAL and c.simulation is not None
+            and c.simulation.peak_bytes == lowest for c in result.candidates)
+        # a search cut short by the time limit names the lowest peak it reached, which a longer one may beat
+        minimum = ("the minimum feasible budget for this model and input is" if proven else
+                   f"the lowest peak found in time_limit={time_limit:g} s is")
+        shorter = "" if proven else " (a longer time_limit may find a lower one)"
         raise PlanError(
-            f"no schedule fits a budget of {format_bytes(budget_bytes)} ({budget_bytes} bytes): the minimum feasible "
-            f"budget found for this model and input is {format_bytes(lowest)} ({lowest} bytes); fixed memory "
-            f"(parameters, gradients, optimizer state, inputs) alone is {format_bytes(unsplit.fixed.total_bytes)}"
-            f"{more_chunks}")
+            f"no schedule fits a budget of {format_bytes(budget_bytes)} ({budget_bytes} bytes): {minimum} "
+            f"{format_bytes(lowest)} ({lowest} bytes){shorter}; fixed memory (parameters, gradients, optimizer "
+            f"state, inputs) alone is {format_bytes(unsplit.fixed.total_bytes)}{more_chunks}")
     return result, tracer.variant_of(chosen.split).step
 
 
