@@ -112,20 +112,39 @@ SCALARS = (bool, int, float, str)
 
 def module_state(model: nn.Module) -> tuple:
     """What the trace takes from the model as fixed, module by module: train or eval, its hooks, its plain settings
-    (a dropout's p, a temperature, a flag: public attributes that are numbers or strings), and its parameters' and
+    (a dropout's p, a temperature, a flag: public attributes that are numbers or strings, and those of a config
+    object it holds, such as a Hugging Face model's `config`), and its parameters' and
     buffers' shapes, dtypes and devices, and which parameters require grad. A change to any of them is traced and
     planned again: the planned graph has the old value in it (a dropout annealed to 0 kept its first p, a hook added
     later never ran, a model cast to float64 ran in float64 with a float32 plan's memory)."""
     modules = []
+    configs: dict[int, tuple] = {}  # by id: one config object is held by many modules
     for module in model.modules():
-        settings = tuple((name, value) for name, value in vars(module).items()
-                         if isinstance(value, SCALARS) and not name.startswith("_"))
+        settings = tuple((name, value if isinstance(value, SCALARS) else _config_settings(value, configs))
+                         for name, value in vars(module).items()
+                         if not name.startswith("_") and (isinstance(value, SCALARS) or _is_config(value)))
         hooks = tuple(map(tuple, (module._forward_pre_hooks, module._forward_hooks, module._backward_pre_hooks,
                                   module._backward_hooks)))
         tensors = tuple((tensor.shape, tensor.dtype, tensor.device, tensor.requires_grad)
                         for tensor in (*module._parameters.values(), *module._buffers.values()) if tensor is not None)
         modules.append((settings, hooks, tensors))
     return tuple(modules)
+
+
+def _is_config(value: Any) -> bool:
+    """A settings object the forward may read: a Hugging Face config (`model.config.router_aux_loss_coef`) or a
+    dataclass of settings (nanoGPT's GPTConfig, torchtitan's ModelArgs)."""
+    if value is None or isinstance(value, (nn.Module, torch.Tensor, type)):
+        return False
+    return dataclasses.is_dataclass(value) or (hasattr(value, "__dict__") and callable(getattr(value, "to_dict", None)))
+
+
+def _config_settings(config: Any, seen: dict[int, tuple]) -> tuple:
+    """The config's public attributes that are numbers or strings, worked out once per object."""
+    if id(config) not in seen:
+        seen[id(config)] = tuple((name, value) for name, value in vars(config).items()
+                                 if isinstance(value, SCALARS) and not name.startswith("_"))
+    return seen[id(config)]
 
 
 def _register_dataclasses(value: Any) -> None:
@@ -293,17 +312,30 @@ def _without_onednn():
         torch._C._set_mkldnn_enabled(previous)
 
 
+_HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+
+
 @contextlib.contextmanager
 def _keeping_module_state(model: nn.Module):
     """Undo what the traced forward wrote onto its modules: an attribute set or replaced (`self.acc = ...`, a counter,
-    a cache) and a buffer replaced. Those writes happen once, at the trace, with fake tensors: `model.acc` was left a
-    FakeTensor that every later read failed on, and never changed with the steps the plan runs. A tensor written so is
-    said in a warning (return it from forward, or compute it outside)."""
+    a cache), a buffer replaced and a hook installed. Those writes happen once, at the trace, with fake tensors:
+    `model.acc` was left a FakeTensor that every later read failed on, and never changed with the steps the plan runs.
+    A tensor written so is said in a warning (return it from forward, or compute it outside)."""
     modules = dict(model.named_modules())
     before = {path: (dict(vars(m)), dict(m._buffers)) for path, m in modules.items()}
+    hooks = {path: {name: dict(getattr(m, name)) for name in _HOOK_TABLES} for path, m in modules.items()}
     try:
         yield
     finally:
+        for path, module in modules.items():
+            # a hook the forward installs (Hugging Face's output recorders, at the first forward, behind a flag
+            # that is undone below) is in the traced graph; left on, it was installed again at every trace, and the
+            # step's signature, which holds the hooks, changed at every call: a trace and a plan per step
+            for name in _HOOK_TABLES:
+                table = getattr(module, name)
+                for key in [key for key in table if key not in hooks[path][name]]:
+                    del table[key]
         written = []
         for path, module in modules.items():
             attributes, buffers = before[path]

@@ -955,6 +955,47 @@ def test_the_weight_old_weight_norm_sets_before_each_forward_is_not_warned_of(re
     assert torch.equal(model[2].weight_g.grad, reference[2].weight_g.grad)
 
 
+@dataclasses.dataclass
+class AuxConfig:
+    aux_weight: float = 0.01
+
+
+class RecordsAux(nn.Module):
+    """As Hugging Face's MoE models: a config the forward reads (the aux loss's weight), and a forward hook installed
+    at the first forward, behind a flag, that records a layer's output for the aux loss."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.config = AuxConfig()
+        self.router, self.head = nn.Linear(16, 4), nn.Linear(16, 1)
+        self.recorded: list[torch.Tensor] = []
+
+    def forward(self, x):
+        if not getattr(self, "recording", False):
+            self.router.register_forward_hook(lambda module, args, output: self.recorded.append(output))
+            self.recording = True
+        self.recorded.clear()
+        self.router(x)
+        aux = self.recorded[-1].softmax(-1).pow(2).sum(-1).mean()
+        return self.head(x).pow(2).mean() + self.config.aux_weight * aux
+
+
+def test_a_config_change_is_planned_again_and_hooks_the_forward_installs_are_planned_once():
+    """A Hugging Face config's setting changed after planning kept the traced value; a hook the forward installs (HF's
+    output recorders) was installed again at each trace, which changed the step's signature: a trace per step."""
+    model = RecordsAux().double()
+    reference = copy.deepcopy(model)
+    x = torch.randn(64, 16, dtype=torch.float64)
+    planned = apply(model, budget="100%", example_inputs=(x,), device="cpu", time_limit=TIME_LIMIT)
+    for _ in range(3):
+        _same_step(planned, model, reference, x)
+    assert len(planned.steps) == 1 and not model.router._forward_hooks  # the trace's hook is in the graph
+    model.config.aux_weight = reference.config.aux_weight = 10.0
+    _same_step(planned, model, reference, x)
+    assert len(planned.steps) == 2
+
+
 class Scaled(nn.Module):
     """A dropout and a plain setting (a temperature) that training loops anneal, and a call counter."""
 
