@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from decimal import Decimal
 
 _UNITS = {
     "": 1, "b": 1,
@@ -37,7 +38,7 @@ def parse_size(text: str | int | float, reference_bytes: int | None = None) -> i
             raise ValueError(f"not a percentage: {raw!r}") from None
         if not math.isfinite(percent) or percent <= 0:
             raise ValueError(f"percentage must be a positive number, got {raw!r}")
-        return int(reference_bytes * percent / 100)
+        return int(reference_bytes * Decimal(raw[:-1]) / 100)  # exact: 60% of 500 bytes is 300, not 299
     match = _SIZE.match(raw)
     if not match and raw.startswith("-"):
         raise ValueError(f"size must be positive, got {raw!r}")
@@ -51,7 +52,8 @@ def parse_size(text: str | int | float, reference_bytes: int | None = None) -> i
     if value < 1:  # "0.6" rounds to 0 bytes: most likely a share meant as 60%
         raise ValueError(f"{raw!r} is less than a byte: a number without a unit is bytes; write 60% for a share "
                          "of the store-all peak, or a size such as 16GB")
-    return int(value)
+    # the decimal digits as written: float("2.01") * 10**9 is 2009999999.9999998, one byte short of 2.01GB
+    return int(Decimal(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
 def format_bytes(num_bytes: int | float) -> str:

@@ -119,6 +119,8 @@ def test_min_budget_lower_bound_is_the_largest_working_set():
 @pytest.mark.parametrize("text, expected", [
     ("16GB", 16 * 10**9), ("16GiB", 16 * 2**30), ("512MiB", 512 * 2**20), ("1.5e9", 1_500_000_000),
     ("16 gb", 16 * 10**9), ("2048", 2048), ("1e+9", 10**9),
+    # the digits as written: float arithmetic read 2.01GB as 2,009,999,999 bytes, under the CLI's own suggestions
+    ("2.01GB", 2_010_000_000), ("16.06KB", 16_060), ("2.55GB", 2_550_000_000), ("0.5KiB", 512),
 ])
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
@@ -138,6 +140,7 @@ def test_a_fraction_without_a_unit_is_not_read_as_zero_bytes():
 
 def test_percent_and_format():
     assert parse_size("75%", reference_bytes=200) == 150
+    assert parse_size("32.3%", reference_bytes=1000) == 323  # 1000 * 32.3 / 100 is 322.99999999999994
     assert format_bytes(16 * 10**9) == "16.00 GB"
 
 
