@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -254,9 +255,19 @@ def rs_plot(graph: Graph, schedule: Schedule, title: str) -> bytes:
     return _png(figure)
 
 
+def memory_figure_names(budgets_bytes: Sequence[int]) -> list[tuple[str, str]]:
+    """(file stem suffix, title) of each budget's memory plot. Budgets that print alike (140MB and 140,000,400 bytes)
+    are named by their bytes: the second one's file overwrote the first's."""
+    printed = [format_bytes(b) for b in budgets_bytes]
+    return [(f"memory-{_slug(b)}", f"Memory over the step at {text}") if printed.count(text) == 1 else
+            (f"memory-{b}B", f"Memory over the step at {text} ({b:,} bytes)")
+            for b, text in zip(budgets_bytes, printed, strict=True)]
+
+
 def figures(comparison: Comparison) -> list[Figure]:
-    found = [Figure(f"memory-{_slug(b)}", f"Memory over the step at {format_bytes(b)}", memory_plot(comparison, b))
-             for b in comparison.budgets_bytes]
+    found = [Figure(name, title, memory_plot(comparison, b))
+             for b, (name, title) in zip(comparison.budgets_bytes, memory_figure_names(comparison.budgets_bytes),
+                                         strict=True)]
     found.append(Figure("curve", "Budget -> overhead", curve_plot(comparison)))
     pick = _rs_pick(comparison)
     if pick is not None:

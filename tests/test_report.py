@@ -13,7 +13,7 @@ import pytest
 
 from remat.comparators import compile_budget_candidate, saved_set_plan
 from remat.compare import Comparison, compare, parse_methods
-from remat.report import cells, headers, notes, stage_matrix, write_reports
+from remat.report import cells, headers, memory_figure_names, notes, stage_matrix, write_reports
 from remat.simulate import simulate
 from remat.trace import trace_step
 from solvers.baselines import RematPlan, build_schedule, first_backward_index
@@ -166,6 +166,12 @@ def test_reports_are_self_contained_with_plots(comparison, tmp_path):
     assert "| " + " | ".join(headers(comparison)) + " |" in markdown
     assert "max batch" not in headers(comparison)  # not asked for
     assert set(written) == {tmp_path / "report.html", tmp_path / "report.md", *(tmp_path / n for n in pngs)}
+
+
+def test_budgets_that_print_alike_get_plots_of_their_own():
+    names = memory_figure_names([140_000_000, 140_000_400, 16 * 10**9])
+    assert [name for name, _ in names] == ["memory-140000000B", "memory-140000400B", "memory-16_00GB"]
+    assert names[1][1] == "Memory over the step at 140.00 MB (140,000,400 bytes)"
 
 
 def test_json_keys_are_stable(comparison):
