@@ -115,6 +115,14 @@ def check_plan(plan: PlanFile, graph: Graph) -> Simulation:
     simulation = simulate(graph, plan.schedule)
     if not simulation.valid:
         raise PlanError(f"the plan's schedule is not valid for this graph: {simulation.errors[0]}")
+    # the file's own figures are the schedule's: an edit to either (a free removed, peak_bytes changed) ran before
+    if plan.peak_bytes is not None and plan.peak_bytes != simulation.peak_bytes:
+        raise PlanError(f"the plan says it peaks at {plan.peak_bytes} bytes, but its schedule peaks at "
+                        f"{simulation.peak_bytes} on this graph: the file was edited (or made by another version "
+                        "of remat); plan again")
+    if not simulation.fits(plan.budget_bytes):
+        raise PlanError(f"the plan's schedule peaks at {format_bytes(simulation.peak_bytes)} ({simulation.peak_bytes} "
+                        f"bytes), over its budget of {plan.budget_bytes} bytes: the file was edited; plan again")
     return simulation
 
 

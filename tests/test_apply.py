@@ -480,6 +480,17 @@ def test_edited_schedule_is_refused(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(PlanError, match="not valid for this graph"):
         apply(model, plan=path, example_inputs=inputs)
+    # edits that leave a valid schedule ran before, with figures that were not the schedule's
+    data = made.to_json()
+    data["peak_bytes"] = 1
+    path.write_text(json.dumps(data))
+    with pytest.raises(PlanError, match="the plan says it peaks at 1 bytes, but its schedule peaks at"):
+        apply(model, plan=path, example_inputs=inputs)
+    data = made.to_json()
+    data["budget_bytes"] = made.simulation.peak_bytes - 1
+    path.write_text(json.dumps(data))
+    with pytest.raises(PlanError, match="over its budget of"):
+        apply(model, plan=path, example_inputs=inputs)
 
 
 def test_budget_below_the_minimum_names_it_and_leaves_the_model_alone():
