@@ -429,6 +429,14 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
                        f"time limit")
         elif tracer.head is None and all(v is None for k, v in tracer.variants.items() if k != unsplit.key):
             why_not = "not split: no head from a matmul to the loss, MLP or attention block to split"
+        elif tried := [v for k, v in tracer.variants.items() if k != unsplit.key and v is not None]:
+            # the largest op is in a region that splits, but splitting it raises the floor or the reach elsewhere
+            # (GPT-2 at batch 2: the tied embedding's gradient accumulated in float32), which this note hid
+            variant = min(tried, key=lambda v: (v.floor_bytes, v.reach_bytes))
+            why_not = (f"not split: splitting lowers neither the single-op floor nor checkpoint-all's peak (unsplit "
+                       f"{format_bytes(unsplit.floor_bytes)} and {format_bytes(unsplit.reach_bytes)}; with the "
+                       f"{variant.split.short()} {format_bytes(variant.floor_bytes)} and "
+                       f"{format_bytes(variant.reach_bytes)})")
         else:
             why_not = f"not split: the largest op is not in a region that splits ({_largest_op(unsplit.graph)})"
         plan = solve(unsplit.graph, budget_bytes, solver, max(deadline - time.monotonic(), MIN_SOLVE_S), backend,

@@ -227,6 +227,17 @@ def test_a_plan_splits_only_when_the_budget_needs_it():
     assert tight.plan.min_feasible_bytes < unsplit.floor_bytes
 
 
+def test_a_split_that_raises_the_floor_is_said_to():
+    # gpt2-tiny at batch 1, seq 16: the head in 2 chunks raises the floor (the tied embedding's gradient is added up
+    # in float32 over the chunks); the note said the largest op was not in a region that splits, and it is
+    tracer = SplitTracer.zoo("gpt2-tiny", batch=1, seq=16, precision="bf16-mixed", device="h100", optimizer="adamw")
+    chosen = solve_split(tracer, tracer.unsplit.floor_bytes - 1, time_limit_s=5)
+    assert chosen.split is None and chosen.plan.schedule is None
+    floor = f"{tracer.variant(2).floor_bytes / 1e6:.2f} MB"
+    assert chosen.note.startswith("not split: splitting lowers neither the single-op floor nor checkpoint-all's")
+    assert f"with the head in 2 chunks {floor}" in chosen.note, chosen.note
+
+
 def test_a_step_slow_to_trace_is_split_only_below_the_unsplit_floor(monkeypatch):
     """A split variant is traced as the step was, and takes as long (a 2-layer LSTM unrolled over 128 steps: 15 s):
     with a time limit under three such traces, a budget above the unsplit floor is planned unsplit."""
