@@ -46,7 +46,25 @@ def _output_file(context: click.Context, parameter: click.Parameter, value: str 
         raise click.BadParameter(f"cannot make its folder {folder}: {error.strerror}") from None
     if not os.access(folder, os.W_OK):
         raise click.BadParameter(f"cannot write into {folder}")
+    path = Path(value)
+    existed = path.exists()
+    try:  # a folder of that name, a read-only file system (/sys, which os.access allows root): found by opening it
+        with open(path, "a"):
+            pass
+    except OSError as error:
+        raise click.BadParameter(f"cannot write {value}: {error.strerror}") from None
+    if not existed:
+        path.unlink()  # made only to try: a solve that fails leaves no empty file
     return value
+
+
+@contextlib.contextmanager
+def _writing(what: str):
+    """What goes wrong writing an output after the work (a PNG beside --md whose name is a folder) is one line."""
+    try:
+        yield
+    except OSError as error:
+        fail(f"could not write {what}: {error.strerror}: {error.filename or ''}".rstrip(": "))
 
 
 @contextlib.contextmanager
@@ -111,7 +129,8 @@ def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_
     share_of = traced_peak if is_share(budget) else None
 
     if out and plan.schedule is not None:
-        Path(out).write_text(json.dumps(plan.to_json()))
+        with _writing("the plan"):
+            Path(out).write_text(json.dumps(plan.to_json()))
     if as_json:
         click.echo(json.dumps({**_plan_summary(plan, wall_s), "budget_share_of_bytes": share_of}))
     else:
@@ -457,7 +476,7 @@ def compare(model, budget, batch, seq, device, precision, optimizer, solvers, ti
         if out or md:
             from remat.report import write_reports
 
-            with stderr.status("plotting", spinner="dots"):
+            with stderr.status("plotting", spinner="dots"), _writing("the report"):
                 written = write_reports(comparison, out, md)
     wall_s = time.perf_counter() - started
     if as_json:
@@ -618,7 +637,8 @@ def profile(model, out, batch, seq, precision, base, warmup, repeats, as_json) -
     name = f"{base_name}-{Path(out).stem}"
     data = profile_json(base_profile, measurement, name, {**meta, "gpu": gpu, "torch": torch.__version__,
                                                             "warmup": warmup, "repeats": repeats})
-    write_profile(out, data)
+    with _writing("the profile"):
+        write_profile(out, data)
     wall_s = time.perf_counter() - started
     summary = {"profile": str(out), "name": name, "gpu": gpu, "base": base_name, "ops": measurement.ops,
                "measured": len(measurement.measured_s), "unmeasured": len(measurement.failed),

@@ -196,6 +196,19 @@ def test_user_model_plan_json_and_plan_file(factory_file, probe, tmp_path):
                               f"the plan was made for {option} ")
 
 
+def test_outputs_that_cannot_be_written_are_one_line_errors(factory_file, tmp_path):
+    # a file that cannot be made (a folder of that name; /sys, which os.access allows root) is said before the solve;
+    # a report's PNG that cannot be written after it: both ended in a traceback after the whole solve
+    (tmp_path / "plan.json").mkdir()
+    result = remat("solve", "--model", f"{factory_file}:make", "--budget", "100%", "--out", str(tmp_path / "plan.json"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "is a directory" in result.stderr.lower() and not result.stdout
+    (tmp_path / "r-curve.png").mkdir()
+    result = remat("compare", "--model", f"{factory_file}:make", "--budget", "100%", "--solvers", "store-all",
+                   "--md", str(tmp_path / "r.md"))
+    assert_one_line_error(result, "could not write the report: Is a directory", "r-curve.png")
+
+
 def test_a_factory_that_casts_its_model_plans_and_its_name_prints_as_written(factory_file):
     """`.to(torch.bfloat16)` in a factory failed on fake parameters ("Couldn't swap Linear.weight"), blamed on the
     factory; and rich printed `mymodel.py:llama` with a llama emoji."""
