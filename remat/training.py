@@ -154,7 +154,9 @@ class RematModule(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         if (budget is None) == (plan is None):
-            raise ValueError("give a budget (e.g. budget=\"16GB\") or a plan, not both")
+            neither = budget is None
+            raise ValueError("give a budget (e.g. budget=\"16GB\") or a plan" + (": neither was given" if neither
+                                                                                else ", not both"))
         self.model = uncompiled(model)
         self.budget = budget
         self.loss_fn = loss_fn
@@ -202,7 +204,9 @@ class RematModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         call = Call(args, kwargs)
-        if not torch.is_grad_enabled():  # evaluation: nothing to plan; the model's own forward
+        # evaluation, or nothing to differentiate (a frozen phase, validation without no_grad): nothing to plan,
+        # and the model's own forward runs, as eager (the trace refused such a step)
+        if not torch.is_grad_enabled() or not self._differentiable(call):
             returned = LossStep(self.model, self.loss_fn, self.precision, call).output(*call.tensors)
             try:
                 return loss_of(returned)  # what a training step returns
@@ -210,6 +214,10 @@ class RematModule(nn.Module):
                 return returned
         step = self._prepared(call)
         return step.runner.loss(self._primals(step.parts, call.tensors))
+
+    def _differentiable(self, call: Call) -> bool:
+        return (any(p.requires_grad for p in self.model.parameters())
+                or any(isinstance(t, torch.Tensor) and t.requires_grad for t in call.tensors))
 
     def prepare(self, *args: Any, **kwargs: Any) -> PreparedStep:
         """Trace, plan and partition the step for inputs of this signature (cached)."""
@@ -223,8 +231,14 @@ class RematModule(nn.Module):
             self.steps[key] = self._prepare(call, self.given_plan or self.plans.get(key))
             self.plans[key] = self.steps[key].plan
             self.planning_s += time.perf_counter() - started
-            if len(self.steps) == MANY_SIGNATURES:
-                warnings.warn(f"remat.apply has traced and planned {len(self.steps)} input signatures "
+            # what the traced forward decided and wrote into a config (a Hugging Face classifier's
+            # config.problem_type, at its first forward) is in the graph: the signature after it runs this step too
+            # (the first step was traced again)
+            after = _signature(self.model, call)
+            if after != key:
+                self.steps[after], self.plans[after] = self.steps[key], self.plans[key]
+            if len({id(step) for step in self.steps.values()}) == MANY_SIGNATURES:
+                warnings.warn(f"remat.apply has traced and planned {MANY_SIGNATURES} input signatures "
                               f"({self.planning_s:.0f} s so far), one for each new input shape or layout, "
                               "non-tensor argument, or module setting (a public number or string attribute, a "
                               "hook) changed since: inputs padded to a few lengths (buckets) keep that to a few "

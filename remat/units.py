@@ -27,6 +27,9 @@ def parse_size(text: str | int | float, reference_bytes: int | None = None) -> i
     if isinstance(text, (int, float)):
         if not math.isfinite(text) or text <= 0:
             raise ValueError(f"size must be a positive number, got {text!r}")
+        if text < 1:  # budget=0.6 was 0 bytes: most likely a share meant as "60%"
+            raise ValueError(f"{text!r} is less than a byte: a number is bytes; write \"60%\" for a share of the "
+                             "store-all peak, or a size such as \"16GB\"")
         return int(text)
     raw = str(text).strip()
     if is_share(raw):

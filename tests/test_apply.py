@@ -1007,6 +1007,46 @@ def test_a_config_change_is_planned_again_and_hooks_the_forward_installs_are_pla
     assert len(planned.steps) == 2
 
 
+class DecidesProblemType(nn.Module):
+    """As Hugging Face's classifiers: the first forward writes what it decided into the config."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.config = AuxConfig()
+        self.config.problem_type = None
+        self.a = nn.Linear(16, 4)
+
+    def forward(self, x, y):
+        if self.config.problem_type is None:
+            self.config.problem_type = "single_label_classification"
+        return nn.functional.cross_entropy(self.a(x), y)
+
+
+def test_a_config_the_traced_forward_writes_runs_the_step_it_traced():
+    """BertForSequenceClassification and the ViT/Swin/ConvNeXt classifiers were traced again at their first step."""
+    model = DecidesProblemType()
+    x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
+    planned = apply(model, budget="100%", example_inputs=(x, y), device="cpu", time_limit=TIME_LIMIT)
+    assert model.config.problem_type == "single_label_classification"
+    planned(x, y).backward()
+    assert len({id(step) for step in planned.steps.values()}) == 1
+
+
+def test_a_step_with_nothing_to_differentiate_runs_the_models_forward():
+    # a frozen phase, or validation without no_grad: the plain model returns its loss; the planned one raised
+    model, inputs = _mlp()
+    planned = apply(model, budget="100%", example_inputs=inputs, device="cpu", time_limit=TIME_LIMIT)
+    model.requires_grad_(False)
+    out = planned(*inputs)
+    assert torch.equal(out, LossStep(model, None, "fp32")(*inputs)) and not out.requires_grad
+    with pytest.raises(ValueError, match="or a plan: neither was given"):
+        apply(model, example_inputs=inputs)
+    model.requires_grad_(True)
+    with pytest.raises(ValueError, match="less than a byte"):
+        apply(model, budget=0.6, example_inputs=inputs)
+
+
 class Scaled(nn.Module):
     """A dropout and a plain setting (a temperature) that training loops anneal, and a call counter."""
 

@@ -136,6 +136,8 @@ def test_parse_size_rejects_bad_input(text):
 def test_a_fraction_without_a_unit_is_not_read_as_zero_bytes():
     with pytest.raises(ValueError, match="write 60%"):
         parse_size("0.6", reference_bytes=100)
+    with pytest.raises(ValueError, match="write \"60%\""):  # remat.apply(budget=0.6) planned for 0 bytes
+        parse_size(0.6, reference_bytes=100)
 
 
 def test_percent_and_format():
