@@ -13,6 +13,7 @@ from remat.simulate import simulate
 from solvers import base, baselines
 from solvers.baselines import BASELINES
 from solvers.bounds import Bound
+from solvers.registry import solve_with
 from tests.graphs import chain_training_graph, make_graph
 
 
@@ -102,8 +103,11 @@ def test_infeasible_budget_reports_the_lowest_peak_found():
 
 def test_a_baseline_can_be_asked_for_by_name():
     graph = chain_training_graph(8)
-    plan = solve(graph, solve(graph, 10**9).store_all.peak_bytes // 2, solver="chen-sqrtn")
-    assert plan.method == "chen-sqrtn" and plan.lower_bound_s is None
+    peak = simulate(graph, solve_with("chen-sqrtn", graph, 10**9).schedule).peak_bytes
+    plan = solve(graph, peak, solver="chen-sqrtn")
+    assert plan.method == "chen-sqrtn" and plan.simulation.peak_bytes == peak
+    below = solve(graph, peak - 1, solver="chen-sqrtn")  # no plan: no method named, and the message says why
+    assert below.method == "" and f"chen-sqrtn's schedule peaks at {peak} bytes" in below.message
 
 
 def test_unknown_solver_is_a_value_error():
