@@ -280,7 +280,8 @@ def _plan_summary(plan, wall_s: float) -> dict:
         "graph_hash": graph.content_hash,
         "message": plan.message,
         "candidates": [
-            {"method": c.method, "status": c.status, "wall_s": c.wall_s,
+            {"method": c.method, "wall_s": c.wall_s,
+             "status": c.status if c.simulation is None or c.fits(plan.budget_bytes) else OVER_BUDGET,
              "peak_bytes": c.simulation.peak_bytes if c.simulation else None,
              "compute_s": c.simulation.compute_s if c.simulation else None,
              "fits": c.fits(plan.budget_bytes)}
@@ -447,7 +448,7 @@ def _console() -> Console:
               help="Methods to compare: remat's planners (auto: as remat solve plans; checkmate, decompose, lp-round, "
                    "cpsat), baselines, compile-budget[-B].")
 @click.option("--time-limit", default=30.0, show_default=True, type=click.FloatRange(min=0.1),
-              help="Seconds for each MILP solve (one per budget).")
+              help="Seconds for each MILP solve (one per budget); --max-batch probes get it too, at most 10 s.")
 @click.option("--max-batch", "with_max_batch", is_flag=True,
               help="Add each row's largest batch under its budget (traces the model at more batches).")
 @click.option("--out", type=click.Path(dir_okay=False), callback=_output_file,
@@ -481,7 +482,7 @@ def compare(model, budget, batch, seq, device, precision, optimizer, solvers, ti
             try:
                 comparison = compare_methods(traced, budgets, methods, time_limit_s=time_limit,
                                              progress=lambda stage: status.update(f"comparing: {stage}"),
-                                             batch_traces=traces)
+                                             batch_traces=traces, probe_time_limit_s=min(time_limit, 10.0))
             except (ModelError, CaptureError, ValueError) as error:  # another batch's trace (--max-batch)
                 fail(str(error))
         written = []

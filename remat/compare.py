@@ -28,6 +28,7 @@ from remat.schedule import Schedule
 from remat.simulate import Simulation, simulate
 from remat.split_plan import SplitTracer, solve_split, with_chunks
 from remat.trace import TracedStep
+from remat.units import format_bytes
 from solvers.base import FEASIBLE, OVER_BUDGET
 from solvers.baselines import BASELINES, BUDGET_FREE_BASELINES
 from solvers.registry import solve_with
@@ -162,6 +163,7 @@ def compare(traced: TracedStep | SplitTracer, budgets_bytes: Sequence[int], meth
         below: tuple[Candidate, Graph] | None = None  # the plan at the budget below, and the graph it runs on
         for budget in budgets:  # smallest first: each budget weighs the plan of the one below
             say(f"{method} at {budget / 1e9:.2f} GB")
+            solving = time.perf_counter()  # the row's wall: tracing split variants and solving each, not one solve
             if tracer is not None:
                 chosen = solve_split(tracer, budget, solver=method, time_limit_s=time_limit_s, known=compiled)
                 plan, split = chosen.plan, chosen.split
@@ -169,15 +171,23 @@ def compare(traced: TracedStep | SplitTracer, budgets_bytes: Sequence[int], meth
                 known = [below[0]] if below is not None and below[1] is graph else []
                 plan, split = solve(graph, budget, solver=method, time_limit_s=time_limit_s,
                                     known=[*compiled, *known]), None
+            wall_s = time.perf_counter() - solving
             candidate = Candidate(with_chunks(plan.method, split), plan.status, plan.schedule, plan.simulation,
-                                  plan.wall_s, plan.message)
+                                  wall_s, plan.message)
             on, status, gap = plan.graph, plan.status, plan.gap
+            if below is not None and candidate.schedule is below[0].schedule:  # the planner chose the plan below
+                add(method, budget, replace(below[0], wall_s=wall_s), status, gap, on)
+                continue
             if below is not None and (not candidate.fits(budget)
                                       or below[0].simulation.compute_s < candidate.simulation.compute_s):
-                (candidate, on), status, gap = below, FEASIBLE, None  # more memory never costs more
+                # more memory never costs more: the plan of the budget below, named as that plan
+                (carried, on), status, gap = below, FEASIBLE, None
+                add(method, budget, replace(carried, wall_s=wall_s), status, gap, on)
+                continue
             add(method, budget, candidate, status, gap, on)
             if candidate.fits(budget):
-                below = (replace(candidate, method=candidate.method.split("@")[0] + f"@{budget}", wall_s=0.0), on)
+                shown = candidate.method.split("@")[0]  # the planner's own name for a known plan: "method@budget"
+                below = (replace(candidate, method=f"{shown} (the {format_bytes(budget)} plan)"), on)
 
     order = {m: i for i, m in enumerate(methods)}
     rows.sort(key=lambda r: (r.budget_bytes, order[r.method]))

@@ -77,8 +77,14 @@ def summary_lines(comparison: Comparison) -> list[str]:
         "every figure is the simulator's (remat/simulate.py), every method on this same step; "
         "overhead = step time / store-all's - 1",
         *(["remat's plans marked \"head in k chunks\" run on the same step with its loss head split into k chunks "
-           "of rows (remat/split.py; see the notes); the others on the step as traced"] if comparison.graphs else []),
+           "of rows (remat/split.py; see the notes); the others on the step as traced"] if _any_split(comparison)
+          else []),
     ]
+
+
+def _any_split(comparison: Comparison) -> bool:
+    """Whether a row's plan runs on a split step (its graph is a copy with the split note even where none split)."""
+    return any(graph.meta.get("split") for graph in comparison.graphs.values())
 
 
 def notes(comparison: Comparison) -> list[str]:
@@ -198,7 +204,7 @@ def curve_plot(comparison: Comparison) -> bytes:
     axes.set_xlabel(f"memory: budget (remat plan) or simulated peak (fixed schedules), {unit}")
     axes.set_ylabel("overhead vs store-all (%)")
     axes.set_title("budget -> overhead (simulated on the same step" +
-                   ("; remat's plans may split its loss head)" if comparison.graphs else ")"))
+                   ("; remat's plans may split its loss head)" if _any_split(comparison) else ")"))
     axes.legend(fontsize=8)
     axes.grid(alpha=0.3)
     return _png(figure)
@@ -301,7 +307,8 @@ def markdown(comparison: Comparison, images: list[tuple[str, str]]) -> str:
     columns, with_batch = headers(comparison), _with_max_batch(comparison)
     lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cells(row, with_batch)) + " |" for row in comparison.rows]
-    lines += ["", *(f"Note: {note}" for note in notes(comparison))]
+    for note in notes(comparison):  # a paragraph each: consecutive lines render as one
+        lines += ["", f"Note: {note}"]
     for title, image in images:
         lines += ["", f"## {title}", "", f"![{title}]({image})"]
     lines += ["", f"Compared in {comparison.wall_s:.1f} s (tracing the model not counted).", ""]

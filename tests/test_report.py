@@ -139,6 +139,28 @@ def test_saved_set_recomputes_each_value_once():
     assert max(sim.compute_counts) <= 2
 
 
+def test_a_plan_carried_to_larger_budgets_is_named_as_the_plan_it_is(traced, monkeypatch):
+    """It was relabelled with each budget it passed through ("...@35000000" at 40 MB for the 30-MB plan)."""
+    import remat.compare as compare_module
+    from remat.units import format_bytes
+
+    real_solve, calls = compare_module.solve, []
+
+    def worse_after_the_first(graph, budget, solver, time_limit_s, known):
+        calls.append(budget)  # later budgets get checkpoint-all's plan: the first budget's plan is cheaper
+        return real_solve(graph, budget, solver if len(calls) == 1 else "checkpoint-all", time_limit_s, known=known)
+
+    monkeypatch.setattr(compare_module, "solve", worse_after_the_first)
+    peak = simulate(traced.graph, build_schedule(traced.graph, RematPlan())).peak_bytes
+    budgets = [peak * 90 // 100, peak * 95 // 100, peak * 98 // 100]  # the minimum is about 85%
+    result = compare(traced, budgets, ("checkmate",), time_limit_s=2)
+    first, *later = [r for r in result.rows if r.method == "checkmate"]
+    assert first.fits and "(the" not in first.schedule_from
+    for row in later:
+        assert row.schedule_from == f"{first.schedule_from} (the {format_bytes(budgets[0])} plan)"
+        assert row.compute_s == first.compute_s and row.wall_s > 0
+
+
 def test_stage_matrix_marks_first_computations_on_the_diagonal(comparison):
     graph = comparison.graph
     schedule = comparison.schedules[("checkpoint-all", comparison.budgets_bytes[0])]
