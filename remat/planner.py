@@ -171,6 +171,9 @@ def budget_of(graph: Graph, budget: int | float | str) -> int:
     if isinstance(budget, (int, float)) and not isinstance(budget, bool):
         if not math.isfinite(budget) or budget < 0:
             raise ValueError(f"a budget is a number of bytes, 0 or more, not {budget!r}")
+        if 0 < budget < 1:  # remat.solve(graph, 0.6) planned for 0 bytes: most likely a share meant as "60%"
+            raise ValueError(f"a budget of {budget!r} is less than a byte: a number is bytes; write \"60%\" for a "
+                             "share of the store-all peak")
         return int(budget)
     if is_share(budget):
         store_all = BASELINES["store-all"](graph, 0, SolveOptions()).schedule

@@ -398,6 +398,8 @@ def test_budgets_as_sizes_and_shares_and_below_fixed_memory():
     for bad in (-5, float("nan"), "abc", "0GB"):
         with pytest.raises(ValueError):
             solve(graph, bad)
+    with pytest.raises(ValueError, match="less than a byte"):  # 0.6 planned for 0 bytes
+        solve(graph, 0.6)
     below = make_graph([[], [0], [1]], [4, 4, 4], outputs=[2], fixed_bytes=100)
     plan = solve(below, 99, time_limit_s=30)
     assert plan.status == base.INFEASIBLE
