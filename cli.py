@@ -679,7 +679,8 @@ def profile(model, out, batch, seq, precision, base, warmup, repeats, as_json) -
 @click.option("--optimizer", default=None, type=click.Choice(["adamw", "adam", "sgd", "sgd-momentum", "none"]),
               help="The optimizer stepped, and whose state the plan holds [default: the plan file's, or adamw].")
 @click.option("--steps", default=3, show_default=True, type=click.IntRange(min=1), help="Training steps.")
-@click.option("--time-limit", default=60.0, show_default=True, type=click.FloatRange(min=0.1))
+@click.option("--time-limit", default=60.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds for the solve, with --budget.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the report.")
 def run(model, plan_path, budget, batch, seq, precision, optimizer, steps, time_limit, as_json) -> None:
     """Train a zoo model for a few steps on this machine with a plan, and measure the memory it holds.
