@@ -228,6 +228,8 @@ def _fraction(text: str, option: str) -> float:
         fail(f"{option}: {text!r} is not a fraction: write 25% or 0.25")
     if not value >= 0:
         fail(f"{option}: {text!r} must be 0 or more")
+    if not text.strip().endswith("%") and value >= 1:  # "25" read as +2500%: most likely 25% meant
+        fail(f"{option}: {text!r} would be +{value:.0%}: write {text.strip()}% (or {value:.0%} if that is meant)")
     return value
 
 

@@ -249,6 +249,8 @@ def test_cli_max_overhead_is_checked():
 
     result = CliRunner().invoke(main, ["maxbatch", "--model", "mlp", "--budget", "1GB", "--max-overhead", "lots"])
     assert result.exit_code == 2 and "--max-overhead" in result.output
+    result = CliRunner().invoke(main, ["maxbatch", "--model", "mlp", "--budget", "1GB", "--max-overhead", "25"])
+    assert result.exit_code == 2 and "'25' would be +2500%: write 25%" in result.output  # it searched at +2500%
 
 
 def test_auto_weighs_the_torch_choice_the_probes_made_rather_than_a_second_one(traces, monkeypatch):
