@@ -179,6 +179,7 @@ class LossStep(nn.Module):
         self.loss_fn = loss_fn
         self.precision = precision
         self.call = call
+        self.tracing = False  # set while capture_step traces it: the inputs are the trace's, not the caller's
 
     def forward(self, *inputs: Any) -> torch.Tensor:
         return loss_of(self.output(*inputs))
@@ -188,10 +189,17 @@ class LossStep(nn.Module):
         args, kwargs = self.call.with_tensors(inputs) if self.call is not None else (inputs, {})
         buffers = [(path, module, name, tensor) for path, module in self.model.named_modules()
                    for name, tensor in module._buffers.items() if tensor is not None]
+        frozen = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and not x.requires_grad]
         with _autocast(self.model, self.precision):
             output = self.model(*args, **kwargs)
             output = self.loss_fn(output) if self.loss_fn is not None else output
         _write_replaced_buffers(buffers)
+        if self.tracing and any(inputs[i].requires_grad for i in frozen):
+            # a physics-informed net's x.requires_grad_() in forward: its own derivatives are in the graph, but the
+            # caller's tensor is not the one the trace changed, so it gets no .grad (eager leaves one)
+            warnings.warn("the model's forward sets requires_grad on an input: the step differentiates through it, "
+                          "but the caller's tensor gets no .grad from the planned backward; call x.requires_grad_() "
+                          "before the model to have it", stacklevel=2)
         return output
 
 
@@ -430,6 +438,7 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
     _register_plain_tensors(model)
     _warn_of_forward_hooks(model)
     step = LossStep(model, loss_fn, precision, call)
+    step.tracing = True
     with _keeping_module_state(model), _record_module_paths(model), _compiling(), _without_onednn(), \
             contextlib.ExitStack() as stack, warnings.catch_warnings():
         # AOTAutograd differentiates in anomaly mode, which warns "Error detected in ..." with a forward traceback

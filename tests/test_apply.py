@@ -7,6 +7,7 @@ import json
 import pickle
 import random
 import re
+import warnings
 from dataclasses import replace
 from functools import cache
 
@@ -283,6 +284,33 @@ def test_a_frozen_model_attacked_through_its_input_plans_the_inputs_gradient():
     assert torch.equal(x.grad, x_ref.grad) and all(p.grad is None for p in model.parameters())
     with pytest.raises(CaptureError, match="neither the model's parameters nor its inputs require grad"):
         apply(model, budget="96%", example_inputs=(x.detach(),), device="cpu")
+
+
+class Derivative(nn.Module):
+    """A physics-informed net: its loss holds du/dx, taken in forward from an input it makes require grad."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(2, 32), nn.Tanh(), nn.Linear(32, 1))
+
+    def forward(self, x):
+        x.requires_grad_(True)
+        u = self.net(x)
+        du = torch.autograd.grad(u.sum(), x, create_graph=True)[0]
+        return (du.pow(2).sum(1) - 1).pow(2).mean() + u.pow(2).mean()
+
+
+def test_an_input_made_to_require_grad_in_forward_is_warned_of():
+    # the loss and parameter gradients are eager's; the caller's x got no .grad, without a word
+    model = Derivative().double()
+    reference = copy.deepcopy(model)
+    x = torch.randn(64, 2, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="forward sets requires_grad on an input"):
+        planned = apply(model, budget="100%", example_inputs=(x.clone(),), device="cpu", time_limit=TIME_LIMIT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once, at the trace
+        _same_step(planned, model, reference, x.clone())
 
 
 def test_a_second_backward_through_one_step_is_a_clear_error():
