@@ -10,7 +10,7 @@ from remat import planner
 from remat.graph import Graph
 from remat.planner import MAX_EXACT_NODES, MAX_WHOLE_NODES, MIN_STAGE_S, SEARCHED_MILP_SHARE, solve, sweep
 from remat.simulate import simulate
-from solvers import base, baselines
+from solvers import base, baselines, checkmate
 from solvers.baselines import BASELINES
 from solvers.bounds import Bound
 from solvers.registry import solve_with
@@ -369,9 +369,11 @@ def test_checkpoint_all_past_its_instruction_limit_is_built_only_where_nothing_e
     monkeypatch.setattr(baselines, "CHECKPOINT_ALL_OPS_PER_NODE", 0)
     roomy = solve(graph, 150, time_limit_s=5)
     assert next(c for c in roomy.candidates if c.method == "checkpoint-all").schedule is None
-    # Too big for the MILP whole, and coarsened into groups whose working sets are over 40 B: no MILP runs at 40 B
+    # Too big for the MILP whole, and coarsened into groups whose working sets are over 40 B: no MILP runs at 40 B;
+    # and no covering bound either (its model, 31k non-zeros, would give cover-round a 40-B plan in 2.5 s)
     monkeypatch.setattr(planner, "MAX_WHOLE_NODES", 20)
     monkeypatch.setattr(planner, "MAX_EXACT_NODES", 10)
+    monkeypatch.setattr(checkmate, "CHILD_MIN_LEFT_S", float("inf"))
     tight = solve(graph, 40, solver="checkmate", time_limit_s=5)
     others = [c for c in tight.candidates if c.method != "checkpoint-all"]
     assert not [c for c in others if c.fits(40)]
