@@ -218,6 +218,8 @@ def _write_replaced_buffers(buffers: list[tuple[str, nn.Module, str, torch.Tenso
                                "tensor: a planned step writes a buffer's new value into it, so keep its shape and "
                                "dtype")
         with torch.no_grad():
+            # functionalised: ops that read the buffer before keep its old value; one that saved it for its
+            # backward (an EMA's product, updated after) makes autograd refuse the trace, explained in _meaning
             before.copy_(after)
         module._buffers[name] = before
 
@@ -647,6 +649,11 @@ def _meaning(error: BaseException) -> str | None:
                 return meaning
         if any(words in str(cause) for words in _NOT_AN_INPUT):
             return _NOT_AN_INPUT_MEANING
+        if "modified by an inplace operation" in str(cause):
+            return ("a value an op saved for its backward is written later in the forward: a buffer replaced after "
+                    "an op that reads it (an EMA updated after its use: `self.ema = 0.9 * self.ema + ...`), which the "
+                    "planned step writes into the buffer, or an in-place op on such a value; read it as "
+                    "`self.ema.clone()` in that op, or update it after the step")
         if "use_reentrant=True" in str(cause):
             return ("torch.utils.checkpoint(..., use_reentrant=True) cannot be traced: remat differentiates the step "
                     "with torch.autograd.grad, which a reentrant checkpoint refuses; pass use_reentrant=False, or "

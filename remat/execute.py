@@ -64,6 +64,8 @@ class PartitionedStep:
     # same) whose result is gradient storage, the fixed memory the plan does not count as activations:
     # None for the whole result, else the outputs k of a tuple.
     gradient_storage: dict[str, set[int] | None] = field(default_factory=dict)
+    # forward mutations the backward reads the old value of: written back after the backward, not the forward
+    deferred_mutations: set[str] = field(default_factory=set)
 
     @property
     def num_saved(self) -> int:
@@ -173,13 +175,6 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
     # plan. (Later copies read the updated statistics, but in training a norm's outputs do not depend on them.)
     buffer_placeholder = {name: forward_primals[p.name]
                           for p, (kind, name) in zip(primals, primal_info, strict=True) if kind in ("buffer", "input")}
-    written_early = {name for name, buffer in forward_mutations
-                     if name not in current and buffer in buffer_placeholder}
-    for name, buffer in forward_mutations:
-        if name in written_early:
-            with forward.inserting_after(first_copy[name]):
-                forward.call_function(torch.ops.aten.copy_.default, (buffer_placeholder[buffer], first_copy[name]))
-    forward_mutations = [(name, buffer) for name, buffer in forward_mutations if name not in written_early]
     live_at_cut = _live_after(schedule, cut)
     saved_names = [name for index in live_at_cut for name in (graph.nodes[index].fx_nodes or (graph.nodes[index].name,))
                    if name in current]
@@ -195,6 +190,8 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
     rng_state.update(rng_inputs)
     for p in primals:
         current[p.name] = _placeholder(backward, p)
+    backward_primal = {name: current[p.name]
+                       for p, (kind, name) in zip(primals, primal_info, strict=True) if kind in ("buffer", "input")}
     current[tangent.name] = _placeholder(backward, tangent)
     build(backward, list(enumerate(schedule.ops))[cut:], current, "backward")
     grads = [(name, parameter) for name, kind, parameter in outputs if kind == "grad"]
@@ -204,7 +201,7 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
     grad_values = [first_copy[name] if name in first_copy else
                    backward.node_copy(by_name[name], lambda x: current[x.name]) for name, _ in grads]
     backward_mutations = [(name, buffer) for name, kind, buffer in outputs
-                          if kind == "mutation" and name not in {n for n, _ in forward_mutations} | written_early]
+                          if kind == "mutation" and name not in {n for n, _ in forward_mutations}]
     for name, _ in backward_mutations:
         if name not in first_copy:
             raise ExecuteError(f"the schedule never computes the buffer update {name}")
@@ -215,6 +212,23 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
     _eliminate_dead_code(backward, planned)
     saved_names = [name for name in saved_names if _used(backward, saved[name])]
     rng_names = [name for name in forward_rng if _used(backward, rng_inputs[name])]
+    # A buffer (or input) the forward updates but an op reads as it was, after the update (a value recomputed in the
+    # backward from a buffer replaced after its use: an EMA updated after the product that reads it), must keep its
+    # old value until then: written back after the backward (the value is held to there, past the plan's count).
+    # Written into the buffer before, the backward read the new value: gradients that were not eager's.
+    order = {node: i for i, node in enumerate(forward.nodes)}
+    read_later = {buffer for buffer, placeholder in backward_primal.items()
+                  if any(_reads_value(user, placeholder) for user in placeholder.users)}
+    written_early = {name for name, buffer in forward_mutations
+                     if name not in forward_values and buffer in buffer_placeholder and buffer not in read_later
+                     and all(order[user] <= order[first_copy[name]]
+                             or not _reads_value(user, buffer_placeholder[buffer])
+                             for user in buffer_placeholder[buffer].users)}
+    for name, buffer in forward_mutations:
+        if name in written_early:
+            with forward.inserting_after(first_copy[name]):
+                forward.call_function(torch.ops.aten.copy_.default, (buffer_placeholder[buffer], first_copy[name]))
+    forward_mutations = [(name, buffer) for name, buffer in forward_mutations if name not in written_early]
     # A buffer update held at the cut comes from the copy held there: a batch norm computed again in the forward
     # lets its first copy's statistics go with it, as the simulator releases them (every copy computes the same)
     forward.output((first_copy[loss[0]], *(forward_values.get(name, first_copy[name]) for name, _ in forward_mutations),
@@ -227,6 +241,7 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
         primal_names=[name for _, name in primal_info],
         forward_mutations=[buffer for _, buffer in forward_mutations],
         backward_mutations=[buffer for _, buffer in backward_mutations],
+        deferred_mutations={buffer for _, buffer in forward_mutations if buffer in read_later},
         grad_names=[parameter for _, parameter in grads],
         saved_names=saved_names,
         rng_names=rng_names,
@@ -294,6 +309,18 @@ def run_with_generator_state(state: torch.Tensor, op, *args, generator: torch.Ge
         return op(*args, generator=generator, **kwargs)
     finally:
         generator.set_state(now)
+
+
+_TRAINING_NORMS = (torch.ops.aten._native_batch_norm_legit_functional.default, torch.ops.aten.native_batch_norm.default)
+
+
+def _reads_value(reader: torch.fx.Node, placeholder: torch.fx.Node) -> bool:
+    """Whether `reader`'s result depends on the placeholder's value: a batch norm in training takes its running
+    statistics as arguments but normalises with the batch's own, so a copy recomputed after their update computes
+    the same (they are updated where the norm first runs, and a recomputed one's update is not written)."""
+    if reader.target in _TRAINING_NORMS and len(reader.args) > 5 and reader.args[5] is True:
+        return any(arg is placeholder for i, arg in enumerate(reader.args) if i not in (3, 4))
+    return True
 
 
 def _used(graph: torch.fx.Graph, placeholder: torch.fx.Node) -> bool:
@@ -419,7 +446,11 @@ class _PlannedStep(torch.autograd.Function):
         parts = runner.parts
         outputs = runner._call(parts.forward, runner.run_forward, list(primals))
         loss, mutations = outputs[0], outputs[1:1 + len(parts.forward_mutations)]
-        _write_buffers(parts, primals, parts.forward_mutations, mutations)
+        now = [(name, value) for name, value in zip(parts.forward_mutations, mutations, strict=True)
+               if name not in parts.deferred_mutations]
+        _write_buffers(parts, primals, [name for name, _ in now], [value for _, value in now])
+        ctx.deferred = [(name, value) for name, value in zip(parts.forward_mutations, mutations, strict=True)
+                        if name in parts.deferred_mutations]
         ctx.runner = runner
         ctx.saved = outputs[1 + len(parts.forward_mutations):]  # saved tensors, then RNG states
         # Primals are parameters, buffers and inputs: persistent memory, held by reference.
@@ -443,6 +474,8 @@ class _PlannedStep(torch.autograd.Function):
         outputs = runner._call(parts.backward, runner.run_backward, values, counted=len(parts.saved_names))
         grads = dict(zip(parts.grad_names, outputs, strict=False))
         _write_buffers(parts, primals, parts.backward_mutations, outputs[len(parts.grad_names):])
+        _write_buffers(parts, primals, [name for name, _ in ctx.deferred], [value for _, value in ctx.deferred])
+        ctx.deferred = None
         per_primal = [grads.get(name) if kind in ("param", "input") else None  # inputs that require grad get theirs
                       for kind, name in zip(parts.primal_kinds, parts.primal_names, strict=True)]
         return (None, *per_primal)

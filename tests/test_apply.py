@@ -1367,6 +1367,58 @@ def test_buffers_the_forward_replaces_get_their_new_values_at_each_step():
     assert model.running.abs().sum() > 0
 
 
+class ReadsThenReplaces(nn.Module):
+    """An EMA updated after its use: the product saves the old buffer for its backward."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(8, 8)
+        self.register_buffer("scale", torch.ones(8))
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x)) * self.scale
+        self.scale = 0.9 * self.scale + 0.1 * h.detach().abs().mean(0)
+        return h.pow(2).mean()
+
+
+def test_a_buffer_replaced_after_an_op_saved_it_says_what_to_do():
+    # written into the buffer, the new value would be what the product's backward reads: autograd refuses the trace,
+    # and the message says to clone it where it is read (it spoke of "the backtrace further above")
+    x = torch.randn(16, 8)
+    with pytest.raises(CaptureError, match=r"a buffer replaced after an op that reads it .* `self.ema.clone\(\)`"):
+        apply(ReadsThenReplaces(), budget="100%", example_inputs=(x,), device="cpu", time_limit=TIME_LIMIT)
+
+
+class AddsThenReplaces(nn.Module):
+    """A buffer read by an op that saves nothing (an add), then replaced: a plan that recomputes the add in the
+    backward must read the old value."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+        self.register_buffer("shift", torch.zeros(64))
+
+    def forward(self, x):
+        h = torch.tanh(torch.tanh(self.a(x)) + self.shift)
+        self.shift = 0.9 * self.shift + 0.1 * h.detach().mean(0)
+        return torch.tanh(self.b(h)).pow(2).mean()
+
+
+def test_a_buffer_replaced_after_a_recomputed_read_is_written_after_the_backward():
+    """The forward's buffer updates were written back before the backward, whose recomputations then read the new
+    value: gradients that were not eager's. One the backward reads is now written after it."""
+    model = AddsThenReplaces().double()
+    reference = copy.deepcopy(model)
+    x = torch.randn(256, 64, dtype=torch.float64)
+    planned = apply(model, budget="100%", example_inputs=(x,), device="cpu", solver="checkpoint-all")
+    assert planned.planned.parts.deferred_mutations == {"model.shift"}
+    for _ in range(3):
+        _same_step(planned, model, reference, x)
+        assert torch.equal(model.shift, reference.shift)
+
+
 class ReshapesBuffer(nn.Module):
     def __init__(self):
         super().__init__()
