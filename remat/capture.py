@@ -134,9 +134,9 @@ def module_state(model: nn.Module) -> tuple:
 def _is_config(value: Any) -> bool:
     """A settings object the forward may read: a Hugging Face config (`model.config.router_aux_loss_coef`) or a
     dataclass of settings (nanoGPT's GPTConfig, torchtitan's ModelArgs)."""
-    if value is None or isinstance(value, (nn.Module, torch.Tensor, type)):
-        return False
-    return dataclasses.is_dataclass(value) or (hasattr(value, "__dict__") and callable(getattr(value, "to_dict", None)))
+    if value is None or isinstance(value, (nn.Module, torch.Tensor, type)) or not hasattr(value, "__dict__"):
+        return False  # (a dataclass with __slots__ has no __dict__ to read: not looked into)
+    return dataclasses.is_dataclass(value) or callable(getattr(value, "to_dict", None))
 
 
 def _config_settings(config: Any, seen: dict[int, tuple]) -> tuple:
@@ -193,7 +193,8 @@ class LossStep(nn.Module):
         with _autocast(self.model, self.precision):
             output = self.model(*args, **kwargs)
             output = self.loss_fn(output) if self.loss_fn is not None else output
-        _write_replaced_buffers(buffers)
+        if self.tracing:  # the model's own forward (evaluation) rebinds its buffers, as eager does
+            _write_replaced_buffers(buffers)
         if self.tracing and any(inputs[i].requires_grad for i in frozen):
             # a physics-informed net's x.requires_grad_() in forward: its own derivatives are in the graph, but the
             # caller's tensor is not the one the trace changed, so it gets no .grad (eager leaves one)
@@ -208,10 +209,19 @@ def _write_replaced_buffers(buffers: list[tuple[str, nn.Module, str, torch.Tenso
     ...`) gives it a new value at each eager step. The traced graph sees only writes into its inputs, so the new value
     is written into the buffer it replaces, which the planned step then writes back at each step, as it does a batch
     norm's statistics. Before, the buffer kept its first value, silently: losses and gradients drifted from eager's."""
+    holders: dict[int, list[str]] = {}
+    for path, _, name, tensor in buffers:
+        holders.setdefault(id(tensor), []).append(f"{path + '.' if path else ''}{name}")
     for path, module, name, before in buffers:
         after = module._buffers.get(name)
         if after is None or after is before:
             continue
+        others = [h for h in holders[id(before)] if h != f"{path}.{name}".lstrip(".")]
+        if others:  # written into, it would change for the others too, which eager leaves as they were
+            raise CaptureError(f"the forward replaces buffer {path + '.' if path else ''}{name}, a tensor that "
+                               f"{', '.join(others)} {'holds' if len(others) == 1 else 'hold'} too: a planned step "
+                               "writes a buffer's new value into it, which would change theirs; give each module a "
+                               "buffer of its own, or update it outside the forward")
         if after.shape != before.shape or after.dtype != before.dtype:
             raise CaptureError(f"the forward replaces buffer {path + '.' if path else ''}{name} "
                                f"({before.dtype}{list(before.shape)}) with a {after.dtype}{list(after.shape)} "

@@ -41,7 +41,10 @@ def parse_size(text: str | int | float, reference_bytes: int | None = None) -> i
             raise ValueError(f"not a percentage: {raw!r}") from None
         if not math.isfinite(percent) or percent <= 0:
             raise ValueError(f"percentage must be a positive number, got {raw!r}")
-        return int(reference_bytes * Decimal(raw[:-1]) / 100)  # exact: 60% of 500 bytes is 300, not 299
+        share = int(reference_bytes * Decimal(raw[:-1]) / 100)  # exact: 32.3% of 1000 bytes is 323, not 322
+        if share < 1:
+            raise ValueError(f"{raw} of {reference_bytes} bytes is less than a byte")
+        return share
     match = _SIZE.match(raw)
     if not match and raw.startswith("-"):
         raise ValueError(f"size must be positive, got {raw!r}")
@@ -56,7 +59,10 @@ def parse_size(text: str | int | float, reference_bytes: int | None = None) -> i
         raise ValueError(f"{raw!r} is less than a byte: a number without a unit is bytes; write 60% for a share "
                          "of the store-all peak, or a size such as 16GB")
     # the decimal digits as written: float("2.01") * 10**9 is 2009999999.9999998, one byte short of 2.01GB
-    return int(Decimal(match.group(1)) * _UNITS[match.group(2).lower()])
+    exact = int(Decimal(match.group(1)) * _UNITS[match.group(2).lower()])
+    if exact < 1:  # "0.99999999999999999" is 1.0 as a float
+        raise ValueError(f"{raw!r} is less than a byte: write a size such as 16GB")
+    return exact
 
 
 def format_bytes(num_bytes: int | float) -> str:

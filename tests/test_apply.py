@@ -1039,6 +1039,18 @@ def test_a_config_change_is_planned_again_and_hooks_the_forward_installs_are_pla
     assert len(planned.steps) == 2
 
 
+@dataclasses.dataclass(slots=True)
+class SlotsConfig:
+    scale: float = 1.0
+
+
+def test_a_config_dataclass_with_slots_is_not_looked_into():
+    model = nn.Sequential(nn.Linear(4, 1))
+    model.settings = SlotsConfig()  # no __dict__: the signature's vars() of it raised a TypeError
+    planned = apply(model, budget="100%", example_inputs=(torch.randn(8, 4),), device="cpu", time_limit=TIME_LIMIT)
+    planned(torch.randn(8, 4)).sum().backward()
+
+
 class DecidesProblemType(nn.Module):
     """As Hugging Face's classifiers: the first forward writes what it decided into the config."""
 
@@ -1417,6 +1429,32 @@ def test_a_buffer_replaced_after_a_recomputed_read_is_written_after_the_backward
     for _ in range(3):
         _same_step(planned, model, reference, x)
         assert torch.equal(model.shift, reference.shift)
+
+
+class SharesAScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        shared = torch.ones(4)
+        self.register_buffer("scale", shared)
+        self.b.register_buffer("scale", shared)
+
+    def forward(self, x):
+        self.scale = self.scale * 0.5  # rebinds this module's; eager leaves b's as it was
+        return self.b(self.a(x) * self.scale + self.b.scale).pow(2).mean()
+
+
+def test_a_shared_buffer_replaced_is_refused_and_evaluation_rebinds_as_eager():
+    # written into, the new value changed the other holder's too: losses off from the second step, silently
+    model, x = SharesAScale(), torch.randn(8, 4)
+    with pytest.raises(CaptureError, match="replaces buffer scale, a tensor that b.scale holds too"):
+        apply(model, budget="100%", example_inputs=(x,), device="cpu", time_limit=TIME_LIMIT)
+    planned = apply(ReplacesBuffers(), budget="100%", example_inputs=(torch.randn(32, 16), torch.randint(0, 4, (32,))),
+                    device="cpu", time_limit=TIME_LIMIT)
+    queue = planned.model.queue
+    with torch.no_grad():  # the model's own forward, which rebinds, as eager does, and leaves the old tensor alone
+        planned(torch.randn(32, 16), torch.randint(0, 4, (32,)))
+    assert planned.model.queue is not queue and not queue.any()
 
 
 class ReshapesBuffer(nn.Module):

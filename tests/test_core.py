@@ -127,7 +127,7 @@ def test_parse_size(text, expected):
 
 
 @pytest.mark.parametrize("text", ["16XB", "-3GB", "", "GB", "0GB", "abc", "0%", "inf%", "nan%", "1e400", float("inf"),
-                                  float("nan")])
+                                  float("nan"), "0.99999999999999999", "0.00001%"])  # those two read as 0 bytes
 def test_parse_size_rejects_bad_input(text):
     with pytest.raises(ValueError):
         parse_size(text, reference_bytes=100)
