@@ -330,7 +330,7 @@ class SolveOutcome:
 
 
 MIN_RUN_S = 1e-3  # HiGHS's time limit when the deadline has passed: it returns the warm start at once
-CHILD_MIN_LEFT_S = 1.0  # a large model is solved (in a child process) only with at least this much time left
+CHILD_MIN_LEFT_S = 0.3  # a large model is solved (in a child process) only with at least this much time left
 
 
 def highs_arrays(problem: pulp.LpProblem) -> HighsArrays:

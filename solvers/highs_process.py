@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 LARGE_MODEL_NONZEROS = 20_000  # models at least this large are solved in a child process
-GRACE_S = 2.0  # how long past its deadline the child may run before it is killed...
+GRACE_S = 1.0  # how long past its deadline the child may run before it is killed...
 GRACE_SHARE = 0.1  # ...or this share of its time limit, if more
 BOUND_EVERY_S = 0.5
 CHILD_COMMAND = (sys.executable, "-m", "solvers.highs_process")
