@@ -19,6 +19,7 @@ from rich.table import Table
 from remat.units import format_bytes, format_seconds, is_share, parse_size
 from solvers.base import FEASIBLE, OVER_BUDGET
 
+FORMAT_ONLY = 10**18  # a reference size for checking a share's format before the trace gives the real one
 EXIT_BAD_INPUT = 2  # bad input and infeasible budgets: the user has something to change
 SLOW_BATCH_OVERHEAD = 1.0  # maxbatch hints at --max-overhead past this overhead (twice store-all's step time)
 
@@ -114,7 +115,8 @@ def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_
 
     started = time.perf_counter()
     try:
-        parse_size(budget, reference_bytes=1)  # a typo fails now, not after the trace; "60%" is resolved after it
+        # a typo fails now, not after the trace; "60%" is resolved after it (any share of FORMAT_ONLY is bytes)
+        parse_size(budget, reference_bytes=FORMAT_ONLY)
     except ValueError as error:
         fail(f"--budget: {error}")
     if solver not in SOLVER_NAMES:
@@ -393,7 +395,7 @@ def _sizes(text: str) -> list[str]:
     parts = [part.strip() for part in text.split(",") if part.strip()] or [text]
     try:
         for part in parts:
-            parse_size(part, reference_bytes=1)
+            parse_size(part, reference_bytes=FORMAT_ONLY)
     except ValueError as error:
         fail(f"--budget: {error}")
     return parts
