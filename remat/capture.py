@@ -187,15 +187,18 @@ class LossStep(nn.Module):
     def output(self, *inputs: Any) -> Any:
         """What the model returns (or the loss function makes of it) for the step's inputs."""
         args, kwargs = self.call.with_tensors(inputs) if self.call is not None else (inputs, {})
+        if not self.tracing:  # the model's own forward (evaluation): it rebinds its buffers, as eager does
+            with _autocast(self.model, self.precision):
+                output = self.model(*args, **kwargs)
+                return self.loss_fn(output) if self.loss_fn is not None else output
         buffers = [(path, module, name, tensor) for path, module in self.model.named_modules()
                    for name, tensor in module._buffers.items() if tensor is not None]
         frozen = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and not x.requires_grad]
         with _autocast(self.model, self.precision):
             output = self.model(*args, **kwargs)
             output = self.loss_fn(output) if self.loss_fn is not None else output
-        if self.tracing:  # the model's own forward (evaluation) rebinds its buffers, as eager does
-            _write_replaced_buffers(buffers)
-        if self.tracing and any(inputs[i].requires_grad for i in frozen):
+        _write_replaced_buffers(buffers)
+        if any(inputs[i].requires_grad for i in frozen):
             # a physics-informed net's x.requires_grad_() in forward: its own derivatives are in the graph, but the
             # caller's tensor is not the one the trace changed, so it gets no .grad (eager leaves one)
             warnings.warn("the model's forward sets requires_grad on an input: the step differentiates through it, "
@@ -371,12 +374,9 @@ def _keeping_module_state(model: nn.Module):
             for name, value in buffers.items():
                 if module._buffers.get(name, value) is not value:
                     module._buffers[name] = value
-        from torch.nn.utils.spectral_norm import SpectralNorm
-        from torch.nn.utils.weight_norm import WeightNorm
-
         # the old weight_norm's and spectral_norm's pre-hooks set the weight before each forward: in the graph
         computed = {(path, hook.name) for path, module in modules.items()
-                    for hook in module._forward_pre_hooks.values() if isinstance(hook, (WeightNorm, SpectralNorm))}
+                    for hook in module._forward_pre_hooks.values() if isinstance(hook, _weight_computing_hooks())}
         tensors = [f"{path + '.' if path else ''}{name}" for path, name, value in written
                    if isinstance(value, torch.Tensor) and (path, name) not in computed]
         if tensors:
@@ -391,12 +391,8 @@ def _warn_of_forward_hooks(model: nn.Module) -> None:
     in the traced graph, what they keep elsewhere (activations appended to a list, a logger) is not updated at each
     step, and holds the trace's tensors, which cannot be read. Weight norm's and spectral norm's pre-hooks compute the
     weight, which the graph has."""
-    from torch.nn.utils.spectral_norm import SpectralNorm
-    from torch.nn.utils.weight_norm import WeightNorm
-
-    computing = (WeightNorm, SpectralNorm)
     hooked = [path or type(model).__name__ for path, module in model.named_modules()
-              if any(not isinstance(hook, computing)
+              if any(not isinstance(hook, _weight_computing_hooks())
                      for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()))]
     if hooked:
         where = ", ".join(hooked[:3]) + (" and more" if len(hooked) > 3 else "")
@@ -404,6 +400,14 @@ def _warn_of_forward_hooks(model: nn.Module) -> None:
                       "module's inputs or output is planned, but what they record elsewhere (activations kept in a "
                       "list, a logger) is not updated at each step, and holds tensors of the trace that cannot be "
                       "read; compute such values from the model's outputs", stacklevel=3)
+
+
+def _weight_computing_hooks() -> tuple[type, ...]:
+    """The old weight_norm's and spectral_norm's pre-hooks: they compute a weight, which the traced graph has."""
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return WeightNorm, SpectralNorm
 
 
 @contextlib.contextmanager
