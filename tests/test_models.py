@@ -42,7 +42,8 @@ def test_zoo_names():
 
 
 @pytest.mark.parametrize("name, batch", [("gpt2-tiny", 2), ("mlp", 2), ("mobilenet_v2", 1), ("resnet50", 1),
-                                         ("vgg16", 1), ("unet", 1), ("densenet121", 1)])
+                                         ("vgg16", 1), ("unet", 1),
+                                         pytest.param("densenet121", 1, marks=pytest.mark.slow)])  # 22 s
 def test_zoo_model_trains_on_real_tensors(name, batch):
     torch.manual_seed(0)
     spec = build_model(name, batch=batch)
