@@ -199,7 +199,7 @@ def test_milp_plans_replay_exactly_within_their_budget(model_name):
     model, example_inputs, step, graph, inputs = setup(model_name)
     store_all = simulate(graph, schedule_for(graph, "store-all"))
     budget = (store_all.peak_bytes + graph.min_budget_lower_bound()) // 2
-    plan = solve(graph, budget, time_limit_s=20)
+    plan = solve(graph, budget, time_limit_s=5)  # any plan that recomputes will do (mlp's ran its whole 20 s)
     assert plan.schedule is not None and plan.schedule.recomputed_nodes()
     result = replay(step, graph, plan.schedule, inputs)
     loss, grads = eager_loss_and_grads(model, example_inputs)
