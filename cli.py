@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from remat.units import format_bytes, format_seconds, is_share, parse_size
-from solvers.base import FEASIBLE, OVER_BUDGET
+from solvers.base import FEASIBLE, reported_status
 
 FORMAT_ONLY = 10**18  # a reference size for checking a share's format before the trace gives the real one
 EXIT_BAD_INPUT = 2  # bad input and infeasible budgets: the user has something to change
@@ -285,7 +285,7 @@ def _plan_summary(plan, wall_s: float) -> dict:
         "message": plan.message,
         "candidates": [
             {"method": c.method, "wall_s": c.wall_s,
-             "status": c.status if c.simulation is None or c.fits(plan.budget_bytes) else OVER_BUDGET,
+             "status": reported_status(c.status, c.simulation is not None, c.fits(plan.budget_bytes)),
              "peak_bytes": c.simulation.peak_bytes if c.simulation else None,
              "compute_s": c.simulation.compute_s if c.simulation else None,
              "fits": c.fits(plan.budget_bytes)}
@@ -357,7 +357,7 @@ def _print_plan(plan, wall_s: float, out: str | None, share: str | None = None, 
         label = c.method if runs[c.method] == 1 else f"{c.method} (run {runs[c.method]})"
         chosen = c.schedule is not None and c.schedule is plan.schedule
         # the plan's row says what the bound proves (optimal); the others, what their own solve said
-        status = plan.status if chosen else c.status if s is None or c.fits(plan.budget_bytes) else OVER_BUDGET
+        status = plan.status if chosen else reported_status(c.status, s is not None, c.fits(plan.budget_bytes))
         table.add_row(f"{label} *" if chosen else label, status,
                       _fmt(s.peak_bytes) if s else "-",
                       format_seconds(s.compute_s) if s else "-",

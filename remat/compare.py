@@ -29,7 +29,7 @@ from remat.simulate import Simulation, simulate
 from remat.split_plan import SplitTracer, solve_split, with_chunks
 from remat.trace import TracedStep
 from remat.units import format_bytes
-from solvers.base import FEASIBLE, OVER_BUDGET
+from solvers.base import FEASIBLE, reported_status
 from solvers.baselines import BASELINES, BUDGET_FREE_BASELINES
 from solvers.registry import solve_with
 
@@ -133,7 +133,7 @@ def compare(traced: TracedStep | SplitTracer, budgets_bytes: Sequence[int], meth
             if on is not None and on is not graph:
                 graphs[(method, budget)] = on
         fits = sim is not None and sim.fits(budget)
-        rows.append(Row(method, budget, OVER_BUDGET if sim is not None and not fits else status, fits,
+        rows.append(Row(method, budget, reported_status(status, sim is not None, fits), fits,
                         sim.peak_bytes if sim else None, sim.compute_s if sim else None,
                         sim.compute_s / store_all.compute_s - 1 if sim and store_all.compute_s else None,
                         gap, candidate.wall_s, candidate.method if sim is not None else "",

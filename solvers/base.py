@@ -19,6 +19,11 @@ NO_SOLUTION = "no_solution"  # none found in the time limit, nothing proven
 # built without one, such as store-all), where "feasible" beside "fits: no" read as a contradiction.
 OVER_BUDGET = "over_budget"
 
+
+def reported_status(status: str, has_schedule: bool, fits: bool) -> str:
+    """What a report shows: OVER_BUDGET for a schedule that does not fit, else the solver's status."""
+    return OVER_BUDGET if has_schedule and not fits else status
+
 # How close to a proven lower bound a plan must be to be called optimal. HiGHS stops with its dual bound within
 # about 1e-6 of its objective's unit (a mean op's time in the covering MILP), so a plan that costs exactly the
 # covering optimum can sit a few parts in 1e8 above the bound it reports; 1e-7 of a step is nanoseconds.
