@@ -212,21 +212,24 @@ def _write_replaced_buffers(buffers: list[tuple[str, nn.Module, str, torch.Tenso
     ...`) gives it a new value at each eager step. The traced graph sees only writes into its inputs, so the new value
     is written into the buffer it replaces, which the planned step then writes back at each step, as it does a batch
     norm's statistics. Before, the buffer kept its first value, silently: losses and gradients drifted from eager's."""
+    def label(path: str, name: str) -> str:
+        return f"{path}.{name}" if path else name
+
     holders: dict[int, list[str]] = {}
     for path, _, name, tensor in buffers:
-        holders.setdefault(id(tensor), []).append(f"{path + '.' if path else ''}{name}")
+        holders.setdefault(id(tensor), []).append(label(path, name))
     for path, module, name, before in buffers:
         after = module._buffers.get(name)
         if after is None or after is before:
             continue
-        others = [h for h in holders[id(before)] if h != f"{path}.{name}".lstrip(".")]
+        others = [h for h in holders[id(before)] if h != label(path, name)]
         if others:  # written into, it would change for the others too, which eager leaves as they were
-            raise CaptureError(f"the forward replaces buffer {path + '.' if path else ''}{name}, a tensor that "
+            raise CaptureError(f"the forward replaces buffer {label(path, name)}, a tensor that "
                                f"{', '.join(others)} {'holds' if len(others) == 1 else 'hold'} too: a planned step "
                                "writes a buffer's new value into it, which would change theirs; give each module a "
                                "buffer of its own, or update it outside the forward")
         if after.shape != before.shape or after.dtype != before.dtype:
-            raise CaptureError(f"the forward replaces buffer {path + '.' if path else ''}{name} "
+            raise CaptureError(f"the forward replaces buffer {label(path, name)} "
                                f"({before.dtype}{list(before.shape)}) with a {after.dtype}{list(after.shape)} "
                                "tensor: a planned step writes a buffer's new value into it, so keep its shape and "
                                "dtype")
