@@ -50,6 +50,52 @@ class CapturedStep:
     output_kinds: list[str]  # per joint output: "loss", "grad", "mutation" or "none"
     output_names: list[str]  # parameter name for gradients, buffer name for mutations
     precision: str
+    returns: OutputLayout | None = None  # where the loss sits in what the model returns (None: the loss alone)
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """What the model returns around its loss (a Hugging Face output object, a dict, a tuple), so that a planned step
+    returns the same structure: the loss in its place, plain constants as they were, and None for every other tensor
+    (logits, a cache), which the planned step does not hand out. `outputs.loss`, `outputs["loss"]` and `outputs[0]`
+    then read the loss as they do in eager (Hugging Face's Trainer reads one of them)."""
+
+    spec: pytree.TreeSpec
+    loss_leaf: int
+    constants: tuple  # per leaf: a plain constant (None, a number, a string) as returned; None for anything else
+    dropped: tuple[str, ...]  # the leaves returned as None: "logits", "cache", "[1]"
+
+    @staticmethod
+    def of(returned: Any, loss: torch.Tensor) -> OutputLayout | None:
+        """The layout of `returned` around `loss` (one of its tensors); None when the loss is all it is, or where it
+        is not one of the leaves torch's pytree finds (an object of a class it does not know)."""
+        _register_dataclasses(returned)
+        leaves, spec = pytree.tree_flatten_with_path(returned)
+        where = [i for i, (_, leaf) in enumerate(leaves) if leaf is loss]
+        if spec.is_leaf() or len(where) != 1:
+            return None
+        constants = tuple(leaf if isinstance(leaf, (*SCALARS, type(None))) else None for _, leaf in leaves)
+        dropped = tuple(_leaf_name(path) for i, (path, leaf) in enumerate(leaves)
+                        if i != where[0] and not isinstance(leaf, (*SCALARS, type(None))))
+        return OutputLayout(spec, where[0], constants, dropped)
+
+    def rebuild(self, loss: torch.Tensor) -> Any:
+        leaves = list(self.constants)
+        leaves[self.loss_leaf] = loss
+        return pytree.tree_unflatten(leaves, self.spec)
+
+
+def _leaf_name(path: tuple) -> str:
+    """"logits", "hidden_states[3]", "[1]": a leaf's place in the output, as the user would index it."""
+    name = ""
+    for key in path:
+        if isinstance(key, pytree.GetAttrKey):
+            name += f".{key.name}" if name else key.name
+        elif isinstance(key, pytree.MappingKey) and isinstance(key.key, str):
+            name += f".{key.key}" if name else key.key
+        else:
+            name += key.__str__()
+    return name
 
 
 @dataclass(frozen=True)
@@ -180,6 +226,7 @@ class LossStep(nn.Module):
         self.precision = precision
         self.call = call
         self.tracing = False  # set while capture_step traces it: the inputs are the trace's, not the caller's
+        self.layout: OutputLayout | None = None  # what the traced forward returned around its loss
 
     def forward(self, *inputs: Any) -> torch.Tensor:
         return loss_of(self.output(*inputs))
@@ -198,6 +245,7 @@ class LossStep(nn.Module):
             output = self.model(*args, **kwargs)
             output = self.loss_fn(output) if self.loss_fn is not None else output
         _write_replaced_buffers(buffers)
+        self.layout = OutputLayout.of(output, loss_in(output))
         if any(inputs[i].requires_grad for i in frozen):
             # a physics-informed net's x.requires_grad_() in forward: its own derivatives are in the graph, but the
             # caller's tensor is not the one the trace changed, so it gets no .grad (eager leaves one)
@@ -241,6 +289,15 @@ def _write_replaced_buffers(buffers: list[tuple[str, nn.Module, str, torch.Tenso
 
 
 def loss_of(returned: Any) -> torch.Tensor:
+    """The loss in what the model returned (`loss_in`), in float32 where the model computed it in a lower precision."""
+    loss = loss_in(returned)
+    if loss.dim() != 0:
+        return loss
+    # a bf16 loss is reported in float32; a float64 model's loss stays float64
+    return loss if loss.dtype == torch.float64 else loss.float()
+
+
+def loss_in(returned: Any) -> torch.Tensor:
     """The loss in what the model returned: a scalar, a `loss` attribute or key, a tuple's first item; or the one
     non-scalar tensor it returned (logits, features). Anything else is a CaptureError that says what to return."""
     loss = getattr(returned, "loss", returned)  # Hugging Face ModelOutput
@@ -263,9 +320,7 @@ def loss_of(returned: Any) -> torch.Tensor:
                 f"{tuple(loss.shape)}, not a scalar loss: return the loss first, or one tensor (logits, "
                 "features) for a loss computed outside, or pass a loss_fn that makes the loss of the output")
         # logits or features, as the model returns them: the caller's loss of them hands back their gradient
-        return loss
-    # a bf16 loss is reported in float32; a float64 model's loss stays float64
-    return loss if loss.dtype == torch.float64 else loss.float()
+    return loss
 
 
 def uncompiled(model: nn.Module) -> nn.Module:
@@ -494,7 +549,8 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
         raise CaptureError("no parameter gets a gradient from the model's output: it does not depend on them "
                            "through differentiable ops (argmax, comparisons, .detach(), integer outputs), so there is "
                            "nothing to train; return a loss made of the model's outputs")
-    return CapturedStep(gm, input_kinds, input_names, _tied_tensors(step), output_kinds, output_names, precision)
+    return CapturedStep(gm, input_kinds, input_names, _tied_tensors(step), output_kinds, output_names, precision,
+                        step.layout)
 
 
 def _register_plain_tensors(model: nn.Module) -> None:

@@ -1010,4 +1010,4 @@ def capture_split(model: nn.Module, example_inputs: Call | Sequence[Any], step: 
                   mlp_chunks=mlp_chunks, mlps=describe_regions(mlps, MLP) if mlps else "",
                   attention_chunks=attention_chunks,
                   attentions=describe_regions(attentions, ATTENTION) if attentions else "")
-    return replace(split_step, precision=step.precision), split
+    return replace(split_step, precision=step.precision, returns=step.returns), split

@@ -29,10 +29,9 @@ from torch import nn
 from remat.capture import (
     Call,
     CapturedStep,
-    CaptureError,
     LossStep,
+    OutputLayout,
     capture_step,
-    loss_of,
     module_state,
     tensor_layout,
     uncompiled,
@@ -136,11 +135,18 @@ class PreparedStep:
     parts: PartitionedStep
     runner: StepRunner
     solved: Plan | None  # the solver's full result when the plan was made here
+    returns: OutputLayout | None = None  # what the model returns around its loss (None: the loss alone)
+
+    def output(self, loss: torch.Tensor) -> Any:
+        """What a planned step returns: the model's output structure with the loss in its place (None for its other
+        tensors), or the loss alone."""
+        return self.returns.rebuild(loss) if self.returns is not None else loss
 
 
 class RematModule(nn.Module):
-    """The user's module, run with a planned schedule. `forward(*args, **kwargs)` returns the loss (or the model's one
-    non-scalar output, logits say, for the caller's loss).
+    """The user's module, run with a planned schedule. `forward(*args, **kwargs)` returns what the model returns, with
+    the planned step's loss in its place and None for its other tensors (a Hugging Face output's logits, say); or the
+    model's one non-scalar output (logits, features) for the caller's loss. Without gradients, the model's own output.
 
     Its state dict is the user's model's, with the model's own keys: a checkpoint saved from it loads into the
     plain model and the other way round (a stateful `loss_fn` is the caller's object and is not saved in it).
@@ -182,6 +188,7 @@ class RematModule(nn.Module):
         # Plans by the hash of the unsplit step they were made for: a signature that traces to the same graph (a module
         # setting that the forward does not read changed, a counter) runs the same plan, traced again but not solved.
         self.plans_by_graph: dict[str, PlanFile] = {}
+        self.warned_outputs: set[tuple[str, ...]] = set()  # outputs named in the None-for-these warning
         self.register_state_dict_post_hook(_model_keys)
         self.register_load_state_dict_pre_hook(_wrapped_model_keys)
 
@@ -202,18 +209,20 @@ class RematModule(nn.Module):
         state["steps"] = {}
         return state
 
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         call = Call(args, kwargs)
         # evaluation, or nothing to differentiate (a frozen phase, validation without no_grad): nothing to plan,
-        # and the model's own forward runs, as eager (the trace refused such a step)
+        # and the model's own forward runs and returns its output, as eager (the trace refused such a step)
         if not torch.is_grad_enabled() or not self._differentiable(call):
-            returned = LossStep(self.model, self.loss_fn, self.precision, call).output(*call.tensors)
-            try:
-                return loss_of(returned)  # what a training step returns
-            except CaptureError:  # no loss in it (a Hugging Face model without labels): the output as it is
-                return returned
+            return LossStep(self.model, self.loss_fn, self.precision, call).output(*call.tensors)
         step = self._prepared(call)
-        return step.runner.loss(self._primals(step.parts, call.tensors))
+        if step.returns is not None and step.returns.dropped and step.returns.dropped not in self.warned_outputs:
+            self.warned_outputs.add(step.returns.dropped)
+            warnings.warn(f"the planned step returns the model's output with its loss, and None for "
+                          f"{', '.join(step.returns.dropped)}: it computes the loss and the gradients, not the rest "
+                          "(a plan that held them would need their memory); for metrics, run the model under "
+                          "torch.no_grad(), which returns its whole output", stacklevel=4)
+        return step.output(step.runner.loss(self._primals(step.parts, call.tensors)))
 
     def _differentiable(self, call: Call) -> bool:
         return (any(p.requires_grad for p in self.model.parameters())
@@ -255,13 +264,14 @@ class RematModule(nn.Module):
         step, `torch.cuda.max_memory_allocated()` (peak_bytes: everything allocated; peak_live_bytes:
         what the step added to what was allocated before it, i.e. activations and new gradients).
         """
-        step = self.prepare(*args, **kwargs)
+        call = Call(args, kwargs)
+        step = self._prepared(call)
         first = next(self.model.parameters(), None)
         if first is not None and first.device.type == "cuda":
             torch.cuda.synchronize(first.device)
             before = torch.cuda.memory_allocated(first.device)
             torch.cuda.reset_peak_memory_stats(first.device)
-            loss = self(*args, **kwargs)
+            loss = step.runner.loss(self._primals(step.parts, call.tensors))
             backward_from(loss)
             torch.cuda.synchronize(first.device)
             peak = torch.cuda.max_memory_allocated(first.device)
@@ -270,7 +280,7 @@ class RematModule(nn.Module):
             raise ValueError("on CPU, live bytes are counted by running the planned graphs eagerly: measure with "
                              "backend='eager' (Inductor's own memory is measured on CUDA)")
         with step.runner.measuring() as memory:
-            loss = self(*args, **kwargs)
+            loss = step.runner.loss(self._primals(step.parts, call.tensors))
             backward_from(loss)
         return loss.detach(), memory
 
@@ -318,7 +328,8 @@ class RematModule(nn.Module):
             parts = partition(captured, graph, plan.schedule)
         except ExecuteError as error:
             raise PlanError(f"the plan cannot run on this model: {error}") from None
-        return PreparedStep(graph, plan, simulation, parts, StepRunner(parts, graph, self.backend), solved)
+        return PreparedStep(graph, plan, simulation, parts, StepRunner(parts, graph, self.backend), solved,
+                            captured.returns)
 
     def _primals(self, parts: PartitionedStep, inputs: Sequence[torch.Tensor]) -> list[Any]:
         """The graphs' primal inputs from the live module: its parameters (so that autograd hands

@@ -1,0 +1,113 @@
+"""What a planned step returns: the model's own output structure with the planned loss in its place, so that
+training loops written for the model (`outputs.loss`, `outputs["loss"]`, `outputs[0]`, Hugging Face's Trainer)
+run unchanged; None for the other tensors, with a warning that names them; the whole output without gradients."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import remat
+
+TIME_LIMIT = 5.0
+
+
+def _gpt2():
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(config).double(), torch.randint(0, 64, (2, 16))
+
+
+class DictNet(nn.Module):
+    """Returns a dict: the loss, the logits and a plain number."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 4))
+
+    def forward(self, x, y):
+        logits = self.body(x)
+        return {"loss": nn.functional.cross_entropy(logits, y), "logits": logits, "classes": 4}
+
+
+class TupleNet(DictNet):
+    def forward(self, x, y):
+        logits = self.body(x)
+        return nn.functional.cross_entropy(logits, y), logits
+
+
+def _batch():
+    torch.manual_seed(1)
+    return torch.randn(256, 8, dtype=torch.float64), torch.randint(0, 4, (256,))
+
+
+def _gradients(model: nn.Module) -> dict[str, torch.Tensor]:
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_a_hugging_face_model_returns_its_output_object_with_the_planned_loss():
+    model, ids = _gpt2()
+    expected = model(input_ids=ids, labels=ids)
+    expected.loss.backward()
+    eager = _gradients(model)
+
+    planned = remat.apply(model, budget="95%", example_inputs={"input_ids": ids, "labels": ids},
+                          time_limit=TIME_LIMIT)
+    with pytest.warns(UserWarning, match=r"None for logits, cache"):
+        outputs = planned(input_ids=ids, labels=ids)
+    assert type(outputs) is type(expected)
+    # the ways training loops read the loss; Hugging Face's Trainer: outputs["loss"] if a dict, else outputs[0]
+    assert outputs.loss is outputs["loss"] is outputs[0] is outputs.to_tuple()[0]
+    assert outputs.loss.item() == pytest.approx(expected.loss.item(), rel=1e-12)
+    assert outputs.logits is None
+    outputs.loss.backward()
+    for name, grad in _gradients(model).items():
+        torch.testing.assert_close(grad, eager[name], rtol=1e-10, atol=1e-12, msg=name)
+
+    with warnings.catch_warnings():  # named once, not at every step
+        warnings.simplefilter("error")
+        planned(input_ids=ids, labels=ids).loss.backward()
+    with torch.no_grad():  # evaluation: the model's whole output, logits included
+        evaluated = planned(input_ids=ids, labels=ids)
+    torch.testing.assert_close(evaluated.logits, expected.logits)
+    assert evaluated.loss.item() == pytest.approx(expected.loss.item(), rel=1e-12)
+
+
+def test_a_dict_keeps_its_keys_and_plain_values_and_a_tuple_its_length():
+    x, y = _batch()
+    torch.manual_seed(0)
+    dict_net = DictNet().double()
+    planned = remat.apply(dict_net, budget="95%", example_inputs=(x, y), time_limit=TIME_LIMIT)
+    with pytest.warns(UserWarning, match=r"None for logits:"):
+        outputs = planned(x, y)
+    assert list(outputs) == ["loss", "logits", "classes"]
+    assert outputs["logits"] is None and outputs["classes"] == 4
+    assert outputs["loss"].item() == pytest.approx(dict_net(x, y)["loss"].item(), rel=1e-12)
+
+    torch.manual_seed(0)
+    tuple_net = TupleNet().double()
+    planned = remat.apply(tuple_net, budget="95%", example_inputs=(x, y), time_limit=TIME_LIMIT)
+    with pytest.warns(UserWarning, match=r"None for \[1\]"):
+        loss, logits = planned(x, y)  # unpacks as the model's own tuple does
+    assert logits is None
+    assert loss.item() == pytest.approx(tuple_net(x, y)[0].item(), rel=1e-12)
+    loss.backward()
+    assert all(p.grad is not None for p in tuple_net.parameters())
+
+
+def test_a_model_that_returns_its_loss_alone_returns_a_tensor_without_a_warning():
+    x, y = _batch()
+    torch.manual_seed(0)
+    net = TupleNet().double()
+    planned = remat.apply(net, budget="95%", example_inputs=(x, y), loss_fn=lambda out: out[0],
+                          time_limit=TIME_LIMIT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = planned(x, y)
+    assert isinstance(loss, torch.Tensor) and loss.dim() == 0
+    assert loss.item() == pytest.approx(net(x, y)[0].item(), rel=1e-12)
