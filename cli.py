@@ -108,8 +108,12 @@ def main() -> None:
               help="MILP back-end.")
 @click.option("--out", type=click.Path(dir_okay=False), callback=_output_file,
               help="Write the plan (graph hash + schedule) as JSON.")
+@click.option("--outputs", default="loss", show_default=True, type=click.Choice(["loss", "all"]),
+              help="What the step hands back beside its loss: nothing, or all of the model's other tensors (a loop "
+                   "that reads outputs.logits), held to the step's end; as remat.apply(..., outputs=...).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the report.")
-def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_limit, backend, out, as_json) -> None:
+def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_limit, backend, out, outputs,
+          as_json) -> None:
     """Plan the training step of MODEL under a memory BUDGET."""
     from solvers.registry import SOLVER_NAMES
 
@@ -124,7 +128,7 @@ def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_
 
     with _stdout_to_stderr():
         plan, traced_peak, traced_s = _solve_split(model, batch, seq, precision, device, optimizer, budget, solver,
-                                                   time_limit, backend)
+                                                   time_limit, backend, outputs)
     budget_bytes = plan.budget_bytes
     wall_s = time.perf_counter() - started
     # A share is of the step as traced; a plan that splits the head reports its own, lower, store-all peak
@@ -191,7 +195,8 @@ def _solve(graph, budget_bytes, solver, time_limit, backend):
             fail(str(error))
 
 
-def _solve_split(model, batch, seq, precision, device, optimizer, budget, solver, time_limit, backend):
+def _solve_split(model, batch, seq, precision, device, optimizer, budget, solver, time_limit, backend,
+                 outputs="loss"):
     """Plan with the head split into the chunk count that fits the budget at least cost (remat.split_plan).
     `budget`: as given; a percentage is of the unsplit step's store-all peak."""
     from remat.capture import CaptureError
@@ -201,7 +206,7 @@ def _solve_split(model, batch, seq, precision, device, optimizer, budget, solver
     with stderr.status(f"tracing {model}{_batch_note(batch)} on fake tensors", spinner="dots") as status:
         try:
             tracer = SplitTracer.zoo(model, batch=batch, seq=seq, precision=precision, device=device,
-                                     optimizer=optimizer)
+                                     optimizer=optimizer, outputs=outputs)
             chosen = solve_split(tracer, tracer.budget_bytes(budget), solver=solver, time_limit_s=time_limit,
                                  backend=backend, progress=lambda stage: status.update(f"planning: {stage}"))
             # the step as traced: its store-all peak (what a share is of) and step time (what the user runs today)

@@ -35,6 +35,9 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicO
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 PRECISIONS = ("fp32", "bf16-mixed")
+# What a planned step hands back beside its loss: nothing ("loss": None in the model's other tensors' places), or the
+# model's other tensors ("all": logits, hidden states), which the plan holds to the step's end, as the caller does.
+OUTPUTS = ("loss", "all")
 
 
 class CaptureError(ValueError):
@@ -47,7 +50,7 @@ class CapturedStep:
     input_kinds: list[str]  # per placeholder: "param", "buffer", "input" or "tangent"
     input_names: list[str]  # parameter / buffer name, or a description of the input
     tied_to: dict[str, str]  # parameter or buffer name -> the first name of the same tensor (tied weights)
-    output_kinds: list[str]  # per joint output: "loss", "grad", "mutation" or "none"
+    output_kinds: list[str]  # per joint output: "loss", "returned" (handed out beside it), "grad", "mutation", "none"
     output_names: list[str]  # parameter name for gradients, buffer name for mutations
     precision: str
     returns: OutputLayout | None = None  # where the loss sits in what the model returns (None: the loss alone)
@@ -56,32 +59,48 @@ class CapturedStep:
 @dataclass(frozen=True)
 class OutputLayout:
     """What the model returns around its loss (a Hugging Face output object, a dict, a tuple), so that a planned step
-    returns the same structure: the loss in its place, plain constants as they were, and None for every other tensor
-    (logits, a cache), which the planned step does not hand out. `outputs.loss`, `outputs["loss"]` and `outputs[0]`
-    then read the loss as they do in eager (Hugging Face's Trainer reads one of them)."""
+    returns the same structure: the loss in its place, plain constants as they were, the tensors it hands out
+    (`outputs="all"`: logits, hidden states) and None for the rest (with `outputs="loss"`, every other tensor; always,
+    objects that hold tensors, such as a cache). `outputs.loss`, `outputs["loss"]` and `outputs[0]` then read the loss
+    as they do in eager (Hugging Face's Trainer reads one of them)."""
 
     spec: pytree.TreeSpec
     loss_leaf: int
     constants: tuple  # per leaf: a plain constant (None, a number, a string) as returned; None for anything else
     dropped: tuple[str, ...]  # the leaves returned as None: "logits", "cache", "[1]"
+    returned: tuple[int, ...] = ()  # the leaves the planned step hands out, in the order its graph returns them
 
     @staticmethod
-    def of(returned: Any, loss: torch.Tensor) -> OutputLayout | None:
+    def of(returned: Any, loss: torch.Tensor, keep: bool = False, inputs: Sequence[Any] = ()) -> OutputLayout | None:
         """The layout of `returned` around `loss` (one of its tensors); None when the loss is all it is, or where it
-        is not one of the leaves torch's pytree finds (an object of a class it does not know)."""
+        is not one of the leaves torch's pytree finds (an object of a class it does not know). `keep`: hand out its
+        other tensors, but those that are `inputs` (the step's inputs and the model's parameters and buffers, which
+        the caller has already)."""
         _register_dataclasses(returned)
         leaves, spec = pytree.tree_flatten_with_path(returned)
         where = [i for i, (_, leaf) in enumerate(leaves) if leaf is loss]
         if spec.is_leaf() or len(where) != 1:
             return None
-        constants = tuple(leaf if isinstance(leaf, (*SCALARS, type(None))) else None for _, leaf in leaves)
+        plain = (*SCALARS, type(None))
+        given = {id(x) for x in inputs}
+        kept = tuple(i for i, (_, leaf) in enumerate(leaves) if keep and i != where[0]
+                     and isinstance(leaf, torch.Tensor) and id(leaf) not in given)
+        constants = tuple(leaf if isinstance(leaf, plain) else None for _, leaf in leaves)
         dropped = tuple(_leaf_name(path) for i, (path, leaf) in enumerate(leaves)
-                        if i != where[0] and not isinstance(leaf, (*SCALARS, type(None))))
-        return OutputLayout(spec, where[0], constants, dropped)
+                        if i != where[0] and i not in kept and not isinstance(leaf, plain))
+        return OutputLayout(spec, where[0], constants, dropped, kept)
 
-    def rebuild(self, loss: torch.Tensor) -> Any:
+    def handed_out(self, returned: Any) -> list[torch.Tensor]:
+        """The tensors of `returned` (an output of this layout) that the planned step hands out."""
+        leaves = pytree.tree_leaves(returned)
+        return [leaves[i] for i in self.returned]
+
+    def rebuild(self, loss: torch.Tensor, values: Sequence[torch.Tensor] = ()) -> Any:
+        """The output with `loss` and the handed-out `values` in their places."""
         leaves = list(self.constants)
         leaves[self.loss_leaf] = loss
+        for i, value in zip(self.returned, values, strict=True):
+            leaves[i] = value
         return pytree.tree_unflatten(leaves, self.spec)
 
 
@@ -219,17 +238,27 @@ class LossStep(nn.Module):
     output (logits, features) as it is, for the caller's loss. `call`: how the step's inputs, the call's tensors,
     make the model's arguments (None: they are its positional arguments)."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable | None, precision: str, call: Call | None = None):
+    def __init__(self, model: nn.Module, loss_fn: Callable | None, precision: str, call: Call | None = None,
+                 outputs: str = "loss"):
         super().__init__()
+        if outputs not in OUTPUTS:
+            raise ValueError(f"unknown outputs={outputs!r}: choose one of {', '.join(map(repr, OUTPUTS))}")
         self.model = model
+        self.outputs = outputs
         self.loss_fn = loss_fn
         self.precision = precision
         self.call = call
         self.tracing = False  # set while capture_step traces it: the inputs are the trace's, not the caller's
         self.layout: OutputLayout | None = None  # what the traced forward returned around its loss
 
-    def forward(self, *inputs: Any) -> torch.Tensor:
-        return loss_of(self.output(*inputs))
+    def forward(self, *inputs: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        output = self.output(*inputs)
+        loss = loss_of(output)
+        if self.tracing and self.layout is not None and self.layout.returned:
+            # handed out after the loss, detached: no gradient comes back into them (the step has one loss), and
+            # the joint graph takes no tangent for them
+            return (loss, *(value.detach() for value in self.layout.handed_out(output)))
+        return loss
 
     def output(self, *inputs: Any) -> Any:
         """What the model returns (or the loss function makes of it) for the step's inputs."""
@@ -245,7 +274,8 @@ class LossStep(nn.Module):
             output = self.model(*args, **kwargs)
             output = self.loss_fn(output) if self.loss_fn is not None else output
         _write_replaced_buffers(buffers)
-        self.layout = OutputLayout.of(output, loss_in(output))
+        self.layout = OutputLayout.of(output, loss_in(output), self.outputs == "all",
+                                      [*inputs, *self.model.parameters(), *self.model.buffers()])
         if any(inputs[i].requires_grad for i in frozen):
             # a physics-informed net's x.requires_grad_() in forward: its own derivatives are in the graph, but the
             # caller's tensor is not the one the trace changed, so it gets no .grad (eager leaves one)
@@ -496,9 +526,10 @@ def _record_module_paths(model: nn.Module):
 
 
 def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[str, Any],
-                 loss_fn: Callable | None = None, precision: str = "fp32") -> CapturedStep:
+                 loss_fn: Callable | None = None, precision: str = "fp32", outputs: str = "loss") -> CapturedStep:
     """Trace model(*example_inputs) (or model(**example_inputs) for a dict, or a Call) -> loss -> backward into a
-    joint FX graph whose user inputs are the call's tensors, in order (`Call.tensors`).
+    joint FX graph whose user inputs are the call's tensors, in order (`Call.tensors`). `outputs="all"`: the joint
+    graph also returns the model's other tensors, after the loss (`OutputLayout`).
 
     Works on real or fake tensors alike; `capture_fake` is the memory-free path for planning.
     """
@@ -511,7 +542,7 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
         raise CaptureError("neither the model's parameters nor its inputs require grad: nothing to differentiate")
     _register_plain_tensors(model)
     _warn_of_forward_hooks(model)
-    step = LossStep(model, loss_fn, precision, call)
+    step = LossStep(model, loss_fn, precision, call, outputs)
     step.tracing = True
     with _keeping_module_state(model), _record_module_paths(model), _compiling(), _without_onednn(), \
             contextlib.ExitStack() as stack, warnings.catch_warnings():
@@ -780,8 +811,8 @@ def _describe_output(desc: Any, value: Any) -> tuple[str, str]:
     if kind == "GradAOTOutput":
         grad_of = desc.grad_of
         return "grad", getattr(grad_of, "target", repr(grad_of))
-    if kind == "PlainAOTOutput":
-        return "loss", "loss"
+    if kind == "PlainAOTOutput":  # the loss, then what the step hands out beside it (outputs="all")
+        return ("loss", "loss") if desc.idx == 0 else ("returned", str(desc.idx))
     # InputMutationAOTOutput: a buffer updated in place (by its name), or an input the forward writes into (named as
     # _describe_input names it), which the step writes back into the caller's tensor as eager does
     mutated = getattr(desc, "mutated_input", None)
@@ -864,7 +895,7 @@ def compile_budget_saved(step: CapturedStep, activation_memory_budget: float) ->
         warnings.simplefilter("ignore", FutureWarning)  # pytree's LeafSpec deprecation, raised while copying
         joint = copy.deepcopy(step.joint)
     fake_inputs = [node.meta.get("val") for node in joint.graph.find_nodes(op="placeholder")]
-    num_fwd_outputs = sum(kind in ("loss", "mutation") for kind in step.output_kinds)
+    num_fwd_outputs = sum(kind in ("loss", "returned", "mutation") for kind in step.output_kinds)
     with functorch_config.patch(activation_memory_budget=activation_memory_budget), _without_recompiling():
         forward, _ = min_cut_rematerialization_partition(joint, fake_inputs, num_fwd_outputs=num_fwd_outputs)
     outputs = forward.graph.find_nodes(op="output")[0].args[0]

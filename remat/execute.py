@@ -50,8 +50,9 @@ class ExecuteError(RuntimeError):
 class PartitionedStep:
     """The planned training step as two graphs, and what their inputs and outputs are."""
 
-    forward: torch.fx.GraphModule  # [*primals] -> (loss, *forward_mutations, *saved, *rng_states)
-    backward: torch.fx.GraphModule  # [*saved, *rng_states, *primals, tangent] -> (*grads, *backward_mutations)
+    forward: torch.fx.GraphModule  # [*primals] -> (loss, *returned, *forward_mutations, *saved, *held, *rng_states)
+    # [*saved, *held, *rng_states, *primals, tangent] -> (*grads, *backward_mutations)
+    backward: torch.fx.GraphModule
     primal_kinds: list[str]  # per primal: "param", "buffer" or "input" (the joint placeholders but the tangent)
     primal_names: list[str]
     forward_mutations: list[str]  # buffer names updated by the forward's outputs 1..
@@ -64,6 +65,11 @@ class PartitionedStep:
     # same) whose result is gradient storage, the fixed memory the plan does not count as activations:
     # None for the whole result, else the outputs k of a tuple.
     gradient_storage: dict[str, set[int] | None] = field(default_factory=dict)
+    returned_storage: dict[str, set[int] | None] = field(default_factory=dict)  # the same for handed-out tensors
+    # joint FX names of the tensors handed out beside the loss (outputs="all"), in the model's output order
+    returned_names: list[str] = field(default_factory=list)
+    # joint FX names of handed-out tensors the backward reads: the caller's copy, not a recomputation (fixed memory)
+    held_names: list[str] = field(default_factory=list)
     # forward mutations the backward reads the old value of: written back after the backward, not the forward
     deferred_mutations: set[str] = field(default_factory=set)
 
@@ -117,10 +123,15 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
     output_values = joint.find_nodes(op="output")[0].args[0]
     outputs = [(value.name, kind, name) for value, kind, name in
                zip(output_values, step.output_kinds, step.output_names, strict=True)
-               if kind in ("loss", "grad", "mutation") and isinstance(value, torch.fx.Node)]
+               if kind in ("loss", "returned", "grad", "mutation") and isinstance(value, torch.fx.Node)]
     counts = schedule.compute_counts()
     replayed = {name for name, index in node_of.items() if counts[index] > 1 and is_random(by_name[name])}
     cut = first_backward_position(graph, schedule)
+    # Tensors handed out beside the loss: the caller holds them (fixed memory, 0 bytes in the graph), so a plan that
+    # computes one again reads the caller's copy instead, in the forward as in the backward (`held`).
+    returned_names = [name for name, kind, _ in outputs if kind == "returned"]
+    returned_nodes = {node_of[name] for name in returned_names if name in node_of}
+    held: dict[str, torch.fx.Node] = {}  # in the graph being built: a handed-out tensor's value for a recomputation
 
     copies: dict[str, list[str]] = {}  # joint name -> the names of its copies
     planned: set[torch.fx.Node] = set()  # each compute instruction's copy of its Graph node's storage owner
@@ -148,6 +159,10 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
                 continue
             if op.kind != COMPUTE:
                 raise ExecuteError(f"instruction {position}: unknown kind {op.kind!r}")
+            if op.node in returned_nodes and node.name in first_copy:  # the caller's copy, read again
+                for name in names:
+                    current[name] = held[name] if part == "backward" else first_copy[name]
+                continue
             reader = f"{part} instruction {position}: compute({op.node}) {node.name}"
             for name in names:
                 clone = _copy(target, by_name[name], lambda x, r=reader: lookup(x, r), name in replayed,
@@ -180,12 +195,22 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
                    if name in current]
     forward_values = dict(current)
     forward_rng = dict(rng_state)
+    late = [name for name in returned_names if name in node_of and name not in first_copy]
+    if late:
+        raise ExecuteError(f"the schedule computes {late[0]}, a tensor the step hands out, only after the backward "
+                           "starts")
+    returned_values = [first_copy[name] if name in first_copy else _copy_side(forward, by_name[name], current)
+                       for name in returned_names]
+    computed_after = {op.node for op in schedule.ops[cut:] if op.kind == COMPUTE}
+    held_names = [name for index in sorted(returned_nodes & computed_after)
+                  for name in (graph.nodes[index].fx_nodes or (graph.nodes[index].name,))]
 
     # Backward: the saved values, RNG states, primals and tangent in; the rest of the schedule.
     backward = torch.fx.Graph()
     current = {}
     saved = {name: _placeholder(backward, by_name[name], f"saved_{name}") for name in saved_names}
     current.update(saved)
+    held.update({name: _placeholder(backward, by_name[name], f"held_{name}") for name in held_names})
     rng_inputs = {name: backward.placeholder(f"rng_state_{name}") for name in forward_rng}
     rng_state.update(rng_inputs)
     for p in primals:
@@ -211,6 +236,7 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
     # go first: a saved tensor that only they read is not read.
     _eliminate_dead_code(backward, planned)
     saved_names = [name for name in saved_names if _used(backward, saved[name])]
+    held_names = [name for name in held_names if _used(backward, held[name])]
     rng_names = [name for name in forward_rng if _used(backward, rng_inputs[name])]
     # A buffer (or input) the forward updates but an op reads as it was, after the update (a value recomputed in the
     # backward from a buffer replaced after its use: an EMA updated after the product that reads it), must keep its
@@ -231,8 +257,10 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
     forward_mutations = [(name, buffer) for name, buffer in forward_mutations if name not in written_early]
     # A buffer update held at the cut comes from the copy held there: a batch norm computed again in the forward
     # lets its first copy's statistics go with it, as the simulator releases them (every copy computes the same)
-    forward.output((first_copy[loss[0]], *(forward_values.get(name, first_copy[name]) for name, _ in forward_mutations),
-                    *(forward_values[name] for name in saved_names), *(forward_rng[name] for name in rng_names)))
+    forward.output((first_copy[loss[0]], *returned_values,
+                    *(forward_values.get(name, first_copy[name]) for name, _ in forward_mutations),
+                    *(forward_values[name] for name in saved_names), *(first_copy[name] for name in held_names),
+                    *(forward_rng[name] for name in rng_names)))
 
     return PartitionedStep(
         forward=_module(step.joint, forward, planned),
@@ -245,9 +273,19 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
         grad_names=[parameter for _, parameter in grads],
         saved_names=saved_names,
         rng_names=rng_names,
+        returned_names=returned_names,
+        held_names=held_names,
         tangent=tangent.meta.get("val"),
         gradient_storage=_gradient_storage([by_name[name] for name, _ in grads], copies),
+        returned_storage=_gradient_storage([by_name[name] for name in returned_names], copies),
     )
+
+
+def _copy_side(target: torch.fx.Graph, joint_node: torch.fx.Node, current: dict[str, torch.fx.Node]) -> torch.fx.Node:
+    """A value in no Graph node (a view of an input), copied from the placeholders it reads."""
+    if joint_node.name not in current:
+        current[joint_node.name] = target.node_copy(joint_node, lambda x: _copy_side(target, x, current))
+    return current[joint_node.name]
 
 
 def _gradient_storage(gradients: list[torch.fx.Node], copies: dict[str, list[str]]) -> dict[str, set[int] | None]:
@@ -411,7 +449,12 @@ class StepRunner:
         self.memory: StepMemory | None = None  # set by `measuring()`: run through the counting interpreter
 
     def loss(self, primals: list[Any]) -> torch.Tensor:
-        return _PlannedStep.apply(self, *primals)
+        return self.run(primals)[0]
+
+    def run(self, primals: list[Any]) -> tuple[torch.Tensor, ...]:
+        """The loss, then the tensors the step hands out beside it (outputs="all")."""
+        outputs = _PlannedStep.apply(self, *primals)
+        return outputs if isinstance(outputs, tuple) else (outputs,)
 
     @contextlib.contextmanager
     def measuring(self):
@@ -430,8 +473,10 @@ class StepRunner:
             if self.memory is None:
                 return list(compiled(values))
             fixed = [t for v in values[counted:] for t in tensors_in(v)]
-            # gradients are computed after the cut; the forward's copies may bear the same FX names
-            gradients = self.parts.gradient_storage if module is self.parts.backward else {}
+            # gradients are computed after the cut; the forward's copies may bear the same FX names. Both, and the
+            # tensors the forward hands out, are fixed memory.
+            gradients = (self.parts.gradient_storage if module is self.parts.backward
+                         else self.parts.returned_storage)
             interpreter = _CountingInterpreter(module, self, fixed, gradients)
             outputs = interpreter.run(*values, enable_io_processing=False)
             values.clear()
@@ -442,10 +487,12 @@ class _PlannedStep(torch.autograd.Function):
     """forward: the planned forward graph; backward: the planned backward graph."""
 
     @staticmethod
-    def forward(ctx, runner: StepRunner, *primals: Any) -> torch.Tensor:
+    def forward(ctx, runner: StepRunner, *primals: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
         parts = runner.parts
         outputs = runner._call(parts.forward, runner.run_forward, list(primals))
-        loss, mutations = outputs[0], outputs[1:1 + len(parts.forward_mutations)]
+        loss, returned = outputs[0], outputs[1:1 + len(parts.returned_names)]
+        outputs = [loss, *outputs[1 + len(returned):]]
+        mutations = outputs[1:1 + len(parts.forward_mutations)]
         now = [(name, value) for name, value in zip(parts.forward_mutations, mutations, strict=True)
                if name not in parts.deferred_mutations]
         _write_buffers(parts, primals, [name for name, _ in now], [value for _, value in now])
@@ -455,10 +502,17 @@ class _PlannedStep(torch.autograd.Function):
         ctx.saved = outputs[1 + len(parts.forward_mutations):]  # saved tensors, then RNG states
         # Primals are parameters, buffers and inputs: persistent memory, held by reference.
         ctx.primals = [p.detach() if isinstance(p, torch.Tensor) else p for p in primals]
-        return loss
+        if not returned:
+            return loss
+        ctx.set_materialize_grads(False)  # a handed-out tensor nothing differentiates gets None, not zeros
+        return (loss, *returned)
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
+    def backward(ctx, grad_loss: torch.Tensor, *grad_returned: torch.Tensor | None):
+        if any(grad is not None for grad in grad_returned) or grad_loss is None:
+            raise RuntimeError("a gradient reached a tensor that remat's planned step handed out beside its loss "
+                               "(outputs=\"all\"): the planned backward starts from the loss alone; make that term "
+                               "part of the model's loss (or of a loss_fn), or detach the tensor")
         if torch.is_grad_enabled():  # autograd runs a backward with grad mode on only for create_graph=True
             raise RuntimeError("remat's planned backward is not differentiable: gradients of gradients "
                                "(create_graph=True: gradient penalties, double backward, MAML) need the plain model's "

@@ -58,7 +58,8 @@ class FixedMemory:
     parameter_bytes: int = 0
     gradient_bytes: int = 0
     optimizer_bytes: int = 0
-    input_bytes: int = 0  # batch inputs, buffers, the loss tangent, and the gradients of inputs that require grad
+    # batch inputs, buffers, the loss tangent, gradients of inputs, and tensors handed out beside the loss
+    input_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:

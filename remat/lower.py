@@ -3,7 +3,9 @@
 - Views, getitem and other aliasing ops are folded into the node that owns the storage they
   alias, so a node's bytes are counted once however many views read it.
 - Placeholders (parameters, buffers, inputs, tangent) are fixed memory, not nodes.
-- Gradients are outputs whose memory is the fixed gradient memory: their nodes hold 0 bytes.
+- Gradients are outputs whose memory is the fixed gradient memory: their nodes hold 0 bytes. So do the
+  tensors a step hands out beside its loss (outputs="all"): the caller holds them to the step's end, so they
+  are fixed memory from the forward on (counted with the inputs).
 - Each node is costed with a device profile (remat.cost).
 """
 
@@ -58,20 +60,23 @@ def lower(step: CapturedStep, profile: DeviceProfile, optimizer: str = "adamw", 
         owner[fx_node] = fx_node
         compute_fx.append(fx_node)
 
-    # 2. Outputs: the loss, buffer updates and gradients (whose storage is fixed gradient memory).
+    # 2. Outputs: the loss, buffer updates, gradients and handed-out tensors (whose storage is fixed memory).
     output_fx = fx_graph.find_nodes(op="output")[0].args[0]
-    grad_owners: set[torch.fx.Node] = set()  # the whole output is a gradient
-    grad_parts: dict[torch.fx.Node, set[int]] = {}  # outputs k of a multi-output op that are gradients
+    grad_owners: set[torch.fx.Node] = set()  # the whole output is a gradient (or handed out)
+    grad_parts: dict[torch.fx.Node, set[int]] = {}  # outputs k of a multi-output op that are gradients (or handed out)
+    returned: set[tuple[torch.fx.Node, int | None]] = set()  # handed-out storages: (owner, output k or None)
     output_owners: list[torch.fx.Node] = []
     for value, kind in zip(output_fx, step.output_kinds, strict=True):
         if kind == "none" or not isinstance(value, torch.fx.Node) or owner.get(value) not in compute_fx:
             continue
         output_owners.append(owner[value])
-        if kind == "grad":
+        if kind in ("grad", "returned"):
             if value in part_of:  # e.g. convolution_backward's weight gradient; its input gradient is an activation
                 grad_parts.setdefault(owner[value], set()).add(part_of[value])
             else:
                 grad_owners.add(owner[value])
+        if kind == "returned":
+            returned.add((owner[value], part_of.get(value)))
 
     # 3. Nodes, in the joint graph's order (topological).
     index_of = {fx_node: i for i, fx_node in enumerate(compute_fx)}
@@ -127,9 +132,14 @@ def lower(step: CapturedStep, profile: DeviceProfile, optimizer: str = "adamw", 
     # an input that requires grad gets its gradient too (held to the step's end, like the parameters')
     input_grad_bytes = sum(tensor_bytes(p.meta["val"]) for p, name in zip(placeholders, step.input_names, strict=True)
                            if kind_of[p] == "input" and name in trained)
+    # a tensor handed out beside the loss is held by the caller from the forward to the step's end; counted as fixed, it
+    # is counted before it is computed too, which overstates the early forward only (the peak comes later)
+    whole = {fx for fx, k in returned if k is None}
+    returned_bytes = (sum(tensor_bytes(fx.meta["val"]) for fx in whole)
+                      + sum(_parts(fx)[k] for fx, k in returned if k is not None and fx not in whole))
     fixed = FixedMemory(parameter_bytes=unique_bytes(params), gradient_bytes=trained_bytes,
                         optimizer_bytes=OPTIMIZERS[optimizer] * trained_bytes,
-                        input_bytes=other_bytes + input_grad_bytes)
+                        input_bytes=other_bytes + input_grad_bytes + returned_bytes)
     outputs = tuple(dict.fromkeys(index_of[o] for o in output_owners))
     return Graph(nodes=tuple(nodes), outputs=outputs, fixed=fixed,
                  meta={**(meta or {}), "optimizer": optimizer, "profile": profile.name,

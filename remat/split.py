@@ -152,7 +152,7 @@ def forward_graph(step: CapturedStep) -> torch.fx.GraphModule:
     placeholders = list(graph.find_nodes(op="placeholder"))
     output = graph.find_nodes(op="output")[0]
     outputs = list(zip(output.args[0], step.output_kinds, strict=True))
-    keep = [v for v, kind in outputs if kind == "loss"] + [v for v, kind in outputs if kind == "mutation"]
+    keep = [v for kind_wanted in ("loss", "returned", "mutation") for v, kind in outputs if kind == kind_wanted]
     output.args = (tuple(keep),)
     for node in reversed(graph.nodes):  # dead code: the backward, and forward values only the backward read
         if node.op == "call_function" and not node.users:
@@ -927,6 +927,7 @@ class GraphStep(nn.Module):
                             if k != "tangent"]
         self.mutated = [n.removeprefix("model.") for n, k in zip(step.output_names, step.output_kinds, strict=True)
                         if k == "mutation"]
+        self.returned = step.output_kinds.count("returned")  # handed out after the loss (outputs="all")
 
     def forward(self, *inputs: Any) -> torch.Tensor:
         user = list(inputs)
@@ -939,11 +940,12 @@ class GraphStep(nn.Module):
             else:
                 values.append(user.pop(0))
         # the Interpreter hands each node's metadata (module path) to the nodes AOTAutograd records
-        loss, *updates = torch.fx.Interpreter(self.forward_graph).run(*values)
+        loss, *rest = torch.fx.Interpreter(self.forward_graph).run(*values)
+        returned, updates = rest[:self.returned], rest[self.returned:]
         for name, value in zip(self.mutated, updates, strict=True):
             with torch.no_grad():
                 operator.attrgetter(name)(self).copy_(value)
-        return loss
+        return (loss, *returned) if returned else loss
 
 
 def chunk_of(step: CapturedStep, kind: str = HEAD) -> dict[str, int]:
@@ -1005,7 +1007,9 @@ def capture_split(model: nn.Module, example_inputs: Call | Sequence[Any], step: 
     rows = by_rows[0].rows if by_rows else attentions[0].rows
     largest = max(r.largest_bytes for r in [*by_rows, *attentions])
     # the casts of mixed precision are explicit ops in the rewritten forward: no autocast on top
-    split_step = capture_step(GraphStep(model, rewritten, step), example_inputs, None, precision="fp32")
+    outputs = "all" if "returned" in step.output_kinds else "loss"
+    split_step = capture_step(GraphStep(model, rewritten, step), example_inputs, None, precision="fp32",
+                              outputs=outputs)
     split = Split(chunks, head.name if head is not None else "", rows, describe_rows(rows, example_inputs), largest,
                   mlp_chunks=mlp_chunks, mlps=describe_regions(mlps, MLP) if mlps else "",
                   attention_chunks=attention_chunks,

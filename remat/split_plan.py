@@ -154,14 +154,15 @@ class SplitTracer:
 
     def __init__(self, model: nn.Module, inputs: Call | Sequence[Any], *, loss_fn: Callable | None = None,
                  precision: str = "fp32", device: str = "cpu", optimizer: str = "adamw", meta: dict | None = None,
-                 mode: contextlib.AbstractContextManager | None = None):
+                 mode: contextlib.AbstractContextManager | None = None, outputs: str = "loss"):
         self.profile = load_profile(device)  # fail on a bad device before the slow trace
         self.model, self.inputs, self.optimizer = uncompiled(model), Call.of(inputs), optimizer
         self.mode = mode or contextlib.nullcontext()
-        self.meta = {**(meta or {}), "device": self.profile.name, "precision": precision}
+        self.meta = {**(meta or {}), "device": self.profile.name, "precision": precision,
+                     **({"outputs": outputs} if outputs != "loss" else {})}
         started = time.perf_counter()
         with self._tracing():
-            step = capture_step(self.model, self.inputs, loss_fn, precision)
+            step = capture_step(self.model, self.inputs, loss_fn, precision, outputs)
         unsplit = Variant(1, self._lower(step, self.meta), None, step)
         self.trace_s = time.perf_counter() - started  # what a split variant's trace takes too, about
         self.variants: dict[tuple[int, int, int], Variant | None] = {unsplit.key: unsplit}
@@ -169,14 +170,14 @@ class SplitTracer:
 
     @classmethod
     def zoo(cls, model: str, batch: int | None = None, seq: int | None = None, precision: str = "bf16-mixed",
-            device: str = "h100", optimizer: str = "adamw") -> SplitTracer:
+            device: str = "h100", optimizer: str = "adamw", outputs: str = "loss") -> SplitTracer:
         """A zoo model (or `file.py:factory`) built on fake tensors."""
         load_profile(device)  # fail on a bad device before building the model
         mode = fake_tensor_mode()
         spec = build_on_fake(lambda: build_model(model, batch=batch, seq=seq), mode)
         meta = {"model": model, "batch": spec.batch, "seq": spec.seq, "description": spec.description}
         return cls(spec.model, spec.example_inputs, loss_fn=spec.loss_fn, precision=precision, device=device,
-                   optimizer=optimizer, meta=meta, mode=mode)
+                   optimizer=optimizer, meta=meta, mode=mode, outputs=outputs)
 
     @property
     def unsplit(self) -> Variant:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from remat.capture import (
+    OUTPUTS,
     Call,
     CapturedStep,
     LossStep,
@@ -137,10 +138,10 @@ class PreparedStep:
     solved: Plan | None  # the solver's full result when the plan was made here
     returns: OutputLayout | None = None  # what the model returns around its loss (None: the loss alone)
 
-    def output(self, loss: torch.Tensor) -> Any:
-        """What a planned step returns: the model's output structure with the loss in its place (None for its other
-        tensors), or the loss alone."""
-        return self.returns.rebuild(loss) if self.returns is not None else loss
+    def output(self, loss: torch.Tensor, *values: torch.Tensor) -> Any:
+        """What a planned step returns: the model's output structure with the loss and the handed-out `values` in
+        their places (None for its other tensors), or the loss alone."""
+        return self.returns.rebuild(loss, values) if self.returns is not None else loss
 
 
 class RematModule(nn.Module):
@@ -154,8 +155,8 @@ class RematModule(nn.Module):
 
     def __init__(self, model: nn.Module, budget: str | int | float | None, *, loss_fn: Callable | None,
                  precision: str | None, solver: str, device: str | None, optimizer: str, time_limit: float,
-                 plan: Plan | PlanFile | str | Path | None, backend: str,
-                 progress: Callable[[str], None] | None):
+                 plan: Plan | PlanFile | str | Path | None, backend: str, outputs: str | None = None,
+                 progress: Callable[[str], None] | None = None):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
@@ -176,6 +177,13 @@ class RematModule(nn.Module):
             raise PlanError(f"the plan was made for precision={planned_in!r}: leave precision out, or plan again "
                             f"with {precision!r}")  # it ran the plan's while evaluation ran in the one given
         self.precision = precision or planned_in or "fp32"
+        planned_outputs = self.given_plan.graph_meta.get("outputs", "loss") if self.given_plan is not None else None
+        if outputs is not None and planned_outputs is not None and outputs != planned_outputs:
+            raise PlanError(f"the plan was made for outputs={planned_outputs!r}: leave outputs out, or plan again "
+                            f"with {outputs!r}")
+        self.outputs = outputs or planned_outputs or "loss"
+        if self.outputs not in OUTPUTS:
+            raise ValueError(f"unknown outputs={self.outputs!r}: choose one of {', '.join(map(repr, OUTPUTS))}")
         self.backend = backend
         self.progress = progress
         # The bytes the first plan got. A share ("60%") is of each input's own store-all peak, and never less than
@@ -218,11 +226,16 @@ class RematModule(nn.Module):
         step = self._prepared(call)
         if step.returns is not None and step.returns.dropped and step.returns.dropped not in self.warned_outputs:
             self.warned_outputs.add(step.returns.dropped)
-            warnings.warn(f"the planned step returns the model's output with its loss, and None for "
-                          f"{', '.join(step.returns.dropped)}: it computes the loss and the gradients, not the rest "
-                          "(a plan that held them would need their memory); for metrics, run the model under "
-                          "torch.no_grad(), which returns its whole output", stacklevel=4)
-        return step.output(step.runner.loss(self._primals(step.parts, call.tensors)))
+            names = ", ".join(step.returns.dropped)
+            if self.outputs == "all":  # objects that hold tensors (a Hugging Face cache): nothing to hand out
+                why = "objects the planned step does not hand out; pass use_cache=False to the model for no cache"
+            else:
+                why = ("it computes the loss and the gradients, not the rest; remat.apply(..., "
+                       "outputs=\"all\") hands the model's other tensors out and plans for holding them, or run the "
+                       "model under torch.no_grad() for its whole output")
+            warnings.warn(f"the planned step returns the model's output with its loss, and None for {names}: {why}",
+                          stacklevel=4)
+        return step.output(*step.runner.run(self._primals(step.parts, call.tensors)))
 
     def _differentiable(self, call: Call) -> bool:
         return (any(p.requires_grad for p in self.model.parameters())
@@ -302,11 +315,12 @@ class RematModule(nn.Module):
             graph, captured = trace_step(self.model, inputs, self.loss_fn, precision, self.device, self.optimizer,
                                          split_chunks=int(split.get("chunks", 1)),
                                          mlp_chunks=int(split.get("mlp_chunks", 1)),
-                                         attention_chunks=int(split.get("attention_chunks", 1)))
+                                         attention_chunks=int(split.get("attention_chunks", 1)),
+                                         outputs=self.outputs)
             simulation = check_plan(plan, graph)
         else:
             tracer = _trace_for_planning(self.model, inputs, self.loss_fn, self.precision, self.device, self.optimizer,
-                                         self.progress)
+                                         self.progress, self.outputs)
             traced_to = tracer.unsplit.graph.content_hash
             plan = self.plans_by_graph.get(traced_to)
             if plan is not None:  # a setting the forward does not read changed (a counter): the step is the same
@@ -410,7 +424,7 @@ def default_device_profile(model: nn.Module) -> str:
 def trace_step(model: nn.Module, inputs: Call | Sequence[Any] | dict[str, Any], loss_fn: Callable | None = None,
                precision: str = "fp32",
                device: str | None = None, optimizer: str = "adamw", split_chunks: int = 1, mlp_chunks: int = 1,
-               attention_chunks: int = 1):
+               attention_chunks: int = 1, outputs: str = "loss"):
     """The user's model -> (Graph, CapturedStep), without touching its parameters or the RNG.
     `split_chunks` > 1: the loss head split into that many chunks (remat.split), `mlp_chunks` > 1: each MLP,
     `attention_chunks` > 1: each attention block, as a plan made with a split needs."""
@@ -418,9 +432,9 @@ def trace_step(model: nn.Module, inputs: Call | Sequence[Any] | dict[str, Any], 
     profile = load_profile(device or default_device_profile(model))
     inputs = Call.of(inputs)
     meta = {"model": type(model).__name__, "precision": precision, "device": profile.name,
-            "inputs": inputs.describe()}
+            "inputs": inputs.describe(), **({"outputs": outputs} if outputs != "loss" else {})}
     with torch.random.fork_rng(devices=[]):
-        captured = capture_step(model, inputs, loss_fn, precision)
+        captured = capture_step(model, inputs, loss_fn, precision, outputs)
         if max(split_chunks, mlp_chunks, attention_chunks) > 1:
             from remat.split import capture_split
 
@@ -435,23 +449,24 @@ def plan_step(model: nn.Module, inputs: Call | Sequence[Any] | dict[str, Any], b
               time_limit: float = 60.0, loss_fn: Callable | None = None, precision: str = "fp32",
               device: str | None = None, optimizer: str = "adamw",
               progress: Callable[[str], None] | None = None,
-              at_least_bytes: int | None = None) -> tuple[Plan, CapturedStep]:
+              at_least_bytes: int | None = None, outputs: str = "loss") -> tuple[Plan, CapturedStep]:
     """Trace the user's step and plan it for `budget` (bytes, "16GB", or "60%" of the store-all peak; never less than
     `at_least_bytes`), splitting the loss head into chunks where that fits a lower budget or costs less
     (remat.split_plan), as `remat solve` does. Returns the plan and the captured step its graph was lowered from;
     infeasible -> PlanError."""
-    tracer = _trace_for_planning(model, inputs, loss_fn, precision, device, optimizer, progress)
+    tracer = _trace_for_planning(model, inputs, loss_fn, precision, device, optimizer, progress, outputs)
     return _plan_traced(tracer, budget, solver, time_limit, progress, at_least_bytes)
 
 
 def _trace_for_planning(model: nn.Module, inputs: Call | Sequence[Any] | dict[str, Any], loss_fn: Callable | None,
                         precision: str, device: str | None, optimizer: str,
-                        progress: Callable[[str], None] | None) -> SplitTracer:
+                        progress: Callable[[str], None] | None, outputs: str = "loss") -> SplitTracer:
     (progress or (lambda message: None))("tracing the training step")
     inputs = Call.of(inputs)
     meta = {"model": type(model).__name__, "inputs": inputs.describe()}
     return SplitTracer(model, inputs, loss_fn=loss_fn, precision=precision,
-                       device=device or default_device_profile(model), optimizer=optimizer, meta=meta)
+                       device=device or default_device_profile(model), optimizer=optimizer, meta=meta,
+                       outputs=outputs)
 
 
 def _plan_traced(tracer: SplitTracer, budget: str | int | float, solver: str, time_limit: float,
@@ -488,7 +503,7 @@ def apply(model: nn.Module, budget: str | int | float | None = None,
           example_inputs: Sequence[Any] | dict[str, Any] | None = None,
           *, solver: str = "auto", device: str | None = None, time_limit: float = 60.0,
           plan: Plan | PlanFile | str | Path | None = None, backend: str = "eager", loss_fn: Callable | None = None,
-          precision: str | None = None, optimizer: str = "adamw",
+          precision: str | None = None, optimizer: str = "adamw", outputs: str | None = None,
           progress: Callable[[str], None] | None = None) -> RematModule:
     """Wrap `model` so that its training step runs a schedule that fits `budget`.
 
@@ -505,11 +520,15 @@ def apply(model: nn.Module, budget: str | int | float | None = None,
         the model is. precision: "fp32" or "bf16-mixed" (autocast inside the planned graphs); default: the plan's,
         or fp32.
     optimizer: whose state the budget must hold (adamw, adam, sgd-momentum, sgd, none).
-    The returned module's forward returns the loss (the model's output, or `loss_fn(output)`), or the model's one
-    non-scalar output (logits, features) as it is, whose gradient the caller's loss hands to the planned backward.
+    The returned module's forward returns what the model returns (or `loss_fn(output)`), with the planned loss in its
+    place; or the model's one non-scalar output (logits, features) as it is, whose gradient the caller's loss hands
+    to the planned backward. outputs: "loss" (default: None in place of the model's other tensors) or "all" (they
+    are handed out too, and the plan holds them to the step's end, as a caller that keeps the output does); default:
+    the plan's, or "loss".
     """
     module = RematModule(model, budget, loss_fn=loss_fn, precision=precision, solver=solver, device=device,
-                         optimizer=optimizer, time_limit=time_limit, plan=plan, backend=backend, progress=progress)
+                         optimizer=optimizer, time_limit=time_limit, plan=plan, backend=backend, outputs=outputs,
+                         progress=progress)
     if example_inputs is not None:
         call = Call.of(example_inputs)
         module.prepare(*call.args, **call.kwargs)
@@ -519,7 +538,8 @@ def apply(model: nn.Module, budget: str | int | float | None = None,
 def plan(model: nn.Module, example_inputs: Sequence[Any] | dict[str, Any], budget: str | int | float, *,
          solver: str = "auto",
          device: str | None = None, time_limit: float = 60.0, loss_fn: Callable | None = None,
-         precision: str = "fp32", optimizer: str = "adamw") -> Plan:
+         precision: str = "fp32", optimizer: str = "adamw", outputs: str = "loss") -> Plan:
     """The plan (schedule + simulated figures) for `model` on `example_inputs`; `.save(path)` writes a
-    plan file that `remat.apply(model, plan=path)` runs."""
-    return plan_step(model, example_inputs, budget, solver, time_limit, loss_fn, precision, device, optimizer)[0]
+    plan file that `remat.apply(model, plan=path)` runs. outputs: as `apply` takes it."""
+    return plan_step(model, example_inputs, budget, solver, time_limit, loss_fn, precision, device, optimizer,
+                     outputs=outputs)[0]

@@ -10,6 +10,8 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import remat
+from remat.planner import solve
+from remat.training import trace_step
 
 TIME_LIMIT = 5.0
 
@@ -111,3 +113,91 @@ def test_a_model_that_returns_its_loss_alone_returns_a_tensor_without_a_warning(
         loss = planned(x, y)
     assert isinstance(loss, torch.Tensor) and loss.dim() == 0
     assert loss.item() == pytest.approx(net(x, y)[0].item(), rel=1e-12)
+
+
+def test_outputs_all_hands_out_the_logits_and_plans_for_holding_them():
+    model, ids = _gpt2()
+    batch = {"input_ids": ids, "labels": ids}
+    expected = model(**batch)
+    expected.loss.backward()
+    eager = _gradients(model)
+
+    loss_only = remat.apply(model, budget="90%", example_inputs=batch, time_limit=TIME_LIMIT)
+    planned = remat.apply(model, budget="90%", example_inputs=batch, time_limit=TIME_LIMIT, outputs="all")
+    logits_bytes = expected.logits.numel() * expected.logits.element_size()
+    # the caller holds the logits from the forward to the step's end: fixed memory, counted with the inputs
+    assert (planned.planned.graph.fixed.input_bytes
+            == loss_only.planned.graph.fixed.input_bytes + logits_bytes)
+    loss, memory = planned.measure(**batch)  # held as planned, to the byte
+    assert memory.peak_live_bytes == planned.planned.simulation.activation_peak_bytes
+    model.zero_grad(set_to_none=True)
+
+    with pytest.warns(UserWarning, match=r"None for cache: objects"):  # a cache is no tensor to hand out
+        outputs = planned(**batch)
+    torch.testing.assert_close(outputs.logits, expected.logits, rtol=0, atol=0)
+    assert outputs.loss.item() == expected.loss.item()
+    outputs.loss.backward()
+    for name, grad in _gradients(model).items():
+        torch.testing.assert_close(grad, eager[name], rtol=1e-10, atol=1e-12, msg=name)
+    # the planned backward starts from the loss alone: a term made of the logits is an error, not a lost gradient
+    outputs = planned(**batch)
+    with pytest.raises(RuntimeError, match="handed out beside its loss"):
+        (outputs.loss + outputs.logits.pow(2).mean()).backward()
+
+
+def test_a_handed_out_tensor_computed_again_is_the_callers_copy():
+    """checkpoint-all recomputes the logits in the backward: the backward reads the copy the caller holds, as the plan
+    counts it (0 bytes more)."""
+    x, y = _batch()
+    torch.manual_seed(0)
+    net = DictNet().double()
+    planned = remat.apply(net, budget="100%", example_inputs=(x, y), solver="checkpoint-all", outputs="all")
+    step = planned.planned
+    assert step.parts.held_names  # the backward reads the handed-out logits again
+    loss, memory = planned.measure(x, y)
+    assert memory.peak_live_bytes == step.simulation.activation_peak_bytes
+    net.zero_grad(set_to_none=True)
+    outputs = planned(x, y)
+    expected = net(x, y)
+    torch.testing.assert_close(outputs["logits"], expected["logits"], rtol=0, atol=0)
+    assert outputs["classes"] == 4
+    outputs["loss"].backward()
+    grads = _gradients(net)
+    expected["loss"].backward()
+    for name, grad in _gradients(net).items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_a_plan_file_keeps_its_outputs(tmp_path):
+    x, y = _batch()
+    torch.manual_seed(0)
+    net = TupleNet().double()
+    path = tmp_path / "plan.json"
+    remat.plan(net, (x, y), budget="95%", time_limit=TIME_LIMIT, outputs="all").save(path)
+    planned = remat.apply(net, plan=path, example_inputs=(x, y))  # the plan's outputs, as its precision
+    loss, logits = planned(x, y)
+    torch.testing.assert_close(logits, net(x, y)[1], rtol=0, atol=0)
+    with pytest.raises(remat.PlanError, match="made for outputs='all'"):
+        remat.apply(net, plan=path, example_inputs=(x, y), outputs="loss")
+    with pytest.raises(ValueError, match="unknown outputs='logits'"):
+        remat.apply(net, budget="95%", outputs="logits")
+
+
+def test_a_split_step_hands_out_the_logits_too():
+    """The MLPs split in chunks: the rewritten forward returns the logits after its loss. The head cannot be split
+    where its logits are handed out whole."""
+    model, ids = _gpt2()
+    batch = {"input_ids": ids, "labels": ids}
+    graph, _ = trace_step(model, batch, device="cpu", mlp_chunks=2, outputs="all")
+    plan = solve(graph, "90%", time_limit_s=TIME_LIMIT)
+    planned = remat.apply(model, plan=plan, example_inputs=batch)
+    assert planned.planned.graph.meta["split"]["mlp_chunks"] == 2
+    loss, memory = planned.measure(**batch)
+    assert memory.peak_live_bytes == planned.planned.simulation.activation_peak_bytes
+    model.zero_grad(set_to_none=True)
+    with pytest.warns(UserWarning, match="None for cache"):
+        outputs = planned(**batch)
+    expected = model(**batch)
+    torch.testing.assert_close(outputs.logits, expected.logits, rtol=1e-12, atol=1e-12)
+    with pytest.raises(Exception, match="no row-wise region from a matmul to the loss"):
+        trace_step(model, batch, device="cpu", split_chunks=2, outputs="all")
