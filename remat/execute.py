@@ -619,17 +619,24 @@ def compile_inductor(parts: PartitionedStep):
 class _InductorGraph:
     def __init__(self, module: torch.fx.GraphModule):
         graph = copy.deepcopy(module.graph)
-        graph.set_codegen(torch.fx.graph.CodeGen())  # Inductor calls graphs with positional arguments
+        graph.set_codegen(torch.fx.graph.CodeGen())  # traced with positional arguments, not the boxed list
         self.module = torch.fx.GraphModule(module, graph)
         self.compiled = None
 
     def __call__(self, values: list[Any]) -> Any:
         if self.compiled is None:
             from torch._inductor import config
-            from torch._inductor.compile_fx import compile_fx
+            from torch._inductor.compile_fx import compile_fx_inner
+            from torch._inductor.decomposition import select_decomp_table
+            from torch.fx.experimental.proxy_tensor import make_fx
 
-            with config.patch(compile_threads=1):  # no pool of compile workers: they can hang under test runners
-                self.compiled = compile_fx(self.module, list(values))
+            # The graphs are aten already: decomposed as Inductor wants them and handed to its graph compiler, not to
+            # compile_fx, whose AOTAutograd pass functionalizes them again and has no rule for the RNG operators of
+            # replayed random ops (a plan that recomputed a dropout failed at its first step). Traced on fake tensors,
+            # and with the RNG put back: tracing on the real inputs drew the first step's dropout masks once more.
+            with torch.random.fork_rng(devices=[]), config.patch(compile_threads=1):  # no pool of compile workers
+                graph = make_fx(self.module, decomposition_table=select_decomp_table(), tracing_mode="fake")(*values)
+                self.compiled = compile_fx_inner(graph, list(values))
         args = list(values)
         values.clear()
-        return self.compiled(*args)
+        return self.compiled(args)

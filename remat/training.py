@@ -15,6 +15,8 @@ Named training.py, not apply.py: importing a submodule sets it as the package's 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import time
 import warnings
@@ -217,6 +219,10 @@ class RematModule(nn.Module):
         state["steps"] = {}
         return state
 
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        # made from the wrapped model's class (`remat_class`): a copy is made from it again, by a class pickle finds
+        return _new_remat_module, (type(self.model),), self.__getstate__()
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         call = Call(args, kwargs)
         # evaluation, or nothing to differentiate (a frozen phase, validation without no_grad): nothing to plan,
@@ -356,6 +362,33 @@ class RematModule(nn.Module):
         for kind, name in zip(parts.primal_kinds, parts.primal_names, strict=True):
             values.append(params[name] if kind == "param" else buffers[name] if kind == "buffer" else next(user))
         return values
+
+
+@functools.cache
+def remat_class(model_class: type) -> type[RematModule]:
+    """RematModule for models of `model_class`, named after it ("RematBertForSequenceClassification") and whose
+    forward has its forward's signature. Tools read which arguments a model takes from its forward, some from its
+    class: Hugging Face's Trainer keeps the dataset columns the forward names and takes its labels from the
+    parameters of the class's forward ("labels", "start_positions"). RematModule's `forward(*args, **kwargs)`
+    names none: the Trainer dropped every column ("The batch received was empty"), and evaluated without a loss."""
+    try:
+        signature = inspect.signature(model_class.forward)
+    except (AttributeError, TypeError, ValueError):  # no forward to read (a builtin's): RematModule's own
+        return RematModule
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return RematModule.forward(self, *args, **kwargs)
+
+    forward.__signature__ = signature
+    forward.__doc__ = RematModule.forward.__doc__
+    name = f"Remat{model_class.__name__}"
+    return type(name, (RematModule,), {"forward": forward, "__module__": __name__, "__qualname__": name})
+
+
+def _new_remat_module(model_class: type) -> RematModule:
+    """An empty RematModule of `remat_class(model_class)`, for pickle and copy.deepcopy to fill in."""
+    cls = remat_class(model_class)
+    return cls.__new__(cls)
 
 
 def backward_from(output: torch.Tensor) -> None:
@@ -526,9 +559,10 @@ def apply(model: nn.Module, budget: str | int | float | None = None,
     are handed out too, and the plan holds them to the step's end, as a caller that keeps the output does); default:
     the plan's, or "loss".
     """
-    module = RematModule(model, budget, loss_fn=loss_fn, precision=precision, solver=solver, device=device,
-                         optimizer=optimizer, time_limit=time_limit, plan=plan, backend=backend, outputs=outputs,
-                         progress=progress)
+    cls = remat_class(type(uncompiled(model)))  # forward with the model's signature, for tools that read it
+    module = cls(model, budget, loss_fn=loss_fn, precision=precision, solver=solver, device=device,
+                 optimizer=optimizer, time_limit=time_limit, plan=plan, backend=backend, outputs=outputs,
+                 progress=progress)
     if example_inputs is not None:
         call = Call.of(example_inputs)
         module.prepare(*call.args, **call.kwargs)

@@ -581,6 +581,35 @@ def test_inductor_backend_runs_the_plan_with_eager_gradients():
         planned.measure(x)
 
 
+@pytest.mark.slow  # two Inductor compiles of two graphs each
+def test_inductor_backend_replays_dropout_and_writes_batch_norm_statistics():
+    """A plan that recomputes a dropout replays its mask: Inductor compiled the graphs through AOTAutograd again, which
+    has no rule for the RNG operators ("no rule registered for HigherOrderOperator run_and_save_rng_state"), so such
+    plans failed at their first step. A batch norm's running statistics are written as in eager."""
+    for make in (_dropout, _conv_bn):
+        model, inputs = make()
+        model = model.float()
+        inputs = tuple(x.float() for x in inputs)
+        reference = copy.deepcopy(model)
+        planned = apply(model, budget="99%", example_inputs=inputs, device="cpu", backend="inductor",
+                        solver="checkpoint-all")
+        assert planned.planned.plan.schedule.recomputed_nodes()
+        for seed in (5, 6):  # the first step compiles: tracing it must not draw the masks once more
+            torch.manual_seed(seed)
+            loss = planned(*inputs)
+            loss.backward()
+            torch.manual_seed(seed)
+            expected = LossStep(reference, None, "fp32")(*inputs)
+            expected.backward()
+            torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+            for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5)
+            for b, c in zip(model.buffers(), reference.buffers(), strict=True):
+                torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6)
+            model.zero_grad()
+            reference.zero_grad()
+
+
 def test_a_split_plan_from_remat_solve_runs_through_apply(tmp_path):
     """`remat solve --out` may split the loss head (remat.split); apply traces the same split."""
     from click.testing import CliRunner

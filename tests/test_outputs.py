@@ -201,3 +201,24 @@ def test_a_split_step_hands_out_the_logits_too():
     torch.testing.assert_close(outputs.logits, expected.logits, rtol=1e-12, atol=1e-12)
     with pytest.raises(Exception, match="no row-wise region from a matmul to the loss"):
         trace_step(model, batch, device="cpu", split_chunks=2, outputs="all")
+
+
+def test_the_planned_module_has_the_models_forward_signature_and_class_name():
+    """Hugging Face's Trainer keeps the dataset columns that the model's forward names, and takes its label names from
+    the forward of the model's class: RematModule's forward(*args, **kwargs) named none, so it dropped every column."""
+    import copy
+    import inspect
+    import pickle
+
+    model, ids = _gpt2()
+    planned = remat.apply(model, budget="95%", example_inputs={"input_ids": ids, "labels": ids},
+                          time_limit=TIME_LIMIT)
+    assert type(planned).__name__ == "RematGPT2LMHeadModel" and isinstance(planned, remat.RematModule)
+    assert inspect.signature(planned.forward) == inspect.signature(model.forward)
+    from transformers.utils.generic import find_labels  # what the Trainer calls on the model's class
+    assert find_labels(type(planned)) == ["labels"]
+    with pytest.warns(UserWarning, match="None for logits"):
+        expected = planned(input_ids=ids, labels=ids).loss.item()
+    for copied in (copy.deepcopy(planned), pickle.loads(pickle.dumps(planned))):  # made from the model's class again
+        assert type(copied) is type(planned)
+        assert copied(input_ids=ids, labels=ids).loss.item() == pytest.approx(expected, rel=1e-12)
