@@ -44,6 +44,10 @@ class CaptureError(ValueError):
     """The model could not be traced into a training graph; the message says why."""
 
 
+class NothingToDifferentiate(CaptureError):
+    """The step has no gradient to compute: nothing that requires grad is read on the way to the loss."""
+
+
 @dataclass
 class CapturedStep:
     joint: torch.fx.GraphModule
@@ -69,38 +73,49 @@ class OutputLayout:
     constants: tuple  # per leaf: a plain constant (None, a number, a string) as returned; None for anything else
     dropped: tuple[str, ...]  # the leaves returned as None: "logits", "cache", "[1]"
     returned: tuple[int, ...] = ()  # the leaves the planned step hands out, in the order its graph returns them
+    constant: tuple[int, ...] = ()  # of those, the ones that need no gradient (detached, integer): handed out so
+    given: tuple[tuple[int, int], ...] = ()  # (leaf, k): the leaf is the k-th of `inputs` (returned as it is)
 
     @staticmethod
     def of(returned: Any, loss: torch.Tensor, keep: bool = False, inputs: Sequence[Any] = ()) -> OutputLayout | None:
         """The layout of `returned` around `loss` (one of its tensors); None when the loss is all it is, or where it
         is not one of the leaves torch's pytree finds (an object of a class it does not know). `keep`: hand out its
-        other tensors, but those that are `inputs` (the step's inputs and the model's parameters and buffers, which
-        the caller has already)."""
+        other tensors, and those that are `inputs` (the step's inputs, then the model's parameters and buffers) as
+        the caller's own tensors, as eager does."""
         _register_dataclasses(returned)
         leaves, spec = pytree.tree_flatten_with_path(returned)
         where = [i for i, (_, leaf) in enumerate(leaves) if leaf is loss]
         if spec.is_leaf() or len(where) != 1:
             return None
         plain = (*SCALARS, type(None))
-        given = {id(x) for x in inputs}
-        kept = tuple(i for i, (_, leaf) in enumerate(leaves) if keep and i != where[0]
-                     and isinstance(leaf, torch.Tensor) and id(leaf) not in given)
+        position = {id(x): k for k, x in enumerate(inputs)}
+        tensors = [i for i, (_, leaf) in enumerate(leaves) if keep and i != where[0] and isinstance(leaf, torch.Tensor)]
+        given = tuple((i, position[id(leaves[i][1])]) for i in tensors if id(leaves[i][1]) in position)
+        kept = tuple(i for i in tensors if id(leaves[i][1]) not in position)
         constants = tuple(leaf if isinstance(leaf, plain) else None for _, leaf in leaves)
         dropped = tuple(_leaf_name(path) for i, (path, leaf) in enumerate(leaves)
-                        if i != where[0] and i not in kept and not isinstance(leaf, plain))
-        return OutputLayout(spec, where[0], constants, dropped, kept)
+                        if i != where[0] and i not in tensors and not isinstance(leaf, plain))
+        constant = tuple(i for i in kept if not leaves[i][1].requires_grad)
+        return OutputLayout(spec, where[0], constants, dropped, kept, constant, given)
 
     def handed_out(self, returned: Any) -> list[torch.Tensor]:
         """The tensors of `returned` (an output of this layout) that the planned step hands out."""
         leaves = pytree.tree_leaves(returned)
         return [leaves[i] for i in self.returned]
 
-    def rebuild(self, loss: torch.Tensor, values: Sequence[torch.Tensor] = ()) -> Any:
-        """The output with `loss` and the handed-out `values` in their places."""
+    def rebuild(self, loss: torch.Tensor, values: Sequence[torch.Tensor] = (),
+                inputs: Callable[[], Sequence[Any]] | None = None) -> Any:
+        """The output with `loss` and the handed-out `values` in their places; `inputs()`: the live `inputs` that
+        `of` was given, for the leaves that are among them."""
         leaves = list(self.constants)
         leaves[self.loss_leaf] = loss
         for i, value in zip(self.returned, values, strict=True):
-            leaves[i] = value
+            # in eager, a detached or integer output needs no gradient: a loss may add it as a constant
+            leaves[i] = value.detach() if i in self.constant else value
+        if self.given:
+            live = inputs()
+            for i, k in self.given:
+                leaves[i] = live[k]
         return pytree.tree_unflatten(leaves, self.spec)
 
 
@@ -177,23 +192,42 @@ SCALARS = (bool, int, float, str)
 
 def module_state(model: nn.Module) -> tuple:
     """What the trace takes from the model as fixed, module by module: train or eval, its hooks, its plain settings
-    (a dropout's p, a temperature, a flag: public attributes that are numbers or strings, and those of a config
-    object it holds, such as a Hugging Face model's `config`), and its parameters' and
+    (a dropout's p, a temperature, a flag: public attributes that are numbers or strings, or small lists, tuples, sets
+    and dicts of them, such as PEFT's LoRA `scaling` and `merged_adapters`, and those of a config object it holds,
+    such as a Hugging Face model's `config`), and its parameters' and
     buffers' shapes, dtypes and devices, and which parameters require grad. A change to any of them is traced and
     planned again: the planned graph has the old value in it (a dropout annealed to 0 kept its first p, a hook added
     later never ran, a model cast to float64 ran in float64 with a float32 plan's memory)."""
     modules = []
     configs: dict[int, tuple] = {}  # by id: one config object is held by many modules
     for module in model.modules():
-        settings = tuple((name, value if isinstance(value, SCALARS) else _config_settings(value, configs))
+        settings = tuple((name, _config_settings(value, configs) if _is_config(value) else _plain(value))
                          for name, value in vars(module).items()
-                         if not name.startswith("_") and (isinstance(value, SCALARS) or _is_config(value)))
+                         if not name.startswith("_") and (_plain(value) is not None or _is_config(value)))
         hooks = tuple(map(tuple, (module._forward_pre_hooks, module._forward_hooks, module._backward_pre_hooks,
                                   module._backward_hooks)))
         tensors = tuple((tensor.shape, tensor.dtype, tensor.device, tensor.requires_grad)
                         for tensor in (*module._parameters.values(), *module._buffers.values()) if tensor is not None)
         modules.append((settings, hooks, tensors))
     return tuple(modules)
+
+
+def _plain(value: Any) -> Any:
+    """A number or string as it is; a list, tuple, set or dict of at most 64 of them as a tuple; None for anything
+    else. PEFT keeps a LoRA layer's scale in a dict and its merged adapters in a list: `scale_layer`, `set_scale` and
+    `merge_adapter` changed the step, and the stale plan ran (a merged update added twice: another loss)."""
+    if isinstance(value, SCALARS):
+        return value
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else list(value)
+    else:
+        return None
+    if len(items) > 64 or not all(isinstance(x, SCALARS) or (isinstance(x, tuple) and len(x) == 2 and all(
+            isinstance(y, SCALARS) for y in x)) for x in items):
+        return None
+    return (type(value).__name__, tuple(items))
 
 
 def _is_config(value: Any) -> bool:
@@ -539,7 +573,8 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
     if not any(p.requires_grad for p in model.parameters()) and not any(
             isinstance(t, torch.Tensor) and t.requires_grad for t in call.tensors):
         # a frozen model attacked through its input (adversarial examples, saliency) still has a backward to plan
-        raise CaptureError("neither the model's parameters nor its inputs require grad: nothing to differentiate")
+        raise NothingToDifferentiate("neither the model's parameters nor its inputs require grad: nothing to "
+                                     "differentiate")
     _register_plain_tensors(model)
     _warn_of_forward_hooks(model)
     step = LossStep(model, loss_fn, precision, call, outputs)
@@ -577,9 +612,10 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
                            "step cannot do: clip or renormalise outside the forward (after optimizer.step(), under "
                            "torch.no_grad()); model.model is the module itself")
     if "grad" not in output_kinds:
-        raise CaptureError("no parameter gets a gradient from the model's output: it does not depend on them "
-                           "through differentiable ops (argmax, comparisons, .detach(), integer outputs), so there is "
-                           "nothing to train; return a loss made of the model's outputs")
+        raise NothingToDifferentiate("no parameter gets a gradient from the model's output: it does not depend on "
+                                     "them through differentiable ops (argmax, comparisons, .detach(), integer "
+                                     "outputs), so there is nothing to train; return a loss made of the model's "
+                                     "outputs")
     return CapturedStep(gm, input_kinds, input_names, _tied_tensors(step), output_kinds, output_names, precision,
                         step.layout)
 

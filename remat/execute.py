@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -466,13 +467,15 @@ class StepRunner:
             memory, self.memory = self.memory, None
             memory.peak_bytes = memory.peak_live_bytes + self.graph.fixed.total_bytes
 
-    def _call(self, module: torch.fx.GraphModule, compiled: Any, values: list[Any], counted: int = 0) -> list[Any]:
+    def _call(self, module: torch.fx.GraphModule, compiled: Any, values: list[Any], counted: int = 0,
+              handed_out: Sequence[torch.Tensor] = ()) -> list[Any]:
         """Run one graph on `values` (a list it clears). When measuring, the first `counted` values
-        (the saved tensors) are activations; the others are primals, RNG states or the tangent."""
+        (the saved tensors) are activations; the others are primals, RNG states or the tangent. The tensors the
+        forward `handed_out` are fixed memory: a saved value that shares their storage costs nothing more."""
         with no_autocast(), torch.no_grad():
             if self.memory is None:
                 return list(compiled(values))
-            fixed = [t for v in values[counted:] for t in tensors_in(v)]
+            fixed = [*handed_out, *(t for v in values[counted:] for t in tensors_in(v))]
             # gradients are computed after the cut; the forward's copies may bear the same FX names. Both, and the
             # tensors the forward hands out, are fixed memory.
             gradients = (self.parts.gradient_storage if module is self.parts.backward
@@ -500,6 +503,7 @@ class _PlannedStep(torch.autograd.Function):
                         if name in parts.deferred_mutations]
         ctx.runner = runner
         ctx.saved = outputs[1 + len(parts.forward_mutations):]  # saved tensors, then RNG states
+        ctx.handed_out = list(returned) if runner.memory is not None else []  # only to measure: the caller's
         # Primals are parameters, buffers and inputs: persistent memory, held by reference.
         ctx.primals = [p.detach() if isinstance(p, torch.Tensor) else p for p in primals]
         if not returned:
@@ -525,7 +529,9 @@ class _PlannedStep(torch.autograd.Function):
         values = [*ctx.saved, *ctx.primals, grad_loss]
         primals = ctx.primals
         ctx.saved = ctx.primals = None  # the backward graph clears `values`: saved tensors die at their last read
-        outputs = runner._call(parts.backward, runner.run_backward, values, counted=len(parts.saved_names))
+        outputs = runner._call(parts.backward, runner.run_backward, values, counted=len(parts.saved_names),
+                               handed_out=ctx.handed_out)
+        ctx.handed_out = None
         grads = dict(zip(parts.grad_names, outputs, strict=False))
         _write_buffers(parts, primals, parts.backward_mutations, outputs[len(parts.grad_names):])
         _write_buffers(parts, primals, [name for name, _ in ctx.deferred], [value for _, value in ctx.deferred])

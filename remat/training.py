@@ -33,6 +33,7 @@ from remat.capture import (
     Call,
     CapturedStep,
     LossStep,
+    NothingToDifferentiate,
     OutputLayout,
     capture_step,
     module_state,
@@ -140,10 +141,12 @@ class PreparedStep:
     solved: Plan | None  # the solver's full result when the plan was made here
     returns: OutputLayout | None = None  # what the model returns around its loss (None: the loss alone)
 
-    def output(self, loss: torch.Tensor, *values: torch.Tensor) -> Any:
+    def output(self, loss: torch.Tensor, values: Sequence[torch.Tensor] = (),
+               inputs: Callable[[], Sequence[Any]] | None = None) -> Any:
         """What a planned step returns: the model's output structure with the loss and the handed-out `values` in
-        their places (None for its other tensors), or the loss alone."""
-        return self.returns.rebuild(loss, values) if self.returns is not None else loss
+        their places (None for its other tensors), or the loss alone. `inputs()`: the call's tensors, then the
+        model's parameters and buffers, for outputs that are one of them."""
+        return self.returns.rebuild(loss, values, inputs) if self.returns is not None else loss
 
 
 class RematModule(nn.Module):
@@ -199,6 +202,7 @@ class RematModule(nn.Module):
         # setting that the forward does not read changed, a counter) runs the same plan, traced again but not solved.
         self.plans_by_graph: dict[str, PlanFile] = {}
         self.warned_outputs: set[tuple[str, ...]] = set()  # outputs named in the None-for-these warning
+        self.undifferentiable: dict[tuple, str] = {}  # signatures whose step has no gradient: why
         self.register_state_dict_post_hook(_model_keys)
         self.register_load_state_dict_pre_hook(_wrapped_model_keys)
 
@@ -229,7 +233,13 @@ class RematModule(nn.Module):
         # and the model's own forward runs and returns its output, as eager (the trace refused such a step)
         if not torch.is_grad_enabled() or not self._differentiable(call):
             return LossStep(self.model, self.loss_fn, self.precision, call).output(*call.tensors)
-        step = self._prepared(call)
+        try:
+            step = self._prepared(call)
+        except NothingToDifferentiate:
+            # what requires grad is not read on the way to the loss (PEFT's merged LoRA adapter: its weights still
+            # require grad, but the merged forward skips them): the model's own forward, as eager, whose loss has
+            # no backward. It was refused (or, before merges were noticed, the stale plan ran the adapter twice).
+            return LossStep(self.model, self.loss_fn, self.precision, call).output(*call.tensors)
         if step.returns is not None and step.returns.dropped and step.returns.dropped not in self.warned_outputs:
             self.warned_outputs.add(step.returns.dropped)
             names = ", ".join(step.returns.dropped)
@@ -241,7 +251,8 @@ class RematModule(nn.Module):
                        "model under torch.no_grad() for its whole output")
             warnings.warn(f"the planned step returns the model's output with its loss, and None for {names}: {why}",
                           stacklevel=4)
-        return step.output(*step.runner.run(self._primals(step.parts, call.tensors)))
+        loss, *values = step.runner.run(self._primals(step.parts, call.tensors))
+        return step.output(loss, values, lambda: [*call.tensors, *self.model.parameters(), *self.model.buffers()])
 
     def _differentiable(self, call: Call) -> bool:
         return (any(p.requires_grad for p in self.model.parameters())
@@ -254,9 +265,15 @@ class RematModule(nn.Module):
     def _prepared(self, call: Call) -> PreparedStep:
         """prepare() for a call already made (forward makes one per step: not twice)."""
         key = _signature(self.model, call)
+        if key in self.undifferentiable:  # traced once: nothing to differentiate (not traced at every call)
+            raise NothingToDifferentiate(self.undifferentiable[key])
         if key not in self.steps:
             started = time.perf_counter()
-            self.steps[key] = self._prepare(call, self.given_plan or self.plans.get(key))
+            try:
+                self.steps[key] = self._prepare(call, self.given_plan or self.plans.get(key))
+            except NothingToDifferentiate as error:
+                self.undifferentiable[key] = str(error)
+                raise
             self.plans[key] = self.steps[key].plan
             self.planning_s += time.perf_counter() - started
             # what the traced forward decided and wrote into a config (a Hugging Face classifier's
@@ -516,6 +533,16 @@ def _plan_traced(tracer: SplitTracer, budget: str | int | float, solver: str, ti
                 f"no schedule fits a budget of {format_bytes(budget_bytes)} ({budget_bytes} bytes): fixed memory alone "
                 f"is {unsplit.fixed.describe()}, whatever is recomputed; a budget above it leaves room for activations")
         lowest = result.min_feasible_bytes
+        asked = next((c.simulation for c in result.candidates if c.method == solver and c.simulation is not None
+                      and c.simulation.valid), None)
+        if asked is not None and lowest is not None and lowest <= budget_bytes:
+            # a named baseline's one schedule peaks over the budget that others fit (checkpoint-all, which holds
+            # recomputed values beside the gradients, can peak above store-all): it said nothing fits, and named a
+            # lowest peak equal to the budget
+            raise PlanError(f"{solver}'s schedule peaks at {format_bytes(asked.peak_bytes)} ({asked.peak_bytes} "
+                            f"bytes), over the budget of {format_bytes(budget_bytes)} ({budget_bytes} bytes): give "
+                            f"a budget of at least that, or solver=\"auto\", whose plans go down to "
+                            f"{format_bytes(lowest)} here")
         more_chunks = ("; a longer time_limit traces the step split in more chunks, which may fit"
                        if result.graph.meta.get("split_cut") else "")
         proven = result.coarse_nodes is None and any(

@@ -1172,6 +1172,62 @@ def test_a_setting_or_hook_changed_after_planning_is_traced_again():
     assert len(planned.steps) == 5 and planned.planned.solved is None  # traced again, not solved
 
 
+class Adapted(nn.Module):
+    """A frozen layer with a low-rank adapter, as PEFT's LoRA keeps one: its scale in a dict and the adapters merged
+    into the frozen weight in a list."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.base = nn.Linear(16, 16).requires_grad_(False)
+        self.down, self.up = nn.Linear(16, 2, bias=False), nn.Linear(2, 16, bias=False)
+        self.scaling = {"default": 2.0}
+        self.merged_adapters: list[str] = []
+
+    def forward(self, x):
+        out = self.base(x)
+        if "default" not in self.merged_adapters:
+            out = out + self.up(self.down(x)) * self.scaling["default"]
+        return out.pow(2).mean()
+
+    def merge(self):
+        with torch.no_grad():
+            self.base.weight += self.up.weight @ self.down.weight * self.scaling["default"]
+        self.merged_adapters.append("default")
+
+
+def test_settings_in_lists_and_dicts_are_part_of_the_signature_and_a_merged_adapter_runs_eagerly():
+    """PEFT's `scale_layer` and `merge_adapter` change a dict and a list: the stale plan ran (merged, the adapter was
+    added twice: another loss). Merged, nothing that requires grad is read: the model's own forward runs, as eager
+    (it was refused as "nothing to train")."""
+    model = Adapted().double()
+    reference = copy.deepcopy(model)
+    x = torch.randn(64, 16, dtype=torch.float64)
+    planned = apply(model, budget="100%", example_inputs=(x,), device="cpu", time_limit=TIME_LIMIT)
+
+    def same_step():
+        loss, expected = planned(x), reference(x)
+        loss.backward()
+        expected.backward()
+        assert torch.equal(loss, expected)
+        for module in (model, reference):
+            assert module.base.weight.grad is None
+        for p, q in ((model.down, reference.down), (model.up, reference.up)):
+            assert torch.equal(p.weight.grad, q.weight.grad)
+            p.weight.grad = q.weight.grad = None
+
+    same_step()
+    for module in (model, reference):
+        module.scaling["default"] = 0.5
+    same_step()
+    assert len(planned.steps) == 2
+    for module in (model, reference):
+        module.merge()
+    loss = planned(x)
+    assert torch.equal(loss, reference(x)) and not loss.requires_grad
+    assert len(planned.steps) == 2 and planned(x).item() == loss.item()  # not traced at every call
+
+
 class Flattens(nn.Module):
     def __init__(self):
         super().__init__()

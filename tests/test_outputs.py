@@ -222,3 +222,51 @@ def test_the_planned_module_has_the_models_forward_signature_and_class_name():
     for copied in (copy.deepcopy(planned), pickle.loads(pickle.dumps(planned))):  # made from the model's class again
         assert type(copied) is type(planned)
         assert copied(input_ids=ids, labels=ids).loss.item() == pytest.approx(expected, rel=1e-12)
+
+
+class HiddenNet(nn.Module):
+    """Returns beside its loss a hidden state the backward also reads, a metric, a detached copy of the loss, its
+    input and one of its weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(8, 64), nn.Linear(64, 4)
+
+    def forward(self, x, y):
+        hidden = torch.tanh(self.l1(x))  # saved for l2's weight gradient and for tanh's backward
+        logits = self.l2(hidden)
+        loss = nn.functional.cross_entropy(logits, y)
+        return {"loss": loss, "hidden": hidden, "accuracy": (logits.argmax(-1) == y).double().mean(),
+                "detached": loss.detach(), "input": x, "weight": self.l2.weight}
+
+
+def test_handed_out_tensors_are_what_eager_returns_and_cost_what_the_plan_says():
+    x, y = _batch()
+    torch.manual_seed(0)
+    net = HiddenNet().double()
+    expected = net(x, y)
+    for solver in ("store-all", "checkpoint-all"):  # the hidden state saved for the backward, or computed again
+        planned = remat.apply(net, budget="1GB", example_inputs=(x, y), solver=solver, outputs="all")
+        loss, memory = planned.measure(x, y)  # a saved value that is a handed-out tensor costs nothing more
+        assert memory.peak_live_bytes == planned.planned.simulation.activation_peak_bytes, solver
+        net.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing comes back as None
+            outputs = planned(x, y)
+        torch.testing.assert_close(outputs["hidden"], expected["hidden"], rtol=0, atol=0)
+        assert outputs["input"] is x and outputs["weight"] is net.l2.weight  # the caller's own tensors, as in eager
+        # what needs no gradient in eager needs none here: a loss may add it as a constant
+        assert not outputs["accuracy"].requires_grad and not outputs["detached"].requires_grad
+        assert outputs["accuracy"].item() == expected["accuracy"].item()
+        (outputs["loss"] + 0.5 * outputs["detached"]).backward()
+        assert net.l1.weight.grad is not None
+
+
+def test_a_named_baseline_over_the_budget_is_named_with_its_peak():
+    """checkpoint-all can peak above store-all on a small step: it was refused as "nothing fits" with a lowest peak
+    equal to the budget."""
+    x, y = _batch()
+    torch.manual_seed(0)
+    with pytest.raises(remat.PlanError, match=r"checkpoint-all's schedule peaks at .* over the budget of .* "
+                                              r"solver=\"auto\", whose plans go down to"):
+        remat.apply(HiddenNet().double(), budget="100%", example_inputs=(x, y), solver="checkpoint-all")
