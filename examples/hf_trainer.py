@@ -1,9 +1,9 @@
 """Hugging Face's Trainer with a planned model: `remat.apply` in place of the model, nothing else changed.
 
-A small BERT classifier (random weights, random data) trains for one epoch under 85% of its store-all peak, then is
-evaluated, and the same run is made with the plain model: the losses are the same, as the plan computes what eager
-does. Needs `accelerate` (which the Trainer needs): `pip install accelerate`, then
-`python examples/hf_trainer.py`.
+A small BERT classifier (random weights, random data) trains for one epoch under 85% of its store-all peak, is
+evaluated and saved with `trainer.save_model` (reloaded with `from_pretrained`), and the same run is made with the
+plain model: the losses are the same, as the plan computes what eager does. Needs `accelerate` (which the Trainer
+needs): `pip install accelerate`, then `python examples/hf_trainer.py`.
 """
 
 import torch
@@ -43,7 +43,11 @@ def run(planned: bool) -> dict[str, float]:
     trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data)
     trained = trainer.train()
     evaluated = trainer.evaluate()
-    return {"train_loss": trained.training_loss, "eval_loss": evaluated["eval_loss"]}
+    saved = f"/tmp/remat-hf-trainer/{'remat' if planned else 'eager'}"
+    trainer.save_model(saved)  # the model's own save_pretrained: a checkpoint the plain model loads
+    reloaded = BertForSequenceClassification.from_pretrained(saved)
+    same = all(torch.equal(p, q) for p, q in zip(reloaded.parameters(), trainer.model.parameters(), strict=True))
+    return {"train_loss": trained.training_loss, "eval_loss": evaluated["eval_loss"], "reloads": float(same)}
 
 
 if __name__ == "__main__":

@@ -213,7 +213,7 @@ def module_state(model: nn.Module) -> tuple:
 
 
 def _plain(value: Any) -> Any:
-    """A number or string as it is; a list, tuple, set or dict of at most 64 of them as a tuple; None for anything
+    """A number or string as it is; a list, tuple, set or dict of 1 to 64 of them as a tuple; None for anything
     else. PEFT keeps a LoRA layer's scale in a dict and its merged adapters in a list: `scale_layer`, `set_scale` and
     `merge_adapter` changed the step, and the stale plan ran (a merged update added twice: another loss)."""
     if isinstance(value, SCALARS):
@@ -224,7 +224,8 @@ def _plain(value: Any) -> Any:
         items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else list(value)
     else:
         return None
-    if len(items) > 64 or not all(isinstance(x, SCALARS) or (isinstance(x, tuple) and len(x) == 2 and all(
+    # empty: no setting (a list the forward fills with tensors, an output recorder's, is empty between steps)
+    if not items or len(items) > 64 or not all(isinstance(x, SCALARS) or (isinstance(x, tuple) and len(x) == 2 and all(
             isinstance(y, SCALARS) for y in x)) for x in items):
         return None
     return (type(value).__name__, tuple(items))

@@ -223,6 +223,9 @@ class RematModule(nn.Module):
         state["steps"] = {}
         return state
 
+    def _get_name(self) -> str:
+        return type(self).__name__  # repr: this class, not the model's that __class__ names
+
     def __reduce_ex__(self, protocol: int) -> tuple:
         # made from the wrapped model's class (`remat_class`): a copy is made from it again, by a class pickle finds
         return _new_remat_module, (type(self.model),), self.__getstate__()
@@ -399,7 +402,13 @@ def remat_class(model_class: type) -> type[RematModule]:
     forward.__signature__ = signature
     forward.__doc__ = RematModule.forward.__doc__
     name = f"Remat{model_class.__name__}"
-    return type(name, (RematModule,), {"forward": forward, "__module__": __name__, "__qualname__": name})
+    # `isinstance(planned, model_class)` holds, through __class__ (type(planned) stays this class): the Trainer saves
+    # a PreTrainedModel or PeftModel with its save_pretrained, which reaches the model's own, and any other module
+    # as a bare state dict, which safetensors refuses where weights are tied (every checkpoint of a GPT-2 failed)
+    namespace = {"forward": forward, "__module__": __name__, "__qualname__": name}
+    if not issubclass(model_class, (nn.parallel.DistributedDataParallel, nn.DataParallel)):  # a wrapper it is not
+        namespace["__class__"] = property(lambda self: model_class)
+    return type(name, (RematModule,), namespace)
 
 
 def _new_remat_module(model_class: type) -> RematModule:
