@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -243,19 +244,24 @@ class RematModule(nn.Module):
             # require grad, but the merged forward skips them): the model's own forward, as eager, whose loss has
             # no backward. It was refused (or, before merges were noticed, the stale plan ran the adapter twice).
             return LossStep(self.model, self.loss_fn, self.precision, call).output(*call.tensors)
-        if step.returns is not None and step.returns.dropped and step.returns.dropped not in self.warned_outputs:
-            self.warned_outputs.add(step.returns.dropped)
-            names = ", ".join(step.returns.dropped)
-            if self.outputs == "all":  # objects that hold tensors (a Hugging Face cache): nothing to hand out
-                why = "objects the planned step does not hand out; pass use_cache=False to the model for no cache"
-            else:
-                why = ("it computes the loss and the gradients, not the rest; remat.apply(..., "
-                       "outputs=\"all\") hands the model's other tensors out and plans for holding them, or run the "
-                       "model under torch.no_grad() for its whole output")
-            warnings.warn(f"the planned step returns the model's output with its loss, and None for {names}: {why}",
-                          stacklevel=4)
+        if step.returns is not None and step.returns.dropped:
+            self._warn_of_dropped(step.returns.dropped)
         loss, *values = step.runner.run(self._primals(step.parts, call.tensors))
         return step.output(loss, values, lambda: [*call.tensors, *self.model.parameters(), *self.model.buffers()])
+
+    def _warn_of_dropped(self, dropped: tuple[str, ...]) -> None:
+        """Once per set of outputs: which come back as None, and why."""
+        if dropped in self.warned_outputs:
+            return
+        self.warned_outputs.add(dropped)
+        if self.outputs == "all":  # objects that hold tensors (a Hugging Face cache): nothing to hand out
+            why = "objects the planned step does not hand out; pass use_cache=False to the model for no cache"
+        else:
+            why = ("it computes the loss and the gradients, not the rest; remat.apply(..., outputs=\"all\") hands "
+                   "the model's other tensors out and plans for holding them, or run the model under "
+                   "torch.no_grad() for its whole output")
+        warnings.warn(f"the planned step returns the model's output with its loss, and None for "
+                      f"{', '.join(dropped)}: {why}", stacklevel=_callers_level())
 
     def _differentiable(self, call: Call) -> bool:
         return (any(p.requires_grad for p in self.model.parameters())
@@ -382,6 +388,16 @@ class RematModule(nn.Module):
         for kind, name in zip(parts.primal_kinds, parts.primal_names, strict=True):
             values.append(params[name] if kind == "param" else buffers[name] if kind == "buffer" else next(user))
         return values
+
+
+def _callers_level() -> int:
+    """The stack level, for warnings.warn in the function that calls this, of the caller's line: the first frame
+    outside this module and torch.nn's call machinery."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (frame.f_code.co_filename == __file__
+                                 or frame.f_code.co_filename == nn.modules.module.__file__):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @functools.cache
