@@ -69,7 +69,7 @@ class OutputLayout:
     as they do in eager (Hugging Face's Trainer reads one of them)."""
 
     spec: pytree.TreeSpec
-    loss_leaf: int
+    loss_leaves: tuple[int, ...]  # where the loss is (a dict may hold it under two keys: "loss", "total_loss")
     constants: tuple  # per leaf: a plain constant (None, a number, a string) as returned; None for anything else
     dropped: tuple[str, ...]  # the leaves returned as None: "logits", "cache", "[1]"
     returned: tuple[int, ...] = ()  # the leaves the planned step hands out, in the order its graph returns them
@@ -85,18 +85,19 @@ class OutputLayout:
         _register_dataclasses(returned)
         leaves, spec = pytree.tree_flatten_with_path(returned)
         where = [i for i, (_, leaf) in enumerate(leaves) if leaf is loss]
-        if spec.is_leaf() or len(where) != 1:
+        if spec.is_leaf() or not where:
             return None
         plain = (*SCALARS, type(None))
         position = {id(x): k for k, x in enumerate(inputs)}
-        tensors = [i for i, (_, leaf) in enumerate(leaves) if keep and i != where[0] and isinstance(leaf, torch.Tensor)]
+        tensors = [i for i, (_, leaf) in enumerate(leaves)
+                   if keep and i not in where and isinstance(leaf, torch.Tensor)]
         given = tuple((i, position[id(leaves[i][1])]) for i in tensors if id(leaves[i][1]) in position)
         kept = tuple(i for i in tensors if id(leaves[i][1]) not in position)
         constants = tuple(leaf if isinstance(leaf, plain) else None for _, leaf in leaves)
         dropped = tuple(_leaf_name(path) for i, (path, leaf) in enumerate(leaves)
-                        if i != where[0] and i not in tensors and not isinstance(leaf, plain))
+                        if i not in where and i not in tensors and not isinstance(leaf, plain))
         constant = tuple(i for i in kept if not leaves[i][1].requires_grad)
-        return OutputLayout(spec, where[0], constants, dropped, kept, constant, given)
+        return OutputLayout(spec, tuple(where), constants, dropped, kept, constant, given)
 
     def handed_out(self, returned: Any) -> list[torch.Tensor]:
         """The tensors of `returned` (an output of this layout) that the planned step hands out."""
@@ -108,7 +109,8 @@ class OutputLayout:
         """The output with `loss` and the handed-out `values` in their places; `inputs()`: the live `inputs` that
         `of` was given, for the leaves that are among them."""
         leaves = list(self.constants)
-        leaves[self.loss_leaf] = loss
+        for i in self.loss_leaves:
+            leaves[i] = loss
         for i, value in zip(self.returned, values, strict=True):
             # in eager, a detached or integer output needs no gradient: a loss may add it as a constant
             leaves[i] = value.detach() if i in self.constant else value
@@ -201,34 +203,50 @@ def module_state(model: nn.Module) -> tuple:
     modules = []
     configs: dict[int, tuple] = {}  # by id: one config object is held by many modules
     for module in model.modules():
-        settings = tuple((name, _config_settings(value, configs) if _is_config(value) else _plain(value))
-                         for name, value in vars(module).items()
-                         if not name.startswith("_") and (_plain(value) is not None or _is_config(value)))
+        settings = []
+        for name, value in vars(module).items():
+            if name.startswith("_"):
+                continue
+            setting = _config_settings(value, configs) if _is_config(value) else _plain(value)
+            if setting is not None:
+                settings.append((name, setting))
         hooks = tuple(map(tuple, (module._forward_pre_hooks, module._forward_hooks, module._backward_pre_hooks,
                                   module._backward_hooks)))
         tensors = tuple((tensor.shape, tensor.dtype, tensor.device, tensor.requires_grad)
                         for tensor in (*module._parameters.values(), *module._buffers.values()) if tensor is not None)
-        modules.append((settings, hooks, tensors))
+        modules.append((tuple(settings), hooks, tensors))
     return tuple(modules)
 
 
-def _plain(value: Any) -> Any:
-    """A number or string as it is; a list, tuple, set or dict of 1 to 64 of them as a tuple; None for anything
-    else. PEFT keeps a LoRA layer's scale in a dict and its merged adapters in a list: `scale_layer`, `set_scale` and
-    `merge_adapter` changed the step, and the stale plan ran (a merged update added twice: another loss)."""
+_CONTAINERS = {list: "list", tuple: "tuple", set: "set", frozenset: "frozenset", dict: "dict"}
+
+
+def _plain(value: Any, room: list[int] | None = None) -> Any:
+    """A number or string as it is; a list, tuple, set or dict of them (nested too, 1 to 1,024 items in all) as a
+    tuple, but for an attribute that is a list of numbers alone; None for anything else. PEFT keeps a LoRA layer's
+    scale in a dict and its merged adapters in a list of names: `scale_layer`, `set_scale` and `merge_adapter`
+    changed the step, and the stale plan ran (a merged update added twice: another loss). An attribute that is a list
+    of numbers is no setting: a log of losses kept on the model grows at every step, and made a trace at each."""
     if isinstance(value, SCALARS):
         return value
-    if isinstance(value, dict):
-        items = list(value.items())
-    elif isinstance(value, (list, tuple, set, frozenset)):
-        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else list(value)
-    else:
+    if type(value) not in _CONTAINERS:  # (a subclass: an output object, a named tuple of settings: not looked into)
         return None
+    top = room is None
+    room = [1024] if room is None else room  # items left, over the nesting
+    room[0] -= len(value)
     # empty: no setting (a list the forward fills with tensors, an output recorder's, is empty between steps)
-    if not items or len(items) > 64 or not all(isinstance(x, SCALARS) or (isinstance(x, tuple) and len(x) == 2 and all(
-            isinstance(y, SCALARS) for y in x)) for x in items):
+    if not value or room[0] < 0:
         return None
-    return (type(value).__name__, tuple(items))
+    if top and isinstance(value, list) and all(isinstance(item, (int, float)) for item in value):
+        return None
+    if isinstance(value, dict):
+        items = tuple((key, _plain(item, room)) for key, item in value.items())
+        plain = all(isinstance(key, SCALARS) and item is not None for key, item in items)
+    else:
+        items = tuple(_plain(item, room) for item in (sorted(value, key=repr) if isinstance(value, (set, frozenset))
+                                                     else value))
+        plain = all(item is not None for item in items)
+    return (_CONTAINERS[type(value)], items) if plain else None
 
 
 def _is_config(value: Any) -> bool:

@@ -206,6 +206,7 @@ class RematModule(nn.Module):
         self.undifferentiable: dict[tuple, str] = {}  # signatures whose step has no gradient: why
         self.register_state_dict_post_hook(_model_keys)
         self.register_load_state_dict_pre_hook(_wrapped_model_keys)
+        self.register_load_state_dict_post_hook(_model_key_names)
 
     def __getattr__(self, name: str) -> Any:
         """The wrapped model's attributes and methods (`model.config`, `model.generate`), as FSDP forwards them."""
@@ -454,6 +455,14 @@ def _wrapped_model_keys(module: RematModule, state_dict: dict, prefix: str, loca
     _move_metadata(state_dict, prefix, prefix + "model.")
     if isinstance(module.loss_fn, nn.Module):
         state_dict.update(module.loss_fn.state_dict(prefix=prefix + "loss_fn."))
+
+
+def _model_key_names(module: RematModule, incompatible: Any) -> None:
+    """Load-state-dict post-hook: missing and unexpected keys named as `state_dict()` names them, without "model.".
+    Loaders that left out a tied weight's key (safetensors, Accelerate's load_state) could not match
+    "model.lm_head.weight" to the "lm_head.weight" they had dropped, and failed."""
+    for keys in (incompatible.missing_keys, incompatible.unexpected_keys):
+        keys[:] = [key.removeprefix("model.") for key in keys]
 
 
 def _moved(key: str, old: str, new: str) -> str | None:

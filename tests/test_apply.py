@@ -1228,6 +1228,24 @@ def test_settings_in_lists_and_dicts_are_part_of_the_signature_and_a_merged_adap
     assert len(planned.steps) == 2 and planned(x).item() == loss.item()  # not traced at every call
 
 
+def test_a_log_of_losses_kept_on_the_model_is_no_setting_and_missing_keys_are_the_models():
+    """A list of numbers that grows at every step (a loss log) made a trace at every step once lists were settings.
+    load_state_dict's missing keys had this wrapper's "model." prefix, which loaders that drop a tied key (safetensors,
+    Accelerate) could not match."""
+    model, (ids,) = _tied()
+    model.losses = []
+    planned = apply(model, budget="100%", example_inputs=(ids,), device="cpu", time_limit=TIME_LIMIT)
+    for _ in range(3):
+        loss = planned(ids)
+        loss.backward()
+        model.losses.append(loss.item())
+    assert len(planned.steps) == 1
+    state = planned.state_dict()
+    tied = next(key for key in state if key.endswith("head.weight"))
+    del state[tied]
+    assert planned.load_state_dict(state, strict=False).missing_keys == [tied]
+
+
 class Flattens(nn.Module):
     def __init__(self):
         super().__init__()

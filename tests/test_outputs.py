@@ -273,3 +273,18 @@ def test_a_named_baseline_over_the_budget_is_named_with_its_peak():
     with pytest.raises(remat.PlanError, match=r"checkpoint-all's schedule peaks at .* over the budget of .* "
                                               r"solver=\"auto\", whose plans go down to"):
         remat.apply(HiddenNet().double(), budget="100%", example_inputs=(x, y), solver="checkpoint-all")
+
+
+class LossTwice(DictNet):
+    def forward(self, x, y):
+        loss = nn.functional.cross_entropy(self.body(x), y)
+        return {"loss": loss, "total_loss": loss}
+
+
+def test_a_loss_under_two_keys_is_in_both():
+    x, y = _batch()
+    torch.manual_seed(0)
+    net = LossTwice().double()
+    outputs = remat.apply(net, budget="95%", example_inputs=(x, y), time_limit=TIME_LIMIT)(x, y)
+    assert list(outputs) == ["loss", "total_loss"] and outputs["loss"] is outputs["total_loss"]  # a bare tensor before
+    assert outputs["loss"].item() == pytest.approx(net(x, y)["loss"].item(), rel=1e-12)
