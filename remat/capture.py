@@ -75,6 +75,7 @@ class OutputLayout:
     returned: tuple[int, ...] = ()  # the leaves the planned step hands out, in the order its graph returns them
     constant: tuple[int, ...] = ()  # of those, the ones that need no gradient (detached, integer): handed out so
     given: tuple[tuple[int, int], ...] = ()  # (leaf, k): the leaf is the k-th of `inputs` (returned as it is)
+    repeated: tuple[tuple[int, int], ...] = ()  # (leaf, earlier leaf): the same tensor returned twice
 
     @staticmethod
     def of(returned: Any, loss: torch.Tensor, keep: bool = False, inputs: Sequence[Any] = ()) -> OutputLayout | None:
@@ -92,12 +93,18 @@ class OutputLayout:
         tensors = [i for i, (_, leaf) in enumerate(leaves)
                    if keep and i not in where and isinstance(leaf, torch.Tensor)]
         given = tuple((i, position[id(leaves[i][1])]) for i in tensors if id(leaves[i][1]) in position)
+        first = {}  # a tensor returned twice ({"a": logits, "b": logits}) is handed out once, and is one in both
+        for i in tensors:
+            first.setdefault(id(leaves[i][1]), i)
+        repeated = tuple((i, first[id(leaves[i][1])]) for i in tensors if first[id(leaves[i][1])] != i)
+        tensors = [i for i in tensors if first[id(leaves[i][1])] == i]
         kept = tuple(i for i in tensors if id(leaves[i][1]) not in position)
         constants = tuple(leaf if isinstance(leaf, plain) else None for _, leaf in leaves)
         dropped = tuple(_leaf_name(path) for i, (path, leaf) in enumerate(leaves)
-                        if i not in where and i not in tensors and not isinstance(leaf, plain))
+                        if i not in where and i not in tensors and i not in dict(repeated)
+                        and not isinstance(leaf, plain))
         constant = tuple(i for i in kept if not leaves[i][1].requires_grad)
-        return OutputLayout(spec, tuple(where), constants, dropped, kept, constant, given)
+        return OutputLayout(spec, tuple(where), constants, dropped, kept, constant, given, repeated)
 
     def handed_out(self, returned: Any) -> list[torch.Tensor]:
         """The tensors of `returned` (an output of this layout) that the planned step hands out."""
@@ -118,6 +125,8 @@ class OutputLayout:
             live = inputs()
             for i, k in self.given:
                 leaves[i] = live[k]
+        for i, earlier in self.repeated:
+            leaves[i] = leaves[earlier]
         return pytree.tree_unflatten(leaves, self.spec)
 
 

@@ -240,7 +240,7 @@ class HiddenNet(nn.Module):
         logits = self.l2(hidden)
         loss = nn.functional.cross_entropy(logits, y)
         return {"loss": loss, "hidden": hidden, "accuracy": (logits.argmax(-1) == y).double().mean(),
-                "detached": loss.detach(), "input": x, "weight": self.l2.weight}
+                "detached": loss.detach(), "input": x, "weight": self.l2.weight, "again": hidden}
 
 
 def test_handed_out_tensors_are_what_eager_returns_and_cost_what_the_plan_says():
@@ -258,6 +258,7 @@ def test_handed_out_tensors_are_what_eager_returns_and_cost_what_the_plan_says()
             outputs = planned(x, y)
         torch.testing.assert_close(outputs["hidden"], expected["hidden"], rtol=0, atol=0)
         assert outputs["input"] is x and outputs["weight"] is net.l2.weight  # the caller's own tensors, as in eager
+        assert outputs["again"] is outputs["hidden"]
         # what needs no gradient in eager needs none here: a loss may add it as a constant
         assert not outputs["accuracy"].requires_grad and not outputs["detached"].requires_grad
         assert outputs["accuracy"].item() == expected["accuracy"].item()
