@@ -398,9 +398,15 @@ def loss_in(returned: Any) -> torch.Tensor:
     if isinstance(loss, (tuple, list)):
         loss = loss[0]
     if loss is None and getattr(returned, "loss", 0) is None:
-        raise CaptureError(f"the model returned a {type(returned).__name__} whose loss is None (Hugging Face "
-                           "models compute it when given labels): pass labels among the inputs, or a loss_fn of "
-                           "the output")
+        # a Hugging Face model called without labels (the Trainer takes them out for label smoothing, or for a loss
+        # of its own): its first tensor, the logits, for the caller's loss, as a model that returns logits alone
+        _register_dataclasses(returned)
+        loss = next((leaf for leaf in pytree.tree_leaves(returned) if isinstance(leaf, torch.Tensor)), None)
+        if loss is None:
+            raise CaptureError(f"the model returned a {type(returned).__name__} whose loss is None (Hugging Face "
+                               "models compute it when given labels), and no tensor that torch's pytree finds in it "
+                               "for a loss made outside: pass labels among the inputs, or a loss_fn of the output")
+        return loss
     if not isinstance(loss, torch.Tensor):
         raise CaptureError(f"the model returned {type(loss).__name__}, not a loss tensor: return a scalar loss "
                            "(or a dict or an object with a `loss`), one tensor (logits, features), or pass a "

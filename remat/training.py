@@ -232,6 +232,10 @@ class RematModule(nn.Module):
         # made from the wrapped model's class (`remat_class`): a copy is made from it again, by a class pickle finds
         return _new_remat_module, (type(self.model),), self.__getstate__()
 
+    # torch.compile of a planned module (Hugging Face's Trainer with torch_compile=True) runs it as planned: Dynamo
+    # traced into this method and ran remat's own trace inside its graph, which failed on fake tensors ("Cannot
+    # access data pointer"). backend="inductor" compiles the planned graphs themselves.
+    @torch.compiler.disable
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         call = Call(args, kwargs)
         # evaluation, or nothing to differentiate (a frozen phase, validation without no_grad): nothing to plan,
@@ -418,6 +422,7 @@ def remat_class(model_class: type) -> type[RematModule]:
 
     forward.__signature__ = signature
     forward.__doc__ = RematModule.forward.__doc__
+    forward = torch.compiler.disable(forward)  # as RematModule.forward
     name = f"Remat{model_class.__name__}"
     # `isinstance(planned, model_class)` holds, through __class__ (type(planned) stays this class): the Trainer saves
     # a PreTrainedModel or PeftModel with its save_pretrained, which reaches the model's own, and any other module

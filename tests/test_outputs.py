@@ -289,3 +289,27 @@ def test_a_loss_under_two_keys_is_in_both():
     outputs = remat.apply(net, budget="95%", example_inputs=(x, y), time_limit=TIME_LIMIT)(x, y)
     assert list(outputs) == ["loss", "total_loss"] and outputs["loss"] is outputs["total_loss"]  # a bare tensor before
     assert outputs["loss"].item() == pytest.approx(net(x, y)["loss"].item(), rel=1e-12)
+
+
+def test_without_labels_the_logits_come_back_for_a_loss_made_outside():
+    """Hugging Face's Trainer takes the labels out for label smoothing (or a compute_loss of its own) and makes the loss
+    of the output's logits: the planned step was refused ("whose loss is None"). Now the logits come back in the
+    model's output object, and the loss made of them drives the planned backward, as for a model returning logits."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=100, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = BertForSequenceClassification(config).double()
+    ids, labels = torch.randint(0, 100, (4, 16)), torch.tensor([0, 2, 1, 2])
+    expected = model(input_ids=ids)
+    nn.functional.cross_entropy(expected.logits, labels, label_smoothing=0.1).backward()
+    eager = _gradients(model)
+
+    planned = remat.apply(model, budget="95%", example_inputs={"input_ids": ids}, time_limit=TIME_LIMIT)
+    outputs = planned(input_ids=ids)
+    assert type(outputs) is type(expected) and outputs.loss is None
+    torch.testing.assert_close(outputs.logits, expected.logits, rtol=1e-12, atol=1e-12)
+    nn.functional.cross_entropy(outputs.logits, labels, label_smoothing=0.1).backward()
+    for name, grad in _gradients(model).items():
+        torch.testing.assert_close(grad, eager[name], rtol=1e-10, atol=1e-12, msg=name)
