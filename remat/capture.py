@@ -391,7 +391,8 @@ def loss_of(returned: Any) -> torch.Tensor:
 
 def loss_in(returned: Any) -> torch.Tensor:
     """The loss in what the model returned: a scalar, a `loss` attribute or key, a tuple's first item; or the one
-    non-scalar tensor it returned (logits, features). Anything else is a CaptureError that says what to return."""
+    non-scalar tensor it returned (logits, features), or the first tensor of an output whose loss is None (a Hugging
+    Face model's logits, without labels). Anything else is a CaptureError that says what to return."""
     loss = getattr(returned, "loss", returned)  # Hugging Face ModelOutput
     if isinstance(loss, dict) and "loss" in loss:  # {"loss": ..., "logits": ...}
         loss = loss["loss"]
