@@ -547,9 +547,10 @@ def _warn_of_forward_hooks(model: nn.Module) -> None:
     """Forward hooks run when the step is traced, once, on fake tensors: what they do to a module's inputs or output is
     in the traced graph, what they keep elsewhere (activations appended to a list, a logger) is not updated at each
     step, and holds the trace's tensors, which cannot be read. Weight norm's and spectral norm's pre-hooks compute the
-    weight, which the graph has."""
+    weight, which the graph has; Hugging Face's `enable_input_require_grads` hook (which gradient checkpointing
+    installs) only makes the embeddings' output require grad, which the graph has too."""
     hooked = [path or type(model).__name__ for path, module in model.named_modules()
-              if any(not isinstance(hook, _weight_computing_hooks())
+              if any(not isinstance(hook, _weight_computing_hooks()) and not _requires_grad_hook(hook)
                      for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()))]
     if hooked:
         where = ", ".join(hooked[:3]) + (" and more" if len(hooked) > 3 else "")
@@ -557,6 +558,11 @@ def _warn_of_forward_hooks(model: nn.Module) -> None:
                       "module's inputs or output is planned, but what they record elsewhere (activations kept in a "
                       "list, a logger) is not updated at each step, and holds tensors of the trace that cannot be "
                       "read; compute such values from the model's outputs", stacklevel=3)
+
+
+def _requires_grad_hook(hook: Any) -> bool:
+    return (getattr(hook, "__name__", "") == "make_inputs_require_grads"
+            and getattr(hook, "__module__", "").startswith("transformers."))
 
 
 def _weight_computing_hooks() -> tuple[type, ...]:
@@ -595,7 +601,8 @@ def _record_module_paths(model: nn.Module):
 
 
 def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[str, Any],
-                 loss_fn: Callable | None = None, precision: str = "fp32", outputs: str = "loss") -> CapturedStep:
+                 loss_fn: Callable | None = None, precision: str = "fp32", outputs: str = "loss",
+                 warn_of_hooks: bool = True) -> CapturedStep:
     """Trace model(*example_inputs) (or model(**example_inputs) for a dict, or a Call) -> loss -> backward into a
     joint FX graph whose user inputs are the call's tensors, in order (`Call.tensors`). `outputs="all"`: the joint
     graph also returns the model's other tensors, after the loss (`OutputLayout`).
@@ -611,7 +618,8 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
         raise NothingToDifferentiate("neither the model's parameters nor its inputs require grad: nothing to "
                                      "differentiate")
     _register_plain_tensors(model)
-    _warn_of_forward_hooks(model)
+    if warn_of_hooks:  # (a split step's capture runs the same model's hooks: said once, for the unsplit one)
+        _warn_of_forward_hooks(model)
     step = LossStep(model, loss_fn, precision, call, outputs)
     step.tracing = True
     with _keeping_module_state(model), _record_module_paths(model), _compiling(), _without_onednn(), \

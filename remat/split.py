@@ -1009,7 +1009,7 @@ def capture_split(model: nn.Module, example_inputs: Call | Sequence[Any], step: 
     # the casts of mixed precision are explicit ops in the rewritten forward: no autocast on top
     outputs = "all" if "returned" in step.output_kinds else "loss"
     split_step = capture_step(GraphStep(model, rewritten, step), example_inputs, None, precision="fp32",
-                              outputs=outputs)
+                              outputs=outputs, warn_of_hooks=False)
     split = Split(chunks, head.name if head is not None else "", rows, describe_rows(rows, example_inputs), largest,
                   mlp_chunks=mlp_chunks, mlps=describe_regions(mlps, MLP) if mlps else "",
                   attention_chunks=attention_chunks,

@@ -313,3 +313,20 @@ def test_without_labels_the_logits_come_back_for_a_loss_made_outside():
     nn.functional.cross_entropy(outputs.logits, labels, label_smoothing=0.1).backward()
     for name, grad in _gradients(model).items():
         torch.testing.assert_close(grad, eager[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_hugging_face_input_grad_hook_is_not_warned_of():
+    """Gradient checkpointing in Hugging Face installs `enable_input_require_grads`'s hook, which only makes the
+    embeddings' output require grad (in the graph): it was warned of as a hook whose records are not updated."""
+    model, ids = _gpt2()
+    model.enable_input_require_grads()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        planned = remat.apply(model, budget="95%", example_inputs={"input_ids": ids, "labels": ids},
+                              time_limit=TIME_LIMIT)
+    assert not [w for w in caught if "forward hooks on" in str(w.message)]
+    model.register_forward_hook(lambda module, args, output: None)  # any other hook is still said, once
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        planned.prepare(input_ids=ids, labels=ids)
+    assert len([w for w in caught if "forward hooks on" in str(w.message)]) == 1
