@@ -205,6 +205,7 @@ def test_cli_maxbatch_json():
         assert r["peak_bytes"] <= 200_000_000
 
 
+@pytest.mark.slow  # a maxbatch search through the CLI: 12 s, and the default suite is near its 10 minutes
 def test_cli_maxbatch_hints_at_the_overhead_cap_where_the_largest_batch_is_slow():
     def run(*extra):
         return subprocess.run([sys.executable, str(ROOT / "cli.py"), "maxbatch", "--model", "mlp", "--budget", "200MB",

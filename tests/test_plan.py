@@ -117,7 +117,8 @@ def test_unknown_solver_is_a_value_error():
         solve(chain_training_graph(2), 10**9, solver="magic")
 
 
-@pytest.mark.parametrize("solver", ["cpsat", "lp-round"])
+# cpsat in its own process: 11 s; its schedules are checked on random graphs in tests/test_solver_properties.py
+@pytest.mark.parametrize("solver", [pytest.param("cpsat", marks=pytest.mark.slow), "lp-round"])
 def test_other_solvers_by_name_agree_with_the_milp_or_do_no_better(solver):
     # cpsat runs in a child process (OR-Tools cannot load beside highspy, which this process has loaded)
     graph = residual_training_graph(3)
