@@ -241,18 +241,22 @@ class RematModule(nn.Module):
         # evaluation, or nothing to differentiate (a frozen phase, validation without no_grad): nothing to plan,
         # and the model's own forward runs and returns its output, as eager (the trace refused such a step)
         if not torch.is_grad_enabled() or not self._differentiable(call):
-            return LossStep(self.model, self.loss_fn, self.precision, call).output(*call.tensors)
+            return self._own_forward(call)
         try:
             step = self._prepared(call)
         except NothingToDifferentiate:
             # what requires grad is not read on the way to the loss (PEFT's merged LoRA adapter: its weights still
             # require grad, but the merged forward skips them): the model's own forward, as eager, whose loss has
             # no backward. It was refused (or, before merges were noticed, the stale plan ran the adapter twice).
-            return LossStep(self.model, self.loss_fn, self.precision, call).output(*call.tensors)
+            return self._own_forward(call)
         if step.returns is not None and step.returns.dropped:
             self._warn_of_dropped(step.returns.dropped)
         loss, *values = step.runner.run(self._primals(step.parts, call.tensors))
         return step.output(loss, values, lambda: [*call.tensors, *self.model.parameters(), *self.model.buffers()])
+
+    def _own_forward(self, call: Call) -> Any:
+        """The model's own forward (and loss function), as eager runs it: what an unplanned call returns."""
+        return LossStep(self.model, self.loss_fn, self.precision, call).output(*call.tensors)
 
     def _warn_of_dropped(self, dropped: tuple[str, ...]) -> None:
         """Once per set of outputs: which come back as None, and why."""
