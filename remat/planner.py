@@ -114,7 +114,7 @@ class Plan:
     graph: Graph
     budget_bytes: int
     method: str  # the method whose schedule this is ("" where none fits)
-    status: str  # optimal, feasible or infeasible
+    status: str  # optimal, feasible, infeasible (proven: no schedule fits) or no_solution (none found in time)
     schedule: Schedule | None
     simulation: Simulation | None
     lower_bound_s: float | None  # valid lower bound on the optimal seconds for this budget
@@ -762,6 +762,19 @@ def _candidate(graph: Graph, method: str, result: SolverResult, schedule: Schedu
                      result.detail.get("incumbents", ()))
 
 
+def _proven_infeasible(graph: Graph, budget_bytes: int, candidates: list[Candidate], bound: int,
+                       lower_bound_s: float | None, coarse_nodes: int | None) -> bool:
+    """Whether no schedule of `graph` can fit `budget_bytes`, where none found does: the budget is under the floor no
+    schedule goes below (fixed memory and the largest op's working set), a relaxation (the covering MILP, or the MILP
+    on the whole graph) found no solution, which `_plan` marks by a lower bound of None, or the min-peak MILP on the
+    whole graph proved a lowest peak over the budget. Otherwise the time limit cut the search short: no_solution."""
+    if budget_bytes < bound or budget_bytes < graph.fixed.total_bytes or lower_bound_s is None:
+        return True
+    return coarse_nodes is None and any(
+        c.method == "checkmate-min-peak" and c.status == OPTIMAL and c.simulation is not None and c.simulation.valid
+        and c.simulation.peak_bytes > budget_bytes for c in candidates)
+
+
 def _finish(graph: Graph, budget_bytes: int, preference: list[Candidate], candidates: list[Candidate],
             store_all: Simulation, bound: int, started: float, lower_bound_s: float | None,
             coarse_nodes: int | None = None, proven_optimal: bool = False, note: str = "", bound_method: str = "",
@@ -781,8 +794,10 @@ def _finish(graph: Graph, budget_bytes: int, preference: list[Candidate], candid
                        if own is not None and own.valid else f"{asked.method}: {asked.message}")
             if min_feasible is not None and min_feasible <= budget_bytes:
                 message += f"; other methods fit (the lowest peak found is {min_feasible} bytes)"
-        return Plan(graph, budget_bytes, "", INFEASIBLE, None, None, None, store_all,
-                    min_feasible, bound, wall_s, message, coarse_nodes, tuple(candidates), bound_method, picked)
+        return Plan(graph, budget_bytes, "", INFEASIBLE if _proven_infeasible(graph, budget_bytes, candidates, bound,
+                                                                     lower_bound_s, coarse_nodes) else NO_SOLUTION,
+                    None, None, None, store_all, min_feasible, bound, wall_s, message, coarse_nodes, tuple(candidates),
+                    bound_method, picked)
     best = min(fitting, key=lambda c: c.simulation.compute_s)
     first = fitting[0]
     if first.simulation.compute_s <= best.simulation.compute_s * (1 + 1e-9):
