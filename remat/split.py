@@ -52,7 +52,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from remat.capture import Call, CapturedStep, capture_step
+from remat.capture import Call, CapturedStep, capture_step, ran_without_grad
 
 aten = torch.ops.aten
 
@@ -905,6 +905,17 @@ def _emit_batched(graph: torch.fx.Graph, env: dict, exit: torch.fx.Node, members
 # 4. Capturing the rewritten step
 
 
+class _GradModeInterpreter(torch.fx.Interpreter):
+    """Runs each op that ran with grad disabled in the model (capture.ran_without_grad) under no_grad again, so
+    that the step captured from the graph sends it no gradient, as the model's own step does."""
+
+    def run_node(self, node: torch.fx.Node) -> Any:
+        if ran_without_grad(node):
+            with torch.no_grad():
+                return super().run_node(node)
+        return super().run_node(node)
+
+
 class GraphStep(nn.Module):
     """Runs a forward graph (from `forward_graph`) with a model's own parameters and buffers.
 
@@ -940,7 +951,7 @@ class GraphStep(nn.Module):
             else:
                 values.append(user.pop(0))
         # the Interpreter hands each node's metadata (module path) to the nodes AOTAutograd records
-        loss, *rest = torch.fx.Interpreter(self.forward_graph).run(*values)
+        loss, *rest = _GradModeInterpreter(self.forward_graph).run(*values)
         returned, updates = rest[:self.returned], rest[self.returned:]
         for name, value in zip(self.mutated, updates, strict=True):
             with torch.no_grad():

@@ -492,8 +492,8 @@ def _move_metadata(state_dict: dict, old: str, new: str) -> None:
 
 def _signature(model: nn.Module, call: Call) -> tuple:
     """What a traced step depends on besides the values of tensors: the model's state (capture.module_state),
-    autocast, and the arguments: how they nest (tuples, lists, dicts, dataclasses; keyword arguments by name), each
-    tensor's shape, layout, dtype, device and whether it requires grad, and any other value itself."""
+    autocast and its dtype, and the arguments: how they nest (tuples, lists, dicts, dataclasses; keyword arguments by
+    name), each tensor's shape, layout, dtype, device and whether it requires grad, and any other value itself."""
     def describe(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             return ("tensor", tuple(value.shape), tensor_layout(value), value.dtype, value.device.type,
@@ -501,8 +501,10 @@ def _signature(model: nn.Module, call: Call) -> tuple:
         return ("value", repr(value))
 
     nesting, leaves = call.flattened()
-    return (module_state(model), torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"), str(nesting),
-            *map(describe, leaves))
+    # autocast's dtype too: a step planned under bf16 ran stale under float16 (its losses were bf16's)
+    autocast = tuple(torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+                     for device in ("cpu", "cuda"))
+    return (module_state(model), autocast, str(nesting), *map(describe, leaves))
 
 
 def default_device_profile(model: nn.Module) -> str:

@@ -1396,6 +1396,19 @@ def test_a_batch_made_as_a_dataclass_is_the_steps_inputs():
     assert len(planned.steps) == 2  # a number in it is part of the graph
 
 
+def test_a_step_under_another_autocast_dtype_is_traced_again():
+    """The signature held whether autocast was on, not its dtype: the step traced under bf16 ran under float16 too,
+    with bf16's loss."""
+    model = NormThenWide()  # returns its loss
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 8, 8)
+    planned = apply(model, budget="100%", example_inputs=(x,), device="cpu", time_limit=TIME_LIMIT)
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dtype):
+            _same_step(planned, model, reference, x)
+    assert len(planned.steps) == 3  # fp32 (planned by apply), bf16, float16
+
+
 def test_a_plan_file_runs_in_its_own_precision_and_another_is_refused(tmp_path):
     """Given bf16-mixed with an fp32 plan, the plan ran in fp32 and evaluation under autocast, without a word."""
     model, inputs = _mlp()

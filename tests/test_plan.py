@@ -124,8 +124,9 @@ def test_other_solvers_by_name_agree_with_the_milp_or_do_no_better(solver):
     # cpsat runs in a child process (OR-Tools cannot load beside highspy, which this process has loaded)
     graph = residual_training_graph(3)
     budget = solve(graph, 10**9).store_all.peak_bytes * 2 // 3
-    exact = solve(graph, budget, solver="checkmate", time_limit_s=20)
-    other = solve(graph, budget, solver=solver, time_limit_s=20)
+    # 8 s: the min-peak MILP (a quarter of the time) is not proven in either, the 23-node MILP is in 0.3 s
+    exact = solve(graph, budget, solver="checkmate", time_limit_s=8)
+    other = solve(graph, budget, solver=solver, time_limit_s=8)
     assert exact.status == "optimal" and other.simulation.fits(budget)
     assert other.compute_s >= exact.compute_s - 1e-9
     if solver == "cpsat":

@@ -60,6 +60,23 @@ class WeightedHead(nn.Module):
         return loss + 1e-3 * flat.logsumexp(-1).mean()
 
 
+class NoGradScale(nn.Module):
+    """A scale computed under torch.no_grad(): a constant to autograd. The split step is captured again from the
+    joint graph's forward, which keeps no grad-mode regions: it differentiated the scale (a.weight's gradient 9%
+    off)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 2000)
+
+    def forward(self, x, y):
+        h = torch.tanh(self.a(x))
+        with torch.no_grad():
+            scale = h.pow(2).mean().sqrt()
+        return nn.functional.cross_entropy(self.head(h / scale), y)
+
+
 def _lm(name, batch=2):
     spec = build_model(name, batch=batch, seq=12)
     return spec.model, spec.example_inputs
@@ -80,6 +97,7 @@ def _conv():  # BatchNorm buffers are updated by the split step too
 
 
 BUILDERS = {"gpt2-tiny": lambda: _lm("gpt2-tiny"), "llama-tiny": lambda: _lm("llama-tiny"),
+            "no-grad scale": lambda: (NoGradScale(), (torch.randn(16, 32), torch.randint(0, 2000, (16,)))),
             "llama-tiny-b3": lambda: _lm("llama-tiny", batch=3),
             "classifier": _classifier, "weighted": _weighted, "conv": _conv}
 
@@ -144,6 +162,7 @@ def assert_replays_like_eager(name, model, example_inputs, step, graph, inputs):
     ("classifier", 3, "head", "batch"),  # 8 rows in chunks of 3, 3, 2
     ("weighted", 4, "head", "batch*seq"),  # class weights, ignored targets, a second reduction
     ("conv", 2, "fc", "batch"),  # logsumexp().mean() as the loss, BatchNorm buffer updates
+    ("no-grad scale", 4, "head", "batch"),  # a value computed under no_grad stays a constant
 ])
 def test_split_step_replays_to_the_unsplit_loss_and_gradients(name, chunks, module, along):
     model, example_inputs, step, split, graph, inputs = split_setup(name, chunks)
