@@ -71,7 +71,7 @@ class PartitionedStep:
     returned_names: list[str] = field(default_factory=list)
     # joint FX names of handed-out tensors the backward reads: the caller's copy, not a recomputation (fixed memory)
     held_names: list[str] = field(default_factory=list)
-    # forward mutations the backward reads the old value of: written back after the backward, not the forward
+    # forward mutations the backward reads the old value of: written in the forward, the old value held as a copy
     deferred_mutations: set[str] = field(default_factory=set)
 
     @property
@@ -241,8 +241,8 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
     rng_names = [name for name in forward_rng if _used(backward, rng_inputs[name])]
     # A buffer (or input) the forward updates but an op reads as it was, after the update (a value recomputed in the
     # backward from a buffer replaced after its use: an EMA updated after the product that reads it), must keep its
-    # old value until then: written back after the backward (the value is held to there, past the plan's count).
-    # Written into the buffer before, the backward read the new value: gradients that were not eager's.
+    # old value until then: the step holds a copy of it for the backward (_PlannedStep.forward; past the plan's
+    # count, as the buffer is). Read from the buffer, the backward saw the new value: gradients that were not eager's.
     order = {node: i for i, node in enumerate(forward.nodes)}
     read_later = {buffer for buffer, placeholder in backward_primal.items()
                   if any(_reads_value(user, placeholder) for user in placeholder.users)}
@@ -496,16 +496,19 @@ class _PlannedStep(torch.autograd.Function):
         loss, returned = outputs[0], outputs[1:1 + len(parts.returned_names)]
         outputs = [loss, *outputs[1 + len(returned):]]
         mutations = outputs[1:1 + len(parts.forward_mutations)]
-        now = [(name, value) for name, value in zip(parts.forward_mutations, mutations, strict=True)
-               if name not in parts.deferred_mutations]
-        _write_buffers(parts, primals, [name for name, _ in now], [value for _, value in now])
-        ctx.deferred = [(name, value) for name, value in zip(parts.forward_mutations, mutations, strict=True)
-                        if name in parts.deferred_mutations]
         ctx.runner = runner
         ctx.saved = outputs[1 + len(parts.forward_mutations):]  # saved tensors, then RNG states
         ctx.handed_out = list(returned) if runner.memory is not None else []  # only to measure: the caller's
-        # Primals are parameters, buffers and inputs: persistent memory, held by reference.
+        # Primals are parameters, buffers and inputs: persistent memory, held by reference. A buffer the backward
+        # reads as it was before this forward updated it (deferred_mutations) is held as a copy of that old value,
+        # and the buffer itself is written now, as eager writes it: a second forward before this backward reads the
+        # update (before, it was written after the backward, so such a forward, or one never run backward, read the
+        # stale value).
         ctx.primals = [p.detach() if isinstance(p, torch.Tensor) else p for p in primals]
+        ctx.old_values = {i: ctx.primals[i].clone()
+                          for i, (kind, name) in enumerate(zip(parts.primal_kinds, parts.primal_names, strict=True))
+                          if kind in ("buffer", "input") and name in parts.deferred_mutations}
+        _write_buffers(parts, primals, parts.forward_mutations, mutations)
         if not returned:
             return loss
         ctx.set_materialize_grads(False)  # a handed-out tensor nothing differentiates gets None, not zeros
@@ -526,16 +529,15 @@ class _PlannedStep(torch.autograd.Function):
                                "read, as the plan counts them: backward(retain_graph=True) and a second backward "
                                "through the same step are not supported; run the forward again")
         runner, parts = ctx.runner, ctx.runner.parts
-        values = [*ctx.saved, *ctx.primals, grad_loss]
         primals = ctx.primals
-        ctx.saved = ctx.primals = None  # the backward graph clears `values`: saved tensors die at their last read
+        values = [*ctx.saved, *(ctx.old_values.get(i, p) for i, p in enumerate(primals)), grad_loss]
+        # the backward graph clears `values`: saved tensors die at their last read
+        ctx.saved = ctx.primals = ctx.old_values = None
         outputs = runner._call(parts.backward, runner.run_backward, values, counted=len(parts.saved_names),
                                handed_out=ctx.handed_out)
         ctx.handed_out = None
         grads = dict(zip(parts.grad_names, outputs, strict=False))
         _write_buffers(parts, primals, parts.backward_mutations, outputs[len(parts.grad_names):])
-        _write_buffers(parts, primals, [name for name, _ in ctx.deferred], [value for _, value in ctx.deferred])
-        ctx.deferred = None
         per_primal = [grads.get(name) if kind in ("param", "input") else None  # inputs that require grad get theirs
                       for kind, name in zip(parts.primal_kinds, parts.primal_names, strict=True)]
         return (None, *per_primal)

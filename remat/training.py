@@ -56,6 +56,9 @@ BACKENDS = ("eager", "inductor")
 # A warning at this many input signatures: inputs padded to each batch's longest sequence make a plan per length,
 # each a trace and a solve (seconds to a minute).
 MANY_SIGNATURES = 8
+# Prepared steps kept, the most recently used: a counter set on the model at every step (`model.global_step = i`) is a
+# new signature each time, and the steps piled up without end (memory grew at every step).
+MAX_PREPARED_STEPS = 32
 
 
 class PlanError(ValueError):
@@ -285,28 +288,37 @@ class RematModule(nn.Module):
         key = _signature(self.model, call)
         if key in self.undifferentiable:  # traced once: nothing to differentiate (not traced at every call)
             raise NothingToDifferentiate(self.undifferentiable[key])
-        if key not in self.steps:
-            started = time.perf_counter()
-            try:
-                self.steps[key] = self._prepare(call, self.given_plan or self.plans.get(key))
-            except NothingToDifferentiate as error:
-                self.undifferentiable[key] = str(error)
-                raise
-            self.plans[key] = self.steps[key].plan
-            self.planning_s += time.perf_counter() - started
-            # what the traced forward decided and wrote into a config (a Hugging Face classifier's
-            # config.problem_type, at its first forward) is in the graph: the signature after it runs this step too
-            # (the first step was traced again)
-            after = _signature(self.model, call)
-            if after != key:
-                self.steps[after], self.plans[after] = self.steps[key], self.plans[key]
-            if len({id(step) for step in self.steps.values()}) == MANY_SIGNATURES:
-                warnings.warn(f"remat.apply has traced and planned {MANY_SIGNATURES} input signatures "
-                              f"({self.planning_s:.0f} s so far), one for each new input shape or layout, "
-                              "non-tensor argument, or module setting (a public number or string attribute, a "
-                              "hook) changed since: inputs padded to a few lengths (buckets) keep that to a few "
-                              "plans, and a value passed as a tensor is an input, not part of the graph",
-                              stacklevel=2)
+        if key in self.steps:
+            self.steps[key] = self.steps.pop(key)  # the most recently used last
+            return self.steps[key]
+        previous = next(reversed(self.steps), None)
+        started = time.perf_counter()
+        try:
+            self.steps[key] = self._prepare(call, self.given_plan or self.plans.get(key))
+        except NothingToDifferentiate as error:
+            self.undifferentiable[key] = str(error)
+            raise
+        self.plans[key] = self.steps[key].plan
+        self.planning_s += time.perf_counter() - started
+        # what the traced forward decided and wrote into a config (a Hugging Face classifier's
+        # config.problem_type, at its first forward) is in the graph: the signature after it runs this step too
+        # (the first step was traced again)
+        after = _signature(self.model, call)
+        if after != key:
+            self.steps[after], self.plans[after] = self.steps[key], self.plans[key]
+        if len({id(step) for step in self.steps.values()}) == MANY_SIGNATURES:
+            warnings.warn(f"remat.apply has traced {MANY_SIGNATURES} input signatures ({self.planning_s:.0f} s so "
+                          "far), one for each new input shape or layout, non-tensor argument, or module setting (a "
+                          "public number or string attribute, a hook) changed since; the last one after a change to "
+                          f"{_what_changed(self.model, previous, key)}. Inputs padded to a few lengths (buckets) "
+                          "keep that to a few plans, a value passed as a tensor is an input, not part of the graph, "
+                          "and a counter or log the forward does not read belongs in an attribute whose name starts "
+                          "with _ (a setting that leaves the graph as it was is traced again, not planned again)",
+                          stacklevel=2)
+        while len(self.steps) > MAX_PREPARED_STEPS:
+            oldest = next(iter(self.steps))
+            del self.steps[oldest]
+            self.plans.pop(oldest, None)
         return self.steps[key]
 
     def measure(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, StepMemory]:
@@ -488,6 +500,31 @@ def _move_metadata(state_dict: dict, old: str, new: str) -> None:
     moved = {path: _moved(path + "." if path else "", old, new) for path in metadata}
     versions = {path: metadata.pop(path) for path, dotted in moved.items() if dotted is not None}
     metadata.update((moved[path].removesuffix("."), version) for path, version in versions.items())
+
+
+def _what_changed(model: nn.Module, before: tuple | None, after: tuple) -> str:
+    """What differs between two signatures (_signature), in words: "global_step", "encoder.scale", "the inputs"."""
+    if before is None:
+        return "nothing (the first step)"
+    changes = []
+    if len(before[0]) == len(after[0]):
+        paths = [path for path, _ in model.named_modules()]  # module_state's order
+        for path, (old_settings, old_hooks, old_tensors), (new_settings, new_hooks, new_tensors) in zip(
+                paths, before[0], after[0], strict=False):
+            old, new = dict(old_settings), dict(new_settings)
+            changes += [f"{path}.{name}" if path else name for name in sorted(old.keys() | new.keys(), key=str)
+                        if old.get(name) != new.get(name)]
+            if old_hooks != new_hooks:
+                changes.append(f"the hooks of {path or 'the model'}")
+            if old_tensors != new_tensors:
+                changes.append(f"the parameters or buffers of {path or 'the model'}")
+    elif before[0] != after[0]:
+        changes.append("the model's modules")
+    if before[1] != after[1]:
+        changes.append("autocast")
+    if before[2:] != after[2:]:
+        changes.append("the inputs (a shape, layout, dtype or non-tensor argument)")
+    return ", ".join(changes[:4]) + (f" and {len(changes) - 4} more" if len(changes) > 4 else "")
 
 
 def _signature(model: nn.Module, call: Call) -> tuple:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import remat
+from remat import training
 from remat.capture import CaptureError, LossStep
 from remat.models import UNet, build_model
 from remat.planner import solve
@@ -390,7 +391,24 @@ def test_many_input_shapes_are_said_to_cost_a_plan_each(recwarn):
         planned(torch.randn(rows, 16, dtype=torch.float64)).sum().backward()
         said = [w for w in recwarn if "input signatures" in str(w.message)]
         assert len(said) == (rows == 8), rows
-    assert "traced and planned 8 input signatures" in str(said[0].message)
+    assert "traced 8 input signatures" in str(said[0].message) and "a change to the inputs" in str(said[0].message)
+
+
+def test_a_counter_set_on_the_model_at_each_step_is_named_and_its_steps_do_not_pile_up(recwarn, monkeypatch):
+    """`model.global_step = i` in the loop is a new signature at every step, traced again (the graph is the same, so
+    not solved again): the steps piled up without end, and the warning did not say what changed."""
+    monkeypatch.setattr(training, "MANY_SIGNATURES", 3)
+    monkeypatch.setattr(training, "MAX_PREPARED_STEPS", 4)
+    model, x = NormThenWide(), torch.randn(2, 3, 8, 8)  # returns its loss
+    reference = copy.deepcopy(model)
+    planned = apply(model, budget="100%", device="cpu", solver="chen-sqrtn")
+    for step in range(8):
+        model.global_step = step
+        _same_step(planned, model, reference, x)
+        assert len(planned.steps) == min(step + 1, 4) and len(planned.plans) == len(planned.steps)
+    (said,) = [w for w in recwarn if "input signatures" in str(w.message)]
+    assert "the last one after a change to global_step." in str(said.message)
+    assert len(planned.plans_by_graph) == 1  # one graph: solved once
 
 
 class ByName(nn.Module):
@@ -1534,9 +1552,11 @@ class AddsThenReplaces(nn.Module):
         return torch.tanh(self.b(h)).pow(2).mean()
 
 
-def test_a_buffer_replaced_after_a_recomputed_read_is_written_after_the_backward():
+def test_a_buffer_replaced_after_a_recomputed_read_keeps_its_old_value_for_the_backward():
     """The forward's buffer updates were written back before the backward, whose recomputations then read the new
-    value: gradients that were not eager's. One the backward reads is now written after it."""
+    value: gradients that were not eager's. Then such an update was written after the backward, so a second forward
+    before it (two calls, one backward) read the stale value, and a forward never run backward never wrote it. The
+    buffer is now written in the forward, as eager does, and the backward reads a copy of the old value."""
     model = AddsThenReplaces().double()
     reference = copy.deepcopy(model)
     x = torch.randn(256, 64, dtype=torch.float64)
@@ -1545,6 +1565,16 @@ def test_a_buffer_replaced_after_a_recomputed_read_is_written_after_the_backward
     for _ in range(3):
         _same_step(planned, model, reference, x)
         assert torch.equal(model.shift, reference.shift)
+    planned(x)  # a forward alone (a step skipped after it) updates the buffer too
+    reference(x)
+    assert torch.equal(model.shift, reference.shift)
+    model.zero_grad()
+    reference.zero_grad()
+    (planned(x) + planned(2 * x)).backward()
+    (reference(x) + reference(2 * x)).backward()
+    assert torch.equal(model.shift, reference.shift)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
 
 
 class SharesAScale(nn.Module):
