@@ -318,8 +318,9 @@ def _print_plan(plan, wall_s: float, out: str | None, share: str | None = None, 
     console.print(f"fixed memory   {format_bytes(fixed.total_bytes)} = parameters {format_bytes(fixed.parameter_bytes)}"
                   f" + gradients {format_bytes(fixed.gradient_bytes)} + optimizer {format_bytes(fixed.optimizer_bytes)}"
                   f" + inputs {format_bytes(fixed.input_bytes)}")
-    console.print(f"activations    {format_bytes(max(0, plan.budget_bytes - fixed.total_bytes))} of the budget left "
-                  f"for activations")
+    left = plan.budget_bytes - fixed.total_bytes
+    console.print(f"activations    {format_bytes(left)} of the budget left for activations" if left >= 0 else
+                  f"activations    none: the budget is {format_bytes(-left)} below fixed memory")
     console.print(f"graph          {len(graph)} nodes ({forward} forward, {len(graph) - forward} backward)"
                   + (f", solved as {plan.coarse_nodes} coarse nodes" if plan.coarse_nodes else "")
                   + f", hash {graph.content_hash}")
@@ -591,6 +592,14 @@ def maxbatch(model, budget, seq, start_batch, device, precision, optimizer, solv
              f"{_below_model_state(graph.fixed)}")
 
 
+def _probe_mark(probe, budget_bytes: int) -> str:
+    """"" for a batch that fits; "s" for one whose schedules fit the memory but not the overhead cap (they were
+    marked as not fitting: per-block at batch 1, +26% against a cap of +25%); "x" for one that does not fit."""
+    if probe.fits:
+        return ""
+    return "s" if probe.peak_bytes is not None and probe.peak_bytes <= budget_bytes else "x"
+
+
 def _print_max_batches(model, graph, precision, optimizer, budget_bytes, overhead_cap, results, wall_s) -> None:
     console = _console()
     console.print(f"[bold]{model}[/]: {graph.meta.get('description', '')}; {precision}, optimizer {optimizer}, "
@@ -604,15 +613,16 @@ def _print_max_batches(model, graph, precision, optimizer, budget_bytes, overhea
                    "wall"):
         table.add_column(column, justify="left" if column in ("method", "schedule", "batches tried") else "right")
     for r in results:
-        tried = " ".join(f"{p.batch}{'' if p.fits else 'x'}" for p in r.probes)
+        tried = " ".join(f"{p.batch}{_probe_mark(p, budget_bytes)}" for p in r.probes)
         table.add_row(r.method, f"{r.batch}{'+' if r.capped else ''}", r.schedule_from or "-",
                       _fmt(r.peak_bytes) if r.peak_bytes is not None else "-",
                       format_seconds(r.compute_s) if r.compute_s is not None else "-",
                       f"{r.overhead:+.1%}" if r.overhead is not None else "-",
                       f"{r.samples_per_s:,.0f}" if r.samples_per_s else "-", tried, f"{r.wall_s:.1f} s")
     console.print(table)
-    console.print(f"batches tried: x = does not fit; overhead is against store-all's step time at the same batch; "
-                  f"wall time {wall_s:.1f} s")
+    slow_mark = "; s = fits, but only over the overhead cap" if overhead_cap is not None else ""
+    console.print(f"batches tried: x = does not fit{slow_mark}; overhead is against store-all's step time at the "
+                  f"same batch; wall time {wall_s:.1f} s")
     slow = [r for r in results if r.overhead is not None and r.overhead > SLOW_BATCH_OVERHEAD]
     if overhead_cap is None and slow:  # the largest batch can be the one that recomputes everything
         times = ", ".join(f"{1 + r.overhead:,.1f} x for {r.method}" for r in slow)

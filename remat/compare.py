@@ -162,7 +162,7 @@ def compare(traced: TracedStep | SplitTracer, budgets_bytes: Sequence[int], meth
     for method in (m for m in methods if m in MILP_METHODS):
         below: tuple[Candidate, Graph] | None = None  # the plan at the budget below, and the graph it runs on
         for budget in budgets:  # smallest first: each budget weighs the plan of the one below
-            say(f"{method} at {budget / 1e9:.2f} GB")
+            say(f"{method} at {format_bytes(budget)}")
             solving = time.perf_counter()  # the row's wall: tracing split variants and solving each, not one solve
             if tracer is not None:
                 chosen = solve_split(tracer, budget, solver=method, time_limit_s=time_limit_s, known=compiled)
@@ -196,7 +196,7 @@ def compare(traced: TracedStep | SplitTracer, budgets_bytes: Sequence[int], meth
         start = graph.meta.get("batch") or DEFAULT_BATCH
         with_batch = []
         for row in rows:
-            say(f"largest batch for {row.method} under {row.budget_bytes / 1e9:.2f} GB")
+            say(f"largest batch for {row.method} under {format_bytes(row.budget_bytes)}")
             found = max_batch(batch_traces, row.method, row.budget_bytes, start=start, time_limit_s=probe_time_limit_s)
             with_batch.append(replace(row, max_batch=found.batch))
         rows = with_batch

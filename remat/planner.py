@@ -511,8 +511,11 @@ def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, bac
                        bound_method="store-all", picked="store-all: the budget holds every activation")
 
     if budget_bytes < graph.fixed.total_bytes:  # fixed memory alone is over: no search can help, say so at once
-        return _finish(graph, budget_bytes, candidates, candidates, store_all, bound, started, None,
+        plan = _finish(graph, budget_bytes, candidates, candidates, store_all, bound, started, None,
                        bound_method="fixed memory is over the budget", picked="none: fixed memory is over the budget")
+        # (the lowest peak found is no answer here: it named a minimum budget and not why)
+        return replace(plan, message=f"no schedule fits {budget_bytes} bytes: fixed memory alone is "
+                       f"{graph.fixed.describe()}, whatever is recomputed")
 
     # A valid lower bound on the fine graph, whatever solves it (solvers/bounds.py): cheap, so always.
     say("lower bound")

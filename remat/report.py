@@ -63,6 +63,7 @@ def cells(row: Row, with_max_batch: bool = True) -> list[str]:
 def summary_lines(comparison: Comparison) -> list[str]:
     graph, fixed = comparison.graph, comparison.graph.fixed
     meta = graph.meta
+    split = _any_split(comparison)
     return [
         f"{meta.get('model')}: {meta.get('description', '')}",
         "".join(f"{k} {meta[k]}, " for k in ("batch", "seq") if meta.get(k) is not None)
@@ -72,13 +73,13 @@ def summary_lines(comparison: Comparison) -> list[str]:
         f"{format_bytes(fixed.gradient_bytes)}, optimizer {format_bytes(fixed.optimizer_bytes)}, inputs "
         f"{format_bytes(fixed.input_bytes)})",
         f"store-all: peak {format_bytes(comparison.store_all.peak_bytes)}, "
-        f"{format_seconds(comparison.store_all.compute_s)} per step; no schedule fits below "
-        f"{format_bytes(graph.min_budget_lower_bound())}",
-        "every figure is the simulator's (remat/simulate.py), every method on this same step; "
+        f"{format_seconds(comparison.store_all.compute_s)} per step; no schedule "
+        f"{'of the step as traced ' if split else ''}fits below {format_bytes(graph.min_budget_lower_bound())}",
+        "every figure is the simulator's (remat/simulate.py), every method on "
+        f"{'the step as traced or split (below)' if split else 'this same step'}; "
         "overhead = step time / store-all's - 1",
         *(["remat's plans marked \"head in k chunks\" run on the same step with its loss head split into k chunks "
-           "of rows (remat/split.py; see the notes); the others on the step as traced"] if _any_split(comparison)
-          else []),
+           "of rows (remat/split.py; see the notes); the others on the step as traced"] if split else []),
     ]
 
 

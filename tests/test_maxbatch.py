@@ -219,6 +219,15 @@ def test_cli_maxbatch_hints_at_the_overhead_cap_where_the_largest_batch_is_slow(
     assert "--max-overhead" in hint
     capped = run("--max-overhead", "25%")
     assert capped.returncode == 0 and "hint:" not in capped.stdout
+    assert "s = fits, but only over the overhead cap" in capped.stdout
+
+
+def test_a_batch_that_fits_the_memory_but_not_the_overhead_cap_is_marked_so():
+    """It was marked "x = does not fit" (per-block at batch 1: +26% against a cap of +25%, in 20 MB easily)."""
+    from cli import _probe_mark
+
+    probes = [Probe(4, True, 90), Probe(8, False, 90), Probe(16, False, 120), Probe(32, False, None)]
+    assert [_probe_mark(probe, 100) for probe in probes] == ["", "s", "x", "x"]
 
 
 def test_remat_plans_split_the_head_to_fit_a_larger_batch():

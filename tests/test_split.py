@@ -309,6 +309,47 @@ def test_split_variants_stop_being_traced_once_the_next_would_pass_half_the_time
     assert cut.plan.graph.meta["split_cut"]  # remat solve and remat.apply say a longer limit would trace more
 
 
+def test_below_the_unsplit_floor_variants_stop_for_time_once_one_is_known_to_fit(monkeypatch):
+    """Below the unsplit floor the doubling went on past the time limit (gpt2-tiny at a 2-s limit: six variants traced,
+    10 s of wall time). It goes on only until a variant's checkpoint-all fits: gpt2-tiny at batch 16 and 50 MB, below
+    its unsplit floor (58.1 MB), with the head in 2 chunks reaches 43.6 MB, and the next trace would pass half the
+    limit."""
+    tracer = SplitTracer.zoo("gpt2-tiny", batch=16, precision="bf16-mixed", device="h100")
+    budget = 50 * 10**6
+    assert tracer.unsplit.floor_bytes > budget
+    clock, traced = [0.0], []
+    real_variant = tracer.variant
+
+    def slow_variant(*key):  # each trace takes 40 s of a 100-s limit
+        clock[0] += 40.0
+        traced.append(key)
+        return real_variant(*key)
+    real_time = split_plan.time
+    monkeypatch.setattr(split_plan, "time", SimpleNamespace(monotonic=lambda: real_time.monotonic() + clock[0],
+                                                             perf_counter=real_time.perf_counter))
+    monkeypatch.setattr(tracer, "variant", slow_variant)
+    cut = solve_split(tracer, budget, solver="checkpoint-all", time_limit_s=100)
+    assert traced == [(2, 1, 1)] and tracer.variants[(2, 1, 1)].reach_bytes <= budget
+    assert "more chunks not traced" in cut.note and cut.plan.schedule is not None
+
+
+def test_a_split_plan_is_bounded_over_every_chunk_count_solved_and_a_baseline_says_its_own_peak():
+    """A plan on a split step carried that step's own bound: store-all by name, with the head in 2 chunks, was
+    `optimal` at a gap of 0 (every node of that step once) where the unsplit step's plans were 8% cheaper; and the
+    notes blamed the floors for a baseline whose one schedule peaks over the budget."""
+    tracer = SplitTracer.zoo("gpt2-tiny", batch=4, seq=64, precision="bf16-mixed", device="h100")
+    unsplit_s = tracer.unsplit.graph.compute_s
+    chosen = solve_split(tracer, 16_490_000, solver="store-all", time_limit_s=10)
+    plan = chosen.plan
+    assert chosen.split is not None and plan.method == "store-all" and plan.compute_s > 1.05 * unsplit_s
+    assert plan.lower_bound_s == pytest.approx(unsplit_s) and plan.status == "feasible" and plan.gap > 0.05
+    assert "the unsplit step" in plan.lower_bound_method
+    assert re.match(r"unsplit, store-all's schedule peaks at \S+ MB, over the budget", chosen.note), chosen.note
+    none = solve_split(tracer, 13_800_000, solver="store-all", time_limit_s=10)
+    assert none.plan.schedule is None and none.note.startswith("store-all's schedule fits no chunk count: unsplit it "
+                                                               "peaks at")
+
+
 def test_a_budget_below_fixed_memory_traces_no_split_and_names_no_minimum(monkeypatch):
     # no chunk count changes parameters, gradients or optimizer state: tracing variants (44 s on GPT-2 small at
     # 1 GB) would only find a minimum far above the budget, and the unsplit step's is none for a split one
