@@ -691,8 +691,9 @@ def profile(model, out, batch, seq, precision, base, warmup, repeats, as_json) -
               help="A plan file from `remat solve --out` (refused if the model traces to another graph).")
 @click.option("--budget", help="Plan here instead: whole step memory, 16GB, 16GiB, or 60% of store-all.")
 @click.option("--batch", default=None, type=click.IntRange(min=1),
-              help="Batch size [default: 16, or a file.py:factory's own batch= default].")
-@click.option("--seq", default=None, type=click.IntRange(min=1), help="Sequence length [default: the model's context].")
+              help="Batch size [default: the plan file's; else 16, or a file.py:factory's own batch= default].")
+@click.option("--seq", default=None, type=click.IntRange(min=1),
+              help="Sequence length [default: the plan file's, or the model's context].")
 @click.option("--precision", default=None, type=click.Choice(["bf16-mixed", "fp32"]),
               help="[default: the plan file's, or bf16-mixed]")
 @click.option("--optimizer", default=None, type=click.Choice(["adamw", "adam", "sgd", "sgd-momentum", "none"]),
@@ -726,6 +727,9 @@ def run(model, plan_path, budget, batch, seq, precision, optimizer, steps, time_
             fail(f"the plan was made for --{name} {made_with[name]}: leave --{name} out, or plan again with it")
     precision = precision or made_with.get("precision", "bf16-mixed")
     optimizer = optimizer or made_with.get("optimizer", "adamw")
+    # the plan's batch and sequence length, unless given (a plan made at --batch 4 was refused for the default 16)
+    batch = batch or made_with.get("batch")
+    seq = seq or made_with.get("seq")
     where = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         with stderr.status(f"building {model}{_batch_note(batch)} on {where}", spinner="dots") as status:

@@ -617,7 +617,8 @@ def _factory_kwargs(factory: Callable, where: str, batch: int | None, seq: int |
         kwargs["batch"] = DEFAULT_BATCH if batch is None else batch  # no --batch: the factory's own default
     elif batch is not None:
         raise ModelError(f"{where} takes no batch argument, but batch {batch} was asked for: add a batch= parameter "
-                         "(remat maxbatch and compare --max-batch try several batches), or leave --batch out")
+                         "(remat maxbatch and compare --max-batch try several batches, which needs one), or leave "
+                         "--batch out where you gave it")
     seq_required = "seq" in parameters and parameters["seq"].default is inspect.Parameter.empty
     if seq_required and seq is None:
         raise ModelError(f"{where} takes seq= without a default: give --seq (or a default in the factory)")

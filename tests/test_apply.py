@@ -676,7 +676,8 @@ def test_remat_run_measures_a_plan_file_and_refuses_bad_ones(tmp_path):
     path = tmp_path / "plan.json"
     solved = runner.invoke(main, ["solve", *common, "--device", "cpu", "--budget", "100GB", "--out", str(path)])
     assert solved.exit_code == 0, solved.output
-    result = runner.invoke(main, ["run", *common, "--plan", str(path), "--steps", "2", "--json"])
+    # without --batch, --seq and --precision: the plan file's (the default batch 16 was refused as another graph)
+    result = runner.invoke(main, ["run", "--model", "gpt2-tiny", "--plan", str(path), "--steps", "2", "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output.strip().splitlines()[-1])
     assert summary["measured_activation_bytes"] == summary["planned_activation_bytes"]
