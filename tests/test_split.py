@@ -276,6 +276,20 @@ def test_a_step_slow_to_trace_is_split_only_below_the_unsplit_floor(monkeypatch)
     assert traced  # below the unsplit floor only a split can fit
 
 
+def _slow_traces(monkeypatch, tracer, traced: list, real_variant) -> None:
+    """Each variant's trace takes 40 s of split_plan's clock (of a 100-s limit); the keys traced go into `traced`."""
+    clock = [0.0]
+
+    def slow_variant(*key):
+        clock[0] += 40.0
+        traced.append(key)
+        return real_variant(*key)
+    real_time = split_plan.time
+    monkeypatch.setattr(split_plan, "time", SimpleNamespace(monotonic=lambda: real_time.monotonic() + clock[0],
+                                                             perf_counter=real_time.perf_counter))
+    monkeypatch.setattr(tracer, "variant", slow_variant)
+
+
 def test_split_variants_stop_being_traced_once_the_next_would_pass_half_the_time_limit(monkeypatch):
     """Above the unsplit floor, a further variant is traced only if it would end within half the time limit, taken
     to be as slow as the slowest so far (a 4k-node LSTM LM at 30 s traced its head in 2 and in 4 chunks, 11 and 12 s,
@@ -289,16 +303,7 @@ def test_split_variants_stop_being_traced_once_the_next_would_pass_half_the_time
     assert len(traced) >= 2 and not fast.plan.graph.meta["split_cut"]  # fast traces: the doubling goes on
     every = list(traced)
 
-    clock = [0.0]  # each trace now takes 40 s of a 100-s limit
-
-    def slow_variant(*key):
-        clock[0] += 40.0
-        traced.append(key)
-        return real_variant(*key)
-    real_time = split_plan.time
-    monkeypatch.setattr(split_plan, "time", SimpleNamespace(monotonic=lambda: real_time.monotonic() + clock[0],
-                                                             perf_counter=real_time.perf_counter))
-    monkeypatch.setattr(tracer, "variant", slow_variant)
+    _slow_traces(monkeypatch, tracer, traced, real_variant)
     tracer.variants = {key: v for key, v in tracer.variants.items() if key == (1, 1, 1)}
     traced.clear()
     said = []
@@ -317,17 +322,8 @@ def test_below_the_unsplit_floor_variants_stop_for_time_once_one_is_known_to_fit
     tracer = SplitTracer.zoo("gpt2-tiny", batch=16, precision="bf16-mixed", device="h100")
     budget = 50 * 10**6
     assert tracer.unsplit.floor_bytes > budget
-    clock, traced = [0.0], []
-    real_variant = tracer.variant
-
-    def slow_variant(*key):  # each trace takes 40 s of a 100-s limit
-        clock[0] += 40.0
-        traced.append(key)
-        return real_variant(*key)
-    real_time = split_plan.time
-    monkeypatch.setattr(split_plan, "time", SimpleNamespace(monotonic=lambda: real_time.monotonic() + clock[0],
-                                                             perf_counter=real_time.perf_counter))
-    monkeypatch.setattr(tracer, "variant", slow_variant)
+    traced = []
+    _slow_traces(monkeypatch, tracer, traced, tracer.variant)
     cut = solve_split(tracer, budget, solver="checkpoint-all", time_limit_s=100)
     assert traced == [(2, 1, 1)] and tracer.variants[(2, 1, 1)].reach_bytes <= budget
     assert "more chunks not traced" in cut.note and cut.plan.schedule is not None
