@@ -499,11 +499,11 @@ _HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_bac
 @contextlib.contextmanager
 def _keeping_module_state(model: nn.Module):
     """Undo what the traced forward wrote onto its modules: an attribute set or replaced (`self.acc = ...`, a counter,
-    a cache), a buffer replaced and a hook installed. Those writes happen once, at the trace, with fake tensors:
-    `model.acc` was left a FakeTensor that every later read failed on, and never changed with the steps the plan runs.
-    A tensor written so is said in a warning (return it from forward, or compute it outside)."""
+    a cache), a buffer or parameter replaced and a hook installed. Those writes happen once, at the trace, with fake
+    tensors: `model.acc` was left a FakeTensor that every later read failed on, and never changed with the steps the
+    plan runs. A tensor written so is said in a warning (return it from forward, or compute it outside)."""
     modules = dict(model.named_modules())
-    before = {path: (dict(vars(m)), dict(m._buffers)) for path, m in modules.items()}
+    before = {path: (dict(vars(m)), dict(m._buffers), dict(m._parameters)) for path, m in modules.items()}
     hooks = {path: {name: dict(getattr(m, name)) for name in _HOOK_TABLES} for path, m in modules.items()}
     try:
         yield
@@ -518,7 +518,7 @@ def _keeping_module_state(model: nn.Module):
                     del table[key]
         written = []
         for path, module in modules.items():
-            attributes, buffers = before[path]
+            attributes, buffers, parameters = before[path]
             for name in [n for n in vars(module) if n not in attributes]:
                 value = vars(module).pop(name)
                 written.append((path, name, value))
@@ -531,6 +531,12 @@ def _keeping_module_state(model: nn.Module):
             for name, value in buffers.items():
                 if module._buffers.get(name, value) is not value:
                     module._buffers[name] = value
+            # a module registered under two names (`self.m = self.l`, one layer in two Sequentials) had its
+            # parameters swapped for AOTAutograd's functional tensors under both and put back under one: the
+            # user's model was left holding FunctionalTensors, and every later use of it failed
+            for name, value in parameters.items():
+                if module._parameters.get(name, value) is not value:
+                    module._parameters[name] = value
         # the old weight_norm's and spectral_norm's pre-hooks set the weight before each forward: in the graph
         computed = {(path, hook.name) for path, module in modules.items()
                     for hook in module._forward_pre_hooks.values() if isinstance(hook, _weight_computing_hooks())}

@@ -1428,6 +1428,33 @@ def test_a_step_under_another_autocast_dtype_is_traced_again():
     assert len(planned.steps) == 3  # fp32 (planned by apply), bf16, float16
 
 
+class TwoNames(nn.Module):
+    """One layer registered under two names, as `self.m = self.l` or one layer in two Sequentials."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l, self.head = nn.Linear(8, 8), nn.Linear(8, 1)
+        self.m = self.l
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.m(torch.tanh(self.l(x))))).pow(2).mean()
+
+
+def test_a_layer_under_two_names_keeps_its_parameters():
+    """The trace swapped its parameters for AOTAutograd's functional tensors under both names and put them back under
+    one: the user's model was left holding FunctionalTensors, and its next use failed ("Attempting to use
+    FunctionalTensor on its own")."""
+    model = TwoNames().double()
+    reference = copy.deepcopy(model)
+    x = torch.randn(64, 8, dtype=torch.float64)
+    planned = apply(model, budget="100%", example_inputs=(x,), device="cpu", time_limit=TIME_LIMIT)
+    assert all(type(p) is nn.Parameter for _, p in model.named_parameters(remove_duplicate=False))
+    assert model.m.weight is model.l.weight
+    for _ in range(2):
+        _same_step(planned, model, reference, x)
+
+
 def test_a_plan_file_runs_in_its_own_precision_and_another_is_refused(tmp_path):
     """Given bf16-mixed with an fp32 plan, the plan ran in fp32 and evaluation under autocast, without a word."""
     model, inputs = _mlp()
