@@ -395,10 +395,22 @@ def _eliminate_dead_code(graph: torch.fx.Graph, planned: set[torch.fx.Node]) -> 
     graph.eliminate_dead_code(is_impure_node=lambda node: node in planned or node.is_impure())
 
 
+def _views_as_reshapes(graph: torch.fx.Graph) -> None:
+    """Each `aten.view` run as `aten.reshape`: a view where the tensor's strides allow one (the same storage, the same
+    bytes), a copy where not. The graph was traced on fake tensors, whose strides follow torch's meta functions; some
+    CPU kernels lay out their outputs otherwise (batch norm's output and its backward's input gradient, dropout's
+    backward, on a transposed input), and a view the trace took for granted failed at the first step ("view size is
+    not compatible with input tensor's size and stride")."""
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.view.default:
+            node.target = torch.ops.aten.reshape.default
+
+
 def _module(root: torch.fx.GraphModule, graph: torch.fx.Graph, planned: set[torch.fx.Node]) -> torch.fx.GraphModule:
     """A GraphModule with the boxed calling convention: it takes one list of inputs and clears it."""
     graph.set_codegen(torch.fx.graph._BoxedCodeGen())
     _eliminate_dead_code(graph, planned)
+    _views_as_reshapes(graph)
     graph.lint()
     module = torch.fx.GraphModule(root, graph)
     return module

@@ -1428,6 +1428,36 @@ def test_a_step_under_another_autocast_dtype_is_traced_again():
     assert len(planned.steps) == 3  # fp32 (planned by apply), bf16, float16
 
 
+class TransposedNorms(nn.Module):
+    """BatchNorm1d and a Conv1d over the features of a (B, T, D) sequence, after dropout: CPU's kernels lay their
+    outputs out unlike the fake tensors the step was traced on."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.bn = nn.Linear(6, 16), nn.BatchNorm1d(16)
+        self.drop, self.conv, self.head = nn.Dropout(0.1), nn.Conv1d(16, 16, 3, padding=1), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.bn(self.inp(x).transpose(1, 2)).transpose(1, 2)
+        h = self.conv(self.drop(h).transpose(1, 2)).transpose(1, 2)
+        return self.head(h).pow(2).mean()
+
+
+def test_views_the_trace_took_for_granted_run_on_cpus_own_layouts():
+    """A view of batch norm's output or of dropout's backward failed at the first step on CPU ("view size is not
+    compatible with input tensor's size and stride"): the graphs run each view as a reshape."""
+    model = TransposedNorms().double()
+    reference = copy.deepcopy(model)
+    x = torch.randn(4, 8, 6, dtype=torch.float64)
+    planned = apply(model, budget="100%", example_inputs=(x,), device="cpu", time_limit=TIME_LIMIT)
+    for _ in range(2):
+        _same_step(planned, model, reference, x)
+    torch.manual_seed(0)
+    _, memory = planned.measure(x)
+    assert memory.peak_live_bytes == planned.planned.simulation.activation_peak_bytes
+
+
 class TwoNames(nn.Module):
     """One layer registered under two names, as `self.m = self.l` or one layer in two Sequentials."""
 
