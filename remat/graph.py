@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
+from numbers import Integral, Real
 from pathlib import Path
 
 from remat.units import format_bytes
 
 SCHEMA_VERSION = 1
 PerNode = tuple[tuple[int, ...], ...]  # a tuple of ints for each node
+
+
+def _is_count(value: object) -> bool:
+    """A whole number, 0 or more (bytes, a node's index)."""
+    return isinstance(value, Integral) and not isinstance(value, bool) and value >= 0
 
 
 @dataclass(frozen=True)
@@ -88,17 +95,38 @@ class Graph:
     meta: dict = field(default_factory=dict, compare=False)  # model, batch, seq, device, ...
 
     def __post_init__(self) -> None:
+        # A negative size or a NaN cost was planned and called optimal (peak -2, compute_s nan), and a part read by a
+        # node that does not exist failed deep inside a solver: said here, with the node.
         for index, node in enumerate(self.nodes):
             for dep in node.deps:
-                if not 0 <= dep < index:
-                    raise ValueError(f"node {index} ({node.name}) depends on {dep}: not topological")
+                if not _is_count(dep) or not 0 <= dep < index:
+                    raise ValueError(f"node {index} ({node.name}) depends on {dep!r}: not an earlier node (not "
+                                     "topological)")
+            for name in ("output_bytes", "workspace_bytes"):
+                if not _is_count(getattr(node, name)):
+                    raise ValueError(f"node {index} ({node.name}): {name} must be a whole number of bytes, 0 or more, "
+                                     f"not {getattr(node, name)!r}")
+            if isinstance(node.compute_s, bool) or not isinstance(node.compute_s, Real) \
+                    or not math.isfinite(node.compute_s) or node.compute_s < 0:
+                raise ValueError(f"node {index} ({node.name}): compute_s must be finite seconds, 0 or more, not "
+                                 f"{node.compute_s!r}")
             if node.part_bytes and (len(node.part_users) != len(node.part_bytes)
-                                    or sum(node.part_bytes) != node.output_bytes):
-                raise ValueError(f"node {index} ({node.name}): part_bytes must sum to output_bytes, "
-                                 "with one list of users each")
+                                    or sum(node.part_bytes) != node.output_bytes
+                                    or not all(_is_count(b) for b in node.part_bytes)):
+                raise ValueError(f"node {index} ({node.name}): part_bytes must be bytes, 0 or more, that sum to "
+                                 "output_bytes, with one list of users each")
+            for users in node.part_users:
+                for user in users:
+                    if not _is_count(user) or not index < user < len(self.nodes) \
+                            or index not in self.nodes[user].deps:
+                        raise ValueError(f"node {index} ({node.name}): part_users names {user!r}, which does not "
+                                         "read it")
         for out in self.outputs:
-            if not 0 <= out < len(self.nodes):
-                raise ValueError(f"output {out} is not a node")
+            if not _is_count(out) or not 0 <= out < len(self.nodes):
+                raise ValueError(f"output {out!r} is not a node")
+        for name, value in asdict(self.fixed).items():
+            if not _is_count(value):
+                raise ValueError(f"fixed memory's {name} must be a whole number of bytes, 0 or more, not {value!r}")
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -204,17 +232,22 @@ class Graph:
 
     @classmethod
     def from_json(cls, data: dict) -> Graph:
+        if not isinstance(data, dict) or not {"nodes", "outputs", "fixed"} <= data.keys():
+            raise ValueError("not a remat graph: a JSON object with nodes, outputs and fixed (Graph.save writes one)")
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
             raise ValueError(f"graph schema version {version!r}, this remat reads version {SCHEMA_VERSION}")
-        nodes = tuple(
-            Node(**{**n, "deps": tuple(n["deps"]), "fx_nodes": tuple(n.get("fx_nodes", ())),
-                    "part_bytes": tuple(n.get("part_bytes", ())),
-                    "part_users": tuple(tuple(u) for u in n.get("part_users", ()))})
-            for n in data["nodes"]
-        )
-        graph = cls(nodes=nodes, outputs=tuple(data["outputs"]), fixed=FixedMemory(**data["fixed"]),
-                    meta=dict(data.get("meta", {})))
+        try:
+            nodes = tuple(
+                Node(**{**n, "deps": tuple(n["deps"]), "fx_nodes": tuple(n.get("fx_nodes", ())),
+                        "part_bytes": tuple(n.get("part_bytes", ())),
+                        "part_users": tuple(tuple(u) for u in n.get("part_users", ()))})
+                for n in data["nodes"]
+            )
+            fixed = FixedMemory(**data["fixed"])
+        except (KeyError, TypeError, AttributeError) as error:  # a field missing or unknown, a node not an object
+            raise ValueError(f"not a remat graph: a node or its fixed memory does not read ({error})") from None
+        graph = cls(nodes=nodes, outputs=tuple(data["outputs"]), fixed=fixed, meta=dict(data.get("meta", {})))
         if data.get("content_hash") not in (None, graph.content_hash):
             raise ValueError("graph content hash does not match its contents: the file is corrupted or edited")
         return graph

@@ -199,6 +199,9 @@ def solve(graph: Graph, budget_bytes: int | str, solver: str = "auto", time_limi
     """
     if solver not in SOLVER_NAMES:
         raise ValueError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVER_NAMES)}")
+    if isinstance(time_limit_s, bool) or not isinstance(time_limit_s, (int, float)) or math.isnan(time_limit_s) \
+            or time_limit_s < 0:  # "2" failed deep in the planner; -1 and nan were taken
+        raise ValueError(f"time_limit_s is seconds, 0 or more, not {time_limit_s!r}")
     budget_bytes = budget_of(graph, budget_bytes)  # "16GB" failed deep in the planner with a TypeError
     from solvers.checkmate import available_backends, backend_available  # pulp and highspy: only when needed
 

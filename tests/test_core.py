@@ -2,10 +2,11 @@
 
 import dataclasses
 import json
+import re
 
 import pytest
 
-from remat.graph import Graph
+from remat.graph import FixedMemory, Graph
 from remat.schedule import Schedule, tighten_frees
 from remat.simulate import simulate
 from remat.units import format_bytes, parse_size
@@ -109,6 +110,35 @@ def test_graph_json_round_trip_and_hash(tmp_path):
 def test_graph_rejects_non_topological_dependencies():
     with pytest.raises(ValueError, match="not topological"):
         make_graph([[1], []], [1, 1])
+
+
+@pytest.mark.parametrize(("change", "words"), [
+    ({"output_bytes": -999}, "output_bytes must be a whole number"),
+    ({"output_bytes": 8.5}, "output_bytes must be a whole number"),
+    ({"compute_s": float("nan")}, "compute_s must be finite"),
+    ({"compute_s": -1.0}, "compute_s must be finite"),
+    ({"deps": ("0",)}, "not an earlier node"),
+    ({"part_bytes": (1, 0), "part_users": ((2,), (5,))}, "part_users names 5"),
+])
+def test_graph_rejects_sizes_costs_and_readers_that_cannot_be(change, words):
+    """A negative size or a NaN cost was planned and called optimal (peak -2, compute_s nan); a part read by a node that
+    does not exist failed deep inside a solver (IndexError in stage_memory)."""
+    graph = make_graph([[], [0], [1]], [1, 1, 1])
+    nodes = list(graph.nodes)
+    nodes[1] = dataclasses.replace(nodes[1], **change)
+    with pytest.raises(ValueError, match=re.escape(words)):
+        Graph(tuple(nodes), graph.outputs, graph.fixed)
+    with pytest.raises(ValueError, match="parameter_bytes must be a whole number"):
+        Graph(graph.nodes, graph.outputs, FixedMemory(parameter_bytes=-2))
+
+
+def test_a_file_that_is_no_graph_is_a_value_error(tmp_path):
+    path = tmp_path / "graph.json"
+    for text in ("[1, 2]", '{"schema_version": 1}', '{"schema_version": 1, "nodes": [{"nope": 1}], "outputs": [], '
+                 '"fixed": {}}'):
+        path.write_text(text)
+        with pytest.raises(ValueError, match="not a remat graph"):
+            Graph.load(path)
 
 
 def test_min_budget_lower_bound_is_the_largest_working_set():

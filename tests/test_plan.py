@@ -116,6 +116,9 @@ def test_a_baseline_can_be_asked_for_by_name():
 def test_unknown_solver_is_a_value_error():
     with pytest.raises(ValueError, match="unknown solver"):
         solve(chain_training_graph(2), 10**9, solver="magic")
+    for limit in ("2", -1, float("nan")):  # "2" failed deep in the planner; -1 and nan were taken
+        with pytest.raises(ValueError, match="time_limit_s is seconds"):
+            solve(chain_training_graph(2), 10**9, time_limit_s=limit)
 
 
 # cpsat in its own process: 11 s; its schedules are checked on random graphs in tests/test_solver_properties.py
