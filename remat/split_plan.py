@@ -627,7 +627,7 @@ def _bound_over(solved: Sequence[tuple[Variant, Plan]], plan: Plan) -> Plan:
         bound = other.lower_bound_s if other.lower_bound_s is not None else other.graph.compute_s
         bounds.append((bound, variant, other))
     bound, variant, other = min(bounds, key=lambda b: b[0])
-    if other is plan or bound >= (plan.lower_bound_s or 0.0):
+    if bound >= (plan.lower_bound_s or 0.0):  # its own step's bound is the lowest
         return plan
     lower_bound_s = min(bound, plan.compute_s)
     status = OPTIMAL if meets_bound(plan.compute_s, lower_bound_s) else FEASIBLE
