@@ -246,8 +246,10 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
     order = {node: i for i, node in enumerate(forward.nodes)}
     read_later = {buffer for buffer, placeholder in backward_primal.items()
                   if any(_reads_value(user, placeholder) for user in placeholder.users)}
+    # (one the backward reads the old value of too: the step keeps a copy of that from before the forward)
+    deferred_mutations = {buffer for _, buffer in forward_mutations if buffer in read_later}
     written_early = {name for name, buffer in forward_mutations
-                     if name not in forward_values and buffer in buffer_placeholder and buffer not in read_later
+                     if name not in forward_values and buffer in buffer_placeholder
                      and all(order[user] <= order[first_copy[name]]
                              or not _reads_value(user, buffer_placeholder[buffer])
                              for user in buffer_placeholder[buffer].users)}
@@ -270,7 +272,7 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
         primal_names=[name for _, name in primal_info],
         forward_mutations=[buffer for _, buffer in forward_mutations],
         backward_mutations=[buffer for _, buffer in backward_mutations],
-        deferred_mutations={buffer for _, buffer in forward_mutations if buffer in read_later},
+        deferred_mutations=deferred_mutations,
         grad_names=[parameter for _, parameter in grads],
         saved_names=saved_names,
         rng_names=rng_names,
@@ -504,6 +506,11 @@ class _PlannedStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, runner: StepRunner, *primals: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
         parts = runner.parts
+        # A buffer the backward reads as it was before this forward updated it (deferred_mutations) is held as a copy
+        # of that old value, taken before the forward graph, which may write the buffer where its update is made.
+        old_values = {i: primals[i].detach().clone()
+                      for i, (kind, name) in enumerate(zip(parts.primal_kinds, parts.primal_names, strict=True))
+                      if kind in ("buffer", "input") and name in parts.deferred_mutations}
         outputs = runner._call(parts.forward, runner.run_forward, list(primals))
         loss, returned = outputs[0], outputs[1:1 + len(parts.returned_names)]
         outputs = [loss, *outputs[1 + len(returned):]]
@@ -511,15 +518,12 @@ class _PlannedStep(torch.autograd.Function):
         ctx.runner = runner
         ctx.saved = outputs[1 + len(parts.forward_mutations):]  # saved tensors, then RNG states
         ctx.handed_out = list(returned) if runner.memory is not None else []  # only to measure: the caller's
-        # Primals are parameters, buffers and inputs: persistent memory, held by reference. A buffer the backward
-        # reads as it was before this forward updated it (deferred_mutations) is held as a copy of that old value,
-        # and the buffer itself is written now, as eager writes it: a second forward before this backward reads the
-        # update (before, it was written after the backward, so such a forward, or one never run backward, read the
-        # stale value).
+        # Primals are parameters, buffers and inputs: persistent memory, held by reference. Buffers are written in the
+        # forward, as eager writes them: a second forward before this backward reads the update (an update the
+        # backward read the old value of was written after the backward, so such a forward, or one never run
+        # backward, read the stale value).
         ctx.primals = [p.detach() if isinstance(p, torch.Tensor) else p for p in primals]
-        ctx.old_values = {i: ctx.primals[i].clone()
-                          for i, (kind, name) in enumerate(zip(parts.primal_kinds, parts.primal_names, strict=True))
-                          if kind in ("buffer", "input") and name in parts.deferred_mutations}
+        ctx.old_values = old_values
         _write_buffers(parts, primals, parts.forward_mutations, mutations)
         if not returned:
             return loss

@@ -1642,6 +1642,42 @@ def test_a_buffer_replaced_after_a_recomputed_read_keeps_its_old_value_for_the_b
         assert torch.equal(p.grad, q.grad)
 
 
+class CountsInPlace(nn.Module):
+    """A running statistic the size of an activation, updated in place under no_grad, then read by an op the plan
+    recomputes in the backward."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = nn.Embedding(24, 32), nn.Linear(32, 5)
+        self.register_buffer("count", torch.zeros(4, 8, 32))
+
+    def forward(self, x, y):
+        with torch.no_grad():
+            self.count.mul_(0.9).add_(0.1)
+        h = self.emb(x) * (1 + 0.01 * self.count)
+        h = h.permute(1, 0, 2).contiguous().permute(1, 0, 2)
+        return nn.functional.cross_entropy(self.head(h).reshape(-1, 5), y.reshape(-1))
+
+
+def test_an_update_the_backward_reads_the_old_value_of_is_written_where_it_is_made():
+    """The forward graph returned such an update and held it to its end, past the simulator's count (chen-sqrtn:
+    24,576 bytes planned, 32,768 measured): it is written into the buffer where it is made, and the backward reads
+    the copy of the old value taken before the forward."""
+    model = CountsInPlace().double()
+    reference = copy.deepcopy(model)
+    x, y = torch.randint(0, 24, (4, 8)), torch.randint(0, 5, (4, 8))
+    planned = apply(model, budget="1MB", example_inputs=(x, y), device="cpu", solver="chen-sqrtn", optimizer="none")
+    assert planned.planned.parts.deferred_mutations == {"model.count"}
+    _, memory = planned.measure(x, y)
+    assert memory.peak_live_bytes == planned.planned.simulation.activation_peak_bytes
+    reference(x, y).backward()
+    assert torch.equal(model.count, reference.count)
+    for _ in range(2):
+        _same_step(planned, model, reference, x, y)
+        assert torch.equal(model.count, reference.count)
+
+
 class SharesAScale(nn.Module):
     def __init__(self):
         super().__init__()
