@@ -23,7 +23,10 @@ PerNode = tuple[tuple[int, ...], ...]  # a tuple of ints for each node
 
 
 def _is_count(value: object) -> bool:
-    """A whole number, 0 or more (bytes, a node's index)."""
+    """A whole number, 0 or more (bytes, a node's index). (An int is told first: the ABC's isinstance made checking a
+    10,000-node graph 25 times slower than building it.)"""
+    if type(value) is int:
+        return value >= 0
     return isinstance(value, Integral) and not isinstance(value, bool) and value >= 0
 
 
@@ -106,8 +109,9 @@ class Graph:
                 if not _is_count(getattr(node, name)):
                     raise ValueError(f"node {index} ({node.name}): {name} must be a whole number of bytes, 0 or more, "
                                      f"not {getattr(node, name)!r}")
-            if isinstance(node.compute_s, bool) or not isinstance(node.compute_s, Real) \
-                    or not math.isfinite(node.compute_s) or node.compute_s < 0:
+            seconds = node.compute_s
+            if not (type(seconds) is float or (isinstance(seconds, Real) and not isinstance(seconds, bool))) \
+                    or not math.isfinite(seconds) or seconds < 0:
                 raise ValueError(f"node {index} ({node.name}): compute_s must be finite seconds, 0 or more, not "
                                  f"{node.compute_s!r}")
             if node.part_bytes and (len(node.part_users) != len(node.part_bytes)
