@@ -768,13 +768,13 @@ def _candidate(graph: Graph, method: str, result: SolverResult, schedule: Schedu
                      result.detail.get("incumbents", ()))
 
 
-def _proven_infeasible(graph: Graph, budget_bytes: int, candidates: list[Candidate], bound: int,
-                       lower_bound_s: float | None, coarse_nodes: int | None) -> bool:
-    """Whether no schedule of `graph` can fit `budget_bytes`, where none found does: the budget is under the floor no
+def _proven_infeasible(budget_bytes: int, candidates: list[Candidate], bound: int, lower_bound_s: float | None,
+                       coarse_nodes: int | None) -> bool:
+    """Whether no schedule of the graph can fit `budget_bytes`, where none found does: the budget is under the floor no
     schedule goes below (fixed memory and the largest op's working set), a relaxation (the covering MILP, or the MILP
     on the whole graph) found no solution, which `_plan` marks by a lower bound of None, or the min-peak MILP on the
     whole graph proved a lowest peak over the budget. Otherwise the time limit cut the search short: no_solution."""
-    if budget_bytes < bound or budget_bytes < graph.fixed.total_bytes or lower_bound_s is None:
+    if budget_bytes < bound or lower_bound_s is None:  # (the floor holds fixed memory)
         return True
     return coarse_nodes is None and any(
         c.method == "checkmate-min-peak" and c.status == OPTIMAL and c.simulation is not None and c.simulation.valid
@@ -800,10 +800,9 @@ def _finish(graph: Graph, budget_bytes: int, preference: list[Candidate], candid
                        if own is not None and own.valid else f"{asked.method}: {asked.message}")
             if min_feasible is not None and min_feasible <= budget_bytes:
                 message += f"; other methods fit (the lowest peak found is {min_feasible} bytes)"
-        return Plan(graph, budget_bytes, "", INFEASIBLE if _proven_infeasible(graph, budget_bytes, candidates, bound,
-                                                                     lower_bound_s, coarse_nodes) else NO_SOLUTION,
-                    None, None, None, store_all, min_feasible, bound, wall_s, message, coarse_nodes, tuple(candidates),
-                    bound_method, picked)
+        proven = _proven_infeasible(budget_bytes, candidates, bound, lower_bound_s, coarse_nodes)
+        return Plan(graph, budget_bytes, "", INFEASIBLE if proven else NO_SOLUTION, None, None, None, store_all,
+                    min_feasible, bound, wall_s, message, coarse_nodes, tuple(candidates), bound_method, picked)
     best = min(fitting, key=lambda c: c.simulation.compute_s)
     first = fitting[0]
     if first.simulation.compute_s <= best.simulation.compute_s * (1 + 1e-9):
