@@ -18,6 +18,7 @@ from rich.table import Table
 
 from remat.units import format_bytes, format_seconds, is_share, parse_size
 from solvers.base import FEASIBLE, reported_status
+from solvers.baselines import BASELINES
 
 FORMAT_ONLY = 10**18  # a reference size for checking a share's format before the trace gives the real one
 EXIT_BAD_INPUT = 2  # bad input and infeasible budgets: the user has something to change
@@ -623,6 +624,11 @@ def _print_max_batches(model, graph, precision, optimizer, budget_bytes, overhea
     slow_mark = "; s = fits, but only over the overhead cap" if overhead_cap is not None else ""
     console.print(f"batches tried: x = does not fit{slow_mark}; overhead is against store-all's step time at the "
                   f"same batch; wall time {wall_s:.1f} s")
+    named = [r.method for r in results if r.method in BASELINES]
+    if named:  # `remat solve --solver NAME` may split the step where this table's row does not fit
+        console.print(f"{', '.join(named)}: {'its' if len(named) == 1 else 'their'} own schedule of the step as "
+                      "traced; `remat solve --solver NAME --batch B` also tries it with the loss head in chunks, "
+                      "which can fit a larger batch")
     slow = [r for r in results if r.overhead is not None and r.overhead > SLOW_BATCH_OVERHEAD]
     if overhead_cap is None and slow:  # the largest batch can be the one that recomputes everything
         times = ", ".join(f"{1 + r.overhead:,.1f} x for {r.method}" for r in slow)

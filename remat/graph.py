@@ -253,7 +253,9 @@ class Graph:
             raise ValueError(f"not a remat graph: a node or its fixed memory does not read ({error})") from None
         graph = cls(nodes=nodes, outputs=tuple(data["outputs"]), fixed=fixed, meta=dict(data.get("meta", {})))
         if data.get("content_hash") not in (None, graph.content_hash):
-            raise ValueError("graph content hash does not match its contents: the file is corrupted or edited")
+            # (costs are left out of the hash on purpose: a graph costed again, or by hand, is the same graph)
+            raise ValueError("graph content hash does not match its ops, dependencies, sizes or outputs: the file is "
+                             "corrupted, or they were edited (costs may be edited: the hash leaves them out)")
         return graph
 
     def save(self, path: str | Path) -> None:

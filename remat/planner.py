@@ -781,6 +781,11 @@ def _proven_infeasible(budget_bytes: int, candidates: list[Candidate], bound: in
         and c.simulation.peak_bytes > budget_bytes for c in candidates)
 
 
+def _asked_by_name(picked: str) -> bool:
+    """Whether the user named the method (the `picked` line says so), rather than auto choosing it."""
+    return "(asked for by name)" in picked
+
+
 def _finish(graph: Graph, budget_bytes: int, preference: list[Candidate], candidates: list[Candidate],
             store_all: Simulation, bound: int, started: float, lower_bound_s: float | None,
             coarse_nodes: int | None = None, proven_optimal: bool = False, note: str = "", bound_method: str = "",
@@ -800,6 +805,8 @@ def _finish(graph: Graph, budget_bytes: int, preference: list[Candidate], candid
                        if own is not None and own.valid else f"{asked.method}: {asked.message}")
             if min_feasible is not None and min_feasible <= budget_bytes:
                 message += f"; other methods fit (the lowest peak found is {min_feasible} bytes)"
+        elif _asked_by_name(picked) and asked.schedule is None and asked.message and budget_bytes >= bound:
+            message += f"; {asked.method}: {asked.message}"
         proven = _proven_infeasible(budget_bytes, candidates, bound, lower_bound_s, coarse_nodes)
         return Plan(graph, budget_bytes, "", INFEASIBLE if proven else NO_SOLUTION, None, None, None, store_all,
                     min_feasible, bound, wall_s, message, coarse_nodes, tuple(candidates), bound_method, picked)
@@ -809,9 +816,13 @@ def _finish(graph: Graph, budget_bytes: int, preference: list[Candidate], candid
         best = first
     status = OPTIMAL if (best.status == OPTIMAL and (proven_optimal or best.method == "store-all")) else FEASIBLE
     message = note or best.message
-    if best is not preference[0] and preference[0].simulation is not None and preference[0].fits(budget_bytes):
-        ours, theirs = (format_seconds(c.simulation.compute_s) for c in (best, preference[0]))
-        message = f"{best.method} is cheaper than {preference[0].method} ({ours} vs {theirs})"
+    asked = preference[0]
+    if best is not asked and asked.simulation is not None and asked.fits(budget_bytes):
+        ours, theirs = (format_seconds(c.simulation.compute_s) for c in (best, asked))
+        message = f"{best.method} is cheaper than {asked.method} ({ours} vs {theirs})"
+    elif best is not asked and _asked_by_name(picked):  # say why the method asked for is not the plan
+        why = asked.message if asked.schedule is None and asked.message else "no plan that fits"
+        message = f"{asked.method}: {why}; {best.method}'s plan is the cheapest that fits"
     if meets_bound(best.simulation.compute_s, lower_bound_s):
         status = OPTIMAL  # the plan meets a valid lower bound
     if lower_bound_s is not None:

@@ -99,8 +99,10 @@ def test_graph_json_round_trip_and_hash(tmp_path):
     again = Graph.load(path)
     assert again == graph and again.content_hash == graph.content_hash
     data = json.loads(path.read_text())
+    data["nodes"][0]["compute_s"] *= 2  # costs may be edited (a graph costed again is the same graph)
+    assert Graph.from_json(data).compute_s == graph.compute_s + graph.nodes[0].compute_s
     data["nodes"][0]["output_bytes"] += 1
-    with pytest.raises(ValueError, match="hash"):
+    with pytest.raises(ValueError, match="hash does not match its ops, dependencies, sizes"):
         Graph.from_json(data)
     data["schema_version"] = 99
     with pytest.raises(ValueError, match="schema version"):

@@ -217,6 +217,8 @@ def test_cli_maxbatch_hints_at_the_overhead_cap_where_the_largest_batch_is_slow(
     hint = next(line for line in result.stdout.splitlines() if line.startswith("hint:"))
     assert "x for checkpoint-all" in hint and "for store-all" not in hint  # only the slow answer is named
     assert "--max-overhead" in hint
+    # baselines by name are the step as traced here, where `remat solve --solver NAME` may split it: said so
+    assert "store-all, checkpoint-all: their own schedule of the step as traced" in result.stdout
     capped = run("--max-overhead", "25%")
     assert capped.returncode == 0 and "hint:" not in capped.stdout
     assert "s = fits, but only over the overhead cap" in capped.stdout

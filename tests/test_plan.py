@@ -426,6 +426,17 @@ def test_a_baseline_asked_by_name_says_why_it_does_not_fit_and_carries_a_bound()
     assert sqrtn.lower_bound_s == graph.compute_s and sqrtn.gap is not None and sqrtn.gap > 0
 
 
+def test_decompose_asked_by_name_on_a_graph_without_blocks_says_so():
+    """The plan of a method asked for by name that gave none (the decomposition, on a graph without repeated blocks)
+    came back as another method's with an empty message."""
+    graph = make_graph([[], [0], [1], [0, 2], [3], [2, 4], [1, 5]], [10, 20, 30, 40, 10, 20, 5],
+                       backward=[False] * 4 + [True] * 3)
+    plan = solve(graph, 80, solver="decompose", time_limit_s=5)
+    assert plan.schedule is not None and plan.method != "decompose"
+    assert plan.message.startswith("decompose: ") and "does not apply" in plan.message
+    assert plan.message.endswith(f"{plan.method}'s plan is the cheapest that fits")
+
+
 def test_a_solve_that_finds_nothing_in_time_says_no_solution_and_infeasible_only_when_proven(monkeypatch):
     """`infeasible` claimed a proof where the time limit had only cut the search short. A binary tree of 8 leaves
     (unit sizes of 10 bytes) needs 50 bytes, though no op's working set is over 30: at 45 bytes the MILP proves no
