@@ -73,6 +73,9 @@ class PartitionedStep:
     held_names: list[str] = field(default_factory=list)
     # forward mutations the backward reads the old value of: written in the forward, the old value held as a copy
     deferred_mutations: set[str] = field(default_factory=set)
+    # those written in the forward: the forward reads their old values' copies in their place, and takes the buffers
+    # themselves after the primals, in this order, to write into
+    written_deferred: list[str] = field(default_factory=list)
 
     @property
     def num_saved(self) -> int:
@@ -248,15 +251,28 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
                   if any(_reads_value(user, placeholder) for user in placeholder.users)}
     # (one the backward reads the old value of too: the step keeps a copy of that from before the forward)
     deferred_mutations = {buffer for _, buffer in forward_mutations if buffer in read_later}
+    # The forward of such a buffer reads the copy of its old value in its place (every reader of a buffer's
+    # placeholder reads the old value: the new one is the update's own node), so its update can be written into the
+    # buffer, a placeholder after the primals, where it is made, even where a recomputation in the forward reads the
+    # buffer after that (checkpoint-all's). Returned at the forward's end, it was held to there, past the plan's count.
     written_early = {name for name, buffer in forward_mutations
                      if name not in forward_values and buffer in buffer_placeholder
-                     and all(order[user] <= order[first_copy[name]]
-                             or not _reads_value(user, buffer_placeholder[buffer])
-                             for user in buffer_placeholder[buffer].users)}
+                     and (buffer in deferred_mutations
+                          or all(order[user] <= order[first_copy[name]]
+                                 or not _reads_value(user, buffer_placeholder[buffer])
+                                 for user in buffer_placeholder[buffer].users))}
+    written_deferred = [buffer for name, buffer in forward_mutations
+                        if name in written_early and buffer in deferred_mutations]
+    target = dict(buffer_placeholder)
+    last_input = list(forward.find_nodes(op="placeholder"))[-1]
+    for k, buffer in enumerate(written_deferred):
+        with forward.inserting_after(last_input):
+            target[buffer] = last_input = forward.placeholder(f"buffer_to_write_{k}")
+        target[buffer].meta = dict(buffer_placeholder[buffer].meta)
     for name, buffer in forward_mutations:
         if name in written_early:
             with forward.inserting_after(first_copy[name]):
-                forward.call_function(torch.ops.aten.copy_.default, (buffer_placeholder[buffer], first_copy[name]))
+                forward.call_function(torch.ops.aten.copy_.default, (target[buffer], first_copy[name]))
     forward_mutations = [(name, buffer) for name, buffer in forward_mutations if name not in written_early]
     # A buffer update held at the cut comes from the copy held there: a batch norm computed again in the forward
     # lets its first copy's statistics go with it, as the simulator releases them (every copy computes the same)
@@ -273,6 +289,7 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
         forward_mutations=[buffer for _, buffer in forward_mutations],
         backward_mutations=[buffer for _, buffer in backward_mutations],
         deferred_mutations=deferred_mutations,
+        written_deferred=written_deferred,
         grad_names=[parameter for _, parameter in grads],
         saved_names=saved_names,
         rng_names=rng_names,
@@ -511,7 +528,10 @@ class _PlannedStep(torch.autograd.Function):
         old_values = {i: primals[i].detach().clone()
                       for i, (kind, name) in enumerate(zip(parts.primal_kinds, parts.primal_names, strict=True))
                       if kind in ("buffer", "input") and name in parts.deferred_mutations}
-        outputs = runner._call(parts.forward, runner.run_forward, list(primals))
+        index = {name: i for i, name in enumerate(parts.primal_names)}
+        inputs = [old_values.get(i, p) for i, p in enumerate(primals)]
+        outputs = runner._call(parts.forward, runner.run_forward,
+                               inputs + [primals[index[name]] for name in parts.written_deferred])
         loss, returned = outputs[0], outputs[1:1 + len(parts.returned_names)]
         outputs = [loss, *outputs[1 + len(returned):]]
         mutations = outputs[1:1 + len(parts.forward_mutations)]
