@@ -870,6 +870,11 @@ def _meaning(error: BaseException) -> str | None:
         if any(words in str(cause) for words in _NOT_AN_INPUT):
             return _NOT_AN_INPUT_MEANING
         if "modified by an inplace operation" in str(cause):
+            saved_by = re.search(r"which is output \d+ of (\w+)", str(cause))
+            if saved_by:  # an activation, not a buffer: eager's backward refuses it too
+                return (f"an in-place op writes a value that {saved_by.group(1)} saved for its backward (`h.add_(x)`, "
+                        "`h += x`, `relu_(h)` after the op that made h), which eager's backward refuses too; use the "
+                        "out-of-place op (`h = h + x`)")
             return ("a value an op saved for its backward is written later in the forward: a buffer replaced after "
                     "an op that reads it (an EMA updated after its use: `self.ema = 0.9 * self.ema + ...`), which the "
                     "planned step writes into the buffer, or an in-place op on such a value; read it as "

@@ -1601,6 +1601,24 @@ def test_a_buffer_replaced_after_an_op_saved_it_says_what_to_do():
         apply(ReadsThenReplaces(), budget="100%", example_inputs=(x,), device="cpu", time_limit=TIME_LIMIT)
 
 
+class WritesASavedActivation(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        h.add_(x)  # relu saved h for its backward
+        return self.b(h).pow(2).mean()
+
+
+def test_an_in_place_op_on_a_saved_activation_is_named_as_such():
+    # the message led with the buffer case (an EMA updated after its use) and told the user to clone an EMA
+    with pytest.raises(CaptureError, match=r"in-place op writes a value that Relu saved .*op \(`h = h \+ x`\)"):
+        apply(WritesASavedActivation(), budget="100%", example_inputs=(torch.randn(4, 8),), device="cpu",
+              time_limit=TIME_LIMIT)
+
+
 class AddsThenReplaces(nn.Module):
     """A buffer read by an op that saves nothing (an add), then replaced: a plan that recomputes the add in the
     backward must read the old value."""
