@@ -689,7 +689,8 @@ def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, bac
         lower_bound_s = None
     finest = milp_candidates[-1]
     candidates = _long_checkpoint_all_if_nothing_fits(graph, budget_bytes, candidates, say)
-    where = f"MILP on {coarse_nodes} coarse nodes" if levels else f"MILP on the whole graph ({len(graph)} nodes)"
+    model = {"cpsat": "CP-SAT", "lp-round": "LP relaxation, rounded,"}.get(name, "MILP")
+    where = f"{model} on {coarse_nodes} coarse nodes" if levels else f"{model} on the whole graph ({len(graph)} nodes)"
     picked = (f"{name}: {where}{auto_note}" if solver == "auto" else f"{solver} (asked for by name): {where}")
     return _finish(graph, budget_bytes, [finest] + [c for c in candidates if c is not finest], candidates,
                    store_all, bound, started, lower_bound_s, coarse_nodes,

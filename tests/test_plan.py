@@ -435,6 +435,8 @@ def test_decompose_asked_by_name_on_a_graph_without_blocks_says_so():
     assert plan.schedule is not None and plan.method != "decompose"
     assert plan.message.startswith("decompose: ") and "does not apply" in plan.message
     assert plan.message.endswith(f"{plan.method}'s plan is the cheapest that fits")
+    # and a CP-SAT solve is not called a MILP
+    assert solve(graph, 80, solver="cpsat", time_limit_s=5).picked.endswith("CP-SAT on the whole graph (7 nodes)")
 
 
 def test_a_solve_that_finds_nothing_in_time_says_no_solution_and_infeasible_only_when_proven(monkeypatch):
