@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import os
 import re
+import sys
 import traceback
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -606,6 +607,7 @@ def _record_module_paths(model: nn.Module):
             handle.remove()
 
 
+FUNCTION_KEY = "autograd_function"  # node.meta["custom"][FUNCTION_KEY]: the op ran in this Function's forward
 NO_GRAD_KEY = "no_grad"  # node.meta["custom"][NO_GRAD_KEY]: the op ran with grad disabled (torch.no_grad(), ...)
 
 
@@ -620,9 +622,13 @@ class _RecordGradMode(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         if torch.is_grad_enabled():
             return func(*args, **kwargs)
+        # A custom autograd.Function's forward runs with grad disabled too, but its backward is in the joint graph:
+        # such an op is marked with the Function's name instead (a split capture could not keep that backward)
+        function = _autograd_function_running()
+        mark = {FUNCTION_KEY: function} if function else {NO_GRAD_KEY: True}
         meta = fx_traceback.current_meta
         had, before = "custom" in meta, meta.get("custom")
-        meta["custom"] = {**(before or {}), NO_GRAD_KEY: True}
+        meta["custom"] = {**(before or {}), **mark}
         try:
             return func(*args, **kwargs)
         finally:
@@ -632,9 +638,31 @@ class _RecordGradMode(torch.overrides.TorchFunctionMode):
                 meta.pop("custom", None)
 
 
+def _autograd_function_running() -> str | None:
+    """The name of the custom torch.autograd.Function whose forward is running, if one is: its `apply` is on the
+    stack (a TorchFunctionMode does not see Function.apply itself). Asked only where grad is disabled."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_name == "apply" and frame.f_code.co_filename.endswith(_FUNCTION_FILE):
+            function = frame.f_locals.get("cls")
+            if isinstance(function, type) and issubclass(function, torch.autograd.Function):
+                return function.__qualname__
+        frame = frame.f_back
+    return None
+
+
+_FUNCTION_FILE = os.path.join("torch", "autograd", "function.py")
+
+
 def ran_without_grad(node: torch.fx.Node) -> bool:
-    """Whether the captured op ran with grad disabled (_RecordGradMode)."""
+    """Whether the captured op ran with grad disabled (_RecordGradMode), outside a custom autograd.Function."""
     return bool((node.meta.get("custom") or {}).get(NO_GRAD_KEY))
+
+
+def autograd_functions(step: CapturedStep) -> list[str]:
+    """The custom torch.autograd.Functions the step's forward ran (_RecordGradMode), by name, in order."""
+    names = ((node.meta.get("custom") or {}).get(FUNCTION_KEY) for node in step.joint.graph.nodes)
+    return list(dict.fromkeys(name for name in names if name))
 
 
 def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[str, Any],

@@ -33,7 +33,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat.capture import Call, CapturedStep, build_on_fake, capture_step, fake_tensor_mode, uncompiled
+from remat.capture import (
+    Call,
+    CapturedStep,
+    autograd_functions,
+    build_on_fake,
+    capture_step,
+    fake_tensor_mode,
+    uncompiled,
+)
 from remat.comparators import compile_budget_candidate, compile_method
 from remat.cost import load_profile
 from remat.graph import Graph
@@ -193,6 +201,13 @@ class SplitTracer:
     def step(self) -> CapturedStep:
         return self.unsplit.step
 
+    @cached_property
+    def custom_functions(self) -> list[str]:
+        """The custom torch.autograd.Functions the step runs: a split variant is captured again from the joint
+        graph's forward, and autograd would differentiate their ops there, not run their own backward (BLOOM's
+        GeLUFunction: its MLP's weights got no gradient at all with the MLPs split). Such a step is not split."""
+        return autograd_functions(self.step)
+
     @contextlib.contextmanager
     def _tracing(self):
         with torch.random.fork_rng(devices=[]), self.mode:  # tracing a real model must not move its RNG
@@ -207,6 +222,8 @@ class SplitTracer:
         than FLOOR_GAIN. The chunk count doubles for the region that holds the largest op or the op at
         checkpoint-all's peak (the head's, the MLPs' or the attention blocks'), or for both when doubling either
         alone does not lower them. None when there is nothing to split. Traced as they are asked for and kept."""
+        if self.custom_functions:  # a split capture differentiates their forward ops itself: not their backward
+            return
         current = self.unsplit
         while True:
             regions = self._limiting(current)
@@ -429,7 +446,10 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
             break
     floors.update((k, v.floor_bytes) for k, v in tracer.variants.items() if v is not None)  # every one traced
     if len(variants) == 1:
-        if slow_to_trace:  # (tracer.head is not looked for either: that copies the joint graph)
+        if tracer.custom_functions:
+            why_not = (f"not split: the step runs a custom autograd.Function ({', '.join(tracer.custom_functions)}), "
+                       "whose own backward a split step would not keep")
+        elif slow_to_trace:  # (tracer.head is not looked for either: that copies the joint graph)
             why_not = (f"not split: the budget is above the unsplit floor, and tracing a split variant takes about "
                        f"as long as the step's trace ({tracer.trace_s:.0f} s), more than {TRACE_SHARE:.0%} of the "
                        f"time limit")

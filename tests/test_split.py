@@ -7,6 +7,7 @@ relative. Hugging Face computes its loss in float32 (`logits.float()`), so the l
 (1e-6 relative).
 """
 
+import copy
 import re
 from functools import cache
 from types import SimpleNamespace
@@ -605,3 +606,48 @@ def test_attention_with_dropout_is_not_split():
         model.p = p
         step = capture_step(model, (torch.randn(4, 6, 16),))
         assert len(find_attention(forward_graph(step), batch=4)) == expected
+
+
+class RoundSTE(torch.autograd.Function):
+    """Rounding with a straight-through backward: autograd's own derivative of round is zero."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x * 4) / 4
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+class QuantizedMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(nn.Linear(64, 64) for _ in range(6))
+        self.out = nn.Linear(64, 4)
+
+    def forward(self, x, y):
+        for layer in self.layers:
+            x = torch.tanh(RoundSTE.apply(layer(x)))
+        return nn.functional.cross_entropy(self.out(x), y)
+
+
+def test_a_step_with_a_custom_autograd_function_is_not_split():
+    """A split step is captured again from the joint graph's forward, where the ops of a custom autograd.Function's
+    forward were marked as run under no_grad: every layer before the head got no gradient (BLOOM's GeLUFunction
+    too). Autograd differentiating them instead would lose the Function's own backward (zero for this rounding).
+    Such a step is not split, and its plan gives eager's gradients."""
+    from remat import apply
+
+    model = QuantizedMLP().double()
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(512, 64, dtype=torch.float64), torch.randint(0, 4, (512,))
+    planned = apply(model, budget="70%", example_inputs=(x, y), device="cpu", time_limit=10)
+    meta = planned.planned.graph.meta
+    assert meta.get("split") is None
+    assert "custom autograd.Function (RoundSTE)" in meta["split_note"]
+    planned(x, y).backward()
+    reference(x, y).backward()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert p.grad is not None and torch.allclose(p.grad, q.grad, rtol=1e-12, atol=1e-14)
