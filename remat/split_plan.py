@@ -459,7 +459,8 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
             # the largest op is in a region that splits, but splitting it raises the floor or the reach elsewhere
             # (GPT-2 at batch 2: the tied embedding's gradient accumulated in float32), which this note hid
             variant = min(tried, key=lambda v: (v.floor_bytes, v.reach_bytes))
-            why_not = (f"not split: splitting lowers neither the single-op floor nor checkpoint-all's peak (unsplit "
+            why_not = (f"not split: splitting lowers neither the single-op floor nor checkpoint-all's peak by more "
+                       f"than {FLOOR_GAIN:.0%} (unsplit "
                        f"{format_bytes(unsplit.floor_bytes)} and {format_bytes(unsplit.reach_bytes)}; with the "
                        f"{variant.split.short()} {format_bytes(variant.floor_bytes)} and "
                        f"{format_bytes(variant.reach_bytes)})")
