@@ -78,6 +78,7 @@ MAX_ROWS_NODES = 300  # larger graphs give drops the whole search: on MobileNet-
 #                       at 1.1 x min no rows anneal ever beat its start, and MobileNet's drops need the whole 30 s
 #                       (drops only +27.2%, both runs; half each: +31.3%, nothing found in four runs)
 MAX_ANNEALS_AT_ONCE = 8  # anneals side by side in a round: one per core, up to this many
+LP_ROUND_SHARE = 0.1  # of the time left, for lp-round on a whole graph where no schedule found so far fits
 MAX_POLISH_NODES = 300  # the whole-graph MILP polishes plans of graphs up to this size, when the time left covers it
 WINDOW_SHARE = 0.4  # of the time after the bound, for window polish (solvers/window.py) where the whole-graph MILP
 #                     cannot polish; the search gets the rest. Only with WINDOW_MIN_LEFT_S or more left: a window
@@ -626,6 +627,14 @@ def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, bac
             schedule = level.expand(schedule) if schedule is not None else None
         return schedule
 
+    if solver == "auto" and not levels and not any(c.fits(budget_bytes) for c in candidates):
+        # Nothing fits yet to warm-start the MILP, which may then find nothing in its time: the rounded LP relaxation
+        # is quick on a graph this size and often fits (a 4-layer MLP's 25 nodes at 80%: lp-round's plan, at the
+        # optimum's cost, in 0.12 s, where the MILP found no schedule in the 1.5 s a 5-s limit left it)
+        say("rounding the LP relaxation")
+        rounded = solve_with("lp-round", graph, budget_bytes,
+                             SolveOptions(time_limit_s=left(LP_ROUND_SHARE), backend=backend))
+        candidates.append(_candidate(graph, "lp-round", rounded, rounded.schedule))
     name = "checkmate" if solver == "auto" else solver
     coarser: Schedule | None = None  # the previous level's plan, expanded to this level
     lowest_peak = min(c.simulation.peak_bytes for c in candidates if c.simulation is not None and c.simulation.valid)
