@@ -59,6 +59,8 @@ class CapturedStep:
     output_names: list[str]  # parameter name for gradients, buffer name for mutations
     precision: str
     returns: OutputLayout | None = None  # where the loss sits in what the model returns (None: the loss alone)
+    # what the backward runs beyond the forward ops' derivatives: custom autograd.Functions, backward hooks
+    own_backward: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -565,6 +567,17 @@ def _warn_of_forward_hooks(model: nn.Module) -> None:
                       "module's inputs or output is planned, but what they record elsewhere (activations kept in a "
                       "list, a logger) is not updated at each step, and holds tensors of the trace that cannot be "
                       "read; compute such values from the model's outputs", stacklevel=3)
+    # Backward hooks too: the planned backward is the traced one (a logger hook was called once, at the trace, and
+    # never at a step, with no word said)
+    hooked = [path or type(model).__name__ for path, module in model.named_modules()
+              if module._backward_hooks or module._backward_pre_hooks]
+    if hooked:
+        where = ", ".join(hooked[:3]) + (" and more" if len(hooked) > 3 else "")
+        warnings.warn(f"backward hooks on {where} run once, when the step is traced: what they change in the "
+                      "gradients is planned, but what they record elsewhere (gradient norms kept in a list, a "
+                      "logger) is not updated at each step; read the gradients after backward() instead, or hook the "
+                      "parameters (`p.register_hook`, `p.register_post_accumulate_grad_hook`), whose hooks run at "
+                      "each step", stacklevel=3)
 
 
 def _requires_grad_hook(hook: Any) -> bool:
@@ -607,7 +620,6 @@ def _record_module_paths(model: nn.Module):
             handle.remove()
 
 
-FUNCTION_KEY = "autograd_function"  # node.meta["custom"][FUNCTION_KEY]: the op ran in this Function's forward
 NO_GRAD_KEY = "no_grad"  # node.meta["custom"][NO_GRAD_KEY]: the op ran with grad disabled (torch.no_grad(), ...)
 
 
@@ -616,19 +628,29 @@ class _RecordGradMode(torch.overrides.TorchFunctionMode):
     value computed under `torch.no_grad()` is a constant there only because the backward sends it nothing, so a
     forward graph captured again (remat.split's GraphStep) would differentiate it. The mark lets it run that op
     under no_grad again (spectral_norm's power iteration; a scale computed under no_grad: 9% off in the split
-    step's gradients before)."""
+    step's gradients before).
+
+    It also records what the step's backward runs beyond the derivatives of the forward's ops (`own_backward`):
+    custom autograd.Functions (whose forward runs with grad disabled too, not marked), a module's full backward hook
+    (one of them) and tensor hooks. A forward graph captured again would not keep them."""
+
+    def __init__(self):
+        super().__init__()
+        self.own_backward: dict[str, None] = {}  # in the order first seen
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is torch.Tensor.register_hook:
+            self.own_backward[TENSOR_HOOK] = None
         if torch.is_grad_enabled():
             return func(*args, **kwargs)
-        # A custom autograd.Function's forward runs with grad disabled too, but its backward is in the joint graph:
-        # such an op is marked with the Function's name instead (a split capture could not keep that backward)
         function = _autograd_function_running()
-        mark = {FUNCTION_KEY: function} if function else {NO_GRAD_KEY: True}
+        if function is not None:
+            self.own_backward[_FUNCTION_NAMES.get(function, f"custom autograd.Function {function}")] = None
+            return func(*args, **kwargs)
         meta = fx_traceback.current_meta
         had, before = "custom" in meta, meta.get("custom")
-        meta["custom"] = {**(before or {}), **mark}
+        meta["custom"] = {**(before or {}), NO_GRAD_KEY: True}
         try:
             return func(*args, **kwargs)
         finally:
@@ -636,6 +658,10 @@ class _RecordGradMode(torch.overrides.TorchFunctionMode):
                 meta["custom"] = before
             else:
                 meta.pop("custom", None)
+
+
+TENSOR_HOOK = "a tensor hook (register_hook)"
+_FUNCTION_NAMES = {"BackwardHookFunction": "a module's full backward hook"}  # torch's own Function for those hooks
 
 
 def _autograd_function_running() -> str | None:
@@ -657,12 +683,6 @@ _FUNCTION_FILE = os.path.join("torch", "autograd", "function.py")
 def ran_without_grad(node: torch.fx.Node) -> bool:
     """Whether the captured op ran with grad disabled (_RecordGradMode), outside a custom autograd.Function."""
     return bool((node.meta.get("custom") or {}).get(NO_GRAD_KEY))
-
-
-def autograd_functions(step: CapturedStep) -> list[str]:
-    """The custom torch.autograd.Functions the step's forward ran (_RecordGradMode), by name, in order."""
-    names = ((node.meta.get("custom") or {}).get(FUNCTION_KEY) for node in step.joint.graph.nodes)
-    return list(dict.fromkeys(name for name in names if name))
 
 
 def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[str, Any],
@@ -687,8 +707,9 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
         _warn_of_forward_hooks(model)
     step = LossStep(model, loss_fn, precision, call, outputs)
     step.tracing = True
+    grad_mode = _RecordGradMode()
     with _keeping_module_state(model), _record_module_paths(model), _compiling(), _without_onednn(), \
-            contextlib.ExitStack() as stack, warnings.catch_warnings(), _RecordGradMode():
+            contextlib.ExitStack() as stack, warnings.catch_warnings(), grad_mode:
         # AOTAutograd differentiates in anomaly mode, which warns "Error detected in ..." with a forward traceback
         # where an op's backward fails, also where torch recovers: the error, if any, is explained below
         warnings.filterwarnings("ignore", message="Error detected in")
@@ -699,6 +720,10 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
         except Exception as error:  # torch raises many types; the user needs the gist
             raise CaptureError(f"could not trace the training step: {_explain(error)}") from error
     gm = joint.graph_module
+    if warn_of_hooks and TENSOR_HOOK in grad_mode.own_backward:
+        warnings.warn("a tensor hook registered in the forward (`h.register_hook(...)`) runs once, when the step is "
+                      "traced: what it changes in the gradient is planned, but what it records elsewhere (a logger, "
+                      "a list) is not updated at each step", stacklevel=3)
     input_kinds, input_names = [], []
     for node in gm.graph.find_nodes(op="placeholder"):
         kind, name = _describe_input(node.meta.get("desc"))
@@ -725,7 +750,7 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
                                      "outputs), so there is nothing to train; return a loss made of the model's "
                                      "outputs")
     return CapturedStep(gm, input_kinds, input_names, _tied_tensors(step), output_kinds, output_names, precision,
-                        step.layout)
+                        step.layout, tuple(grad_mode.own_backward))
 
 
 def _register_plain_tensors(model: nn.Module) -> None:

@@ -36,7 +36,6 @@ from torch import nn
 from remat.capture import (
     Call,
     CapturedStep,
-    autograd_functions,
     build_on_fake,
     capture_step,
     fake_tensor_mode,
@@ -201,12 +200,13 @@ class SplitTracer:
     def step(self) -> CapturedStep:
         return self.unsplit.step
 
-    @cached_property
-    def custom_functions(self) -> list[str]:
-        """The custom torch.autograd.Functions the step runs: a split variant is captured again from the joint
-        graph's forward, and autograd would differentiate their ops there, not run their own backward (BLOOM's
-        GeLUFunction: its MLP's weights got no gradient at all with the MLPs split). Such a step is not split."""
-        return autograd_functions(self.step)
+    @property
+    def own_backward(self) -> tuple[str, ...]:
+        """What the step's backward runs beyond the derivatives of its forward's ops (custom autograd.Functions,
+        backward hooks): a split variant is captured again from the joint graph's forward, where autograd would
+        differentiate the ops alone (BLOOM's GeLUFunction: its MLP's weights got no gradient at all with the MLPs
+        split; a gradient-reversal hook's layers got the opposite gradient). Such a step is not split."""
+        return self.step.own_backward
 
     @contextlib.contextmanager
     def _tracing(self):
@@ -222,7 +222,7 @@ class SplitTracer:
         than FLOOR_GAIN. The chunk count doubles for the region that holds the largest op or the op at
         checkpoint-all's peak (the head's, the MLPs' or the attention blocks'), or for both when doubling either
         alone does not lower them. None when there is nothing to split. Traced as they are asked for and kept."""
-        if self.custom_functions:  # a split capture differentiates their forward ops itself: not their backward
+        if self.own_backward:  # a split capture differentiates the forward's ops alone
             return
         current = self.unsplit
         while True:
@@ -446,9 +446,9 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
             break
     floors.update((k, v.floor_bytes) for k, v in tracer.variants.items() if v is not None)  # every one traced
     if len(variants) == 1:
-        if tracer.custom_functions:
-            why_not = (f"not split: the step runs a custom autograd.Function ({', '.join(tracer.custom_functions)}), "
-                       "whose own backward a split step would not keep")
+        if tracer.own_backward:
+            why_not = (f"not split: the step's backward runs {', '.join(tracer.own_backward)}, which a split step's "
+                       "capture would not keep")
         elif slow_to_trace:  # (tracer.head is not looked for either: that copies the joint graph)
             why_not = (f"not split: the budget is above the unsplit floor, and tracing a split variant takes about "
                        f"as long as the step's trace ({tracer.trace_s:.0f} s), more than {TRACE_SHARE:.0%} of the "

@@ -627,7 +627,7 @@ def _plan_traced(tracer: SplitTracer, budget: str | int | float, solver: str, ti
                             f"{format_bytes(lowest)} here")
         more_chunks = ("; a longer time_limit traces the step split in more chunks, which may fit"
                        if result.graph.meta.get("split_cut") else "")
-        if tracer.custom_functions:  # where a split could have fit: say why there is none
+        if tracer.own_backward:  # where a split could have fit: say why there is none
             more_chunks += f"; {result.graph.meta.get('split_note', '')}"
         proven = result.coarse_nodes is None and any(
             c.method == "checkmate-min-peak" and c.status == OPTIMAL and c.simulation is not None

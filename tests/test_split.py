@@ -9,6 +9,7 @@ relative. Hugging Face computes its loss in float32 (`logits.float()`), so the l
 
 import copy
 import re
+import warnings
 from functools import cache
 from types import SimpleNamespace
 
@@ -623,32 +624,53 @@ class RoundSTE(torch.autograd.Function):
 
 
 class QuantizedMLP(nn.Module):
-    def __init__(self):
+    """Six layers, each through a straight-through rounding, a gradient reversal hook (as in DANN), or a module
+    with a full backward hook that scales its gradient."""
+
+    def __init__(self, through: str = "function"):
         super().__init__()
         torch.manual_seed(0)
         self.layers = nn.ModuleList(nn.Linear(64, 64) for _ in range(6))
         self.out = nn.Linear(64, 4)
+        self.through = through
+        if through == "module hook":
+            for layer in self.layers:
+                layer.register_full_backward_hook(
+                    lambda module, grad_in, grad_out: tuple(None if g is None else g * 0.5 for g in grad_in))
 
     def forward(self, x, y):
         for layer in self.layers:
-            x = torch.tanh(RoundSTE.apply(layer(x)))
+            x = layer(x)
+            if self.through == "function":
+                x = RoundSTE.apply(x)
+            elif self.through == "tensor hook":
+                x.register_hook(lambda grad: -grad)
+            x = torch.tanh(x)
         return nn.functional.cross_entropy(self.out(x), y)
 
 
-def test_a_step_with_a_custom_autograd_function_is_not_split():
+@pytest.mark.parametrize(("through", "named"), [("function", "custom autograd.Function RoundSTE"),
+                                                 ("tensor hook", "a tensor hook (register_hook)"),
+                                                 ("module hook", "a module's full backward hook")])
+def test_a_step_whose_backward_runs_its_own_code_is_not_split(through, named):
     """A split step is captured again from the joint graph's forward, where the ops of a custom autograd.Function's
     forward were marked as run under no_grad: every layer before the head got no gradient (BLOOM's GeLUFunction
-    too). Autograd differentiating them instead would lose the Function's own backward (zero for this rounding).
-    Such a step is not split, and its plan gives eager's gradients."""
+    too; and the same through a module's full backward hook, a Function of torch's). A tensor hook was lost: the
+    reversed gradients came out unreversed. Autograd differentiating the forward's ops would lose the Function's
+    own backward (zero for this rounding). Such a step is not split, and its plan gives eager's gradients."""
     from remat import apply
 
-    model = QuantizedMLP().double()
+    model = QuantizedMLP(through).double()
     reference = copy.deepcopy(model)
     x, y = torch.randn(512, 64, dtype=torch.float64), torch.randint(0, 4, (512,))
-    planned = apply(model, budget="70%", example_inputs=(x, y), device="cpu", time_limit=10)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        planned = apply(model, budget="70%", example_inputs=(x, y), device="cpu", time_limit=10)
     meta = planned.planned.graph.meta
     assert meta.get("split") is None
-    assert "custom autograd.Function (RoundSTE)" in meta["split_note"]
+    assert f"backward runs {named}, which" in meta["split_note"]
+    if through != "function":  # their side effects run at the trace only: said so
+        assert any("hook" in str(w.message) and "once, when the step is traced" in str(w.message) for w in caught)
     planned(x, y).backward()
     reference(x, y).backward()
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
