@@ -21,8 +21,9 @@ import os
 import re
 import sys
 import traceback
+import types
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -495,6 +496,49 @@ def _without_onednn():
         torch._C._set_mkldnn_enabled(previous)
 
 
+def _warn_of_generators_made_in_forward(model: nn.Module, generators: Iterable[torch.Generator]) -> None:
+    """A generator the forward makes and seeds at each call (`torch.Generator().manual_seed(3)`) gives eager the same
+    draws every time; the planned step holds the one the trace made, and draws on from it (the loss off by 1e-2 from
+    the second step, silently). One the model holds, or its module's globals, is drawn from at each step as in eager.
+    A generator found in neither is taken to be made in the forward."""
+    known = {id(torch.default_generator)}
+    for module in model.modules():
+        places = [vars(module), vars(sys.modules.get(type(module).__module__, types.ModuleType("none")))]
+        for value in (v for place in places for v in place.values()):
+            for item in (value.values() if isinstance(value, dict) else value
+                         if isinstance(value, (list, tuple)) else (value,)):
+                if isinstance(item, torch.Generator):
+                    known.add(id(item))
+    if any(id(generator) not in known for generator in generators):
+        warnings.warn("the forward draws from a torch.Generator that neither the model nor its module holds: if the "
+                      "forward makes (or seeds) it at each call, as for a fixed random projection, the planned step "
+                      "draws on from the one made at the trace, and its numbers are not eager's after the first step; "
+                      "keep the generator as an attribute, seeded once, or make the fixed tensor once, as a buffer",
+                      stacklevel=3)
+
+
+@contextlib.contextmanager
+def _refusing_reseeds():
+    """A forward that seeds torch's generator (`torch.manual_seed(3)` before a fixed random projection) draws the same
+    numbers at every call in eager; the trace does not keep the seeding, so the planned step drew on from the
+    generator's state: other numbers from the second step (a loss off by 1e-2, silently). Refused instead."""
+    def refuse(*args, **kwargs):
+        raise CaptureError("the forward seeds torch's random number generator (torch.manual_seed / torch.seed), which "
+                           "a planned step cannot do at each call: its random ops draw on from the generator's state. "
+                           "Make a fixed random tensor once (in __init__, as a buffer), or keep a torch.Generator of "
+                           "your own as an attribute, seeded once, and draw from it (generator=...)")
+
+    saved = [(module, name, getattr(module, name))
+             for module in (torch, torch.random) for name in ("manual_seed", "seed")]
+    for module, name, _ in saved:
+        setattr(module, name, refuse)
+    try:
+        yield
+    finally:
+        for module, name, original in saved:
+            setattr(module, name, original)
+
+
 _HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
                 "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
 
@@ -637,9 +681,12 @@ class _RecordGradMode(torch.overrides.TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.own_backward: dict[str, None] = {}  # in the order first seen
+        self.generators: dict[int, torch.Generator] = {}  # the generators random ops drew from (generator=...)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if isinstance(kwargs.get("generator"), torch.Generator):
+            self.generators[id(kwargs["generator"])] = kwargs["generator"]
         if func is torch.Tensor.register_hook:
             self.own_backward[TENSOR_HOOK] = None
         if torch.is_grad_enabled():
@@ -709,7 +756,7 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
     step.tracing = True
     grad_mode = _RecordGradMode()
     with _keeping_module_state(model), _record_module_paths(model), _compiling(), _without_onednn(), \
-            contextlib.ExitStack() as stack, warnings.catch_warnings(), grad_mode:
+            _refusing_reseeds(), contextlib.ExitStack() as stack, warnings.catch_warnings(), grad_mode:
         # AOTAutograd differentiates in anomaly mode, which warns "Error detected in ..." with a forward traceback
         # where an op's backward fails, also where torch recovers: the error, if any, is explained below
         warnings.filterwarnings("ignore", message="Error detected in")
@@ -720,6 +767,8 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
         except Exception as error:  # torch raises many types; the user needs the gist
             raise CaptureError(f"could not trace the training step: {_explain(error)}") from error
     gm = joint.graph_module
+    if warn_of_hooks:
+        _warn_of_generators_made_in_forward(model, grad_mode.generators.values())
     if warn_of_hooks and TENSOR_HOOK in grad_mode.own_backward:
         warnings.warn("a tensor hook registered in the forward (`h.register_hook(...)`) runs once, when the step is "
                       "traced: what it changes in the gradient is planned, but what it records elsewhere (a logger, "
