@@ -156,9 +156,14 @@ def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_
                  f"--solver auto, whose plans go down to {_fmt(plan.min_feasible_bytes)} here")
         more_chunks = (", or a longer --time-limit: it was too short to trace the step split in more chunks, which "
                        "may fit" if plan.graph.meta.get("split_cut") else "")
-        fail(f"no plan fits {format_bytes(budget_bytes)} ({budget_bytes} bytes) for {model}: the minimum feasible "
-             f"budget found is {_fmt(plan.min_feasible_bytes)} ({plan.min_feasible_bytes} bytes); "
-             f"use --budget {_ceil_size(plan.min_feasible_bytes)} or more"
+        # a search cut short names the lowest peak it reached, which a longer one may beat (clip at 975.58 KB: a
+        # plan at 970 KB was found with another budget)
+        lowest = (f"the minimum feasible budget is {_fmt(plan.min_feasible_bytes)} ({plan.min_feasible_bytes} bytes); "
+                  f"use --budget {_ceil_size(plan.min_feasible_bytes)} or more" if plan.min_feasible_proven else
+                  f"the lowest peak found in the time limit is {_fmt(plan.min_feasible_bytes)} "
+                  f"({plan.min_feasible_bytes} bytes), which --budget {_ceil_size(plan.min_feasible_bytes)} fits; a "
+                  f"longer --time-limit may find a lower one")
+        fail(f"no plan fits {format_bytes(budget_bytes)} ({budget_bytes} bytes) for {model}: {lowest}"
              f"{', or a smaller --batch' if plan.graph.meta.get('batch', 2) != 1 else ''}{more_chunks}")
 
 

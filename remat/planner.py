@@ -145,6 +145,15 @@ class Plan:
             return None
         return max(0.0, (self.simulation.compute_s - self.lower_bound_s) / self.simulation.compute_s)
 
+    @property
+    def min_feasible_proven(self) -> bool:
+        """Whether min_feasible_bytes is the minimum budget, not only the lowest peak found in the time: it is the
+        single-op floor, or the min-peak MILP on the whole graph proved it."""
+        lowest = self.min_feasible_bytes
+        return lowest is not None and (lowest == self.min_budget_lower_bound_bytes or self.coarse_nodes is None and any(
+            c.method == "checkmate-min-peak" and c.status == OPTIMAL and c.simulation is not None
+            and c.simulation.peak_bytes == lowest for c in self.candidates))
+
     def to_json(self) -> dict:
         """The plan file: enough to check it fits a graph and to run it."""
         return {

@@ -50,7 +50,7 @@ from remat.schedule import Schedule
 from remat.simulate import Simulation, simulate
 from remat.split_plan import SplitTracer, solve_split
 from remat.units import format_bytes, is_share
-from solvers.base import INFEASIBLE, OPTIMAL
+from solvers.base import INFEASIBLE
 
 BACKENDS = ("eager", "inductor")
 # A warning at this many input signatures: inputs padded to each batch's longest sequence make a plan per length,
@@ -629,9 +629,7 @@ def _plan_traced(tracer: SplitTracer, budget: str | int | float, solver: str, ti
                        if result.graph.meta.get("split_cut") else "")
         if tracer.own_backward:  # where a split could have fit: say why there is none
             more_chunks += f"; {result.graph.meta.get('split_note', '')}"
-        proven = result.coarse_nodes is None and any(
-            c.method == "checkmate-min-peak" and c.status == OPTIMAL and c.simulation is not None
-            and c.simulation.peak_bytes == lowest for c in result.candidates)
+        proven = result.min_feasible_proven
         # a search cut short by the time limit names the lowest peak it reached, which a longer one may beat
         minimum = ("the minimum feasible budget for this model and input is" if proven else
                    f"the lowest peak found in time_limit={time_limit:g} s is")

@@ -140,7 +140,9 @@ def test_infeasible_budget_names_the_minimum(factory_file):
     assert summary["status"] == "infeasible"
     minimum = summary["min_feasible_bytes"]
     assert minimum > fixed + 1
-    assert str(minimum) in result.stderr and "minimum feasible budget" in result.stderr
+    # (named a minimum only where it is proven: a 2-s search names the lowest peak it found, which a longer may beat)
+    assert str(minimum) in result.stderr and ("the minimum feasible budget is" in result.stderr
+                                              or "the lowest peak found in the time limit is" in result.stderr)
     # and a budget 1% above that minimum gets a plan
     again = remat("solve", "--model", f"{factory_file}:make", "--budget", str(int(minimum * 1.01)), "--json",
                   "--time-limit", "5")
