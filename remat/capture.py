@@ -920,6 +920,10 @@ def _explain(error: BaseException) -> str:
     if meaning:
         gist = f"{meaning} (torch: {gist})"
     where = _model_line(error)
+    if where and meaning and meaning.startswith("Python reads a tensor's value") and "rand" in where.partition("`")[2]:
+        # LayerDrop (wav2vec2's and HuBERT's layerdrop=0.1 by default) and stochastic depth skip layers at random
+        gist += ("; a branch on a random number (LayerDrop, stochastic depth) is one a traced graph cannot take: set "
+                 "its probability to 0 (Hugging Face: layerdrop=0.0), or drop layers with a mask multiplied in")
     return f"{where}: {gist}" if where else gist
 
 

@@ -1778,3 +1778,23 @@ def test_random_numbers_seeded_in_the_forward_are_refused_or_said_and_a_held_gen
         planned = apply(model, budget="100%", example_inputs=(x, y), device="cpu", solver="checkpoint-all")
     for _ in range(3):
         _same_step(planned, model, reference, x, y)
+
+
+class DropsLayers(nn.Module):
+    """LayerDrop: each layer skipped at random in training (wav2vec2's and HuBERT's default layerdrop=0.1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x):
+        for layer in self.layers:
+            if torch.rand([]) < 0.1:
+                continue
+            x = torch.tanh(layer(x))
+        return x.pow(2).mean()
+
+
+def test_a_branch_on_a_random_number_is_named_with_what_to_do():
+    with pytest.raises(CaptureError, match=r"torch.rand\(\[\]\) < 0.1.*LayerDrop.*layerdrop=0.0"):
+        apply(DropsLayers(), budget="80%", example_inputs=(torch.randn(4, 8),), device="cpu", time_limit=TIME_LIMIT)
