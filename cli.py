@@ -723,7 +723,7 @@ def run(model, plan_path, budget, batch, seq, precision, optimizer, steps, time_
 
     from remat.capture import Call, CaptureError
     from remat.models import ModelError, build_model
-    from remat.training import PlanError, PlanFile, apply, backward_from
+    from remat.training import PlanError, PlanFile, apply
 
     if (plan_path is None) == (budget is None):
         fail("give either --plan FILE or --budget SIZE")
@@ -762,9 +762,8 @@ def run(model, plan_path, budget, batch, seq, precision, optimizer, steps, time_
         started = time.perf_counter()
         if index == 0:
             loss, memory = planned.measure(*args, **kwargs)
-        else:
-            loss = planned(*args, **kwargs)
-            backward_from(loss)
+        else:  # the loss, whatever the model returns around it (a dict, a Hugging Face output object)
+            loss = planned.run_step(*args, **kwargs)
         if optimizer is not None:
             optimizer.step()
         spec.model.zero_grad()

@@ -321,6 +321,17 @@ class RematModule(nn.Module):
             self.plans.pop(oldest, None)
         return self.steps[key]
 
+    def run_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Run forward and backward once, as `measure()` does without measuring, and return the loss (detached),
+        whatever the model returns around it (a Hugging Face output object, a dict): for a loop that steps any
+        model, as `remat run` does. A model that returns logits or features is run backward as if their sum were
+        the loss."""
+        call = Call(args, kwargs)
+        step = self._prepared(call)
+        loss = step.runner.loss(self._primals(step.parts, call.tensors))
+        backward_from(loss)
+        return loss.detach()
+
     def measure(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, StepMemory]:
         """Run forward and backward once and measure memory; returns the loss and the memory. A model that returns
         logits or features is run backward as if their sum were the loss.

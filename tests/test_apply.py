@@ -4,6 +4,7 @@ and holds the bytes the simulator planned, for budgets from store-all down to th
 import copy
 import dataclasses
 import json
+import math
 import pickle
 import random
 import re
@@ -1798,3 +1799,39 @@ class DropsLayers(nn.Module):
 def test_a_branch_on_a_random_number_is_named_with_what_to_do():
     with pytest.raises(CaptureError, match=r"torch.rand\(\[\]\) < 0.1.*LayerDrop.*layerdrop=0.0"):
         apply(DropsLayers(), budget="80%", example_inputs=(torch.randn(4, 8),), device="cpu", time_limit=TIME_LIMIT)
+
+
+DICT_FACTORY = '''
+import torch
+from torch import nn
+
+
+class ReturnsADict(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 4)
+
+    def forward(self, x, y):
+        logits = self.b(torch.tanh(self.a(x)))
+        return {"loss": nn.functional.cross_entropy(logits, y), "logits": logits}
+
+
+def make(batch=8):
+    return ReturnsADict(), (torch.randn(batch, 16), torch.randint(0, 4, (batch,)))
+'''
+
+
+def test_remat_run_steps_a_model_that_returns_a_dict(tmp_path):
+    """Its second step failed with "'dict' object has no attribute 'backward'" (a Hugging Face output object, a tuple
+    too): the first step's measure() takes the loss out of what the model returns, the others did not."""
+    from click.testing import CliRunner
+
+    from cli import main
+
+    factory = tmp_path / "mymodel.py"
+    factory.write_text(DICT_FACTORY)
+    result = CliRunner().invoke(main, ["run", "--model", f"{factory}:make", "--budget", "100%", "--steps", "3",
+                                       "--precision", "fp32", "--time-limit", "5", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert len(summary["losses"]) == 3 and all(math.isfinite(loss) for loss in summary["losses"])
