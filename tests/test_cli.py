@@ -61,6 +61,19 @@ def needs_seq(seq, batch=4):
     return nn.Sequential(nn.Linear(seq, 1)), (torch.randn(batch, seq),)
 
 
+class NamedLayers(nn.Module):  # no numbered blocks: per-block checkpointing does not apply
+    def __init__(self):
+        super().__init__()
+        self.first, self.second, self.last = nn.Linear(64, 256), nn.Linear(256, 256), nn.Linear(256, 10)
+
+    def forward(self, x, y):
+        return nn.functional.cross_entropy(self.last(torch.tanh(self.second(torch.tanh(self.first(x))))), y)
+
+
+def named_layers(batch=512):
+    return NamedLayers(), (torch.randn(batch, 64), torch.randint(0, 10, (batch,)))
+
+
 def four_samples(batch=4):
     if batch > 4:
         raise ValueError(f"only 4 samples, not {batch}")
@@ -234,6 +247,10 @@ def test_a_baseline_asked_by_name_that_does_not_fit_names_its_own_peak(factory_f
     result = remat("solve", "--model", f"{factory_file}:make", "--budget", str(budget), "--solver", "store-all",
                    "--time-limit", "2")
     assert_one_line_error(result, "store-all's schedule", "peaks at", "--solver auto, whose plans go down to")
+    # a baseline that makes no schedule of this graph says why (it named a lowest peak under the budget given)
+    result = remat("solve", "--model", f"{factory_file}:named_layers", "--budget", "80%", "--solver", "per-block",
+                   "--time-limit", "2")
+    assert_one_line_error(result, "with --solver per-block: no repeated blocks", "--solver auto plans for any graph")
 
 
 def test_maxbatch_of_a_factory_that_fails_at_a_larger_batch_and_of_a_share(factory_file):
