@@ -123,3 +123,11 @@ def test_profile_command_needs_cuda(tmp_path):
 def test_stored_profile_is_json_with_its_provenance():
     data = json.loads(STORED.read_text())
     assert data["measured"]["model"] == "mlp" and data["measured"]["batch"] == 8
+
+
+def test_a_profile_file_that_is_not_there_is_named_so(tmp_path):
+    # it said "unknown device 'nothere.json': choose one of a100, cpu, h100, v100 or give a profile JSON file"
+    with pytest.raises(ValueError, match="device profile file .*nothere.json' not found"):
+        load_profile(str(tmp_path / "nothere.json"))
+    with pytest.raises(ValueError, match="unknown device 'h200x': choose one of"):
+        load_profile("h200x")
