@@ -635,8 +635,12 @@ def _print_max_batches(model, graph, precision, optimizer, budget_bytes, overhea
                       f"{r.samples_per_s:,.0f}" if r.samples_per_s else "-", tried, f"{r.wall_s:.1f} s")
     console.print(table)
     slow_mark = "; s = fits, but only over the overhead cap" if overhead_cap is not None else ""
-    console.print(f"batches tried: x = does not fit{slow_mark}; overhead is against store-all's step time at the "
-                  f"same batch; wall time {wall_s:.1f} s")
+    # a remat planner's x is a search cut short at --time-limit: a probe above it may still fit (a 34-node MLP at
+    # 3 s: 4210x, then 5000 fit)
+    planners = [r.method for r in results if r.method not in BASELINES and not r.method.startswith("compile-")]
+    searched = f" ({', '.join(planners)}: none found in --time-limit)" if planners else ""
+    console.print(f"batches tried: x = does not fit{searched}{slow_mark}; overhead is against store-all's step time "
+                  f"at the same batch; wall time {wall_s:.1f} s")
     named = [r.method for r in results if r.method in BASELINES]
     if named:  # `remat solve --solver NAME` may split the step where this table's row does not fit
         console.print(f"{', '.join(named)}: {'its' if len(named) == 1 else 'their'} own schedule of the step as "
