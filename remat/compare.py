@@ -51,12 +51,13 @@ class Row:
     schedule_from: str  # the method whose schedule it is (remat's plan may be a baseline's); "" without one
     max_batch: int | None = None  # the largest batch this method fits under this budget, when asked for
     message: str = ""
+    max_batch_capped: bool = False  # the search stopped at its cap (remat.maxbatch.MAX_BATCH): the batch is a floor
 
     def to_json(self) -> dict:
         return {"method": self.method, "budget_bytes": self.budget_bytes, "status": self.status, "fits": self.fits,
                 "peak_bytes": self.peak_bytes, "compute_s": self.compute_s, "overhead": self.overhead,
                 "gap": self.gap, "wall_s": self.wall_s, "schedule_from": self.schedule_from,
-                "max_batch": self.max_batch, "message": self.message}
+                "max_batch": self.max_batch, "max_batch_capped": self.max_batch_capped, "message": self.message}
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,6 @@ def compare(traced: TracedStep | SplitTracer, budgets_bytes: Sequence[int], meth
         for row in rows:
             say(f"largest batch for {row.method} under {format_bytes(row.budget_bytes)}")
             found = max_batch(batch_traces, row.method, row.budget_bytes, start=start, time_limit_s=probe_time_limit_s)
-            with_batch.append(replace(row, max_batch=found.batch))
+            with_batch.append(replace(row, max_batch=found.batch, max_batch_capped=found.capped))
         rows = with_batch
     return Comparison(graph, budgets, methods, tuple(rows), store_all, schedules, time.perf_counter() - started, graphs)

@@ -51,7 +51,7 @@ def cells(row: Row, with_max_batch: bool = True) -> list[str]:
         "yes" if row.fits else "no",
         format_seconds(row.compute_s) if row.compute_s is not None else "-",
         f"{row.overhead:+.1%}" if row.overhead is not None else "-",
-        "-" if row.max_batch is None else str(row.max_batch),
+        "-" if row.max_batch is None else f"{row.max_batch}{'+' if row.max_batch_capped else ''}",  # + as maxbatch
         row.status,
         f"{row.gap:.1%}" if row.gap is not None else "-",
         row.schedule_from if row.schedule_from != row.method else "",

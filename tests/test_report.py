@@ -281,3 +281,12 @@ def test_the_memory_plot_draws_each_instruction_from_its_start():
     assert times[0] == 0.0 and times[-1] == graph.compute_s
     assert [times[i] for i in computes] == [0.0, 1.0, 3.0]  # each op starts when the one before ends
     assert memory[:-1] == list(simulation.timeline_bytes) and len(times) == len(memory)
+
+
+def test_a_largest_batch_at_the_search_cap_is_marked_as_a_floor(comparison):
+    # compare --max-batch showed 65536 where remat maxbatch shows 65536+ (the search stops at its cap)
+    import dataclasses
+
+    row = dataclasses.replace(comparison.rows[0], max_batch=65536, max_batch_capped=True)
+    assert "65536+" in cells(row) and row.to_json()["max_batch_capped"] is True
+    assert "65536" in cells(dataclasses.replace(row, max_batch_capped=False))
