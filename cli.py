@@ -383,7 +383,8 @@ def _print_plan(plan, wall_s: float, out: str | None, share: str | None = None, 
                       format_seconds(s.compute_s) if s else "-",
                       f"{s.compute_s / plan.store_all.compute_s - 1:+.1%}" if s else "-",
                       "yes" if c.fits(plan.budget_bytes) else "no", f"{c.wall_s:.1f} s")
-    console.print(table)
+    if plan.candidates:  # (none below fixed memory: an empty table was printed)
+        console.print(table)
     console.print(f"wall time      {wall_s:.1f} s" + (f"; plan written to {out}" if out and plan.schedule else ""))
 
 
