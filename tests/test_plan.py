@@ -439,21 +439,48 @@ def test_decompose_asked_by_name_on_a_graph_without_blocks_says_so():
     assert solve(graph, 80, solver="cpsat", time_limit_s=5).picked.endswith("CP-SAT on the whole graph (7 nodes)")
 
 
-def test_a_small_graph_where_nothing_fits_before_the_milp_gets_the_rounded_lp_relaxation():
-    """A 4-layer MLP's step (25 nodes, float64, batch 512) at 80% of store-all: no baseline and no cover-round plan
-    fits, and the MILP found no schedule in what a 5-s limit left it, so remat.apply said nothing fits. lp-round's
-    plan fits, at the optimum's cost, in 0.12 s."""
+def mlp_step() -> Graph:
+    """A 4-layer MLP's step (25 nodes, float64, batch 512, SGD), as traced: at 1,298,566 bytes (80% of store-all) no
+    baseline and no cover-round plan fits."""
     deps = [[], [0], [1], [2], [3], [4], [5], [6], [7], [7, 8], [7, 9], [10], [5, 10], [10], [5, 11], [14], [3, 14],
             [14], [3, 15], [18], [1, 18], [18], [1, 19], [22], [22]]
     a, b = 262144, 40960
     sizes = [a] * 6 + [b, b, 16, b, b, a, 0, 0, a, a, 0, 0, a, a, 0, 0, a, 0, 0]
     us = [61.92, 45.69, 121.84, 45.69, 121.84, 45.69, 27.69, 8.83, 5.76, 9.17, 12.24, 27.69, 27.69, 5.42, 67.54,
           121.84, 121.84, 23.89, 67.54, 121.84, 121.84, 23.89, 67.54, 61.92, 23.89]
-    graph = make_graph(deps, sizes, [t * 1e-6 for t in us], outputs=[8, 23, 24, 20, 21, 16, 17, 12, 13],
-                       fixed_bytes=312488, backward=[False] * 9 + [True] * 16)
-    plan = solve(graph, 1_298_566, time_limit_s=5)
+    return make_graph(deps, sizes, [t * 1e-6 for t in us], outputs=[8, 23, 24, 20, 21, 16, 17, 12, 13],
+                      fixed_bytes=312488, backward=[False] * 9 + [True] * 16)
+
+
+def test_a_small_graph_where_nothing_fits_before_the_milp_gets_the_rounded_lp_relaxation():
+    """No baseline and no cover-round plan fits, and the MILP found no schedule in what a 5-s limit left it, so
+    remat.apply said nothing fits. lp-round's plan fits, at the optimum's cost, in 0.12 s."""
+    plan = solve(mlp_step(), 1_298_566, time_limit_s=5)
     assert "lp-round" in {c.method for c in plan.candidates}
     assert plan.schedule is not None and plan.simulation.peak_bytes <= 1_298_566
+
+
+def test_where_nothing_fits_before_the_milp_it_gets_the_time_the_searches_would(monkeypatch):
+    """auto's MILP on a whole graph gets a share of the time left, the searches the rest; where nothing fits yet
+    they have nothing to start from, so the MILP gets it all (a 34-node MLP at 5 s: auto found no plan where
+    checkmate by name did, its MILP given 0.8 s)."""
+    given = {}
+    real = planner.solve_with
+
+    def nothing_fits_but_the_milp(name, graph, budget_bytes, options):
+        if name in ("lp-round", "checkmate-min-peak"):
+            return SolverResult(name, base.NO_SOLUTION, None, message="none")
+        started = time.perf_counter()
+        try:
+            return real(name, graph, budget_bytes, options)
+        finally:
+            given[name] = (options.time_limit_s, started)
+
+    monkeypatch.setattr(planner, "solve_with", nothing_fits_but_the_milp)
+    started = time.perf_counter()
+    solve(mlp_step(), 1_298_566, time_limit_s=10)
+    limit, at = given["checkmate"]
+    assert limit > 0.9 * (10 - (at - started))  # the time left, not 40% of it
 
 
 def test_a_solve_that_finds_nothing_in_time_says_no_solution_and_infeasible_only_when_proven(monkeypatch):
