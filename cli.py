@@ -170,7 +170,8 @@ def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_
                   f"use --budget {_ceil_size(plan.min_feasible_bytes)} or more" if plan.min_feasible_proven else
                   f"the lowest peak found in the time limit is {_fmt(plan.min_feasible_bytes)} "
                   f"({plan.min_feasible_bytes} bytes), which --budget {_ceil_size(plan.min_feasible_bytes)} fits; a "
-                  f"longer --time-limit may find a lower one")
+                  f"longer --time-limit may find a lower one, not below {_fmt(plan.min_budget_lower_bound_bytes)} "
+                  f"(fixed memory and the largest op's working set)")
         fail(f"no plan fits {format_bytes(budget_bytes)} ({budget_bytes} bytes) for {model}: {lowest}"
              f"{', or a smaller --batch' if plan.graph.meta.get('batch', 2) != 1 else ''}{more_chunks}")
 
