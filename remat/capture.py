@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import linecache
 import logging
 import os
 import re
@@ -505,10 +506,11 @@ def _warn_of_generators_made_in_forward(model: nn.Module, generators: Iterable[t
     for module in model.modules():
         places = [vars(module), vars(sys.modules.get(type(module).__module__, types.ModuleType("none")))]
         for value in (v for place in places for v in place.values()):
-            for item in (value.values() if isinstance(value, dict) else value
-                         if isinstance(value, (list, tuple)) else (value,)):
-                if isinstance(item, torch.Generator):
-                    known.add(id(item))
+            items = (value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple))
+                     else (value,))
+            for item in items:  # and one level into a helper object the module holds (`self.sampler.g`)
+                held = vars(item).values() if hasattr(item, "__dict__") and not isinstance(item, nn.Module) else ()
+                known.update(id(g) for g in (item, *held) if isinstance(g, torch.Generator))
     if any(id(generator) not in known for generator in generators):
         warnings.warn("the forward draws from a torch.Generator that neither the model nor its module holds: if the "
                       "forward makes (or seeds) it at each call, as for a fixed random projection, the planned step "
@@ -532,11 +534,19 @@ def _refusing_reseeds():
              for module in (torch, torch.random) for name in ("manual_seed", "seed")]
     for module, name, _ in saved:
         setattr(module, name, refuse)
+    # Seeded another way (torch.default_generator.manual_seed, an imported alias), the generator's seed is no longer
+    # the one set here for the trace: _RecordGradMode sees that at the next op (the user's state is put back after)
+    state = torch.get_rng_state()
+    torch.default_generator.manual_seed(TRACE_SEED)
     try:
-        yield
+        yield refuse
     finally:
         for module, name, original in saved:
             setattr(module, name, original)
+        torch.set_rng_state(state)
+
+
+TRACE_SEED = 0x7E3A_C0DE_5EED_0001  # no seed a user would pick
 
 
 _HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
@@ -674,26 +684,29 @@ class _RecordGradMode(torch.overrides.TorchFunctionMode):
     under no_grad again (spectral_norm's power iteration; a scale computed under no_grad: 9% off in the split
     step's gradients before).
 
-    It also records what the step's backward runs beyond the derivatives of the forward's ops (`own_backward`):
-    custom autograd.Functions (whose forward runs with grad disabled too, not marked), a module's full backward hook
-    (one of them) and tensor hooks. A forward graph captured again would not keep them."""
+    It also records what the step's backward runs beyond the derivatives of the forward's ops (`own_backward`),
+    which a forward graph captured again would not keep: custom autograd.Functions whose output takes part in the
+    backward (`_recording_functions`), module backward hooks, tensor hooks, and hooks on an op's grad_fn (the
+    forward reads `grad_fn` to register them)."""
 
     def __init__(self):
         super().__init__()
         self.own_backward: dict[str, None] = {}  # in the order first seen
         self.generators: dict[int, torch.Generator] = {}  # the generators random ops drew from (generator=...)
+        self.reseeded = False  # the forward seeded torch's generator (_refusing_reseeds set TRACE_SEED)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if isinstance(kwargs.get("generator"), torch.Generator):
             self.generators[id(kwargs["generator"])] = kwargs["generator"]
+        self.reseeded = self.reseeded or torch.initial_seed() != TRACE_SEED
         if func is torch.Tensor.register_hook:
             self.own_backward[TENSOR_HOOK] = None
+        elif getattr(func, "__self__", None) is torch._C.TensorBase.grad_fn and not _in_torch(sys._getframe(1)):
+            # the model's code reads an op's grad_fn: to hook it (torch's own reads, for Functions and module hooks,
+            # are recorded as those)
+            self.own_backward["a hook on an op's grad_fn"] = None
         if torch.is_grad_enabled():
-            return func(*args, **kwargs)
-        function = _autograd_function_running()
-        if function is not None:
-            self.own_backward[_FUNCTION_NAMES.get(function, f"custom autograd.Function {function}")] = None
             return func(*args, **kwargs)
         meta = fx_traceback.current_meta
         had, before = "custom" in meta, meta.get("custom")
@@ -706,25 +719,47 @@ class _RecordGradMode(torch.overrides.TorchFunctionMode):
             else:
                 meta.pop("custom", None)
 
+    @contextlib.contextmanager
+    def recording_functions(self, model: nn.Module):
+        """Record the custom autograd.Functions whose output requires grad (their backward runs: not one applied to
+        a frozen layer's output, under no_grad, or inside another Function's forward), by patching Function.apply
+        for the trace, and the model's backward hooks (a full one runs through torch's BackwardHookFunction)."""
+        hooked = any(module._backward_hooks or module._backward_pre_hooks for module in model.modules())
+        if hooked or _global_backward_hooks():
+            self.own_backward[MODULE_BACKWARD_HOOK] = None
+        original = torch.autograd.Function.__dict__["apply"]
+
+        def apply(cls, *args, **kwargs):
+            output = original.__func__(cls, *args, **kwargs)
+            if any(isinstance(t, torch.Tensor) and t.requires_grad for t in pytree.tree_leaves(output)):
+                name = cls.__qualname__
+                self.own_backward[MODULE_BACKWARD_HOOK if name == "BackwardHookFunction"
+                                  else f"custom autograd.Function {name}"] = None
+            return output
+
+        torch.autograd.Function.apply = classmethod(apply)
+        try:
+            yield
+        finally:
+            torch.autograd.Function.apply = original
+
+
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+
+def _in_torch(frame) -> bool:
+    return os.path.abspath(frame.f_code.co_filename).startswith(_TORCH_DIR)
+
 
 TENSOR_HOOK = "a tensor hook (register_hook)"
-_FUNCTION_NAMES = {"BackwardHookFunction": "a module's full backward hook"}  # torch's own Function for those hooks
+MODULE_BACKWARD_HOOK = "a module's backward hook"
 
 
-def _autograd_function_running() -> str | None:
-    """The name of the custom torch.autograd.Function whose forward is running, if one is: its `apply` is on the
-    stack (a TorchFunctionMode does not see Function.apply itself). Asked only where grad is disabled."""
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_code.co_name == "apply" and frame.f_code.co_filename.endswith(_FUNCTION_FILE):
-            function = frame.f_locals.get("cls")
-            if isinstance(function, type) and issubclass(function, torch.autograd.Function):
-                return function.__qualname__
-        frame = frame.f_back
-    return None
+def _global_backward_hooks() -> bool:
+    """Whether backward hooks are registered for every module (register_module_full_backward_hook)."""
+    from torch.nn.modules import module
 
-
-_FUNCTION_FILE = os.path.join("torch", "autograd", "function.py")
+    return bool(getattr(module, "_global_backward_hooks", None) or getattr(module, "_global_backward_pre_hooks", None))
 
 
 def ran_without_grad(node: torch.fx.Node) -> bool:
@@ -756,7 +791,8 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
     step.tracing = True
     grad_mode = _RecordGradMode()
     with _keeping_module_state(model), _record_module_paths(model), _compiling(), _without_onednn(), \
-            _refusing_reseeds(), contextlib.ExitStack() as stack, warnings.catch_warnings(), grad_mode:
+            _refusing_reseeds() as refuse_reseed, grad_mode.recording_functions(model), \
+            contextlib.ExitStack() as stack, warnings.catch_warnings(), grad_mode:
         # AOTAutograd differentiates in anomaly mode, which warns "Error detected in ..." with a forward traceback
         # where an op's backward fails, also where torch recovers: the error, if any, is explained below
         warnings.filterwarnings("ignore", message="Error detected in")
@@ -766,6 +802,8 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
             raise
         except Exception as error:  # torch raises many types; the user needs the gist
             raise CaptureError(f"could not trace the training step: {_explain(error)}") from error
+        if grad_mode.reseeded:
+            refuse_reseed()
     gm = joint.graph_module
     if warn_of_hooks:
         _warn_of_generators_made_in_forward(model, grad_mode.generators.values())
@@ -911,6 +949,17 @@ _VALUE_DEPENDENT = (
 )
 
 
+def _reads_random(where: str) -> bool:
+    """Whether the line `where` names ("path:line `code`"), or one of the few before it, draws a random number
+    (wav2vec2's LayerDrop: `dropout_probability = torch.rand([])`, then `skip_the_layer = ...`, then `if not
+    skip_the_layer ...`)."""
+    found = re.match(r"(.*):(\d+) `", where)
+    if found is None:
+        return "rand" in where
+    path, line = found.group(1), int(found.group(2))
+    return any("rand" in linecache.getline(path, k) for k in range(max(1, line - 4), line + 1))
+
+
 def _explain(error: BaseException) -> str:
     """The gist of a tracing error: what torch could not trace, in the user's terms where it is one we know, and
     the line of the model's code (outside torch and remat) that asked for it."""
@@ -920,7 +969,7 @@ def _explain(error: BaseException) -> str:
     if meaning:
         gist = f"{meaning} (torch: {gist})"
     where = _model_line(error)
-    if where and meaning and meaning.startswith("Python reads a tensor's value") and "rand" in where.partition("`")[2]:
+    if where and meaning and meaning.startswith("Python reads a tensor's value") and _reads_random(where):
         # LayerDrop (wav2vec2's and HuBERT's layerdrop=0.1 by default) and stochastic depth skip layers at random
         gist += ("; a branch on a random number (LayerDrop, stochastic depth) is one a traced graph cannot take: set "
                  "its probability to 0 (Hugging Face: layerdrop=0.0), or drop layers with a mask multiplied in")

@@ -53,7 +53,7 @@ def load_profile(name_or_path: str) -> DeviceProfile:
     path = Path(name_or_path)
     if not path.suffix:
         path = PROFILES_DIR / f"{name_or_path}.json"
-    if not path.is_file() and Path(name_or_path).suffix:  # a file named that is not there
+    if not path.is_file() and (Path(name_or_path).suffix or "/" in name_or_path):  # a file named that is not there
         raise ValueError(f"device profile file {name_or_path!r} not found (a device by name: one of "
                          f"{', '.join(available_profiles())})")
     if not path.is_file():

@@ -129,5 +129,7 @@ def test_a_profile_file_that_is_not_there_is_named_so(tmp_path):
     # it said "unknown device 'nothere.json': choose one of a100, cpu, h100, v100 or give a profile JSON file"
     with pytest.raises(ValueError, match="device profile file .*nothere.json' not found"):
         load_profile(str(tmp_path / "nothere.json"))
+    with pytest.raises(ValueError, match="device profile file .*nothere' not found"):  # a path without a suffix
+        load_profile(str(tmp_path / "nothere"))
     with pytest.raises(ValueError, match="unknown device 'h200x': choose one of"):
         load_profile("h200x")
