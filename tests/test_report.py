@@ -22,7 +22,7 @@ from tests.graphs import chain_training_graph
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("checkmate", "store-all", "checkpoint-all", "per-block", "compile-budget-1.0", "compile-budget-0.0")
 ROW_KEYS = {"method", "budget_bytes", "status", "fits", "peak_bytes", "compute_s", "overhead", "gap", "wall_s",
-            "schedule_from", "max_batch", "message"}
+            "schedule_from", "max_batch", "max_batch_capped", "message"}
 
 
 @pytest.fixture(scope="module")
