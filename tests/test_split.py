@@ -653,11 +653,14 @@ class QuantizedMLP(nn.Module):
         return nn.functional.cross_entropy(self.out(x), y)
 
 
-@pytest.mark.parametrize(("through", "named"), [("function", "custom autograd.Function RoundSTE"),
-                                                 ("tensor hook", "a tensor hook (register_hook)"),
-                                                 ("module hook", "a module's backward hook"),
-                                                 ("grad_fn hook", "a hook on an op's grad_fn"),
-                                                 ("detached function", None)])
+SLOW = pytest.mark.slow  # 10 s each, and the default suite is near its 10 minutes
+
+
+@pytest.mark.parametrize(("through", "named"), [
+    ("function", "custom autograd.Function RoundSTE"), ("detached function", None),
+    pytest.param("tensor hook", "a tensor hook (register_hook)", marks=SLOW),
+    pytest.param("module hook", "a module's backward hook", marks=SLOW),
+    pytest.param("grad_fn hook", "a hook on an op's grad_fn", marks=SLOW)])
 def test_a_step_whose_backward_runs_its_own_code_is_not_split(through, named):
     """A split step is captured again from the joint graph's forward, where the ops of a custom autograd.Function's
     forward were marked as run under no_grad: every layer before the head got no gradient (BLOOM's GeLUFunction
