@@ -623,8 +623,7 @@ def _warn_of_forward_hooks(model: nn.Module) -> None:
                       "read; compute such values from the model's outputs", stacklevel=3)
     # Backward hooks too: the planned backward is the traced one (a logger hook was called once, at the trace, and
     # never at a step, with no word said)
-    hooked = [path or type(model).__name__ for path, module in model.named_modules()
-              if module._backward_hooks or module._backward_pre_hooks]
+    hooked = _backward_hooked(model)
     if hooked:
         where = ", ".join(hooked[:3]) + (" and more" if len(hooked) > 3 else "")
         warnings.warn(f"backward hooks on {where} run once, when the step is traced: what they change in the "
@@ -686,7 +685,7 @@ class _RecordGradMode(torch.overrides.TorchFunctionMode):
 
     It also records what the step's backward runs beyond the derivatives of the forward's ops (`own_backward`),
     which a forward graph captured again would not keep: custom autograd.Functions whose output takes part in the
-    backward (`_recording_functions`), module backward hooks, tensor hooks, and hooks on an op's grad_fn (the
+    backward (`recording_functions`), module backward hooks, tensor hooks, and hooks on an op's grad_fn (the
     forward reads `grad_fn` to register them)."""
 
     def __init__(self):
@@ -724,8 +723,7 @@ class _RecordGradMode(torch.overrides.TorchFunctionMode):
         """Record the custom autograd.Functions whose output requires grad (their backward runs: not one applied to
         a frozen layer's output, under no_grad, or inside another Function's forward), by patching Function.apply
         for the trace, and the model's backward hooks (a full one runs through torch's BackwardHookFunction)."""
-        hooked = any(module._backward_hooks or module._backward_pre_hooks for module in model.modules())
-        if hooked or _global_backward_hooks():
+        if _backward_hooked(model) or _global_backward_hooks():
             self.own_backward[MODULE_BACKWARD_HOOK] = None
         original = torch.autograd.Function.__dict__["apply"]
 
@@ -755,6 +753,12 @@ TENSOR_HOOK = "a tensor hook (register_hook)"
 MODULE_BACKWARD_HOOK = "a module's backward hook"
 
 
+def _backward_hooked(model: nn.Module) -> list[str]:
+    """The paths of the model's modules with backward hooks (full or not, and pre-hooks)."""
+    return [path or type(model).__name__ for path, module in model.named_modules()
+            if module._backward_hooks or module._backward_pre_hooks]
+
+
 def _global_backward_hooks() -> bool:
     """Whether backward hooks are registered for every module (register_module_full_backward_hook)."""
     from torch.nn.modules import module
@@ -763,7 +767,7 @@ def _global_backward_hooks() -> bool:
 
 
 def ran_without_grad(node: torch.fx.Node) -> bool:
-    """Whether the captured op ran with grad disabled (_RecordGradMode), outside a custom autograd.Function."""
+    """Whether the captured op ran with grad disabled (_RecordGradMode)."""
     return bool((node.meta.get("custom") or {}).get(NO_GRAD_KEY))
 
 
