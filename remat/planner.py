@@ -150,9 +150,8 @@ class Plan:
         """Whether min_feasible_bytes is the minimum budget, not only the lowest peak found in the time: it is the
         single-op floor, or the min-peak MILP on the whole graph proved it."""
         lowest = self.min_feasible_bytes
-        return lowest is not None and (lowest == self.min_budget_lower_bound_bytes or self.coarse_nodes is None and any(
-            c.method == "checkmate-min-peak" and c.status == OPTIMAL and c.simulation is not None
-            and c.simulation.peak_bytes == lowest for c in self.candidates))
+        return lowest is not None and (lowest == self.min_budget_lower_bound_bytes
+                                       or _proven_min_peak(self.candidates, self.coarse_nodes) == lowest)
 
     def to_json(self) -> dict:
         """The plan file: enough to check it fits a graph and to run it."""
@@ -798,9 +797,15 @@ def _proven_infeasible(budget_bytes: int, candidates: list[Candidate], bound: in
     whole graph proved a lowest peak over the budget. Otherwise the time limit cut the search short: no_solution."""
     if budget_bytes < bound or lower_bound_s is None:  # (the floor holds fixed memory)
         return True
-    return coarse_nodes is None and any(
-        c.method == "checkmate-min-peak" and c.status == OPTIMAL and c.simulation is not None and c.simulation.valid
-        and c.simulation.peak_bytes > budget_bytes for c in candidates)
+    lowest = _proven_min_peak(candidates, coarse_nodes)
+    return lowest is not None and lowest > budget_bytes
+
+
+def _proven_min_peak(candidates: Sequence[Candidate], coarse_nodes: int | None) -> int | None:
+    """The lowest peak of any schedule, where the min-peak MILP proved it on the whole graph."""
+    return next((c.simulation.peak_bytes for c in candidates if coarse_nodes is None
+                 and c.method == "checkmate-min-peak" and c.status == OPTIMAL and c.simulation is not None
+                 and c.simulation.valid), None)
 
 
 def _asked_by_name(picked: str) -> bool:
