@@ -148,8 +148,9 @@ def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_
         if budget_bytes < plan.graph.fixed.total_bytes:
             fail(f"no plan fits {format_bytes(budget_bytes)} ({budget_bytes} bytes) for {model}: "
                  f"{_below_fixed_memory(plan.graph.fixed)}")
-        asked = next((c.simulation for c in plan.candidates if c.method == solver and c.simulation is not None
-                      and c.simulation.valid), None)
+        named = next((c for c in plan.candidates if c.method == solver), None)
+        asked = named.simulation if named is not None and named.simulation is not None and named.simulation.valid \
+            else None
         if asked is not None and plan.min_feasible_bytes is not None:
             # (where other methods go lower, a budget they fit was named, which this baseline's schedule does not)
             lower = (f", or --solver auto, whose plans go down to {_fmt(plan.min_feasible_bytes)} here"
@@ -157,7 +158,6 @@ def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_
             fail(f"{solver}'s schedule for {model} peaks at {_fmt(asked.peak_bytes)} ({asked.peak_bytes} bytes), over "
                  f"the budget of {format_bytes(budget_bytes)}: use --budget {_ceil_size(asked.peak_bytes)} or more"
                  f"{lower}")
-        named = next((c for c in plan.candidates if c.method == solver), None)
         if solver in BASELINES and named is not None and named.schedule is None and named.message:
             # per-block on a model without repeated blocks: why it made no schedule, not a lowest peak under the budget
             fail(f"no plan fits {format_bytes(budget_bytes)} ({budget_bytes} bytes) for {model} with --solver "

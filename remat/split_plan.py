@@ -33,14 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from remat.capture import (
-    Call,
-    CapturedStep,
-    build_on_fake,
-    capture_step,
-    fake_tensor_mode,
-    uncompiled,
-)
+from remat.capture import Call, CapturedStep, build_on_fake, capture_step, fake_tensor_mode, uncompiled
 from remat.comparators import compile_budget_candidate, compile_method
 from remat.cost import load_profile
 from remat.graph import Graph

@@ -327,7 +327,10 @@ class RematModule(nn.Module):
         model, as `remat run` does. A model that returns logits or features is run backward as if their sum were
         the loss."""
         call = Call(args, kwargs)
-        step = self._prepared(call)
+        return self._forward_and_backward(self._prepared(call), call)
+
+    def _forward_and_backward(self, step: PreparedStep, call: Call) -> torch.Tensor:
+        """One planned forward and backward; the loss, detached."""
         loss = step.runner.loss(self._primals(step.parts, call.tensors))
         backward_from(loss)
         return loss.detach()
@@ -348,18 +351,16 @@ class RematModule(nn.Module):
             torch.cuda.synchronize(first.device)
             before = torch.cuda.memory_allocated(first.device)
             torch.cuda.reset_peak_memory_stats(first.device)
-            loss = step.runner.loss(self._primals(step.parts, call.tensors))
-            backward_from(loss)
+            loss = self._forward_and_backward(step, call)
             torch.cuda.synchronize(first.device)
             peak = torch.cuda.max_memory_allocated(first.device)
-            return loss.detach(), StepMemory(peak_live_bytes=peak - before, peak_bytes=peak)
+            return loss, StepMemory(peak_live_bytes=peak - before, peak_bytes=peak)
         if self.backend != "eager":
             raise ValueError("on CPU, live bytes are counted by running the planned graphs eagerly: measure with "
                              "backend='eager' (Inductor's own memory is measured on CUDA)")
         with step.runner.measuring() as memory:
-            loss = step.runner.loss(self._primals(step.parts, call.tensors))
-            backward_from(loss)
-        return loss.detach(), memory
+            loss = self._forward_and_backward(step, call)
+        return loss, memory
 
     @property
     def planned(self) -> PreparedStep:
