@@ -525,15 +525,26 @@ def _refusing_reseeds():
     numbers at every call in eager; the trace does not keep the seeding, so the planned step drew on from the
     generator's state: other numbers from the second step (a loss off by 1e-2, silently). Refused instead."""
     def refuse(*args, **kwargs):
-        raise CaptureError("the forward seeds torch's random number generator (torch.manual_seed / torch.seed), which "
-                           "a planned step cannot do at each call: its random ops draw on from the generator's state. "
-                           "Make a fixed random tensor once (in __init__, as a buffer), or keep a torch.Generator of "
-                           "your own as an attribute, seeded once, and draw from it (generator=...)")
+        raise CaptureError("the forward seeds torch's random number generator (torch.manual_seed / torch.seed / "
+                           "torch.set_rng_state, or torch.cuda's), which a planned step cannot do at each call: its "
+                           "random ops draw on from the generator's state. Make a fixed random tensor once (in "
+                           "__init__, as a buffer), or keep a torch.Generator of your own as an attribute, seeded "
+                           "once, and draw from it (generator=...)")
 
+    # (CUDA's too: a no-op for a step traced on CPU, but the plan runs where the model is)
     saved = [(module, name, getattr(module, name))
-             for module in (torch, torch.random) for name in ("manual_seed", "seed")]
-    for module, name, _ in saved:
-        setattr(module, name, refuse)
+             for module, names in ((torch, _SEEDING), (torch.random, _SEEDING),
+                                   (torch.cuda, _CUDA_SEEDING), (torch.cuda.random, _CUDA_SEEDING))
+             for name in names]
+    def refusing(original):
+        def call(*args, **kwargs):  # torch's own code may: torch.utils.checkpoint puts the state back to recompute
+            if _in_torch(sys._getframe(1)):
+                return original(*args, **kwargs)
+            refuse()
+        return call
+
+    for module, name, original in saved:
+        setattr(module, name, refusing(original))
     # Seeded another way (torch.default_generator.manual_seed, an imported alias), the generator's seed is no longer
     # the one set here for the trace: _RecordGradMode sees that at the next op (the user's state is put back after)
     state = torch.get_rng_state()
@@ -547,6 +558,8 @@ def _refusing_reseeds():
 
 
 TRACE_SEED = 0x7E3A_C0DE_5EED_0001  # no seed a user would pick
+_SEEDING = ("manual_seed", "seed", "set_rng_state")
+_CUDA_SEEDING = ("manual_seed", "manual_seed_all", "seed", "seed_all", "set_rng_state", "set_rng_state_all")
 
 
 _HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
@@ -615,6 +628,8 @@ def _warn_of_forward_hooks(model: nn.Module) -> None:
     hooked = [path or type(model).__name__ for path, module in model.named_modules()
               if any(not isinstance(hook, _weight_computing_hooks()) and not _requires_grad_hook(hook)
                      for hook in (*module._forward_pre_hooks.values(), *module._forward_hooks.values()))]
+    if _global_hooks("_global_forward_hooks", "_global_forward_pre_hooks"):
+        hooked.insert(0, "every module (register_module_forward_hook)")
     if hooked:
         where = ", ".join(hooked[:3]) + (" and more" if len(hooked) > 3 else "")
         warnings.warn(f"forward hooks on {where} run once, when the step is traced: what they change in a "
@@ -624,6 +639,8 @@ def _warn_of_forward_hooks(model: nn.Module) -> None:
     # Backward hooks too: the planned backward is the traced one (a logger hook was called once, at the trace, and
     # never at a step, with no word said)
     hooked = _backward_hooked(model)
+    if _global_backward_hooks():
+        hooked.insert(0, "every module (register_module_full_backward_hook)")
     if hooked:
         where = ", ".join(hooked[:3]) + (" and more" if len(hooked) > 3 else "")
         warnings.warn(f"backward hooks on {where} run once, when the step is traced: what they change in the "
@@ -761,9 +778,13 @@ def _backward_hooked(model: nn.Module) -> list[str]:
 
 def _global_backward_hooks() -> bool:
     """Whether backward hooks are registered for every module (register_module_full_backward_hook)."""
+    return _global_hooks("_global_backward_hooks", "_global_backward_pre_hooks")
+
+
+def _global_hooks(*tables: str) -> bool:
     from torch.nn.modules import module
 
-    return bool(getattr(module, "_global_backward_hooks", None) or getattr(module, "_global_backward_pre_hooks", None))
+    return any(getattr(module, table, None) for table in tables)
 
 
 def ran_without_grad(node: torch.fx.Node) -> bool:

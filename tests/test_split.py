@@ -160,7 +160,8 @@ def assert_replays_like_eager(name, model, example_inputs, step, graph, inputs):
 
 @pytest.mark.parametrize(("name", "chunks", "module", "along"), [
     ("gpt2-tiny", 4, "lm.lm_head", "batch*seq"),  # tied to the embedding
-    ("llama-tiny", 3, "lm.lm_head", "batch*seq"),  # RMSNorm, SwiGLU, RoPE; 24 rows in chunks of 8
+    # RMSNorm, SwiGLU, RoPE; 24 rows in chunks of 8 (13 s: slow; llama's head is split in the attention test too)
+    pytest.param("llama-tiny", 3, "lm.lm_head", "batch*seq", marks=pytest.mark.slow),
     ("classifier", 3, "head", "batch"),  # 8 rows in chunks of 3, 3, 2
     ("weighted", 4, "head", "batch*seq"),  # class weights, ignored targets, a second reduction
     ("conv", 2, "fc", "batch"),  # logsumexp().mean() as the loss, BatchNorm buffer updates
@@ -426,7 +427,7 @@ def test_mlps_that_share_a_matmul_are_split_one_at_a_time():
     ("gpt2-tiny", 1, 3),  # MLPs only: 24 rows in chunks of 8
     ("gpt2-tiny", 2, 4),  # head and MLPs, each with its own count
     ("llama-tiny", 1, 5),  # 24 rows in chunks of 5, 5, 5, 5, 4
-    ("llama-tiny", 3, 2),
+    pytest.param("llama-tiny", 3, 2, marks=pytest.mark.slow),  # (11 s; the attention test splits head and MLPs too)
 ])
 def test_split_mlps_replay_to_the_unsplit_loss_and_gradients(name, chunks, mlp_chunks):
     model, example_inputs, step, split, graph, inputs = split_setup(name, chunks, mlp_chunks)
@@ -578,7 +579,7 @@ def test_every_attention_block_is_found(name, blocks, nodes_at_least):
 
 @pytest.mark.parametrize(("name", "chunks", "mlp_chunks", "attention_chunks"), [
     ("gpt2-tiny", 1, 1, 2),  # one example per chunk
-    ("llama-tiny", 1, 1, 2),
+    pytest.param("llama-tiny", 1, 1, 2, marks=pytest.mark.slow),  # (16 s; the last case splits llama's too)
     # 3 examples in chunks of 2 and 1 (21 s: slow; the next case has uneven chunks too)
     pytest.param("llama-tiny-b3", 1, 1, 2, marks=pytest.mark.slow),
     ("llama-tiny-b3", 4, 2, 3),  # every region, each with its own count
