@@ -60,6 +60,27 @@ def _output_file(context: click.Context, parameter: click.Parameter, value: str 
     return value
 
 
+def _model(context: click.Context, parameter: click.Parameter, value: str) -> str:
+    """A --model checked before the command imports torch (a typo took 6 s to be told), as --budget is."""
+    from remat.zoo import model_problem
+
+    problem = model_problem(value)
+    if problem:
+        fail(problem)
+    return value
+
+
+def _device(context: click.Context, parameter: click.Parameter, value: str) -> str:
+    """A --device profile read before the command imports torch."""
+    from remat.cost import load_profile
+
+    try:
+        load_profile(value)
+    except ValueError as error:
+        fail(str(error))
+    return value
+
+
 @contextlib.contextmanager
 def _writing(what: str):
     """What goes wrong writing an output after the work (a PNG beside --md whose name is a folder) is one line."""
@@ -90,13 +111,14 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--model", required=True, help="Zoo name (gpt2, resnet50, ...) or path/to/file.py:factory.")
+@click.option("--model", required=True, callback=_model,
+              help="Zoo name (gpt2, resnet50, ...) or path/to/file.py:factory.")
 @click.option("--budget", required=True,
               help="Whole device memory for the step: 16GB (1e9 bytes), 16GiB (2^30), or 60% of the store-all peak.")
 @click.option("--batch", default=None, type=click.IntRange(min=1),
               help="Batch size [default: 16, or a file.py:factory's own batch= default].")
 @click.option("--seq", default=None, type=click.IntRange(min=1), help="Sequence length [default: the model's context].")
-@click.option("--device", default="h100", show_default=True,
+@click.option("--device", default="h100", show_default=True, callback=_device,
               help="Device profile: h100, a100, v100, cpu, or a JSON file.")
 @click.option("--precision", default="bf16-mixed", show_default=True, type=click.Choice(["bf16-mixed", "fp32"]))
 @click.option("--optimizer", default="adamw", show_default=True,
@@ -458,13 +480,14 @@ def _console() -> Console:
 
 
 @main.command()
-@click.option("--model", required=True, help="Zoo name (gpt2, resnet50, ...) or path/to/file.py:factory.")
+@click.option("--model", required=True, callback=_model,
+              help="Zoo name (gpt2, resnet50, ...) or path/to/file.py:factory.")
 @click.option("--budget", required=True,
               help="One size or several, comma-separated: 12GB,16GB,24GB, or shares of the store-all peak: 60%,80%.")
 @click.option("--batch", default=None, type=click.IntRange(min=1),
               help="Batch size [default: 16, or a file.py:factory's own batch= default].")
 @click.option("--seq", default=None, type=click.IntRange(min=1), help="Sequence length [default: the model's context].")
-@click.option("--device", default="h100", show_default=True,
+@click.option("--device", default="h100", show_default=True, callback=_device,
               help="Device profile: h100, a100, v100, cpu, or a JSON file.")
 @click.option("--precision", default="bf16-mixed", show_default=True, type=click.Choice(["bf16-mixed", "fp32"]))
 @click.option("--optimizer", default="adamw", show_default=True,
@@ -541,12 +564,13 @@ def compare(model, budget, batch, seq, device, precision, optimizer, solvers, ti
 
 
 @main.command()
-@click.option("--model", required=True, help="Zoo name (gpt2, resnet50, ...) or path/to/file.py:factory.")
+@click.option("--model", required=True, callback=_model,
+              help="Zoo name (gpt2, resnet50, ...) or path/to/file.py:factory.")
 @click.option("--budget", required=True, help="Whole device memory for the step: 16GB (1e9 bytes), 16GiB (2^30).")
 @click.option("--seq", default=None, type=click.IntRange(min=1), help="Sequence length [default: the model's context].")
 @click.option("--start-batch", default=16, show_default=True, type=click.IntRange(min=1),
               help="The search doubles from here (or tries 1 where it does not fit).")
-@click.option("--device", default="h100", show_default=True,
+@click.option("--device", default="h100", show_default=True, callback=_device,
               help="Device profile: h100, a100, v100, cpu, or a JSON file.")
 @click.option("--precision", default="bf16-mixed", show_default=True, type=click.Choice(["bf16-mixed", "fp32"]))
 @click.option("--optimizer", default="adamw", show_default=True,
@@ -656,7 +680,8 @@ def _print_max_batches(model, graph, precision, optimizer, budget_bytes, overhea
 
 
 @main.command()
-@click.option("--model", required=True, help="Zoo name (gpt2, resnet50, ...) or path/to/file.py:factory.")
+@click.option("--model", required=True, callback=_model,
+              help="Zoo name (gpt2, resnet50, ...) or path/to/file.py:factory.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), callback=_output_file,
               help="Profile JSON to write.")
 @click.option("--batch", default=None, type=click.IntRange(min=1),
@@ -711,7 +736,8 @@ def profile(model, out, batch, seq, precision, base, warmup, repeats, as_json) -
 
 
 @main.command()
-@click.option("--model", required=True, help="Zoo name (gpt2, resnet50, ...) or path/to/file.py:factory.")
+@click.option("--model", required=True, callback=_model,
+              help="Zoo name (gpt2, resnet50, ...) or path/to/file.py:factory.")
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False),
               help="A plan file from `remat solve --out` (refused if the model traces to another graph).")
 @click.option("--budget", help="Plan here instead: whole step memory, 16GB, 16GiB, or 60% of store-all.")

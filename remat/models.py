@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from remat.zoo import model_problem
+
 DEFAULT_BATCH = 16  # the zoo's batch, and a factory's batch= when it has no default of its own
 
 
@@ -525,7 +527,6 @@ IMAGE_TASKS = {
                         lambda: MLP(depth=4, num_classes=131072), (1024,), (), 131072),
 }
 
-ZOO_NAMES: tuple[str, ...] = (*GPT2_SIZES, *LLAMA_SIZES, *IMAGE_TASKS)
 
 
 def _build_image_model(name: str, batch: int, seq: int | None) -> ModelSpec:
@@ -556,13 +557,11 @@ def build_model(name_or_path: str, batch: int | None = None, seq: int | None = N
         return _build_llama(name_or_path, zoo_batch, seq)
     if name_or_path in IMAGE_TASKS:
         return _build_image_model(name_or_path, zoo_batch, seq)
+    problem = model_problem(name_or_path)
+    if problem:
+        raise ModelError(problem)
     path, _, factory = name_or_path.rpartition(":")
-    if path.endswith(".py") and factory:
-        return _build_from_factory(Path(path), factory, batch, seq)
-    if name_or_path.endswith(".py") or path.endswith(".py"):
-        raise ModelError(f"name the factory function too: {name_or_path.rstrip(':')}:make_model")
-    raise ModelError(f"unknown model {name_or_path!r}: choose one of {', '.join(ZOO_NAMES)}, "
-                     "or give path/to/file.py:factory")
+    return _build_from_factory(Path(path), factory, batch, seq)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -631,8 +630,6 @@ def _factory_kwargs(factory: Callable, where: str, batch: int | None, seq: int |
 
 def _build_from_factory(path: Path, factory_name: str, batch: int | None, seq: int | None) -> ModelSpec:
     where = f"{path}:{factory_name}"
-    if not path.is_file():
-        raise ModelError(f"model file {path} not found: give path/to/file.py:factory with an existing file")
     module = _import_file(path)
     factory = getattr(module, factory_name, None)
     if factory is None:
