@@ -236,32 +236,42 @@ def _solve_split(model, batch, seq, precision, device, optimizer, budget, solver
                  outputs="loss"):
     """Plan with the head split into the chunk count that fits the budget at least cost (remat.split_plan).
     `budget`: as given; a percentage is of the unsplit step's store-all peak."""
-    from remat.capture import CaptureError
-    from remat.models import ModelError
     from remat.split_plan import SplitTracer, solve_split
 
-    with stderr.status(f"tracing {model}{_batch_note(batch)} on fake tensors", spinner="dots") as status:
-        try:
-            tracer = SplitTracer.zoo(model, batch=batch, seq=seq, precision=precision, device=device,
-                                     optimizer=optimizer, outputs=outputs)
-            chosen = solve_split(tracer, tracer.budget_bytes(budget), solver=solver, time_limit_s=time_limit,
-                                 backend=backend, progress=lambda stage: status.update(f"planning: {stage}"))
-            # the step as traced: its store-all peak (what a share is of) and step time (what the user runs today)
-            return chosen.plan, tracer.budget_bytes("100%"), tracer.unsplit.graph.compute_s
-        except (ModelError, CaptureError, ValueError) as error:
-            fail(str(error))
+    with _tracing(model, batch) as status:
+        tracer = SplitTracer.zoo(model, batch=batch, seq=seq, precision=precision, device=device, optimizer=optimizer,
+                                 outputs=outputs)
+        chosen = solve_split(tracer, tracer.budget_bytes(budget), solver=solver, time_limit_s=time_limit,
+                             backend=backend, progress=lambda stage: status.update(f"planning: {stage}"))
+        # the step as traced: its store-all peak (what a share is of) and step time (what the user runs today)
+        return chosen.plan, tracer.budget_bytes("100%"), tracer.unsplit.graph.compute_s
 
 
 def _trace(model, batch, seq, precision, device, optimizer):
-    from remat.capture import CaptureError
-    from remat.models import ModelError
     from remat.trace import trace_model
 
-    with stderr.status(f"tracing {model}{_batch_note(batch)} on fake tensors", spinner="dots"):
-        try:
-            return trace_model(model, batch=batch, seq=seq, precision=precision, device=device, optimizer=optimizer)
-        except (ModelError, CaptureError, ValueError) as error:
-            fail(str(error))
+    with _tracing(model, batch):
+        return trace_model(model, batch=batch, seq=seq, precision=precision, device=device, optimizer=optimizer)
+
+
+@contextlib.contextmanager
+def _tracing(model, batch):
+    """A status line while the model is traced (and planned), and what goes wrong as one line."""
+    with stderr.status(f"tracing {model}{_batch_note(batch)} on fake tensors", spinner="dots") as status, \
+            _one_line_errors():
+        yield status
+
+
+@contextlib.contextmanager
+def _one_line_errors():
+    """What the user's model, its trace or an option gets wrong: one line and exit status 2, not a traceback."""
+    from remat.capture import CaptureError
+    from remat.models import ModelError
+
+    try:
+        yield
+    except (ModelError, CaptureError, ValueError) as error:
+        fail(str(error))
 
 
 def _fraction(text: str, option: str) -> float:
@@ -447,28 +457,17 @@ def _sizes(text: str) -> list[str]:
 
 def _split_tracer(model, batch, seq, precision, device, optimizer):
     """The step traced on fake tensors, with its split variants traced on demand (remat.split_plan)."""
-    from remat.capture import CaptureError
-    from remat.models import ModelError
     from remat.split_plan import SplitTracer
 
-    with stderr.status(f"tracing {model}{_batch_note(batch)} on fake tensors", spinner="dots"):
-        try:
-            return SplitTracer.zoo(model, batch=batch, seq=seq, precision=precision, device=device,
-                                   optimizer=optimizer)
-        except (ModelError, CaptureError, ValueError) as error:
-            fail(str(error))
+    with _tracing(model, batch):
+        return SplitTracer.zoo(model, batch=batch, seq=seq, precision=precision, device=device, optimizer=optimizer)
 
 
 def _trace_step(model, batch, seq, precision, device, optimizer):
-    from remat.capture import CaptureError
-    from remat.models import ModelError
     from remat.trace import trace_step
 
-    with stderr.status(f"tracing {model}{_batch_note(batch)} on fake tensors", spinner="dots"):
-        try:
-            return trace_step(model, batch=batch, seq=seq, precision=precision, device=device, optimizer=optimizer)
-        except (ModelError, CaptureError, ValueError) as error:
-            fail(str(error))
+    with _tracing(model, batch):
+        return trace_step(model, batch=batch, seq=seq, precision=precision, device=device, optimizer=optimizer)
 
 
 def _batch_note(batch: int | None) -> str:
@@ -508,11 +507,9 @@ def _console() -> Console:
 def compare(model, budget, batch, seq, device, precision, optimizer, solvers, time_limit, with_max_batch, out, md,
             as_json) -> None:
     """Compare methods (remat's plan, baselines, torch.compile's budgets) on MODEL at one or more BUDGETs."""
-    from remat.capture import CaptureError
     from remat.compare import compare as compare_methods
     from remat.compare import parse_methods
     from remat.maxbatch import BatchTraces
-    from remat.models import ModelError
 
     started = time.perf_counter()
     budgets = _sizes(budget)
@@ -528,12 +525,10 @@ def compare(model, budget, batch, seq, device, precision, optimizer, solvers, ti
             if with_max_batch:
                 traces = BatchTraces(model, seq, precision, device, optimizer,
                                      on_trace=lambda b: status.update(f"comparing: tracing batch {b}"))
-            try:
+            with _one_line_errors():  # another batch's trace (--max-batch)
                 comparison = compare_methods(traced, budgets, methods, time_limit_s=time_limit,
                                              progress=lambda stage: status.update(f"comparing: {stage}"),
                                              batch_traces=traces, probe_time_limit_s=min(time_limit, 10.0))
-            except (ModelError, CaptureError, ValueError) as error:  # another batch's trace (--max-batch)
-                fail(str(error))
         written = []
         if out or md:
             from remat.report import write_reports
@@ -588,9 +583,7 @@ def maxbatch(model, budget, seq, start_batch, device, precision, optimizer, solv
     """The largest batch each method fits under BUDGET (fixed memory counted), with its overhead there."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from remat.capture import CaptureError
     from remat.maxbatch import BatchTraces, max_batch, parse_methods
-    from remat.models import ModelError
 
     started = time.perf_counter()
     if is_share(budget):
@@ -613,11 +606,9 @@ def maxbatch(model, budget, seq, start_batch, device, precision, optimizer, solv
         for method in methods:
             progress.update(task, description=f"{method}: searching")
             traces.on_trace = lambda b, m=method: progress.update(task, description=f"{m}: tracing batch {b}")
-            try:
+            with _one_line_errors():
                 results.append(max_batch(traces, method, budget_bytes, start=start_batch, time_limit_s=time_limit,
                                          max_overhead=overhead_cap))
-            except (ModelError, CaptureError, ValueError) as error:
-                fail(str(error))
     wall_s = time.perf_counter() - started
     graph = next(iter(traces.graphs.values()))
     if as_json:
