@@ -759,6 +759,13 @@ def _per_example(value: Any, batch: int) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() > 0 and int(value.shape[0]) % batch == 0
 
 
+def _broadcast_over_batch(x: torch.fx.Node, like: torch.fx.Node) -> bool:
+    """An operand that one value serves every example of `like` (an op's output, or attention's q) with: it has fewer
+    dims (broadcasting aligns them from the right) or a dim 0 of 1."""
+    value, reference = _val(x), _val(like)
+    return int(value.shape[0]) == 1 or (isinstance(reference, torch.Tensor) and value.dim() < reference.dim())
+
+
 def _batch_major(node: torch.fx.Node, batch: int) -> bool:
     """An outside value whose dim 0 is the batch, or a view (or cast) of one that folds later dims into dim 0
     (GPT-2's (batch*seq, hidden) input of c_attn), so that a chunk of examples is a contiguous block of its rows."""
@@ -804,7 +811,7 @@ def _check_batched(node: torch.fx.Node, batch: int, members: set) -> None:
         mask = _arg(node, "attn_mask") or _arg(node, "attn_bias")
         if not all(batched_operand(x) for x in node.args[:3]):
             raise Unsplittable(node.name)
-        if mask is not None and int(_val(mask).shape[0]) != 1 and not batched_operand(mask):
+        if mask is not None and not _broadcast_over_batch(mask, node.args[0]) and not batched_operand(mask):
             raise Unsplittable(f"{node.name}: a mask that is not per example")
         return
     source = node.args[0]
@@ -842,9 +849,7 @@ def _check_batched(node: torch.fx.Node, batch: int, members: set) -> None:
         pass
     elif torch.Tag.pointwise in getattr(target, "tags", ()):
         for x in node.all_input_nodes:
-            x_value = _val(x)
-            shared = x_value.dim() < value.dim() or int(x_value.shape[0]) == 1
-            if not shared and not batched_operand(x):
+            if not _broadcast_over_batch(x, node) and not batched_operand(x):
                 raise Unsplittable(f"{node.name}: {x.name} is neither per example nor shared")
     else:
         raise Unsplittable(f"{node.name}: {target} is not known to keep examples apart")
@@ -881,9 +886,9 @@ def _emit_batched(graph: torch.fx.Graph, env: dict, exit: torch.fx.Node, members
             if user.target in _MATMULS and x is not (user.args[1] if user.target is aten.addmm.default
                                                        else user.args[0]):
                 return weight(x, user, c)
-            value, out = _val(x), _val(user)
-            shared = (not _per_example(value, batch) or int(value.shape[0]) == 1
-                      or (isinstance(out, torch.Tensor) and value.dim() < out.dim()))
+            # (attention's mask broadcasts against q: a (seq, seq) mask with seq == batch was cut into chunks)
+            shared = not _per_example(_val(x), batch) or _broadcast_over_batch(
+                x, user.args[0] if user.target in _SDPA else user)
             return env[x] if shared else example_chunks(x, user)[c]
 
         for node in members:
@@ -1013,6 +1018,12 @@ def capture_split(model: nn.Module, example_inputs: Call | Sequence[Any], step: 
         head = find_head(forward)
         if head is None:
             raise Unsplittable("no row-wise region from a matmul to the loss")
+        # a head that starts at the last block's output matmul (no final norm) holds that block's exit: the block is
+        # split as part of the head (split in two regions, it failed with a KeyError)
+        mlps = [m for m in mlps if set(m.nodes).isdisjoint(head.nodes)]
+        attentions = [a for a in attentions if set(a.nodes).isdisjoint(head.nodes)]
+        if (mlp_chunks > 1 and not mlps) or (attention_chunks > 1 and not attentions):
+            raise Unsplittable("the head holds the only block to split")
     rewritten = split_forward(forward, head, chunks, mlps, mlp_chunks, attentions, attention_chunks)
     by_rows = [*([head] if head is not None else []), *mlps]
     rows = by_rows[0].rows if by_rows else attentions[0].rows
