@@ -399,7 +399,10 @@ def _print_plan(plan, wall_s: float, out: str | None, share: str | None = None, 
         if plan.message:
             console.print(f"note           {escape(plan.message)}")
         _print_recomputed(console, plan)
-    table = Table(title="every method on this graph (simulated)", title_justify="left",
+    # (with a split, the baselines run on the split step too, and overheads are against its store-all: `remat compare`
+    # runs them on the step as traced, and a reader took one table's per-block for the other's)
+    on = f"the step{with_split}, overheads against its own store-all" if split else "this graph"
+    table = Table(title=f"every method on {on} (simulated)", title_justify="left",
                   caption="* the plan" if plan.schedule is not None else None, caption_justify="left")
     for column in ("method", "status", "peak", "step time", "overhead", "fits", "wall"):
         table.add_column(column, justify="left" if column in ("method", "status") else "right")

@@ -69,15 +69,15 @@ def format_bytes(num_bytes: int | float) -> str:
     """Decimal units, as GPU marketing and `--budget 16GB` use them."""
     value = float(num_bytes)
     for unit in ("B", "KB", "MB", "GB"):
-        if abs(value) < 1000:
+        if abs(round(value, 0 if unit == "B" else 2)) < 1000:  # as printed: 999,999 bytes are 1.00 MB, not 1000.00 KB
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
         value /= 1000
     return f"{value:.2f} TB"
 
 
 def format_seconds(seconds: float) -> str:
-    if seconds < 1e-3:
+    if round(seconds * 1e6, 1) < 1000:
         return f"{seconds * 1e6:.1f} us"
-    if seconds < 1:
+    if round(seconds * 1e3, 2) < 1000:
         return f"{seconds * 1e3:.2f} ms"
     return f"{seconds:.2f} s"

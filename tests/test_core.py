@@ -9,7 +9,7 @@ import pytest
 from remat.graph import FixedMemory, Graph
 from remat.schedule import Schedule, tighten_frees
 from remat.simulate import simulate
-from remat.units import format_bytes, parse_size
+from remat.units import format_bytes, format_seconds, parse_size
 from tests.graphs import chain_training_graph, eager_schedule, make_graph
 
 
@@ -176,6 +176,11 @@ def test_percent_and_format():
     assert parse_size("75%", reference_bytes=200) == 150
     assert parse_size("32.3%", reference_bytes=1000) == 323  # 1000 * 32.3 / 100 is 322.99999999999994
     assert format_bytes(16 * 10**9) == "16.00 GB"
+    # a value that rounds up to the next unit is printed in it (999,999 bytes were "1000.00 KB")
+    assert [format_bytes(b) for b in (999, 999_994, 999_995, 999_999, 999_999_999)] == [
+        "999 B", "999.99 KB", "1.00 MB", "1.00 MB", "1.00 GB"]
+    assert [format_seconds(s) for s in (999.94e-6, 999.96e-6, 0.999996, 1.5)] == [
+        "999.9 us", "1.00 ms", "1.00 s", "1.50 s"]
 
 
 def test_tighten_frees_frees_at_the_last_read_and_never_raises_memory():

@@ -360,6 +360,18 @@ def test_split_variants_stop_being_traced_once_the_next_would_pass_half_the_time
     assert cut.plan.graph.meta["split_cut"]  # remat solve and remat.apply say a longer limit would trace more
 
 
+def test_every_chunk_count_traced_whose_floor_fits_is_weighed():
+    """Only the unsplit step and the last variant traced were solved: gpt2-tiny at 70% went on past the head in 2
+    chunks, where per-block fits (+30.3%) and auto's plan was +25.8%, to the head in 4 and MLPs in 2, and the plan was
+    +115.1%, or per-block "fits no chunk count". How far the doubling got depended on the time limit and the load."""
+    tracer = SplitTracer.zoo("gpt2-tiny", batch=4, seq=64, precision="bf16-mixed", device="h100")
+    budget = tracer.budget_bytes("70%")
+    chosen = solve_split(tracer, budget, solver="per-block", time_limit_s=100)
+    assert list(tracer.variants)[-1] != (2, 1, 1)  # the doubling went on past it
+    split = chosen.split
+    assert (split.chunks, split.mlp_chunks, split.attention_chunks) == (2, 1, 1) and chosen.plan.simulation.fits(budget)
+
+
 def test_below_the_unsplit_floor_variants_stop_for_time_once_one_is_known_to_fit(monkeypatch):
     """Below the unsplit floor the doubling went on past the time limit (gpt2-tiny at a 2-s limit: six variants traced,
     10 s of wall time). It goes on only until a variant's checkpoint-all fits: gpt2-tiny at batch 16 and 50 MB, below
