@@ -836,6 +836,7 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
         warnings.warn("a tensor hook registered in the forward (`h.register_hook(...)`) runs once, when the step is "
                       "traced: what it changes in the gradient is planned, but what it records elsewhere (a logger, "
                       "a list) is not updated at each step", stacklevel=3)
+    _refuse_side_effects(gm)
     input_kinds, input_names = [], []
     for node in gm.graph.find_nodes(op="placeholder"):
         kind, name = _describe_input(node.meta.get("desc"))
@@ -1092,6 +1093,22 @@ def _tied_tensors(module: nn.Module) -> dict[str, str]:
         if canonical != name:
             tied[name] = canonical
     return tied
+
+
+def _refuse_side_effects(gm: torch.fx.GraphModule) -> None:
+    """Ops with a side effect are traced threaded on an effect token (an extra input and output of the graph), which
+    the planned step did not feed: it failed at its first call with an empty StopIteration. The one met in models is
+    linalg's error check (solve, inv, cholesky raise on a singular matrix); its `_ex` forms leave it out."""
+    effects = {str(node.args[1]) for node in gm.graph.find_nodes(op="call_function",
+                                                                 target=torch.ops.higher_order.with_effects)}
+    if not effects:
+        return
+    hint = ("; torch.linalg.solve, inv and cholesky check their input that way: use "
+            "torch.linalg.solve_ex(A, B).result, inv_ex(A).inverse or cholesky_ex(A).L, which return the check's "
+            "`info` instead of raising"
+            if any("_linalg_check_errors" in op for op in effects) else "")
+    raise CaptureError(f"the step runs ops with a side effect ({', '.join(sorted(effects))}), which a planned step "
+                       f"cannot replay yet{hint}")
 
 
 def _describe_input(desc: Any) -> tuple[str, str]:
