@@ -460,7 +460,10 @@ def _compiling():
     previous = torch.compiler._is_compiling_flag
     torch.compiler._is_compiling_flag = True
     try:
-        with _quiet_fake_tensor_log():
+        # a torch.compile'd submodule (regional compilation) runs as the module it wraps: Dynamo cannot trace on the
+        # trace's tensors ("Attempting to use FunctionalTensor on its own"); the planned graphs are compiled or not as
+        # remat.apply's backend says
+        with _quiet_fake_tensor_log(), torch._dynamo.config.patch(disable=True):
             yield
     finally:
         torch.compiler._is_compiling_flag = previous

@@ -868,6 +868,30 @@ def test_a_compiled_module_is_planned_as_the_module_it_wraps():
         assert torch.equal(p.grad, q.grad)
 
 
+class CompiledBlocks(nn.Module):
+    """Regional compilation: each block torch.compile'd in the model (the capture failed inside Dynamo)."""
+
+    def __init__(self, compiled: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        blocks = [nn.Sequential(nn.Linear(16, 16), nn.GELU()) for _ in range(3)]
+        self.blocks = nn.ModuleList(torch.compile(b) if compiled else b for b in blocks)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x, y):
+        for block in self.blocks:
+            x = x + block(x)
+        return nn.functional.cross_entropy(self.head(x), y)
+
+
+def test_compiled_submodules_are_planned_as_the_modules_they_wrap():
+    model, reference = CompiledBlocks(compiled=True).double(), CompiledBlocks(compiled=False).double()
+    x, y = torch.randn(32, 16, dtype=torch.float64), torch.randint(0, 4, (32,))
+    planned = apply(model, budget="150%", example_inputs=(x, y), device="cpu", solver="checkpoint-all")
+    for _ in range(2):
+        _same_step(planned, model, reference, x, y)
+
+
 class Classifier(nn.Module):
     """Returns logits; the loss is the caller's, as most training loops write it."""
 
