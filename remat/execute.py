@@ -592,8 +592,13 @@ def _write_buffers(parts: PartitionedStep, primals, names: list[str], values: li
 
 
 def tensors_in(value: Any):
-    """The tensors in a value: itself, or those in a (nested) tuple / list."""
-    if isinstance(value, torch.Tensor):
+    """The tensors in a value: itself, or those in a (nested) tuple / list. A sparse tensor (the gradient of
+    `nn.Embedding(sparse=True)`) as its indices and values, which hold its storages (it has none of its own:
+    measure() failed on it)."""
+    if isinstance(value, torch.Tensor) and value.layout == torch.sparse_coo:
+        yield value._indices()
+        yield value._values()
+    elif isinstance(value, torch.Tensor):
         yield value
     elif isinstance(value, (tuple, list)):
         for v in value:

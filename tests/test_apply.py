@@ -892,6 +892,30 @@ def test_compiled_submodules_are_planned_as_the_modules_they_wrap():
         _same_step(planned, model, reference, x, y)
 
 
+class SparseEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embedding, self.out = nn.Embedding(20_000, 16, sparse=True), nn.Linear(16, 4)
+
+    def forward(self, ids, y):
+        return nn.functional.cross_entropy(self.out(torch.tanh(self.embedding(ids)).mean(1)), y)
+
+
+def test_a_sparse_gradient_is_measured():
+    """nn.Embedding(sparse=True): its gradient is a sparse tensor, which has no storage of its own (measure() failed
+    with "Cannot access storage of SparseTensorImpl")."""
+    model = SparseEmbedding().double()
+    reference = copy.deepcopy(model)
+    ids, y = torch.randint(0, 20_000, (8, 5)), torch.randint(0, 4, (8,))
+    planned = apply(model, budget="150%", example_inputs=(ids, y), device="cpu", time_limit=TIME_LIMIT)
+    loss, memory = planned.measure(ids, y)
+    reference(ids, y).backward()
+    assert model.embedding.weight.grad.is_sparse
+    assert torch.equal(model.embedding.weight.grad.to_dense(), reference.embedding.weight.grad.to_dense())
+    assert memory.peak_live_bytes == planned.planned.simulation.activation_peak_bytes
+
+
 class Classifier(nn.Module):
     """Returns logits; the loss is the caller's, as most training loops write it."""
 
