@@ -243,6 +243,40 @@ def build_model(
             if k < j <= t and (t, j) in R:
                 problem += free + R[t, j] <= 1, f"free_last_use_{t}_{i}_{p}_{k}_{j}"
 
+    # Valid inequalities (V1), (V2): every 0/1 solution of the constraints above satisfies them, so the optimum
+    # stays the same; they cut off fractional points of the LP relaxation that HiGHS's proof of optimality rests on.
+    # (V1) in stage t, part p of node i is freed at most once, only if it is there, and not at all if kept:
+    #     sum over k of FREE[t, i, p, k] + (p in memory at t+1) <= (p in memory at t) + R[t, i].
+    # Kept: (M3) sets every FREE of the part to 0, and (1c) (or held_carried) gives 1 <= the right side. Not kept:
+    # FREEs at k1 < k2 would need R[t, k2] = 1 (k2 > i reads the part) and FREE[k1] + R[t, k2] <= 1, so at most
+    # one FREE is 1; it needs R[t, k] = 1, so k = i (R[t, i] = 1) or k reads the part, which (1b) then computes or
+    # has in memory. In the LP, fractional FREEs at several readers could free more than the part holds.
+    for t in stages:
+        for i in columns(t):
+            for part in parts[i]:
+                frees = [FREE[t, i, part.index, k] for k in (i, *part.readers) if (t, i, part.index, k) in FREE]
+                if frees:
+                    add(pulp.lpSum(frees) + in_memory(t + 1, part) <= in_memory(t, part) + computed(t, i),
+                        f"freed_once_{t}_{i}_{part.index}")
+
+    # (V2) the frontier's knapsack: while node t runs in stage t, U[t, t] holds t's output (R[t, t] = 1), every part
+    # of an earlier node that t reads ((1b) puts it in memory; (M3) frees nothing before t, since t reads it later),
+    # and every other part of an earlier node kept into stage t+1 ((M3) frees nothing of it in stage t; (1c) has it
+    # in memory at the start or computed before t). Every part counts >= 0 in U (at most one FREE, only once it is
+    # there: (V1)), so U[t, t] >= the sum below, and (M4) bounds it. As one row over 0/1 variables it gives
+    # HiGHS knapsack covers and fixings that (M4) implies only through the continuous U chain.
+    frontier = {}
+    for t in stages:
+        needed = mem[t] + workspace[t]
+        kept = []
+        for i in columns(t - 1):
+            for part in parts[i]:
+                if t in part.readers:
+                    needed += part.size_bytes / byte_unit
+                else:
+                    kept.append(part.size_bytes / byte_unit * in_memory(t + 1, part))
+        frontier[t] = needed + pulp.lpSum(kept)
+
     # (M4) budget: fixed memory + activations + the running node's workspace, at every step of every stage.
     seconds = pulp.lpSum(cost[i] * R[t, i] for (t, i) in R if cost[i] > 0)
     peak = None
@@ -250,12 +284,17 @@ def build_model(
         capacity = budget_bytes / byte_unit - fixed
         for (t, k), held in U.items():
             problem += held + workspace[k] * R[t, k] <= capacity, f"budget_{t}_{k}"
+        for t, held in frontier.items():
+            if len(held):  # a row without variables is implied by (M4) already
+                problem += held <= capacity, f"frontier_budget_{t}"
         compute_weight = 1.0
         problem += seconds  # (1a) objective: seconds of every computation, recomputations included
     else:
         peak = problem.add_variable("PEAK", 0)
         for (t, k), held in U.items():
             problem += peak >= fixed + held + workspace[k] * R[t, k], f"peak_{t}_{k}"
+        for t, held in frontier.items():
+            problem += peak >= fixed + held, f"frontier_peak_{t}"
         # Objective: the peak, plus the seconds with a weight small enough that all the seconds a schedule can
         # spend (node i runs at most once in each of the n - i stages) are worth less than half a byte, or
         # where a byte is below HiGHS's tolerances, less than a millionth of the reference memory.
