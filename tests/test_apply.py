@@ -546,9 +546,13 @@ def test_budget_below_the_minimum_names_it_and_leaves_the_model_alone():
     graph, _ = trace_step(model, inputs, device="cpu")
     # (infeasible solves spend their whole time limit looking for the lowest peak: 2 s each will do)
     # cut short, the search names the lowest peak it reached as that, not as the minimum: 2 s named 39,520 bytes,
-    # and a second 2-s plan at 39,520 bytes found only 40,544 (a 10-s search proves 39,520: the slow test below)
-    with pytest.raises(PlanError, match=r"the lowest peak found in time_limit=0.2 s is .*a longer time_limit may"):
+    # and a second 2-s plan at 39,520 bytes found only 40,544 (a 10-s search proves 39,520: the slow test below).
+    # With the MILP's valid rows (solvers/checkmate.py) 0.2 s may prove it too: then it is named the minimum
+    with pytest.raises(PlanError) as raised:
         remat.plan(model, inputs, budget=graph.fixed.total_bytes, device="cpu", time_limit=0.2)
+    message = str(raised.value)
+    assert re.search(r"the lowest peak found in time_limit=0.2 s is .*a longer time_limit may", message) or \
+        "the minimum feasible budget for this model and input is 39.52 KB (39520 bytes)" in message, message
     with pytest.raises(PlanError, match="minimum feasible budget|lowest peak found"):
         apply(model, budget=graph.fixed.total_bytes, example_inputs=inputs, device="cpu", time_limit=2.0)
     with pytest.raises(PlanError, match="fixed memory alone is"):
@@ -715,10 +719,12 @@ def test_apply_with_a_budget_below_the_unsplit_floor_splits_the_head(tmp_path):
     # the plan made by remat.plan carries the split into its file, and apply runs the file
     made = remat.plan(copy.deepcopy(reference), spec.example_inputs, budget="15MB", device="cpu",
                       time_limit=TIME_LIMIT)
-    assert made.graph.meta["split"]["chunks"] == split["chunks"]
+    # (its own solve: the chunk count may differ from apply's, each the cheapest its time found)
+    assert made.graph.meta["split"]["chunks"] > 1
     made.save(tmp_path / "plan.json")
     from_file = apply(copy.deepcopy(reference), plan=tmp_path / "plan.json", example_inputs=spec.example_inputs)
-    assert from_file.planned.graph.meta["split"]["chunks"] == split["chunks"]
+    counts = ("chunks", "mlp_chunks", "attention_chunks")
+    assert [from_file.planned.graph.meta["split"][k] for k in counts] == [made.graph.meta["split"][k] for k in counts]
 
 
 def test_apply_below_what_the_split_head_reaches_splits_the_mlps_too():

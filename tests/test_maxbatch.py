@@ -232,6 +232,7 @@ def test_a_batch_that_fits_the_memory_but_not_the_overhead_cap_is_marked_so():
     assert [_probe_mark(probe, 100) for probe in probes] == ["", "s", "x", "x"]
 
 
+@pytest.mark.slow  # 26 to 32 s: llama-tiny traced split several ways (the gpt2 batch-706 test splits too)
 def test_remat_plans_split_the_head_to_fit_a_larger_batch():
     """llama-tiny (seq 64, fp32): at 15 MB the unsplit step's loss head alone rules out batch 8 for any schedule
     (floor 16.05 MB); with the head in chunks, remat's plan fits it and more."""

@@ -586,10 +586,13 @@ def test_a_solve_that_ends_early_hands_its_time_to_the_next_chunk_count(monkeypa
     tracer = tiny_tracer()
     # at the unsplit floor, store-all does not fit: the unsplit step and a split one are both solved
     solve_split(tracer, tracer.unsplit.floor_bytes, solver="chen-sqrtn", time_limit_s=20.0)
-    assert len(limits) == 2  # the unsplit step, then the split one
-    assert 9.0 <= limits[0] <= 10.0 and limits[1] >= 18.0  # a baseline is done at once: the rest goes on
-    # the split step's solve knows the unsplit plan's cost: it stops once its bound shows it cannot do better
-    assert beaten_at == [None, plans[0].compute_s]
+    solves = len(limits)
+    assert solves >= 2  # the unsplit step, the last split one, then any other traced whose floor fits
+    # an even share each; a baseline is done at once, and the rest goes on to the next
+    assert 20.0 / solves - 1.0 <= limits[0] <= 20.0 / solves and limits[-1] >= 18.0
+    # each later solve knows the cheapest plan so far: it stops once its bound shows it cannot do better
+    assert beaten_at == [None] + [min((p.compute_s for p in plans[:k] if p.compute_s is not None), default=None)
+                                  for k in range(1, solves)]
 
 
 def test_checkpoint_all_is_built_once_per_chunk_count(monkeypatch):
@@ -606,7 +609,7 @@ def test_checkpoint_all_is_built_once_per_chunk_count(monkeypatch):
     tracer = SplitTracer.zoo("gpt2-tiny", batch=16, precision="bf16-mixed", device="h100")  # none built yet
     chosen = solve_split(tracer, tracer.unsplit.floor_bytes, time_limit_s=10)
     solved = [plan for _, _, plan in chosen.tried if plan is not None]
-    assert len(solved) == 2  # the unsplit step and a split one
+    assert len(solved) >= 2 and solved[0].graph is tracer.unsplit.graph  # the unsplit step and split ones
     for plan in solved:
         assert any(c.method == "checkpoint-all" and c.schedule is not None for c in plan.candidates)
     assert len(built) == len({id(graph) for graph in built}) >= 2
