@@ -763,7 +763,9 @@ def _broadcast_over_batch(x: torch.fx.Node, like: torch.fx.Node) -> bool:
     """An operand that one value serves every example of `like` (an op's output, or attention's q) with: it has fewer
     dims (broadcasting aligns them from the right) or a dim 0 of 1."""
     value, reference = _val(x), _val(like)
-    return int(value.shape[0]) == 1 or (isinstance(reference, torch.Tensor) and value.dim() < reference.dim())
+    if isinstance(reference, torch.Tensor) and value.dim() < reference.dim():
+        return True  # (a 0-d scale too, which has no dim 0)
+    return value.dim() > 0 and int(value.shape[0]) == 1
 
 
 def _batch_major(node: torch.fx.Node, batch: int) -> bool:

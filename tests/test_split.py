@@ -660,6 +660,26 @@ def test_a_mask_every_example_shares_is_not_cut_into_chunks(attention_chunks):
     assert_replays_like_eager("shared mask", model, example_inputs, step, graph, inputs)
 
 
+def test_a_0d_scale_in_an_attention_block_is_shared_by_the_examples():
+    """A 0-d buffer (a scale) read by a pointwise op in an attention block has no dim 0: finding the blocks raised an
+    IndexError."""
+
+    class ScaledAttention(nn.Module):
+        def __init__(self, width=16, heads=2):
+            super().__init__()
+            self.heads, self.qkv, self.out = heads, nn.Linear(width, 3 * width), nn.Linear(width, width)
+            self.register_buffer("scale", torch.tensor(0.5))
+
+        def forward(self, x):
+            batch, seq, width = x.shape
+            q, k, v = (t.view(batch, seq, self.heads, -1).transpose(1, 2) for t in self.qkv(x).split(width, -1))
+            y = nn.functional.scaled_dot_product_attention(q * self.scale, k, v, is_causal=True)
+            return self.out(y.transpose(1, 2).reshape(batch, seq, width)).pow(2).mean()
+
+    step = capture_step(ScaledAttention(), (torch.randn(4, 6, 16),))
+    assert len(find_attention(forward_graph(step), batch=4)) == 1
+
+
 def test_a_head_that_starts_at_the_last_blocks_exit_takes_that_block():
     model, example_inputs, step, split, graph, inputs = split_setup("no final norm", 2, 1, 2)
     assert split.chunks == 2 and split.region.startswith("out.1")  # the last block's output projection, + the loss
