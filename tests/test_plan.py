@@ -312,7 +312,7 @@ def test_a_lower_bound_cut_short_after_a_solution_is_solved_again_on_graphs_past
     monkeypatch.setattr(planner, "covering_bound", first_solve_cut_short)
     graph = chain_training_graph(60)  # 121 nodes, past the MILP's whole-graph size, and no decomposition
     assert MAX_WHOLE_NODES < len(graph) <= 600
-    plan = solve(graph, 250, time_limit_s=10)
+    plan = solve(graph, 250, time_limit_s=20)  # (ends in about 4 s; under load, 10 s left the coarse MILPs no time)
     assert bool([c.method for c in plan.candidates if "coarse" in c.method]) == coarsened
     if not coarsened:
         assert len(calls) == 2 and plan.status == "optimal"  # the bound solved again proves cover-round's plan
@@ -366,12 +366,14 @@ def test_a_small_graph_near_its_minimum_budget_is_searched_after_the_whole_graph
     """The MILP takes graphs up to MAX_WHOLE_NODES whole, but near the smallest budgets its plans within a time
     limit are poor: it gets WHOLE_MILP_SHARE of the time, and the searches and the MILP polish the rest. A 14-layer
     chain's step at 50 B: the MILP alone, given 30 s, stopped at 55 s; now rows-search reaches 52 s (the optimum)
-    in 10 s."""
+    in 10 s. With its valid rows (solvers/checkmate.py) the MILP may prove the optimum within its share: then no
+    search is needed."""
     limit = 10.0
     plan = solve(chain_training_graph(14), 50, time_limit_s=limit)
     milp = next(c for c in plan.candidates if c.method == "checkmate")
     assert milp.wall_s <= planner.WHOLE_MILP_SHARE * limit + 1.0
-    assert any(c.method in ("drop-search", "rows-search") for c in plan.candidates)
+    searched = any(c.method in ("drop-search", "rows-search") for c in plan.candidates)
+    assert searched or (plan.status == "optimal" and plan.compute_s == pytest.approx(52.0))
     assert plan.simulation.fits(50) and plan.compute_s <= min(55.0, milp.simulation.compute_s)
 
 
