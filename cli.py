@@ -755,18 +755,16 @@ def run(model, plan_path, budget, batch, seq, precision, optimizer, steps, time_
     """
     import torch
 
-    from remat.capture import Call, CaptureError
-    from remat.models import ModelError, build_model
-    from remat.training import PlanError, PlanFile, apply
+    from remat.capture import Call
+    from remat.models import build_model
+    from remat.training import PlanFile, apply
 
     if (plan_path is None) == (budget is None):
         fail("give either --plan FILE or --budget SIZE")
     made_with = {}
     if plan_path is not None:
-        try:
+        with _one_line_errors():
             made_with = PlanFile.load(plan_path).graph_meta
-        except PlanError as error:
-            fail(str(error))
     for name, value in (("precision", precision), ("optimizer", optimizer)):
         if value is not None and made_with.get(name, value) != value:  # the plan would be refused, or run unasked
             fail(f"the plan was made for --{name} {made_with[name]}: leave --{name} out, or plan again with it")
@@ -776,19 +774,17 @@ def run(model, plan_path, budget, batch, seq, precision, optimizer, steps, time_
     batch = batch or made_with.get("batch")
     seq = seq or made_with.get("seq")
     where = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        with stderr.status(f"building {model}{_batch_note(batch)} on {where}", spinner="dots") as status:
-            spec = build_model(model, batch=batch, seq=seq)
-            spec.model.to(where)
-            call = Call.of(spec.example_inputs)  # a factory's inputs, in order or by name
-            args, kwargs = call.with_tensors([x.to(where) for x in call.tensors])
-            status.update("tracing and planning the step")
-            with _stdout_to_stderr():
-                planned = apply(spec.model, budget=budget, example_inputs=kwargs or args, plan=plan_path,
-                                loss_fn=spec.loss_fn, precision=precision, optimizer=optimizer,
-                                time_limit=time_limit)
-    except (PlanError, ModelError, CaptureError, ValueError) as error:
-        fail(str(error))
+    with stderr.status(f"building {model}{_batch_note(batch)} on {where}", spinner="dots") as status, \
+            _one_line_errors():
+        spec = build_model(model, batch=batch, seq=seq)
+        spec.model.to(where)
+        call = Call.of(spec.example_inputs)  # a factory's inputs, in order or by name
+        args, kwargs = call.with_tensors([x.to(where) for x in call.tensors])
+        status.update("tracing and planning the step")
+        with _stdout_to_stderr():
+            planned = apply(spec.model, budget=budget, example_inputs=kwargs or args, plan=plan_path,
+                            loss_fn=spec.loss_fn, precision=precision, optimizer=optimizer,
+                            time_limit=time_limit)
     step = planned.planned
     optimizer = _torch_optimizer(optimizer, spec.model.parameters())
     losses, step_s = [], []

@@ -155,17 +155,22 @@ def replay(step: CapturedStep, graph: Graph, schedule: Schedule, inputs: list[An
     part_names = {i: _part_names(graph.nodes[i].fx_nodes, by_name) for i, node in enumerate(graph.nodes)
                   if node.part_bytes}
 
+    # the storages each live node holds, (address, bytes), found once per change of what it holds: counting the
+    # bytes after every instruction then walks these short lists only
+    held: dict[int, list[tuple[int, int]]] = {}
+
+    def storages_of(index: int) -> list[tuple[int, int]]:
+        if index not in held:
+            names = graph.nodes[index].fx_nodes or (graph.nodes[index].name,)
+            keys = (_storage_key_and_bytes(t) for name in names for t in tensors_in(env.get(name)))
+            held[index] = [(ptr, nbytes) for ptr, nbytes in keys if ptr not in placeholder_ptrs]
+        return held[index]
+
     def live_bytes() -> int:
         seen: dict[int, int] = {}
-        for index, is_live in enumerate(live):
-            if not is_live or index in grad_nodes:
-                continue
-            node = graph.nodes[index]
-            for name in node.fx_nodes or (node.name,):
-                for tensor in tensors_in(env.get(name)):
-                    ptr, nbytes = _storage_key_and_bytes(tensor)
-                    if ptr not in placeholder_ptrs:
-                        seen[ptr] = max(seen.get(ptr, 0), nbytes)
+        for index in held.keys() - grad_nodes:
+            for ptr, nbytes in held[index]:
+                seen[ptr] = max(seen.get(ptr, 0), nbytes)
         return sum(seen.values())
 
     with torch.no_grad():
@@ -181,6 +186,7 @@ def replay(step: CapturedStep, graph: Graph, schedule: Schedule, inputs: list[An
                 for name in names:
                     env.pop(name, None)
                 live[i] = False
+                held.pop(i, None)
                 continue
             if op.kind != COMPUTE:
                 raise ReplayError(f"instruction {position}: unknown kind {op.kind!r}")
@@ -206,12 +212,18 @@ def replay(step: CapturedStep, graph: Graph, schedule: Schedule, inputs: list[An
                 if name in wanted and name not in collected:
                     collected[name] = env[name]
             live[i] = True
+            storages_of(i)
             peak = max(peak, live_bytes())  # the new output is counted before any following free
             if node.part_bytes:
                 env.pop(names[0], None)  # the outputs live on as getitems, each freed after its own last read
+                held.pop(i)
             for owner, part in releases.get(position, ()):  # an output of a multi-output op read for the last time
                 for name in part_names[owner][part]:
                     env.pop(name, None)
+                held.pop(owner, None)
+            for index in (i, *(owner for owner, _ in releases.get(position, ()))):
+                if live[index]:
+                    storages_of(index)
 
     # Outputs held by no Graph node (e.g. a gradient that is a view of a placeholder) are read at the end.
     for name in wanted:

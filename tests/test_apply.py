@@ -799,7 +799,8 @@ def test_state_dict_is_the_models_own_both_ways():
     assert all(torch.equal(outer["net"].model.state_dict()[k], v) for k, v in saved.items())
 
 
-def test_any_rows_run_with_the_bytes_the_simulator_counts():
+@pytest.mark.parametrize("points", [4, pytest.param(12, marks=pytest.mark.slow)])  # (12: 28 s)
+def test_any_rows_run_with_the_bytes_the_simulator_counts(points):
     """Rows-search's points compute values nothing reads (a Checkmate stage runs its own node), recompute batch
     norms in the forward and gradient-producing ops in the backward: the executed graphs still hold, op for op,
     what the simulator counts (before: a saved tensor only a dropped computation read was held through the whole
@@ -810,7 +811,7 @@ def test_any_rows_run_with_the_bytes_the_simulator_counts():
     plan = remat.plan(model, inputs, budget="100%", device="cpu", time_limit=TIME_LIMIT)
     schedule = solve_with("chen-sqrtn", graph, plan.budget_bytes).schedule
     rows, rng = rows_of(schedule), random.Random(0)
-    for point in range(12):
+    for point in range(points):
         for _ in range(4):
             schedule = ROWS.schedule_of(graph, rows)
             rows = ROWS.neighbour(graph, Current(graph, rows, schedule, simulate(graph, schedule)), rng)

@@ -1,11 +1,11 @@
 """The command line as a user meets it: bad input is one line and exit status 2; plans print and save."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.cli_run import remat
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,11 +81,6 @@ def four_samples(batch=4):
 '''
 
 
-def remat(*args, cwd=None):
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True,
-                          cwd=cwd or ROOT, timeout=300)
-
-
 @pytest.fixture(scope="module")
 def factory_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("user") / "mymodel.py"
@@ -108,7 +103,7 @@ def test_unreadable_budget(budget):
 
 
 def test_unknown_model():
-    assert_one_line_error(remat("solve", "--model", "gpt5", "--budget", "16GB"), "gpt5", "gpt2")
+    assert_one_line_error(remat("solve", "--model", "gpt5", "--budget", "16GB", process=True), "gpt5", "gpt2")
 
 
 def test_unknown_solver():
@@ -189,7 +184,7 @@ def test_user_model_plan_json_and_plan_file(factory_file, probe, tmp_path):
     out = tmp_path / "plans" / "plan.json"  # a folder that does not exist yet: made before the solve
     budget = (probe["store_all_peak_bytes"] + probe["min_feasible_bytes"]) // 2
     result = remat("solve", "--model", f"{factory_file}:make", "--budget", str(budget), "--json", "--out", str(out),
-                   "--time-limit", "20")
+                   "--time-limit", "20", process=True)  # stdout holds the JSON alone, whatever HiGHS prints
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     for key in ("model", "batch", "seq", "device", "budget_bytes", "fixed_bytes", "solver", "status", "peak_bytes",
@@ -232,7 +227,7 @@ def test_a_factory_that_casts_its_model_plans_and_its_name_prints_as_written(fac
 
 
 def test_a_shape_error_in_the_model_is_one_line_without_torchs_logged_traceback(factory_file):
-    assert_one_line_error(remat("solve", "--model", f"{factory_file}:wrong_features", "--budget", "1GB"),
+    assert_one_line_error(remat("solve", "--model", f"{factory_file}:wrong_features", "--budget", "1GB", process=True),
                           "could not trace the training step")
 
 

@@ -45,9 +45,13 @@ def test_zoo_names():
     assert ZOO_NAMES == (*models.GPT2_SIZES, *models.LLAMA_SIZES, *models.IMAGE_TASKS)
 
 
-@pytest.mark.parametrize("name, batch", [("gpt2-tiny", 2), ("mlp", 2), ("mobilenet_v2", 1), ("resnet50", 1),
-                                         ("vgg16", 1), ("unet", 1),
-                                         pytest.param("densenet121", 1, marks=pytest.mark.slow)])  # 22 s
+SLOW = pytest.mark.slow  # torchvision's own networks at 224 x 224 on a CPU: 8 to 22 s each
+
+
+@pytest.mark.parametrize("name, batch", [("gpt2-tiny", 2), ("mlp", 2), ("mobilenet_v2", 1), ("unet", 1),
+                                         pytest.param("resnet50", 1, marks=SLOW),
+                                         pytest.param("vgg16", 1, marks=SLOW),
+                                         pytest.param("densenet121", 1, marks=SLOW)])
 def test_zoo_model_trains_on_real_tensors(name, batch):
     torch.manual_seed(0)
     spec = build_model(name, batch=batch)

@@ -3,8 +3,6 @@ profiler writes are the keys lowering looks up; `remat profile` needs CUDA and s
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ from remat.lower import cost_key
 from remat.planner import solve
 from remat.profile import compute_nodes, measure_ops, random_like
 from remat.trace import trace_step
+from tests.cli_run import remat
 
 ROOT = Path(__file__).resolve().parent.parent
 STORED = ROOT / "tests" / "data" / "profile-mlp-test.json"  # matmul times for mlp at batch 8, fp32
@@ -107,9 +106,7 @@ def test_random_inputs_keep_shape_strides_and_dtype():
 
 def test_profile_command_needs_cuda(tmp_path):
     out = tmp_path / "mlp.json"
-    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "profile", "--model", "mlp", "--batch", "8",
-                             "--out", str(out), "--repeats", "2"], capture_output=True, text=True, cwd=ROOT,
-                            timeout=600)
+    result = remat("profile", "--model", "mlp", "--batch", "8", "--out", str(out), "--repeats", "2")
     if torch.cuda.is_available():  # on a GPU machine the profile is written and loads
         assert result.returncode == 0, result.stderr
         assert load_profile(str(out)).measured_s

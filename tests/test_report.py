@@ -5,9 +5,6 @@ import base64
 import contextlib
 import json
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -17,9 +14,9 @@ from remat.report import cells, headers, memory_figure_names, notes, stage_matri
 from remat.simulate import simulate
 from remat.trace import trace_step
 from solvers.baselines import RematPlan, build_schedule, first_backward_index
+from tests.cli_run import remat
 from tests.graphs import chain_training_graph
 
-ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("checkmate", "store-all", "checkpoint-all", "per-block", "compile-budget-1.0", "compile-budget-0.0")
 ROW_KEYS = {"method", "budget_bytes", "status", "fits", "peak_bytes", "compute_s", "overhead", "gap", "wall_s",
             "schedule_from", "max_batch", "max_batch_capped", "message"}
@@ -144,11 +141,13 @@ def test_a_plan_carried_to_larger_budgets_is_named_as_the_plan_it_is(traced, mon
     import remat.compare as compare_module
     from remat.units import format_bytes
 
-    real_solve, calls = compare_module.solve, []
+    real_solve, calls, plans = compare_module.solve, [], []
 
     def worse_after_the_first(graph, budget, solver, time_limit_s, known):
         calls.append(budget)  # later budgets get checkpoint-all's plan: the first budget's plan is cheaper
-        return real_solve(graph, budget, solver if len(calls) == 1 else "checkpoint-all", time_limit_s, known=known)
+        plans.append(real_solve(graph, budget, solver if len(calls) == 1 else "checkpoint-all", time_limit_s,
+                                known=known))
+        return plans[-1]
 
     monkeypatch.setattr(compare_module, "solve", worse_after_the_first)
     peak = simulate(traced.graph, build_schedule(traced.graph, RematPlan())).peak_bytes
@@ -156,9 +155,12 @@ def test_a_plan_carried_to_larger_budgets_is_named_as_the_plan_it_is(traced, mon
     result = compare(traced, budgets, ("checkmate",), time_limit_s=2)
     first, *later = [r for r in result.rows if r.method == "checkmate"]
     assert first.fits and "(the" not in first.schedule_from
-    for row in later:
+    for row, plan in zip(later, plans[1:], strict=True):
         assert row.schedule_from == f"{first.schedule_from} (the {format_bytes(budgets[0])} plan)"
         assert row.compute_s == first.compute_s and row.wall_s > 0
+        # with the gap to the bound of its own budget (it showed none)
+        assert plan.lower_bound_s is not None
+        assert row.gap == pytest.approx(max(0.0, 1 - plan.lower_bound_s / row.compute_s), abs=1e-12)
 
 
 def test_stage_matrix_marks_first_computations_on_the_diagonal(comparison):
@@ -211,11 +213,6 @@ def test_methods_parse_and_unknown_ones_fail():
         parse_methods(["magic"])
     with pytest.raises(ValueError):
         parse_methods(["compile-budget-2"])
-
-
-def remat(*args):
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=300)
 
 
 @pytest.mark.slow

@@ -479,7 +479,8 @@ def test_mlps_that_share_a_matmul_are_split_one_at_a_time():
 @pytest.mark.parametrize(("name", "chunks", "mlp_chunks"), [
     ("gpt2-tiny", 1, 3),  # MLPs only: 24 rows in chunks of 8
     ("gpt2-tiny", 2, 4),  # head and MLPs, each with its own count
-    ("llama-tiny", 1, 5),  # 24 rows in chunks of 5, 5, 5, 5, 4
+    # 24 rows in chunks of 5, 5, 5, 5, 4 (12 s: slow; test_apply splits llama-tiny's MLPs through the execute path)
+    pytest.param("llama-tiny", 1, 5, marks=pytest.mark.slow),
     pytest.param("llama-tiny", 3, 2, marks=pytest.mark.slow),  # (11 s; the attention test splits head and MLPs too)
 ])
 def test_split_mlps_replay_to_the_unsplit_loss_and_gradients(name, chunks, mlp_chunks):
@@ -644,7 +645,9 @@ def test_every_attention_block_is_found(name, blocks, nodes_at_least):
     pytest.param("llama-tiny", 1, 1, 2, marks=pytest.mark.slow),  # (16 s; the last case splits llama's too)
     # 3 examples in chunks of 2 and 1 (21 s: slow; the next case has uneven chunks too)
     pytest.param("llama-tiny-b3", 1, 1, 2, marks=pytest.mark.slow),
-    ("llama-tiny-b3", 4, 2, 3),  # every region, each with its own count
+    # every region, each with its own count (27 s: slow; gpt2-tiny's case above and test_apply's split plans that
+    # reach the attention blocks run by default)
+    pytest.param("llama-tiny-b3", 4, 2, 3, marks=pytest.mark.slow),
 ])
 def test_split_attention_replays_to_the_unsplit_loss_and_gradients(name, chunks, mlp_chunks, attention_chunks):
     model, example_inputs, step, split, graph, inputs = split_setup(name, chunks, mlp_chunks, attention_chunks)
