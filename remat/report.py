@@ -161,7 +161,7 @@ def memory_plot(comparison: Comparison, budget_bytes: int) -> bytes:
     axes.set_xlabel("modelled step time (ms)")
     axes.set_ylabel(f"memory in use ({unit})")
     axes.set_title(f"memory over the step, budget {format_bytes(budget_bytes)}")
-    axes.legend(fontsize=8, ncol=2, loc="upper left")
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the plot: inside, it hid the peaks
     axes.grid(alpha=0.3)
     return _png(figure)
 
@@ -201,12 +201,12 @@ def curve_plot(comparison: Comparison) -> bytes:
     overheads = sorted(r.overhead for r in comparison.rows if r.overhead is not None)
     if overheads and overheads[-1] > 2.0:  # checkpoint-all's +500% would flatten every other point
         axes.set_yscale("symlog", linthresh=10)
-        axes.set_ylim(bottom=0)
+        axes.set_ylim(bottom=0, top=overheads[-1] * 100 * 2)  # room above the highest point (it sat on the edge)
     axes.set_xlabel(f"memory: budget (remat plan) or simulated peak (fixed schedules), {unit}")
     axes.set_ylabel("overhead vs store-all (%)")
     axes.set_title("budget -> overhead (simulated on the same step" +
                    ("; remat's plans may split its loss head)" if _any_split(comparison) else ")"))
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     axes.grid(alpha=0.3)
     return _png(figure)
 
