@@ -27,10 +27,6 @@ SLOW_BATCH_OVERHEAD = 1.0  # maxbatch hints at --max-overhead past this overhead
 stderr = Console(stderr=True, emoji=False)  # a factory called `llama` is not :llama:
 
 
-class UserError(Exception):
-    """A one-line message for the user; exit status 2, no traceback."""
-
-
 def fail(message: str) -> None:
     stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     sys.exit(EXIT_BAD_INPUT)
@@ -221,17 +217,6 @@ def _below_model_state(fixed) -> str:
             f"whatever is recomputed{_lighter_optimizer(fixed)}")
 
 
-def _solve(graph, budget_bytes, solver, time_limit, backend):
-    from remat.planner import solve as solve_plan
-
-    with stderr.status("planning", spinner="dots") as status:
-        try:
-            return solve_plan(graph, budget_bytes, solver=solver, time_limit_s=time_limit, backend=backend,
-                              progress=lambda stage: status.update(f"planning: {stage}"))
-        except ValueError as error:  # an unavailable back-end, say
-            fail(str(error))
-
-
 def _solve_split(model, batch, seq, precision, device, optimizer, budget, solver, time_limit, backend,
                  outputs="loss"):
     """Plan with the head split into the chunk count that fits the budget at least cost (remat.split_plan).
@@ -245,13 +230,6 @@ def _solve_split(model, batch, seq, precision, device, optimizer, budget, solver
                              backend=backend, progress=lambda stage: status.update(f"planning: {stage}"))
         # the step as traced: its store-all peak (what a share is of) and step time (what the user runs today)
         return chosen.plan, tracer.budget_bytes("100%"), tracer.unsplit.graph.compute_s
-
-
-def _trace(model, batch, seq, precision, device, optimizer):
-    from remat.trace import trace_model
-
-    with _tracing(model, batch):
-        return trace_model(model, batch=batch, seq=seq, precision=precision, device=device, optimizer=optimizer)
 
 
 @contextlib.contextmanager

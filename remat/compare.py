@@ -29,7 +29,7 @@ from remat.simulate import Simulation, simulate
 from remat.split_plan import SplitTracer, solve_split, with_chunks
 from remat.trace import TracedStep
 from remat.units import format_bytes
-from solvers.base import FEASIBLE, OPTIMAL, meets_bound, reported_status
+from solvers.base import FEASIBLE, OPTIMAL, meets_bound, relative_gap, reported_status
 from solvers.baselines import BASELINES, BUDGET_FREE_BASELINES
 from solvers.registry import solve_with
 
@@ -90,13 +90,6 @@ class Comparison:
             "budgets_bytes": list(self.budgets_bytes), "methods": list(self.methods),
             "rows": [row.to_json() for row in self.rows], "wall_s": self.wall_s,
         }
-
-
-def _gap(compute_s: float, lower_bound_s: float | None) -> float | None:
-    """(cost - bound) / cost, as `Plan.gap` has it."""
-    if lower_bound_s is None or compute_s <= 0:
-        return None
-    return max(0.0, (compute_s - lower_bound_s) / compute_s)
 
 
 def parse_methods(names: Sequence[str]) -> tuple[str, ...]:
@@ -192,7 +185,7 @@ def compare(traced: TracedStep | SplitTracer, budgets_bytes: Sequence[int], meth
                 # budget's lower bound where that bound is for the graph the plan runs on
                 (carried, on), bound = below, plan.lower_bound_s if below[1] is plan.graph else None
                 status = OPTIMAL if meets_bound(carried.simulation.compute_s, bound) else FEASIBLE
-                gap = _gap(carried.simulation.compute_s, bound)
+                gap = relative_gap(carried.simulation.compute_s, bound)
                 add(method, budget, replace(carried, wall_s=wall_s), status, gap, on)
                 continue
             add(method, budget, candidate, status, gap, on)

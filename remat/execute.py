@@ -77,10 +77,6 @@ class PartitionedStep:
     # themselves after the primals, in this order, to write into
     written_deferred: list[str] = field(default_factory=list)
 
-    @property
-    def num_saved(self) -> int:
-        return len(self.saved_names)
-
 
 def is_random(fx_node: torch.fx.Node) -> bool:
     return torch.Tag.nondeterministic_seeded in getattr(fx_node.target, "tags", ())
@@ -169,8 +165,7 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
                 continue
             reader = f"{part} instruction {position}: compute({op.node}) {node.name}"
             for name in names:
-                clone = _copy(target, by_name[name], lambda x, r=reader: lookup(x, r), name in replayed,
-                             rng_state, current)
+                clone = _copy(target, by_name[name], lambda x, r=reader: lookup(x, r), name in replayed, rng_state)
                 current[name] = clone
                 if name == node.name:  # the storage owner: what the plan computes, read or not
                     planned.add(clone)
@@ -331,7 +326,7 @@ def _storage_source(value: torch.fx.Node) -> tuple[str, int | None]:
 
 
 def _copy(target: torch.fx.Graph, joint_node: torch.fx.Node, lookup, replayed: bool,
-          rng_state: dict[str, torch.fx.Node], current: dict[str, torch.fx.Node]) -> torch.fx.Node:
+          rng_state: dict[str, torch.fx.Node]) -> torch.fx.Node:
     """Copy one joint FX node; a random op that runs more than once saves or reuses its RNG state."""
     if not replayed:
         return target.node_copy(joint_node, lookup)

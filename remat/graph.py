@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from numbers import Integral, Real
 from pathlib import Path
@@ -265,7 +265,3 @@ class Graph:
     def load(cls, path: str | Path) -> Graph:
         return cls.from_json(json.loads(Path(path).read_text()))
 
-    def with_costs(self, costs_s: list[float]) -> Graph:
-        """The same graph with new per-node seconds (e.g. another device profile)."""
-        nodes = tuple(replace(n, compute_s=c) for n, c in zip(self.nodes, costs_s, strict=True))
-        return replace(self, nodes=nodes)

@@ -33,7 +33,6 @@ from solvers.registry import MILP_SOLVERS, solve_with
 
 MAX_BATCH = 1 << 16  # the search stops here
 MILP_METHODS = ("auto", *MILP_SOLVERS)  # remat's planners: checkmate, lp-round, cpsat, decompose, and auto
-DEFAULT_METHODS = ("store-all", "per-block", COMPILE_PREFIX, "auto")
 
 
 def parse_methods(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:

@@ -1,8 +1,11 @@
 """Graph + budget -> the best schedule we can find, judged by the simulator.
 
-The orchestration around the solvers: run the baselines, pick a warm start, solve the MILP on
-the whole graph or on a coarsened one, expand, simulate everything, and return the cheapest
-schedule that fits together with every candidate's figures. No torch here.
+The orchestration around the solvers (`solve`, then `_plan`, in this order): the baselines and torch's choices
+given; the covering lower bound and cover-round's schedules from its solutions; the decomposition for repeated
+blocks; the MILP (whole up to MAX_WHOLE_NODES, else coarsened) or lp-round / cpsat by name; the covering bound solved
+again where it was cut short; the annealing searches over drops and over Checkmate's rows where a gap is left; the
+bound focused on the plans' recomputations; the MILP polish of windows given the time. Every schedule is simulated,
+and the cheapest that fits is returned with every candidate's figures. No torch here.
 """
 
 from __future__ import annotations
@@ -20,7 +23,16 @@ from remat.schedule import Schedule, tighten_frees
 from remat.simulate import Simulation, simulate
 from remat.units import format_seconds, is_share, parse_size
 from solvers.anneal import Space, anneal_at_once, score
-from solvers.base import FEASIBLE, INFEASIBLE, NO_SOLUTION, OPTIMAL, SolveOptions, SolverResult, meets_bound
+from solvers.base import (
+    FEASIBLE,
+    INFEASIBLE,
+    NO_SOLUTION,
+    OPTIMAL,
+    SolveOptions,
+    SolverResult,
+    meets_bound,
+    relative_gap,
+)
 from solvers.baselines import BASELINES, BUDGET_FREE_BASELINES, checkpoint_all
 from solvers.bounds import PAIRS_MAX_NODES, covering_bound, recomputed_again
 from solvers.coarsen import Coarsening, coarsen, contiguous_groups
@@ -33,7 +45,7 @@ from solvers.rows_search import rows_of
 from solvers.stage_memory import freed_by, node_parts
 from solvers.window import MIN_WINDOW_S, polish_windows
 
-MAX_EXACT_NODES = 100  # larger graphs are coarsened to this size (when no decomposition applies)
+MAX_EXACT_NODES = 100  # the first coarse level's size; graphs above it try the decomposition first
 MAX_WHOLE_NODES = 100  # the MILP takes graphs up to this size whole. VGG16 (155 nodes) whole: +1.8% at 90% in one
 #                        run, but no better than chen-greedy and 65 s for a 30 s limit (build and min-peak) in another
 WHOLE_MILP_SHARE = 0.4  # of the time left, for the MILP on a whole graph (auto): what it does not prove by then goes
@@ -126,7 +138,9 @@ class Plan:
     message: str = ""
     coarse_nodes: int | None = None  # nodes the MILP saw when the graph was coarsened
     candidates: tuple[Candidate, ...] = field(default=())
-    lower_bound_method: str = ""  # what proves lower_bound_s: "milp", "covering", "store-all" (solvers/bounds.py)
+    # what proves lower_bound_s, in words: "milp", "covering" (with how it was solved: "covering (dual bound ...)"),
+    # "store-all", "every node once", ... (solvers/bounds.py, _plan, split_plan's "of the unsplit step ...")
+    lower_bound_method: str = ""
     picked: str = ""  # which solver `auto` (or the name given) ran, and why
 
     @property
@@ -141,9 +155,7 @@ class Plan:
 
     @property
     def gap(self) -> float | None:
-        if self.simulation is None or self.lower_bound_s is None or self.simulation.compute_s <= 0:
-            return None
-        return max(0.0, (self.simulation.compute_s - self.lower_bound_s) / self.simulation.compute_s)
+        return relative_gap(self.compute_s, self.lower_bound_s)
 
     @property
     def min_feasible_proven(self) -> bool:
@@ -298,11 +310,7 @@ def _tighten_bound(plan: Plan, started: float, deadline: float, say: Callable[[s
                                    SolveOptions(time_limit_s=max(MIN_STAGE_S, deadline - time.perf_counter())),
                                    repairs=0)
         covered = _candidate(plan.graph, "cover-round", result, result.schedule)
-        plan = replace(plan, candidates=(*plan.candidates, covered))
-        if covered.fits(plan.budget_bytes) and covered.simulation.compute_s < plan.compute_s:
-            plan = replace(plan, method=covered.method, schedule=covered.schedule, simulation=covered.simulation,
-                           message=covered.message, picked=f"{plan.picked}; then cover-round on the lower bound "
-                           "solved again")
+        plan = _adopt(plan, covered, started, "cover-round on the lower bound solved again")
     lower_bound_s, method = plan.lower_bound_s, plan.lower_bound_method
     if covering.lower_bound_s is not None and covering.lower_bound_s > lower_bound_s:
         lower_bound_s, method = min(covering.lower_bound_s, plan.compute_s), covering.method
@@ -366,7 +374,8 @@ def _search(plan: Plan, started: float, deadline: float, say: Callable[[str], No
     time left; then over Checkmate's rows, from the plan's schedule by then (solvers/rows_search.py), until the
     deadline. Rows reach the schedules that recompute a value more than once, which drops cannot; drops move
     faster to a good start. A cheaper schedule that fits is the plan, proven optimal when it meets the bound.
-    Graphs up to MAX_SEARCH_NODES; over MAX_ROWS_NODES, drops get all the time."""
+    Graphs up to MAX_SEARCH_NODES, and larger ones whose plan is LARGE_GAP or more from its bound
+    (_searched_for_its_gap); over MAX_ROWS_NODES, drops get all the time."""
     if len(plan.graph) > MAX_SEARCH_NODES and not _searched_for_its_gap(plan):
         return plan
     rows_too = len(plan.graph) <= MAX_ROWS_NODES
@@ -428,7 +437,7 @@ def _adopt(plan: Plan, candidate: Candidate, started: float, how: str) -> Plan:
     status = OPTIMAL if meets_bound(candidate.simulation.compute_s, plan.lower_bound_s) else FEASIBLE
     return replace(plan, method=candidate.method, status=status, schedule=candidate.schedule,
                    simulation=candidate.simulation, message=f"{candidate.message}; {plan.method} gave "
-                   f"{plan.compute_s:.6g} s", picked=f"{plan.picked}; then {how}")
+                   f"{format_seconds(plan.compute_s)}", picked=f"{plan.picked}; then {how}")
 
 
 def anneals_at_once() -> int:
@@ -454,11 +463,7 @@ def _polish(plan: Plan, started: float, deadline: float, backend: str, say: Call
     lower_bound_s, bound_method = plan.lower_bound_s, plan.lower_bound_method
     if result.lower_bound_s is not None and result.lower_bound_s > lower_bound_s:
         lower_bound_s, bound_method = result.lower_bound_s, "milp"
-    plan = replace(plan, candidates=(*plan.candidates, polished), wall_s=time.perf_counter() - started)
-    if polished.fits(plan.budget_bytes) and polished.simulation.compute_s < plan.compute_s:
-        plan = replace(plan, method=polished.method, schedule=polished.schedule, simulation=polished.simulation,
-                       message=f"{polished.message}; {plan.method} gave {format_seconds(plan.compute_s)}",
-                       picked=f"{plan.picked}; then the whole-graph MILP warm-started from it")
+    plan = _adopt(plan, polished, started, "the whole-graph MILP warm-started from it")
     proven = result.status == OPTIMAL or meets_bound(plan.compute_s, lower_bound_s)
     return replace(plan, status=OPTIMAL if proven else FEASIBLE, lower_bound_s=min(lower_bound_s, plan.compute_s),
                    lower_bound_method=bound_method)

@@ -600,7 +600,7 @@ def _emit_chunks(graph: torch.fx.Graph, env: dict, members: list[torch.fx.Node],
 
     partials: list[list[Any]] = [[] for _ in sinks]  # per sink, per chunk
     locals_: list[dict] = []
-    for c, size in enumerate(sizes):
+    for c in range(len(sizes)):
         local: dict[torch.fx.Node, Any] = {}
         locals_.append(local)
 
@@ -617,7 +617,7 @@ def _emit_chunks(graph: torch.fx.Graph, env: dict, members: list[torch.fx.Node],
 
         in_chunk = functools.partial(new, chunk=c)
         for node in body:
-            local[node] = _emit_one(node, prefix, size, rows, lambda x, u=node: arg(x, u), in_chunk)
+            local[node] = _emit_one(node, prefix, rows, lambda x, u=node: arg(x, u), in_chunk)
         for sink, sink_partials in zip(sinks, partials, strict=True):
             sink_partials.append(_emit_partial(sink, [arg(x, sink) for x in sink.args], in_chunk))
     for sink, sink_partials in zip(sinks, partials, strict=True):
@@ -641,7 +641,7 @@ def _is_row_operand(user: torch.fx.Node, x: torch.fx.Node, rows: int) -> bool:
     return x is user.args[0]
 
 
-def _emit_one(node: torch.fx.Node, prefix: dict, size: int, rows: int, arg, new) -> torch.fx.Node:
+def _emit_one(node: torch.fx.Node, prefix: dict, rows: int, arg, new) -> torch.fx.Node:
     """One chunk's copy of a region op. Chunk values are (chunk rows, *trailing dims)."""
     target = node.target
     args = [arg(x) for x in node.args] if node.target is not operator.getitem else [arg(node.args[0]), node.args[1]]

@@ -8,9 +8,9 @@ so it is worth having only where the budget needs it:
     doubles (the head's: 2, 4, 8, ...; the MLPs' once GELU's ops are the limit) until the split graph's largest
     op leaves two thirds of the activation budget free and checkpoint-all fits, or while its single-op floor
     or checkpoint-all's peak keeps falling (`SplitTracer.lowering`); the plan is the cheapest that fits of
-    the unsplit step (when its floor is below the budget) and the last variant (the time limit is shared:
-    each gets an even share of the time left, and the second stops once its lower bound shows it cannot beat
-    the first's plan).
+    the unsplit step (when its floor is below the budget), the last variant, then the other variants traced whose
+    floor is below the budget, latest first (the time limit is shared: each gets an even share of the time left,
+    and each after the first stops once its lower bound shows it cannot beat the cheapest plan so far).
     Where the unsplit step's floor is below the budget, no variant is traced when the step's own trace took more
     than TRACE_SHARE of the time limit (a variant's trace takes as long), and no further one once the next (taken
     to be as slow as the slowest so far) would end past TRACES_UNTIL of the time limit.
@@ -214,7 +214,7 @@ class SplitTracer:
         """Split variants of the step, each lowering the single-op floor or the reach of the one before by more
         than FLOOR_GAIN. The chunk count doubles for the region that holds the largest op or the op at
         checkpoint-all's peak (the head's, the MLPs' or the attention blocks'), or for both when doubling either
-        alone does not lower them. None when there is nothing to split. Traced as they are asked for and kept."""
+        alone does not lower them. None at all when there is nothing to split. Traced as they are asked for and kept."""
         if self.own_backward:  # a split capture differentiates the forward's ops alone
             return
         current = self.unsplit
@@ -374,8 +374,8 @@ class SplitPlan:
 def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", time_limit_s: float = 60.0,
                 backend: str = "highs", progress: Callable[[str], None] | None = None,
                 known: Sequence[Candidate] = ()) -> SplitPlan:
-    """The cheapest plan over chunk counts of the head (see the module docstring). `known`: schedules of the
-    unsplit step (torch's choices, say) that its solve weighs beside its own."""
+    """The cheapest plan over the chunk counts of the head, the MLPs and the attention blocks (see the module
+    docstring). `known`: schedules of the unsplit step (torch's choices, say) that its solve weighs beside its own."""
     say = progress or (lambda message: None)
     # one deadline from the call: tracing the variants and judging their floors count against the time limit too
     deadline = time.monotonic() + time_limit_s
@@ -458,7 +458,7 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
                        f"{variant.split.short()} {format_bytes(variant.floor_bytes)} and "
                        f"{format_bytes(variant.reach_bytes)})")
         else:
-            why_not = f"not split: the largest op is not in a region that splits ({_largest_op(unsplit.graph)})"
+            why_not = f"not split: the largest op is not in a region that splits ({_largest_op(unsplit)})"
         plan = solve(unsplit.graph, budget_bytes, solver, max(deadline - time.monotonic(), MIN_SOLVE_S), backend,
                      progress, known=[*known, *unsplit.built_baselines()])
         return _finish(plan, None, why_not, [(k, floor, plan if k == unsplit.key else None)
@@ -511,7 +511,7 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
     against_unsplit = f"step {best.compute_s / unsplit.graph.compute_s - 1:+.1%} against unsplit store-all"
     if unsplit_plan is None:  # its floor is over the budget
         why = (f"unsplit, no schedule fits below {format_bytes(unsplit.floor_bytes)}: "
-               f"{_largest_op(unsplit.graph)}; {against_unsplit}")
+               f"{_largest_op(unsplit)}; {against_unsplit}")
     elif unsplit_plan.schedule is None:
         peak = _peak_of(unsplit_plan, solver) if solver in BASELINES else unsplit_plan.min_feasible_bytes
         found = f"{solver}'s schedule peaks at" if solver in BASELINES else "the lowest peak found is"
@@ -620,8 +620,9 @@ def stream_head(graph: Graph, schedule: Schedule, head: frozenset[int], keep_wit
     return Schedule(tuple(ops), len(graph))
 
 
-def _largest_op(graph: Graph) -> str:
-    index = max(range(len(graph)), key=graph.working_set_bytes)
+def _largest_op(variant: Variant) -> str:
+    """The op that sets the variant's floor, in words."""
+    graph, index = variant.graph, variant.largest_op
     node = graph.nodes[index]
     holds = format_bytes(graph.working_set_bytes(index))
     return f"{node.op.removeprefix('aten.').removesuffix('.default')} {node.shape} holds {holds} by itself"

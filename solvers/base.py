@@ -53,12 +53,16 @@ class SolverResult:
 
     @property
     def gap(self) -> float | None:
-        """Relative gap (objective - bound) / objective, None when either is unknown."""
-        if self.objective_s is None or self.lower_bound_s is None:
-            return None
-        if self.objective_s <= 0:
-            return 0.0
-        return max(0.0, (self.objective_s - self.lower_bound_s) / self.objective_s)
+        return relative_gap(self.objective_s, self.lower_bound_s)
+
+
+def relative_gap(seconds: float | None, lower_bound_s: float | None) -> float | None:
+    """(seconds - bound) / seconds, at least 0; None when either is unknown, 0 for a schedule that costs nothing."""
+    if seconds is None or lower_bound_s is None:
+        return None
+    if seconds <= 0:
+        return 0.0
+    return max(0.0, (seconds - lower_bound_s) / seconds)
 
 
 def meets_bound(seconds: float, lower_bound_s: float | None) -> bool:

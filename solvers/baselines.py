@@ -207,7 +207,7 @@ def cut_vertices(graph: Graph) -> list[int]:
 # --- results ------------------------------------------------------------------------------------
 
 
-def _result(name: str, graph: Graph, schedule: Schedule, simulation: Simulation, started: float,
+def _result(name: str, schedule: Schedule, simulation: Simulation, started: float,
             message: str = "", detail: dict | None = None) -> SolverResult:
     wall_s = time.perf_counter() - started
     if not simulation.valid:  # a bug in this module: say so rather than hand out a broken plan
@@ -218,10 +218,10 @@ def _result(name: str, graph: Graph, schedule: Schedule, simulation: Simulation,
                         wall_s=wall_s, message=message, detail=detail)
 
 
-def _fixed_plan(name: str, graph: Graph, plan: RematPlan, started: float, message: str = "",
-                detail: dict | None = None, max_ops: int | None = None) -> SolverResult:
+def _fixed_plan(name: str, graph: Graph, plan: RematPlan, started: float, detail: dict | None = None,
+                max_ops: int | None = None) -> SolverResult:
     schedule = build_schedule(graph, plan, max_ops)
-    return _result(name, graph, schedule, simulate(graph, schedule), started, message, detail)
+    return _result(name, schedule, simulate(graph, schedule), started, detail=detail)
 
 
 def _cheapest_fitting(name: str, graph: Graph, budget_bytes: int, options: SolveOptions, started: float,
@@ -250,7 +250,7 @@ def _cheapest_fitting(name: str, graph: Graph, budget_bytes: int, options: Solve
     else:
         return SolverResult(name, NO_SOLUTION, None, wall_s=time.perf_counter() - started,
                             message=f"{name} built no valid schedule")
-    return _result(name, graph, schedule, sim, started, message, {**detail, "variants_tried": tried})
+    return _result(name, schedule, sim, started, message, {**detail, "variants_tried": tried})
 
 
 # --- fixed strategies ----------------------------------------------------------------------------

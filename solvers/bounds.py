@@ -72,9 +72,8 @@ class Bound:
 
 
 def parts(node: Node) -> tuple[tuple[int, tuple[int, ...]], ...]:
-    """(bytes, readers) of each output of an op with several that the simulator releases one by one; () else.
-    (getattr: graphs saved before outputs were tracked separately have no such fields.)"""
-    return tuple(zip(getattr(node, "part_bytes", ()), getattr(node, "part_users", ()), strict=True))
+    """(bytes, readers) of each output of an op with several that the simulator releases one by one; () else."""
+    return tuple(zip(node.part_bytes, node.part_users, strict=True))
 
 
 def held_bytes(node: Node, t: int, read_by_t: bool) -> int:

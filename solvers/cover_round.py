@@ -12,7 +12,8 @@ computed again at its recomputation points, together with the inputs it needs th
 of placing the points (VARIANTS) are each emitted and simulated, for each incumbent the covering solve found on its
 way (near its optimum, solutions of about the same seconds differ a lot as schedules: schedules_for_bound); the
 cheapest that fits is the plan. Where the cheap way (values brought back once and held for every later point)
-overshoots, release_held lets go of the largest held at the peak, a few at a time, until it fits. When nothing
+overshoots, release_held lets go of what is held at the peak, the cheapest to make again per byte first, a few at a
+time, until it fits. When nothing
 fits (recomputation transients, inputs held longer), the covering MILP is solved again for a lower budget.
 Last, one value at a time while the schedule still fits, a drop is undone (the covering may drop more than needed),
 an input computed again only to recompute a dropped value is held instead, or a value let go is held again.
@@ -36,8 +37,8 @@ from solvers.decompose import emit, prune_rows
 MAX_REPAIRS = 4  # covering solves for a moved budget after the first
 MAX_FRESH = 48  # schedules release_held tries, each letting go of more of what it holds for later points
 KEEP_STARTS = 8  # drops whose cheapest schedule that fits keep_what_fits starts from, the cheapest first
-REPAIR_STEPS = 100  # the margin moves no further once it would move by less than this share of the activation budget
-HOLD_SHARE = 1000  # inputs of at most this share of the activation budget may be held rather than recomputed
+REPAIR_STEPS = 100  # the margin stops once it would move by less than 1/REPAIR_STEPS of the activation budget
+HOLD_SHARE = 1000  # inputs of at most 1/HOLD_SHARE of the activation budget may be held rather than recomputed
 # Which inputs of a dropped value are held until its points rather than computed again there (rows_for_drops):
 HOLD_NONE = "none"
 HOLD_SMALL = "small"  # those of at most 1/HOLD_SHARE of the activation budget (a weight's cast)
@@ -372,8 +373,8 @@ def keep_what_fits(graph: Graph, budget_bytes: int, best: tuple[Schedule, float,
       before the point). The covering bound counts the dropped value's recomputation only, so such an input makes
       the plan cost more than the bound even where holding it fits (U-Net at 50%: bringing back a dropped
       concatenation recomputed the convolution it concatenates; held, the plan meets the bound);
-    - "reuse" a value release_held made fresh: it let go of the largest values at the peak first, and later
-      ones may have made room for an earlier one (ResNet-50 at 1.1 x min: +24.7% -> +24.2%).
+    - "reuse" a value release_held made fresh: it let go of values at the peak, the cheapest per byte first, and
+      later ones may have made room for an earlier one (ResNet-50 at 1.1 x min: +24.7% -> +24.2%).
     Until the deadline. Returns the best schedule, its drops and how many changes of each kind it kept."""
     kept: Counter[str] = Counter()
     counts = best[0].compute_counts()

@@ -176,7 +176,7 @@ def option_from_rows(problem: LocalProblem, rows: list[list[int]], status: str) 
     """Measure a local R (rows) with the local simulator: seconds, gap bytes, peaks on each side."""
     local = problem.graph
     rows = prune_rows(local, rows)
-    schedule, stage_of_op = emit(local, rows)
+    schedule, _ = emit(local, rows)
     sim = simulate(local, schedule)
     assert sim.valid, sim.errors
     fixed = local.fixed.total_bytes
@@ -513,7 +513,7 @@ class Choice:
     drops_export: bool = False
 
 
-def combine(layout: BlockLayout, curves: list[list[BlockOption]], phases: Phases, capacity_bytes: int,
+def combine(curves: list[list[BlockOption]], phases: Phases, capacity_bytes: int,
             forward_s: list[float], head: list[BlockOption] = ()) -> tuple[float, list[Choice], int] | None:
     """The cheapest choice per block under the phase accounting, by DP over the blocks in forward order.
 
@@ -586,7 +586,7 @@ def combine(layout: BlockLayout, curves: list[list[BlockOption]], phases: Phases
     return seconds, [Choice(curves[k][index], drops) for k, (index, drops) in enumerate(choices)], head_index
 
 
-def combine_with_stem(layout: BlockLayout, curves: list[list[BlockOption]], phases: Phases, capacity_bytes: int,
+def combine_with_stem(curves: list[list[BlockOption]], phases: Phases, capacity_bytes: int,
                       forward_s: list[float], head: list[BlockOption], stem: list[BlockOption]
                       ) -> tuple[list[Choice], int, int] | None:
     """`combine` for each of the stem's options (the first is the probe's), each lowering the outside bytes of
@@ -596,7 +596,7 @@ def combine_with_stem(layout: BlockLayout, curves: list[list[BlockOption]], phas
         shifted, extra_s = phases, 0.0
         if index > 0:
             shifted, extra_s = without_stem_bytes(phases, stem[0], option), option.compute_s - stem[0].compute_s
-        combined = combine(layout, curves, shifted, capacity_bytes, forward_s, head)
+        combined = combine(curves, shifted, capacity_bytes, forward_s, head)
         if combined is not None and (best is None or combined[0] + extra_s < best[0]):
             best = (combined[0] + extra_s, combined[1], combined[2], index)
     return None if best is None else best[1:]
@@ -761,7 +761,7 @@ def solve_decompose(graph: Graph, budget_bytes: int, options: SolveOptions | Non
     for _ in range(MAX_REPAIRS + 1):
         if best is not None and time.perf_counter() > deadline:
             break  # out of time: the best stitched schedule that fits so far
-        combined = combine_with_stem(layout, curves, phases, capacity - margin, forward_s, heads, stems)
+        combined = combine_with_stem(curves, phases, capacity - margin, forward_s, heads, stems)
         if combined is None:  # no choice fits the DP's accounting at this margin (bisection never gets here)
             break
         else:
