@@ -22,6 +22,7 @@ from remat.comparators import (
 )
 from remat.graph import Graph
 from remat.maxbatch import MILP_METHODS, BatchTraces, max_batch
+from remat.maxbatch import parse_methods as parse_batch_methods
 from remat.models import DEFAULT_BATCH
 from remat.planner import Candidate, solve
 from remat.schedule import Schedule
@@ -93,17 +94,10 @@ class Comparison:
 
 
 def parse_methods(names: Sequence[str]) -> tuple[str, ...]:
-    """Method names, `compile-budget` expanded to its four budgets."""
+    """Method names (checked as max_batch's are), `compile-budget` expanded to its four budgets."""
     methods: list[str] = []
-    for name in names:
-        name = name.strip()
-        if name == COMPILE_PREFIX:
-            methods += [compile_method(b) for b in COMPILE_BUDGETS]
-        elif name in MILP_METHODS or name in BASELINES or compile_budget_of(name) is not None:
-            methods.append(name)
-        else:
-            known = ", ".join((*MILP_METHODS, *BASELINES, COMPILE_PREFIX, f"{COMPILE_PREFIX}-B"))
-            raise ValueError(f"unknown method {name!r}: choose from {known} (B between 0 and 1)")
+    for name in parse_batch_methods(names):
+        methods += [compile_method(b) for b in COMPILE_BUDGETS] if name == COMPILE_PREFIX else [name]
     return tuple(dict.fromkeys(methods))
 
 
