@@ -588,20 +588,6 @@ def trace_step(model: nn.Module, inputs: Call | Sequence[Any] | dict[str, Any], 
     return lower(captured, profile, optimizer=optimizer, meta=meta), captured
 
 
-def plan_step(model: nn.Module, inputs: Call | Sequence[Any] | dict[str, Any], budget: str | int | float,
-              solver: str = "auto",
-              time_limit: float = 60.0, loss_fn: Callable | None = None, precision: str = "fp32",
-              device: str | None = None, optimizer: str = "adamw",
-              progress: Callable[[str], None] | None = None,
-              at_least_bytes: int | None = None, outputs: str = "loss") -> tuple[Plan, CapturedStep]:
-    """Trace the user's step and plan it for `budget` (bytes, "16GB", or "60%" of the store-all peak; never less than
-    `at_least_bytes`), splitting the loss head into chunks where that fits a lower budget or costs less
-    (remat.split_plan), as `remat solve` does. Returns the plan and the captured step its graph was lowered from;
-    infeasible -> PlanError."""
-    tracer = _trace_for_planning(model, inputs, loss_fn, precision, device, optimizer, progress, outputs)
-    return _plan_traced(tracer, budget, solver, time_limit, progress, at_least_bytes)
-
-
 def _trace_for_planning(model: nn.Module, inputs: Call | Sequence[Any] | dict[str, Any], loss_fn: Callable | None,
                         precision: str, device: str | None, optimizer: str,
                         progress: Callable[[str], None] | None, outputs: str = "loss") -> SplitTracer:
@@ -694,7 +680,9 @@ def plan(model: nn.Module, example_inputs: Sequence[Any] | dict[str, Any], budge
          solver: str = "auto",
          device: str | None = None, time_limit: float = 60.0, loss_fn: Callable | None = None,
          precision: str = "fp32", optimizer: str = "adamw", outputs: str = "loss") -> Plan:
-    """The plan (schedule + simulated figures) for `model` on `example_inputs`; `.save(path)` writes a
-    plan file that `remat.apply(model, plan=path)` runs. outputs: as `apply` takes it."""
-    return plan_step(model, example_inputs, budget, solver, time_limit, loss_fn, precision, device, optimizer,
-                     outputs=outputs)[0]
+    """The plan (schedule + simulated figures) for `model` on `example_inputs`, its loss head (and MLPs, attention
+    blocks) split into chunks where that fits a lower budget or costs less (remat.split_plan), as `remat solve` plans;
+    `budget`: bytes, "16GB", or "60%" of the store-all peak. `.save(path)` writes a plan file that
+    `remat.apply(model, plan=path)` runs. outputs: as `apply` takes it. Infeasible -> PlanError."""
+    tracer = _trace_for_planning(model, example_inputs, loss_fn, precision, device, optimizer, None, outputs)
+    return _plan_traced(tracer, budget, solver, time_limit, None, None)[0]
