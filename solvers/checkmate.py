@@ -37,7 +37,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pulp
@@ -542,8 +542,12 @@ def _solve_command(problem: pulp.LpProblem, solver: pulp.LpSolver, start: dict[s
     if start:
         for var in problem.variables():
             var.setInitialValue(start.get(var.name, 0.0))
-    problem.solve(solver)
-    message = f"{solver.name}: {pulp.LpStatus[problem.status]}, {pulp.LpSolution[problem.sol_status]}"
+    try:
+        problem.solve(solver)
+    except pulp.PulpSolverError as error:  # CBC ending without a solution file (killed, or out of time at once)
+        return SolveOutcome(NO_SOLUTION, None, None, f"{solver.name}: {str(error).splitlines()[0]}")
+    # (the problem's status reads "Optimal" for a solution found in the time limit too: the solution's says which)
+    message = f"{solver.name}: {pulp.LpSolution[problem.sol_status]}"
     if problem.status == pulp.LpStatusInfeasible:
         return SolveOutcome(INFEASIBLE, None, None, message)
     objective = pulp.value(problem.objective)
@@ -583,10 +587,15 @@ def solve_problem(problem: pulp.LpProblem, options: SolveOptions, start: dict[st
     if not backend_available(options.backend):
         raise ValueError(f"MILP back-end {options.backend!r} is not available here; "
                          f"available: {', '.join(available_backends()) or 'none'}")
+    if deadline is None:
+        deadline = time.perf_counter() + options.time_limit_s
     if options.backend == "highs":
-        return _solve_highs(problem, options, start, mip,
-                            deadline if deadline is not None else time.perf_counter() + options.time_limit_s,
-                            on_incumbent)
+        return _solve_highs(problem, options, start, mip, deadline, on_incumbent)
+    # the time left to the deadline (the model's build counts against it): CBC was given the whole limit again
+    left = deadline - time.perf_counter()
+    if left <= 0:  # CBC reads the model and solves its root LP before it looks at the clock (seconds on 50k rows)
+        return SolveOutcome(NO_SOLUTION, None, None, f"{options.backend}: not run, no time left")
+    options = replace(options, time_limit_s=left)
     if options.backend == "cbc":
         cbc = _cbc(msg=options.verbose, timeLimit=options.time_limit_s, gapRel=options.mip_gap,
                    warmStart=start is not None, threads=options.threads or None, mip=mip)

@@ -245,6 +245,33 @@ def test_cbc_finds_the_same_optimum_as_highs():
     assert solve_checkmate(tight, 5, dataclasses.replace(EXACT, backend="cbc")).status == INFEASIBLE
 
 
+def test_cbc_with_no_time_left_or_no_solution_file_is_no_solution_not_an_error(monkeypatch):
+    """A budget below the minimum through --backend cbc: the min-peak search's CBC got no time, wrote no solution
+    file, and PuLP's PulpSolverError ended `remat solve` in a traceback. CBC also got the whole limit at each call."""
+    import time
+
+    import pulp
+
+    from solvers import checkmate
+    from solvers.base import NO_SOLUTION
+
+    graph = chain_training_graph(6)
+    options = dataclasses.replace(EXACT, backend="cbc", time_limit_s=30)
+    problem = checkmate.build_model(graph, lowest_peak(6) + 10, 1.0, 1.0).problem
+    passed = checkmate.solve_problem(problem, options, deadline=time.perf_counter() - 1)
+    assert passed.status == NO_SOLUTION and "no time left" in passed.message
+    limits = []
+
+    def failing(self, lp):
+        limits.append(self.timeLimit)
+        raise pulp.PulpSolverError("Pulp: Error while trying to execute, use msg=True for more details")
+
+    monkeypatch.setattr(pulp.PULP_CBC_CMD, "actualSolve", failing)
+    failed = checkmate.solve_problem(problem, options, deadline=time.perf_counter() + 3)
+    assert failed.status == NO_SOLUTION and "Error while trying to execute" in failed.message
+    assert 2 < limits[0] <= 3  # the time left to the deadline, not the 30-s limit
+
+
 def test_unavailable_backend_is_a_clear_error():
     graph = chain_training_graph(2)
     with pytest.raises(ValueError, match="available: highs, cbc"):
