@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from remat.units import format_bytes, format_seconds, is_share, parse_size
+from remat.zoo import ZOO_NAMES
 from solvers.base import FEASIBLE, reported_status
 from solvers.baselines import BASELINES
 
@@ -743,6 +744,10 @@ def run(model, plan_path, budget, batch, seq, precision, optimizer, steps, time_
     if plan_path is not None:
         with _one_line_errors():
             made_with = PlanFile.load(plan_path).graph_meta
+    planned_for = made_with.get("model")
+    if planned_for != model and (planned_for in ZOO_NAMES or ":" in str(planned_for)):  # made by `remat solve --out`
+        # (its --seq would be taken for this model too: "--seq applies to language models only" for a plan of gpt2)
+        fail(f"the plan was made for --model {planned_for}, not {model}: plan this one with `remat solve --out`")
     for name, value in (("precision", precision), ("optimizer", optimizer)):
         if value is not None and made_with.get(name, value) != value:  # the plan would be refused, or run unasked
             fail(f"the plan was made for --{name} {made_with[name]}: leave --{name} out, or plan again with it")

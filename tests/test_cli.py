@@ -338,3 +338,14 @@ def test_the_readme_classifier_factory_plans(tmp_path):
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert plan["peak_bytes"] <= plan["budget_bytes"] and plan["overhead"] > 0  # it recomputes to fit
+
+
+def test_remat_run_with_another_zoo_models_plan_names_the_model(tmp_path):
+    """A gpt2-tiny plan run on mlp said "--seq applies to language models only", where no --seq was given: the
+    plan's sequence length was taken before its model was compared."""
+    out = tmp_path / "plan.json"
+    made = remat("solve", "--model", "gpt2-tiny", "--batch", "2", "--seq", "32", "--budget", "100%", "--time-limit",
+                 "2", "--out", str(out))
+    assert made.returncode == 0, made.stderr
+    assert_one_line_error(remat("run", "--model", "mlp", "--plan", str(out)),
+                          "the plan was made for --model gpt2-tiny, not mlp")
