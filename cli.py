@@ -360,9 +360,11 @@ def _print_plan(plan, wall_s: float, out: str | None, share: str | None = None, 
         console.print(f"minimum budget not searched: the budget is below fixed memory, "
                       f"{format_bytes(fixed.total_bytes)}, which every schedule holds")
     else:
+        # the floor is the lowest over the chunk counts traced, which need not be the plan's
+        floor_at = meta.get("floor_at", with_split.strip() or "unsplit")
         console.print(f"minimum budget {_fmt(plan.min_feasible_bytes)} is the lowest peak found "
                       f"(no schedule fits below {format_bytes(plan.min_budget_lower_bound_bytes)}: fixed memory + "
-                      f"the largest single op's working set{with_split})")
+                      f"the largest single op's working set{'' if floor_at == 'unsplit' else ' ' + floor_at})")
     if sim is None:
         console.print(f"[bold red]plan           none fits[/]: {escape(plan.message)}")
     else:

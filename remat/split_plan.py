@@ -492,6 +492,9 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
     # the minimum budget over the chunk counts: the lowest peak of any plan, above the lowest floor
     min_feasible = min((p.min_feasible_bytes for _, p in solved if p.min_feasible_bytes is not None), default=None)
     lowest_floor = min(floors.values())
+    # where that floor is, which the plan's own chunk counts need not be ("with the head in 2 chunks" was printed
+    # beside the floor of the head in 8, the MLPs and attention blocks in 2)
+    floor_at = tracer.variants[min(floors, key=lambda key: (floors[key], sum(key)))].describe()
     if not fits:
         variant, plan = solved[-1]
         note = (f"no chunk count fits: the unsplit step cannot go below {format_bytes(unsplit.floor_bytes)} "
@@ -501,12 +504,13 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
                 f"{v.describe()} it peaks at {format_bytes(peak)}" for v, p in solved
                 if (peak := _peak_of(p, solver)) is not None)
         plan = replace(plan, min_feasible_bytes=min_feasible, min_budget_lower_bound_bytes=lowest_floor)
-        return _finish(plan, variant.split, note + cut, tried, bool(cut))
+        return _finish(plan, variant.split, note + cut, tried, bool(cut), floor_at)
     best_variant, best = min(fits, key=lambda vp: (vp[1].simulation.compute_s, sum(vp[0].key)))
     plan = replace(best, min_feasible_bytes=min_feasible, min_budget_lower_bound_bytes=lowest_floor)
     plan = _bound_over(solved, plan)
     if best_variant.split is None:
-        return _finish(plan, None, "not split: the unsplit plan fits and is the cheapest" + cut, tried, bool(cut))
+        return _finish(plan, None, "not split: the unsplit plan fits and is the cheapest" + cut, tried, bool(cut),
+                       floor_at)
     unsplit_plan = next((p for v, p in solved if v.split is None), None)
     against_unsplit = f"step {best.compute_s / unsplit.graph.compute_s - 1:+.1%} against unsplit store-all"
     if unsplit_plan is None:  # its floor is over the budget
@@ -519,7 +523,7 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
     else:
         why = (f"{against_unsplit}, the best unsplit plan "
                f"{unsplit_plan.compute_s / unsplit.graph.compute_s - 1:+.1%}")
-    return _finish(plan, best_variant.split, why + cut, tried, bool(cut))
+    return _finish(plan, best_variant.split, why + cut, tried, bool(cut), floor_at)
 
 
 def streamed_baselines(variant: Variant, budget_bytes: int, plain: bool = False) -> list[Candidate]:
@@ -656,10 +660,14 @@ def _bound_over(solved: Sequence[tuple[Variant, Plan]], plan: Plan) -> Plan:
                    lower_bound_method=f"{method}, of {step}: the lowest over the chunk counts solved")
 
 
-def _finish(plan: Plan, split: Split | None, note: str, tried, cut_for_time: bool = False) -> SplitPlan:
+def _finish(plan: Plan, split: Split | None, note: str, tried, cut_for_time: bool = False,
+            floor_at: str | None = None) -> SplitPlan:
     """`cut_for_time`: chunk counts were left untraced for the time limit (meta "split_cut": a longer limit traces
-    them, and where nothing fits they may)."""
+    them, and where nothing fits they may). `floor_at`: the chunk counts of min_budget_lower_bound_bytes, in words
+    (meta "floor_at"), where it is not the plan's."""
     meta = {**plan.graph.meta, "split_note": note, "split_cut": cut_for_time}
+    if floor_at is not None:
+        meta["floor_at"] = floor_at
     if split is not None:
         split = replace(split, reason=note)
         meta["split"] = split.to_meta()

@@ -349,3 +349,23 @@ def test_remat_run_with_another_zoo_models_plan_names_the_model(tmp_path):
     assert made.returncode == 0, made.stderr
     assert_one_line_error(remat("run", "--model", "mlp", "--plan", str(out)),
                           "the plan was made for --model gpt2-tiny, not mlp")
+
+
+def test_the_floor_is_named_with_the_chunk_counts_it_is_of(capsys, monkeypatch):
+    """The floor printed is the lowest over the chunk counts traced (split_plan's meta "floor_at"): it was labelled
+    with the plan's own ("with the head in 2 chunks" beside the floor of the head in 8 and MLPs in 2)."""
+    import dataclasses
+
+    from cli import _print_plan
+    from remat.planner import solve
+    from tests.graphs import chain_training_graph
+
+    monkeypatch.setenv("COLUMNS", "400")  # one line each
+    plan = solve(chain_training_graph(10), 10**6, time_limit_s=10)
+    _print_plan(plan, 1.0, None)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("minimum budget"))
+    assert line.endswith("the largest single op's working set)")  # unsplit: no chunk counts to name
+    graph = dataclasses.replace(plan.graph, meta={**plan.graph.meta, "floor_at": "with the head in 8 chunks"})
+    _print_plan(dataclasses.replace(plan, graph=graph), 1.0, None)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("minimum budget"))
+    assert line.endswith("working set with the head in 8 chunks)")

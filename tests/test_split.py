@@ -370,6 +370,11 @@ def test_every_chunk_count_traced_whose_floor_fits_is_weighed():
     assert list(tracer.variants)[-1] != (2, 1, 1)  # the doubling went on past it
     split = chosen.split
     assert (split.chunks, split.mlp_chunks, split.attention_chunks) == (2, 1, 1) and chosen.plan.simulation.fits(budget)
+    # the floor named is the lowest over the variants traced, with their chunk counts, not the plan's
+    traced = [v for v in tracer.variants.values() if v is not None]
+    floor = chosen.plan.min_budget_lower_bound_bytes
+    assert floor == min(v.floor_bytes for v in traced)
+    assert chosen.plan.graph.meta["floor_at"] in {v.describe() for v in traced if v.floor_bytes == floor}
 
 
 def test_below_the_unsplit_floor_variants_stop_for_time_once_one_is_known_to_fit(monkeypatch):
