@@ -161,11 +161,13 @@ class Call:
         _register_dataclasses((self.args, self.kwargs))
 
     @staticmethod
-    def of(inputs: Call | Sequence[Any] | Mapping[str, Any]) -> Call:
-        """A call from positional inputs (a tuple or list), keyword inputs (a dict, or a mapping such as Hugging
-        Face's BatchEncoding), or a Call."""
+    def of(inputs: Call | torch.Tensor | Sequence[Any] | Mapping[str, Any]) -> Call:
+        """A call from positional inputs (a tuple or list, or one tensor), keyword inputs (a dict, or a mapping such
+        as Hugging Face's BatchEncoding), or a Call."""
         if isinstance(inputs, Call):
             return inputs
+        if isinstance(inputs, torch.Tensor):  # one input, as a factory may give it (it was unpacked along its rows)
+            return Call((inputs,))
         if isinstance(inputs, Mapping):
             return Call((), dict(inputs))
         return Call(tuple(inputs))

@@ -263,5 +263,9 @@ class Graph:
 
     @classmethod
     def load(cls, path: str | Path) -> Graph:
-        return cls.from_json(json.loads(Path(path).read_text()))
+        try:
+            data = json.loads(Path(path).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:  # json's own message named no graph
+            raise ValueError(f"not a remat graph: {path} is not JSON ({error}); Graph.save writes one") from None
+        return cls.from_json(data)
 

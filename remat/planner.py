@@ -185,6 +185,12 @@ class Plan:
         Path(path).write_text(json.dumps(self.to_json(), indent=1))
 
 
+def check_time_limit(seconds: object, name: str) -> None:
+    """A time limit is seconds, 0 or more: "2" failed deep in the planner, and -1 and nan were taken."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or math.isnan(seconds) or seconds < 0:
+        raise ValueError(f"{name} is seconds, 0 or more, not {seconds!r}")
+
+
 def budget_of(graph: Graph, budget: int | float | str) -> int:
     """Bytes of a budget: a number of bytes, a size ("16GB", "16GiB"), or a share of the graph's store-all peak
     ("60%"). A negative, infinite or unreadable one: ValueError (0 bytes is a budget: what a graph holding nothing
@@ -220,9 +226,7 @@ def solve(graph: Graph, budget_bytes: int | str, solver: str = "auto", time_limi
     """
     if solver not in SOLVER_NAMES:
         raise ValueError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVER_NAMES)}")
-    if isinstance(time_limit_s, bool) or not isinstance(time_limit_s, (int, float)) or math.isnan(time_limit_s) \
-            or time_limit_s < 0:  # "2" failed deep in the planner; -1 and nan were taken
-        raise ValueError(f"time_limit_s is seconds, 0 or more, not {time_limit_s!r}")
+    check_time_limit(time_limit_s, "time_limit_s")
     budget_bytes = budget_of(graph, budget_bytes)  # "16GB" failed deep in the planner with a TypeError
     from solvers.checkmate import available_backends, backend_available  # pulp and highspy: only when needed
 

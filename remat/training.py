@@ -45,7 +45,7 @@ from remat.cost import load_profile
 from remat.execute import ExecuteError, PartitionedStep, StepMemory, StepRunner, partition
 from remat.graph import Graph
 from remat.lower import lower
-from remat.planner import Plan
+from remat.planner import Plan, check_time_limit
 from remat.schedule import Schedule
 from remat.simulate import Simulation, simulate
 from remat.split_plan import SplitTracer, solve_split
@@ -169,6 +169,7 @@ class RematModule(nn.Module):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        check_time_limit(time_limit, "time_limit")  # "10" failed at the first step with a TypeError
         if (budget is None) == (plan is None):
             neither = budget is None
             raise ValueError("give a budget (e.g. budget=\"16GB\") or a plan" + (": neither was given" if neither
@@ -684,5 +685,6 @@ def plan(model: nn.Module, example_inputs: Sequence[Any] | dict[str, Any], budge
     blocks) split into chunks where that fits a lower budget or costs less (remat.split_plan), as `remat solve` plans;
     `budget`: bytes, "16GB", or "60%" of the store-all peak. `.save(path)` writes a plan file that
     `remat.apply(model, plan=path)` runs. outputs: as `apply` takes it. Infeasible -> PlanError."""
+    check_time_limit(time_limit, "time_limit")
     tracer = _trace_for_planning(model, example_inputs, loss_fn, precision, device, optimizer, None, outputs)
     return _plan_traced(tracer, budget, solver, time_limit, None, None)[0]

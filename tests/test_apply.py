@@ -1924,3 +1924,20 @@ def test_remat_run_steps_a_model_that_returns_a_dict(tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output.strip().splitlines()[-1])
     assert len(summary["losses"]) == 3 and all(math.isfinite(loss) for loss in summary["losses"])
+
+
+def test_one_tensor_as_the_example_inputs_is_one_input_and_a_time_limit_is_checked():
+    """example_inputs=x (a tensor, as a factory may return it) was unpacked along its rows: "forward() takes 2
+    positional arguments but 5 were given". time_limit="10" failed at the first step with a TypeError."""
+    model, (x,) = _mlp()
+    reference = copy.deepcopy(model)
+    planned = apply(model, budget="100%", example_inputs=x, device="cpu", time_limit=TIME_LIMIT)
+    planned(x).sum().backward()
+    reference(x).sum().backward()
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), reference.parameters(), strict=True))
+    assert remat.plan(reference, x, budget="100%", device="cpu", time_limit=TIME_LIMIT).schedule is not None
+    for limit in ("10", -1, float("nan")):
+        with pytest.raises(ValueError, match="time_limit is seconds, 0 or more"):
+            apply(reference, budget="100%", example_inputs=x, time_limit=limit)
+        with pytest.raises(ValueError, match="time_limit is seconds, 0 or more"):
+            remat.plan(reference, x, budget="100%", time_limit=limit)

@@ -137,7 +137,7 @@ def test_graph_rejects_sizes_costs_and_readers_that_cannot_be(change, words):
 def test_a_file_that_is_no_graph_is_a_value_error(tmp_path):
     path = tmp_path / "graph.json"
     for text in ("[1, 2]", '{"schema_version": 1}', '{"schema_version": 1, "nodes": [{"nope": 1}], "outputs": [], '
-                 '"fixed": {}}'):
+                 '"fixed": {}}', "", "nodes: 3"):  # (empty and not JSON: json's "Expecting value" before)
         path.write_text(text)
         with pytest.raises(ValueError, match="not a remat graph"):
             Graph.load(path)
