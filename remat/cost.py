@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+COMPUTE_DTYPES = ("fp64", "fp32", "tf32", "bf16", "fp16")  # the peaks a profile gives (other dtypes take fp32's)
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class DeviceProfile:
     description: str
     memory_bytes: int
     memory_bandwidth_bytes_per_s: float
-    flops_per_s: dict[str, float]  # peak per compute dtype: fp64, fp32, tf32, bf16, fp16
+    flops_per_s: dict[str, float]  # peak per compute dtype: COMPUTE_DTYPES
     matmul_efficiency: float = 0.6  # fraction of peak FLOP/s that large matmuls reach
     memory_efficiency: float = 0.75  # fraction of peak bandwidth that elementwise kernels reach
     launch_overhead_s: float = 4e-6
@@ -91,6 +92,10 @@ def _profile_problem(data: Any) -> str:
     peaks = data["flops_per_s"]
     if not isinstance(peaks, dict) or "fp32" not in peaks:
         return "flops_per_s must map compute dtypes to peak FLOP/s, fp32 among them"
+    # (a missing bf16 took fp32's peak without a word: GPT-2's step 30% slower on an H100)
+    missing = [dtype for dtype in COMPUTE_DTYPES if dtype not in peaks]
+    if missing:
+        return f"flops_per_s has no peak for {', '.join(missing)} (give each of {', '.join(COMPUTE_DTYPES)})"
     wrong = [f"{dtype}: {value!r}" for dtype, value in peaks.items() if not _positive(value)]
     if wrong:
         return f"flops_per_s must be positive numbers ({', '.join(wrong)})"

@@ -43,6 +43,8 @@ def test_stored_profile_loads_with_its_roofline_fields():
     (lambda data: {**data, "memory_bandwidth_bytes_per_s": -3.35e12}, "memory_bandwidth_bytes_per_s must be"),
     (lambda data: {k: v for k, v in data.items() if k != "flops_per_s"}, "missing flops_per_s"),
     (lambda data: {**data, "flops_per_s": {"bf16": 1e15}}, "fp32 among them"),
+    (lambda data: {**data, "flops_per_s": {k: v for k, v in data["flops_per_s"].items() if k != "bf16"}},
+     "flops_per_s has no peak for bf16"),
     (lambda data: {**data, "matmul_efficiency": 6}, "matmul_efficiency must be a number in (0, 1]"),
 ])
 def test_a_profile_with_wrong_values_is_refused_with_what_is_wrong(tmp_path, change, message):
