@@ -166,7 +166,7 @@ def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_
     if plan.schedule is None:
         if budget_bytes < plan.graph.fixed.total_bytes:
             fail(f"no plan fits {format_bytes(budget_bytes)} ({budget_bytes} bytes) for {model}: "
-                 f"{_below_fixed_memory(plan.graph.fixed)}")
+                 f"{_below_fixed_memory(plan.graph.fixed)}{_share_above(plan.graph.fixed, share_of)}")
         named = next((c for c in plan.candidates if c.method == solver), None)
         asked = named.simulation if named is not None and named.simulation is not None and named.simulation.valid \
             else None
@@ -210,6 +210,15 @@ def _below_fixed_memory(fixed) -> str:
     return (f"fixed memory alone is {fixed.describe()}, whatever is recomputed, and parameters, gradients and "
             f"optimizer state do not shrink with the batch. A budget above it leaves room for activations (one still "
             f"too small gets the minimum feasible budget named){_lighter_optimizer(fixed)}")
+
+
+def _share_above(fixed, store_all_peak: int | None) -> str:
+    """For a budget given as a share: the share fixed memory alone takes (a small model's AdamW state can be most of
+    its store-all peak, and "60%" then fits nothing)."""
+    if not store_all_peak:
+        return ""
+    return f"; as a share of the store-all peak ({_fmt(store_all_peak)}), fixed memory alone is " \
+           f"{fixed.total_bytes / store_all_peak:.0%}"
 
 
 def _below_model_state(fixed) -> str:

@@ -612,7 +612,9 @@ def _plan_traced(tracer: SplitTracer, budget: str | int | float, solver: str, ti
         if budget_bytes < unsplit.fixed.total_bytes:
             raise PlanError(
                 f"no schedule fits a budget of {format_bytes(budget_bytes)} ({budget_bytes} bytes): fixed memory alone "
-                f"is {unsplit.fixed.describe()}, whatever is recomputed; a budget above it leaves room for activations")
+                f"is {unsplit.fixed.describe()}, whatever is recomputed; a budget above it leaves room for activations"
+                + (f" ({unsplit.fixed.total_bytes / tracer.budget_bytes('100%'):.0%} of the store-all peak, which a "
+                   f"share such as {budget!r} is of)" if is_share(budget) else ""))
         lowest = result.min_feasible_bytes
         asked = next((c.simulation for c in result.candidates if c.method == solver and c.simulation is not None
                       and c.simulation.valid), None)

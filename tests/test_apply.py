@@ -1941,3 +1941,10 @@ def test_one_tensor_as_the_example_inputs_is_one_input_and_a_time_limit_is_check
             apply(reference, budget="100%", example_inputs=x, time_limit=limit)
         with pytest.raises(ValueError, match="time_limit is seconds, 0 or more"):
             remat.plan(reference, x, budget="100%", time_limit=limit)
+
+
+def test_a_share_below_fixed_memory_says_what_share_fixed_memory_takes():
+    model, (x,) = _mlp()
+    with pytest.raises(remat.PlanError, match=r"fixed memory alone is .*\(\d+% of the store-all peak, which a share "
+                                              r"such as '1%' is of\)"):
+        apply(model, budget="1%", example_inputs=(x,), device="cpu", time_limit=TIME_LIMIT)

@@ -369,3 +369,12 @@ def test_the_floor_is_named_with_the_chunk_counts_it_is_of(capsys, monkeypatch):
     _print_plan(dataclasses.replace(plan, graph=graph), 1.0, None)
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("minimum budget"))
     assert line.endswith("working set with the head in 8 chunks)")
+
+
+def test_a_share_below_fixed_memory_says_what_share_fixed_memory_takes(factory_file):
+    """A small model's AdamW state is most of its store-all peak: "60%" fits nothing, and the error said only the
+    bytes (the README's own shares failed so on small models)."""
+    result = remat("solve", "--model", f"{factory_file}:make", "--budget", "10%")
+    assert_one_line_error(result, "fixed memory alone is", "as a share of the store-all peak")
+    share = float(result.stderr.rsplit("fixed memory alone is ", 1)[1].split("%")[0])
+    assert 10 < share < 100
