@@ -236,6 +236,9 @@ def _solve_split(model, batch, seq, precision, device, optimizer, budget, solver
     with _tracing(model, batch) as status:
         tracer = SplitTracer.zoo(model, batch=batch, seq=seq, precision=precision, device=device, optimizer=optimizer,
                                  outputs=outputs)
+        if outputs == "all" and "returned" not in tracer.unsplit.step.output_kinds:  # the zoo's models, say
+            stderr.print(f"note: {escape(model)} returns its loss alone: --outputs all has no other tensor to hand "
+                         "out, and plans as --outputs loss", highlight=False)
         chosen = solve_split(tracer, tracer.budget_bytes(budget), solver=solver, time_limit_s=time_limit,
                              backend=backend, progress=lambda stage: status.update(f"planning: {stage}"))
         # the step as traced: its store-all peak (what a share is of) and step time (what the user runs today)

@@ -378,3 +378,12 @@ def test_a_share_below_fixed_memory_says_what_share_fixed_memory_takes(factory_f
     assert_one_line_error(result, "fixed memory alone is", "as a share of the store-all peak")
     share = float(result.stderr.rsplit("fixed memory alone is ", 1)[1].split("%")[0])
     assert 10 < share < 100
+
+
+def test_outputs_all_on_a_model_that_returns_its_loss_alone_says_so(factory_file):
+    """--outputs all on a zoo model planned as --outputs loss, the same graph, without a word."""
+    said = "returns its loss alone: --outputs all has no other tensor to hand out"
+    alone = remat("solve", "--model", "mlp", "--batch", "2", "--budget", "100%", "--outputs", "all", "--json")
+    assert alone.returncode == 0 and said in alone.stderr
+    returns = remat("solve", "--model", f"{factory_file}:make", "--budget", "100%", "--outputs", "all", "--json")
+    assert returns.returncode == 0 and said not in returns.stderr
