@@ -38,23 +38,37 @@ def _output_file(context: click.Context, parameter: click.Parameter, value: str 
     end in a traceback when it writes (a missing folder raised FileNotFoundError after the whole solve)."""
     if value is None:
         return None
+    option = parameter.opts[0]
     folder = Path(value).parent
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # the folders this makes, deepest first
+    if any(p.exists() and not p.is_dir() for p in folder.parents) or (folder.exists() and not folder.is_dir()):
+        fail(f"{option}: cannot make its folder {folder}: a file of that name is in the way")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise click.BadParameter(f"cannot make its folder {folder}: {error.strerror}") from None
+        fail(f"{option}: cannot make its folder {folder}: {error.strerror}")
+    # a command that ends before it writes (remat profile without CUDA) leaves no empty folder behind
+    context.call_on_close(lambda: _remove_empty(made))
     if not os.access(folder, os.W_OK):
-        raise click.BadParameter(f"cannot write into {folder}")
+        fail(f"{option}: cannot write into {folder}")
     path = Path(value)
     existed = path.exists()
     try:  # a folder of that name, a read-only file system (/sys, which os.access allows root): found by opening it
         with open(path, "a"):
             pass
     except OSError as error:
-        raise click.BadParameter(f"cannot write {value}: {error.strerror}") from None
+        fail(f"{option}: cannot write {value}: {error.strerror}")
     if not existed:
         path.unlink()  # made only to try: a solve that fails leaves no empty file
     return value
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first
+        try:
+            folder.rmdir()  # only if empty
+        except OSError:
+            return
 
 
 def _model(context: click.Context, parameter: click.Parameter, value: str) -> str:

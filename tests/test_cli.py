@@ -206,6 +206,12 @@ def test_user_model_plan_json_and_plan_file(factory_file, probe, tmp_path):
                               f"the plan was made for {option} ")
 
 
+def test_an_output_whose_folder_is_a_file_is_a_one_line_error(tmp_path):
+    (tmp_path / "afile").touch()  # "cannot make its folder afile: File exists", in click's three-line usage error
+    result = remat("solve", "--model", "mlp", "--budget", "100%", "--out", str(tmp_path / "afile" / "p.json"))
+    assert_one_line_error(result, "--out: cannot make its folder", "a file of that name is in the way")
+
+
 def test_outputs_that_cannot_be_written_are_one_line_errors(factory_file, tmp_path):
     # a file that cannot be made (a folder of that name; /sys, which os.access allows root) is said before the solve;
     # a report's PNG that cannot be written after it: both ended in a traceback after the whole solve
