@@ -6,6 +6,7 @@ torch's imports to be told. remat.models builds each model; tests/test_models.py
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 ZOO_NAMES: tuple[str, ...] = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "gpt2-tiny", "llama", "llama-tiny",
@@ -23,5 +24,19 @@ def model_problem(name_or_path: str) -> str:
             return f"model file {path} not found: give path/to/file.py:factory with an existing file"
         return ""
     if name_or_path.endswith(".py") or path.endswith(".py"):
-        return f"name the factory function too: {name_or_path.rstrip(':')}:make_model"
+        file = name_or_path.rstrip(":")
+        if not Path(file).is_file():
+            return f"model file {file} not found: give path/to/file.py:factory with an existing file"
+        defined = _functions_in(Path(file))  # (it suggested a make_model whether or not the file had one)
+        return (f"name the factory function too: {file}:FACTORY"
+                + (f" (functions defined there: {', '.join(defined)})" if defined else ""))
     return f"unknown model {name_or_path!r}: choose one of {', '.join(ZOO_NAMES)}, or give path/to/file.py:factory"
+
+
+def _functions_in(path: Path) -> list[str]:
+    """The functions a Python file defines at its top level, read without running it; [] if it does not parse."""
+    try:
+        tree = ast.parse(path.read_text())
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return []
+    return [node.name for node in tree.body if isinstance(node, ast.FunctionDef) and not node.name.startswith("_")]

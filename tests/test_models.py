@@ -395,11 +395,12 @@ def test_seq_for_a_factory_without_seq(tmp_path):
 
 
 def test_file_without_a_factory_name(tmp_path):
-    path = write(tmp_path, "def make():\n    return Net(), torch.randn(1, 8)\n")
+    # the functions the file defines are named (it suggested `:make_model` whether or not the file had one)
+    path = write(tmp_path, "def make():\n    return Net(), torch.randn(1, 8)\n\ndef _helper():\n    pass\n")
     for given in (path, f"{path}:"):
         with pytest.raises(ModelError) as error:
             build_model(given)
-        assert_one_line_error(error, f"{path}:make_model")
+        assert_one_line_error(error, f"{path}:FACTORY (functions defined there: make)")
 
 
 def test_count_parameters_counts_tied_weights_once():
