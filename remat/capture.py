@@ -842,6 +842,7 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
                       "traced: what it changes in the gradient is planned, but what it records elsewhere (a logger, "
                       "a list) is not updated at each step", stacklevel=3)
     _refuse_side_effects(gm)
+    _bernoulli_in_layout(gm)
     input_kinds, input_names = [], []
     for node in gm.graph.find_nodes(op="placeholder"):
         kind, name = _describe_input(node.meta.get("desc"))
@@ -1098,6 +1099,35 @@ def _tied_tensors(module: nn.Module) -> dict[str, str]:
         if canonical != name:
             tied[name] = canonical
     return tied
+
+
+@torch.library.custom_op("remat::bernoulli_like", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def bernoulli_like(like: torch.Tensor, p: float) -> torch.Tensor:
+    """`torch.empty_like(like).bernoulli_(p)`: a mask drawn in `like`'s own layout, as eager's in-place dropout
+    draws it."""
+    return torch.empty_like(like).bernoulli_(p)
+
+
+@bernoulli_like.register_fake
+def _(like: torch.Tensor, p: float) -> torch.Tensor:
+    return torch.empty_like(like)
+
+
+def _bernoulli_in_layout(gm: torch.fx.GraphModule) -> None:
+    """An in-place dropout (`F.dropout(h, inplace=True)`, `nn.Dropout(inplace=True)`) draws its mask with
+    `empty_like(h).bernoulli_(p)`: in `h`'s layout, element by element in memory order. Functionalized, that is
+    `bernoulli.p(empty_like(h), p)`, whose output is contiguous: on a strided `h` (a transposed batch norm output)
+    the planned step drew each element another number than eager did (another loss and other gradients, silently).
+    The pair is made one op that draws in place again (an `empty_like` holds no values a `bernoulli.p` could read)."""
+    for node in list(gm.graph.find_nodes(op="call_function", target=torch.ops.aten.bernoulli.p)):
+        empty = node.args[0]
+        if not (isinstance(empty, torch.fx.Node) and empty.target is torch.ops.aten.empty_like.default
+                and len(empty.users) == 1 and len(node.args) == 2 and not node.kwargs):
+            continue
+        node.target = torch.ops.remat.bernoulli_like.default
+        node.args = (empty.args[0], node.args[1])
+        gm.graph.erase_node(empty)
+    gm.recompile()
 
 
 def _refuse_side_effects(gm: torch.fx.GraphModule) -> None:
