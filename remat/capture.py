@@ -1122,7 +1122,9 @@ def _bernoulli_in_layout(gm: torch.fx.GraphModule) -> None:
     for node in list(gm.graph.find_nodes(op="call_function", target=torch.ops.aten.bernoulli.p)):
         empty = node.args[0]
         if not (isinstance(empty, torch.fx.Node) and empty.target is torch.ops.aten.empty_like.default
-                and len(empty.users) == 1 and len(node.args) == 2 and not node.kwargs):
+                and len(empty.users) == 1 and len(node.args) == 2 and not node.kwargs
+                and empty.kwargs.get("memory_format", torch.preserve_format) is torch.preserve_format
+                and set(empty.kwargs) <= {"memory_format"}):  # (another dtype or layout asked: left as it is)
             continue
         node.target = torch.ops.remat.bernoulli_like.default
         node.args = (empty.args[0], node.args[1])
