@@ -41,7 +41,7 @@ def _output_file(context: click.Context, parameter: click.Parameter, value: str 
     option = parameter.opts[0]
     folder = Path(value).parent
     made = [p for p in (folder, *folder.parents) if not p.exists()]  # the folders this makes, deepest first
-    if any(p.exists() and not p.is_dir() for p in folder.parents) or (folder.exists() and not folder.is_dir()):
+    if any(p.exists() and not p.is_dir() for p in (folder, *folder.parents)):
         fail(f"{option}: cannot make its folder {folder}: a file of that name is in the way")
     try:
         folder.mkdir(parents=True, exist_ok=True)

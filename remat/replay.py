@@ -214,14 +214,15 @@ def replay(step: CapturedStep, graph: Graph, schedule: Schedule, inputs: list[An
             live[i] = True
             storages_of(i)
             peak = max(peak, live_bytes())  # the new output is counted before any following free
+            changed = {owner for owner, _ in releases.get(position, ())}  # nodes that now hold less
             if node.part_bytes:
                 env.pop(names[0], None)  # the outputs live on as getitems, each freed after its own last read
-                held.pop(i)
+                changed.add(i)
             for owner, part in releases.get(position, ()):  # an output of a multi-output op read for the last time
                 for name in part_names[owner][part]:
                     env.pop(name, None)
-                held.pop(owner, None)
-            for index in (i, *(owner for owner, _ in releases.get(position, ()))):
+            for index in changed:
+                held.pop(index, None)
                 if live[index]:
                     storages_of(index)
 

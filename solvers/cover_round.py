@@ -13,8 +13,8 @@ of placing the points (VARIANTS) are each emitted and simulated, for each incumb
 way (near its optimum, solutions of about the same seconds differ a lot as schedules: schedules_for_bound); the
 cheapest that fits is the plan. Where the cheap way (values brought back once and held for every later point)
 overshoots, release_held lets go of what is held at the peak, the cheapest to make again per byte first, a few at a
-time, until it fits. When nothing
-fits (recomputation transients, inputs held longer), the covering MILP is solved again for a lower budget.
+time, until it fits. When nothing fits (recomputation transients, inputs held longer), the covering MILP is solved
+again for a lower budget.
 Last, one value at a time while the schedule still fits, a drop is undone (the covering may drop more than needed),
 an input computed again only to recompute a dropped value is held instead, or a value let go is held again.
 """
