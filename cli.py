@@ -92,6 +92,24 @@ def _device(context: click.Context, parameter: click.Parameter, value: str) -> s
     return value
 
 
+# Options that several commands take, written once.
+MODEL_OPTION = click.option("--model", required=True, callback=_model,
+                            help="Zoo name (gpt2, resnet50, ...) or path/to/file.py:factory.")
+BATCH_OPTION = click.option("--batch", default=None, type=click.IntRange(min=1),
+                            help="Batch size [default: 16, or a file.py:factory's own batch= default].")
+SEQ_OPTION = click.option("--seq", default=None, type=click.IntRange(min=1),
+                          help="Sequence length [default: the model's context].")
+DEVICE_OPTION = click.option("--device", default="h100", show_default=True, callback=_device,
+                             help="Device profile: h100, a100, v100, cpu, or a JSON file.")
+PRECISIONS = ["bf16-mixed", "fp32"]
+PRECISION_OPTION = click.option("--precision", default="bf16-mixed", show_default=True, type=click.Choice(PRECISIONS),
+                                help="bf16-mixed: under bf16 autocast; fp32: no autocast, in the model's own dtypes.")
+OPTIMIZERS = ["adamw", "adam", "sgd", "sgd-momentum", "none"]
+OPTIMIZER_OPTION = click.option("--optimizer", default="adamw", show_default=True, type=click.Choice(OPTIMIZERS),
+                                help="The optimizer whose state the step holds.")
+JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the text.")
+
+
 @contextlib.contextmanager
 def _writing(what: str):
     """What goes wrong writing an output after the work (a PNG beside --md whose name is a folder) is one line."""
@@ -122,18 +140,14 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--model", required=True, callback=_model,
-              help="Zoo name (gpt2, resnet50, ...) or path/to/file.py:factory.")
+@MODEL_OPTION
 @click.option("--budget", required=True,
               help="Whole device memory for the step: 16GB (1e9 bytes), 16GiB (2^30), or 60% of the store-all peak.")
-@click.option("--batch", default=None, type=click.IntRange(min=1),
-              help="Batch size [default: 16, or a file.py:factory's own batch= default].")
-@click.option("--seq", default=None, type=click.IntRange(min=1), help="Sequence length [default: the model's context].")
-@click.option("--device", default="h100", show_default=True, callback=_device,
-              help="Device profile: h100, a100, v100, cpu, or a JSON file.")
-@click.option("--precision", default="bf16-mixed", show_default=True, type=click.Choice(["bf16-mixed", "fp32"]))
-@click.option("--optimizer", default="adamw", show_default=True,
-              type=click.Choice(["adamw", "adam", "sgd", "sgd-momentum", "none"]))
+@BATCH_OPTION
+@SEQ_OPTION
+@DEVICE_OPTION
+@PRECISION_OPTION
+@OPTIMIZER_OPTION
 @click.option("--solver", default="auto", show_default=True,
               help="auto, checkmate, decompose, lp-round, cpsat, or a baseline (store-all, per-block, ...).")
 @click.option("--time-limit", default=60.0, show_default=True, type=click.FloatRange(min=0.1),
@@ -145,7 +159,7 @@ def main() -> None:
 @click.option("--outputs", default="loss", show_default=True, type=click.Choice(["loss", "all"]),
               help="What the step hands back beside its loss: nothing, or all of the model's other tensors (a loop "
                    "that reads outputs.logits), held to the step's end; as remat.apply(..., outputs=...).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the report.")
+@JSON_OPTION
 def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_limit, backend, out, outputs,
           as_json) -> None:
     """Plan the training step of MODEL under a memory BUDGET."""
@@ -489,18 +503,14 @@ def _console() -> Console:
 
 
 @main.command()
-@click.option("--model", required=True, callback=_model,
-              help="Zoo name (gpt2, resnet50, ...) or path/to/file.py:factory.")
+@MODEL_OPTION
 @click.option("--budget", required=True,
               help="One size or several, comma-separated: 12GB,16GB,24GB, or shares of the store-all peak: 60%,80%.")
-@click.option("--batch", default=None, type=click.IntRange(min=1),
-              help="Batch size [default: 16, or a file.py:factory's own batch= default].")
-@click.option("--seq", default=None, type=click.IntRange(min=1), help="Sequence length [default: the model's context].")
-@click.option("--device", default="h100", show_default=True, callback=_device,
-              help="Device profile: h100, a100, v100, cpu, or a JSON file.")
-@click.option("--precision", default="bf16-mixed", show_default=True, type=click.Choice(["bf16-mixed", "fp32"]))
-@click.option("--optimizer", default="adamw", show_default=True,
-              type=click.Choice(["adamw", "adam", "sgd", "sgd-momentum", "none"]))
+@BATCH_OPTION
+@SEQ_OPTION
+@DEVICE_OPTION
+@PRECISION_OPTION
+@OPTIMIZER_OPTION
 @click.option("--solvers", default="auto,store-all,checkpoint-all,chen-sqrtn,per-block,compile-budget",
               show_default=True,
               help="Methods to compare: remat's planners (auto: as remat solve plans; checkmate, decompose, lp-round, "
@@ -513,7 +523,7 @@ def _console() -> Console:
               help="Write a self-contained HTML report (plots inlined).")
 @click.option("--md", type=click.Path(dir_okay=False), callback=_output_file,
               help="Write a Markdown report, its PNG plots beside it.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@JSON_OPTION
 def compare(model, budget, batch, seq, device, precision, optimizer, solvers, time_limit, with_max_batch, out, md,
             as_json) -> None:
     """Compare methods (remat's plan, baselines, torch.compile's budgets) on MODEL at one or more BUDGETs."""
@@ -569,17 +579,14 @@ def compare(model, budget, batch, seq, device, precision, optimizer, solvers, ti
 
 
 @main.command()
-@click.option("--model", required=True, callback=_model,
-              help="Zoo name (gpt2, resnet50, ...) or path/to/file.py:factory.")
+@MODEL_OPTION
 @click.option("--budget", required=True, help="Whole device memory for the step: 16GB (1e9 bytes), 16GiB (2^30).")
-@click.option("--seq", default=None, type=click.IntRange(min=1), help="Sequence length [default: the model's context].")
+@SEQ_OPTION
 @click.option("--start-batch", default=16, show_default=True, type=click.IntRange(min=1),
               help="The search doubles from here (or tries 1 where it does not fit).")
-@click.option("--device", default="h100", show_default=True, callback=_device,
-              help="Device profile: h100, a100, v100, cpu, or a JSON file.")
-@click.option("--precision", default="bf16-mixed", show_default=True, type=click.Choice(["bf16-mixed", "fp32"]))
-@click.option("--optimizer", default="adamw", show_default=True,
-              type=click.Choice(["adamw", "adam", "sgd", "sgd-momentum", "none"]))
+@DEVICE_OPTION
+@PRECISION_OPTION
+@OPTIMIZER_OPTION
 @click.option("--solvers", default="store-all,per-block,compile-budget,auto", show_default=True,
               help="Methods: baselines, compile-budget (best of 1.0/0.5/0.2/0.0) or compile-budget-B, "
                    "auto (remat solve's planner) or another of remat's planners.")
@@ -587,7 +594,7 @@ def compare(model, budget, batch, seq, device, precision, optimizer, solvers, ti
               help="Seconds for a MILP solve at one batch (only where no other method's schedule fits).")
 @click.option("--max-overhead", default=None,
               help="Count only schedules at most this much slower than store-all at the same batch: 25% or 0.25.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+@JSON_OPTION
 def maxbatch(model, budget, seq, start_batch, device, precision, optimizer, solvers, time_limit, max_overhead,
              as_json) -> None:
     """The largest batch each method fits under BUDGET (fixed memory counted), with its overhead there."""
@@ -681,19 +688,17 @@ def _print_max_batches(model, graph, precision, optimizer, budget_bytes, overhea
 
 
 @main.command()
-@click.option("--model", required=True, callback=_model,
-              help="Zoo name (gpt2, resnet50, ...) or path/to/file.py:factory.")
+@MODEL_OPTION
 @click.option("--out", required=True, type=click.Path(dir_okay=False), callback=_output_file,
               help="Profile JSON to write.")
-@click.option("--batch", default=None, type=click.IntRange(min=1),
-              help="Batch size [default: 16, or a file.py:factory's own batch= default].")
-@click.option("--seq", default=None, type=click.IntRange(min=1), help="Sequence length [default: the model's context].")
-@click.option("--precision", default="bf16-mixed", show_default=True, type=click.Choice(["bf16-mixed", "fp32"]))
+@BATCH_OPTION
+@SEQ_OPTION
+@PRECISION_OPTION
 @click.option("--base", default="auto", show_default=True,
               help="Roofline profile for ops without a measurement (h100, a100, v100; auto: from the GPU's name).")
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0))
 @click.option("--repeats", default=10, show_default=True, type=click.IntRange(min=1))
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the summary.")
+@JSON_OPTION
 def profile(model, out, batch, seq, precision, base, warmup, repeats, as_json) -> None:
     """Measure every op of MODEL's training step on this CUDA GPU; `remat solve --device OUT` then uses it."""
     import torch
@@ -737,8 +742,7 @@ def profile(model, out, batch, seq, precision, base, warmup, repeats, as_json) -
 
 
 @main.command()
-@click.option("--model", required=True, callback=_model,
-              help="Zoo name (gpt2, resnet50, ...) or path/to/file.py:factory.")
+@MODEL_OPTION
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False),
               help="A plan file from `remat solve --out` (refused if the model traces to another graph).")
 @click.option("--budget", help="Plan here instead: whole step memory, 16GB, 16GiB, or 60% of store-all.")
@@ -746,14 +750,14 @@ def profile(model, out, batch, seq, precision, base, warmup, repeats, as_json) -
               help="Batch size [default: the plan file's; else 16, or a file.py:factory's own batch= default].")
 @click.option("--seq", default=None, type=click.IntRange(min=1),
               help="Sequence length [default: the plan file's, or the model's context].")
-@click.option("--precision", default=None, type=click.Choice(["bf16-mixed", "fp32"]),
+@click.option("--precision", default=None, type=click.Choice(PRECISIONS),
               help="[default: the plan file's, or bf16-mixed]")
-@click.option("--optimizer", default=None, type=click.Choice(["adamw", "adam", "sgd", "sgd-momentum", "none"]),
+@click.option("--optimizer", default=None, type=click.Choice(OPTIMIZERS),
               help="The optimizer stepped, and whose state the plan holds [default: the plan file's, or adamw].")
 @click.option("--steps", default=3, show_default=True, type=click.IntRange(min=1), help="Training steps.")
 @click.option("--time-limit", default=60.0, show_default=True, type=click.FloatRange(min=0.1),
               help="Seconds for the solve, with --budget.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the report.")
+@JSON_OPTION
 def run(model, plan_path, budget, batch, seq, precision, optimizer, steps, time_limit, as_json) -> None:
     """Train a zoo model for a few steps on this machine with a plan, and measure the memory it holds.
 
