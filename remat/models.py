@@ -101,12 +101,18 @@ class GPT2Loss(nn.Module):
         return self.lm(input_ids=input_ids, labels=input_ids).loss
 
 
+def _sequence_length(name: str, seq: int | None, n_positions: int, default: int) -> int:
+    """`seq`, or the model's default where none is given; longer than its position table: ModelError."""
+    seq = default if seq is None else seq
+    if seq > n_positions:
+        raise ModelError(f"--seq {seq} is longer than {name}'s {n_positions} positions: "
+                         f"use --seq {n_positions} or less")
+    return seq
+
+
 def _build_gpt2(name: str, batch: int, seq: int | None) -> ModelSpec:
     size = GPT2_SIZES[name]
-    seq = size.n_positions if seq is None else seq
-    if seq > size.n_positions:
-        raise ModelError(f"--seq {seq} is longer than {name}'s {size.n_positions} positions: "
-                         f"use --seq {size.n_positions} or less")
+    seq = _sequence_length(name, seq, size.n_positions, default=size.n_positions)
     model = GPT2Loss(size)
     input_ids = torch.randint(0, size.vocab_size, (batch, seq))  # (B, T)
     description = (f"{size.title} ({_millions(count_parameters(model))} params), seq {seq}, "
@@ -161,10 +167,7 @@ class LlamaLoss(nn.Module):
 
 def _build_llama(name: str, batch: int, seq: int | None) -> ModelSpec:
     size = LLAMA_SIZES[name]
-    seq = size.default_seq if seq is None else seq
-    if seq > size.n_positions:
-        raise ModelError(f"--seq {seq} is longer than {name}'s {size.n_positions} positions: "
-                         f"use --seq {size.n_positions} or less")
+    seq = _sequence_length(name, seq, size.n_positions, default=size.default_seq)
     model = LlamaLoss(size)
     input_ids = torch.randint(0, size.vocab_size, (batch, seq))  # (B, T)
     description = f"{size.title} ({_millions(count_parameters(model))} params), seq {seq}, random init"
