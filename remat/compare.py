@@ -24,7 +24,7 @@ from remat.graph import Graph
 from remat.maxbatch import MILP_METHODS, BatchTraces, max_batch
 from remat.maxbatch import parse_methods as parse_batch_methods
 from remat.models import DEFAULT_BATCH
-from remat.planner import Candidate, solve
+from remat.planner import Candidate, baseline_candidate, solve, store_all_simulation
 from remat.schedule import Schedule
 from remat.simulate import Simulation, simulate
 from remat.split_plan import SplitTracer, solve_split, with_chunks
@@ -32,7 +32,6 @@ from remat.trace import TracedStep
 from remat.units import format_bytes
 from solvers.base import FEASIBLE, OPTIMAL, meets_bound, relative_gap, reported_status
 from solvers.baselines import BASELINES, BUDGET_FREE_BASELINES
-from solvers.registry import solve_with
 
 DEFAULT_METHODS = ("auto", "store-all", "checkpoint-all", "chen-sqrtn", "per-block", COMPILE_PREFIX)
 
@@ -115,7 +114,7 @@ def compare(traced: TracedStep | SplitTracer, budgets_bytes: Sequence[int], meth
     graph = traced.graph
     methods = parse_methods(methods)
     budgets = tuple(sorted(set(budgets_bytes)))
-    store_all = simulate(graph, solve_with("store-all", graph, 0).schedule)
+    store_all = store_all_simulation(graph)
     rows: list[Row] = []
     schedules: dict[tuple[str, int], Schedule] = {}
     graphs: dict[tuple[str, int], Graph] = {}
@@ -148,10 +147,7 @@ def compare(traced: TracedStep | SplitTracer, budgets_bytes: Sequence[int], meth
             built: Candidate | None = None
             for budget in budgets:
                 if built is None or method not in BUDGET_FREE_BASELINES:  # the others ignore the budget: built once
-                    result = solve_with(method, graph, budget)
-                    simulation = simulate(graph, result.schedule) if result.schedule is not None else None
-                    built = Candidate(method, result.status, result.schedule, simulation, result.wall_s,
-                                      result.message)
+                    built = baseline_candidate(graph, method, budget)
                 add(method, budget, built, built.status)
 
     for method in (m for m in methods if m in MILP_METHODS):

@@ -24,12 +24,12 @@ from dataclasses import dataclass, field, replace
 
 from remat.comparators import COMPILE_BUDGETS, COMPILE_PREFIX, compile_budget_candidate, compile_budget_of
 from remat.graph import Graph
-from remat.planner import Candidate
-from remat.simulate import Simulation, simulate
+from remat.planner import Candidate, baseline_candidate, store_all_simulation
+from remat.simulate import Simulation
 from remat.split_plan import SplitTracer, Variant, solve_split, streamed_baselines, with_chunks
 from remat.trace import TracedStep
 from solvers.baselines import BASELINES
-from solvers.registry import MILP_SOLVERS, solve_with
+from solvers.registry import MILP_SOLVERS
 
 MAX_BATCH = 1 << 16  # the search stops here
 MILP_METHODS = ("auto", *MILP_SOLVERS)  # remat's planners: checkmate, lp-round, cpsat, decompose, and auto
@@ -252,8 +252,7 @@ class BatchTraces:
 
     def store_all(self, batch: int) -> Simulation:
         if batch not in self._store_all:
-            graph = self.graph(batch)
-            self._store_all[batch] = simulate(graph, solve_with("store-all", graph, 0).schedule)
+            self._store_all[batch] = store_all_simulation(self.graph(batch))
         return self._store_all[batch]
 
 
@@ -277,10 +276,7 @@ def method_candidates(traces: BatchTraces, method: str, batch: int, budget_bytes
     if budget is not None:
         return [traces.compile_candidate(batch, budget)]
     if method in BASELINES:
-        graph = traces.graph(batch)
-        result = solve_with(method, graph, budget_bytes)
-        simulation = simulate(graph, result.schedule) if result.schedule is not None else None
-        return [Candidate(method, result.status, result.schedule, simulation, result.wall_s, result.message)]
+        return [baseline_candidate(traces.graph(batch), method, budget_bytes)]
     raise ValueError(f"unknown method {method!r}")
 
 

@@ -203,9 +203,14 @@ def budget_of(graph: Graph, budget: int | float | str) -> int:
                              "share of the store-all peak")
         return int(budget)
     if is_share(budget):
-        store_all = BASELINES["store-all"](graph, 0, SolveOptions()).schedule
-        return parse_size(budget, reference_bytes=simulate(graph, store_all).peak_bytes)
+        return parse_size(budget, reference_bytes=store_all_simulation(graph).peak_bytes)
     return parse_size(budget)
+
+
+def store_all_simulation(graph: Graph) -> Simulation:
+    """Store-all's step: every value computed once and kept to its last read (the reference of overheads and
+    shares)."""
+    return simulate(graph, BASELINES["store-all"](graph, 0, SolveOptions()).schedule)
 
 
 def solve(graph: Graph, budget_bytes: int | str, solver: str = "auto", time_limit_s: float = 60.0,

@@ -39,7 +39,7 @@ from remat.cost import load_profile
 from remat.graph import Graph
 from remat.lower import lower
 from remat.models import build_model
-from remat.planner import Candidate, Plan, baseline_candidate, solve
+from remat.planner import Candidate, Plan, baseline_candidate, solve, store_all_simulation
 from remat.schedule import COMPUTE, FREE, Op, Schedule
 from remat.simulate import Simulation, live_bytes_at, simulate
 from remat.split import (
@@ -185,9 +185,7 @@ class SplitTracer:
 
     def budget_bytes(self, budget: str | int | float) -> int:
         """Bytes of `budget`: a size ("16GB", bytes) or a share of the unsplit step's store-all peak ("60%")."""
-        graph = self.unsplit.graph
-        store_all = BASELINES["store-all"](graph, 0, SolveOptions()).schedule
-        return parse_size(budget, reference_bytes=simulate(graph, store_all).peak_bytes)
+        return parse_size(budget, reference_bytes=store_all_simulation(self.unsplit.graph).peak_bytes)
 
     @property
     def step(self) -> CapturedStep:
@@ -383,8 +381,7 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
     floors = {unsplit.key: unsplit.floor_bytes}
 
     # Store-all fits: nothing to gain from splitting.
-    store_all = BASELINES["store-all"](unsplit.graph, budget_bytes, SolveOptions()).schedule
-    if store_all is not None and simulate(unsplit.graph, store_all).fits(budget_bytes):
+    if store_all_simulation(unsplit.graph).fits(budget_bytes):
         plan = solve(unsplit.graph, budget_bytes, solver, time_limit_s, backend, progress, known=list(known))
         return _finish(plan, None, "not split: the budget holds every activation",
                        [(unsplit.key, floors[unsplit.key], plan)])
