@@ -166,6 +166,7 @@ class SplitTracer:
         unsplit = Variant(1, self._lower(step, self.meta), None, step)
         self.trace_s = time.perf_counter() - started  # what a split variant's trace takes too, about
         self.variants: dict[tuple[int, int, int], Variant | None] = {unsplit.key: unsplit}
+        self.unsplittable: dict[tuple[int, int, int], str] = {}  # chunk counts -> why the step cannot be split so
         self._modules: dict[str, tuple[str, ...]] | None = None  # MLP / ATTENTION -> the module paths of its regions
 
     @classmethod
@@ -326,8 +327,9 @@ class SplitTracer:
             try:
                 with self._tracing():
                     step, split = capture_split(self.model, self.inputs, self.step, *key)
-            except (Unsplittable, ValueError):
+            except (Unsplittable, ValueError) as error:
                 self.variants[key] = None
+                self.unsplittable[key] = str(error)
             else:
                 graph = self._lower(step, {**self.meta, "split": split.to_meta()})
                 self.variants[key] = Variant(chunks, graph, split, step, head_nodes(graph, step), mlp_chunks,

@@ -36,15 +36,12 @@ from remat.capture import (
     LossStep,
     NothingToDifferentiate,
     OutputLayout,
-    capture_step,
     module_state,
     tensor_layout,
     uncompiled,
 )
-from remat.cost import load_profile
 from remat.execute import ExecuteError, PartitionedStep, StepMemory, StepRunner, partition
 from remat.graph import Graph
-from remat.lower import lower
 from remat.planner import Plan, check_time_limit
 from remat.schedule import Schedule
 from remat.simulate import Simulation, simulate
@@ -573,20 +570,13 @@ def trace_step(model: nn.Module, inputs: Call | Sequence[Any] | dict[str, Any], 
     """The user's model -> (Graph, CapturedStep), without touching its parameters or the RNG.
     `split_chunks` > 1: the loss head split into that many chunks (remat.split), `mlp_chunks` > 1: each MLP,
     `attention_chunks` > 1: each attention block, as a plan made with a split needs."""
-    model = uncompiled(model)
-    profile = load_profile(device or default_device_profile(model))
-    inputs = Call.of(inputs)
-    meta = {"model": type(model).__name__, "precision": precision, "device": profile.name,
-            "inputs": inputs.describe(), **({"outputs": outputs} if outputs != "loss" else {})}
-    with torch.random.fork_rng(devices=[]):
-        captured = capture_step(model, inputs, loss_fn, precision, outputs)
-        if max(split_chunks, mlp_chunks, attention_chunks) > 1:
-            from remat.split import capture_split
-
-            captured, split = capture_split(model, inputs, captured, split_chunks, mlp_chunks,
-                                            attention_chunks)
-            meta["split"] = split.to_meta()
-    return lower(captured, profile, optimizer=optimizer, meta=meta), captured
+    tracer = _trace_for_planning(model, inputs, loss_fn, precision, device, optimizer, None, outputs)
+    key = (split_chunks, mlp_chunks, attention_chunks)
+    variant = tracer.variant(*key)
+    if variant is None:
+        raise PlanError(f"the step cannot be split in {key} chunks (head, MLPs, attention): "
+                        f"{tracer.unsplittable.get(key, 'there is no such region')}")
+    return variant.graph, variant.step
 
 
 def _trace_for_planning(model: nn.Module, inputs: Call | Sequence[Any] | dict[str, Any], loss_fn: Callable | None,
