@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from remat.capture import CapturedStep, capture_fake
-from remat.cost import load_profile
+from remat.capture import CapturedStep
 from remat.graph import Graph
-from remat.lower import lower
-from remat.models import build_model
 
 
 @dataclass(frozen=True)
@@ -26,8 +23,7 @@ def trace_model(model: str, batch: int | None = None, seq: int | None = None, pr
 def trace_step(model: str, batch: int | None = None, seq: int | None = None, precision: str = "bf16-mixed",
                device: str = "h100", optimizer: str = "adamw") -> TracedStep:
     """trace_model, keeping the captured joint FX graph beside the Graph."""
-    profile = load_profile(device)  # fail on a bad device before the slow trace
-    spec, step = capture_fake(lambda: build_model(model, batch=batch, seq=seq), precision)
-    meta = {"model": model, "batch": spec.batch, "seq": spec.seq, "device": profile.name, "precision": precision,
-            "description": spec.description}
-    return TracedStep(step, lower(step, profile, optimizer=optimizer, meta=meta))
+    from remat.split_plan import SplitTracer  # it loads the planner and its solvers
+
+    tracer = SplitTracer.zoo(model, batch=batch, seq=seq, precision=precision, device=device, optimizer=optimizer)
+    return TracedStep(tracer.step, tracer.unsplit.graph)
