@@ -266,6 +266,7 @@ def test_cli_max_overhead_is_checked():
     assert result.exit_code == 2 and "'25' would be +2500%: write 25%" in result.output  # it searched at +2500%
 
 
+@pytest.mark.slow  # traces gpt2-tiny split eight ways at batch 8 (15 s, a minute under load)
 def test_auto_weighs_the_torch_choice_the_probes_made_rather_than_a_second_one(traces, monkeypatch):
     import remat.split_plan
 

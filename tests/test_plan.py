@@ -195,7 +195,7 @@ def test_a_plan_that_costs_its_bound_is_proven_within_the_milp_tolerance(monkeyp
 
     monkeypatch.setattr(planner, "covering_bound", covering_bound_as_highs_may_report_it)
     graph = chain_training_graph(24)  # cover-round's plan meets the covering bound (tests/test_bounds.py)
-    plan = solve(graph, 40, time_limit_s=10)
+    plan = solve(graph, 40, time_limit_s=30)  # under load 10 s did not always finish the covering MILP
     assert plan.status == "optimal" and plan.picked.startswith("cover-round")
     assert plan.compute_s == pytest.approx(302.0) and plan.gap < base.OPTIMAL_TOLERANCE
 
