@@ -843,6 +843,7 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
                       "a list) is not updated at each step", stacklevel=3)
     _refuse_side_effects(gm)
     _bernoulli_in_layout(gm)
+    _real_layouts(gm, _copies_of_their_own(gm))
     input_kinds, input_names = [], []
     for node in gm.graph.find_nodes(op="placeholder"):
         kind, name = _describe_input(node.meta.get("desc"))
@@ -1132,6 +1133,130 @@ def _bernoulli_in_layout(gm: torch.fx.GraphModule) -> None:
     gm.recompile()
 
 
+@torch.library.custom_op("remat::copy_like", mutates_args=())
+def copy_like(like: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """`torch.empty_like(like).copy_(src)`: `src` in a tensor of `like`'s shape and dtype, holding its own elements
+    only."""
+    return torch.empty_like(like).copy_(src)
+
+
+@copy_like.register_fake
+def _(like: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(like)
+
+
+def _copies_of_their_own(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, Any]:
+    """A write into part of a tensor (`h[:, 0] = h[:, 0] * 3` on a clone) is functionalized as
+    `select_scatter(h, copy(select(h), value))`. The functional `copy` clones its first argument's whole storage
+    (the whole of h, as `clone_preserve_strides` does) and its fake output holds the view's span only: a (2, 3)
+    select of a (2, 4, 3) tensor held 96 bytes where the trace said 60 (448 bytes measured against 416 planned). Such a
+    copy becomes `remat::copy_like`, which holds the view's elements alone, as the plan counts them (the scatter
+    reads its values, not its layout). The nodes rewritten -> their new values (a non-dense view's copy is
+    contiguous), for `_real_layouts` to trace the ops after them again."""
+    rewritten = {}
+    for node in list(gm.graph.find_nodes(op="call_function", target=torch.ops.aten.copy.default)):
+        like, src = (node.args[0].meta.get("val"), node.args[1].meta.get("val")) if len(node.args) == 2 and all(
+            isinstance(x, torch.fx.Node) for x in node.args) else (None, None)
+        mode = getattr(like, "fake_mode", None)
+        if mode is None or node.kwargs or not isinstance(src, torch.Tensor) or tensor_bytes(like) == view_bytes(like):
+            continue  # (a copy into a whole tensor clones only it: left as it is)
+        node.target = torch.ops.remat.copy_like.default
+        with mode:
+            node.meta["val"] = rewritten[node] = torch.ops.remat.copy_like.default(like, src)
+    gm.recompile()
+    return rewritten
+
+
+def _suggested_format(x: torch.Tensor) -> torch.memory_format:
+    """`x.suggest_memory_format()`: channels_last for an image laid out so, else contiguous."""
+    from torch._prims_common import suggest_memory_format
+
+    return suggest_memory_format(x)
+
+
+# Ops whose CPU kernels lay out their first output unlike their fake (traced) tensors, found by
+# benchmarks/layout_survey.py: op -> (the op's fake arguments, its fake output) -> the output in the kernel's layout.
+# Batch norm's CPU kernels write into `empty_like(input, input.suggest_memory_format())` (its fake output, and its
+# backward's, takes the input's or the gradient's strides); layer norm's and log-softmax's backward write contiguous
+# gradients; dropout's backward follows its gradient, where the fake one is contiguous.
+def _like_input(k: int) -> Callable[[tuple, torch.Tensor], torch.Tensor]:
+    return lambda args, out: torch.empty_like(out, memory_format=_suggested_format(args[k]))
+
+
+def _contiguous(args: tuple, out: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(out, memory_format=torch.contiguous_format)
+
+
+def _like_product(args: tuple, out: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(torch.ops.aten.mul.Tensor(args[0], args[1]), dtype=out.dtype)
+
+
+_CPU_LAYOUTS = {
+    torch.ops.aten._native_batch_norm_legit_functional.default: _like_input(0),
+    torch.ops.aten._native_batch_norm_legit.default: _like_input(0),
+    torch.ops.aten._native_batch_norm_legit.no_stats: _like_input(0),
+    torch.ops.aten._native_batch_norm_legit_no_training.default: _like_input(0),
+    torch.ops.aten.native_batch_norm.default: _like_input(0),
+    torch.ops.aten.native_batch_norm_backward.default: _like_input(1),
+    torch.ops.aten.native_layer_norm_backward.default: _contiguous,
+    torch.ops.aten._log_softmax_backward_data.default: _contiguous,
+    torch.ops.aten.native_dropout_backward.default: _like_product,
+}
+
+
+def _strides_of(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.stride()
+    return tuple(map(_strides_of, value)) if isinstance(value, (tuple, list)) else None
+
+
+def _real_layouts(gm: torch.fx.GraphModule, changed: dict[torch.fx.Node, Any] | None = None) -> None:
+    """Give the traced values the strides the CPU kernels give them (_CPU_LAYOUTS), and copy where a view then needs
+    one. Batch norm over the D of a transposed (B, T, D) batch traced an output in its input's layout, so the
+    transpose back was contiguous and `.reshape(B * T, D)` traced a view: the real output is contiguous, the view ran
+    as a reshape that copied (execute.py), and the plan, which counts a view as no memory, missed the copy (9,216 bytes
+    measured against 7,040 planned). The ops after such an output are traced again on fake tensors with its real
+    layout; a view they cannot take reads a contiguous copy (`clone`), as the reshape did, now counted. Where an op
+    cannot be traced again (a higher-order op), it keeps the traced values: its views still run as reshapes.
+    `changed`: nodes already given other values (node -> value), whose readers are traced again too."""
+    changed = dict(changed or {})  # node -> its value in the kernels' layouts, where that differs from the traced one
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        rule = _CPU_LAYOUTS.get(node.target)
+        if rule is None and not any(x in changed for x in node.all_input_nodes):
+            continue
+        traced = node.meta.get("val")
+        first = traced[0] if isinstance(traced, (tuple, list)) and traced else traced
+        mode = getattr(first, "fake_mode", None)
+        if mode is None:
+            continue
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda x: changed.get(x, x.meta.get("val")))
+        with mode:
+            try:
+                value = node.target(*args, **kwargs)
+            except Exception:  # (fake tensors raise a ValueError for a view their strides do not allow)
+                if node.target is not torch.ops.aten.view.default:
+                    continue
+                # "cannot view a tensor with shape ... and strides ...": reshape's copy, made explicit
+                with gm.graph.inserting_before(node):
+                    copy = gm.graph.call_function(torch.ops.aten.clone.default, (node.args[0],),
+                                                  {"memory_format": torch.contiguous_format})
+                copy.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+                copy.meta["val"] = torch.ops.aten.clone.default(args[0], memory_format=torch.contiguous_format)
+                node.args = (copy, *node.args[1:])
+                changed[copy] = copy.meta["val"]
+                value = node.target(copy.meta["val"], *args[1:], **kwargs)
+            if rule is not None and first.device.type == "cpu":
+                if isinstance(value, (tuple, list)):
+                    value = (rule(args, value[0]), *value[1:])
+                else:
+                    value = rule(args, value)
+        if _strides_of(value) != _strides_of(traced):
+            node.meta["val"] = changed[node] = value
+    gm.recompile()
+
+
 def _refuse_side_effects(gm: torch.fx.GraphModule) -> None:
     """Ops with a side effect are traced threaded on an effect token (an extra input and output of the graph), which
     the planned step did not feed: it failed at its first call with an empty StopIteration. The one met in models is
@@ -1272,7 +1397,8 @@ def _without_recompiling():
         torch.fx.GraphModule.recompile = recompile
 
 
-def fake_tensor_mode() -> contextlib.AbstractContextManager:
+def fake_tensor_mode(allow_real_inputs: bool = False) -> FakeTensorMode:
     """A fake-tensor mode to enter several times, for captures that share one model built on fake tensors
-    (capture_fake builds and captures once): remat.split captures the split head from the unsplit step's model."""
-    return FakeTensorMode(allow_non_fake_inputs=False)
+    (capture_fake builds and captures once): remat.split captures the split head from the unsplit step's model.
+    `allow_real_inputs`: ops in it may read real tensors too (benchmarks/layout_survey.py's weights)."""
+    return FakeTensorMode(allow_non_fake_inputs=allow_real_inputs)

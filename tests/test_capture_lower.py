@@ -454,3 +454,35 @@ def test_linalgs_error_check_is_refused_with_its_unchecked_form():
         capture_step(Whitens(checked=True), (x,))
     step = capture_step(Whitens(checked=False), (x,))
     assert step.input_kinds.count("input") == 1  # no token
+
+
+def test_traced_values_have_the_layouts_of_cpus_kernels():
+    """Batch norm's CPU output is contiguous whatever its input's layout; its fake one took the input's, so the
+    reshape after the transpose back was traced as a view that the run made a copy. The copy is in the graph, counted
+    (all 64 x 4 floats); the ops after the norm have the strides they run with."""
+    from tests.test_apply import NormThenReshape
+
+    step = capture_step(NormThenReshape(), (torch.randn(4, 16, 4),))
+    nodes = {node.target: node for node in step.joint.graph.nodes}
+    norm = nodes[torch.ops.aten._native_batch_norm_legit_functional.default]
+    assert norm.meta["val"][0].is_contiguous()
+    assert nodes[torch.ops.aten.native_batch_norm_backward.default].meta["val"][0].is_contiguous()
+    # (the backward copies too: tanh's gradient is laid out as the norm's is, and the linear before reads it as rows)
+    copy = next(node for node in step.joint.graph.find_nodes(op="call_function", target=torch.ops.aten.clone.default)
+                if node.args[0].target is torch.ops.aten.transpose.int and node.args[0].args[0].args[0] is norm)
+    graph = lower(step, load_profile("cpu"))
+    assert next(node for node in graph.nodes if node.name == copy.name).output_bytes == 64 * 4 * 4
+
+
+def test_a_write_into_part_of_a_tensor_copies_that_part_alone():
+    """`h[:, 0] = v` is traced as a copy of the row, then a scatter into h: aten's functional copy cloned all of h;
+    remat's holds the (2, 4) row alone, as the plan counts it."""
+    from tests.test_apply import WritesARow
+
+    step = capture_step(WritesARow(), (torch.randn(2, 3, 4),))
+    copies = step.joint.graph.find_nodes(op="call_function", target=torch.ops.remat.copy_like.default)
+    assert len(copies) == 2  # the forward's write, and its backward's (the row's gradient zeroed)
+    assert all(copy.args[0].target is torch.ops.aten.select.int for copy in copies)
+    graph = lower(step, load_profile("cpu"))
+    names = {copy.name for copy in copies}
+    assert {node.output_bytes for node in graph.nodes if node.name in names} == {2 * 4 * 4}
