@@ -175,7 +175,7 @@ class RematModule(nn.Module):
         self.budget = budget
         self.loss_fn = loss_fn
         self.solver = solver
-        self.device = device
+        self.cost_device = device  # the cost profile; not `device`, which reads the model's (a Hugging Face model's)
         self.optimizer = optimizer
         self.time_limit = time_limit
         self.given_plan = plan_from(plan) if plan is not None else None  # a bad file fails here, before any trace
@@ -208,6 +208,22 @@ class RematModule(nn.Module):
         self.register_state_dict_post_hook(_model_keys)
         self.register_load_state_dict_pre_hook(_wrapped_model_keys)
         self.register_load_state_dict_post_hook(_model_key_names)
+        self._remat_ready = True  # from here on, attributes the model has are set on the model (__setattr__)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """`planned.head = nn.Linear(...)`, `planned.temperature = 4.0`: set on the wrapped model, which the planned
+        step runs, as `planned.head` reads it (__getattr__). They were set on this wrapper: the model kept running
+        its old head and setting, silently, and the new head was left out of the state dict. Modules, parameters
+        and tensors, and any attribute the model has, go to the model; this wrapper's own attributes (and new ones
+        that the model does not have: a hook's bookkeeping) stay here."""
+        state = self.__dict__
+        if (state.get("_remat_ready") and name not in state and not hasattr(type(self), name)
+                and name not in state["_modules"] and name not in state["_parameters"]
+                and name not in state["_buffers"]
+                and (isinstance(value, (nn.Module, torch.Tensor)) or hasattr(state["_modules"]["model"], name))):
+            setattr(state["_modules"]["model"], name, value)
+            return
+        super().__setattr__(name, value)
 
     def __getattr__(self, name: str) -> Any:
         """The wrapped model's attributes and methods (`model.config`, `model.generate`), as FSDP forwards them."""
@@ -312,7 +328,7 @@ class RematModule(nn.Module):
                           "keep that to a few plans, a value passed as a tensor is an input, not part of the graph, "
                           "and a counter or log the forward does not read belongs in an attribute whose name starts "
                           "with _ (a setting that leaves the graph as it was is traced again, not planned again)",
-                          stacklevel=2)
+                          stacklevel=_callers_level())
         while len(self.steps) > MAX_PREPARED_STEPS:
             oldest = next(iter(self.steps))
             del self.steps[oldest]
@@ -375,15 +391,15 @@ class RematModule(nn.Module):
             say("tracing the training step")
             split = plan.graph_meta.get("split") or {}
             precision = plan.graph_meta.get("precision", self.precision)
-            graph, captured = trace_step(self.model, inputs, self.loss_fn, precision, self.device, self.optimizer,
+            graph, captured = trace_step(self.model, inputs, self.loss_fn, precision, self.cost_device, self.optimizer,
                                          split_chunks=int(split.get("chunks", 1)),
                                          mlp_chunks=int(split.get("mlp_chunks", 1)),
                                          attention_chunks=int(split.get("attention_chunks", 1)),
                                          outputs=self.outputs)
             simulation = check_plan(plan, graph)
         else:
-            tracer = _trace_for_planning(self.model, inputs, self.loss_fn, self.precision, self.device, self.optimizer,
-                                         self.progress, self.outputs)
+            tracer = _trace_for_planning(self.model, inputs, self.loss_fn, self.precision, self.cost_device,
+                                         self.optimizer, self.progress, self.outputs)
             traced_to = tracer.unsplit.graph.content_hash
             plan = self.plans_by_graph.get(traced_to)
             if plan is not None:  # a setting the forward does not read changed (a counter): the step is the same
@@ -421,12 +437,15 @@ class RematModule(nn.Module):
         return values
 
 
+_OWN_DIRS = (str(Path(__file__).resolve().parent), str(Path(torch.__file__).resolve().parent))
+
+
 def _callers_level() -> int:
     """The stack level, for warnings.warn in the function that calls this, of the caller's line: the first frame
-    outside this module and torch.nn's call machinery."""
+    outside remat and torch (torch.nn's call machinery, and the frame of the torch.compiler.disable that wraps
+    forward: a warning at a step named torch/_dynamo/eval_frame.py as its place)."""
     frame, level = sys._getframe(1), 1
-    while frame is not None and (frame.f_code.co_filename == __file__
-                                 or frame.f_code.co_filename == nn.modules.module.__file__):
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(_OWN_DIRS):
         frame, level = frame.f_back, level + 1
     return level
 
@@ -484,6 +503,7 @@ def _wrapped_model_keys(module: RematModule, state_dict: dict, prefix: str, loca
     values = {key: state_dict.pop(key) for key in [k for k in state_dict if k.startswith(prefix)]}
     state_dict.update((_moved(key, prefix, prefix + "model."), value) for key, value in values.items())
     _move_metadata(state_dict, prefix, prefix + "model.")
+    module._keys_loading = len(values)  # for _model_key_names: a load that matched none of them is said
     if isinstance(module.loss_fn, nn.Module):
         state_dict.update(module.loss_fn.state_dict(prefix=prefix + "loss_fn."))
 
@@ -494,6 +514,14 @@ def _model_key_names(module: RematModule, incompatible: Any) -> None:
     "model.lm_head.weight" to the "lm_head.weight" they had dropped, and failed."""
     for keys in (incompatible.missing_keys, incompatible.unexpected_keys):
         keys[:] = [key.removeprefix("model.") for key in keys]
+    loaded = module.__dict__.pop("_keys_loading", 0)
+    if loaded and len(incompatible.unexpected_keys) >= loaded:
+        # strict=False loads nothing without a word: PEFT's set_peft_model_state_dict, or keys taken from
+        # named_parameters(), which carry the "model." that state_dict() leaves out
+        warnings.warn(f"load_state_dict matched none of its {loaded} keys (the first: "
+                      f"{incompatible.unexpected_keys[0]!r}); a planned module's state dict has the wrapped model's "
+                      "keys, without named_parameters()'s \"model.\" (load into `planned.model` for names of its "
+                      "own)", stacklevel=_callers_level())
 
 
 def _moved(key: str, old: str, new: str) -> str | None:
@@ -659,6 +687,9 @@ def apply(model: nn.Module, budget: str | int | float | None = None,
     are handed out too, and the plan holds them to the step's end, as a caller that keeps the output does); default:
     the plan's, or "loss".
     """
+    if isinstance(model, RematModule):  # planned again (another budget): plan the model it wraps, with its loss_fn
+        loss_fn = loss_fn if loss_fn is not None else model.loss_fn
+        model = model.model
     cls = remat_class(type(uncompiled(model)))  # forward with the model's signature, for tools that read it
     module = cls(model, budget, loss_fn=loss_fn, precision=precision, solver=solver, device=device,
                  optimizer=optimizer, time_limit=time_limit, plan=plan, backend=backend, outputs=outputs,
@@ -678,5 +709,8 @@ def plan(model: nn.Module, example_inputs: Sequence[Any] | dict[str, Any], budge
     `budget`: bytes, "16GB", or "60%" of the store-all peak. `.save(path)` writes a plan file that
     `remat.apply(model, plan=path)` runs. outputs: as `apply` takes it. Infeasible -> PlanError."""
     check_time_limit(time_limit, "time_limit")
+    if isinstance(model, RematModule):  # a planned module: plan the model it wraps (its own trace ran its plan)
+        loss_fn = loss_fn if loss_fn is not None else model.loss_fn
+        model = model.model
     tracer = _trace_for_planning(model, example_inputs, loss_fn, precision, device, optimizer, None, outputs)
     return _plan_traced(tracer, budget, solver, time_limit, None, None)[0]

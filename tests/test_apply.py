@@ -2047,3 +2047,103 @@ def test_an_in_place_dropout_on_a_strided_tensor_draws_eagers_mask(budget):
         assert torch.allclose(loss, expected, rtol=1e-12, atol=0)
         for p, q in zip(model.parameters(), reference.parameters(), strict=True):
             assert torch.allclose(p.grad, q.grad, rtol=1e-10, atol=1e-14)
+
+
+def test_apply_to_a_planned_module_plans_the_model_it_wraps():
+    """remat.apply (and remat.plan) of what remat.apply returned, to plan it under another budget: it traced the
+    planned step itself and failed with "the forward seeds torch's random number generator"."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1))
+    eager = copy.deepcopy(model)
+    loss_fn = lambda out: out.pow(2).mean()  # noqa: E731
+    x = torch.randn(512, 32)
+    planned = apply(model, budget="95%", example_inputs=(x,), loss_fn=loss_fn, time_limit=TIME_LIMIT)
+    again = apply(planned, budget="90%", example_inputs=(x,), time_limit=TIME_LIMIT)
+    assert again.model is model
+    assert [n for n, _ in again.named_parameters()] == [n for n, _ in planned.named_parameters()]
+    assert remat.plan(planned, (x,), "90%", loss_fn=loss_fn, time_limit=TIME_LIMIT).schedule is not None
+    again(x).backward()
+    loss_fn(eager(x)).backward()
+    for p, q in zip(eager.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad)
+
+
+def test_a_warning_at_a_step_names_the_callers_line():
+    """The None-for-logits warning of a step named torch/_dynamo/eval_frame.py (the frame of the
+    torch.compiler.disable around forward), not the line that called the model."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(16, 64)
+            self.head = nn.Linear(64, 4)
+
+        def forward(self, x):
+            logits = self.head(torch.relu(self.fc(x)))
+            return {"loss": logits.pow(2).mean(), "logits": logits}
+
+    x = torch.randn(64, 16)
+    planned = apply(Net(), budget="100%", example_inputs=(x,), time_limit=TIME_LIMIT)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        planned(x)
+    dropped = [w for w in caught if "None for logits" in str(w.message)]
+    assert dropped and dropped[0].filename == __file__, dropped[0].filename if dropped else caught
+
+
+def test_attributes_set_on_the_planned_module_reach_the_model():
+    """`planned.head = nn.Linear(...)` (a new classifier head) and `planned.temperature = 4.0` were set on the
+    wrapper: the planned step kept running the old head and setting, silently, and the state dict kept the old head.
+    `planned.device` read the cost profile (None), not the model's device."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(32, 64), nn.ReLU())
+            self.head = nn.Linear(64, 5)
+            self.temperature = 1.0
+
+        @property
+        def device(self):
+            return next(self.parameters()).device
+
+        def forward(self, x):
+            return self.head(self.body(x)) / self.temperature
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 32)
+    model = Net()
+    eager = copy.deepcopy(model)
+    planned = apply(model, budget="100%", example_inputs=(x,), time_limit=TIME_LIMIT)
+    assert planned.device == torch.device("cpu")
+    head = nn.Linear(64, 3)
+    eager.head, planned.head = copy.deepcopy(head), copy.deepcopy(head)
+    eager.temperature = planned.temperature = 4.0
+    assert planned.head is model.head and model.temperature == 4.0
+    assert planned.state_dict()["head.weight"].shape == (3, 64)
+    eager(x).pow(2).mean().backward()
+    planned(x).pow(2).mean().backward()
+    for p, q in zip(eager.parameters(), planned.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad)
+    planned.first_budget_bytes = 1  # the wrapper's own attributes stay on it
+    assert "first_budget_bytes" not in vars(model)
+    copy.deepcopy(planned)(x)  # a copy keeps working
+
+
+def test_a_load_that_matches_no_key_is_said():
+    """A planned module's state dict has the model's own keys; named_parameters() carries "model.". A strict=False
+    load of the latter (PEFT's set_peft_model_state_dict loads so) matched nothing, without a word."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    x = torch.randn(32, 8)
+    planned = apply(model, budget="100%", example_inputs=(x,), loss_fn=lambda out: out.pow(2).mean(),
+                    time_limit=TIME_LIMIT)
+    prefixed = {name: torch.zeros_like(p) for name, p in planned.named_parameters()}
+    with pytest.warns(UserWarning, match="matched none of its 4 keys") as caught:
+        result = planned.load_state_dict(prefixed, strict=False)
+    assert caught[0].filename == __file__
+    assert len(result.unexpected_keys) == 4 and model[0].weight.abs().sum() > 0  # nothing was loaded
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        planned.load_state_dict({k: torch.zeros_like(v) for k, v in planned.state_dict().items()}, strict=False)
+    assert model[0].weight.abs().sum() == 0
