@@ -40,6 +40,7 @@ from torch._prims.rng_prims import run_and_save_rng_state, run_with_rng_state
 
 from remat.capture import CapturedStep, aliasing_input
 from remat.graph import Graph
+from remat.lower import is_handed_out_output
 from remat.schedule import COMPUTE, FREE, Schedule
 
 
@@ -292,7 +293,10 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
         held_names=held_names,
         tangent=tangent.meta.get("val"),
         gradient_storage=_gradient_storage([by_name[name] for name, _ in grads], copies),
-        returned_storage=_gradient_storage([by_name[name] for name in returned_names], copies),
+        # the model's non-scalar output (logits) is the caller's too: fixed memory (remat.lower), not an activation
+        returned_storage=_gradient_storage([by_name[name] for name in returned_names]
+                                           + [by_name[name] for name in loss if is_handed_out_output(by_name[name])],
+                                           copies),
     )
 
 

@@ -77,6 +77,16 @@ def lower(step: CapturedStep, profile: DeviceProfile, optimizer: str = "adamw", 
                 grad_owners.add(owner[value])
         if kind == "returned":
             returned.add((owner[value], part_of.get(value)))
+        if kind == "loss" and is_handed_out_output(value):
+            # the model's one non-scalar output (logits, features) for the caller's loss: the step hands it out, and
+            # the caller holds it from the forward to its loss (and its loss's backward): fixed memory, as a tensor
+            # handed out beside the loss is. As an activation nothing in the graph reads, the plan freed it right
+            # after computing it, while the forward graph holds it to its end, beside any recomputation after it.
+            if value in part_of:
+                grad_parts.setdefault(owner[value], set()).add(part_of[value])
+            else:
+                grad_owners.add(owner[value])
+            returned.add((owner[value], part_of.get(value)))
 
     # 3. Nodes, in the joint graph's order (topological).
     index_of = {fx_node: i for i, fx_node in enumerate(compute_fx)}
@@ -105,7 +115,7 @@ def lower(step: CapturedStep, profile: DeviceProfile, optimizer: str = "adamw", 
             name=fx_node.name,
             op=str(fx_node.target),
             deps=tuple(deps),
-            output_bytes=0 if fx_node in grad_owners else tensor_bytes(val) - _grad_bytes(fx_node, grad_parts),
+            output_bytes=0 if fx_node in grad_owners else _output_bytes(fx_node) - _grad_bytes(fx_node, grad_parts),
             compute_s=profile.node_seconds(cost_key(fx_node), flops, bytes_moved, dtype),
             is_backward=backward[fx_node],
             flops=flops,
@@ -153,6 +163,50 @@ def cost_key(fx_node: torch.fx.Node) -> str:
     return f"{fx_node.target}{tuple(args)!r}" + (f"{kwargs!r}" if kwargs else "")
 
 
+def is_handed_out_output(value: torch.fx.Node) -> bool:
+    """The step's first output is the model's one non-scalar tensor (logits, features), not a scalar loss."""
+    val = value.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.numel() != 1
+
+
+_aten = torch.ops.aten
+# Normalisations whose CPU kernels give their statistics another dtype than the meta kernels (torch 2.13) that fake
+# tensors, and so the traced graph, take them from: on a bfloat16 / float16 input with float32 weights (a batch norm
+# under autocast), the kernel's mean and inverse std are float32, the meta's the input's dtype (24 bytes planned
+# where 48 are held, per 12 channels); on an all-bfloat16 batch norm, the new running statistics are bfloat16, the
+# meta's float32 (planned twice the bytes).
+_NORM_STATS = {_aten._native_batch_norm_legit_functional.default: 1, _aten._native_batch_norm_legit.default: 1,
+               _aten._native_batch_norm_legit.no_stats: 1, _aten.native_batch_norm.default: 1,
+               _aten.native_layer_norm.default: 2, _aten.native_group_norm.default: 1}  # -> the weight's argument
+
+
+def _kernel_dtypes(fx_node: torch.fx.Node) -> dict[int, torch.dtype]:
+    """Outputs k whose dtype the CPU kernel sets otherwise than the meta kernel: {k: the kernel's dtype}."""
+    weight_at = _NORM_STATS.get(fx_node.target)
+    if weight_at is None:
+        return {}
+    vals = [x.meta.get("val") if isinstance(x, torch.fx.Node) else None for x in fx_node.args]
+    x = vals[0] if vals else None
+    if not isinstance(x, torch.Tensor) or x.device.type != "cpu":
+        return {}
+    fixes: dict[int, torch.dtype] = {}
+    # the dtype the kernel computes its statistics against: the weight's, or without one (affine=False) the running
+    # statistics'
+    params = [vals[k] for k in (weight_at, 3) if len(vals) > k and isinstance(vals[k], torch.Tensor)]
+    if fx_node.target is _aten.native_layer_norm.default or fx_node.target is _aten.native_group_norm.default:
+        params = params[:1] if params and params[0] is vals[weight_at] else []
+    if x.dtype in (torch.bfloat16, torch.float16) and params and params[0].dtype == torch.float32:
+        fixes[1] = fixes[2] = torch.float32
+    if fx_node.target is _aten._native_batch_norm_legit_functional.default and isinstance(vals[3], torch.Tensor):
+        fixes[3] = fixes[4] = vals[3].dtype  # the new running statistics: the running statistics' dtype
+    return fixes
+
+
+def _output_bytes(fx_node: torch.fx.Node) -> int:
+    parts = _parts(fx_node)
+    return sum(parts) if parts is not None else tensor_bytes(fx_node.meta["val"])
+
+
 def _parts(fx_node: torch.fx.Node) -> list[int] | None:
     """Bytes of each output of an op with several tensor outputs, else None. (Ops whose outputs alias
     one storage, like split, are views: they were folded into their base, not scheduled.)"""
@@ -160,7 +214,10 @@ def _parts(fx_node: torch.fx.Node) -> list[int] | None:
     if not isinstance(val, (tuple, list)) or len(val) < 2 or not all(isinstance(v, torch.Tensor) or v is None
                                                                         for v in val):
         return None
-    return [tensor_bytes(v) for v in val]  # None (convolution_backward's absent bias gradient): 0 bytes
+    fixes = _kernel_dtypes(fx_node)
+    # None (convolution_backward's absent bias gradient): 0 bytes
+    return [tensor_bytes(v) if k not in fixes or v is None
+            else tensor_bytes(v) // v.element_size() * fixes[k].itemsize for k, v in enumerate(val)]
 
 
 def _grad_bytes(fx_node: torch.fx.Node, grad_parts: dict[torch.fx.Node, set[int]]) -> int:

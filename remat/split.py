@@ -52,7 +52,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from remat.capture import Call, CapturedStep, capture_step, ran_without_grad
+from remat.capture import NO_GRAD_KEY, Call, CapturedStep, capture_step, ran_without_grad
 
 aten = torch.ops.aten
 
@@ -541,7 +541,7 @@ def _node_maker(graph: torch.fx.Graph, kind: str):
     """new(target, args, kwargs, like, chunk=None): a node of `graph` with `like`'s metadata, marked as computing
     `chunk` of a region of `kind`."""
 
-    def new(target, args, kwargs, like: torch.fx.Node, chunk: int | None = None) -> torch.fx.Node:
+    def new(target, args, kwargs, like: torch.fx.Node, chunk: int | None = None, shared: bool = False) -> torch.fx.Node:
         node = graph.call_function(target, args, kwargs)
         for key in ("stack_trace", "nn_module_stack"):
             if key in like.meta:
@@ -549,6 +549,11 @@ def _node_maker(graph: torch.fx.Graph, kind: str):
         # the module path, and the chunk: AOTAutograd hands both to the nodes it traces from this one
         node.meta["custom"] = {**like.meta.get("custom", {}),
                                **({CHUNK_KEY: chunk, REGION_KEY: kind} if chunk is not None else {})}
+        if shared:
+            # cuts an outside value into chunks for every reader in the region: not under the grad mode of the one
+            # reader it was made for (a reader that ran under no_grad detached the chunks from every other reader,
+            # and nothing before the region got a gradient); a value made without grad has none to pass anyway
+            node.meta["custom"].pop(NO_GRAD_KEY, None)
         return node
 
     return new
@@ -591,11 +596,11 @@ def _emit_chunks(graph: torch.fx.Graph, env: dict, members: list[torch.fx.Node],
             flat = env[x]
             x_prefix = _row_prefix(val, rows)
             if x_prefix != 1:
-                flat = new(aten.reshape.default, (flat, [rows, *val.shape[x_prefix:]]), {}, like)
+                flat = new(aten.reshape.default, (flat, [rows, *val.shape[x_prefix:]]), {}, like, shared=True)
             # a copy, not split's views: each chunk its own storage, released after the chunk's last read
             # (views would keep the whole input alive); the backward is one cat of the chunk gradients
-            parts = new(aten.split_with_sizes_copy.default, (flat, sizes), {}, like)
-            row_inputs[x] = [new(operator.getitem, (parts, c), {}, like) for c in range(len(sizes))]
+            parts = new(aten.split_with_sizes_copy.default, (flat, sizes), {}, like, shared=True)
+            row_inputs[x] = [new(operator.getitem, (parts, c), {}, like, shared=True) for c in range(len(sizes))]
         return row_inputs[x]
 
     partials: list[list[Any]] = [[] for _ in sinks]  # per sink, per chunk
@@ -870,8 +875,9 @@ def _emit_batched(graph: torch.fx.Graph, env: dict, exit: torch.fx.Node, members
         """An outside per-example tensor, as one copy per chunk of examples (as `row_chunks` does for rows)."""
         if x not in parts:
             rows_per_example = int(_val(x).shape[0]) // batch
-            split = new(aten.split_with_sizes_copy.default, (env[x], [s * rows_per_example for s in sizes]), {}, like)
-            parts[x] = [new(operator.getitem, (split, c), {}, like) for c in range(chunks)]
+            split = new(aten.split_with_sizes_copy.default, (env[x], [s * rows_per_example for s in sizes]), {}, like,
+                        shared=True)
+            parts[x] = [new(operator.getitem, (split, c), {}, like, shared=True) for c in range(chunks)]
         return parts[x]
 
     outputs = []
