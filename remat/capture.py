@@ -318,6 +318,9 @@ class LossStep(nn.Module):
         self.precision = precision
         self.call = call
         self.tracing = False  # set while capture_step traces it: the inputs are the trace's, not the caller's
+        # while tracing: the caller's own autocast, entered around the forward alone (capture_step traces the joint
+        # graph outside it)
+        self.callers_autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
         self.layout: OutputLayout | None = None  # what the traced forward returned around its loss
 
     def forward(self, *inputs: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
@@ -339,7 +342,7 @@ class LossStep(nn.Module):
         buffers = [(path, module, name, tensor) for path, module in self.model.named_modules()
                    for name, tensor in module._buffers.items() if tensor is not None]
         frozen = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and not x.requires_grad]
-        with _autocast(self.model, self.precision):
+        with self.callers_autocast(), _autocast(self.model, self.precision):
             output = self.model(*args, **kwargs)
             output = self.loss_fn(output) if self.loss_fn is not None else output
         _write_replaced_buffers(buffers)
@@ -439,6 +442,35 @@ def uncompiled(model: nn.Module) -> nn.Module:
     warnings.warn("remat got a torch.compile'd module: it plans and runs the module it wraps (`_orig_mod`, the same "
                   "parameters); remat.apply(..., backend=\"inductor\") compiles the planned graphs", stacklevel=4)
     return model._orig_mod
+
+
+AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+@contextlib.contextmanager
+def no_autocast():
+    """No autocast, whatever the caller is in: around a graph that already holds autocast's casts (a planned graph,
+    a split step's forward), which a surrounding autocast would cast again."""
+    with contextlib.ExitStack() as stack:
+        for device_type in AUTOCAST_DEVICES:
+            if torch.is_autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
+
+
+def _callers_autocast() -> Callable[[], contextlib.AbstractContextManager]:
+    """The autocast the caller is in (`with torch.autocast("cpu", dtype=torch.bfloat16): loss = model(x)`, as
+    Hugging Face's Trainer runs with bf16=True), to be entered again around the model's forward alone."""
+    entered = [(device_type, torch.get_autocast_dtype(device_type)) for device_type in AUTOCAST_DEVICES
+               if torch.is_autocast_enabled(device_type)]
+
+    @contextlib.contextmanager
+    def enter():
+        with contextlib.ExitStack() as stack:
+            for device_type, dtype in entered:
+                stack.enter_context(torch.autocast(device_type, dtype=dtype))
+            yield
+    return enter
 
 
 def _autocast(model: nn.Module, precision: str) -> contextlib.AbstractContextManager:
@@ -799,12 +831,20 @@ def ran_without_grad(node: torch.fx.Node) -> bool:
 
 def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[str, Any],
                  loss_fn: Callable | None = None, precision: str = "fp32", outputs: str = "loss",
-                 warn_of_hooks: bool = True) -> CapturedStep:
+                 warn_of_hooks: bool = True, in_callers_autocast: bool = True) -> CapturedStep:
     """Trace model(*example_inputs) (or model(**example_inputs) for a dict, or a Call) -> loss -> backward into a
     joint FX graph whose user inputs are the call's tensors, in order (`Call.tensors`). `outputs="all"`: the joint
     graph also returns the model's other tensors, after the loss (`OutputLayout`).
 
     Works on real or fake tensors alike; `capture_fake` is the memory-free path for planning.
+
+    An autocast the caller is in (the user's own, around the planned module's call) covers the model's forward alone,
+    as eager's does when the backward is called after the `with` block (as torch recommends, and the Trainers do).
+    Left on over the whole trace it also cast the backward: BERT's attention with dropout (SDPA's math path, which
+    runs in float32 on CPU) got bfloat16 matmuls in its backward (other gradients than eager's, and another graph
+    than the plan made for the same step with precision="bf16-mixed", which was refused). `in_callers_autocast=False`:
+    the forward already holds the casts (a split step's, captured again from the rewritten forward graph), which a
+    second autocast cast again (its float32 attention matmuls in bfloat16: another loss than eager's).
     """
     if precision not in PRECISIONS:
         raise CaptureError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
@@ -819,10 +859,12 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
         _warn_of_forward_hooks(model)
     step = LossStep(model, loss_fn, precision, call, outputs)
     step.tracing = True
+    if in_callers_autocast:
+        step.callers_autocast = _callers_autocast()
     grad_mode = _RecordGradMode()
     with _keeping_module_state(model), _record_module_paths(model), _compiling(), _without_onednn(), \
             _refusing_reseeds() as refuse_reseed, grad_mode.recording_functions(model), \
-            contextlib.ExitStack() as stack, warnings.catch_warnings(), grad_mode:
+            contextlib.ExitStack() as stack, warnings.catch_warnings(), grad_mode, no_autocast():
         # AOTAutograd differentiates in anomaly mode, which warns "Error detected in ..." with a forward traceback
         # where an op's backward fails, also where torch recovers: the error, if any, is explained below
         warnings.filterwarnings("ignore", message="Error detected in")
@@ -841,9 +883,10 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
         warnings.warn("a tensor hook registered in the forward (`h.register_hook(...)`) runs once, when the step is "
                       "traced: what it changes in the gradient is planned, but what it records elsewhere (a logger, "
                       "a list) is not updated at each step", stacklevel=3)
-    _refuse_side_effects(gm)
-    _bernoulli_in_layout(gm)
-    _real_layouts(gm, _copies_of_their_own(gm))
+    with no_autocast():  # these run the traced ops again on fake tensors: in the dtypes traced, not cast again
+        _refuse_side_effects(gm)
+        _bernoulli_in_layout(gm)
+        _real_layouts(gm, _copies_of_their_own(gm))
     input_kinds, input_names = [], []
     for node in gm.graph.find_nodes(op="placeholder"):
         kind, name = _describe_input(node.meta.get("desc"))

@@ -38,7 +38,7 @@ import torch
 import torch.fx
 from torch._prims.rng_prims import run_and_save_rng_state, run_with_rng_state
 
-from remat.capture import CapturedStep, aliasing_input
+from remat.capture import CapturedStep, aliasing_input, no_autocast
 from remat.graph import Graph
 from remat.lower import is_handed_out_output
 from remat.schedule import COMPUTE, FREE, Schedule
@@ -435,16 +435,6 @@ def _module(root: torch.fx.GraphModule, graph: torch.fx.Graph, planned: set[torc
 
 
 # --- running the two graphs ------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def no_autocast():
-    """The graphs already hold autocast's casts: a surrounding autocast must not cast again."""
-    with contextlib.ExitStack() as stack:
-        for device_type in ("cpu", "cuda"):
-            if torch.is_autocast_enabled(device_type):
-                stack.enter_context(torch.autocast(device_type, enabled=False))
-        yield
 
 
 @dataclass

@@ -1036,10 +1036,11 @@ def capture_split(model: nn.Module, example_inputs: Call | Sequence[Any], step: 
     by_rows = [*([head] if head is not None else []), *mlps]
     rows = by_rows[0].rows if by_rows else attentions[0].rows
     largest = max(r.largest_bytes for r in [*by_rows, *attentions])
-    # the casts of mixed precision are explicit ops in the rewritten forward: no autocast on top
+    # the casts of mixed precision (remat's own, and those of an autocast the caller was in) are explicit ops in the
+    # rewritten forward: no autocast on top
     outputs = "all" if "returned" in step.output_kinds else "loss"
     split_step = capture_step(GraphStep(model, rewritten, step), example_inputs, None, precision="fp32",
-                              outputs=outputs, warn_of_hooks=False)
+                              outputs=outputs, warn_of_hooks=False, in_callers_autocast=False)
     split = Split(chunks, head.name if head is not None else "", rows, describe_rows(rows, example_inputs), largest,
                   mlp_chunks=mlp_chunks, mlps=describe_regions(mlps, MLP) if mlps else "",
                   attention_chunks=attention_chunks,

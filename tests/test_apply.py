@@ -1496,6 +1496,83 @@ def test_a_step_under_another_autocast_dtype_is_traced_again():
     assert len(planned.steps) == 3  # fp32 (planned by apply), bf16, float16
 
 
+
+class DropoutAttentionBlock(nn.Module):
+    """Attention with dropout, then an MLP and a classifier's loss. With dropout_p > 0, CPU's SDPA takes its math path,
+    which runs in float32 under bf16 autocast (its matmuls are plain bmm ops in the trace), as BERT's does."""
+
+    def __init__(self, width=16, heads=2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.heads, self.qkv, self.out = heads, nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, x, labels):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.1 if self.training else 0.0)
+        h = x + self.out(a.transpose(1, 2).reshape(b, t, d))
+        h = h + self.mlp(h)
+        return nn.functional.cross_entropy(self.head(h).flatten(0, 1), labels.flatten())
+
+
+def _bf16_autocast_step(model, inputs, seed=1):
+    """A step as Hugging Face's Trainer runs one with bf16=True: the forward under the caller's own autocast, the
+    backward after it. The loss and the gradients."""
+    parameters = list((model.model if isinstance(model, training.RematModule) else model).parameters())
+    for p in parameters:
+        p.grad = None
+    torch.manual_seed(seed)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(*inputs)
+    loss.backward()
+    return loss.detach(), [p.grad for p in parameters]
+
+
+def _attention_block_and_inputs():
+    torch.manual_seed(7)
+    return DropoutAttentionBlock(), (torch.randn(4, 8, 16), torch.randint(0, 3, (4, 8)))
+
+
+def test_the_callers_autocast_casts_the_forward_alone():
+    """The caller's own autocast was left on over the whole trace, which cast the backward too: the float32 matmuls
+    of SDPA's math path (attention dropout) got bfloat16 ones in the backward, where eager's backward, called after
+    the autocast block, runs them in float32 (other gradients); and a plan made with precision="bf16-mixed" for the
+    same step was refused under the caller's autocast as made "for another graph" (BERT with attention dropout)."""
+    model, inputs = _attention_block_and_inputs()
+    reference = copy.deepcopy(model)
+    planned = apply(model, budget="100%", example_inputs=inputs, device="cpu", time_limit=TIME_LIMIT)
+    loss, grads = _bf16_autocast_step(planned, inputs)
+    expected, expected_grads = _bf16_autocast_step(reference, inputs)
+    assert torch.equal(loss, expected)
+    assert all(torch.equal(g, e) for g, e in zip(grads, expected_grads, strict=True))
+    mixed = remat.plan(model, inputs, "100%", device="cpu", precision="bf16-mixed", time_limit=TIME_LIMIT)
+    planned = apply(model, plan=mixed)
+    loss, grads = _bf16_autocast_step(planned, inputs)  # traced again under the caller's autocast: the same graph
+    assert torch.equal(loss, expected)
+    assert all(torch.equal(g, e) for g, e in zip(grads, expected_grads, strict=True))
+
+
+def test_a_split_step_under_the_callers_autocast_is_cast_once():
+    """A split step is captured again from its rewritten forward graph, which already holds the casts of the autocast
+    the caller is in: that autocast cast it again, the float32 matmuls of SDPA's math path in bfloat16, and the loss
+    was not eager's (BERT with attention dropout, its MLPs split in 2: 5.1301 against eager's 5.0395)."""
+    model, inputs = _attention_block_and_inputs()
+    reference = copy.deepcopy(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        graph, _ = trace_step(model, inputs, mlp_chunks=2)
+    assert graph.meta["split"]["mlp_chunks"] == 2
+    planned = apply(model, plan=solve(graph, "100%", time_limit_s=TIME_LIMIT))
+    loss, grads = _bf16_autocast_step(planned, inputs)
+    expected, expected_grads = _bf16_autocast_step(reference, inputs)
+    assert torch.equal(loss, expected)
+    for (name, _), g, e in zip(reference.named_parameters(), grads, expected_grads, strict=True):
+        if name.startswith("mlp."):  # its weights' gradients sum the chunks' in bfloat16: rounding
+            torch.testing.assert_close(g, e, rtol=0, atol=1e-2 * e.abs().max().item())
+        else:
+            assert torch.equal(g, e), name
+
 class TransposedNorms(nn.Module):
     """BatchNorm1d and a Conv1d over the features of a (B, T, D) sequence, after dropout: CPU's kernels lay their
     outputs out unlike the fake tensors the step was traced on."""
