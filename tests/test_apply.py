@@ -728,6 +728,7 @@ def test_apply_with_a_budget_below_the_unsplit_floor_splits_the_head(tmp_path):
     assert [from_file.planned.graph.meta["split"][k] for k in counts] == [made.graph.meta["split"][k] for k in counts]
 
 
+@pytest.mark.slow  # 11 s; gpt2-tiny's head, MLPs and attention split (the test below) runs by default
 def test_apply_below_what_the_split_head_reaches_splits_the_mlps_too():
     """llama-tiny at batch 8, seq 64: with the head in 4 chunks checkpoint-all still peaks at 14.01 MB, in an MLP's
     backward; with the MLPs split too, at 12.81 MB. At 13.5 MB apply splits both and runs the step exactly as
