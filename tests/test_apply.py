@@ -1604,6 +1604,14 @@ def test_views_the_trace_took_for_granted_run_on_cpus_own_layouts():
     assert memory.peak_live_bytes == planned.planned.simulation.activation_peak_bytes
 
 
+def _holds_what_is_planned_and_steps_as_eager(model, reference, x, budget):
+    planned = apply(model, budget=budget, example_inputs=(x,), device="cpu", time_limit=TIME_LIMIT)
+    _, memory = planned.measure(x)
+    assert memory.peak_live_bytes == planned.planned.simulation.activation_peak_bytes
+    for _ in range(2):
+        _same_step(planned, model, reference, x)
+
+
 class NormThenReshape(nn.Module):
     """Batch norm over the D of a (B, T, D) batch, read back as (B * T, D) rows: on CPU the norm's output is
     contiguous, so the reshape after the transpose back copies."""
@@ -1631,11 +1639,7 @@ def test_a_copy_the_cpu_kernels_layout_makes_is_planned(view):
     model = NormThenReshape(view=view).double()
     reference = NormThenReshape().double()
     x = torch.randn(4, 16, 4, dtype=torch.float64)
-    planned = apply(model, budget="70%", example_inputs=(x,), device="cpu", time_limit=TIME_LIMIT)
-    _, memory = planned.measure(x)
-    assert memory.peak_live_bytes == planned.planned.simulation.activation_peak_bytes
-    for _ in range(2):
-        _same_step(planned, model, reference, x)
+    _holds_what_is_planned_and_steps_as_eager(model, reference, x, "70%")
 
 
 class WritesARow(nn.Module):
@@ -1658,11 +1662,7 @@ def test_a_write_into_part_of_a_tensor_holds_what_is_planned():
     model = WritesARow()
     reference = copy.deepcopy(model)
     x = torch.randn(2, 3, 4)
-    planned = apply(model, budget="100%", example_inputs=(x,), device="cpu", time_limit=TIME_LIMIT)
-    _, memory = planned.measure(x)
-    assert memory.peak_live_bytes == planned.planned.simulation.activation_peak_bytes
-    for _ in range(2):
-        _same_step(planned, model, reference, x)
+    _holds_what_is_planned_and_steps_as_eager(model, reference, x, "100%")
 
 
 class TwoNames(nn.Module):
