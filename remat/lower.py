@@ -70,22 +70,16 @@ def lower(step: CapturedStep, profile: DeviceProfile, optimizer: str = "adamw", 
         if kind == "none" or not isinstance(value, torch.fx.Node) or owner.get(value) not in compute_fx:
             continue
         output_owners.append(owner[value])
-        if kind in ("grad", "returned"):
+        # The model's one non-scalar output (logits, features) for the caller's loss is handed out too: the caller
+        # holds it from the forward to its loss. As an activation nothing in the graph reads, the plan freed it right
+        # after computing it, while the forward graph holds it to its end, beside any recomputation after it.
+        handed_out = kind == "returned" or (kind == "loss" and is_handed_out_output(value))
+        if kind == "grad" or handed_out:
             if value in part_of:  # e.g. convolution_backward's weight gradient; its input gradient is an activation
                 grad_parts.setdefault(owner[value], set()).add(part_of[value])
             else:
                 grad_owners.add(owner[value])
-        if kind == "returned":
-            returned.add((owner[value], part_of.get(value)))
-        if kind == "loss" and is_handed_out_output(value):
-            # the model's one non-scalar output (logits, features) for the caller's loss: the step hands it out, and
-            # the caller holds it from the forward to its loss (and its loss's backward): fixed memory, as a tensor
-            # handed out beside the loss is. As an activation nothing in the graph reads, the plan freed it right
-            # after computing it, while the forward graph holds it to its end, beside any recomputation after it.
-            if value in part_of:
-                grad_parts.setdefault(owner[value], set()).add(part_of[value])
-            else:
-                grad_owners.add(owner[value])
+        if handed_out:
             returned.add((owner[value], part_of.get(value)))
 
     # 3. Nodes, in the joint graph's order (topological).
@@ -190,12 +184,12 @@ def _kernel_dtypes(fx_node: torch.fx.Node) -> dict[int, torch.dtype]:
     if not isinstance(x, torch.Tensor) or x.device.type != "cpu":
         return {}
     fixes: dict[int, torch.dtype] = {}
-    # the dtype the kernel computes its statistics against: the weight's, or without one (affine=False) the running
-    # statistics'
-    params = [vals[k] for k in (weight_at, 3) if len(vals) > k and isinstance(vals[k], torch.Tensor)]
-    if fx_node.target is _aten.native_layer_norm.default or fx_node.target is _aten.native_group_norm.default:
-        params = params[:1] if params and params[0] is vals[weight_at] else []
-    if x.dtype in (torch.bfloat16, torch.float16) and params and params[0].dtype == torch.float32:
+    # the tensor whose dtype the kernel computes its statistics in: the weight, or for a batch norm without one
+    # (affine=False) its running statistics
+    norms = (_aten.native_layer_norm.default, _aten.native_group_norm.default)
+    candidates = (weight_at,) if fx_node.target in norms else (weight_at, 3)
+    like = next((vals[k] for k in candidates if len(vals) > k and isinstance(vals[k], torch.Tensor)), None)
+    if x.dtype in (torch.bfloat16, torch.float16) and like is not None and like.dtype == torch.float32:
         fixes[1] = fixes[2] = torch.float32
     if fx_node.target is _aten._native_batch_norm_legit_functional.default and isinstance(vals[3], torch.Tensor):
         fixes[3] = fixes[4] = vals[3].dtype  # the new running statistics: the running statistics' dtype
