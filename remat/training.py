@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from remat.capture import (
+    AUTOCAST_DEVICES,
     OUTPUTS,
     Call,
     CapturedStep,
@@ -578,7 +579,7 @@ def _signature(model: nn.Module, call: Call) -> tuple:
     nesting, leaves = call.flattened()
     # autocast's dtype too: a step planned under bf16 ran stale under float16 (its losses were bf16's)
     autocast = tuple(torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-                     for device in ("cpu", "cuda"))
+                     for device in AUTOCAST_DEVICES)
     return (module_state(model), autocast, str(nesting), *map(describe, leaves))
 
 
