@@ -18,7 +18,7 @@ from rich.table import Table
 
 from remat.units import format_bytes, format_seconds, is_share, parse_size
 from remat.zoo import ZOO_NAMES
-from solvers.base import FEASIBLE, reported_status
+from solvers.base import FEASIBLE, overhead_of, reported_status
 from solvers.baselines import BASELINES
 
 FORMAT_ONLY = 10**18  # a reference size for checking a share's format before the trace gives the real one
@@ -178,6 +178,7 @@ def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_
         plan, traced_peak, traced_s = _solve_split(model, batch, seq, precision, device, optimizer, budget, solver,
                                                    time_limit, backend, outputs)
     budget_bytes = plan.budget_bytes
+    _note_over_device(budget_bytes, device)
     wall_s = time.perf_counter() - started
     # A share is of the step as traced; a plan that splits the head reports its own, lower, store-all peak
     share_of = traced_peak if is_share(budget) else None
@@ -185,7 +186,7 @@ def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_
     if out and plan.schedule is not None:
         with _writing("the plan"):
             Path(out).write_text(json.dumps(plan.to_json()))
-    traced_overhead = plan.simulation.compute_s / traced_s - 1 if plan.simulation is not None else None
+    traced_overhead = overhead_of(plan.compute_s, traced_s)
     if as_json:
         click.echo(json.dumps({**_plan_summary(plan, wall_s), "budget_share_of_bytes": share_of,
                                "traced_store_all_s": traced_s, "traced_overhead": traced_overhead}))
@@ -221,6 +222,18 @@ def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_
                   f"(fixed memory and the largest op's working set)")
         fail(f"no plan fits {format_bytes(budget_bytes)} ({budget_bytes} bytes) for {model}: {lowest}"
              f"{', or a smaller --batch' if plan.graph.meta.get('batch', 2) != 1 else ''}{more_chunks}")
+
+
+def _note_over_device(budget_bytes: int, device: str) -> None:
+    """A budget over the device's memory plans for memory the device does not have (an extra zero, or --device left
+    at its h100 default for a smaller card): the plan is made, with a note that it will not fit that device."""
+    from remat.cost import load_profile
+
+    profile = load_profile(device)
+    if budget_bytes > profile.memory_bytes:
+        stderr.print(f"note: the budget {format_bytes(budget_bytes)} is more than {escape(profile.name)}'s memory "
+                     f"({format_bytes(profile.memory_bytes)}): a plan for it does not fit that device (--device names "
+                     f"the one the step runs on)", highlight=False, soft_wrap=True)
 
 
 def _cut_short(plan) -> bool:
@@ -319,6 +332,10 @@ def _ceil_size(num_bytes: int | None) -> str:
 
 def _fmt(num_bytes: int | None) -> str:
     return format_bytes(num_bytes) if num_bytes is not None else "unknown"
+
+
+def _fmt_overhead(overhead: float | None) -> str:
+    return f"{overhead:+.1%}" if overhead is not None else "-"
 
 
 def _plan_summary(plan, wall_s: float) -> dict:
@@ -438,7 +455,7 @@ def _print_plan(plan, wall_s: float, out: str | None, share: str | None = None, 
         table.add_row(f"{label} *" if chosen else label, status,
                       _fmt(s.peak_bytes) if s else "-",
                       format_seconds(s.compute_s) if s else "-",
-                      f"{s.compute_s / plan.store_all.compute_s - 1:+.1%}" if s else "-",
+                      _fmt_overhead(overhead_of(s.compute_s if s else None, plan.store_all.compute_s)),
                       "yes" if c.fits(plan.budget_bytes) else "no", f"{c.wall_s:.1f} s")
     if plan.candidates:  # (none below fixed memory: an empty table was printed)
         console.print(table)
@@ -540,6 +557,7 @@ def compare(model, budget, batch, seq, device, precision, optimizer, solvers, ti
     with _stdout_to_stderr():
         traced = _split_tracer(model, batch, seq, precision, device, optimizer)  # remat's plans may split the head
         budgets = [traced.budget_bytes(part) for part in budgets]
+        _note_over_device(max(budgets), device)
         with stderr.status("comparing", spinner="dots") as status:
             traces = None
             if with_max_batch:
@@ -610,6 +628,7 @@ def maxbatch(model, budget, seq, start_batch, device, precision, optimizer, solv
         budget_bytes = parse_size(budget)
     except ValueError as error:
         fail(f"--budget: {error}")
+    _note_over_device(budget_bytes, device)
     try:
         methods = parse_methods(solvers.split(","))
     except ValueError as error:
@@ -665,7 +684,7 @@ def _print_max_batches(model, graph, precision, optimizer, budget_bytes, overhea
         table.add_row(r.method, f"{r.batch}{'+' if r.capped else ''}", r.schedule_from or "-",
                       _fmt(r.peak_bytes) if r.peak_bytes is not None else "-",
                       format_seconds(r.compute_s) if r.compute_s is not None else "-",
-                      f"{r.overhead:+.1%}" if r.overhead is not None else "-",
+                      _fmt_overhead(r.overhead),
                       f"{r.samples_per_s:,.0f}" if r.samples_per_s else "-", tried, f"{r.wall_s:.1f} s")
     console.print(table)
     slow_mark = "; s = fits, but only over the overhead cap" if overhead_cap is not None else ""

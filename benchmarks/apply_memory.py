@@ -29,6 +29,7 @@ from remat.models import UNet, build_model
 from remat.planner import solve
 from remat.training import apply, trace_step
 from remat.units import format_bytes
+from solvers.base import overhead_of
 
 
 class DropoutMLP(nn.Module):
@@ -123,7 +124,7 @@ def run_model(name: str, time_limit: float) -> list[dict]:
             "multi_output_bytes": multi_output_bytes(graph), "rng_state_bytes": memory.rng_state_bytes,
             "exact_equal_to_eager": exact, "plan_s": plan_s, "step_s": run_s,
             "split_chunks": (step.graph.meta.get("split") or {}).get("chunks", 1),
-            "overhead": step.simulation.compute_s / lowest.store_all.compute_s - 1,
+            "overhead": overhead_of(step.simulation.compute_s, lowest.store_all.compute_s),
         })
         row = rows[-1]
         print(f"{name:12s} {label:9s} {row['method']:22s} planned {format_bytes(planned_bytes):>10s} "

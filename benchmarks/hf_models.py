@@ -147,6 +147,7 @@ BASELINES_SHOWN = ("chen-sqrtn", "chen-greedy", "per-block", "griewank", "checkp
 def plan_one(name: str, budget: str, time_limit_s: float) -> dict:
     """Trace and plan one architecture as `remat solve` does; its figures, or the error a user would see."""
     from remat.split_plan import SplitTracer, solve_split
+    from solvers.base import overhead_of
 
     started = time.perf_counter()
     try:
@@ -165,12 +166,12 @@ def plan_one(name: str, budget: str, time_limit_s: float) -> dict:
     if plan.schedule is None:
         return row
     store_all_s = graph.compute_s  # the unsplit step's: a split's own cost counts as overhead
-    row.update(overhead=plan.compute_s / store_all_s - 1, peak_bytes=plan.simulation.peak_bytes)
+    row.update(overhead=overhead_of(plan.compute_s, store_all_s), peak_bytes=plan.simulation.peak_bytes)
     fitting = [c for c in plan.candidates if c.method.split("+")[0] in BASELINES_SHOWN and c.simulation is not None
                and c.simulation.valid and c.simulation.peak_bytes <= budget_bytes]
     if fitting:
         best = min(fitting, key=lambda c: c.simulation.compute_s)
-        row["best_baseline"] = {"method": best.method, "overhead": best.simulation.compute_s / store_all_s - 1}
+        row["best_baseline"] = {"method": best.method, "overhead": overhead_of(best.simulation.compute_s, store_all_s)}
     return row
 
 

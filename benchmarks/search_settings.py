@@ -30,6 +30,7 @@ import remat.planner as planner
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/search_settings.py` from anywhere
 from benchmarks.solver_scale import budget_for, commit  # noqa: E402
 from remat.split_plan import SplitTracer
+from solvers.base import overhead_of
 
 ROWS = "unet:0.5,unet:min1.1,mobilenet_v2:min1.1,resnet50:min1.1"
 
@@ -66,8 +67,8 @@ def main() -> None:
                              name: setting_value, "anneals_at_once": planner.anneals_at_once(),
                              "repeat": repeat, "method": plan.method,
                              "wall_s": time.perf_counter() - started, "load_average": os.getloadavg()[0],
-                             "overhead": plan.compute_s / probe.store_all.compute_s - 1,
-                             "lower_bound_overhead": plan.lower_bound_s / probe.store_all.compute_s - 1,
+                             "overhead": overhead_of(plan.compute_s, probe.store_all.compute_s),
+                             "lower_bound_overhead": overhead_of(plan.lower_bound_s, probe.store_all.compute_s),
                              "gap": plan.gap, "message": plan.message})
                 print(f"{model:>13} {label:>7} {setting:>20} repeat {repeat}: {plan.method:>12} "
                       f"{runs[-1]['overhead']:+.2%} gap {plan.gap:.2%}", flush=True)

@@ -31,6 +31,7 @@ from remat.planner import Plan, solve
 from remat.split import CHUNK_COUNTS
 from remat.split_plan import SplitPlan, SplitTracer, solve_split
 from remat.units import format_bytes
+from solvers.base import overhead_of
 
 MODELS = ("gpt2", "gpt2-medium", "vgg16", "resnet50", "mobilenet_v2", "unet")
 # The targets are wall seconds: gpt2-medium's solve is asked for 175 s, as its last stages (a cover-round
@@ -56,21 +57,20 @@ def row_for(model: str, label: str, plan: Plan, trace_s: float, store_all_s: flo
         if name in BASELINES_SHOWN and candidate.simulation is not None and candidate.simulation.valid:
             sim = candidate.simulation
             entry = {"fits": sim.peak_bytes <= plan.budget_bytes, "peak_bytes": sim.peak_bytes,
-                     "compute_s": sim.compute_s, "overhead": sim.compute_s / store_all_s - 1,
+                     "compute_s": sim.compute_s, "overhead": overhead_of(sim.compute_s, store_all_s),
                      "streamed_head": candidate.method.endswith(STREAMED)}
             known = baselines.get(name)
             if known is None or (entry["fits"], -entry["compute_s"]) > (known["fits"], -known["compute_s"]):
                 baselines[name] = entry
-    overhead = plan.compute_s / store_all_s - 1 if plan.compute_s else None
-    return {
+        return {
         "model": model, "budget": label, "budget_bytes": plan.budget_bytes, "nodes": len(plan.graph),
         "fixed_bytes": plan.graph.fixed.total_bytes, "store_all_peak_bytes": plan.store_all.peak_bytes,
         "store_all_s": store_all_s, "solver": plan.method, "picked": plan.picked, "status": plan.status,
         "wall_s": plan.wall_s, "trace_s": trace_s,
         "compute_s": plan.compute_s, "peak_bytes": plan.simulation.peak_bytes if plan.simulation else None,
         "lower_bound_s": plan.lower_bound_s, "lower_bound_method": plan.lower_bound_method, "gap": plan.gap,
-        "overhead": overhead,
-        "lower_bound_overhead": (plan.lower_bound_s / store_all_s - 1) if plan.lower_bound_s else None,
+        "overhead": overhead_of(plan.compute_s, store_all_s),
+        "lower_bound_overhead": overhead_of(plan.lower_bound_s, store_all_s),
         "min_budget_lower_bound_bytes": plan.min_budget_lower_bound_bytes,
         "min_feasible_bytes": plan.min_feasible_bytes,
         "message": plan.message, "baselines": baselines,

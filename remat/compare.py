@@ -30,7 +30,7 @@ from remat.simulate import Simulation, simulate
 from remat.split_plan import SplitTracer, solve_split, with_chunks
 from remat.trace import TracedStep
 from remat.units import format_bytes
-from solvers.base import FEASIBLE, OPTIMAL, meets_bound, relative_gap, reported_status
+from solvers.base import FEASIBLE, OPTIMAL, meets_bound, overhead_of, relative_gap, reported_status
 from solvers.baselines import BASELINES, BUDGET_FREE_BASELINES
 
 DEFAULT_METHODS = ("auto", "store-all", "checkpoint-all", "chen-sqrtn", "per-block", COMPILE_PREFIX)
@@ -129,7 +129,7 @@ def compare(traced: TracedStep | SplitTracer, budgets_bytes: Sequence[int], meth
         fits = sim is not None and sim.fits(budget)
         rows.append(Row(method, budget, reported_status(status, sim is not None, fits), fits,
                         sim.peak_bytes if sim else None, sim.compute_s if sim else None,
-                        sim.compute_s / store_all.compute_s - 1 if sim and store_all.compute_s else None,
+                        overhead_of(sim.compute_s if sim else None, store_all.compute_s),
                         gap, candidate.wall_s, candidate.method if sim is not None else "",
                         message=candidate.message))
 

@@ -28,6 +28,7 @@ from remat.planner import Candidate, baseline_candidate, store_all_simulation
 from remat.simulate import Simulation
 from remat.split_plan import SplitTracer, Variant, solve_split, streamed_baselines, with_chunks
 from remat.trace import TracedStep
+from solvers.base import overhead_of
 from solvers.baselines import BASELINES
 from solvers.registry import MILP_SOLVERS
 
@@ -89,9 +90,7 @@ class MaxBatch:
 
     @property
     def overhead(self) -> float | None:
-        if self.compute_s is None or not self.store_all_s:
-            return None
-        return self.compute_s / self.store_all_s - 1
+        return overhead_of(self.compute_s, self.store_all_s)
 
     @property
     def samples_per_s(self) -> float | None:

@@ -31,6 +31,7 @@ from solvers.base import (
     SolveOptions,
     SolverResult,
     meets_bound,
+    overhead_of,
     relative_gap,
 )
 from solvers.baselines import BASELINES, BUDGET_FREE_BASELINES, checkpoint_all
@@ -149,9 +150,7 @@ class Plan:
 
     @property
     def overhead(self) -> float | None:
-        if self.simulation is None or self.store_all.compute_s <= 0:
-            return None
-        return self.simulation.compute_s / self.store_all.compute_s - 1
+        return overhead_of(self.compute_s, self.store_all.compute_s)
 
     @property
     def gap(self) -> float | None:

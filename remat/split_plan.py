@@ -59,7 +59,7 @@ from remat.split import (
     forward_graph,
 )
 from remat.units import format_bytes, parse_size
-from solvers.base import FEASIBLE, INFEASIBLE, OPTIMAL, SolveOptions, SolverResult, meets_bound
+from solvers.base import FEASIBLE, INFEASIBLE, OPTIMAL, SolveOptions, SolverResult, meets_bound, overhead_of
 from solvers.baselines import BASELINES
 
 REGION_KINDS = (HEAD, MLP, ATTENTION)  # the order of a variant's key
@@ -511,7 +511,7 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
         return _finish(plan, None, "not split: the unsplit plan fits and is the cheapest" + cut, tried, bool(cut),
                        floor_at)
     unsplit_plan = next((p for v, p in solved if v.split is None), None)
-    against_unsplit = f"step {best.compute_s / unsplit.graph.compute_s - 1:+.1%} against unsplit store-all"
+    against_unsplit = f"step {overhead_of(best.compute_s, unsplit.graph.compute_s):+.1%} against unsplit store-all"
     if unsplit_plan is None:  # its floor is over the budget
         why = (f"unsplit, no schedule fits below {format_bytes(unsplit.floor_bytes)}: "
                f"{_largest_op(unsplit)}; {against_unsplit}")
@@ -521,7 +521,7 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
         why = f"unsplit, {found} {format_bytes(peak or 0)}, over the budget; {against_unsplit}"
     else:
         why = (f"{against_unsplit}, the best unsplit plan "
-               f"{unsplit_plan.compute_s / unsplit.graph.compute_s - 1:+.1%}")
+               f"{overhead_of(unsplit_plan.compute_s, unsplit.graph.compute_s):+.1%}")
     return _finish(plan, best_variant.split, why + cut, tried, bool(cut), floor_at)
 
 

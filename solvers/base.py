@@ -65,6 +65,14 @@ def relative_gap(seconds: float | None, lower_bound_s: float | None) -> float | 
     return max(0.0, (seconds - lower_bound_s) / seconds)
 
 
+def overhead_of(seconds: float | None, store_all_s: float | None) -> float | None:
+    """The recomputation's share of the step: seconds / store-all's seconds - 1. None when either is unknown or
+    store-all costs nothing (an empty step)."""
+    if seconds is None or not store_all_s:
+        return None
+    return seconds / store_all_s - 1
+
+
 def meets_bound(seconds: float, lower_bound_s: float | None) -> bool:
     """Whether a plan of `seconds` is proven optimal by `lower_bound_s` (None: no bound, nothing proven)."""
     return lower_bound_s is not None and seconds <= lower_bound_s * (1 + OPTIMAL_TOLERANCE)

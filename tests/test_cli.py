@@ -393,3 +393,18 @@ def test_outputs_all_on_a_model_that_returns_its_loss_alone_says_so(factory_file
     assert alone.returncode == 0 and said in alone.stderr
     returns = remat("solve", "--model", f"{factory_file}:make", "--budget", "100%", "--outputs", "all", "--json")
     assert returns.returncode == 0 and said not in returns.stderr
+
+
+def test_a_budget_over_the_devices_memory_plans_with_a_note(factory_file):
+    # v100's profile holds 32 GiB: 40GB plans (store-all fits) and says the plan does not fit that device
+    over = remat("solve", "--model", f"{factory_file}:make", "--budget", "40GB", "--device", "v100", "--json",
+                 "--time-limit", "2")
+    assert over.returncode == 0, over.stderr
+    assert json.loads(over.stdout)["status"] == "optimal"
+    assert "note: the budget 40.00 GB is more than v100's memory (34.36 GB)" in over.stderr
+    under = remat("solve", "--model", f"{factory_file}:make", "--budget", "30GB", "--device", "v100", "--json",
+                  "--time-limit", "2")
+    assert under.returncode == 0 and "memory" not in under.stderr
+    maxbatch = remat("maxbatch", "--model", f"{factory_file}:make", "--budget", "1TB", "--device", "cpu",
+                     "--solvers", "store-all", "--json")
+    assert "note: the budget 1.00 TB is more than cpu" in maxbatch.stderr
