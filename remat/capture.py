@@ -534,20 +534,27 @@ def _without_onednn():
         torch._C._set_mkldnn_enabled(previous)
 
 
-def _warn_of_generators_made_in_forward(model: nn.Module, generators: Iterable[torch.Generator]) -> None:
-    """A generator the forward makes and seeds at each call (`torch.Generator().manual_seed(3)`) gives eager the same
-    draws every time; the planned step holds the one the trace made, and draws on from it (the loss off by 1e-2 from
-    the second step, silently). One the model holds, or its module's globals, is drawn from at each step as in eager.
-    A generator found in neither is taken to be made in the forward."""
-    known = {id(torch.default_generator)}
+def _held_generators(model: nn.Module) -> dict[int, torch.Generator]:
+    """The generators the model's modules hold, or their Python modules' globals, by id: one level into the
+    containers and helper objects they hold (`self.sampler.g`)."""
+    found = {}
     for module in model.modules():
         places = [vars(module), vars(sys.modules.get(type(module).__module__, types.ModuleType("none")))]
         for value in (v for place in places for v in place.values()):
             items = (value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple))
                      else (value,))
-            for item in items:  # and one level into a helper object the module holds (`self.sampler.g`)
+            for item in items:
                 held = vars(item).values() if hasattr(item, "__dict__") and not isinstance(item, nn.Module) else ()
-                known.update(id(g) for g in (item, *held) if isinstance(g, torch.Generator))
+                found.update((id(g), g) for g in (item, *held) if isinstance(g, torch.Generator))
+    return found
+
+
+def _warn_of_generators_made_in_forward(model: nn.Module, generators: Iterable[torch.Generator]) -> None:
+    """A generator the forward makes and seeds at each call (`torch.Generator().manual_seed(3)`) gives eager the same
+    draws every time; the planned step holds the one the trace made, and draws on from it (the loss off by 1e-2 from
+    the second step, silently). One the model holds, or its module's globals, is drawn from at each step as in eager.
+    A generator found in neither is taken to be made in the forward."""
+    known = {id(torch.default_generator), *_held_generators(model)}
     if any(id(generator) not in known for generator in generators):
         warnings.warn("the forward draws from a torch.Generator that neither the model nor its module holds: if the "
                       "forward makes (or seeds) it at each call, as for a fixed random projection, the planned step "
@@ -557,16 +564,26 @@ def _warn_of_generators_made_in_forward(model: nn.Module, generators: Iterable[t
 
 
 @contextlib.contextmanager
-def _refusing_reseeds():
+def _refusing_reseeds(model: nn.Module):
     """A forward that seeds torch's generator (`torch.manual_seed(3)` before a fixed random projection) draws the same
     numbers at every call in eager; the trace does not keep the seeding, so the planned step drew on from the
-    generator's state: other numbers from the second step (a loss off by 1e-2, silently). Refused instead."""
+    generator's state: other numbers from the second step (a loss off by 1e-2, silently). Refused instead; as is
+    one that seeds a generator the model holds (`self.g.manual_seed(3)`: a method of a C type, not patched here, so
+    each held generator is set to TRACE_SEED for the trace and checked after it). Yields the refusal and a check."""
     def refuse(*args, **kwargs):
         raise CaptureError("the forward seeds torch's random number generator (torch.manual_seed / torch.seed / "
                            "torch.set_rng_state, or torch.cuda's), which a planned step cannot do at each call: its "
                            "random ops draw on from the generator's state. Make a fixed random tensor once (in "
                            "__init__, as a buffer), or keep a torch.Generator of your own as an attribute, seeded "
                            "once, and draw from it (generator=...)")
+
+    def check_held() -> None:
+        if any(generator.initial_seed() != TRACE_SEED for generator, _ in held):
+            raise CaptureError("the forward seeds a torch.Generator the model holds (generator.manual_seed / .seed "
+                               "/ .set_state), which a planned step cannot do at each call: its random ops draw on "
+                               "from the generator's state, and their numbers are not eager's after the first step. "
+                               "Seed the generator once (in __init__) and draw on from it, or make the fixed random "
+                               "tensor once, as a buffer")
 
     # (CUDA's too: a no-op for a step traced on CPU, but the plan runs where the model is)
     saved = [(module, name, getattr(module, name))
@@ -586,12 +603,18 @@ def _refusing_reseeds():
     # the one set here for the trace: _RecordGradMode sees that at the next op (the user's state is put back after)
     state = torch.get_rng_state()
     torch.default_generator.manual_seed(TRACE_SEED)
+    held = [(generator, generator.get_state()) for generator in _held_generators(model).values()
+            if generator is not torch.default_generator]
+    for generator, _ in held:
+        generator.manual_seed(TRACE_SEED)
     try:
-        yield refuse
+        yield refuse, check_held
     finally:
         for module, name, original in saved:
             setattr(module, name, original)
         torch.set_rng_state(state)
+        for generator, held_state in held:
+            generator.set_state(held_state)
 
 
 TRACE_SEED = 0x7E3A_C0DE_5EED_0001  # no seed a user would pick
@@ -863,7 +886,7 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
         step.callers_autocast = _callers_autocast()
     grad_mode = _RecordGradMode()
     with _keeping_module_state(model), _record_module_paths(model), _compiling(), _without_onednn(), \
-            _refusing_reseeds() as refuse_reseed, grad_mode.recording_functions(model), \
+            _refusing_reseeds(model) as (refuse_reseed, check_held_generators), grad_mode.recording_functions(model), \
             contextlib.ExitStack() as stack, warnings.catch_warnings(), grad_mode, no_autocast():
         # AOTAutograd differentiates in anomaly mode, which warns "Error detected in ..." with a forward traceback
         # where an op's backward fails, also where torch recovers: the error, if any, is explained below
@@ -876,6 +899,7 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
             raise CaptureError(f"could not trace the training step: {_explain(error)}") from error
         if grad_mode.reseeded:
             refuse_reseed()
+        check_held_generators()
     gm = joint.graph_module
     if warn_of_hooks:
         _warn_of_generators_made_in_forward(model, grad_mode.generators.values())

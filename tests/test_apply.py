@@ -1969,6 +1969,8 @@ class DrawsFixedNoise(nn.Module):
             else:  # (an imported alias of manual_seed too: neither is the patched torch.manual_seed)
                 torch.default_generator.manual_seed(3)
             noise = torch.rand(h.shape, dtype=h.dtype)
+        elif self.source == "held, seeded":  # the generator it holds, seeded again at each call
+            noise = torch.rand(h.shape, dtype=h.dtype, generator=self.generator.manual_seed(3))
         elif self.source == "checkpointed":  # torch's own checkpoint puts the RNG state back to recompute: not refused
             noise = torch.utils.checkpoint.checkpoint(lambda t: torch.dropout(torch.ones_like(t), 0.3, True), h,
                                                       use_reentrant=False)
@@ -1986,6 +1988,11 @@ def test_random_numbers_seeded_in_the_forward_are_refused_or_said_and_a_held_gen
         with pytest.raises(CaptureError, match="the forward seeds torch's random number generator"):
             apply(DrawsFixedNoise(source).double(), budget="100%", example_inputs=(x, y), device="cpu",
                   time_limit=TIME_LIMIT)
+    model = DrawsFixedNoise("held, seeded").double()
+    state = model.generator.get_state()
+    with pytest.raises(CaptureError, match="the forward seeds a torch.Generator the model holds"):
+        apply(model, budget="100%", example_inputs=(x, y), device="cpu", time_limit=TIME_LIMIT)
+    assert torch.equal(model.generator.get_state(), state)  # as the trace found it
     with pytest.warns(UserWarning, match="draws from a torch.Generator that neither the model nor its module holds"):
         apply(DrawsFixedNoise("made").double(), budget="100%", example_inputs=(x, y), device="cpu",
               time_limit=TIME_LIMIT)
