@@ -128,25 +128,19 @@ def test_lower_bounds_never_exceed_the_optimum(graph, fraction):
 @FAST
 @given(graph=random_dags(), fraction=st.floats(0.0, 1.0))
 def test_lp_rounding_is_valid_and_never_beats_the_optimum(graph, fraction):
-    budget = budget_between(graph, fraction)
-    best = cheapest_schedule(graph, budget)
-    result = solve_with("lp-round", graph, budget, SolveOptions(time_limit_s=10))
-    if result.schedule is None:
-        assert result.status in (INFEASIBLE, NO_SOLUTION)
-        return
-    sim = simulate(graph, result.schedule)
-    assert sim.fits(budget) and best is not None
-    assert sim.compute_s >= best.compute_s * (1 - 1e-9)
-    if result.lower_bound_s is not None:
-        assert result.lower_bound_s <= best.compute_s * (1 + 1e-6)
+    _valid_and_never_below_the_optimum("lp-round", graph, budget_between(graph, fraction), time_limit_s=10)
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(graph=random_dags(), fraction=st.floats(0.0, 1.0))
 def test_cpsat_in_its_own_process_is_valid_and_never_beats_the_optimum(graph, fraction):
-    budget = budget_between(graph, fraction)
+    _valid_and_never_below_the_optimum("cpsat", graph, budget_between(graph, fraction), time_limit_s=20)
+
+
+def _valid_and_never_below_the_optimum(solver: str, graph, budget: int, time_limit_s: float) -> None:
+    """The solver's schedule, if any, fits and costs no less than brute force's optimum; its bound is below it."""
     best = cheapest_schedule(graph, budget)
-    result = solve_with("cpsat", graph, budget, SolveOptions(time_limit_s=20))
+    result = solve_with(solver, graph, budget, SolveOptions(time_limit_s=time_limit_s))
     if result.schedule is None:
         assert result.status in (INFEASIBLE, NO_SOLUTION)
         return
