@@ -444,8 +444,8 @@ class StepMemory:
     Counted: the distinct storages of the values the graphs hold (FX's interpreter frees a value
     after its last read, as the generated code does), measured after each op with its inputs still
     held. Not counted, like the simulator: primals (parameters, buffers, inputs, tangent: fixed
-    memory) and gradients (fixed gradient memory). RNG states saved for replayed random ops are
-    counted apart: the plan does not know them.
+    memory), the graph module's tensor constants (fixed memory too) and gradients (fixed gradient
+    memory). RNG states saved for replayed random ops are counted apart: the plan does not know them.
     """
 
     peak_live_bytes: int = 0  # activations only: compare with Simulation.activation_peak_bytes
@@ -617,6 +617,9 @@ class _CountingInterpreter(torch.fx.Interpreter):
         if node.op == "placeholder":
             if node.name.startswith("rng_state_"):
                 self._exclude(result, memory)
+            return result
+        if node.op == "get_attr":  # a tensor constant of the module: fixed memory (remat.lower), held while it lives
+            self._pin(tensors_in(result))
             return result
         if node.target in (run_and_save_rng_state, save_generator_state):
             self._exclude(result[0], memory)

@@ -68,7 +68,8 @@ class FixedMemory:
     parameter_bytes: int = 0
     gradient_bytes: int = 0
     optimizer_bytes: int = 0
-    # batch inputs, buffers, the loss tangent, gradients of inputs, and tensors handed out beside the loss
+    # batch inputs, buffers, the traced module's tensor constants, the loss tangent, gradients of inputs, and tensors
+    # handed out beside the loss
     input_bytes: int = 0
 
     @property

@@ -2,7 +2,8 @@
 
 - Views, getitem and other aliasing ops are folded into the node that owns the storage they
   alias, so a node's bytes are counted once however many views read it.
-- Placeholders (parameters, buffers, inputs, tangent) are fixed memory, not nodes.
+- Placeholders (parameters, buffers, inputs, tangent) and the traced module's tensor constants are fixed memory,
+  not nodes.
 - Gradients are outputs whose memory is the fixed gradient memory: their nodes hold 0 bytes. So do the
   tensors a step hands out beside its loss (outputs="all"): the caller holds them to the step's end, so they
   are fixed memory from the forward on (counted with the inputs).
@@ -39,9 +40,12 @@ def lower(step: CapturedStep, profile: DeviceProfile, optimizer: str = "adamw", 
     fx_graph = step.joint.graph
     placeholders = list(fx_graph.find_nodes(op="placeholder"))
     kind_of = {node: kind for node, kind in zip(placeholders, step.input_kinds, strict=True)}
+    # Tensors the forward makes from constants (`torch.tensor([...])`, BART's decoder start token) are attributes of
+    # the traced module, held for as long as it is: fixed memory, like the buffers, and their views too.
+    constants = [n for n in fx_graph.find_nodes(op="get_attr") if isinstance(n.meta.get("val"), torch.Tensor)]
 
-    # 1. Storage owners: every FX value maps to the call_function node (or placeholder) owning its storage.
-    owner: dict[torch.fx.Node, torch.fx.Node] = {p: p for p in placeholders}
+    # 1. Storage owners: every FX value maps to the call_function node (or placeholder, or constant) owning its storage.
+    owner: dict[torch.fx.Node, torch.fx.Node] = {p: p for p in (*placeholders, *constants)}
     folded: dict[torch.fx.Node, list[str]] = {}
     compute_fx: list[torch.fx.Node] = []
     part_of: dict[torch.fx.Node, int] = {}  # getitem k of a multi-output op, and views of it -> k
@@ -131,8 +135,9 @@ def lower(step: CapturedStep, profile: DeviceProfile, optimizer: str = "adamw", 
     trained = {name for name, kind in zip(step.output_names, step.output_kinds, strict=True) if kind == "grad"}
     trained_bytes = unique_bytes((name, p) for name, p in params if name in trained)
     buffers = [(name, p) for p, name in zip(placeholders, step.input_names, strict=True) if kind_of[p] == "buffer"]
-    other_bytes = unique_bytes(buffers) + sum(tensor_bytes(p.meta["val"]) for p in placeholders
-                                              if kind_of[p] not in ("param", "buffer"))
+    other_bytes = (unique_bytes(buffers) + sum(tensor_bytes(p.meta["val"]) for p in placeholders
+                                               if kind_of[p] not in ("param", "buffer"))
+                   + sum(tensor_bytes(c.meta["val"]) for c in constants))
     # an input that requires grad gets its gradient too (held to the step's end, like the parameters')
     input_grad_bytes = sum(tensor_bytes(p.meta["val"]) for p, name in zip(placeholders, step.input_names, strict=True)
                            if kind_of[p] == "input" and name in trained)

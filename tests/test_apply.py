@@ -1742,6 +1742,41 @@ def test_a_norm_dropped_in_the_forward_writes_its_statistics_at_once():
     assert memory.peak_live_bytes == step.simulation.activation_peak_bytes
 
 
+class ScalesByAConstant(nn.Module):
+    """Scales by a tensor made in forward: a constant of the traced module (BART's decoder start token is one)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 1)
+
+    def forward(self, x):
+        scale = torch.tensor([float(k) for k in range(16)], dtype=x.dtype)  # 128 bytes in float64
+        h = torch.tanh(self.a(x) * scale)
+        return self.b(torch.tanh(h * scale)).pow(2).mean()
+
+
+def test_a_tensor_constant_is_fixed_memory_planned_and_measured():
+    """Checkpoint-all recomputes the products in the backward, which reads the constant there: the measurement
+    counted it as an activation (BART's checkpoint-all held 8 bytes over its plan, an int64 start token), and the
+    plan's fixed memory left it out. It is the module's, held for as long as the module is: fixed memory in both."""
+    model = ScalesByAConstant().double()
+    reference = copy.deepcopy(model)
+    x = torch.randn(8, 16, dtype=torch.float64)
+    planned = apply(model, budget="100%", example_inputs=(x,), device="cpu", solver="checkpoint-all")
+    step = planned.planned
+    assert step.graph.fixed.input_bytes == x.nbytes + 8 + 16 * 8  # the input, the loss tangent, the constant
+    torch.manual_seed(1)
+    loss, memory = planned.measure(x)
+    expected = reference(x)
+    expected.backward()
+    assert torch.equal(loss, expected)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+    assert memory.peak_live_bytes == step.simulation.activation_peak_bytes
+    assert memory.peak_bytes == step.simulation.peak_bytes
+
+
 class ReplacesBuffers(nn.Module):
     """Buffers given new tensors in forward: a feature queue rolled and written (MoCo), a running mean re-bound."""
 
