@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import operator
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,6 +78,9 @@ class PartitionedStep:
     # those written in the forward: the forward reads their old values' copies in their place, and takes the buffers
     # themselves after the primals, in this order, to write into
     written_deferred: list[str] = field(default_factory=list)
+    # Tied weights (one tensor under several names: BART's embeddings and head) are a placeholder each, with a
+    # gradient each: per tensor, those names in the order the joint graph computes their gradients, autograd's order
+    tied_gradients: list[list[str]] = field(default_factory=list)
 
 
 def is_random(fx_node: torch.fx.Node) -> bool:
@@ -220,6 +224,10 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
     current[tangent.name] = _placeholder(backward, tangent)
     build(backward, list(enumerate(schedule.ops))[cut:], current, "backward")
     grads = [(name, parameter) for name, kind, parameter in outputs if kind == "grad"]
+    order = {n.name: i for i, n in enumerate(joint.nodes)}
+    tied: dict[str, list[tuple[int, str]]] = {}
+    for name, parameter in grads:
+        tied.setdefault(step.tied_to.get(parameter, parameter), []).append((order[name], parameter))
     missing = [name for name, _ in grads if name not in first_copy and name not in side]
     if missing:
         raise ExecuteError(f"the schedule never computes the gradient(s) {', '.join(missing[:3])}")
@@ -291,6 +299,7 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
         rng_names=rng_names,
         returned_names=returned_names,
         held_names=held_names,
+        tied_gradients=[[parameter for _, parameter in sorted(names)] for names in tied.values() if len(names) > 1],
         tangent=tangent.meta.get("val"),
         gradient_storage=_gradient_storage([by_name[name] for name, _ in grads], copies),
         # the model's non-scalar output (logits) is the caller's too: fixed memory (remat.lower), not an activation
@@ -561,11 +570,29 @@ class _PlannedStep(torch.autograd.Function):
         outputs = runner._call(parts.backward, runner.run_backward, values, counted=len(parts.saved_names),
                                handed_out=ctx.handed_out)
         ctx.handed_out = None
-        grads = dict(zip(parts.grad_names, outputs, strict=False))
+        grads = _sum_tied(parts, outputs)
         _write_buffers(parts, primals, parts.backward_mutations, outputs[len(parts.grad_names):])
         per_primal = [grads.get(name) if kind in ("param", "input") else None  # inputs that require grad get theirs
                       for kind, name in zip(parts.primal_kinds, parts.primal_names, strict=True)]
         return (None, *per_primal)
+
+
+def _sum_tied(parts: PartitionedStep, outputs: list[Any]) -> dict[str, Any]:
+    """The backward's gradients by name, a tied weight's summed into its first name's in the order the joint graph
+    computes them, as eager's autograd engine accumulates them: ((first + second) + third). Handed to autograd a name
+    each, they were summed in the order of the names (BART's encoder, decoder and head: other roundings than eager's in
+    float64). In place, as the engine sums, into the first where no other output shares its storage: no more memory."""
+    grads = dict(zip(parts.grad_names, outputs, strict=False))
+    storages = Counter(t.untyped_storage().data_ptr() for t in tensors_in(outputs))
+    for names in parts.tied_gradients:
+        present = [gradient for gradient in (grads.pop(name, None) for name in names) if gradient is not None]
+        total = present[0] if present else None
+        for k, gradient in enumerate(present[1:]):
+            own = k > 0 or (total.layout == torch.strided and storages[total.untyped_storage().data_ptr()] == 1
+                            and total.untyped_storage().nbytes() == total.nbytes)  # the whole storage, its own
+            total = total.add_(gradient) if own else total + gradient
+        grads[names[0]] = total
+    return grads
 
 
 def _write_buffers(parts: PartitionedStep, primals, names: list[str], values: list[Any]) -> None:
