@@ -278,8 +278,10 @@ def _solve_split(model, batch, seq, precision, device, optimizer, budget, solver
         tracer = SplitTracer.zoo(model, batch=batch, seq=seq, precision=precision, device=device, optimizer=optimizer,
                                  outputs=outputs)
         if outputs == "all" and "returned" not in tracer.unsplit.step.output_kinds:  # the zoo's models, say
-            stderr.print(f"note: {escape(model)} returns its loss alone: --outputs all has no other tensor to hand "
-                         "out, and plans as --outputs loss", highlight=False)
+            # (a model that returns its logits alone hands them out under --outputs loss already: no loss there)
+            stderr.print(f"note: {escape(model)} returns one tensor alone (its loss, or the logits a loss is made "
+                         "of): --outputs all has no other tensor to hand out, and plans as --outputs loss",
+                         highlight=False)
         chosen = solve_split(tracer, tracer.budget_bytes(budget), solver=solver, time_limit_s=time_limit,
                              backend=backend, progress=lambda stage: status.update(f"planning: {stage}"))
         # the step as traced: its store-all peak (what a share is of) and step time (what the user runs today)
@@ -715,8 +717,10 @@ def _print_max_batches(model, graph, precision, optimizer, budget_bytes, overhea
 @PRECISION_OPTION
 @click.option("--base", default="auto", show_default=True,
               help="Roofline profile for ops without a measurement (h100, a100, v100; auto: from the GPU's name).")
-@click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0))
-@click.option("--repeats", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0),
+              help="Untimed runs of each op before it is timed.")
+@click.option("--repeats", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Timed runs of each op (CUDA events); the median is kept.")
 @JSON_OPTION
 def profile(model, out, batch, seq, precision, base, warmup, repeats, as_json) -> None:
     """Measure every op of MODEL's training step on this CUDA GPU; `remat solve --device OUT` then uses it."""
@@ -778,7 +782,8 @@ def profile(model, out, batch, seq, precision, base, warmup, repeats, as_json) -
               help="Seconds for the solve, with --budget.")
 @JSON_OPTION
 def run(model, plan_path, budget, batch, seq, precision, optimizer, steps, time_limit, as_json) -> None:
-    """Train a zoo model for a few steps on this machine with a plan, and measure the memory it holds.
+    """Train MODEL (a zoo model or a file.py:factory) for a few steps on this machine with a plan, and measure the
+    memory it holds.
 
     CUDA when available (torch.cuda.max_memory_allocated), else CPU (live storages counted as the
     planned graphs run). The first step is measured against the plan's simulated peak.
