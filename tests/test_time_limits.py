@@ -78,3 +78,29 @@ def test_a_limit_too_short_for_any_solver_still_returns_the_best_plan_found_with
     assert plan.lower_bound_s is not None and plan.gap is not None
     fitting = [c.simulation.compute_s for c in plan.candidates if c.fits(budget)]
     assert plan.compute_s == min(fitting)
+
+
+def test_past_its_time_limit_the_decomposition_repairs_no_further(monkeypatch):
+    """The decomposition reruns its DP with a wider margin while the stitched schedule overshoots (its accounting
+    can miss bytes); each pass took 1 to 2 s per option of the stem on BERT-base, and passes went on past any
+    limit (13 s of decompose given 0.5 s). Past the limit it stops after the pass it is in, with the best plan that
+    fits so far, or none. Here each pass's accounting misses 60 bytes, so the first pass overshoots."""
+    from solvers import decompose
+    from solvers.base import NO_SOLUTION, SolveOptions
+    from tests.test_decompose_reuse import budgets
+
+    graph, low, _ = budgets()
+    original, passes = decompose.combine_with_stem, []
+
+    def missing_bytes(curves, phases, capacity_bytes, *rest):  # as if the DP's accounting missed 60 bytes
+        passes.append(capacity_bytes)
+        return original(curves, phases, capacity_bytes + 60, *rest)
+
+    monkeypatch.setattr(decompose, "combine_with_stem", missing_bytes)
+    roomy = decompose.solve_decompose(graph, low, SolveOptions(time_limit_s=20))
+    assert len(passes) >= 2 and roomy.schedule is not None  # repaired with a margin
+    passes.clear()
+    monkeypatch.setattr(decompose, "SOLVED", {})
+    late = decompose.solve_decompose(graph, low, SolveOptions(time_limit_s=1e-6))
+    assert len(passes) == 1
+    assert late.status == NO_SOLUTION and "the time limit ran out" in late.message
