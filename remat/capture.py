@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import linecache
 import logging
 import os
@@ -281,12 +282,35 @@ def _config_settings(config: Any, seen: dict[int, tuple]) -> tuple:
     return seen[id(config)]
 
 
+def _register_model_output(cls: type) -> bool:
+    """Register a Hugging Face `ModelOutput` class with torch's pytree as Hugging Face does, in its own table of
+    registered classes; True if it is one. Hugging Face registers each such class when it is defined or first made,
+    but not while `torch.compiler.is_compiling()`, which the trace says (`_compiling`): a class first made there (its
+    module imported by the forward, an output class defined in it) was registered by `_register_dataclasses` instead,
+    outside Hugging Face's table, and the next eager construction of it, the model's own forward under no_grad
+    included, failed with "... is already registered as pytree node"."""
+    generic = sys.modules.get("transformers.utils.generic")
+    base = getattr(generic, "ModelOutput", None)
+    register = getattr(generic, "_register_model_output_pytree_node", None)
+    if base is None or register is None or not issubclass(cls, base):
+        return False
+    previous = torch.compiler._is_compiling_flag
+    torch.compiler._is_compiling_flag = False  # Hugging Face skips the registration while compiling
+    try:
+        register(cls)
+    except Exception:  # another Hugging Face version's registration: register it as any dataclass
+        return False
+    finally:
+        torch.compiler._is_compiling_flag = previous
+    return cls in pytree.SUPPORTED_NODES
+
+
 def _register_dataclasses(value: Any) -> None:
     """A batch made as a dataclass holds tensors that are the step's inputs too: its type is registered with torch's
     pytree (as torch.export asks of its users), so that flattening the call finds them. Unregistered, they were taken
     for constants and the trace failed ("reads a tensor that is not one of its inputs")."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        if type(value) not in pytree.SUPPORTED_NODES:
+        if type(value) not in pytree.SUPPORTED_NODES and not _register_model_output(type(value)):
             try:
                 pytree.register_dataclass(type(value))
             except (TypeError, ValueError):  # fields it cannot rebuild the dataclass from (init=False)
@@ -549,6 +573,49 @@ def _held_generators(model: nn.Module) -> dict[int, torch.Generator]:
     return found
 
 
+def _rnn_helper(input, hidden, params, has_biases, num_layers, dropout, train, bidirectional, batch_first, layer_fn):
+    """torch._decomp's `_rnn_helper` (which nn.RNN, nn.GRU and nn.LSTM decompose through while traced), less the line
+    that set the dropout between layers to 0 (`dropout if (train and num_layers < i - 1) else 0.0`, never true): the
+    planned step trained a stacked RNN without its dropout (loss and gradients off eager's, silently), and drew no
+    random numbers where eager draws one mask per layer."""
+    from torch._decomp.decompositions import params_hiddens
+
+    input = input.transpose(0, 1) if batch_first else input
+    final_hiddens = []
+    for i in range(num_layers):
+        cur_params, cur_hidden, bidir_params, bidir_hidden = params_hiddens(params, hidden, i, bidirectional)
+        fwd_inp, fwd_hidden = layer_fn(input, cur_hidden, cur_params, has_biases)
+        final_hiddens.append(fwd_hidden)
+        if bidirectional:
+            bwd_inp, bwd_hidden = layer_fn(input, bidir_hidden, bidir_params, has_biases, reverse=True)
+            final_hiddens.append(bwd_hidden)
+            input = torch.cat([fwd_inp, bwd_inp], fwd_inp.dim() - 1)
+        else:
+            input = fwd_inp
+        if dropout != 0 and train and i < num_layers - 1:  # as eager's RNN.cpp: one mask on each layer's output
+            input = torch.dropout(input, dropout, train=True)
+    input = input.transpose(0, 1) if batch_first else input
+    return input, final_hiddens
+
+
+@contextlib.contextmanager
+def _rnn_dropout_between_layers():
+    """Trace stacked RNNs with their dropout between layers (`_rnn_helper`), where torch's decomposition drops it."""
+    from torch._decomp import decompositions
+
+    original = decompositions._rnn_helper
+    try:
+        dropped = "num_layers < i - 1" in inspect.getsource(original)
+    except (OSError, TypeError):
+        dropped = False
+    if dropped:
+        decompositions._rnn_helper = _rnn_helper
+    try:
+        yield
+    finally:
+        decompositions._rnn_helper = original
+
+
 def _warn_of_generators_made_in_forward(model: nn.Module, generators: Iterable[torch.Generator]) -> None:
     """A generator the forward makes and seeds at each call (`torch.Generator().manual_seed(3)`) gives eager the same
     draws every time; the planned step holds the one the trace made, and draws on from it (the loss off by 1e-2 from
@@ -561,6 +628,36 @@ def _warn_of_generators_made_in_forward(model: nn.Module, generators: Iterable[t
                       "draws on from the one made at the trace, and its numbers are not eager's after the first step; "
                       "keep the generator as an attribute, seeded once, or make the fixed tensor once, as a buffer",
                       stacklevel=3)
+
+
+@contextlib.contextmanager
+def _noting_unpreserved_rng_checkpoints(found: list[int]):
+    """Count the non-reentrant `torch.utils.checkpoint(..., preserve_rng_state=False)` calls whose function draws random
+    numbers (a dropout) into `found`. Eager recomputes such a function in the backward with the generator as it is
+    then, so its backward differentiates another mask than its forward drew, and the generator ends a draw further on.
+    The trace keeps no recomputation of a checkpoint (AOTAutograd runs the backward without saved-tensor hooks, as
+    torch.compile, which ignores the flag): the planned step differentiates the forward's own mask, and its gradients
+    (30% to 85% off a small MLP's in a fuzz run) and the random numbers after the step were not eager's, silently."""
+    module = torch.utils.checkpoint
+    original = module._checkpoint_without_reentrant_generator
+
+    def generator(fn, preserve_rng_state=True, *args, **kwargs):
+        if preserve_rng_state:
+            return (yield from original(fn, preserve_rng_state, *args, **kwargs))
+        mode = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY)
+        graph = getattr(getattr(mode, "tracer", None), "graph", None)  # the graph the trace is building
+        before = set(graph.nodes) if graph is not None else set()
+        result = yield from original(fn, preserve_rng_state, *args, **kwargs)
+        if graph is not None and any(torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
+                                     for node in graph.nodes if node not in before):
+            found.append(1)
+        return result
+
+    module._checkpoint_without_reentrant_generator = generator
+    try:
+        yield
+    finally:
+        module._checkpoint_without_reentrant_generator = original
 
 
 @contextlib.contextmanager
@@ -887,6 +984,7 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
     grad_mode = _RecordGradMode()
     with _keeping_module_state(model), _record_module_paths(model), _compiling(), _without_onednn(), \
             _refusing_reseeds(model) as (refuse_reseed, check_held_generators), grad_mode.recording_functions(model), \
+            _noting_unpreserved_rng_checkpoints(unpreserved := []), _rnn_dropout_between_layers(), \
             contextlib.ExitStack() as stack, warnings.catch_warnings(), grad_mode, no_autocast():
         # AOTAutograd differentiates in anomaly mode, which warns "Error detected in ..." with a forward traceback
         # where an op's backward fails, also where torch recovers: the error, if any, is explained below
@@ -903,6 +1001,13 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
     gm = joint.graph_module
     if warn_of_hooks:
         _warn_of_generators_made_in_forward(model, grad_mode.generators.values())
+    if warn_of_hooks and unpreserved:
+        warnings.warn(f"torch.utils.checkpoint(..., preserve_rng_state=False) around random ops ({len(unpreserved)} "
+                      "call(s)): eager recomputes them in the backward with other random numbers than its forward "
+                      "drew, and differentiates those; the planned step differentiates the forward's own (as "
+                      "torch.compile does, which ignores the flag), so its gradients, and the generator's state after "
+                      "the step, are not eager's. Pass preserve_rng_state=True (eager's and the plan's then agree), or "
+                      "drop the checkpoint: the plan chooses what to recompute", stacklevel=3)
     if warn_of_hooks and TENSOR_HOOK in grad_mode.own_backward:
         warnings.warn("a tensor hook registered in the forward (`h.register_hook(...)`) runs once, when the step is "
                       "traced: what it changes in the gradient is planned, but what it records elsewhere (a logger, "
@@ -943,9 +1048,18 @@ def capture_step(model: nn.Module, example_inputs: Call | Sequence[Any] | dict[s
 def _register_plain_tensors(model: nn.Module) -> None:
     """Register each tensor kept as a plain attribute (`self.mask = torch.tril(...)`) as a non-persistent buffer.
     The trace would otherwise meet it as a constant, which it refuses; as a buffer it is an input of the step,
-    read afresh at each call, it moves with the module, and state_dict stays as it was."""
+    read afresh at each call, it moves with the module, and state_dict stays as it was.
+
+    Not the weight that the old `torch.nn.utils.spectral_norm`'s pre-hook sets before each forward: the forward never
+    reads the attribute's value (the graph computes the weight from weight_orig), and spectral_norm keeps it as
+    `weight_orig.data`, a tensor sharing the parameter's storage, which AOTAutograd refused as a buffer ("does not yet
+    handle non-differentiable view input mutations ... share storage")."""
     for module in model.modules():
+        computed = {hook.name for hook in module._forward_pre_hooks.values()
+                    if isinstance(hook, _weight_computing_hooks())}
         for name, value in list(vars(module).items()):
+            if name in computed:
+                continue
             if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and not value.requires_grad:
                 delattr(module, name)
                 module.register_buffer(name, value, persistent=False)
@@ -1134,6 +1248,12 @@ def _meaning(error: BaseException) -> str | None:
                     "an op that reads it (an EMA updated after its use: `self.ema = 0.9 * self.ema + ...`), which the "
                     "planned step writes into the buffer, or an in-place op on such a value; read it as "
                     "`self.ema.clone()` in that op, or update it after the step")
+        if "returned an invalid gradient" in str(cause) and "expected shape compatible with" in str(cause):
+            # torch.compile fails on these alike (AOTAutograd's view replay); eager runs them
+            return ("AOTAutograd, which traces the step as torch.compile does, cannot differentiate an in-place shape "
+                    "change of a view that is then written in place (`x = x.unsqueeze(0).squeeze_(0)`, `t_`, "
+                    "`transpose_`, then `x[:, :4].relu_()`), which eager runs: use the out-of-place form "
+                    "(`x = x.squeeze(0)`, `x = x.t()`)")
         if "use_reentrant=True" in str(cause):
             return ("torch.utils.checkpoint(..., use_reentrant=True) cannot be traced: remat differentiates the step "
                     "with torch.autograd.grad, which a reentrant checkpoint refuses; pass use_reentrant=False, or "

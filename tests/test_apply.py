@@ -200,6 +200,51 @@ def test_random_ops_with_their_own_generator_replay_it_when_recomputed():
         assert torch.equal(model.generator.get_state(), reference.generator.get_state())
 
 
+class CheckpointedDropout(nn.Module):
+    """MLP blocks under torch.utils.checkpoint (non-reentrant), with or without a dropout inside."""
+
+    def __init__(self, preserve_rng_state: bool, p: float):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 16), nn.Dropout(p))
+                                    for _ in range(3))
+        self.head = nn.Linear(16, 4)
+        self.preserve_rng_state = preserve_rng_state
+
+    def forward(self, x, y):
+        for block in self.blocks:
+            x = x + torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False,
+                                                      preserve_rng_state=self.preserve_rng_state)
+        return nn.functional.cross_entropy(self.head(x), y)
+
+
+@pytest.mark.parametrize("preserve_rng_state, p", [(True, 0.3), (False, 0.0), (False, 0.3)])
+def test_a_checkpoint_in_the_model_trains_as_eager_or_says_why_not(preserve_rng_state, p):
+    """torch.utils.checkpoint in the model: the trace keeps no recomputation of it (the plan chooses its own), and
+    the planned step gives eager's loss and gradients. With preserve_rng_state=False around a dropout, eager's
+    backward differentiates the other mask its recomputation draws: the planned step's gradients and the generator
+    after it were not eager's, silently; a warning says so now."""
+    model = CheckpointedDropout(preserve_rng_state, p).double()
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(64, 16, dtype=torch.float64), torch.randint(0, 4, (64,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        planned = apply(model, budget="90%", example_inputs=(x, y), device="cpu", time_limit=TIME_LIMIT)
+    warned = any("preserve_rng_state=False) around random ops" in str(w.message) for w in caught)
+    assert warned == (not preserve_rng_state and p > 0), [str(w.message)[:80] for w in caught]
+    assert planned.planned.plan.schedule.recomputed_nodes()
+    torch.manual_seed(3)
+    loss, memory = planned.measure(x, y)
+    planned_draw = torch.rand(4)
+    torch.manual_seed(3)
+    reference_loss = reference(x, y)
+    reference_loss.backward()
+    assert torch.equal(loss, reference_loss.detach())
+    assert memory.peak_live_bytes == planned.planned.simulation.activation_peak_bytes
+    same = all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), reference.parameters(), strict=True))
+    assert same == (not warned) and torch.equal(planned_draw, torch.rand(4)) == (not warned)
+
+
 def test_training_loop_with_an_optimizer_matches_eager():
     reference, inputs = _conv_bn()
     model = copy.deepcopy(reference)
@@ -353,6 +398,44 @@ def test_a_cpu_lstm_holds_the_planned_bytes():
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7)
     assert memory.peak_bytes == planned.planned.simulation.peak_bytes
+
+
+class StackedRNN(nn.Module):
+    """Two recurrent layers with dropout between them."""
+
+    def __init__(self, cell: str, bidirectional: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn = getattr(nn, cell)(6, 8, num_layers=2, dropout=0.4, batch_first=True, bidirectional=bidirectional)
+        self.out = nn.Linear(16 if bidirectional else 8, 3)
+
+    def forward(self, x, y):
+        return nn.functional.cross_entropy(self.out(self.rnn(x)[0].mean(1)), y)
+
+
+@pytest.mark.parametrize("cell, bidirectional", [("LSTM", False), ("GRU", True), ("RNN", False)])
+def test_dropout_between_recurrent_layers_is_eagers(cell, bidirectional):
+    """torch's decomposition of nn.RNN, nn.GRU and nn.LSTM, which the trace goes through, sets the dropout between
+    layers to 0: the planned step trained without it (loss 1.2360 against eager's 1.2662 for a GRU, gradients 40% to
+    60% off, silently) and drew no random numbers. remat traces them with the dropout now, with eager's masks."""
+    model = StackedRNN(cell, bidirectional).double()
+    reference = copy.deepcopy(model)
+    torch.manual_seed(1)
+    x, y = torch.randn(4, 5, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
+    planned = apply(model, budget="100%", example_inputs=(x, y), device="cpu", time_limit=TIME_LIMIT)
+    assert any("dropout" in node.op for node in planned.planned.graph.nodes)
+    for seed in (7, 8):  # two steps: the generator moves on as eager's
+        torch.manual_seed(seed)
+        loss, memory = planned.measure(x, y)
+        planned_draw = torch.rand(3)
+        torch.manual_seed(seed)
+        reference_loss = reference(x, y)
+        reference_loss.backward()
+        assert torch.equal(loss, reference_loss.detach()) and torch.equal(planned_draw, torch.rand(3))
+        for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+            assert torch.equal(p.grad, q.grad)
+        assert memory.peak_live_bytes == planned.planned.simulation.activation_peak_bytes
+        model.zero_grad(), reference.zero_grad()
 
 
 def test_bf16_mixed_matches_eager_autocast_within_tolerance():
@@ -925,6 +1008,41 @@ def test_a_sparse_gradient_is_measured():
     assert memory.peak_live_bytes == planned.planned.simulation.activation_peak_bytes
 
 
+class Bags(nn.Module):
+    """nn.EmbeddingBag, one bag empty."""
+
+    def __init__(self, mode: str, padding_idx: int | None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.bag, self.out = nn.EmbeddingBag(20, 8, mode=mode, padding_idx=padding_idx), nn.Linear(8, 3)
+
+    def forward(self, ids, offsets, y, weights=None):
+        return nn.functional.cross_entropy(self.out(torch.tanh(self.bag(ids, offsets, per_sample_weights=weights))), y)
+
+
+@pytest.mark.parametrize("mode, dtype, padding_idx, indices", [
+    ("sum", torch.float64, None, 12), ("mean", torch.float64, None, 12), ("max", torch.float64, None, 12),
+    ("sum", torch.float32, None, 12), ("sum", torch.float32, 2, 12), ("mean", torch.float32, None, 0)])
+def test_an_embedding_bag_holds_the_planned_bytes(mode, dtype, padding_idx, indices):
+    """CPU's embedding_bag makes its offset2bag output one element longer than the indices and resizes it down, which
+    keeps the storage: 8 bytes more than the traced (meta) tensor, measured above the plan at store-all (936 against
+    928 for mean in float64). A sum in float32 without padding_idx makes none (shape (0,), nothing to add)."""
+    model = Bags(mode, padding_idx).to(dtype)
+    reference = copy.deepcopy(model)
+    torch.manual_seed(1)
+    ids, offsets = torch.randint(0, 20, (indices,)), torch.tensor([0, 3, 3, 7]).clamp(max=indices)
+    inputs = (ids, offsets, torch.randint(0, 3, (4,)))
+    if mode == "sum" and dtype == torch.float64:
+        inputs += (torch.rand(indices, dtype=dtype),)  # per-sample weights
+    planned = apply(model, budget="100%", example_inputs=inputs, device="cpu", time_limit=TIME_LIMIT)
+    loss, memory = planned.measure(*inputs)
+    reference_loss = reference(*inputs)
+    reference_loss.backward()
+    assert torch.equal(loss, reference_loss)
+    assert torch.equal(model.bag.weight.grad, reference.bag.weight.grad)
+    assert memory.peak_live_bytes == planned.planned.simulation.activation_peak_bytes
+
+
 class Classifier(nn.Module):
     """Returns logits; the loss is the caller's, as most training loops write it."""
 
@@ -1103,6 +1221,43 @@ def test_the_weight_old_weight_norm_sets_before_each_forward_is_not_warned_of(re
     planned(x).sum().backward()
     reference(x).sum().backward()
     assert torch.equal(model[2].weight_g.grad, reference[2].weight_g.grad)
+
+
+def _old_spectral_norm_net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1)).double()
+    torch.nn.utils.spectral_norm(net[0])
+    torch.nn.utils.spectral_norm(net[2], n_power_iterations=2)
+    return net
+
+
+@pytest.mark.parametrize("budget", ["100%", "95%"])  # 95%: one value recomputed
+def test_the_old_spectral_norm_trains_as_eager(budget):
+    """torch.nn.utils.spectral_norm keeps `weight` as a plain attribute sharing weight_orig's storage (its pre-hook sets
+    the normalised weight before each forward). Registered as a buffer like other plain tensors, it was refused by
+    AOTAutograd ("does not yet handle non-differentiable view input mutations ... share storage")."""
+    model, reference = _old_spectral_norm_net(), _old_spectral_norm_net()
+    x = torch.randn(32, 8, dtype=torch.float64)
+    planned = apply(model, budget=budget, example_inputs=(x,), device="cpu", time_limit=TIME_LIMIT)
+    assert "weight" not in model[0]._buffers
+    assert budget == "100%" or planned.planned.plan.schedule.recomputed_nodes()
+    optimizer, reference_optimizer = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, reference))
+    for step in range(2):
+        if step == 0:
+            loss, memory = planned.measure(x)
+            assert memory.peak_live_bytes == planned.planned.simulation.activation_peak_bytes
+        else:
+            loss = planned(x).pow(2).mean()
+            loss.backward()
+        reference_loss = reference(x) if step == 0 else reference(x).pow(2).mean()
+        backward_from(reference_loss)
+        assert torch.equal(loss.detach(), reference_loss.detach())
+        for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+            assert torch.equal(p.grad, q.grad)
+        for b, c in zip(model.buffers(), reference.buffers(), strict=True):  # the power iteration's u and v
+            assert torch.equal(b, c)
+        optimizer.step(), reference_optimizer.step()
+        optimizer.zero_grad(), reference_optimizer.zero_grad()
 
 
 @dataclasses.dataclass

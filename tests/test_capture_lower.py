@@ -174,10 +174,26 @@ class Reentrant(nn.Module):
         return torch.utils.checkpoint.checkpoint(self.b, self.a(x), use_reentrant=True).pow(2).mean()
 
 
+class SqueezesAView(nn.Module):
+    """An in-place shape change of a view, then an in-place write into it: eager runs it, AOTAutograd cannot."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.a(x).unsqueeze(0).squeeze_(0)
+        h[:, :4].relu_()
+        return h * 3
+
+
 @pytest.mark.parametrize(("model", "advice"), [
     (CausalEncoder, "pass is_causal=True with a causal mask"),
     (lambda: nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16, momentum=None)), "give the norm a momentum"),
     (Reentrant, "pass use_reentrant=False"),
+    # torch's own words: "MulBackward0 returned an invalid gradient at index 0 - got [8, 16] but expected shape
+    # compatible with [1, 8, 16]"
+    (SqueezesAView, "use the out-of-place form (`x = x.squeeze(0)`"),
 ])
 def test_what_torch_nn_itself_cannot_trace_says_what_to_change(model, advice, recwarn):
     # the message blamed the user's line and said to use torch.where, which the user cannot do in torch's own code;

@@ -363,3 +363,50 @@ def test_a_handed_out_tensor_in_another_layout_than_traced_is_held_as_planned():
     expected["loss"].backward()
     for p, q in zip(net.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+
+
+_LAZY_OUTPUT: list[type] = []
+
+
+class LazyOutputNet(nn.Module):
+    """Makes its ModelOutput class at its first forward, as a module the forward imports first defines its classes."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+
+    def forward(self, x, y):
+        if not _LAZY_OUTPUT:
+            import dataclasses
+
+            from transformers.utils import ModelOutput
+
+            @dataclasses.dataclass
+            class LazyOutput(ModelOutput):
+                loss: torch.Tensor | None = None
+                logits: torch.Tensor | None = None
+
+            _LAZY_OUTPUT.append(LazyOutput)
+        logits = self.body(x)
+        return _LAZY_OUTPUT[0](loss=nn.functional.cross_entropy(logits, y), logits=logits)
+
+
+def test_a_model_output_class_first_made_while_tracing_is_registered_as_hugging_face_does():
+    """Hugging Face registers a ModelOutput class with torch's pytree when it is defined or first made, but not while
+    torch.compiler.is_compiling(), which the trace says. remat registered such a class itself, outside Hugging Face's
+    own table, and the next eager construction of it (the model's own forward under no_grad, an eager model of the same
+    class) failed: "... is already registered as pytree node"."""
+    _LAZY_OUTPUT.clear()
+    model = LazyOutputNet().double()
+    x, y = _batch()
+    planned = remat.apply(model, budget="100%", example_inputs=(x, y), device="cpu", time_limit=TIME_LIMIT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # logits come back as None
+        output = planned(x, y)
+    assert type(output) is _LAZY_OUTPUT[0]
+    output.loss.backward()
+    with torch.no_grad():
+        evaluated = planned(x, y)  # the model's own forward: an eager construction of the class
+    assert torch.equal(evaluated.loss, output.loss.detach())
+    assert type(LazyOutputNet().double()(x, y)) is _LAZY_OUTPUT[0]
