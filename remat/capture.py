@@ -765,8 +765,7 @@ def _keeping_module_state(model: nn.Module):
                 if module._parameters.get(name, value) is not value:
                     module._parameters[name] = value
         # the old weight_norm's and spectral_norm's pre-hooks set the weight before each forward: in the graph
-        computed = {(path, hook.name) for path, module in modules.items()
-                    for hook in module._forward_pre_hooks.values() if isinstance(hook, _weight_computing_hooks())}
+        computed = {(path, name) for path, module in modules.items() for name in _computed_weights(module)}
         tensors = [f"{path + '.' if path else ''}{name}" for path, name, value in written
                    if isinstance(value, torch.Tensor) and (path, name) not in computed]
         if tensors:
@@ -810,6 +809,11 @@ def _warn_of_forward_hooks(model: nn.Module) -> None:
 def _requires_grad_hook(hook: Any) -> bool:
     return (getattr(hook, "__name__", "") == "make_inputs_require_grads"
             and getattr(hook, "__module__", "").startswith("transformers."))
+
+
+def _computed_weights(module: nn.Module) -> set[str]:
+    """The attributes the old weight_norm's and spectral_norm's pre-hooks set before each forward (`weight`)."""
+    return {hook.name for hook in module._forward_pre_hooks.values() if isinstance(hook, _weight_computing_hooks())}
 
 
 def _weight_computing_hooks() -> tuple[type, ...]:
@@ -1055,8 +1059,7 @@ def _register_plain_tensors(model: nn.Module) -> None:
     `weight_orig.data`, a tensor sharing the parameter's storage, which AOTAutograd refused as a buffer ("does not yet
     handle non-differentiable view input mutations ... share storage")."""
     for module in model.modules():
-        computed = {hook.name for hook in module._forward_pre_hooks.values()
-                    if isinstance(hook, _weight_computing_hooks())}
+        computed = _computed_weights(module)
         for name, value in list(vars(module).items()):
             if name in computed:
                 continue
