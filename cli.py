@@ -107,6 +107,12 @@ PRECISION_OPTION = click.option("--precision", default="bf16-mixed", show_defaul
 OPTIMIZERS = ["adamw", "adam", "sgd", "sgd-momentum", "none"]
 OPTIMIZER_OPTION = click.option("--optimizer", default="adamw", show_default=True, type=click.Choice(OPTIMIZERS),
                                 help="The optimizer whose state the step holds.")
+GRADIENTS_HELP = ("How the loop keeps gradients between steps. held: fixed memory for the whole step, once per weight; "
+                  "set-to-none: freed (optimizer.zero_grad()'s default), each counted from when the backward makes "
+                  "it; accumulate: kept (gradient accumulation, zero_grad(set_to_none=False)), fixed memory, and the "
+                  "backward's new ones counted beside them until it returns.")
+GRADIENTS_OPTION = click.option("--gradients", default="held", show_default=True,
+                                type=click.Choice(["held", "set-to-none", "accumulate"]), help=GRADIENTS_HELP)
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the text.")
 
 
@@ -159,9 +165,10 @@ def main() -> None:
 @click.option("--outputs", default="loss", show_default=True, type=click.Choice(["loss", "all"]),
               help="What the step hands back beside its loss: nothing, or all of the model's other tensors (a loop "
                    "that reads outputs.logits), held to the step's end; as remat.apply(..., outputs=...).")
+@GRADIENTS_OPTION
 @JSON_OPTION
 def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_limit, backend, out, outputs,
-          as_json) -> None:
+          gradients, as_json) -> None:
     """Plan the training step of MODEL under a memory BUDGET."""
     from solvers.registry import SOLVER_NAMES
 
@@ -176,7 +183,7 @@ def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_
 
     with _stdout_to_stderr():
         plan, traced_peak, traced_s = _solve_split(model, batch, seq, precision, device, optimizer, budget, solver,
-                                                   time_limit, backend, outputs)
+                                                   time_limit, backend, outputs, gradients)
     budget_bytes = plan.budget_bytes
     _note_over_device(budget_bytes, device)
     wall_s = time.perf_counter() - started
@@ -269,14 +276,14 @@ def _below_model_state(fixed) -> str:
 
 
 def _solve_split(model, batch, seq, precision, device, optimizer, budget, solver, time_limit, backend,
-                 outputs="loss"):
+                 outputs="loss", gradients="held"):
     """Plan with the head split into the chunk count that fits the budget at least cost (remat.split_plan).
     `budget`: as given; a percentage is of the unsplit step's store-all peak."""
     from remat.split_plan import SplitTracer, solve_split
 
     with _tracing(model, batch) as status:
         tracer = SplitTracer.zoo(model, batch=batch, seq=seq, precision=precision, device=device, optimizer=optimizer,
-                                 outputs=outputs)
+                                 outputs=outputs, gradients=gradients)
         if outputs == "all" and "returned" not in tracer.unsplit.step.output_kinds:  # the zoo's models, say
             # (a model that returns its logits alone hands them out under --outputs loss already: no loss there)
             stderr.print(f"note: {escape(model)} returns one tensor alone (its loss, or the logits a loss is made "
@@ -349,6 +356,7 @@ def _plan_summary(plan, wall_s: float) -> dict:
         "device": graph.meta.get("device"),
         "precision": graph.meta.get("precision"),
         "optimizer": graph.meta.get("optimizer"),
+        "gradients": graph.meta.get("gradients", "held"),
         "budget_bytes": plan.budget_bytes,
         "fixed_bytes": graph.fixed.total_bytes,
         "fixed": {"parameters": graph.fixed.parameter_bytes, "gradients": graph.fixed.gradient_bytes,
@@ -397,11 +405,13 @@ def _print_plan(plan, wall_s: float, out: str | None, share: str | None = None, 
     # image models have no seq; a factory's inputs may have no batch dimension to read its batch from
     shape = "".join(f"{k} {meta[k]}, " for k in ("batch", "seq") if meta.get(k) is not None)
     console.print(f"  {shape}{meta.get('precision')}, "
-                  f"optimizer {meta.get('optimizer')}, costed for {meta.get('device')}")
+                  f"optimizer {meta.get('optimizer')}{graph.gradients_note}, costed for {meta.get('device')}")
     of = f" ({share.strip()} of the traced step's store-all peak, {format_bytes(share_of)})" if share else ""
     console.print(f"budget         {format_bytes(plan.budget_bytes)} = {plan.budget_bytes:,} bytes{of}")
+    gradients = ("as made (with the activations)" if graph.gradients_made and not fixed.gradient_bytes
+                 else format_bytes(fixed.gradient_bytes))
     console.print(f"fixed memory   {format_bytes(fixed.total_bytes)} = parameters {format_bytes(fixed.parameter_bytes)}"
-                  f" + gradients {format_bytes(fixed.gradient_bytes)} + optimizer {format_bytes(fixed.optimizer_bytes)}"
+                  f" + gradients {gradients} + optimizer {format_bytes(fixed.optimizer_bytes)}"
                   f" + inputs {format_bytes(fixed.input_bytes)}")
     left = plan.budget_bytes - fixed.total_bytes
     console.print(f"activations    {format_bytes(left)} of the budget left for activations" if left >= 0 else
@@ -498,12 +508,13 @@ def _sizes(text: str) -> list[str]:
     return parts
 
 
-def _split_tracer(model, batch, seq, precision, device, optimizer):
+def _split_tracer(model, batch, seq, precision, device, optimizer, gradients="held"):
     """The step traced on fake tensors, with its split variants traced on demand (remat.split_plan)."""
     from remat.split_plan import SplitTracer
 
     with _tracing(model, batch):
-        return SplitTracer.zoo(model, batch=batch, seq=seq, precision=precision, device=device, optimizer=optimizer)
+        return SplitTracer.zoo(model, batch=batch, seq=seq, precision=precision, device=device, optimizer=optimizer,
+                               gradients=gradients)
 
 
 def _trace_step(model, batch, seq, precision, device, optimizer):
@@ -542,9 +553,10 @@ def _console() -> Console:
               help="Write a self-contained HTML report (plots inlined).")
 @click.option("--md", type=click.Path(dir_okay=False), callback=_output_file,
               help="Write a Markdown report, its PNG plots beside it.")
+@GRADIENTS_OPTION
 @JSON_OPTION
 def compare(model, budget, batch, seq, device, precision, optimizer, solvers, time_limit, with_max_batch, out, md,
-            as_json) -> None:
+            gradients, as_json) -> None:
     """Compare methods (remat's plan, baselines, torch.compile's budgets) on MODEL at one or more BUDGETs."""
     from remat.compare import compare as compare_methods
     from remat.compare import parse_methods
@@ -557,13 +569,13 @@ def compare(model, budget, batch, seq, device, precision, optimizer, solvers, ti
     except ValueError as error:
         fail(f"--solvers: {error}")
     with _stdout_to_stderr():
-        traced = _split_tracer(model, batch, seq, precision, device, optimizer)  # remat's plans may split the head
+        traced = _split_tracer(model, batch, seq, precision, device, optimizer, gradients)  # plans may split the head
         budgets = [traced.budget_bytes(part) for part in budgets]
         _note_over_device(max(budgets), device)
         with stderr.status("comparing", spinner="dots") as status:
             traces = None
             if with_max_batch:
-                traces = BatchTraces(model, seq, precision, device, optimizer,
+                traces = BatchTraces(model, seq, precision, device, optimizer, gradients=gradients,
                                      on_trace=lambda b: status.update(f"comparing: tracing batch {b}"))
             with _one_line_errors():  # another batch's trace (--max-batch)
                 comparison = compare_methods(traced, budgets, methods, time_limit_s=time_limit,
@@ -614,9 +626,10 @@ def compare(model, budget, batch, seq, device, precision, optimizer, solvers, ti
               help="Seconds for a MILP solve at one batch (only where no other method's schedule fits).")
 @click.option("--max-overhead", default=None,
               help="Count only schedules at most this much slower than store-all at the same batch: 25% or 0.25.")
+@GRADIENTS_OPTION
 @JSON_OPTION
 def maxbatch(model, budget, seq, start_batch, device, precision, optimizer, solvers, time_limit, max_overhead,
-             as_json) -> None:
+             gradients, as_json) -> None:
     """The largest batch each method fits under BUDGET (fixed memory counted), with its overhead there."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -640,7 +653,7 @@ def maxbatch(model, budget, seq, start_batch, device, precision, optimizer, solv
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with _stdout_to_stderr(), Progress(*columns, console=stderr, transient=True) as progress:
         task = progress.add_task("")
-        traces = BatchTraces(model, seq, precision, device, optimizer)
+        traces = BatchTraces(model, seq, precision, device, optimizer, gradients=gradients)
         for method in methods:
             progress.update(task, description=f"{method}: searching")
             traces.on_trace = lambda b, m=method: progress.update(task, description=f"{m}: tracing batch {b}")
@@ -651,7 +664,8 @@ def maxbatch(model, budget, seq, start_batch, device, precision, optimizer, solv
     graph = next(iter(traces.graphs.values()))
     if as_json:
         click.echo(json.dumps({"model": model, "seq": graph.meta.get("seq"), "device": graph.meta.get("device"),
-                               "precision": precision, "optimizer": optimizer, "budget_bytes": budget_bytes,
+                               "precision": precision, "optimizer": optimizer, "gradients": gradients,
+                               "budget_bytes": budget_bytes,
                                "max_overhead": overhead_cap, "results": [r.to_json() for r in results],
                                "wall_s": wall_s}))
     else:
@@ -671,8 +685,8 @@ def _probe_mark(probe, budget_bytes: int) -> str:
 
 def _print_max_batches(model, graph, precision, optimizer, budget_bytes, overhead_cap, results, wall_s) -> None:
     console = _console()
-    console.print(f"[bold]{model}[/]: {graph.meta.get('description', '')}; {precision}, optimizer {optimizer}, "
-                  f"costed for {graph.meta.get('device')}")
+    console.print(f"[bold]{model}[/]: {graph.meta.get('description', '')}; {precision}, optimizer {optimizer}"
+                  f"{graph.gradients_note}, costed for {graph.meta.get('device')}")
     console.print(f"budget {format_bytes(budget_bytes)} = {budget_bytes:,} bytes, fixed memory counted (it grows "
                   "with the batch only through the inputs)")
     if overhead_cap is not None:
@@ -777,11 +791,13 @@ def profile(model, out, batch, seq, precision, base, warmup, repeats, as_json) -
               help="[default: the plan file's, or bf16-mixed]")
 @click.option("--optimizer", default=None, type=click.Choice(OPTIMIZERS),
               help="The optimizer stepped, and whose state the plan holds [default: the plan file's, or adamw].")
+@click.option("--gradients", default=None, type=click.Choice(["held", "set-to-none", "accumulate"]),
+              help="As for solve, with --budget [default: the plan file's, or held].")
 @click.option("--steps", default=3, show_default=True, type=click.IntRange(min=1), help="Training steps.")
 @click.option("--time-limit", default=60.0, show_default=True, type=click.FloatRange(min=0.1),
               help="Seconds for the solve, with --budget.")
 @JSON_OPTION
-def run(model, plan_path, budget, batch, seq, precision, optimizer, steps, time_limit, as_json) -> None:
+def run(model, plan_path, budget, batch, seq, precision, optimizer, gradients, steps, time_limit, as_json) -> None:
     """Train MODEL (a zoo model or a file.py:factory) for a few steps on this machine with a plan, and measure the
     memory it holds.
 
@@ -800,11 +816,13 @@ def run(model, plan_path, budget, batch, seq, precision, optimizer, steps, time_
     if plan_path is not None:
         with _one_line_errors():
             made_with = PlanFile.load(plan_path).graph_meta
+    if plan_path is not None:
+        made_with.setdefault("gradients", "held")  # (a plan file names them only where they are not held)
     planned_for = made_with.get("model")
     if planned_for != model and (planned_for in ZOO_NAMES or ":" in str(planned_for)):  # made by `remat solve --out`
         # (its --seq would be taken for this model too: "--seq applies to language models only" for a plan of gpt2)
         fail(f"the plan was made for --model {planned_for}, not {model}: plan this one with `remat solve --out`")
-    for name, value in (("precision", precision), ("optimizer", optimizer)):
+    for name, value in (("precision", precision), ("optimizer", optimizer), ("gradients", gradients)):
         if value is not None and made_with.get(name, value) != value:  # the plan would be refused, or run unasked
             fail(f"the plan was made for --{name} {made_with[name]}: leave --{name} out, or plan again with it")
     precision = precision or made_with.get("precision", "bf16-mixed")
@@ -823,7 +841,7 @@ def run(model, plan_path, budget, batch, seq, precision, optimizer, steps, time_
         with _stdout_to_stderr():
             planned = apply(spec.model, budget=budget, example_inputs=kwargs or args, plan=plan_path,
                             loss_fn=spec.loss_fn, precision=precision, optimizer=optimizer,
-                            time_limit=time_limit)
+                            gradients=gradients, time_limit=time_limit)
     step = planned.planned
     optimizer = _torch_optimizer(optimizer, spec.model.parameters())
     losses, step_s = [], []

@@ -99,6 +99,8 @@ def graph_nodes_by_fx_name(graph: Graph, by_name: dict[str, torch.fx.Node]) -> d
     """FX name -> the Graph node that computes it (its storage owner and the views folded into it)."""
     node_of: dict[str, int] = {}
     for index, node in enumerate(graph.nodes):
+        if node.is_return:  # the backward's return: no FX node of its own
+            continue
         for name in node.fx_nodes or (node.name,):
             if name not in by_name:
                 raise ExecuteError(f"graph node {index} ({node.name}) names FX node {name!r}, not in the traced "
@@ -142,6 +144,9 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
     planned: set[torch.fx.Node] = set()  # each compute instruction's copy of its Graph node's storage owner
     first_copy: dict[str, torch.fx.Node] = {}  # joint name -> its first copy, for the outputs
     rng_state: dict[str, torch.fx.Node] = {}  # joint name of a random op -> its saved RNG state
+    # joint name -> the copy the backward's return reads (gradients counted as made): a gradient computed again is
+    # returned from the copy the plan holds to the end, not from its first, which the plan let go
+    returned_copies: dict[str, torch.fx.Node] = {}
 
     def build(target: torch.fx.Graph, ops, current: dict[str, torch.fx.Node], part: str) -> None:
         def lookup(joint_node: torch.fx.Node, reader: str) -> torch.fx.Node:
@@ -158,6 +163,12 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
         for position, op in ops:
             node = graph.nodes[op.node]
             names = node.fx_nodes or (node.name,)
+            if node.is_return:  # the gradients are returned at the backward's end: the copies it reads
+                if op.kind == COMPUTE:
+                    returned_copies.update((name, current[name]) for d in node.deps
+                                           for name in graph.nodes[d].fx_nodes or (graph.nodes[d].name,)
+                                           if name in current)
+                continue
             if op.kind == FREE:
                 for name in names:
                     current.pop(name, None)
@@ -231,7 +242,7 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
     missing = [name for name, _ in grads if name not in first_copy and name not in side]
     if missing:
         raise ExecuteError(f"the schedule never computes the gradient(s) {', '.join(missing[:3])}")
-    grad_values = [first_copy[name] if name in first_copy else
+    grad_values = [(returned_copies[name] if name in returned_copies else first_copy[name]) if name in first_copy else
                    backward.node_copy(by_name[name], lambda x: current[x.name]) for name, _ in grads]
     backward_mutations = [(name, buffer) for name, kind, buffer in outputs
                           if kind == "mutation" and name not in {n for n, _ in forward_mutations}]
@@ -301,7 +312,9 @@ def partition(step: CapturedStep, graph: Graph, schedule: Schedule) -> Partition
         held_names=held_names,
         tied_gradients=[[parameter for _, parameter in sorted(names)] for names in tied.values() if len(names) > 1],
         tangent=tangent.meta.get("val"),
-        gradient_storage=_gradient_storage([by_name[name] for name, _ in grads], copies),
+        # gradients counted as the backward makes them ("set-to-none", "accumulate") are activations held to its end
+        gradient_storage={} if graph.gradients_made else _gradient_storage([by_name[name] for name, _ in grads],
+                                                                             copies),
         # the model's non-scalar output (logits) is the caller's too: fixed memory (remat.lower), not an activation
         returned_storage=_gradient_storage([by_name[name] for name in returned_names]
                                            + [by_name[name] for name in loss if is_handed_out_output(by_name[name])],

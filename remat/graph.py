@@ -38,6 +38,12 @@ class NodeColumns:
     deps: PerNode
 
 
+# The op of the node that holds gradients to the step's end where they are counted as the backward makes them
+# (remat.lower's gradients="set-to-none" or "accumulate"): it reads every gradient, as the backward's return does,
+# and runs nothing.
+RETURN_OP = "return"
+
+
 @dataclass(frozen=True)
 class Node:
     """One operation that allocates storage (views and tuple unpacking are folded into it)."""
@@ -59,6 +65,11 @@ class Node:
     # part_users[k]: the nodes that read output k. Empty for ops with one output.
     part_bytes: tuple[int, ...] = ()
     part_users: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def is_return(self) -> bool:
+        """The backward's return of the gradients (RETURN_OP): no op to run."""
+        return self.op == RETURN_OP
 
 
 @dataclass(frozen=True)
@@ -202,6 +213,18 @@ class Graph:
             inputs += (sum(size for size, users in zip(dep.part_bytes, dep.part_users, strict=True) if index in users)
                        if dep.part_bytes else dep.output_bytes)
         return inputs + node.output_bytes + node.workspace_bytes
+
+    @property
+    def gradients_made(self) -> bool:
+        """Gradients are counted from when the backward makes them to its end (a node returns them: RETURN_OP), not
+        as fixed memory alone (remat.lower's gradients="set-to-none" or "accumulate")."""
+        return bool(self.nodes) and self.nodes[-1].is_return
+
+    @property
+    def gradients_note(self) -> str:
+        """How the plan counts gradients, for a summary line: "" for the default (held), else what the loop does."""
+        return {"set-to-none": ", gradients set to None between steps",
+                "accumulate": ", gradients accumulated between steps"}.get(self.meta.get("gradients", "held"), "")
 
     def min_budget_lower_bound(self) -> int:
         """No schedule fits below this: fixed memory plus the largest single-op working set."""

@@ -4,7 +4,8 @@
   alias, so a node's bytes are counted once however many views read it.
 - Placeholders (parameters, buffers, inputs, tangent) and the traced module's tensor constants are fixed memory,
   not nodes.
-- Gradients are outputs whose memory is the fixed gradient memory: their nodes hold 0 bytes. So do the
+- Gradients are outputs whose memory is the fixed gradient memory: their nodes hold 0 bytes (with
+  gradients="set-to-none" or "accumulate", their own bytes, held by a last node that returns them). So do the
   tensors a step hands out beside its loss (outputs="all"): the caller holds them to the step's end, so they
   are fixed memory from the forward on (counted with the inputs).
 - Each node is costed with a device profile (remat.cost).
@@ -21,8 +22,9 @@ from torch.utils.flop_counter import flop_registry
 
 from remat.capture import CapturedStep, aliasing_input, describe_value, tensor_bytes, view_bytes
 from remat.cost import DeviceProfile
-from remat.graph import FixedMemory, Graph, Node
+from remat.graph import RETURN_OP, FixedMemory, Graph, Node
 
+GRADIENTS = ("held", "set-to-none", "accumulate")  # how the loop keeps gradients between steps (lower's docstring)
 OPTIMIZERS = {"adamw": 2, "adam": 2, "sgd-momentum": 1, "sgd": 0, "none": 0}  # state tensors per parameter
 
 # torch's FlopCounter has formulas for the CUDA attention kernels; the CPU ones take the same leading arguments.
@@ -34,9 +36,20 @@ _FLOP_ALIASES = {
 _DTYPE_CLASS = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def lower(step: CapturedStep, profile: DeviceProfile, optimizer: str = "adamw", meta: dict | None = None) -> Graph:
+def lower(step: CapturedStep, profile: DeviceProfile, optimizer: str = "adamw", meta: dict | None = None,
+          gradients: str = "held") -> Graph:
+    """`gradients`: how the training loop keeps them between steps.
+    - "held": fixed memory for the whole step, once per weight (the classic model);
+    - "set-to-none": none before the step (`optimizer.zero_grad()`, PyTorch's default, frees them): each gradient the
+      backward makes counts from then to the backward's end, where the planned backward returns them together (a
+      tied weight's per name);
+    - "accumulate": the loop's gradients are there for the whole step (gradient accumulation,
+      zero_grad(set_to_none=False)), fixed memory, and the backward's new ones count beside them as with
+      "set-to-none", until it returns them to be added."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+    if gradients not in GRADIENTS:
+        raise ValueError(f"unknown gradients {gradients!r}: choose one of {', '.join(GRADIENTS)}")
     fx_graph = step.joint.graph
     placeholders = list(fx_graph.find_nodes(op="placeholder"))
     kind_of = {node: kind for node, kind in zip(placeholders, step.input_kinds, strict=True)}
@@ -70,6 +83,8 @@ def lower(step: CapturedStep, profile: DeviceProfile, optimizer: str = "adamw", 
     grad_parts: dict[torch.fx.Node, set[int]] = {}  # outputs k of a multi-output op that are gradients (or handed out)
     returned: set[tuple[torch.fx.Node, int | None]] = set()  # handed-out storages: (owner, output k or None)
     output_owners: list[torch.fx.Node] = []
+    gradient_values: list[torch.fx.Node] = []
+    made = gradients != "held"  # gradients are counted from when the backward makes them (a node returns them)
     for value, kind in zip(output_fx, step.output_kinds, strict=True):
         if kind == "none" or not isinstance(value, torch.fx.Node) or owner.get(value) not in compute_fx:
             continue
@@ -78,13 +93,15 @@ def lower(step: CapturedStep, profile: DeviceProfile, optimizer: str = "adamw", 
         # holds it from the forward to its loss. As an activation nothing in the graph reads, the plan freed it right
         # after computing it, while the forward graph holds it to its end, beside any recomputation after it.
         handed_out = kind == "returned" or (kind == "loss" and is_handed_out_output(value))
-        if kind == "grad" or handed_out:
+        if (kind == "grad" and not made) or handed_out:
             if value in part_of:  # e.g. convolution_backward's weight gradient; its input gradient is an activation
                 grad_parts.setdefault(owner[value], set()).add(part_of[value])
             else:
                 grad_owners.add(owner[value])
         if handed_out:
             returned.add((owner[value], part_of.get(value)))
+        if kind == "grad":
+            gradient_values.append(value)
 
     # 3. Nodes, in the joint graph's order (topological).
     index_of = {fx_node: i for i, fx_node in enumerate(compute_fx)}
@@ -97,6 +114,13 @@ def lower(step: CapturedStep, profile: DeviceProfile, optimizer: str = "adamw", 
             if multi in part_readers and multi is not reader:
                 for k in ([part_of[x]] if x in part_of else range(len(part_readers[multi]))):
                     part_readers[multi][k].add(index_of[reader])
+    # set-to-none, accumulate: gradients are values the backward makes and returns together at its end: a node after
+    # every other, reading each, holds them from when they are made to there
+    sink = len(compute_fx)
+    if made:
+        for value in gradient_values:
+            if value in part_of:
+                part_readers[owner[value]][part_of[value]].add(sink)
     tangents = {p for p in placeholders if kind_of[p] == "tangent"}
     backward: dict[torch.fx.Node, bool] = {}
     nodes = []
@@ -124,6 +148,15 @@ def lower(step: CapturedStep, profile: DeviceProfile, optimizer: str = "adamw", 
             **_part_fields(fx_node, part_readers, grad_parts.get(fx_node, set()), fx_node in grad_owners),
         ))
 
+    if made and gradient_values:
+        made = {owner[value] for value in gradient_values}
+        nodes.append(Node(name="return_gradients", op=RETURN_OP, deps=tuple(sorted(index_of[o] for o in made)),
+                          output_bytes=0, compute_s=0.0, is_backward=True))
+        output_owners = [o for o in output_owners if o not in made]
+        extra_outputs = (sink,)
+    else:
+        extra_outputs = ()
+
     # 4. Fixed memory. Tied parameters share one storage and one gradient; a buffer held by two modules is one too.
     def unique_bytes(names_and_nodes) -> int:
         seen = {}
@@ -146,10 +179,11 @@ def lower(step: CapturedStep, profile: DeviceProfile, optimizer: str = "adamw", 
     whole = {fx for fx, k in returned if k is None}
     returned_bytes = (sum(tensor_bytes(fx.meta["val"]) for fx in whole)
                       + sum(_parts(fx)[k] for fx, k in returned if k is not None and fx not in whole))
-    fixed = FixedMemory(parameter_bytes=unique_bytes(params), gradient_bytes=trained_bytes,
+    held = gradients != "set-to-none"  # the loop's gradients are there from the step's start
+    fixed = FixedMemory(parameter_bytes=unique_bytes(params), gradient_bytes=trained_bytes if held else 0,
                         optimizer_bytes=OPTIMIZERS[optimizer] * trained_bytes,
-                        input_bytes=other_bytes + input_grad_bytes + returned_bytes)
-    outputs = tuple(dict.fromkeys(index_of[o] for o in output_owners))
+                        input_bytes=other_bytes + (input_grad_bytes if held else 0) + returned_bytes)
+    outputs = tuple(dict.fromkeys([*(index_of[o] for o in output_owners), *extra_outputs]))
     return Graph(nodes=tuple(nodes), outputs=outputs, fixed=fixed,
                  meta={**(meta or {}), "optimizer": optimizer, "profile": profile.name,
                        "precision": step.precision})

@@ -189,6 +189,7 @@ class BatchTraces:
     device: str = "h100"
     optimizer: str = "adamw"
     keep_steps: int = 2
+    gradients: str = "held"  # as remat.lower takes it
     on_trace: Callable[[int], None] | None = None  # called before each trace (progress)
     # kept among the keep_steps when others go: max_batch pins the largest batch that fits so far, which it plans
     # again at the end (GPT-2 small at batch 706: its step and a dozen split variants, 100 s to trace again)
@@ -207,7 +208,7 @@ class BatchTraces:
         if self.on_trace:
             self.on_trace(batch)
         tracer = SplitTracer.zoo(self.model, batch=batch, seq=self.seq, precision=self.precision, device=self.device,
-                                 optimizer=self.optimizer)
+                                 optimizer=self.optimizer, gradients=self.gradients)
         self._tracers[batch] = tracer
         while len(self._tracers) > self.keep_steps:
             oldest = next((b for b in self._tracers if b not in (self.pinned, batch)), None)

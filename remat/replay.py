@@ -139,8 +139,8 @@ def replay(step: CapturedStep, graph: Graph, schedule: Schedule, inputs: list[An
     for value, kind, name in zip(output_fx, step.output_kinds, step.output_names, strict=True):
         if kind in ("loss", "grad") and isinstance(value, torch.fx.Node):
             wanted.setdefault(value.name, []).append((kind, name))
-    grad_nodes = {node_of[name] for name, uses in wanted.items()
-                  if name in node_of and any(kind == "grad" for kind, _ in uses)}
+    grad_nodes = set() if graph.gradients_made else {node_of[name] for name, uses in wanted.items()
+                                                       if name in node_of and any(kind == "grad" for kind, _ in uses)}
     collected: dict[str, Any] = {}
 
     # RNG: before the FIRST execution of a random FX node (dropout, rand), the CPU generator state
@@ -180,6 +180,9 @@ def replay(step: CapturedStep, graph: Graph, schedule: Schedule, inputs: list[An
                 raise ReplayError(f"instruction {position}: node {i} does not exist")
             node = graph.nodes[i]
             names = node.fx_nodes or (node.name,)
+            if node.is_return:  # the backward's return of the gradients: nothing to run
+                live[i] = op.kind == COMPUTE
+                continue
             if op.kind == FREE:
                 if not live[i]:
                     raise ReplayError(f"instruction {position}: free({i}) {node.name} which is not in memory")

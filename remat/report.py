@@ -67,10 +67,12 @@ def summary_lines(comparison: Comparison) -> list[str]:
     return [
         f"{meta.get('model')}: {meta.get('description', '')}",
         "".join(f"{k} {meta[k]}, " for k in ("batch", "seq") if meta.get(k) is not None)
-        + f"{meta.get('precision')}, optimizer "
-        f"{meta.get('optimizer')}, costed for {meta.get('device')}; {len(graph)} nodes, hash {graph.content_hash}",
+        + f"{meta.get('precision')}, optimizer {meta.get('optimizer')}"
+        + graph.gradients_note
+        + f", costed for {meta.get('device')}; {len(graph)} nodes, hash {graph.content_hash}",
         f"fixed memory {format_bytes(fixed.total_bytes)} (parameters {format_bytes(fixed.parameter_bytes)}, gradients "
-        f"{format_bytes(fixed.gradient_bytes)}, optimizer {format_bytes(fixed.optimizer_bytes)}, inputs "
+        f"{'as made' if graph.gradients_made and not fixed.gradient_bytes else format_bytes(fixed.gradient_bytes)}, "
+        f"optimizer {format_bytes(fixed.optimizer_bytes)}, inputs "
         f"{format_bytes(fixed.input_bytes)})",
         f"store-all: peak {format_bytes(comparison.store_all.peak_bytes)}, "
         f"{format_seconds(comparison.store_all.compute_s)} per step; no schedule "

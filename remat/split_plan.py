@@ -37,7 +37,7 @@ from remat.capture import Call, CapturedStep, build_on_fake, capture_step, fake_
 from remat.comparators import compile_budget_candidate, compile_method
 from remat.cost import load_profile
 from remat.graph import Graph
-from remat.lower import lower
+from remat.lower import GRADIENTS, lower
 from remat.models import build_model
 from remat.planner import Candidate, Plan, baseline_candidate, solve, store_all_simulation
 from remat.schedule import COMPUTE, FREE, Op, Schedule
@@ -154,12 +154,17 @@ class SplitTracer:
 
     def __init__(self, model: nn.Module, inputs: Call | Sequence[Any], *, loss_fn: Callable | None = None,
                  precision: str = "fp32", device: str = "cpu", optimizer: str = "adamw", meta: dict | None = None,
-                 mode: contextlib.AbstractContextManager | None = None, outputs: str = "loss"):
+                 mode: contextlib.AbstractContextManager | None = None, outputs: str = "loss",
+                 gradients: str = "held"):
         self.profile = load_profile(device)  # fail on a bad device before the slow trace
+        if gradients not in GRADIENTS:  # (before the slow trace)
+            raise ValueError(f"unknown gradients {gradients!r}: choose one of {', '.join(GRADIENTS)}")
         self.model, self.inputs, self.optimizer = uncompiled(model), Call.of(inputs), optimizer
+        self.gradients = gradients
         self.mode = mode or contextlib.nullcontext()
         self.meta = {**(meta or {}), "device": self.profile.name, "precision": precision,
-                     **({"outputs": outputs} if outputs != "loss" else {})}
+                     **({"outputs": outputs} if outputs != "loss" else {}),
+                     **({"gradients": gradients} if gradients != "held" else {})}
         started = time.perf_counter()
         with self._tracing():
             step = capture_step(self.model, self.inputs, loss_fn, precision, outputs)
@@ -171,14 +176,15 @@ class SplitTracer:
 
     @classmethod
     def zoo(cls, model: str, batch: int | None = None, seq: int | None = None, precision: str = "bf16-mixed",
-            device: str = "h100", optimizer: str = "adamw", outputs: str = "loss") -> SplitTracer:
+            device: str = "h100", optimizer: str = "adamw", outputs: str = "loss",
+            gradients: str = "held") -> SplitTracer:
         """A zoo model (or `file.py:factory`) built on fake tensors."""
         load_profile(device)  # fail on a bad device before building the model
         mode = fake_tensor_mode()
         spec = build_on_fake(lambda: build_model(model, batch=batch, seq=seq), mode)
         meta = {"model": model, "batch": spec.batch, "seq": spec.seq, "description": spec.description}
         return cls(spec.model, spec.example_inputs, loss_fn=spec.loss_fn, precision=precision, device=device,
-                   optimizer=optimizer, meta=meta, mode=mode, outputs=outputs)
+                   optimizer=optimizer, meta=meta, mode=mode, outputs=outputs, gradients=gradients)
 
     @property
     def unsplit(self) -> Variant:
@@ -207,7 +213,7 @@ class SplitTracer:
 
     def _lower(self, step: CapturedStep, meta: dict) -> Graph:
         with self.mode:
-            return lower(step, self.profile, optimizer=self.optimizer, meta=meta)
+            return lower(step, self.profile, optimizer=self.optimizer, meta=meta, gradients=self.gradients)
 
     def lowering(self, progress: Callable[[str], None] | None = None) -> Iterator[Variant]:
         """Split variants of the step, each lowering the single-op floor or the reach of the one before by more

@@ -15,15 +15,17 @@ class TracedStep:
 
 
 def trace_model(model: str, batch: int | None = None, seq: int | None = None, precision: str = "bf16-mixed",
-                device: str = "h100", optimizer: str = "adamw") -> Graph:
-    """The training-step graph of a zoo model or a `file.py:factory`, costed for `device`."""
-    return trace_step(model, batch, seq, precision, device, optimizer).graph
+                device: str = "h100", optimizer: str = "adamw", gradients: str = "held") -> Graph:
+    """The training-step graph of a zoo model or a `file.py:factory`, costed for `device`; `gradients` as
+    `remat.apply` takes them (how the loop keeps them between steps)."""
+    return trace_step(model, batch, seq, precision, device, optimizer, gradients).graph
 
 
 def trace_step(model: str, batch: int | None = None, seq: int | None = None, precision: str = "bf16-mixed",
-               device: str = "h100", optimizer: str = "adamw") -> TracedStep:
+               device: str = "h100", optimizer: str = "adamw", gradients: str = "held") -> TracedStep:
     """trace_model, keeping the captured joint FX graph beside the Graph."""
     from remat.split_plan import SplitTracer  # it loads the planner and its solvers
 
-    tracer = SplitTracer.zoo(model, batch=batch, seq=seq, precision=precision, device=device, optimizer=optimizer)
+    tracer = SplitTracer.zoo(model, batch=batch, seq=seq, precision=precision, device=device, optimizer=optimizer,
+                             gradients=gradients)
     return TracedStep(tracer.step, tracer.unsplit.graph)

@@ -43,6 +43,7 @@ from remat.capture import (
 )
 from remat.execute import ExecuteError, PartitionedStep, StepMemory, StepRunner, partition
 from remat.graph import Graph
+from remat.lower import GRADIENTS
 from remat.planner import Plan, check_time_limit
 from remat.schedule import Schedule
 from remat.simulate import Simulation, simulate
@@ -163,7 +164,7 @@ class RematModule(nn.Module):
     def __init__(self, model: nn.Module, budget: str | int | float | None, *, loss_fn: Callable | None,
                  precision: str | None, solver: str, device: str | None, optimizer: str, time_limit: float,
                  plan: Plan | PlanFile | str | Path | None, backend: str, outputs: str | None = None,
-                 progress: Callable[[str], None] | None = None):
+                 progress: Callable[[str], None] | None = None, gradients: str | None = None):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
@@ -192,6 +193,14 @@ class RematModule(nn.Module):
         self.outputs = outputs or planned_outputs or "loss"
         if self.outputs not in OUTPUTS:
             raise ValueError(f"unknown outputs={self.outputs!r}: choose one of {', '.join(map(repr, OUTPUTS))}")
+        planned_gradients = self.given_plan.graph_meta.get("gradients", "held") if self.given_plan else None
+        if gradients is not None and planned_gradients is not None and gradients != planned_gradients:
+            raise PlanError(f"the plan was made for gradients={planned_gradients!r}: leave gradients out, or plan "
+                            f"again with {gradients!r}")
+        self.gradients = gradients or planned_gradients or "held"
+        if self.gradients not in GRADIENTS:
+            raise ValueError(f"unknown gradients={self.gradients!r}: choose one of {', '.join(map(repr, GRADIENTS))}")
+        self.warned_gradients = False  # said once: gradients there at a step planned for none between steps
         self.backend = backend
         self.progress = progress
         # The bytes the first plan got. A share ("60%") is of each input's own store-all peak, and never less than
@@ -269,6 +278,8 @@ class RematModule(nn.Module):
             return self._own_forward(call)
         if step.returns is not None and step.returns.dropped:
             self._warn_of_dropped(step.returns.dropped)
+        if self.gradients == "set-to-none" and not self.warned_gradients:
+            self._warn_of_held_gradients()
         loss, *values = step.runner.run(self._primals(step.parts, call.tensors))
         return step.output(loss, values, lambda: [*call.tensors, *self.model.parameters(), *self.model.buffers()])
 
@@ -289,6 +300,18 @@ class RematModule(nn.Module):
                    "torch.no_grad() for its whole output")
         warnings.warn(f"the planned step returns the model's output with its loss, and None for "
                       f"{', '.join(dropped)}: {why}", stacklevel=_callers_level())
+
+    def _warn_of_held_gradients(self) -> None:
+        """Once: a step planned for gradients freed between steps runs with some held (gradient accumulation,
+        zero_grad(set_to_none=False)); the backward's new gradients come on top of them until it returns."""
+        held = sum(p.grad.untyped_storage().nbytes() for p in self.model.parameters() if p.grad is not None)
+        if held:
+            self.warned_gradients = True
+            warnings.warn(f"the plan counts no gradients held between steps (gradients=\"set-to-none\"), but "
+                          f"{format_bytes(held)} of them are there at this step: it may peak up to that much above "
+                          f"its plan; plan with gradients=\"accumulate\" for gradient accumulation, or call "
+                          f"optimizer.zero_grad() (set_to_none=True, its default) between steps",
+                          stacklevel=_callers_level())
 
     def _differentiable(self, call: Call) -> bool:
         return (any(p.requires_grad for p in self.model.parameters())
@@ -396,11 +419,11 @@ class RematModule(nn.Module):
                                          split_chunks=int(split.get("chunks", 1)),
                                          mlp_chunks=int(split.get("mlp_chunks", 1)),
                                          attention_chunks=int(split.get("attention_chunks", 1)),
-                                         outputs=self.outputs)
+                                         outputs=self.outputs, gradients=self.gradients)
             simulation = check_plan(plan, graph)
         else:
             tracer = _trace_for_planning(self.model, inputs, self.loss_fn, self.precision, self.cost_device,
-                                         self.optimizer, self.progress, self.outputs)
+                                         self.optimizer, self.progress, self.outputs, self.gradients)
             traced_to = tracer.unsplit.graph.content_hash
             plan = self.plans_by_graph.get(traced_to)
             if plan is not None:  # a setting the forward does not read changed (a counter): the step is the same
@@ -595,11 +618,11 @@ def default_device_profile(model: nn.Module) -> str:
 def trace_step(model: nn.Module, inputs: Call | Sequence[Any] | dict[str, Any], loss_fn: Callable | None = None,
                precision: str = "fp32",
                device: str | None = None, optimizer: str = "adamw", split_chunks: int = 1, mlp_chunks: int = 1,
-               attention_chunks: int = 1, outputs: str = "loss"):
+               attention_chunks: int = 1, outputs: str = "loss", gradients: str = "held"):
     """The user's model -> (Graph, CapturedStep), without touching its parameters or the RNG.
     `split_chunks` > 1: the loss head split into that many chunks (remat.split), `mlp_chunks` > 1: each MLP,
     `attention_chunks` > 1: each attention block, as a plan made with a split needs."""
-    tracer = _trace_for_planning(model, inputs, loss_fn, precision, device, optimizer, None, outputs)
+    tracer = _trace_for_planning(model, inputs, loss_fn, precision, device, optimizer, None, outputs, gradients)
     key = (split_chunks, mlp_chunks, attention_chunks)
     variant = tracer.variant(*key)
     if variant is None:
@@ -610,13 +633,14 @@ def trace_step(model: nn.Module, inputs: Call | Sequence[Any] | dict[str, Any], 
 
 def _trace_for_planning(model: nn.Module, inputs: Call | Sequence[Any] | dict[str, Any], loss_fn: Callable | None,
                         precision: str, device: str | None, optimizer: str,
-                        progress: Callable[[str], None] | None, outputs: str = "loss") -> SplitTracer:
+                        progress: Callable[[str], None] | None, outputs: str = "loss",
+                        gradients: str = "held") -> SplitTracer:
     (progress or (lambda message: None))("tracing the training step")
     inputs = Call.of(inputs)
     meta = {"model": type(model).__name__, "inputs": inputs.describe()}
     return SplitTracer(model, inputs, loss_fn=loss_fn, precision=precision,
                        device=device or default_device_profile(model), optimizer=optimizer, meta=meta,
-                       outputs=outputs)
+                       outputs=outputs, gradients=gradients)
 
 
 def _plan_traced(tracer: SplitTracer, budget: str | int | float, solver: str, time_limit: float,
@@ -666,7 +690,7 @@ def apply(model: nn.Module, budget: str | int | float | None = None,
           *, solver: str = "auto", device: str | None = None, time_limit: float = 60.0,
           plan: Plan | PlanFile | str | Path | None = None, backend: str = "eager", loss_fn: Callable | None = None,
           precision: str | None = None, optimizer: str = "adamw", outputs: str | None = None,
-          progress: Callable[[str], None] | None = None) -> RematModule:
+          gradients: str | None = None, progress: Callable[[str], None] | None = None) -> RematModule:
     """Wrap `model` so that its training step runs a schedule that fits `budget`.
 
     budget: the whole memory of the step (parameters, gradients, optimizer state, inputs,
@@ -687,6 +711,11 @@ def apply(model: nn.Module, budget: str | int | float | None = None,
     to the planned backward. outputs: "loss" (default: None in place of the model's other tensors) or "all" (they
     are handed out too, and the plan holds them to the step's end, as a caller that keeps the output does); default:
     the plan's, or "loss".
+    gradients: how the training loop keeps them between steps. "held" (default): fixed memory for the whole step, once
+    per weight; "set-to-none": freed between steps (`optimizer.zero_grad()`'s default), each counted from when the
+    backward makes it, which lowers the peak the plan must fit; "accumulate": kept (gradient accumulation,
+    zero_grad(set_to_none=False)), fixed memory with the backward's new ones counted beside them until it returns.
+    Default: the plan's, or "held".
     """
     if isinstance(model, RematModule):  # planned again (another budget): plan the model it wraps, with its loss_fn
         loss_fn = loss_fn if loss_fn is not None else model.loss_fn
@@ -694,7 +723,7 @@ def apply(model: nn.Module, budget: str | int | float | None = None,
     cls = remat_class(type(uncompiled(model)))  # forward with the model's signature, for tools that read it
     module = cls(model, budget, loss_fn=loss_fn, precision=precision, solver=solver, device=device,
                  optimizer=optimizer, time_limit=time_limit, plan=plan, backend=backend, outputs=outputs,
-                 progress=progress)
+                 progress=progress, gradients=gradients)
     if example_inputs is not None:
         call = Call.of(example_inputs)
         module.prepare(*call.args, **call.kwargs)
@@ -704,14 +733,15 @@ def apply(model: nn.Module, budget: str | int | float | None = None,
 def plan(model: nn.Module, example_inputs: Sequence[Any] | dict[str, Any], budget: str | int | float, *,
          solver: str = "auto",
          device: str | None = None, time_limit: float = 60.0, loss_fn: Callable | None = None,
-         precision: str = "fp32", optimizer: str = "adamw", outputs: str = "loss") -> Plan:
+         precision: str = "fp32", optimizer: str = "adamw", outputs: str = "loss", gradients: str = "held") -> Plan:
     """The plan (schedule + simulated figures) for `model` on `example_inputs`, its loss head (and MLPs, attention
     blocks) split into chunks where that fits a lower budget or costs less (remat.split_plan), as `remat solve` plans;
     `budget`: bytes, "16GB", or "60%" of the store-all peak. `.save(path)` writes a plan file that
-    `remat.apply(model, plan=path)` runs. outputs: as `apply` takes it. Infeasible -> PlanError."""
+    `remat.apply(model, plan=path)` runs. outputs, gradients: as `apply` takes them. Infeasible -> PlanError."""
     check_time_limit(time_limit, "time_limit")
     if isinstance(model, RematModule):  # a planned module: plan the model it wraps (its own trace ran its plan)
         loss_fn = loss_fn if loss_fn is not None else model.loss_fn
         model = model.model
-    tracer = _trace_for_planning(model, example_inputs, loss_fn, precision, device, optimizer, None, outputs)
+    tracer = _trace_for_planning(model, example_inputs, loss_fn, precision, device, optimizer, None, outputs,
+                                 gradients)
     return _plan_traced(tracer, budget, solver, time_limit, None, None)[0]

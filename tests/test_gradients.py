@@ -1,0 +1,144 @@
+"""gradients="set-to-none": a loop that frees the gradients between steps (`optimizer.zero_grad()`'s default) has
+none when the step starts; each is counted from when the backward makes it to its end, not as fixed memory."""
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from remat.planner import solve
+from remat.training import PlanError, apply, plan, trace_step
+from solvers.base import INFEASIBLE
+from tests.cli_run import remat
+
+
+class TiedLM(nn.Module):
+    """An embedding tied to the output head (two names, a gradient each until the backward returns) and an MLP."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.l1, self.l2 = nn.Embedding(50, 32), nn.Linear(32, 64), nn.Linear(64, 32)
+        self.head = nn.Linear(32, 50, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, x, y):
+        h = self.embed(x)
+        h = h + self.l2(torch.tanh(self.l1(h)))
+        return nn.functional.cross_entropy(self.head(h).flatten(0, 1), y.flatten())
+
+
+def _inputs():
+    generator = torch.Generator().manual_seed(1)
+    return (torch.randint(0, 50, (8, 16), generator=generator), torch.randint(0, 50, (8, 16), generator=generator))
+
+
+def test_each_gradient_counts_from_when_it_is_made_and_a_tied_weight_has_one_per_name():
+    model, inputs = TiedLM().double(), _inputs()
+    held, _ = trace_step(model, inputs, device="cpu")
+    made, _ = trace_step(model, inputs, device="cpu", gradients="set-to-none")
+    gradient_bytes = 8 * sum(p.numel() for p in model.parameters())  # the tied weight once
+    assert held.fixed.gradient_bytes == gradient_bytes and not held.gradients_made
+    assert made.fixed.gradient_bytes == 0 and made.gradients_made
+    assert made.fixed.total_bytes == held.fixed.total_bytes - gradient_bytes
+    # the backward's return reads every gradient: the head's and the embedding's of the tied weight apart
+    returned = made.nodes[-1]
+    assert returned.is_return and len(made) - 1 in made.outputs
+    assert made.working_set_bytes(len(made) - 1) == gradient_bytes + 8 * model.embed.weight.numel()
+    # accumulating: the loop's gradients are fixed memory, and the backward's new ones count beside them
+    accumulating, _ = trace_step(model, inputs, device="cpu", gradients="accumulate")
+    assert accumulating.fixed == held.fixed and accumulating.gradients_made
+    assert accumulating.working_set_bytes(len(accumulating) - 1) == made.working_set_bytes(len(made) - 1)
+    with pytest.raises(ValueError, match="unknown gradients 'zeros'"):
+        trace_step(model, inputs, device="cpu", gradients="zeros")
+
+
+@pytest.mark.parametrize("gradients", ["set-to-none", "accumulate"])
+def test_a_step_that_makes_gradients_measures_its_plan_at_every_budget(gradients):
+    """The backward's gradients are activations held to its end: what the counting interpreter measures, with the
+    gradients (the tied weight's per name) in it, equals the plan, and loss and gradients are eager's."""
+    model, inputs = TiedLM().double(), _inputs()
+    for budget in ("100%", "85%"):
+        planned, reference = apply(copy.deepcopy(model), budget=budget, example_inputs=inputs, gradients=gradients,
+                                   device="cpu", time_limit=5), copy.deepcopy(model)
+        step = planned.prepare(*inputs)
+        loss, memory = planned.measure(*inputs)
+        assert (memory.peak_bytes, memory.peak_live_bytes) == (step.simulation.peak_bytes,
+                                                               step.simulation.activation_peak_bytes)
+        expected = reference(*inputs)
+        expected.backward()
+        torch.testing.assert_close(loss, expected, rtol=1e-13, atol=0)
+        for name, p in reference.named_parameters():
+            torch.testing.assert_close(dict(planned.model.named_parameters())[name].grad, p.grad, rtol=1e-12,
+                                       atol=1e-15)
+
+
+def test_a_budget_below_the_held_floor_fits_and_runs_as_eager_with_the_bytes_planned():
+    """No schedule of the held step fits below its floor (fixed memory + the largest op's working set); freed
+    between steps, the gradients leave room there, and the step measures what the plan says."""
+    model, inputs = TiedLM().double(), _inputs()
+    reference = copy.deepcopy(model)
+    held, _ = trace_step(model, inputs, device="cpu")
+    made, _ = trace_step(model, inputs, device="cpu", gradients="set-to-none")
+    budget = held.min_budget_lower_bound() - 1
+    assert solve(held, budget, time_limit_s=5).status == INFEASIBLE
+    assert solve(made, budget, time_limit_s=5).simulation.peak_bytes <= budget
+    planned = apply(model, budget=budget, example_inputs=inputs, gradients="set-to-none", device="cpu", time_limit=5)
+    step = planned.prepare(*inputs)
+    assert step.simulation.peak_bytes <= budget
+    loss, memory = planned.measure(*inputs)
+    assert memory.peak_bytes == step.simulation.peak_bytes
+    assert memory.peak_live_bytes == step.simulation.activation_peak_bytes
+    expected = reference(*inputs)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-13, atol=0)  # (a split head adds its chunks' losses)
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, p.grad, rtol=1e-12, atol=1e-15)
+
+
+def test_gradients_there_at_a_step_planned_without_them_are_warned_of_once():
+    model, inputs = TiedLM().double(), _inputs()
+    planned = apply(model, budget="100%", example_inputs=inputs, gradients="set-to-none", device="cpu", time_limit=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        planned(*inputs).backward()  # the first step: no gradients yet
+        model.zero_grad()  # set_to_none=True
+        planned(*inputs).backward()
+    with pytest.warns(UserWarning, match=r"46.34 KB of them are there at this step.*gradients=\"accumulate\""):
+        planned(*inputs).backward()  # accumulating
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        planned(*inputs).backward()  # said once
+    held = apply(TiedLM().double(), budget="100%", example_inputs=inputs, device="cpu", time_limit=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            held(*inputs).backward()
+
+
+def test_a_plan_file_keeps_its_gradients(tmp_path):
+    model, inputs = TiedLM().double(), _inputs()
+    path = tmp_path / "plan.json"
+    plan(model, inputs, "100%", device="cpu", time_limit=5, gradients="set-to-none").save(path)
+    assert apply(copy.deepcopy(model), plan=path, example_inputs=inputs, device="cpu").gradients == "set-to-none"
+    with pytest.raises(PlanError, match="the plan was made for gradients='set-to-none'"):
+        apply(copy.deepcopy(model), plan=path, gradients="held", device="cpu")
+    with pytest.raises(ValueError, match="unknown gradients='zeros'"):
+        apply(copy.deepcopy(model), budget="100%", gradients="zeros")
+
+
+def test_remat_solve_plans_with_gradients_set_to_none():
+    summaries = {}
+    for gradients in ("held", "set-to-none"):
+        result = remat("solve", "--model", "mlp", "--budget", "100%", "--gradients", gradients, "--json",
+                       "--time-limit", "10", process=True)
+        assert result.returncode == 0, result.stderr
+        summaries[gradients] = json.loads(result.stdout)
+    held, made = summaries["held"], summaries["set-to-none"]
+    assert (held["gradients"], made["gradients"]) == ("held", "set-to-none")
+    assert made["fixed"]["gradients"] == 0
+    assert made["fixed_bytes"] == held["fixed_bytes"] - held["fixed"]["gradients"]
+    assert made["store_all_peak_bytes"] < held["store_all_peak_bytes"]
