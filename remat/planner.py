@@ -36,6 +36,7 @@ from solvers.base import (
 )
 from solvers.baselines import BASELINES, BUDGET_FREE_BASELINES, checkpoint_all
 from solvers.bounds import PAIRS_MAX_NODES, covering_bound, recomputed_again
+from solvers.checkmate import unbuildable_in
 from solvers.coarsen import Coarsening, coarsen, contiguous_groups
 from solvers.cover_round import MAX_REPAIRS, Drops, incumbents_of, solve_cover_round
 from solvers.decompose import decompose_applies
@@ -224,8 +225,9 @@ def solve(graph: Graph, budget_bytes: int | str, solver: str = "auto", time_limi
     `beaten_at_s`: the seconds of a plan found elsewhere (another chunk count's): once the lower bound shows no
     schedule of this graph costs less, the solve stops with what it has (`Plan.picked` says so).
     Every stage draws on one deadline, `time_limit_s` from now: when it is near or past, the stages still to
-    come get MIN_STAGE_S each (a MILP then keeps its warm start; a finer coarse level is skipped), and the best
-    plan found so far is returned with its bound. Building a MILP is not interruptible: that is the overrun.
+    come get MIN_STAGE_S each (a MILP then keeps its warm start; a finer coarse level is skipped; past it, with a
+    plan that fits, no MILP is started, nor one whose model HiGHS could not run in its time), and the best plan
+    found so far is returned with its bound. Building a MILP is not interruptible: that is the overrun.
     Time the plan leaves goes to its lower bound when that was cut short (_tighten_bound).
     """
     if solver not in SOLVER_NAMES:
@@ -679,7 +681,7 @@ def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, bac
             coarser_sim = simulate(working, coarser)
             if coarser_sim.fits(budget_bytes):
                 options.append((coarser_sim.compute_s, coarser))
-        if depth == len(graphs) - 1 and lowest_peak > bound:
+        if depth == len(graphs) - 1 and lowest_peak > bound and not _out_of_time(deadline, candidates, budget_bytes):
             # No baseline reaches the single-op floor: ask the MILP for the lowest peak it can find.
             say("minimum feasible budget")
             lowest = min((c for c in baselines if c.simulation is not None and c.simulation.valid),
@@ -687,9 +689,11 @@ def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, bac
             # A quarter of the time left, or all of it when the budget is below this graph's single-op floor
             # (then the MILP for the budget settles at once and the lowest peak is the answer wanted).
             below_floor = working.min_budget_lower_bound() > budget_bytes
-            min_peak = solve_with("checkmate-min-peak", working, budget_bytes,
-                                  SolveOptions(time_limit_s=left(1.0 if below_floor else 0.25), backend=backend,
-                                               warm_start=lowest.schedule))
+            min_peak_options = SolveOptions(time_limit_s=left(1.0 if below_floor else 0.25), backend=backend,
+                                            warm_start=lowest.schedule)
+            unbuilt = unbuildable_in(working, min_peak_options)
+            min_peak = (SolverResult("checkmate-min-peak", NO_SOLUTION, None, message=unbuilt) if unbuilt
+                        else solve_with("checkmate-min-peak", working, budget_bytes, min_peak_options))
             candidates.append(_candidate(graph, "checkmate-min-peak", min_peak, to_graph(min_peak.schedule, depth)))
             if min_peak.schedule is not None:
                 min_peak_sim = simulate(working, min_peak.schedule)
@@ -703,9 +707,20 @@ def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, bac
         whole_share = WHOLE_MILP_SHARE if options else 1.0
         share = left(1 / 3 if depth > 1 else whole_share if solver == "auto" and not levels else 1.0,
                      until=milp_until)
+        run_options = SolveOptions(time_limit_s=share, warm_start=warm, backend=backend)
+        # Not started past the deadline with a plan in hand, nor where HiGHS could not run the model once it is built
+        # (lp-round tells that itself, for each of its LPs; CP-SAT's process builds its own)
+        unbuilt = ("not run: the time limit ran out before its model was built"
+                   if _out_of_time(deadline, candidates, budget_bytes)
+                   else unbuildable_in(working, run_options) if name == "checkmate" else "")
+        if unbuilt:
+            say(f"no time left for the MILP on {len(working)} nodes")
+            if result is None:  # (else the coarser level's plan, expanded, stands)
+                result = SolverResult(name, NO_SOLUTION, None, message=unbuilt)
+                milp_candidates.append(_candidate(graph, label, result, None))
+            break
         say(f"solving the MILP on {len(working)} nodes ({share:.1f} s)")
-        result = solve_with(name, working, budget_bytes,
-                            SolveOptions(time_limit_s=share, warm_start=warm, backend=backend))
+        result = solve_with(name, working, budget_bytes, run_options)
         candidate = _candidate(graph, label, result, to_graph(result.schedule, depth))
         if depth > 0 and candidate.status == OPTIMAL:  # optimal among coarse schedules, not proven for the graph
             candidate = replace(candidate, status=FEASIBLE, message="optimal for the coarsened graph")
@@ -750,6 +765,14 @@ def sweep(graph: Graph, budgets_bytes: Sequence[int | str], solver: str = "auto"
             known.append(Candidate(f"{plan.method}@{plan.budget_bytes}", FEASIBLE, plan.schedule, plan.simulation,
                                    0.0, f"the plan for {plan.budget_bytes} bytes"))
     return plans
+
+
+def _out_of_time(deadline: float, candidates: Sequence[Candidate], budget_bytes: int) -> bool:
+    """Past the deadline with a plan that fits in hand: a MILP stage started now only overruns. Building its model is
+    not interruptible (1.5 to 4.5 s for a 94-node MLP's), and then it keeps its warm start, or HiGHS does not run a
+    model that size at all with the time a late stage gets (MIN_STAGE_S): `lp-round` given 1 s on that MLP took 4.7 s,
+    the min-peak MILP's build and the LP's, for the plan chen-greedy had before either."""
+    return time.perf_counter() >= deadline and any(c.fits(budget_bytes) for c in candidates)
 
 
 def _build_s(coarser: SolverResult, finer: Graph, coarser_graph: Graph) -> float:

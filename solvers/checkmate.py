@@ -370,6 +370,35 @@ class SolveOutcome:
 
 MIN_RUN_S = 1e-3  # HiGHS's time limit when the deadline has passed: it returns the warm start at once
 CHILD_MIN_LEFT_S = 0.3  # a large model is solved (in a child process) only with at least this much time left
+# What a model's build costs, from its FREE variables (cheap to count), to tell before building it whether HiGHS could
+# run it in the time given. 94-node MLP, VGG16's and U-Net's coarse levels (2.7k to 9.2k FREE variables, 39k to 135k
+# non-zeros): 14.0 to 14.7 non-zeros and 300 to 470 us of build (PuLP, then its copy into HiGHS's arrays) per FREE
+# variable on this 2-core machine under load. Both are taken low, so that only a model HiGHS could not run is skipped.
+NONZEROS_PER_FREE = 10
+BUILD_S_PER_FREE = 1e-4
+
+
+def free_variables(graph: Graph) -> int:
+    """The FREE variables of `graph`'s model (build_model's FREE: each part a node's run may free, in every stage from
+    that node on)."""
+    freed = freed_by(graph, node_parts(graph))
+    return sum(len(freed[k]) * (len(graph) - k) for k in range(len(graph)))
+
+
+def unbuildable_in(graph: Graph, options: SolveOptions) -> str:
+    """Why the model of `graph` is not worth building in options.time_limit_s ("" when it is): a model HiGHS solves
+    only in a child process, whose build (not interruptible) would leave less than CHILD_MIN_LEFT_S for that child, so
+    that HiGHS would not run it at all. Such builds took 3.7 to 4.5 s each of a 1-s `remat.solve` of a 94-node MLP,
+    stages started near the deadline with MIN_STAGE_S each (4.7 s in all, for the plan a baseline had before)."""
+    if options.backend != "highs" or not pulp.HiGHS().available():  # only in-process HiGHS skips large models
+        return ""
+    free = free_variables(graph)
+    build_s = free * BUILD_S_PER_FREE
+    if free * NONZEROS_PER_FREE < LARGE_MODEL_NONZEROS or options.time_limit_s >= build_s + CHILD_MIN_LEFT_S:
+        return ""
+    return (f"not built: its {free:,} FREE variables take {build_s:.1f} s or more to build, and "
+            f"{options.time_limit_s:.1f} s leaves less than the {CHILD_MIN_LEFT_S} s the process that solves a model "
+            "that size needs")
 
 
 def highs_arrays(problem: pulp.LpProblem) -> HighsArrays:

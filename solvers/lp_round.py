@@ -28,7 +28,7 @@ from solvers.base import (
     meets_bound,
     settled_without_solving,
 )
-from solvers.checkmate import MEMORY_SCALE, build_model, second_unit, solve_problem
+from solvers.checkmate import MEMORY_SCALE, build_model, second_unit, solve_problem, unbuildable_in
 
 THRESHOLDS = tuple(k / 10 for k in range(1, 10))  # deterministic roundings: store where S >= threshold
 RANDOM_TRIALS = 20  # randomized roundings: store with probability S
@@ -107,8 +107,13 @@ def solve_lp_round(graph: Graph, budget_bytes: int, options: SolveOptions | None
         lp_budget = max(graph.min_budget_lower_bound(), int(budget_bytes * scale))
         if attempt and lp_budget == detail["lp_budgets"][-1]:
             break  # the budget cannot shrink any further
-        detail["lp_budgets"].append(lp_budget)
         lp_started = time.perf_counter()
+        unbuilt = unbuildable_in(graph, dataclasses.replace(options, time_limit_s=options.time_limit_s - (lp_started
+                                                                                                       - started)))
+        if unbuilt:
+            message = f"the LP was {unbuilt}"
+            break
+        detail["lp_budgets"].append(lp_budget)
         byte_unit = max(lp_budget - graph.fixed.total_bytes, 1) / MEMORY_SCALE
         model = build_model(graph, lp_budget, byte_unit, second_unit(graph), relax=True)
         # the LP stops at the time limit counted from the start (for HiGHS: building the model included)

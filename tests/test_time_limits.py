@@ -104,3 +104,64 @@ def test_past_its_time_limit_the_decomposition_repairs_no_further(monkeypatch):
     late = decompose.solve_decompose(graph, low, SolveOptions(time_limit_s=1e-6))
     assert len(passes) == 1
     assert late.status == NO_SOLUTION and "the time limit ran out" in late.message
+
+
+@pytest.mark.parametrize("solver", ["checkmate", "lp-round", "cpsat"])
+def test_past_the_deadline_with_a_plan_in_hand_no_milp_is_started(monkeypatch, solver):
+    """A MILP stage started past the deadline got MIN_STAGE_S, built its model (not interruptible: 3.7 to 4.5 s for
+    a 94-node MLP's) and kept its warm start, or HiGHS did not run it at all: lp-round given 1 s took 4.7 s (the
+    min-peak MILP's build, then the LP's), cpsat 6.5 s, for the plan a baseline had before either. Here the lower
+    bound ends past the deadline: the plan is the best found so far, and no MILP runs."""
+    from remat import planner
+    from solvers.registry import solve_with
+
+    graph = chain_training_graph(45)  # 91 nodes: the MILP takes it whole
+    budget = solve(graph, 2**62).store_all.peak_bytes // 2
+    limit_s = 0.3
+    real_bound, ran = planner.covering_bound, []
+
+    def slow_bound(*args, **kwargs):
+        time.sleep(limit_s + 0.1)  # as a bound that takes all of a short limit
+        return real_bound(*args, **kwargs)
+
+    def recorded(name, *args, **kwargs):
+        ran.append(name)
+        return solve_with(name, *args, **kwargs)
+
+    monkeypatch.setattr(planner, "covering_bound", slow_bound)
+    monkeypatch.setattr(planner, "solve_with", recorded)
+    plan = solve(graph, budget, solver=solver, time_limit_s=limit_s)
+    assert not {"checkmate", "checkmate-min-peak", "lp-round", "cpsat"} & set(ran), ran
+    assert plan.status == "feasible" and plan.simulation.fits(budget)
+    assert plan.lower_bound_s is not None and plan.gap is not None and plan.lower_bound_s <= plan.compute_s
+    assert f"{solver}: not run: the time limit ran out" in plan.message, plan.message
+
+
+def test_a_model_highs_could_not_run_in_its_time_is_not_built(monkeypatch):
+    """A model of LARGE_MODEL_NONZEROS or more runs only in a child process, and only with CHILD_MIN_LEFT_S left once
+    built: a build that leaves less is skipped (lp-round's LP here, 1 s or more to build; it took 3.7 s to find
+    out on the 94-node MLP's, with 0.5 s given). The estimate of the non-zeros stays under the model's own count, so
+    no model HiGHS would run in-process is skipped."""
+    from solvers import lp_round
+    from solvers.base import NO_SOLUTION, SolveOptions
+    from solvers.checkmate import NONZEROS_PER_FREE, build_model, free_variables, highs_arrays, unbuildable_in
+
+    for graph in (chain_training_graph(20), block_training_graph(3, 4)):
+        model = build_model(graph, 2**40, 1.0, 1.0)
+        assert free_variables(graph) == len(model.FREE)
+        assert free_variables(graph) * NONZEROS_PER_FREE <= highs_arrays(model.problem).nonzeros
+    graph = chain_training_graph(45)  # 10,350 FREE variables, 145k non-zeros
+    assert unbuildable_in(graph, SolveOptions(time_limit_s=0.5))
+    assert not unbuildable_in(graph, SolveOptions(time_limit_s=30))
+    assert not unbuildable_in(chain_training_graph(5), SolveOptions(time_limit_s=0.01))  # solved in-process
+    built = []
+
+    def counted(*args, **kwargs):
+        built.append(args[0])
+        return build_model(*args, **kwargs)
+
+    monkeypatch.setattr(lp_round, "build_model", counted)
+    budget = solve(graph, 2**62).store_all.peak_bytes // 2
+    result = lp_round.solve_lp_round(graph, budget, SolveOptions(time_limit_s=0.5))
+    assert not built and result.status == NO_SOLUTION and "not built" in result.message
+    assert result.lower_bound_s == graph.compute_s
