@@ -577,6 +577,13 @@ def _solve_command(problem: pulp.LpProblem, solver: pulp.LpSolver, start: dict[s
         return SolveOutcome(NO_SOLUTION, None, None, f"{solver.name}: {str(error).splitlines()[0]}")
     # (the problem's status reads "Optimal" for a solution found in the time limit too: the solution's says which)
     message = f"{solver.name}: {pulp.LpSolution[problem.sol_status]}"
+    if problem.status == pulp.LpStatusInfeasible and problem.sol_status != pulp.LpSolutionInfeasible:
+        # CBC's "Integer infeasible" (PuLP reads its first word as infeasible): CBC 2.10.3, PuLP's own, says so when
+        # its time limit cuts the pre-processing short ("Cut generators found to be infeasible!"), of a model whose
+        # warm start is a solution (a U-Net step's 44-node coarse MILP with 0.5 s; with 0.3 s and 0.8 s it stopped
+        # with the warm start), so it is no proof: the MILP of a whole graph made the plan's lower bound None
+        return SolveOutcome(NO_SOLUTION, None, None, f"{solver.name}: integer infeasible, said by its pre-processing "
+                                                     "(also when its time runs out: not a proof)")
     if problem.status == pulp.LpStatusInfeasible:
         return SolveOutcome(INFEASIBLE, None, None, message)
     objective = pulp.value(problem.objective)

@@ -272,6 +272,42 @@ def test_cbc_with_no_time_left_or_no_solution_file_is_no_solution_not_an_error(m
     assert 2 < limits[0] <= 3  # the time left to the deadline, not the 30-s limit
 
 
+def test_cbc_integer_infeasible_is_no_proof(monkeypatch, tmp_path):
+    """CBC 2.10.3 (PuLP's own) writes "Integer infeasible" when its time limit cuts its pre-processing short ("Cut
+    generators found to be infeasible!"), of a model whose warm start is a solution (a U-Net step's 44-node coarse
+    MILP given 0.5 s). It was taken for a proof: the warm start was dropped, and the planner, for a whole graph,
+    took the MILP's infeasibility for its lower bound: None, so the plan had no gap. Its "Infeasible" stays one."""
+    import pulp
+
+    from remat.planner import solve
+    from solvers import checkmate
+    from solvers.base import NO_SOLUTION
+
+    def solution_file(first_line: str) -> tuple[int, int]:
+        path = tmp_path / "cbc.sol"
+        path.write_text(first_line + "\n")
+        return checkmate._cbc(msg=False).get_status(str(path))  # PuLP's reading of it
+
+    said = solution_file("Integer infeasible - objective value 48.02154776")
+    assert said[0] == pulp.LpStatusInfeasible
+
+    def cbc_says(self, lp):
+        lp.assignStatus(*said)
+        return said[0]
+
+    monkeypatch.setattr(pulp.PULP_CBC_CMD, "actualSolve", cbc_says)
+    graph, budget, warm = _medium_graph()
+    options = SolveOptions(backend="cbc", time_limit_s=5)
+    assert solve_checkmate(graph, budget, options).status == NO_SOLUTION
+    kept = solve_checkmate(graph, budget, dataclasses.replace(options, warm_start=warm))
+    assert kept.status == FEASIBLE and kept.schedule == warm
+    plan = solve(graph, budget, solver="checkmate", backend="cbc", time_limit_s=5)
+    assert plan.status == FEASIBLE and plan.simulation.fits(budget)
+    assert plan.lower_bound_s is not None and plan.gap is not None
+    said = solution_file("Infeasible - objective value 48.02154776")
+    assert solve_checkmate(graph, budget, options).status == INFEASIBLE
+
+
 def test_unavailable_backend_is_a_clear_error():
     graph = chain_training_graph(2)
     with pytest.raises(ValueError, match="available: highs, cbc"):
