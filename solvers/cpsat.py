@@ -212,7 +212,8 @@ def solve_cpsat(graph: Graph, budget_bytes: int, options: SolveOptions | None = 
     detail["build_s"] = time.perf_counter() - started
 
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = max(float(options.time_limit_s), 1e-3)
+    # the time limit covers the whole call, as the MILP's does: building the model counts against it
+    solver.parameters.max_time_in_seconds = max(float(options.time_limit_s) - detail["build_s"], 1e-3)
     solver.parameters.num_workers = options.threads or 8  # CP-SAT's portfolio needs several workers, even on 2 cores
     solver.parameters.log_search_progress = options.verbose
     solver.parameters.random_seed = seed
@@ -289,6 +290,8 @@ def _main() -> None:
 
     request = json.load(sys.stdin)
     options = request["options"]
+    # and so does this process's start (Python, OR-Tools and remat imported: 1 to 2 s), from when it was asked
+    options["time_limit_s"] = max(0.0, options["time_limit_s"] - (time.time() - request.get("sent_at", time.time())))
     warm = options.pop("warm_start", None)
     result = solve_cpsat(Graph.from_json(request["graph"]), int(request["budget_bytes"]),
                          SolveOptions(**options, warm_start=Schedule.from_json(warm) if warm else None),

@@ -65,7 +65,8 @@ def _solve_cpsat_in_child(graph: Graph, budget_bytes: int, options: SolveOptions
     crashes: list[str] = []
     for seed in range(CHILD_TRIES):
         fields["time_limit_s"] = max(options.time_limit_s - (time.perf_counter() - started), 1.0)
-        request = json.dumps({"graph": graph_json, "budget_bytes": budget_bytes, "options": fields, "seed": seed})
+        request = json.dumps({"graph": graph_json, "budget_bytes": budget_bytes, "options": fields, "seed": seed,
+                              "sent_at": time.time()})  # the process's start counts against its time limit
         try:
             child = subprocess.run([sys.executable, "-m", "solvers.cpsat"], input=request, capture_output=True,
                                    text=True, cwd=root, timeout=fields["time_limit_s"] + CHILD_GRACE_S)
