@@ -740,7 +740,7 @@ def _solve(graph: Graph, budget_bytes: int | None, options: SolveOptions, name: 
     if outcome.status == NO_SOLUTION:
         if fallback is not None:
             return result(FEASIBLE, fallback, bound_s(outcome.bound),
-                          f"no solution found in {options.time_limit_s} s ({outcome.message}): "
+                          f"no solution found in {options.time_limit_s:.3g} s ({outcome.message}): "
                           "returning the warm start")
         return result(NO_SOLUTION, None, bound_s(outcome.bound), f"no solution found ({outcome.message})")
 

@@ -253,7 +253,7 @@ def solve_cpsat(graph: Graph, budget_bytes: int, options: SolveOptions | None = 
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         if fallback is not None:
             return result(FEASIBLE, fallback, lower_bound(status),
-                          f"no solution found in {options.time_limit_s} s: returning the warm start ({message})")
+                          f"no solution found in {options.time_limit_s:.3g} s: returning the warm start ({message})")
         return result(NO_SOLUTION, None, lower_bound(status), f"no solution found ({message})")
 
     R, S = model.matrices(solver)

@@ -154,7 +154,7 @@ def solve_lp_round(graph: Graph, budget_bytes: int, options: SolveOptions | None
     if best is None:
         return SolverResult("lp-round", NO_SOLUTION, None, None, lp_bound, wall,
                             f"no rounding of the LP fits {budget_bytes} bytes ({trials} trials within "
-                            f"{options.time_limit_s} s; {message})", detail)
+                            f"{options.time_limit_s:.3g} s; {message})", detail)
     cost, schedule = best
     # Floating-point noise can put the LP value a hair above an optimum it equals: clamp to the achieved cost.
     bound = min(lp_bound, cost)

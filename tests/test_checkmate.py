@@ -331,3 +331,11 @@ def test_a_warm_start_the_presolve_hands_back_is_solved_again():
     assert result.status == OPTIMAL and result.objective_s == pytest.approx(0.5)
     assert simulate(graph, result.schedule).compute_s == pytest.approx(0.5)
     assert "solved again without presolve" in result.message
+
+
+def test_a_time_limit_in_a_message_is_rounded():
+    """The planner hands a stage what is left of its limit: "no solution found in 1.3592539109959034 s" read as a
+    measurement to 16 digits."""
+    graph, budget, warm = _medium_graph()
+    result = solve_checkmate(graph, budget, SolveOptions(time_limit_s=1 / 300, warm_start=warm))
+    assert result.status == FEASIBLE and "no solution found in 0.00333 s" in result.message, result.message
