@@ -181,25 +181,11 @@ class RematModule(nn.Module):
         self.optimizer = optimizer
         self.time_limit = time_limit
         self.given_plan = plan_from(plan) if plan is not None else None  # a bad file fails here, before any trace
-        planned_in = self.given_plan.graph_meta.get("precision") if self.given_plan is not None else None
-        if precision is not None and planned_in is not None and precision != planned_in:
-            raise PlanError(f"the plan was made for precision={planned_in!r}: leave precision out, or plan again "
-                            f"with {precision!r}")  # it ran the plan's while evaluation ran in the one given
-        self.precision = precision or planned_in or "fp32"
-        planned_outputs = self.given_plan.graph_meta.get("outputs", "loss") if self.given_plan is not None else None
-        if outputs is not None and planned_outputs is not None and outputs != planned_outputs:
-            raise PlanError(f"the plan was made for outputs={planned_outputs!r}: leave outputs out, or plan again "
-                            f"with {outputs!r}")
-        self.outputs = outputs or planned_outputs or "loss"
-        if self.outputs not in OUTPUTS:
-            raise ValueError(f"unknown outputs={self.outputs!r}: choose one of {', '.join(map(repr, OUTPUTS))}")
-        planned_gradients = self.given_plan.graph_meta.get("gradients", "held") if self.given_plan else None
-        if gradients is not None and planned_gradients is not None and gradients != planned_gradients:
-            raise PlanError(f"the plan was made for gradients={planned_gradients!r}: leave gradients out, or plan "
-                            f"again with {gradients!r}")
-        self.gradients = gradients or planned_gradients or "held"
-        if self.gradients not in GRADIENTS:
-            raise ValueError(f"unknown gradients={self.gradients!r}: choose one of {', '.join(map(repr, GRADIENTS))}")
+        # precision, outputs and gradients: as given, or the plan's; refused where the plan was made with others (a
+        # plan of bf16-mixed ran while evaluation ran in the precision given)
+        self.precision = self._planned_setting("precision", precision, "fp32")
+        self.outputs = self._planned_setting("outputs", outputs, "loss", OUTPUTS)
+        self.gradients = self._planned_setting("gradients", gradients, "held", GRADIENTS)
         self.warned_gradients = False  # said once: gradients there at a step planned for none between steps
         self.backend = backend
         self.progress = progress
@@ -219,6 +205,16 @@ class RematModule(nn.Module):
         self.register_load_state_dict_pre_hook(_wrapped_model_keys)
         self.register_load_state_dict_post_hook(_model_key_names)
         self._remat_ready = True  # from here on, attributes the model has are set on the model (__setattr__)
+
+    def _planned_setting(self, name: str, given: str | None, default: str, choices: Sequence[str] = ()) -> str:
+        """`given`, else the given plan's, else `default`; a PlanError where the plan was made with another."""
+        planned = self.given_plan.graph_meta.get(name, default) if self.given_plan is not None else None
+        if given is not None and planned is not None and given != planned:
+            raise PlanError(f"the plan was made for {name}={planned!r}: leave {name} out, or plan again with {given!r}")
+        value = given or planned or default
+        if choices and value not in choices:
+            raise ValueError(f"unknown {name}={value!r}: choose one of {', '.join(map(repr, choices))}")
+        return value
 
     def __setattr__(self, name: str, value: Any) -> None:
         """`planned.head = nn.Linear(...)`, `planned.temperature = 4.0`: set on the wrapped model, which the planned
