@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from remat.units import format_bytes, format_seconds, is_share, parse_size
+from remat.units import format_bytes, format_seconds, format_share_above, is_share, parse_size
 from remat.zoo import ZOO_NAMES
 from solvers.base import FEASIBLE, overhead_of, reported_status
 from solvers.baselines import BASELINES
@@ -266,7 +266,7 @@ def _share_above(fixed, store_all_peak: int | None) -> str:
     if not store_all_peak:
         return ""
     return f"; as a share of the store-all peak ({_fmt(store_all_peak)}), fixed memory alone is " \
-           f"{fixed.total_bytes / store_all_peak:.0%}"
+           f"{format_share_above(fixed.total_bytes, store_all_peak)}"
 
 
 def _below_model_state(fixed) -> str:

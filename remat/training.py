@@ -48,7 +48,7 @@ from remat.planner import Plan, check_time_limit
 from remat.schedule import Schedule
 from remat.simulate import Simulation, simulate
 from remat.split_plan import SplitTracer, solve_split
-from remat.units import format_bytes, is_share
+from remat.units import format_bytes, format_share_above, is_share
 from solvers.base import INFEASIBLE
 
 BACKENDS = ("eager", "inductor")
@@ -652,8 +652,8 @@ def _plan_traced(tracer: SplitTracer, budget: str | int | float, solver: str, ti
             raise PlanError(
                 f"no schedule fits a budget of {format_bytes(budget_bytes)} ({budget_bytes} bytes): fixed memory alone "
                 f"is {unsplit.fixed.describe()}, whatever is recomputed; a budget above it leaves room for activations"
-                + (f" ({unsplit.fixed.total_bytes / tracer.budget_bytes('100%'):.0%} of the store-all peak, which a "
-                   f"share such as {budget!r} is of)" if is_share(budget) else ""))
+                + (f" ({format_share_above(unsplit.fixed.total_bytes, tracer.budget_bytes('100%'))} of the store-all "
+                   f"peak, which a share such as {budget!r} is of)" if is_share(budget) else ""))
         lowest = result.min_feasible_bytes
         asked = next((c.simulation for c in result.candidates if c.method == solver and c.simulation is not None
                       and c.simulation.valid), None)
