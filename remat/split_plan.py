@@ -634,6 +634,8 @@ def _largest_op(variant: Variant) -> str:
     graph, index = variant.graph, variant.largest_op
     node = graph.nodes[index]
     holds = format_bytes(graph.working_set_bytes(index))
+    if node.is_return:
+        return f"the backward's return of the gradients holds {holds} by itself"
     return f"{node.op.removeprefix('aten.').removesuffix('.default')} {node.shape} holds {holds} by itself"
 
 
