@@ -61,7 +61,7 @@ def test_a_step_that_makes_gradients_measures_its_plan_at_every_budget(gradients
     """The backward's gradients are activations held to its end: what the counting interpreter measures, with the
     gradients (the tied weight's per name) in it, equals the plan, and loss and gradients are eager's."""
     model, inputs = TiedLM().double(), _inputs()
-    for budget in ("100%", "85%"):
+    for budget in ("85%",):
         planned, reference = apply(copy.deepcopy(model), budget=budget, example_inputs=inputs, gradients=gradients,
                                    device="cpu", time_limit=5), copy.deepcopy(model)
         step = planned.prepare(*inputs)
