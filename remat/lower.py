@@ -151,10 +151,11 @@ def lower(step: CapturedStep, profile: DeviceProfile, optimizer: str = "adamw", 
         ))
 
     if made and gradient_values:
-        made = {owner[value] for value in gradient_values}
-        nodes.append(Node(name="return_gradients", op=RETURN_OP, deps=tuple(sorted(index_of[o] for o in made)),
-                          output_bytes=0, compute_s=0.0, is_backward=True))
-        output_owners = [o for o in output_owners if o not in made]
+        returned_owners = {owner[value] for value in gradient_values}
+        nodes.append(Node(name="return_gradients", op=RETURN_OP,
+                          deps=tuple(sorted(index_of[o] for o in returned_owners)), output_bytes=0, compute_s=0.0,
+                          is_backward=True))
+        output_owners = [o for o in output_owners if o not in returned_owners]
         extra_outputs = (sink,)
     else:
         extra_outputs = ()
