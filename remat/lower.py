@@ -189,7 +189,7 @@ def lower(step: CapturedStep, profile: DeviceProfile, optimizer: str = "adamw", 
     outputs = tuple(dict.fromkeys([*(index_of[o] for o in output_owners), *extra_outputs]))
     return Graph(nodes=tuple(nodes), outputs=outputs, fixed=fixed,
                  meta={**(meta or {}), "optimizer": optimizer, "profile": profile.name,
-                       "precision": step.precision})
+                       "precision": step.precision, **({"gradients": gradients} if gradients != "held" else {})})
 
 
 def cost_key(fx_node: torch.fx.Node) -> str:

@@ -164,8 +164,7 @@ class SplitTracer:
         self.frozen_trained_bytes = frozen_trained_bytes  # parameters frozen after an earlier step trained them
         self.mode = mode or contextlib.nullcontext()
         self.meta = {**(meta or {}), "device": self.profile.name, "precision": precision,
-                     **({"outputs": outputs} if outputs != "loss" else {}),
-                     **({"gradients": gradients} if gradients != "held" else {})}
+                     **({"outputs": outputs} if outputs != "loss" else {})}
         started = time.perf_counter()
         with self._tracing():
             step = capture_step(self.model, self.inputs, loss_fn, precision, outputs)
