@@ -105,6 +105,7 @@ PRECISIONS = ["bf16-mixed", "fp32"]
 PRECISION_OPTION = click.option("--precision", default="bf16-mixed", show_default=True, type=click.Choice(PRECISIONS),
                                 help="bf16-mixed: under bf16 autocast; fp32: no autocast, in the model's own dtypes.")
 OPTIMIZERS = ["adamw", "adam", "sgd", "sgd-momentum", "none"]
+GRADIENTS = ["held", "set-to-none", "accumulate"]  # remat.lower's GRADIENTS (not imported: it loads torch)
 OPTIMIZER_OPTION = click.option("--optimizer", default="adamw", show_default=True, type=click.Choice(OPTIMIZERS),
                                 help="The optimizer whose state the step holds.")
 GRADIENTS_HELP = ("How the loop keeps gradients between steps. held: fixed memory for the whole step, once per weight; "
@@ -112,7 +113,7 @@ GRADIENTS_HELP = ("How the loop keeps gradients between steps. held: fixed memor
                   "it; accumulate: kept (gradient accumulation, zero_grad(set_to_none=False)), fixed memory, and the "
                   "backward's new ones counted beside them until it returns.")
 GRADIENTS_OPTION = click.option("--gradients", default="held", show_default=True,
-                                type=click.Choice(["held", "set-to-none", "accumulate"]), help=GRADIENTS_HELP)
+                                type=click.Choice(GRADIENTS), help=GRADIENTS_HELP)
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the text.")
 
 
@@ -356,7 +357,7 @@ def _plan_summary(plan, wall_s: float) -> dict:
         "device": graph.meta.get("device"),
         "precision": graph.meta.get("precision"),
         "optimizer": graph.meta.get("optimizer"),
-        "gradients": graph.meta.get("gradients", "held"),
+        "gradients": graph.gradients,
         "budget_bytes": plan.budget_bytes,
         "fixed_bytes": graph.fixed.total_bytes,
         "fixed": {"parameters": graph.fixed.parameter_bytes, "gradients": graph.fixed.gradient_bytes,
@@ -408,10 +409,8 @@ def _print_plan(plan, wall_s: float, out: str | None, share: str | None = None, 
                   f"optimizer {meta.get('optimizer')}{graph.gradients_note}, costed for {meta.get('device')}")
     of = f" ({share.strip()} of the traced step's store-all peak, {format_bytes(share_of)})" if share else ""
     console.print(f"budget         {format_bytes(plan.budget_bytes)} = {plan.budget_bytes:,} bytes{of}")
-    gradients = ("as made (with the activations)" if graph.gradients_made and not fixed.gradient_bytes
-                 else format_bytes(fixed.gradient_bytes))
     console.print(f"fixed memory   {format_bytes(fixed.total_bytes)} = parameters {format_bytes(fixed.parameter_bytes)}"
-                  f" + gradients {gradients} + optimizer {format_bytes(fixed.optimizer_bytes)}"
+                  f" + gradients {graph.gradient_memory} + optimizer {format_bytes(fixed.optimizer_bytes)}"
                   f" + inputs {format_bytes(fixed.input_bytes)}")
     left = plan.budget_bytes - fixed.total_bytes
     console.print(f"activations    {format_bytes(left)} of the budget left for activations" if left >= 0 else
@@ -791,7 +790,7 @@ def profile(model, out, batch, seq, precision, base, warmup, repeats, as_json) -
               help="[default: the plan file's, or bf16-mixed]")
 @click.option("--optimizer", default=None, type=click.Choice(OPTIMIZERS),
               help="The optimizer stepped, and whose state the plan holds [default: the plan file's, or adamw].")
-@click.option("--gradients", default=None, type=click.Choice(["held", "set-to-none", "accumulate"]),
+@click.option("--gradients", default=None, type=click.Choice(GRADIENTS),
               help="As for solve, with --budget [default: the plan file's, or held].")
 @click.option("--steps", default=3, show_default=True, type=click.IntRange(min=1), help="Training steps.")
 @click.option("--time-limit", default=60.0, show_default=True, type=click.FloatRange(min=0.1),

@@ -84,7 +84,7 @@ class Comparison:
         return {
             "model": meta.get("model"), "batch": meta.get("batch"), "seq": meta.get("seq"),
             "device": meta.get("device"), "precision": meta.get("precision"), "optimizer": meta.get("optimizer"),
-            "gradients": meta.get("gradients", "held"),
+            "gradients": self.graph.gradients,
             "nodes": len(self.graph), "graph_hash": self.graph.content_hash, "fixed_bytes": fixed.total_bytes,
             "store_all_peak_bytes": self.store_all.peak_bytes, "store_all_s": self.store_all.compute_s,
             "min_budget_lower_bound_bytes": self.graph.min_budget_lower_bound(),

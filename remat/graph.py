@@ -221,10 +221,21 @@ class Graph:
         return bool(self.nodes) and self.nodes[-1].is_return
 
     @property
+    def gradients(self) -> str:
+        """How the loop keeps gradients between steps, as the graph was lowered for (remat.lower's `gradients`)."""
+        return self.meta.get("gradients", "held")
+
+    @property
     def gradients_note(self) -> str:
         """How the plan counts gradients, for a summary line: "" for the default (held), else what the loop does."""
         return {"set-to-none": ", gradients set to None between steps",
-                "accumulate": ", gradients accumulated between steps"}.get(self.meta.get("gradients", "held"), "")
+                "accumulate": ", gradients accumulated between steps"}.get(self.gradients, "")
+
+    @property
+    def gradient_memory(self) -> str:
+        """The fixed gradient memory in words: its bytes, or "as made" where each counts from when it is made."""
+        return "as made" if self.gradients_made and not self.fixed.gradient_bytes else format_bytes(
+            self.fixed.gradient_bytes)
 
     def min_budget_lower_bound(self) -> int:
         """No schedule fits below this: fixed memory plus the largest single-op working set."""

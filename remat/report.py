@@ -71,7 +71,7 @@ def summary_lines(comparison: Comparison) -> list[str]:
         + graph.gradients_note
         + f", costed for {meta.get('device')}; {len(graph)} nodes, hash {graph.content_hash}",
         f"fixed memory {format_bytes(fixed.total_bytes)} (parameters {format_bytes(fixed.parameter_bytes)}, gradients "
-        f"{'as made' if graph.gradients_made and not fixed.gradient_bytes else format_bytes(fixed.gradient_bytes)}, "
+        f"{graph.gradient_memory}, "
         f"optimizer {format_bytes(fixed.optimizer_bytes)}, inputs "
         f"{format_bytes(fixed.input_bytes)})",
         f"store-all: peak {format_bytes(comparison.store_all.peak_bytes)}, "
