@@ -826,6 +826,7 @@ def run(model, plan_path, budget, batch, seq, precision, optimizer, gradients, s
             fail(f"the plan was made for --{name} {made_with[name]}: leave --{name} out, or plan again with it")
     precision = precision or made_with.get("precision", "bf16-mixed")
     optimizer = optimizer or made_with.get("optimizer", "adamw")
+    gradients = gradients or made_with.get("gradients", "held")  # as solve plans (apply's "auto" would see the loop)
     # the plan's batch and sequence length, unless given (a plan made at --batch 4 was refused for the default 16)
     batch = batch or made_with.get("batch")
     seq = seq or made_with.get("seq")

@@ -103,7 +103,9 @@ def run_model(name: str, time_limit: float) -> list[dict]:
     for label, budget in (("store-all", high), ("halfway", (low + high) // 2), ("minimum", low)):
         model, inputs = build(name)
         started = time.perf_counter()
-        planned = apply(model, budget=budget, example_inputs=inputs, device="cpu", time_limit=time_limit)
+        # held: the budgets are the held step's (trace_step's default); apply's default plans the gradients as made
+        planned = apply(model, budget=budget, example_inputs=inputs, device="cpu", time_limit=time_limit,
+                        gradients="held")
         plan_s = time.perf_counter() - started
         step = planned.planned
         torch.manual_seed(1)

@@ -185,7 +185,9 @@ class RematModule(nn.Module):
         # plan of bf16-mixed ran while evaluation ran in the precision given)
         self.precision = self._planned_setting("precision", precision, "fp32")
         self.outputs = self._planned_setting("outputs", outputs, "loss", OUTPUTS)
-        self.gradients = self._planned_setting("gradients", gradients, "held", GRADIENTS)
+        # "auto": each step is planned for the gradients it finds (none: set-to-none; some: accumulate)
+        # (a plan file names them only where they are not held)
+        self.gradients = self._planned_setting("gradients", gradients, "held", (*GRADIENTS, "auto"), unplanned="auto")
         self.warned_gradients = False  # said once: gradients there at a step planned for none between steps
         # bytes of each parameter a planned step has trained, by name: frozen later, it keeps its optimizer state
         self.trained_bytes: dict[str, int] = {}
@@ -208,12 +210,14 @@ class RematModule(nn.Module):
         self.register_load_state_dict_post_hook(_model_key_names)
         self._remat_ready = True  # from here on, attributes the model has are set on the model (__setattr__)
 
-    def _planned_setting(self, name: str, given: str | None, default: str, choices: Sequence[str] = ()) -> str:
-        """`given`, else the given plan's, else `default`; a PlanError where the plan was made with another."""
+    def _planned_setting(self, name: str, given: str | None, default: str, choices: Sequence[str] = (),
+                         unplanned: str | None = None) -> str:
+        """`given`, else the given plan's (`default` where its file does not name one), else `unplanned` (default:
+        `default`); a PlanError where the plan was made with another."""
         planned = self.given_plan.graph_meta.get(name, default) if self.given_plan is not None else None
         if given is not None and planned is not None and given != planned:
             raise PlanError(f"the plan was made for {name}={planned!r}: leave {name} out, or plan again with {given!r}")
-        value = given or planned or default
+        value = given or planned or unplanned or default
         if choices and value not in choices:
             raise ValueError(f"unknown {name}={value!r}: choose one of {', '.join(map(repr, choices))}")
         return value
@@ -324,9 +328,20 @@ class RematModule(nn.Module):
             self.warned_gradients = True
             warnings.warn(f"the plan counts no gradients held between steps (gradients=\"set-to-none\"), but "
                           f"{format_bytes(held)} of them are there at this step: it may peak up to that much above "
-                          f"its plan; plan with gradients=\"accumulate\" for gradient accumulation, or call "
-                          f"optimizer.zero_grad() (set_to_none=True, its default) between steps",
+                          f"its plan; plan with gradients=\"auto\" (the default: each step for the gradients it "
+                          f"finds) or \"accumulate\" for gradient accumulation, or call optimizer.zero_grad() "
+                          f"(set_to_none=True, its default) between steps",
                           stacklevel=_callers_level())
+
+    def _gradients_now(self) -> str:
+        """How this step finds the gradients: as given, or with gradients="auto", "accumulate" where the loop kept
+        some since the last step (gradient accumulation, zero_grad(set_to_none=False)), else "set-to-none" (every
+        first step; zero_grad()'s default after it). Both plans are exact for the step they run; "held" is exact for
+        neither, and undercounts the backward's new gradients beside kept ones."""
+        if self.gradients != "auto":
+            return self.gradients
+        kept = any(p.grad is not None for p in self.model.parameters() if p.requires_grad)
+        return "accumulate" if kept else "set-to-none"
 
     def _differentiable(self, call: Call) -> bool:
         return (any(p.requires_grad for p in self.model.parameters())
@@ -338,7 +353,8 @@ class RematModule(nn.Module):
 
     def _prepared(self, call: Call) -> PreparedStep:
         """prepare() for a call already made (forward makes one per step: not twice)."""
-        key = _signature(self.model, call)
+        gradients = self._gradients_now()
+        key = (*_signature(self.model, call), gradients)
         if key in self.undifferentiable:  # traced once: nothing to differentiate (not traced at every call)
             raise NothingToDifferentiate(self.undifferentiable[key])
         if key in self.steps:
@@ -347,7 +363,7 @@ class RematModule(nn.Module):
         previous = next(reversed(self.steps), None)
         started = time.perf_counter()
         try:
-            self.steps[key] = self._prepare(call, self.given_plan or self.plans.get(key))
+            self.steps[key] = self._prepare(call, self.given_plan or self.plans.get(key), gradients)
         except NothingToDifferentiate as error:
             self.undifferentiable[key] = str(error)
             raise
@@ -357,7 +373,7 @@ class RematModule(nn.Module):
         # what the traced forward decided and wrote into a config (a Hugging Face classifier's
         # config.problem_type, at its first forward) is in the graph: the signature after it runs this step too
         # (the first step was traced again)
-        after = _signature(self.model, call)
+        after = (*_signature(self.model, call), gradients)
         if after != key:
             self.steps[after], self.plans[after] = self.steps[key], self.plans[key]
         if len({id(step) for step in self.steps.values()}) == MANY_SIGNATURES:
@@ -423,9 +439,12 @@ class RematModule(nn.Module):
             raise RuntimeError("no step prepared yet: call the module, or pass example_inputs to remat.apply")
         return next(reversed(self.steps.values()))
 
-    def _prepare(self, inputs: Call, plan: PlanFile | None) -> PreparedStep:
-        """Trace the step and plan it, or run `plan` (a given plan file, or the plan this signature had)."""
+    def _prepare(self, inputs: Call, plan: PlanFile | None, gradients: str) -> PreparedStep:
+        """Trace the step and plan it, or run `plan` (a given plan file, or the plan this signature had), for
+        `gradients` as the step finds them."""
         say = self.progress or (lambda message: None)
+        if self.gradients == "auto" and gradients == "accumulate":
+            say("the step starts with gradients kept from the last one: planning it for them (accumulate)")
         solved = None
         if plan is not None:
             say("tracing the training step")
@@ -435,11 +454,11 @@ class RematModule(nn.Module):
                                          split_chunks=int(split.get("chunks", 1)),
                                          mlp_chunks=int(split.get("mlp_chunks", 1)),
                                          attention_chunks=int(split.get("attention_chunks", 1)),
-                                         outputs=self.outputs, gradients=self.gradients)
+                                         outputs=self.outputs, gradients=gradients)
             simulation = check_plan(plan, graph)
         else:
             tracer = _trace_for_planning(self.model, inputs, self.loss_fn, self.precision, self.cost_device,
-                                         self.optimizer, self.progress, self.outputs, self.gradients,
+                                         self.optimizer, self.progress, self.outputs, gradients,
                                          self._frozen_trained_bytes())
             traced_to = tracer.unsplit.graph.content_hash
             plan = self.plans_by_graph.get(traced_to)
@@ -582,7 +601,8 @@ def _move_metadata(state_dict: dict, old: str, new: str) -> None:
 
 
 def _what_changed(model: nn.Module, before: tuple | None, after: tuple) -> str:
-    """What differs between two signatures (_signature), in words: "global_step", "encoder.scale", "the inputs"."""
+    """What differs between two steps' keys (a _signature and the gradients setting), in words: "global_step",
+    "encoder.scale", "the inputs"."""
     if before is None:
         return "nothing (the first step)"
     changes = []
@@ -601,8 +621,10 @@ def _what_changed(model: nn.Module, before: tuple | None, after: tuple) -> str:
         changes.append("the model's modules")
     if before[1] != after[1]:
         changes.append("autocast")
-    if before[2:] != after[2:]:
+    if before[2:-1] != after[2:-1]:
         changes.append("the inputs (a shape, layout, dtype or non-tensor argument)")
+    if before[-1] != after[-1]:
+        changes.append(f"the gradients kept between steps ({before[-1]} -> {after[-1]})")
     return ", ".join(changes[:4]) + (f" and {len(changes) - 4} more" if len(changes) > 4 else "")
 
 
@@ -728,11 +750,14 @@ def apply(model: nn.Module, budget: str | int | float | None = None,
     to the planned backward. outputs: "loss" (default: None in place of the model's other tensors) or "all" (they
     are handed out too, and the plan holds them to the step's end, as a caller that keeps the output does); default:
     the plan's, or "loss".
-    gradients: how the training loop keeps them between steps. "held" (default): fixed memory for the whole step, once
-    per weight; "set-to-none": freed between steps (`optimizer.zero_grad()`'s default), each counted from when the
-    backward makes it, which lowers the peak the plan must fit; "accumulate": kept (gradient accumulation,
-    zero_grad(set_to_none=False)), fixed memory with the backward's new ones counted beside them until it returns.
-    Default: the plan's, or "held".
+    gradients: how the training loop keeps them between steps. "auto" (default): as each step finds them, planned
+    for what it finds: a step that starts with none (every first step, and each after `optimizer.zero_grad()`, whose
+    default sets them to None) as "set-to-none", one that starts with gradients kept (gradient accumulation,
+    zero_grad(set_to_none=False)) as "accumulate", a plan each (the second made at the first step that keeps them).
+    "set-to-none": no gradient memory before the step; each gradient is counted from when the backward makes it,
+    which lowers the peak the plan must fit. "accumulate": the kept gradients are fixed memory, and the backward's
+    new ones are counted beside them until it returns. "held": fixed memory for the whole step, once per weight (the
+    classic model, and `remat solve`'s default, which cannot see the loop). Default: the plan's, or "auto".
     """
     if isinstance(model, RematModule):  # planned again (another budget): plan the model it wraps, with its loss_fn
         loss_fn = loss_fn if loss_fn is not None else model.loss_fn
@@ -754,7 +779,8 @@ def plan(model: nn.Module, example_inputs: Sequence[Any] | dict[str, Any], budge
     """The plan (schedule + simulated figures) for `model` on `example_inputs`, its loss head (and MLPs, attention
     blocks) split into chunks where that fits a lower budget or costs less (remat.split_plan), as `remat solve` plans;
     `budget`: bytes, "16GB", or "60%" of the store-all peak. `.save(path)` writes a plan file that
-    `remat.apply(model, plan=path)` runs. outputs, gradients: as `apply` takes them. Infeasible -> PlanError."""
+    `remat.apply(model, plan=path)` runs. outputs: as `apply` takes it; gradients: "held" (default), "set-to-none" or
+    "accumulate", as `apply` takes them (a plan is made for one of them, not "auto"). Infeasible -> PlanError."""
     check_time_limit(time_limit, "time_limit")
     if isinstance(model, RematModule):  # a planned module: plan the model it wraps (its own trace ran its plan)
         loss_fn = loss_fn if loss_fn is not None else model.loss_fn

@@ -93,10 +93,11 @@ MODELS = {"mlp": _mlp, "tied": _tied, "conv-bn": _conv_bn, "dropout": _dropout, 
 
 
 @cache
-def _range(name: str) -> tuple[int, int]:
-    """(minimum feasible, store-all) peak bytes of the model's step."""
+def _range(name: str, gradients: str = "set-to-none") -> tuple[int, int]:
+    """(minimum feasible, store-all) peak bytes of the model's first step: by default as apply plans it, with no
+    gradients when it starts (gradients="auto")."""
     model, inputs = MODELS[name]()
-    graph, _ = trace_step(model, inputs, device="cpu")
+    graph, _ = trace_step(model, inputs, device="cpu", gradients=gradients)
     lowest = solve(graph, 1, time_limit_s=TIME_LIMIT)
     return _lowest_reachable(lowest), lowest.store_all.peak_bytes
 
@@ -149,9 +150,9 @@ def test_planned_step_equals_eager_and_holds_the_planned_bytes(name, fraction):
 
 
 def test_dropout_recomputation_replays_the_same_masks():
-    lowest, _ = _range("dropout")
+    lowest, _ = _range("dropout", "held")  # (held's lowest recomputes a dropout; set-to-none's need not)
     model, inputs = _dropout()
-    planned = apply(model, budget=lowest, example_inputs=inputs, device="cpu", time_limit=TIME_LIMIT)
+    planned = apply(model, budget=lowest, example_inputs=inputs, device="cpu", time_limit=TIME_LIMIT, gradients="held")
     step = planned.planned
     recomputed = {step.graph.nodes[i].op for i in step.plan.schedule.recomputed_nodes()}
     assert "aten.native_dropout.default" in recomputed
@@ -191,7 +192,8 @@ def test_random_ops_with_their_own_generator_replay_it_when_recomputed():
     model = OwnGenerator().double()
     reference = copy.deepcopy(model)
     x, y = torch.randn(256, 32, dtype=torch.float64), torch.randint(0, 4, (256,))
-    planned = apply(model, budget="60%", example_inputs=(x, y), device="cpu", time_limit=TIME_LIMIT)
+    planned = apply(model, budget="60%", example_inputs=(x, y), device="cpu", time_limit=TIME_LIMIT,
+                    gradients="held")
     step = planned.planned
     recomputed = {step.graph.nodes[i].op for i in step.plan.schedule.recomputed_nodes()}
     assert "aten.rand.generator" in recomputed and step.parts.rng_names
@@ -302,7 +304,8 @@ def test_inputs_that_require_grad_get_their_gradient():
     reference = copy.deepcopy(model)
     x, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
     # of store-all's peak, whose fixed memory holds the input's gradient too; the minimum is about 95%
-    planned = apply(model, budget="96%", example_inputs=(x,), device="cpu", time_limit=2.0)  # any valid plan
+    planned = apply(model, budget="96%", example_inputs=(x,), device="cpu", time_limit=2.0,  # any valid plan
+                    gradients="held")
     step = planned.planned
     assert step.plan.schedule.recomputed_nodes()
     loss, memory = planned.measure(x)
@@ -364,7 +367,8 @@ def test_a_second_backward_through_one_step_is_a_clear_error():
     # the planned backward frees the saved values as it goes; a second one failed with "Value after * must be an
     # iterable, not NoneType"
     model, (x,) = _mlp()
-    planned = apply(model, budget="97%", example_inputs=(x,), device="cpu", time_limit=TIME_LIMIT)
+    planned = apply(model, budget="97%", example_inputs=(x,), device="cpu", time_limit=TIME_LIMIT,
+                    gradients="held")
     loss = planned(x).sum()
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="retain_graph=True.*run the forward again"):
@@ -389,7 +393,8 @@ def test_a_cpu_lstm_holds_the_planned_bytes():
     torch.manual_seed(0)
     reference, x = LSTMNet(), torch.randn(4, 4, 8)  # (at 12 steps, 26 s: its recomputation runs 20k ops)
     model = copy.deepcopy(reference)
-    planned = apply(model, budget="90%", example_inputs=(x,), device="cpu", time_limit=TIME_LIMIT)
+    planned = apply(model, budget="90%", example_inputs=(x,), device="cpu", time_limit=TIME_LIMIT,
+                    gradients="held")
     assert planned.planned.plan.schedule.recomputed_nodes()
     loss, memory = planned.measure(x)
     expected = reference(x)
@@ -459,7 +464,7 @@ def test_bf16_mixed_matches_eager_autocast_within_tolerance():
 
 def test_new_input_shape_is_planned_again_and_cached():
     model, (x,) = _mlp()
-    planned = apply(model, budget="100%", device="cpu", solver="chen-sqrtn")
+    planned = apply(model, budget="100%", device="cpu", solver="chen-sqrtn", gradients="held")
     planned(x).sum().backward()
     planned(torch.randn(4, 16, dtype=torch.float64)).sum().backward()
     planned(x).sum().backward()
@@ -638,9 +643,11 @@ def test_budget_below_the_minimum_names_it_and_leaves_the_model_alone():
     assert re.search(r"the lowest peak found in time_limit=0.2 s is .*a longer time_limit may", message) or \
         "the minimum feasible budget for this model and input is 39.58 KB (39584 bytes)" in message, message
     with pytest.raises(PlanError, match="minimum feasible budget|lowest peak found"):
-        apply(model, budget=graph.fixed.total_bytes, example_inputs=inputs, device="cpu", time_limit=2.0)
+        apply(model, budget=graph.fixed.total_bytes, example_inputs=inputs, device="cpu", time_limit=2.0,
+              gradients="held")
     with pytest.raises(PlanError, match="fixed memory alone is"):
-        apply(model, budget=graph.fixed.total_bytes - 1, example_inputs=inputs, device="cpu", time_limit=2.0)
+        apply(model, budget=graph.fixed.total_bytes - 1, example_inputs=inputs, device="cpu", time_limit=2.0,
+              gradients="held")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
 
@@ -789,7 +796,7 @@ def _apply_split(name: str, batch: int, seq: int, budget_mb: float):
     spec = build_model(name, batch=batch, seq=seq)
     reference = copy.deepcopy(spec.model)
     planned = apply(spec.model, budget=f"{budget_mb}MB", example_inputs=spec.example_inputs, device="cpu",
-                    time_limit=TIME_LIMIT)
+                    time_limit=TIME_LIMIT, gradients="held")  # (the floors named are the held step's)
     assert planned.planned.simulation.peak_bytes <= budget_mb * 10**6
     _check_split_step(planned, spec, copy.deepcopy(reference))
     return spec, reference, planned.planned.graph.meta["split"]
@@ -1000,7 +1007,8 @@ def test_a_sparse_gradient_is_measured():
     model = SparseEmbedding().double()
     reference = copy.deepcopy(model)
     ids, y = torch.randint(0, 20_000, (8, 5)), torch.randint(0, 4, (8,))
-    planned = apply(model, budget="150%", example_inputs=(ids, y), device="cpu", time_limit=TIME_LIMIT)
+    planned = apply(model, budget="150%", example_inputs=(ids, y), device="cpu", time_limit=TIME_LIMIT,
+                    gradients="held")
     loss, memory = planned.measure(ids, y)
     reference(ids, y).backward()
     assert model.embedding.weight.grad.is_sparse
@@ -1077,6 +1085,7 @@ def test_a_model_that_returns_logits_trains_on_the_callers_loss():
     # the logits' gradient comes in at the backward, and the caller holds the logits from the forward to its loss:
     # both counted as fixed memory with the inputs
     assert step.graph.fixed.input_bytes == x.numel() * 8 + 2 * logits.numel() * 8
+    model.zero_grad()  # (a step that finds gradients kept is planned for them: another plan)
     _, memory = planned.measure(x)
     assert memory.peak_bytes == step.simulation.peak_bytes
 
@@ -1467,7 +1476,8 @@ def test_a_log_of_losses_kept_on_the_model_is_no_setting_and_missing_keys_are_th
     Accelerate) could not match."""
     model, (ids,) = _tied()
     model.losses = []
-    planned = apply(model, budget="100%", example_inputs=(ids,), device="cpu", time_limit=TIME_LIMIT)
+    planned = apply(model, budget="100%", example_inputs=(ids,), device="cpu", time_limit=TIME_LIMIT,
+                    gradients="held")
     for _ in range(3):
         loss = planned(ids)
         loss.backward()
@@ -1528,7 +1538,8 @@ def test_a_copy_of_the_planned_module_trains_with_the_same_plan():
     """copy.deepcopy (also inside torch.optim.swa_utils.AveragedModel) crashed the process at exit, on the traced
     graphs' fake tensors, and pickling failed: a copy keeps the plans, and traces again with them."""
     model, inputs = _conv_bn()
-    planned = apply(model, budget="80%", example_inputs=inputs, device="cpu", time_limit=TIME_LIMIT)
+    planned = apply(model, budget="80%", example_inputs=inputs, device="cpu", time_limit=TIME_LIMIT,
+                    gradients="held")
     plan = planned.planned.plan
     for copied in (copy.deepcopy(planned), pickle.loads(pickle.dumps(planned))):
         reference = copy.deepcopy(copied.model)
@@ -2328,7 +2339,7 @@ def test_the_share_fixed_memory_takes_is_rounded_up():
     x = torch.randn(8, 32)
     with pytest.raises(remat.PlanError, match="fixed memory alone is") as refused:
         apply(model, budget="97%", example_inputs=(x,), loss_fn=lambda out: out.pow(2).mean(), device="cpu",
-              time_limit=TIME_LIMIT)
+              time_limit=TIME_LIMIT, gradients="held")
     share = re.search(r"\((\d+(?:\.\d)?%) of the store-all peak", str(refused.value)).group(1)
     assert share == "97.4%"
     assert remat.units.format_share_above(1, 3) == "33.4%" and remat.units.format_share_above(1, 2) == "50%"
@@ -2380,11 +2391,11 @@ def test_apply_to_a_planned_module_plans_the_model_it_wraps():
     eager = copy.deepcopy(model)
     loss_fn = lambda out: out.pow(2).mean()  # noqa: E731
     x = torch.randn(512, 32)
-    planned = apply(model, budget="95%", example_inputs=(x,), loss_fn=loss_fn, time_limit=TIME_LIMIT)
-    again = apply(planned, budget="90%", example_inputs=(x,), time_limit=TIME_LIMIT)
+    planned = apply(model, budget="95%", example_inputs=(x,), loss_fn=loss_fn, time_limit=TIME_LIMIT, gradients="held")
+    again = apply(planned, budget="90%", example_inputs=(x,), time_limit=TIME_LIMIT, gradients="held")
     assert again.model is model
     assert [n for n, _ in again.named_parameters()] == [n for n, _ in planned.named_parameters()]
-    assert remat.plan(planned, (x,), "90%", loss_fn=loss_fn, time_limit=TIME_LIMIT).schedule is not None
+    assert remat.plan(planned, (x,), "90%", loss_fn=loss_fn, time_limit=TIME_LIMIT).schedule is not None  # held
     again(x).backward()
     loss_fn(eager(x)).backward()
     for p, q in zip(eager.parameters(), model.parameters(), strict=True):

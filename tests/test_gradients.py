@@ -106,12 +106,13 @@ def test_gradients_there_at_a_step_planned_without_them_are_warned_of_once():
         planned(*inputs).backward()  # the first step: no gradients yet
         model.zero_grad()  # set_to_none=True
         planned(*inputs).backward()
-    with pytest.warns(UserWarning, match=r"46.34 KB of them are there at this step.*gradients=\"accumulate\""):
+    with pytest.warns(UserWarning, match=r"46.34 KB of them are there at this step.*gradients=\"auto\""):
         planned(*inputs).backward()  # accumulating
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         planned(*inputs).backward()  # said once
-    held = apply(TiedLM().double(), budget="100%", example_inputs=inputs, device="cpu", time_limit=5)
+    held = apply(TiedLM().double(), budget="100%", example_inputs=inputs, device="cpu", time_limit=5,
+                 gradients="held")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for _ in range(2):
@@ -151,7 +152,7 @@ def test_the_optimizer_state_of_parameters_frozen_after_they_trained_stays_in_th
     model[4].requires_grad_(False)  # frozen from the start: no state
     x = torch.randn(8, 64, dtype=torch.float64)
     planned = apply(model, budget="100%", example_inputs=(x,), loss_fn=lambda out: out.pow(2).mean(), device="cpu",
-                    time_limit=5)
+                    time_limit=5, gradients="held")
     optimizer = torch.optim.AdamW(p for p in model.parameters() if p.requires_grad)
 
     def state_bytes() -> int:
@@ -166,3 +167,31 @@ def test_the_optimizer_state_of_parameters_frozen_after_they_trained_stays_in_th
         optimizer.zero_grad()
         assert planned.planned.graph.fixed.optimizer_bytes == state_bytes()
     assert planned.planned.graph.fixed.gradient_bytes == 8 * (256 * 256 + 256)  # the trained layer's alone
+
+
+def test_by_default_each_step_is_planned_for_the_gradients_it_finds():
+    """gradients="auto": a step that starts with none runs a set-to-none plan; one that starts with the gradients an
+    accumulating loop kept runs an accumulate plan, made once; both measure what they plan, and the gradients
+    accumulate as eager's do."""
+    model, inputs = TiedLM().double(), _inputs()
+    reference = copy.deepcopy(model)
+    planned = apply(model, budget="85%", example_inputs=inputs, device="cpu", time_limit=5)
+    assert planned.gradients == "auto" and planned.planned.graph.gradients == "set-to-none"
+    found = []
+    for step in range(5):
+        if step == 3:  # the loop's optimizer step: zero_grad(set_to_none=True)
+            model.zero_grad()
+            reference.zero_grad()
+        loss, memory = planned.measure(*inputs)
+        found.append(planned.planned.graph.gradients)
+        assert (memory.peak_bytes, memory.peak_live_bytes) == (planned.planned.simulation.peak_bytes,
+                                                               planned.planned.simulation.activation_peak_bytes)
+        expected = reference(*inputs)
+        expected.backward()
+        torch.testing.assert_close(loss, expected, rtol=1e-13, atol=0)
+    assert found == ["set-to-none", "accumulate", "accumulate", "set-to-none", "accumulate"]
+    assert len(planned.steps) == 2  # one plan each, made once
+    accumulating = planned.planned.graph
+    assert accumulating.fixed.gradient_bytes > 0 and accumulating.gradients_made
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, p.grad, rtol=1e-12, atol=1e-15)

@@ -40,7 +40,8 @@ def mistral():
 def test_a_hugging_face_model_called_by_name_trains_with_a_plan_below_store_all(build):
     torch.manual_seed(0)
     model, batch = build()
-    planned = apply(model, budget="85%", example_inputs=batch, device="cpu", time_limit=TIME_LIMIT)
+    # (85% of the held step: whisper-tiny's set-to-none step peaks at its backward's end, on gradients, below that)
+    planned = apply(model, budget="85%", example_inputs=batch, device="cpu", time_limit=TIME_LIMIT, gradients="held")
     step = planned.planned
     assert step.plan.schedule.recomputed_nodes() and step.simulation.peak_bytes <= step.plan.budget_bytes
     loss, memory = planned.measure(**batch)
