@@ -188,7 +188,7 @@ class RematModule(nn.Module):
         # "auto": each step is planned for the gradients it finds (none: set-to-none; some: accumulate)
         # (a plan file names them only where they are not held)
         self.gradients = self._planned_setting("gradients", gradients, "held", (*GRADIENTS, "auto"), unplanned="auto")
-        self.warned_gradients = False  # said once: gradients there at a step planned for none between steps
+        self.warned_gradients = False  # said once: gradients kept at a step planned as set-to-none or held
         # bytes of each parameter a planned step has trained, by name: frozen later, it keeps its optimizer state
         self.trained_bytes: dict[str, int] = {}
         self.backend = backend
@@ -280,8 +280,8 @@ class RematModule(nn.Module):
             return self._own_forward(call)
         if step.returns is not None and step.returns.dropped:
             self._warn_of_dropped(step.returns.dropped)
-        if self.gradients == "set-to-none" and not self.warned_gradients:
-            self._warn_of_held_gradients()
+        if self.gradients in ("set-to-none", "held") and not self.warned_gradients:
+            self._warn_of_kept_gradients()
         loss, *values = step.runner.run(self._primals(step.parts, call.tensors))
         return step.output(loss, values, lambda: [*call.tensors, *self.model.parameters(), *self.model.buffers()])
 
@@ -320,17 +320,20 @@ class RematModule(nn.Module):
                 frozen[id(p)] = self.trained_bytes[name]
         return sum(frozen.values())
 
-    def _warn_of_held_gradients(self) -> None:
-        """Once: a step planned for gradients freed between steps runs with some held (gradient accumulation,
-        zero_grad(set_to_none=False)); the backward's new gradients come on top of them until it returns."""
-        held = sum(p.grad.untyped_storage().nbytes() for p in self.model.parameters() if p.grad is not None)
-        if held:
+    def _warn_of_kept_gradients(self) -> None:
+        """Once: a step planned as "set-to-none" or "held" runs with gradients kept from the last step (gradient
+        accumulation, zero_grad(set_to_none=False)); the backward's new gradients come beside them until it returns,
+        which neither plan counts ("held" counts each gradient once)."""
+        kept = sum(p.grad.untyped_storage().nbytes() for p in self.model.parameters() if p.grad is not None)
+        if kept:
             self.warned_gradients = True
-            warnings.warn(f"the plan counts no gradients held between steps (gradients=\"set-to-none\"), but "
-                          f"{format_bytes(held)} of them are there at this step: it may peak up to that much above "
-                          f"its plan; plan with gradients=\"auto\" (the default: each step for the gradients it "
-                          f"finds) or \"accumulate\" for gradient accumulation, or call optimizer.zero_grad() "
-                          f"(set_to_none=True, its default) between steps",
+            counted = ("counts no gradients held between steps" if self.gradients == "set-to-none" else
+                       "counts each gradient once, as fixed memory,")
+            warnings.warn(f"the plan {counted} (gradients=\"{self.gradients}\"), but {format_bytes(kept)} of them "
+                          f"are kept from the last step: the backward's new gradients come beside them, up to that "
+                          f"much above the plan; plan with gradients=\"auto\" (the default: each step for the "
+                          f"gradients it finds) or \"accumulate\" for gradient accumulation, or call "
+                          f"optimizer.zero_grad() (set_to_none=True, its default) between steps",
                           stacklevel=_callers_level())
 
     def _gradients_now(self) -> str:

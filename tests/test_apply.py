@@ -658,9 +658,10 @@ def test_a_proven_minimum_budget_fits_when_asked_for():
     graph, _ = trace_step(model, inputs, device="cpu")
     proven = r"the minimum feasible budget for this model and input is [^(]+\((\d+) bytes\);"
     with pytest.raises(PlanError, match=proven) as raised:
-        apply(model, budget=graph.fixed.total_bytes, example_inputs=inputs, device="cpu", time_limit=10.0)
+        apply(model, budget=graph.fixed.total_bytes, example_inputs=inputs, device="cpu", time_limit=10.0,
+              gradients="held")
     minimum = int(re.search(r"\((\d+) bytes\);", str(raised.value)).group(1))
-    planned = apply(model, budget=minimum, example_inputs=inputs, device="cpu", time_limit=10.0)
+    planned = apply(model, budget=minimum, example_inputs=inputs, device="cpu", time_limit=10.0, gradients="held")
     assert planned.planned.simulation.peak_bytes == minimum
 
 

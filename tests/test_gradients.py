@@ -98,7 +98,9 @@ def test_a_budget_below_the_held_floor_fits_and_runs_as_eager_with_the_bytes_pla
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, p.grad, rtol=1e-12, atol=1e-15)
 
 
-def test_gradients_there_at_a_step_planned_without_them_are_warned_of_once():
+def test_gradients_kept_at_a_step_planned_without_them_are_warned_of_once():
+    """A set-to-none plan counts none at the step's start, a held one each once: with gradients kept from the last
+    step, the backward's new ones come beside them, which neither counts. gradients="auto" plans for them."""
     model, inputs = TiedLM().double(), _inputs()
     planned = apply(model, budget="100%", example_inputs=inputs, gradients="set-to-none", device="cpu", time_limit=5)
     with warnings.catch_warnings():
@@ -106,17 +108,27 @@ def test_gradients_there_at_a_step_planned_without_them_are_warned_of_once():
         planned(*inputs).backward()  # the first step: no gradients yet
         model.zero_grad()  # set_to_none=True
         planned(*inputs).backward()
-    with pytest.warns(UserWarning, match=r"46.34 KB of them are there at this step.*gradients=\"auto\""):
+    with pytest.warns(UserWarning, match=r"counts no gradients held between steps .*46.34 KB of them are kept from "
+                                         r"the last step.*gradients=\"auto\""):
         planned(*inputs).backward()  # accumulating
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         planned(*inputs).backward()  # said once
-    held = apply(TiedLM().double(), budget="100%", example_inputs=inputs, device="cpu", time_limit=5,
-                 gradients="held")
+    model = TiedLM().double()
+    held = apply(model, budget="100%", example_inputs=inputs, device="cpu", time_limit=5, gradients="held")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        held(*inputs).backward()
+        model.zero_grad()
+        held(*inputs).backward()
+    with pytest.warns(UserWarning, match=r"counts each gradient once, as fixed memory, \(gradients=\"held\"\), but "
+                                         r"46.34 KB"):
+        held(*inputs).backward()
+    auto = apply(TiedLM().double(), budget="100%", example_inputs=inputs, device="cpu", time_limit=5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for _ in range(2):
-            held(*inputs).backward()
+            auto(*inputs).backward()
 
 
 def test_a_plan_file_keeps_its_gradients(tmp_path):
