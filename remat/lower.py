@@ -37,7 +37,7 @@ _DTYPE_CLASS = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "b
 
 
 def lower(step: CapturedStep, profile: DeviceProfile, optimizer: str = "adamw", meta: dict | None = None,
-          gradients: str = "held", frozen_trained_bytes: int = 0) -> Graph:
+          gradients: str = "held", frozen_trained_bytes: int = 0, frozen_gradient_bytes: int = 0) -> Graph:
     """`gradients`: how the training loop keeps them between steps.
     - "held": fixed memory for the whole step, once per weight (the classic model);
     - "set-to-none": none before the step (`optimizer.zero_grad()`, PyTorch's default, frees them): each gradient the
@@ -47,7 +47,9 @@ def lower(step: CapturedStep, profile: DeviceProfile, optimizer: str = "adamw", 
       zero_grad(set_to_none=False)), fixed memory, and the backward's new ones count beside them as with
       "set-to-none", until it returns them to be added.
     `frozen_trained_bytes`: parameters this step does not train that an earlier one did; the optimizer keeps their
-    state (torch's optimizers keep it for a parameter frozen after it trained), so the plan counts it too."""
+    state (torch's optimizers keep it for a parameter frozen after it trained), so the plan counts it too.
+    `frozen_gradient_bytes`: gradients the loop keeps of parameters this step does not train (frozen after a step that
+    trained them, then zero_grad(set_to_none=False) zeroes them in place): fixed memory, whatever `gradients` says."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
     if gradients not in GRADIENTS:
@@ -187,7 +189,8 @@ def lower(step: CapturedStep, profile: DeviceProfile, optimizer: str = "adamw", 
     returned_bytes = (sum(tensor_bytes(fx.meta["val"]) for fx in whole)
                       + sum(_parts(fx)[k] for fx, k in returned if k is not None and fx not in whole))
     held = gradients != "set-to-none"  # the loop's gradients are there from the step's start
-    fixed = FixedMemory(parameter_bytes=unique_bytes(params), gradient_bytes=trained_bytes if held else 0,
+    fixed = FixedMemory(parameter_bytes=unique_bytes(params),
+                        gradient_bytes=(trained_bytes if held else 0) + frozen_gradient_bytes,
                         optimizer_bytes=OPTIMIZERS[optimizer] * (trained_bytes + frozen_trained_bytes),
                         input_bytes=other_bytes + (input_grad_bytes if held else 0) + returned_bytes)
     outputs = tuple(dict.fromkeys([*(index_of[o] for o in output_owners), *extra_outputs]))

@@ -155,13 +155,14 @@ class SplitTracer:
     def __init__(self, model: nn.Module, inputs: Call | Sequence[Any], *, loss_fn: Callable | None = None,
                  precision: str = "fp32", device: str = "cpu", optimizer: str = "adamw", meta: dict | None = None,
                  mode: contextlib.AbstractContextManager | None = None, outputs: str = "loss",
-                 gradients: str = "held", frozen_trained_bytes: int = 0):
+                 gradients: str = "held", frozen_trained_bytes: int = 0, frozen_gradient_bytes: int = 0):
         self.profile = load_profile(device)  # fail on a bad device before the slow trace
         if gradients not in GRADIENTS:  # (before the slow trace)
             raise ValueError(f"unknown gradients {gradients!r}: choose one of {', '.join(GRADIENTS)}")
         self.model, self.inputs, self.optimizer = uncompiled(model), Call.of(inputs), optimizer
         self.gradients = gradients
         self.frozen_trained_bytes = frozen_trained_bytes  # parameters frozen after an earlier step trained them
+        self.frozen_gradient_bytes = frozen_gradient_bytes  # and their gradients, where the loop keeps them
         self.mode = mode or contextlib.nullcontext()
         self.meta = {**(meta or {}), "device": self.profile.name, "precision": precision,
                      **({"outputs": outputs} if outputs != "loss" else {})}
@@ -214,7 +215,8 @@ class SplitTracer:
     def _lower(self, step: CapturedStep, meta: dict) -> Graph:
         with self.mode:
             return lower(step, self.profile, optimizer=self.optimizer, meta=meta, gradients=self.gradients,
-                         frozen_trained_bytes=self.frozen_trained_bytes)
+                         frozen_trained_bytes=self.frozen_trained_bytes,
+                         frozen_gradient_bytes=self.frozen_gradient_bytes)
 
     def lowering(self, progress: Callable[[str], None] | None = None) -> Iterator[Variant]:
         """Split variants of the step, each lowering the single-op floor or the reach of the one before by more

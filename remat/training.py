@@ -320,6 +320,14 @@ class RematModule(nn.Module):
                 frozen[id(p)] = self.trained_bytes[name]
         return sum(frozen.values())
 
+    def _frozen_gradient_bytes(self) -> int:
+        """Bytes of the gradients the loop keeps of frozen parameters, each storage once: zero_grad(set_to_none=False)
+        zeroes them in place, and they stay allocated beside the step (they were left out of its plan)."""
+        kept = {p.grad.untyped_storage().data_ptr(): p.grad.untyped_storage().nbytes()
+                for p in self.model.parameters() if not p.requires_grad and p.grad is not None
+                and p.grad.layout == torch.strided}
+        return sum(kept.values())
+
     def _warn_of_kept_gradients(self) -> None:
         """Once: a step planned as "set-to-none" or "held" runs with gradients kept from the last step (gradient
         accumulation, zero_grad(set_to_none=False)); the backward's new gradients come beside them until it returns,
@@ -462,7 +470,7 @@ class RematModule(nn.Module):
         else:
             tracer = _trace_for_planning(self.model, inputs, self.loss_fn, self.precision, self.cost_device,
                                          self.optimizer, self.progress, self.outputs, gradients,
-                                         self._frozen_trained_bytes())
+                                         self._frozen_trained_bytes(), self._frozen_gradient_bytes())
             traced_to = tracer.unsplit.graph.content_hash
             plan = self.plans_by_graph.get(traced_to)
             if plan is not None:  # a setting the forward does not read changed (a counter): the step is the same
@@ -676,13 +684,15 @@ def trace_step(model: nn.Module, inputs: Call | Sequence[Any] | dict[str, Any], 
 def _trace_for_planning(model: nn.Module, inputs: Call | Sequence[Any] | dict[str, Any], loss_fn: Callable | None,
                         precision: str, device: str | None, optimizer: str,
                         progress: Callable[[str], None] | None, outputs: str = "loss",
-                        gradients: str = "held", frozen_trained_bytes: int = 0) -> SplitTracer:
+                        gradients: str = "held", frozen_trained_bytes: int = 0,
+                        frozen_gradient_bytes: int = 0) -> SplitTracer:
     (progress or (lambda message: None))("tracing the training step")
     inputs = Call.of(inputs)
     meta = {"model": type(model).__name__, "inputs": inputs.describe()}
     return SplitTracer(model, inputs, loss_fn=loss_fn, precision=precision,
                        device=device or default_device_profile(model), optimizer=optimizer, meta=meta,
-                       outputs=outputs, gradients=gradients, frozen_trained_bytes=frozen_trained_bytes)
+                       outputs=outputs, gradients=gradients, frozen_trained_bytes=frozen_trained_bytes,
+                       frozen_gradient_bytes=frozen_gradient_bytes)
 
 
 def _plan_traced(tracer: SplitTracer, budget: str | int | float, solver: str, time_limit: float,

@@ -207,3 +207,25 @@ def test_by_default_each_step_is_planned_for_the_gradients_it_finds():
     assert accumulating.fixed.gradient_bytes > 0 and accumulating.gradients_made
     for name, p in reference.named_parameters():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, p.grad, rtol=1e-12, atol=1e-15)
+
+
+def test_gradients_kept_of_parameters_frozen_after_they_trained_are_in_the_plan():
+    """zero_grad(set_to_none=False) zeroes a frozen parameter's gradient in place: it stays allocated beside every
+    later step, whose plan counts it (it was left out); zero_grad() frees it, and then it is not counted."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1)).double()
+    x = torch.randn(8, 64, dtype=torch.float64)
+    planned = apply(model, budget="100%", example_inputs=(x,), loss_fn=lambda out: out.pow(2).mean(), device="cpu",
+                    time_limit=5, optimizer="sgd-momentum")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    all_bytes = 8 * sum(p.numel() for p in model.parameters())  # the trained ones' and the frozen one's
+    for set_to_none, counted in ((False, all_bytes), (True, 0)):
+        model[0].requires_grad_(True)
+        planned(x).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=set_to_none)
+        model[0].requires_grad_(False)
+        planned(x).backward()  # model[0]'s gradient: kept (zeros), or freed
+        assert planned.planned.graph.gradients == ("set-to-none" if set_to_none else "accumulate")
+        assert planned.planned.graph.fixed.gradient_bytes == counted
+        optimizer.zero_grad(set_to_none=True)
