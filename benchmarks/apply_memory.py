@@ -7,9 +7,10 @@ For each model, three budgets: store-all, halfway down, and the minimum feasible
 Each row: planned activation peak (simulator), measured activation peak (live storages counted
 while the forward and backward graphs run), their difference, the bytes held by multi-output ops
 (whose outputs both the simulator and the run free one by one), and whether loss, gradients and
-buffers equal eager's bit for bit (float64, except resnet50 in float32). A plan that runs the loss head in
-chunks (remat.apply splits it where that fits or costs less) sums the chunk losses in another order, so it
-is equal to rounding, not bit for bit; the row's `split_chunks` says so.
+buffers equal eager's bit for bit (float64, except resnet50 in float32). A plan that runs the loss head, the
+MLPs or attention in chunks (remat.apply splits them where that fits or costs less) sums the chunks' losses and
+gradients in another order, so it is equal to rounding, not bit for bit; the row's `split_chunks`,
+`mlp_chunks` and `attention_chunks` say so.
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ def run_model(name: str, time_limit: float) -> list[dict]:
         exact = (torch.equal(loss, reference_loss.detach()) and all(torch.equal(p.grad, q.grad) for p, q in pairs)
                  and all(torch.equal(b, c) for b, c in buffers))
         planned_bytes = step.simulation.activation_peak_bytes
+        split = step.graph.meta.get("split") or {}  # chunk counts of the head, the MLPs and attention
         rows.append({
             "model": name, "budget": label, "budget_bytes": budget, "nodes": len(graph), "method": step.plan.method,
             "recomputed_nodes": len(step.plan.schedule.recomputed_nodes()),
@@ -125,13 +127,15 @@ def run_model(name: str, time_limit: float) -> list[dict]:
             "difference": (memory.peak_live_bytes - planned_bytes) / planned_bytes if planned_bytes else 0.0,
             "multi_output_bytes": multi_output_bytes(graph), "rng_state_bytes": memory.rng_state_bytes,
             "exact_equal_to_eager": exact, "plan_s": plan_s, "step_s": run_s,
-            "split_chunks": (step.graph.meta.get("split") or {}).get("chunks", 1),
+            "split_chunks": split.get("chunks", 1), "mlp_chunks": split.get("mlp_chunks", 1),
+            "attention_chunks": split.get("attention_chunks", 1),
             "overhead": overhead_of(step.simulation.compute_s, lowest.store_all.compute_s),
         })
         row = rows[-1]
         print(f"{name:12s} {label:9s} {row['method']:22s} planned {format_bytes(planned_bytes):>10s} "
               f"measured {format_bytes(memory.peak_live_bytes):>10s} ({row['difference']:+.1%}) "
-              f"exact={exact} recomputed={row['recomputed_nodes']} head chunks={row['split_chunks']}", flush=True)
+              f"exact={exact} recomputed={row['recomputed_nodes']} chunks: head {row['split_chunks']}, MLPs "
+              f"{row['mlp_chunks']}, attention {row['attention_chunks']}", flush=True)
     return rows
 
 
