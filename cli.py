@@ -545,7 +545,8 @@ def _console() -> Console:
               help="Methods to compare: remat's planners (auto: as remat solve plans; checkmate, decompose, lp-round, "
                    "cpsat), baselines, compile-budget[-B].")
 @click.option("--time-limit", default=30.0, show_default=True, type=click.FloatRange(min=0.1),
-              help="Seconds for each MILP solve (one per budget); --max-batch probes get it too, at most 10 s.")
+              help="Seconds for each remat planner's plan at each budget, as solve's --time-limit (tracing the "
+                   "split steps counts); --max-batch probes get it too, at most 10 s.")
 @click.option("--max-batch", "with_max_batch", is_flag=True,
               help="Add each row's largest batch under its budget (traces the model at more batches).")
 @click.option("--out", type=click.Path(dir_okay=False), callback=_output_file,
