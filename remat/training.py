@@ -406,7 +406,7 @@ class RematModule(nn.Module):
         """Run forward and backward once, as `measure()` does without measuring, and return the loss (detached),
         whatever the model returns around it (a Hugging Face output object, a dict): for a loop that steps any
         model, as `remat run` does. A model that returns logits or features is run backward as if their sum were
-        the loss."""
+        the loss, and they are returned (detached) in its place."""
         call = Call(args, kwargs)
         return self._forward_and_backward(self._prepared(call), call)
 
@@ -417,8 +417,8 @@ class RematModule(nn.Module):
         return loss.detach()
 
     def measure(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, StepMemory]:
-        """Run forward and backward once and measure memory; returns the loss and the memory. A model that returns
-        logits or features is run backward as if their sum were the loss.
+        """Run forward and backward once and measure memory; returns the loss (detached) and the memory. A model that
+        returns logits or features is run backward as if their sum were the loss, and they are returned in its place.
 
         CPU: the graphs run through an interpreter that counts the storages live values hold,
         comparable with the plan to the byte (`StepMemory`). CUDA: the allocator's peak over the
