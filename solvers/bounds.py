@@ -51,6 +51,9 @@ COUNT_MAX_NODES = 200  # graphs up to this size count third and later computatio
 FOCUS_MOMENTS = 8  # chained moments from `focus` stretches at most: each adds pairs to second_computations. At 1.1 x
 # min, from the stretches of a 30-s plan and cover-round's, with the 12 most crowded moments: U-Net +23.24% -> +23.71%
 # in 6 s (+25.15% solved, 35 s); ResNet-50 +20.97% -> +21.06% (+21.37%, 28 s); MobileNet-v2 +21.52% -> +22.11% (2 s)
+PAIRS_MIN_S = 2.0  # a bound given less time goes without second computations on graphs past COUNT_MAX_NODES: building
+# them is not timed (ResNet-50's step, 520 nodes: 3.2 s on a busy machine), and auto at --time-limit 1 took 7 to 9 s
+# there, the bound most of it; small graphs build them in milliseconds (and chains' proofs need them)
 MILP_SHARE = 0.75  # of the time limit, for the covering MILP; its LP relaxation (the fallback) gets the rest
 MAX_MOMENT_TERMS = 1_000_000  # (C_t) terms at most, the most crowded moments first: any subset of the moments gives
 # a valid bound. DenseNet-121's step (1,707 nodes) has 0.5M, built in 2 s; a 2-layer LSTM unrolled over 128 steps
@@ -372,7 +375,8 @@ def covering_bound(graph: Graph, budget_bytes: int, options: SolveOptions | None
                     f"C_{t}")
         absent_at[t] = (y, held)
     again = second_computations(problem, graph, absent_at, last_user, recomputed,
-                                count_chains=n <= COUNT_MAX_NODES) if n <= PAIRS_MAX_NODES else {}
+                                count_chains=n <= COUNT_MAX_NODES) \
+        if n <= PAIRS_MAX_NODES and (options.time_limit_s >= PAIRS_MIN_S or n <= COUNT_MAX_NODES) else {}
     problem += pulp.lpSum(nodes[v].compute_s / second * var for v, var in (*x.items(), *again.items()))
     # The time limit covers the whole bound: the MILP gets most of it, and the LP relaxation (the fallback when
     # the MILP's root does not finish) the rest, or a quarter of the limit if the MILP left less.
