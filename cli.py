@@ -707,7 +707,9 @@ def _print_max_batches(model, graph, precision, optimizer, budget_bytes, overhea
     # a remat planner's x is a search cut short at --time-limit: a probe above it may still fit (a 34-node MLP at
     # 3 s: 4210x, then 5000 fit)
     planners = [r.method for r in results if r.method not in BASELINES and not r.method.startswith("compile-")]
-    searched = f" ({', '.join(planners)}: none found in --time-limit)" if planners else ""
+    # (below the model's state nothing is searched: the error after the table says why)
+    searched = (f" ({', '.join(planners)}: none found in --time-limit)"
+                if planners and budget_bytes >= graph.fixed.state_bytes else "")
     console.print(f"batches tried: x = does not fit{searched}{slow_mark}; overhead is against store-all's step time "
                   f"at the same batch; wall time {wall_s:.1f} s")
     named = [r.method for r in results if r.method in BASELINES]

@@ -337,6 +337,9 @@ def test_maxbatch_under_the_model_state_says_no_batch_fits_at_once(factory_file)
                    "--json")
     assert_one_line_error(result, "no batch fits", "optimizer state alone are", "--optimizer sgd")
     assert [r["probes"] for r in json.loads(result.stdout)["results"]] == [[[16, False]]]  # one trace, no search
+    table = remat("maxbatch", "--model", f"{factory_file}:make", "--budget", "1MB", "--solvers", "auto")
+    assert "no batch fits" in table.stderr and "16x" in table.stdout
+    assert "none found in --time-limit" not in table.stdout  # (nothing was searched: it said so)
     lighter = remat("maxbatch", "--model", f"{factory_file}:make", "--budget", "1MB", "--optimizer", "none",
                     "--solvers", "store-all", "--json")  # parameters and gradients: 662 KB, room for a batch
     assert lighter.returncode == 0, lighter.stderr
