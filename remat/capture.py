@@ -561,10 +561,12 @@ def _without_onednn():
 def _held_generators(model: nn.Module) -> dict[int, torch.Generator]:
     """The generators the model's modules hold, or their Python modules' globals, by id: one level into the
     containers and helper objects they hold (`self.sampler.g`)."""
-    found = {}
-    for module in model.modules():
-        places = [vars(module), vars(sys.modules.get(type(module).__module__, types.ModuleType("none")))]
-        for value in (v for place in places for v in place.values()):
+    found, places = {}, {}
+    for module in model.modules():  # each Python module's globals once: `torch` among them holds thousands of names
+        for place in (vars(module), vars(sys.modules.get(type(module).__module__, types.ModuleType("none")))):
+            places[id(place)] = place
+    for place in places.values():
+        for value in place.values():
             items = (value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple))
                      else (value,))
             for item in items:
