@@ -189,7 +189,7 @@ def test_a_split_step_hands_out_the_logits_too():
     model, ids = _gpt2()
     batch = {"input_ids": ids, "labels": ids}
     graph, _ = trace_step(model, batch, device="cpu", mlp_chunks=2, outputs="all")
-    plan = solve(graph, "90%", time_limit_s=TIME_LIMIT)
+    plan = solve(graph, "90%", time_limit_s=1.0)  # any plan that fits: the search took 4 of TIME_LIMIT's 5 s
     planned = remat.apply(model, plan=plan, example_inputs=batch)
     assert planned.planned.graph.meta["split"]["mlp_chunks"] == 2
     loss, memory = planned.measure(**batch)
