@@ -372,13 +372,15 @@ def test_a_small_graph_near_its_minimum_budget_is_searched_after_the_whole_graph
     chain's step at 50 B: the MILP alone, given 30 s, stopped at 55 s; now rows-search reaches 52 s (the optimum)
     in 10 s. With its valid rows (solvers/checkmate.py) the MILP may prove the optimum within its share: then no
     search is needed. 15 s: at 10 s the MILP's share (4 s) ended at 52 to 64 s and the search's 6 s at 52 to 56 s
-    (56 in a CI run with nothing beside it); at 15 s five runs out of five ended at 52 s."""
+    (56 in a CI run with nothing beside it); at 15 s five runs out of five ended at 52 s. Where the MILP reached 52 s
+    in its share, the bound solved again proves it, or (on a busy machine, a second short of that) the MILP polish
+    gets the time left: either way the rest of the limit went past the MILP's share."""
     limit = 15.0
     plan = solve(chain_training_graph(14), 50, time_limit_s=limit)
     milp = next(c for c in plan.candidates if c.method == "checkmate")
     assert milp.wall_s <= planner.WHOLE_MILP_SHARE * limit + 1.0
-    searched = any(c.method in ("drop-search", "rows-search") for c in plan.candidates)
-    assert searched or (plan.status == "optimal" and plan.compute_s == pytest.approx(52.0))
+    after_the_milp = any(c.method in ("drop-search", "rows-search", "milp-polish") for c in plan.candidates)
+    assert after_the_milp or (plan.status == "optimal" and plan.compute_s == pytest.approx(52.0))
     assert plan.simulation.fits(50) and plan.compute_s <= min(55.0, milp.simulation.compute_s)
 
 
