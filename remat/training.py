@@ -730,10 +730,20 @@ def _plan_traced(tracer: SplitTracer, budget: str | int | float, solver: str, ti
         minimum = ("the minimum feasible budget for this model and input is" if proven else
                    f"the lowest peak found in time_limit={time_limit:g} s is")
         shorter = "" if proven else " (a longer time_limit may find a lower one)"
+        # a share is of this step's store-all peak: say which share the lowest is (a step planned as set-to-none
+        # peaks lower than the held one, and a small model's floor, its gradients at the backward's end, can be
+        # above a share that the held step fitted)
+        share = (f", {format_share_above(lowest, tracer.budget_bytes('100%'))} of the store-all peak, which a share "
+                 f"such as {budget!r} is of" if is_share(budget) else "")
+        kept = ("parameters, optimizer state, inputs; gradients counted as the backward makes them"
+                if unsplit.gradients_made and not unsplit.fixed.gradient_bytes else
+                "parameters, gradients kept between steps, optimizer state, inputs; the backward's new gradients "
+                "counted as it makes them" if unsplit.gradients_made else
+                "parameters, gradients, optimizer state, inputs")
         raise PlanError(
             f"no schedule fits a budget of {format_bytes(budget_bytes)} ({budget_bytes} bytes): {minimum} "
-            f"{format_bytes(lowest)} ({lowest} bytes){shorter}; fixed memory (parameters, gradients, optimizer "
-            f"state, inputs) alone is {format_bytes(unsplit.fixed.total_bytes)}{more_chunks}")
+            f"{format_bytes(lowest)} ({lowest} bytes{share}){shorter}; fixed memory ({kept}) alone is "
+            f"{format_bytes(unsplit.fixed.total_bytes)}{more_chunks}")
     return result, tracer.variant_of(chosen.split).step
 
 

@@ -229,3 +229,18 @@ def test_gradients_kept_of_parameters_frozen_after_they_trained_are_in_the_plan(
         assert planned.planned.graph.gradients == ("set-to-none" if set_to_none else "accumulate")
         assert planned.planned.graph.fixed.gradient_bytes == counted
         optimizer.zero_grad(set_to_none=True)
+
+
+def test_a_share_below_the_set_to_none_floor_is_refused_with_the_share_the_lowest_peak_is():
+    """A small MLP's set-to-none step peaks at the backward's end, on its gradients: "90%" fitted the held step's
+    larger peak, and is refused now. The error said "fixed memory (parameters, gradients, ...)" (gradients are not
+    fixed memory here) and named the lowest peak in bytes alone, not as the share of the peak that "90%" is of."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
+    inputs = (torch.randn(4, 64),)
+    with pytest.raises(PlanError) as raised:
+        apply(model, budget="90%", example_inputs=inputs, device="cpu", time_limit=0.5,
+              loss_fn=lambda out: out.pow(2).mean())
+    message = str(raised.value)
+    assert "of the store-all peak, which a share such as '90%' is of" in message, message
+    assert "(parameters, optimizer state, inputs; gradients counted as the backward makes them) alone" in message
