@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from remat.graph import Graph
 from remat.units import format_bytes, format_seconds, format_share_above, is_share, parse_size
 from remat.zoo import ZOO_NAMES
 from solvers.base import FEASIBLE, overhead_of, reported_status
@@ -203,7 +204,7 @@ def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_
     if plan.schedule is None:
         if budget_bytes < plan.graph.fixed.total_bytes:
             fail(f"no plan fits {format_bytes(budget_bytes)} ({budget_bytes} bytes) for {model}: "
-                 f"{_below_fixed_memory(plan.graph.fixed)}{_share_above(plan.graph.fixed, share_of)}")
+                 f"{_below_fixed_memory(plan.graph)}{_share_above(plan.graph.fixed, share_of)}")
         named = next((c for c in plan.candidates if c.method == solver), None)
         asked = named.simulation if named is not None and named.simulation is not None and named.simulation.valid \
             else None
@@ -254,11 +255,11 @@ def _lighter_optimizer(fixed) -> str:
     return "; an optimizer with less state lowers it (--optimizer sgd holds none)" if fixed.optimizer_bytes else ""
 
 
-def _below_fixed_memory(fixed) -> str:
+def _below_fixed_memory(graph: Graph) -> str:
     """Why a budget below fixed memory fits no plan, and what lowers fixed memory."""
-    return (f"fixed memory alone is {fixed.describe()}, whatever is recomputed, and parameters, gradients and "
+    return (f"fixed memory alone is {graph.describe_fixed()}, whatever is recomputed, and parameters, gradients and "
             f"optimizer state do not shrink with the batch. A budget above it leaves room for activations (one still "
-            f"too small gets the minimum feasible budget named){_lighter_optimizer(fixed)}")
+            f"too small gets the minimum feasible budget named){_lighter_optimizer(graph.fixed)}")
 
 
 def _share_above(fixed, store_all_peak: int | None) -> str:
@@ -270,10 +271,10 @@ def _share_above(fixed, store_all_peak: int | None) -> str:
            f"{format_share_above(fixed.total_bytes, store_all_peak)}"
 
 
-def _below_model_state(fixed) -> str:
+def _below_model_state(graph: Graph) -> str:
     """Why a budget below parameters, gradients and optimizer state fits no batch."""
-    return (f"parameters, gradients and optimizer state alone are {fixed.describe(inputs=False)}, at every batch and "
-            f"whatever is recomputed{_lighter_optimizer(fixed)}")
+    return (f"parameters, gradients and optimizer state alone are {graph.describe_fixed(inputs=False)}, at every "
+            f"batch and whatever is recomputed{_lighter_optimizer(graph.fixed)}")
 
 
 def _solve_split(model, batch, seq, precision, device, optimizer, budget, solver, time_limit, backend,
@@ -672,7 +673,7 @@ def maxbatch(model, budget, seq, start_batch, device, precision, optimizer, solv
         _print_max_batches(model, graph, precision, optimizer, budget_bytes, overhead_cap, results, wall_s)
     if budget_bytes < graph.fixed.state_bytes:  # max_batch answered 0 after one trace (it searched 137 s before)
         fail(f"no batch fits {format_bytes(budget_bytes)} ({budget_bytes} bytes) for {model}: "
-             f"{_below_model_state(graph.fixed)}")
+             f"{_below_model_state(graph)}")
 
 
 def _probe_mark(probe, budget_bytes: int) -> str:

@@ -92,14 +92,15 @@ class FixedMemory:
         """Parameters, gradients and optimizer state: fixed memory that no batch size changes."""
         return self.parameter_bytes + self.gradient_bytes + self.optimizer_bytes
 
-    def describe(self, inputs: bool = True) -> str:
+    def describe(self, inputs: bool = True, gradients: str | None = None) -> str:
         """'1.99 GB (parameters 497.76 MB, gradients 497.76 MB, optimizer state 995.52 MB, inputs 131.08 KB)';
-        without `inputs`, the state alone (state_bytes and its three parts)."""
+        without `inputs`, the state alone (state_bytes and its three parts). `gradients` words the gradients' part
+        (Graph.describe_fixed: a step that makes its gradients holds none of them as fixed memory)."""
         total = self.total_bytes if inputs else self.state_bytes
         with_inputs = f", inputs {format_bytes(self.input_bytes)}" if inputs else ""
         return (f"{format_bytes(total)} (parameters {format_bytes(self.parameter_bytes)}, gradients "
-                f"{format_bytes(self.gradient_bytes)}, optimizer state {format_bytes(self.optimizer_bytes)}"
-                f"{with_inputs})")
+                f"{gradients or format_bytes(self.gradient_bytes)}, optimizer state "
+                f"{format_bytes(self.optimizer_bytes)}{with_inputs})")
 
 
 @dataclass(frozen=True)
@@ -236,6 +237,16 @@ class Graph:
         """The fixed gradient memory in words: its bytes, or "as made" where each counts from when it is made."""
         return "as made" if self.gradients_made and not self.fixed.gradient_bytes else format_bytes(
             self.fixed.gradient_bytes)
+
+    def describe_fixed(self, inputs: bool = True) -> str:
+        """Fixed memory in words for an error (FixedMemory.describe), its gradients as this step counts them: a
+        set-to-none step holds none ("gradients 0 B" said otherwise), an accumulating one those kept between steps."""
+        if not self.gradients_made:
+            return self.fixed.describe(inputs)
+        made = "counted as the backward makes them"
+        kept = (f"{format_bytes(self.fixed.gradient_bytes)} kept between steps, the new ones {made}"
+                if self.fixed.gradient_bytes else made)
+        return self.fixed.describe(inputs, gradients=kept)
 
     def min_budget_lower_bound(self) -> int:
         """No schedule fits below this: fixed memory plus the largest single-op working set."""

@@ -542,7 +542,7 @@ def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, bac
                        bound_method="fixed memory is over the budget", picked="none: fixed memory is over the budget")
         # (the lowest peak found is no answer here: it named a minimum budget and not why)
         return replace(plan, message=f"no schedule fits {budget_bytes} bytes: fixed memory alone is "
-                       f"{graph.fixed.describe()}, whatever is recomputed")
+                       f"{graph.describe_fixed()}, whatever is recomputed")
 
     # A valid lower bound on the fine graph, whatever solves it (solvers/bounds.py): cheap, so always.
     say("lower bound")

@@ -707,7 +707,7 @@ def _plan_traced(tracer: SplitTracer, budget: str | int | float, solver: str, ti
         if budget_bytes < unsplit.fixed.total_bytes:
             raise PlanError(
                 f"no schedule fits a budget of {format_bytes(budget_bytes)} ({budget_bytes} bytes): fixed memory alone "
-                f"is {unsplit.fixed.describe()}, whatever is recomputed; a budget above it leaves room for activations"
+                f"is {unsplit.describe_fixed()}, whatever is recomputed; a budget above it leaves room for activations"
                 + (f" ({format_share_above(unsplit.fixed.total_bytes, tracer.budget_bytes('100%'))} of the store-all "
                    f"peak, which a share such as {budget!r} is of)" if is_share(budget) else ""))
         lowest = result.min_feasible_bytes
@@ -735,15 +735,10 @@ def _plan_traced(tracer: SplitTracer, budget: str | int | float, solver: str, ti
         # above a share that the held step fitted)
         share = (f", {format_share_above(lowest, tracer.budget_bytes('100%'))} of the store-all peak, which a share "
                  f"such as {budget!r} is of" if is_share(budget) else "")
-        kept = ("parameters, optimizer state, inputs; gradients counted as the backward makes them"
-                if unsplit.gradients_made and not unsplit.fixed.gradient_bytes else
-                "parameters, gradients kept between steps, optimizer state, inputs; the backward's new gradients "
-                "counted as it makes them" if unsplit.gradients_made else
-                "parameters, gradients, optimizer state, inputs")
         raise PlanError(
             f"no schedule fits a budget of {format_bytes(budget_bytes)} ({budget_bytes} bytes): {minimum} "
-            f"{format_bytes(lowest)} ({lowest} bytes{share}){shorter}; fixed memory ({kept}) alone is "
-            f"{format_bytes(unsplit.fixed.total_bytes)}{more_chunks}")
+            f"{format_bytes(lowest)} ({lowest} bytes{share}){shorter}; fixed memory alone is "
+            f"{unsplit.describe_fixed()}{more_chunks}")
     return result, tracer.variant_of(chosen.split).step
 
 

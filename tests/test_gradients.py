@@ -11,6 +11,7 @@ from torch import nn
 
 from remat.planner import solve
 from remat.training import PlanError, apply, plan, trace_step
+from remat.units import format_bytes
 from solvers.base import INFEASIBLE
 from tests.cli_run import remat
 
@@ -243,4 +244,21 @@ def test_a_share_below_the_set_to_none_floor_is_refused_with_the_share_the_lowes
               loss_fn=lambda out: out.pow(2).mean())
     message = str(raised.value)
     assert "of the store-all peak, which a share such as '90%' is of" in message, message
-    assert "(parameters, optimizer state, inputs; gradients counted as the backward makes them) alone" in message
+    assert "fixed memory alone is" in message and "gradients counted as the backward makes them," in message
+    assert "gradients 0 B" not in message, message
+
+
+@pytest.mark.parametrize("gradients", ["set-to-none", "accumulate"])
+def test_a_budget_below_fixed_memory_words_gradients_as_the_step_counts_them(gradients):
+    """Below fixed memory, the error listed "gradients 0 B" for a step that makes its gradients (they are not
+    fixed memory there, but they are not free either), and the accumulate step's kept gradients by bytes alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
+    with pytest.raises(PlanError) as raised:
+        plan(model, (torch.randn(4, 64),), 1000, device="cpu", time_limit=0.5, gradients=gradients,
+                   loss_fn=lambda out: out.pow(2).mean())
+    message = str(raised.value)
+    assert "gradients 0 B" not in message, message
+    gradient_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    kept = f"{format_bytes(gradient_bytes)} kept between steps, the new ones " if gradients == "accumulate" else ""
+    assert "fixed memory alone is " in message and f"gradients {kept}counted as the backward makes them," in message
