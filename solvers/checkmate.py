@@ -54,10 +54,12 @@ from solvers.highs_process import (
     result_of,
     solve_in_child,
 )
+from solvers.peak_bound import backward_peak_bound
 from solvers.stage_memory import Part, freed_by, node_parts, stage_values
 
 BACKENDS = ("highs", "cbc", "gurobi")
 MEMORY_SCALE = 1000.0  # the budget (or the store-all peak) is this many model units of memory
+PEAK_BOUND_SHARE = 0.1  # of the min-peak MILP's time limit, at most, for the backward bound (solvers/peak_bound.py)
 
 
 # --- the model -------------------------------------------------------------------------------
@@ -104,11 +106,13 @@ def build_model(
     second_unit: float,
     relax: bool = False,
     window: Window | None = None,
+    peak_floor_bytes: int | None = None,
 ) -> CheckmateModel:
     """Checkmate's MILP. budget_bytes=None: minimise the peak instead of the seconds.
 
     relax=True gives the LP relaxation (every binary becomes continuous in [0, 1]). window: the stages of a
     schedule to solve again, the others held (the objective then counts the window's seconds only).
+    peak_floor_bytes: a peak no schedule goes below (solvers/peak_bound.py), a row under the min-peak objective.
     """
     n = len(graph)
     nodes = graph.nodes
@@ -295,6 +299,13 @@ def build_model(
             problem += peak >= fixed + held + workspace[k] * R[t, k], f"peak_{t}_{k}"
         for t, held in frontier.items():
             problem += peak >= fixed + held, f"frontier_peak_{t}"
+        if peak_floor_bytes is not None:
+            # (V3) the backward bound: every 0/1 solution's PEAK is at least the simulated peak of its schedule (the
+            # accounting above is an upper bound of remat.simulate's), which no schedule running node n-1 takes below
+            # peak_floor_bytes. A millionth of a unit below it, so float sums of the same bytes never cut the
+            # optimum off. The LP relaxation cannot see this bound: it keeps a value a fraction in memory, and makes
+            # a gradient the last node reads again in the last stage at a fraction of its inputs.
+            problem += peak >= peak_floor_bytes / byte_unit - 1e-6, "peak_floor"
         # Objective: the peak, plus the seconds with a weight small enough that all the seconds a schedule can
         # spend (node i runs at most once in each of the n - i stages) are worth less than half a byte, or
         # where a byte is below HiGHS's tolerances, less than a millionth of the reference memory.
@@ -705,12 +716,20 @@ def _solve(graph: Graph, budget_bytes: int | None, options: SolveOptions, name: 
     else:
         reference = sum(node.output_bytes for node in graph.nodes) + max(node.workspace_bytes for node in graph.nodes)
     byte_unit = max(reference, 1) / MEMORY_SCALE
-    model = build_model(graph, budget_bytes, byte_unit, second_unit(graph))
+    peak_floor = None  # min-peak: a bound far above the MILP's relaxation on some graphs, in a share of the time
+    if budget_bytes is None:
+        given = simulate(graph, options.warm_start) if options.warm_start is not None else None
+        target = given.peak_bytes if given is not None and given.valid else None  # no bound goes above it
+        peak_floor = backward_peak_bound(graph, started + PEAK_BOUND_SHARE * options.time_limit_s, target)
+    bound_s_taken = time.perf_counter() - started
+    model = build_model(graph, budget_bytes, byte_unit, second_unit(graph), peak_floor_bytes=peak_floor)
     if constrain is not None:
         constrain(model)
     warm = prepare_warm_start(model, options.warm_start, budget_bytes)
     detail: dict = {"variables": len(model.problem.variables()), "constraints": model.problem.numConstraints(),
                     "backend": options.backend, "build_s": time.perf_counter() - started}
+    if peak_floor is not None:
+        detail["backward_peak_bound_bytes"], detail["backward_peak_bound_s"] = peak_floor, bound_s_taken
     if warm is not None:
         detail["warm_start"] = warm.note
     # The time limit covers the whole call: building the model and checking the warm start count against it.
@@ -771,7 +790,7 @@ def _solve(graph: Graph, budget_bytes: int | None, options: SolveOptions, name: 
         if outcome.bound is not None:  # less the most the seconds term can add
             most_seconds = sum(node.compute_s * (len(graph) - i) for i, node in enumerate(graph.nodes))
             slack = model.compute_weight * most_seconds / model.second_unit
-            detail["peak_lower_bound_bytes"] = max(graph.min_budget_lower_bound(),
+            detail["peak_lower_bound_bytes"] = max(graph.min_budget_lower_bound(), peak_floor,
                                                    math.ceil((outcome.bound - slack) * byte_unit - 1e-6))
     verdict = "optimal" if outcome.status == OPTIMAL else "time limit: best schedule found"
     return result(outcome.status, schedule, bound_s(outcome.bound), f"{verdict} ({outcome.message})")

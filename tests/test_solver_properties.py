@@ -5,6 +5,7 @@ schedules that fit and cost no less than it; every lower bound is at most it; th
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,6 +19,7 @@ from solvers.baselines import store_all
 from solvers.bounds import covering_bound
 from solvers.checkmate import lower_bound_lp, solve_checkmate, solve_min_peak
 from solvers.decompose import find_layout, solve_decompose
+from solvers.peak_bound import backward_peak_bound
 from solvers.registry import solve_with
 from tests.bruteforce import cheapest_schedule, smallest_peak_schedule
 from tests.graphs import make_graph
@@ -196,10 +198,10 @@ def test_decompose_by_name_in_the_planner_keeps_a_valid_bound(graph, fraction):
 
 
 @st.composite
-def dags_with_multi_output_ops(draw) -> Graph:
-    """random_dags where some ops have two outputs that the simulator releases one by one, each read by some
-    of the op's readers (as layer norm's output and its mean/rstd are)."""
-    graph = draw(random_dags())
+def dags_with_multi_output_ops(draw, max_nodes: int = 8) -> Graph:
+    """random_dags (of up to max_nodes) where some ops have two outputs that the simulator releases one by one, each
+    read by some of the op's readers (as layer norm's output and its mean/rstd are)."""
+    graph = draw(random_dags(max_nodes))
     if "part_bytes" not in {f.name for f in dataclasses.fields(graph.nodes[0])}:
         return graph  # a Graph IR without separately released outputs: the plain property
     nodes = list(graph.nodes)
@@ -240,3 +242,43 @@ def test_covering_bound_holds_when_outputs_are_released_one_by_one(graph, fracti
         assert best is None
     elif best is not None:
         assert bound.lower_bound_s <= best.compute_s * (1 + 1e-9)
+
+
+@st.composite
+def steps_returning_values(draw) -> Graph:
+    """dags_with_multi_output_ops of up to 7 nodes and a last node of 0 bytes that reads 2 to 4 of their values (an
+    output of an op with two, for some), as the backward's return reads every gradient under gradients="set-to-none":
+    each of them is then held (or made again) from where it is made to the end."""
+    graph = draw(dags_with_multi_output_ops(max_nodes=7))
+    nodes = list(graph.nodes)
+    returned = sorted(draw(st.sets(st.integers(0, len(nodes) - 1), min_size=min(2, len(nodes)),
+                                   max_size=min(4, len(nodes)))))
+    last = len(nodes)
+    for i in returned:
+        if nodes[i].part_bytes:  # the return reads one output of an op with two (or both)
+            reads = draw(st.sampled_from([(0,), (1,), (0, 1)]))
+            part_users = tuple(tuple(sorted({*users, last} if k in reads else users))
+                               for k, users in enumerate(nodes[i].part_users))
+            nodes[i] = dataclasses.replace(nodes[i], part_users=part_users)
+    nodes.append(dataclasses.replace(nodes[0], name="return", op="return", deps=tuple(returned), output_bytes=0,
+                                     part_bytes=(), part_users=(), compute_s=0.0, workspace_bytes=0))
+    return dataclasses.replace(graph, nodes=tuple(nodes), outputs=(last,))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(graph=steps_returning_values())
+def test_min_peak_of_a_step_whose_last_node_reads_several_values(graph):
+    best = smallest_peak_schedule(graph)
+    assert best.simulation.valid and best.simulation.peak_bytes == best.peak_bytes
+    assert backward_peak_bound(graph, math.inf) <= best.peak_bytes
+    result = solve_min_peak(graph, EXACT)
+    assert result.status == OPTIMAL and result.detail["peak_bytes"] == best.peak_bytes
+    assert simulate(graph, result.schedule).peak_bytes == best.peak_bytes
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(graph=st.one_of(dags_with_multi_output_ops(), steps_returning_values()))
+def test_backward_peak_bound_never_exceeds_the_lowest_peak(graph):
+    # run to the end (no deadline, no target), the search's bound is the lowest peak of the schedules it walks over,
+    # which include every frontier-advancing one
+    assert backward_peak_bound(graph, math.inf) <= smallest_peak_schedule(graph).peak_bytes

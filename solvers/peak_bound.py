@@ -1,0 +1,98 @@
+"""A lower bound on the lowest peak of a graph's schedules, found by walking back from the step's end.
+
+Take any schedule that runs the last node, n-1 (every frontier-advancing one does: stage n-1 runs it), and look
+at the runs before its last run of n-1, latest first. Call a part (an output of a node, solvers/stage_memory.py)
+*needed* at a moment when a run after that moment reads it and no run in between makes it again: it is in memory
+then (nothing can read a part that was freed). So while node k runs, memory holds every part needed just after the
+run, k's inputs and outputs and its workspace, and just before the run the needed parts are those needed after it
+that k does not make, plus the parts k reads.
+
+The walk follows those sets, but only through the runs that make a part of the set it holds, starting from the
+parts n-1 reads: it holds a set N, the walk's step to a run of k that makes a part of N costs
+fixed + bytes(N | outputs(k) | inputs(k)) + workspace(k), and leads to (N - outputs(k)) | inputs(k). Whatever the
+schedule, the walk's set stays inside the schedule's needed set: a run the walk steps over makes no part of N, so
+the parts of N are still needed before it. Each step's cost is then at most the schedule's memory at that run, and
+a nonempty set has a next step (its parts are made by some earlier run). So the peak of every schedule is at least
+the lowest, over every walk from the start to the empty set, of the walk's costliest step: a bottleneck shortest
+path, which a best-first search finds (Dijkstra with max for +). Stopped early, the cost of the set it would take
+next is still a lower bound: every walk to the empty set passes through a set on its frontier.
+
+Under gradients="set-to-none" or "accumulate" the last node is the backward's return, which reads every gradient:
+each walk then keeps every gradient not made yet in its set, and the bound sees that whatever runs last before the
+return runs beside all the others. The node floor (fixed memory and the largest single working set) does not; nor
+does the min-peak MILP's LP relaxation, which keeps gradients a fraction each and makes them again at no cost in
+the last stage: on a 24-node step it stayed at the floor, 6,784 bytes, where this walk gives the optimum, 7,264.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+
+from remat.graph import Graph
+from solvers.stage_memory import node_parts
+
+MAX_SETS = 200_000  # sets the search reaches at most (each a few hundred bytes of its dictionary)
+CHECK_EVERY = 64  # sets expanded between looks at the clock
+
+
+def backward_peak_bound(graph: Graph, deadline: float, target: int | None = None) -> int:
+    """A lower bound, in bytes (fixed memory included), on the peak of every schedule that runs the graph's last
+    node: the search above, stopped at `deadline` (a time.perf_counter() value), at MAX_SETS sets reached, or once the
+    bound reaches `target` (a peak some schedule reaches: no bound goes above it)."""
+    n = len(graph)
+    if n == 0:
+        return graph.fixed.total_bytes
+    parts = node_parts(graph)
+    bit: dict[tuple[int, int], int] = {}  # (node, output) -> its bit in a set
+    size: list[int] = []  # bytes of the part of each bit
+    maker: list[int] = []  # the node that makes the part of each bit
+    for group in parts:
+        for part in group:
+            bit[part.node, part.index] = 1 << len(size)
+            size.append(part.size_bytes)
+            maker.append(part.node)
+    outputs = [sum(bit[part.node, part.index] for part in parts[k]) for k in range(n)]
+    inputs = [sum(bit[part.node, part.index] for d in set(graph.nodes[k].deps) for part in parts[d]
+                  if k in part.readers) for k in range(n)]
+    fixed = graph.fixed.total_bytes
+    workspace = [node.workspace_bytes for node in graph.nodes]
+
+    def held(bits: int) -> int:
+        total = 0
+        while bits:
+            low = bits & -bits
+            total += size[low.bit_length() - 1]
+            bits ^= low
+        return total
+
+    last = n - 1
+    start = inputs[last]
+    first_cost = fixed + held(start | outputs[last]) + workspace[last]
+    frontier = [(first_cost, 0, start)]  # (costliest step so far, a tie-breaker, set)
+    best = {start: first_cost}
+    pushed = expanded = 0
+    while frontier:
+        cost, _, needed = heapq.heappop(frontier)
+        if best[needed] < cost:
+            continue  # reached again more cheaply since
+        if needed == 0 or (target is not None and cost >= target):
+            return cost
+        expanded += 1
+        if len(best) > MAX_SETS or (expanded % CHECK_EVERY == 0 and time.perf_counter() > deadline):
+            return cost
+        needed_bytes = held(needed)
+        makers = set()
+        bits = needed
+        while bits:
+            low = bits & -bits
+            makers.add(maker[low.bit_length() - 1])
+            bits ^= low
+        for k in makers:
+            step = max(cost, fixed + needed_bytes + held((outputs[k] | inputs[k]) & ~needed) + workspace[k])
+            before = (needed & ~outputs[k]) | inputs[k]
+            if step < best.get(before, step + 1):
+                best[before] = step
+                pushed += 1
+                heapq.heappush(frontier, (step, pushed, before))
+    raise AssertionError("the search ended without reaching the empty set")  # a node's inputs are earlier nodes'
