@@ -63,7 +63,8 @@ def test_a_step_that_makes_gradients_measures_its_plan_below_store_all(gradients
     gradients (the tied weight's per name) in it, equals the plan, and loss and gradients are eager's."""
     model, inputs = TiedLM().double(), _inputs()
     reference = copy.deepcopy(model)
-    planned = apply(model, budget="85%", example_inputs=inputs, gradients=gradients, device="cpu", time_limit=5)
+    planned = apply(model, budget="85%", example_inputs=inputs, gradients=gradients, device="cpu",
+                    time_limit=1)  # any plan that fits
     step = planned.prepare(*inputs)
     assert step.plan.schedule.recomputed_nodes()  # below store-all: something is computed again
     loss, memory = planned.measure(*inputs)
@@ -147,7 +148,7 @@ def test_remat_solve_plans_with_gradients_set_to_none():
     summaries = {}
     for gradients in ("held", "set-to-none"):
         result = remat("solve", "--model", "mlp", "--budget", "100%", "--gradients", gradients, "--json",
-                       "--time-limit", "10", process=True)
+                       "--time-limit", "10")
         assert result.returncode == 0, result.stderr
         summaries[gradients] = json.loads(result.stdout)
     held, made = summaries["held"], summaries["set-to-none"]
@@ -188,7 +189,7 @@ def test_by_default_each_step_is_planned_for_the_gradients_it_finds():
     accumulate as eager's do."""
     model, inputs = TiedLM().double(), _inputs()
     reference = copy.deepcopy(model)
-    planned = apply(model, budget="85%", example_inputs=inputs, device="cpu", time_limit=5)
+    planned = apply(model, budget="85%", example_inputs=inputs, device="cpu", time_limit=1)  # any plan that fits
     assert planned.gradients == "auto" and planned.planned.graph.gradients == "set-to-none"
     found = []
     for step in range(5):
