@@ -231,7 +231,7 @@ def test_a_checkpoint_in_the_model_trains_as_eager_or_says_why_not(preserve_rng_
     x, y = torch.randn(64, 16, dtype=torch.float64), torch.randint(0, 4, (64,))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        planned = apply(model, budget="90%", example_inputs=(x, y), device="cpu", time_limit=TIME_LIMIT)
+        planned = apply(model, budget="90%", example_inputs=(x, y), device="cpu", time_limit=1.0)  # any plan
     warned = any("preserve_rng_state=False) around random ops" in str(w.message) for w in caught)
     assert warned == (not preserve_rng_state and p > 0), [str(w.message)[:80] for w in caught]
     assert planned.planned.plan.schedule.recomputed_nodes()
