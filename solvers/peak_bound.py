@@ -15,7 +15,12 @@ the parts of N are still needed before it. Each step's cost is then at most the 
 a nonempty set has a next step (its parts are made by some earlier run). So the peak of every schedule is at least
 the lowest, over every walk from the start to the empty set, of the walk's costliest step: a bottleneck shortest
 path, which a best-first search finds (Dijkstra with max for +). Stopped early, the cost of the set it would take
-next is still a lower bound: every walk to the empty set passes through a set on its frontier.
+next is still a lower bound: every walk to the empty set passes through a set on its frontier. The costs start at the
+node floor of what the last node reads, directly or not (each of those runs: fixed memory and the largest working set
+among them), and of sets at the same cost the search takes the one it reached last: most sets tie at the bound, and
+breadth-first among them it expanded 200,000 sets (1 to 2 s) without reaching the empty set on 24 to 50-node steps,
+where this order reaches it at once (the bound is the same: the order among ties does not change which cost is taken
+first).
 
 Under gradients="set-to-none" or "accumulate" the last node is the backward's return, which reads every gradient:
 each walk then keeps every gradient not made yet in its set, and the bound sees that whatever runs last before the
@@ -28,21 +33,36 @@ from __future__ import annotations
 
 import heapq
 import time
+from dataclasses import dataclass
 
 from remat.graph import Graph
+from remat.schedule import COMPUTE, FREE, Op, Schedule, tighten_frees
 from solvers.stage_memory import node_parts
 
 MAX_SETS = 200_000  # sets the search reaches at most (each a few hundred bytes of its dictionary)
 CHECK_EVERY = 64  # sets expanded between looks at the clock
 
 
+@dataclass(frozen=True)
+class Walk:
+    bound_bytes: int  # no schedule that runs the last node peaks below this (fixed memory included)
+    runs: tuple[int, ...] | None  # the walk to the empty set, in the order a schedule runs them (the last node last),
+    #                               when the search reached it: then its costliest step is bound_bytes
+
+
 def backward_peak_bound(graph: Graph, deadline: float, target: int | None = None) -> int:
     """A lower bound, in bytes (fixed memory included), on the peak of every schedule that runs the graph's last
     node: the search above, stopped at `deadline` (a time.perf_counter() value), at MAX_SETS sets reached, or once the
     bound reaches `target` (a peak some schedule reaches: no bound goes above it)."""
+    return backward_walk(graph, deadline, target).bound_bytes
+
+
+def backward_walk(graph: Graph, deadline: float, target: int | None = None) -> Walk:
+    """backward_peak_bound's search, with the walk it found when it reached the empty set (walk_schedule makes a
+    schedule of it)."""
     n = len(graph)
     if n == 0:
-        return graph.fixed.total_bytes
+        return Walk(graph.fixed.total_bytes, ())
     parts = node_parts(graph)
     bit: dict[tuple[int, int], int] = {}  # (node, output) -> its bit in a set
     size: list[int] = []  # bytes of the part of each bit
@@ -68,19 +88,33 @@ def backward_peak_bound(graph: Graph, deadline: float, target: int | None = None
 
     last = n - 1
     start = inputs[last]
-    first_cost = fixed + held(start | outputs[last]) + workspace[last]
-    frontier = [(first_cost, 0, start)]  # (costliest step so far, a tie-breaker, set)
+    ran = {last}  # the last node and what it reads, directly or not: every schedule that runs it runs them
+    stack = [last]
+    while stack:
+        for d in graph.nodes[stack.pop()].deps:
+            if d not in ran:
+                ran.add(d)
+                stack.append(d)
+    first_cost = fixed + max(graph.working_set_bytes(k) for k in ran)  # (the last node's step among them)
+    frontier = [(first_cost, 0, start)]  # (costliest step so far, minus the order reached, set)
     best = {start: first_cost}
+    step_to: dict[int, tuple[int, int]] = {}  # set -> (the set the walk came from, the node whose run led here)
     pushed = expanded = 0
     while frontier:
         cost, _, needed = heapq.heappop(frontier)
         if best[needed] < cost:
             continue  # reached again more cheaply since
-        if needed == 0 or (target is not None and cost >= target):
-            return cost
+        if needed == 0:
+            runs = []
+            while needed != start:
+                needed, k = step_to[needed]
+                runs.append(k)
+            return Walk(cost, (*runs, last))
+        if target is not None and cost >= target:
+            return Walk(cost, None)
         expanded += 1
         if len(best) > MAX_SETS or (expanded % CHECK_EVERY == 0 and time.perf_counter() > deadline):
-            return cost
+            return Walk(cost, None)
         needed_bytes = held(needed)
         makers = set()
         bits = needed
@@ -93,6 +127,33 @@ def backward_peak_bound(graph: Graph, deadline: float, target: int | None = None
             before = (needed & ~outputs[k]) | inputs[k]
             if step < best.get(before, step + 1):
                 best[before] = step
+                step_to[before] = (needed, k)
                 pushed += 1
-                heapq.heappush(frontier, (step, pushed, before))
+                heapq.heappush(frontier, (step, -pushed, before))
     raise AssertionError("the search ended without reaching the empty set")  # a node's inputs are earlier nodes'
+
+
+def walk_schedule(graph: Graph, runs: tuple[int, ...]) -> Schedule:
+    """A schedule that runs `runs` in order (a Walk's), each value freed at its last read. The walk counts only parts
+    of nonzero size, so a node it runs may read a value of 0 bytes it never made, and outputs of the step off its path
+    (the loss, where the last node does not read it) are not in it: each is computed, with what it reads and is not
+    in memory, right before the run that reads it, or the outputs at the end. Its peak is the walk's bound where
+    those add nothing (remat.simulate judges it)."""
+    ops: list[Op] = []
+    computed: set[int] = set()  # in memory unless a later run of the node frees it first (frees come at the end)
+
+    def run(k: int) -> None:
+        for d in graph.nodes[k].deps:
+            if d not in computed:
+                run(d)
+        if k in computed:  # a value made again: the walk needs none of its earlier one after this run
+            ops.append(Op(FREE, k))
+        ops.append(Op(COMPUTE, k))
+        computed.add(k)
+
+    for k in runs:
+        run(k)
+    for k in graph.outputs:
+        if k not in computed:
+            run(k)
+    return tighten_frees(graph, Schedule(tuple(ops), len(graph)))

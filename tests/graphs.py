@@ -92,3 +92,15 @@ def add_residual_blocks(deps: list[list[int]], sizes: list[int], modules: list[s
         forward_of.append(members)
         stream = members[-1]
     return stream, forward_of
+
+
+def step_whose_lowest_peak_recomputes() -> Graph:
+    """A classifier's set-to-none step (the fuzz case dyn_bool_index_assign: 24 nodes, the return reads every
+    gradient). Its node floor is 6,784 bytes and no baseline peaks below 7,360; the lowest peak, 7,264, needs a
+    schedule that recomputes and is not frontier-advancing (the walk back from the step's end finds it; the min-peak
+    MILP named 7,296 to 7,360 in 3 s)."""
+    deps = [[], [0], [1], [2], [1], [], [3, 4, 5], [6], [7], [8], [8, 9], [8, 10], [11], [6, 11], [11], [],
+            [4, 12, 15], [16], [1, 16], [16], [1, 17], [20], [20], [13, 14, 18, 19, 21, 22]]
+    sizes = [384, 384, 384, 384, 48, 8, 384, 192, 192, 16, 192, 192, 384, 256, 32, 8, 384, 384, 512, 64, 384, 512,
+             64, 0]
+    return make_graph(deps, sizes, outputs=[9, 23], fixed_bytes=5344, backward=[i >= 10 for i in range(len(deps))])
