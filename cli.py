@@ -228,9 +228,16 @@ def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_
                   f"the lowest peak found in the time limit is {_fmt(plan.min_feasible_bytes)} "
                   f"({plan.min_feasible_bytes} bytes), which --budget {_ceil_size(plan.min_feasible_bytes)} fits; a "
                   f"longer --time-limit may find a lower one, not below {_fmt(plan.min_budget_lower_bound_bytes)} "
-                  f"(fixed memory and the largest op's working set)")
+                  f"({plan.min_budget_lower_bound_why})")
         fail(f"no plan fits {format_bytes(budget_bytes)} ({budget_bytes} bytes) for {model}: {lowest}"
              f"{', or a smaller --batch' if plan.graph.meta.get('batch', 2) != 1 else ''}{more_chunks}")
+
+
+def _floor_words(plan) -> str:
+    """What proves the plan's floor, as the report line words it."""
+    if plan.min_budget_lower_bound_bytes > plan.graph.min_budget_lower_bound():
+        return plan.min_budget_lower_bound_why
+    return "fixed memory + the largest single op's working set"
 
 
 def _note_over_device(budget_bytes: int, device: str) -> None:
@@ -432,8 +439,8 @@ def _print_plan(plan, wall_s: float, out: str | None, share: str | None = None, 
         # the floor is the lowest over the chunk counts traced, which need not be the plan's
         floor_at = meta.get("floor_at", with_split.strip() or "unsplit")
         console.print(f"minimum budget {_fmt(plan.min_feasible_bytes)} is the lowest peak found "
-                      f"(no schedule fits below {format_bytes(plan.min_budget_lower_bound_bytes)}: fixed memory + "
-                      f"the largest single op's working set{'' if floor_at == 'unsplit' else ' ' + floor_at})")
+                      f"(no schedule fits below {format_bytes(plan.min_budget_lower_bound_bytes)}: "
+                      f"{_floor_words(plan)}{'' if floor_at == 'unsplit' else ' ' + floor_at})")
     if sim is None:
         console.print(f"[bold red]plan           none fits[/]: {escape(plan.message)}")
     else:

@@ -41,6 +41,7 @@ from solvers.coarsen import Coarsening, coarsen, contiguous_groups
 from solvers.cover_round import MAX_REPAIRS, Drops, incumbents_of, solve_cover_round
 from solvers.decompose import decompose_applies
 from solvers.drop_search import SPACE as DROPS
+from solvers.peak_bound import backward_walk, walk_schedule
 from solvers.registry import SOLVER_NAMES, solve_with
 from solvers.rows_search import SPACE as ROWS
 from solvers.rows_search import rows_of
@@ -54,6 +55,10 @@ WHOLE_MILP_SHARE = 0.4  # of the time left, for the MILP on a whole graph (auto)
 #                         to the searches and the MILP polish. Near the smallest budgets the MILP's 30-s plans are
 #                         poor (a 32-layer chain's step at 90 B: 104 s, then 94 s; a 54-node U-Net at 1.1 x min:
 #                         +57.7%, then +43.3%); what it proves at once it still proves
+WALK_SHARE = 0.5  # of the time left, at most, for the walk back from the step's end (solvers/peak_bound.py) on a whole
+#                   graph whose baselines peak over the node floor. On 24 to 50-node set-to-none and accumulate steps it
+#                   reaches the empty set in under 0.05 s (the lowest peak, and a schedule at it), or stops at once
+#                   where its bound meets the lowest peak found; else at MAX_SETS sets (1 s on a 95-node MLP's step)
 MIN_STAGE_S = 0.5  # the least time a solver stage gets once the deadline is near or past (then it keeps its warm start)
 BOUND_SHARE = 1 / 6  # of the time limit, at most BOUND_MAX_S, for the covering lower bound (up to MAX_REPAIR_NODES)
 BOUND_MAX_S = 20.0  # gpt2-medium (90 s a chunk count) gets 15 s: its covering MILP (so cover-round) improves to ~15 s
@@ -135,7 +140,7 @@ class Plan:
     lower_bound_s: float | None  # valid lower bound on the optimal seconds for this budget
     store_all: Simulation
     min_feasible_bytes: int | None  # the lowest peak any schedule we found reaches
-    min_budget_lower_bound_bytes: int  # no schedule can go below this
+    min_budget_lower_bound_bytes: int  # no schedule can go below this (min_budget_lower_bound_why says why)
     wall_s: float
     message: str = ""
     coarse_nodes: int | None = None  # nodes the MILP saw when the graph was coarsened
@@ -164,6 +169,13 @@ class Plan:
         lowest = self.min_feasible_bytes
         return lowest is not None and (lowest == self.min_budget_lower_bound_bytes
                                        or _proven_min_peak(self.candidates, self.coarse_nodes) == lowest)
+
+    @property
+    def min_budget_lower_bound_why(self) -> str:
+        """What proves min_budget_lower_bound_bytes, in words."""
+        if self.min_budget_lower_bound_bytes > self.graph.min_budget_lower_bound():
+            return "what every schedule holds at some moment before the step's last op (the walk back from its end)"
+        return "fixed memory and the largest op's working set"
 
     def to_json(self) -> dict:
         """The plan file: enough to check it fits a graph and to run it."""
@@ -681,14 +693,28 @@ def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, bac
             coarser_sim = simulate(working, coarser)
             if coarser_sim.fits(budget_bytes):
                 options.append((coarser_sim.compute_s, coarser))
+        if (not levels and lowest_peak > bound and len(graph) - 1 in graph.outputs
+                and not _out_of_time(deadline, candidates, budget_bytes)):
+            # Every valid schedule runs the last node (an output): no schedule peaks below the backward walk's bound,
+            # and the walk it found to the empty set, when it did, is a schedule at that bound (not frontier-advancing,
+            # so a candidate of its own, not a warm start: dyn_bool_index_assign's step, 7,264 bytes at once, where
+            # the min-peak MILP named 7,296 to 7,360 in 3 s)
+            say("lower bound on the peak, walking back from the step's end")
+            walked = _walk(graph, left(WALK_SHARE), lowest_peak)
+            bound = max(bound, walked.detail["backward_peak_bound_bytes"])
+            if walked.schedule is not None:
+                candidates.append(_candidate(graph, "backward-walk", walked, walked.schedule))
+                if candidates[-1].schedule is not None:  # (valid)
+                    lowest_peak = min(lowest_peak, candidates[-1].simulation.peak_bytes)
         if depth == len(graphs) - 1 and lowest_peak > bound and not _out_of_time(deadline, candidates, budget_bytes):
             # No baseline reaches the single-op floor: ask the MILP for the lowest peak it can find.
             say("minimum feasible budget")
-            lowest = min((c for c in baselines if c.simulation is not None and c.simulation.valid),
+            lowest = min((c for c in baselines if c.simulation is not None and c.simulation.valid
+                          and c.method != "backward-walk"),  # (not frontier-advancing: no warm start)
                          key=lambda c: (c.simulation.peak_bytes, c.simulation.compute_s))
             # A quarter of the time left, or all of it when the budget is below this graph's single-op floor
             # (then the MILP for the budget settles at once and the lowest peak is the answer wanted).
-            below_floor = working.min_budget_lower_bound() > budget_bytes
+            below_floor = max(working.min_budget_lower_bound(), bound) > budget_bytes
             min_peak_options = SolveOptions(time_limit_s=left(1.0 if below_floor else 0.25), backend=backend,
                                             warm_start=lowest.schedule)
             unbuilt = unbuildable_in(working, min_peak_options)
@@ -699,6 +725,10 @@ def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, bac
                 min_peak_sim = simulate(working, min_peak.schedule)
                 if min_peak_sim.fits(budget_bytes):
                     options.append((min_peak_sim.compute_s, min_peak.schedule))
+        if graph.min_budget_lower_bound() <= budget_bytes < bound:  # under the walk's bound: proven, no MILP needed
+            return _finish(graph, budget_bytes, candidates, candidates, store_all, bound, started, None,
+                           bound_method="the walk back from the step's end: no schedule fits",
+                           picked="none: no schedule peaks below the walk back from the step's end")
         warm = min(options, key=lambda option: option[0])[1] if options else None
 
         # of two coarse levels, the coarser gets a third of the time left and the finer what is left after it; on a
@@ -825,12 +855,25 @@ def _candidate(graph: Graph, method: str, result: SolverResult, schedule: Schedu
                      result.detail.get("incumbents", ()))
 
 
+def _walk(graph: Graph, seconds: float, target: int) -> SolverResult:
+    """solvers/peak_bound.py's walk back from the last node for `seconds`, stopped once its bound reaches `target` (a
+    peak found): its bound in detail["backward_peak_bound_bytes"], and its schedule where it reached the empty set."""
+    started = time.perf_counter()
+    walk = backward_walk(graph, started + seconds, target)
+    schedule = walk_schedule(graph, walk.runs) if walk.runs is not None else None
+    return SolverResult("backward-walk", FEASIBLE if schedule is not None else NO_SOLUTION, schedule,
+                        wall_s=time.perf_counter() - started,
+                        message=f"the walk back from the step's end: no schedule peaks below {walk.bound_bytes} bytes",
+                        detail={"backward_peak_bound_bytes": walk.bound_bytes})
+
+
 def _proven_infeasible(budget_bytes: int, candidates: list[Candidate], bound: int, lower_bound_s: float | None,
                        coarse_nodes: int | None) -> bool:
     """Whether no schedule of the graph can fit `budget_bytes`, where none found does: the budget is under the floor no
-    schedule goes below (fixed memory and the largest op's working set), a relaxation (the covering MILP, or the MILP
-    on the whole graph) found no solution, which `_plan` marks by a lower bound of None, or the min-peak MILP on the
-    whole graph proved a lowest peak over the budget. Otherwise the time limit cut the search short: no_solution."""
+    schedule goes below (`bound`: fixed memory and the largest op's working set, or the walk back from the step's end
+    where _plan ran it), a relaxation (the covering MILP, or the MILP on the whole graph) found no solution, which
+    `_plan` marks by a lower bound of None, or the min-peak MILP on the whole graph proved a lowest peak over the
+    budget. Otherwise the time limit cut the search short: no_solution."""
     if budget_bytes < bound or lower_bound_s is None:  # (the floor holds fixed memory)
         return True
     lowest = _proven_min_peak(candidates, coarse_nodes)

@@ -494,6 +494,8 @@ def solve_split(tracer: SplitTracer, budget_bytes: int, solver: str = "auto", ti
         beaten_at_s = min((p.compute_s for _, p in solved if p.compute_s is not None), default=None)
         solved.append((variant, solve(variant.graph, budget_bytes, solver, share, backend, progress, known=weighed,
                                       beaten_at_s=beaten_at_s)))
+    # a solve may prove a floor over the variant's node floor (the walk back from the step's end: planner._plan)
+    floors.update((v.key, max(floors[v.key], p.min_budget_lower_bound_bytes)) for v, p in solved)
     tried = [(k, floor, next((p for v, p in solved if v.key == k), None)) for k, floor in floors.items()]
 
     fits = [(v, p) for v, p in solved if p.schedule is not None]

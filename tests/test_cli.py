@@ -488,3 +488,19 @@ def test_the_readme_synopses_name_every_option_and_its_default():
                 continue  # a placeholder, a choice list, or an example of a value with no default
             assert str(default) == value or (isinstance(default, float) and default == float(value)), \
                 (name, option, value, default)
+
+
+def test_a_floor_over_the_single_op_floor_is_named_for_what_proves_it(capsys, monkeypatch):
+    """The walk back from the step's end proves a floor over fixed memory and the largest op's working set: the line
+    named that floor's reason for the higher one."""
+    from cli import _print_plan
+    from remat.planner import solve
+    from tests.graphs import step_whose_lowest_peak_recomputes
+
+    monkeypatch.setenv("COLUMNS", "400")  # one line each
+    plan = solve(step_whose_lowest_peak_recomputes(), 7300, time_limit_s=1)
+    assert plan.min_budget_lower_bound_bytes == 7264 > plan.graph.min_budget_lower_bound()
+    _print_plan(plan, 1.0, None)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("minimum budget"))
+    assert line.endswith("(no schedule fits below 7.26 KB: what every schedule holds at some moment before the "
+                         "step's last op (the walk back from its end))"), line

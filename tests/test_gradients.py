@@ -3,6 +3,7 @@ none when the step starts; each is counted from when the backward makes it to it
 
 import copy
 import json
+import math
 import warnings
 
 import pytest
@@ -13,6 +14,7 @@ from remat.planner import solve
 from remat.training import PlanError, apply, plan, trace_step
 from remat.units import format_bytes
 from solvers.base import INFEASIBLE
+from solvers.peak_bound import backward_peak_bound
 from tests.cli_run import remat
 
 
@@ -263,3 +265,45 @@ def test_a_budget_below_fixed_memory_words_gradients_as_the_step_counts_them(gra
     gradient_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     kept = f"{format_bytes(gradient_bytes)} kept between steps, the new ones " if gradients == "accumulate" else ""
     assert "fixed memory alone is " in message and f"gradients {kept}counted as the backward makes them," in message
+
+
+class MaskedClassifier(nn.Module):
+    """A layer whose outputs over 1 are zeroed in place (a boolean index assigned), a head and cross entropy: the
+    fuzz case dyn_bool_index_assign, whose set-to-none step's lowest peak needs a schedule that is not
+    frontier-advancing."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.a, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x, y):
+        h = torch.relu(self.inp(x))
+        out = self.a(h).clone()
+        out[h > 1] = 0.0
+        return nn.functional.cross_entropy(self.head(out), y)
+
+
+def test_the_walk_back_from_the_steps_end_plans_its_lowest_peak_and_runs_it_as_eager():
+    """At the bound of the walk back from the step's end (solvers/peak_bound.py), over the node floor and every
+    baseline's peak, a 1-s plan raised PlanError (the min-peak MILP did not reach it); now the walk's own schedule is
+    the plan, and it runs with the bytes planned, the loss and gradients eager's."""
+    model = MaskedClassifier().double()
+    generator = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(6, 8, generator=generator, dtype=torch.float64) + 2.0,
+              torch.randint(0, 4, (6,), generator=generator))
+    reference = copy.deepcopy(model)
+    graph, _ = trace_step(model, inputs, device="cpu", gradients="set-to-none")
+    budget = backward_peak_bound(graph, math.inf)
+    assert budget > graph.min_budget_lower_bound()
+    planned = apply(model, budget=budget, example_inputs=inputs, gradients="set-to-none", device="cpu", time_limit=1)
+    step = planned.prepare(*inputs)
+    assert step.plan.method == "backward-walk" and step.simulation.peak_bytes == budget
+    loss, memory = planned.measure(*inputs)
+    assert (memory.peak_bytes, memory.peak_live_bytes) == (step.simulation.peak_bytes,
+                                                           step.simulation.activation_peak_bytes)
+    expected = reference(*inputs)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, p.grad, rtol=0, atol=0)

@@ -14,8 +14,9 @@ from solvers import base, baselines, checkmate
 from solvers.base import SolverResult
 from solvers.baselines import BASELINES
 from solvers.bounds import Bound
+from solvers.peak_bound import Walk
 from solvers.registry import solve_with
-from tests.graphs import chain_training_graph, make_graph
+from tests.graphs import chain_training_graph, make_graph, step_whose_lowest_peak_recomputes
 
 
 def residual_training_graph(blocks: int) -> Graph:
@@ -498,7 +499,8 @@ def test_where_nothing_fits_before_the_milp_it_gets_the_time_the_searches_would(
 def test_a_solve_that_finds_nothing_in_time_says_no_solution_and_infeasible_only_when_proven(monkeypatch):
     """`infeasible` claimed a proof where the time limit had only cut the search short. A binary tree of 8 leaves
     (unit sizes of 10 bytes) needs 50 bytes, though no op's working set is over 30: at 45 bytes the MILP proves no
-    schedule fits. With the MILPs and the covering bound cut short, nothing proves it: no_solution."""
+    schedule fits (so does the walk back from the step's end). With the MILPs, the covering bound and the walk cut
+    short, nothing proves it: no_solution."""
     leaves = [[] for _ in range(8)]
     graph = make_graph(leaves + [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11], [12, 13]], [10] * 15)
     assert graph.min_budget_lower_bound() == 30
@@ -513,8 +515,24 @@ def test_a_solve_that_finds_nothing_in_time_says_no_solution_and_infeasible_only
     monkeypatch.setattr(planner, "solve_with", nothing_in_time)
     monkeypatch.setattr(planner, "covering_bound", lambda graph, *args, **kwargs:
                         Bound(graph.compute_s, "covering (not solved in time: test)", 0.0))
+    monkeypatch.setattr(planner, "backward_walk", lambda graph, deadline, target: Walk(30, None))  # the node floor
     plan = solve(graph, 45, time_limit_s=10)
     assert plan.status == base.NO_SOLUTION and plan.schedule is None
     lowest = plan.min_feasible_bytes  # the baselines' (the min-peak MILP was cut short too)
     assert lowest > 45 and f"the lowest peak found is {lowest} bytes" in plan.message
     assert solve(graph, 29, time_limit_s=10).status == base.INFEASIBLE  # under the single-op floor: proven at once
+
+
+def test_a_budget_under_the_walk_back_from_the_steps_end_is_proven_infeasible_and_its_lowest_peak_planned():
+    """No schedule of this set-to-none step peaks below 7,264 bytes (the walk back from its end), over its node floor,
+    6,784, and every baseline's 7,360: at 1 s a budget between floor and 7,264 was no_solution ("not below 6,784"),
+    and 7,264 itself too, even at 3 s (the min-peak MILP named 7,296 to 7,360). Now the first is proven infeasible,
+    the second planned with the walk's schedule, which recomputes and is not frontier-advancing."""
+    graph = step_whose_lowest_peak_recomputes()
+    refused = solve(graph, 7200, time_limit_s=1)
+    assert refused.status == base.INFEASIBLE and refused.schedule is None
+    assert refused.min_budget_lower_bound_bytes == 7264 and refused.min_feasible_bytes == 7264
+    assert refused.min_feasible_proven and "below 7264 bytes" in refused.message
+    planned = solve(graph, 7264, time_limit_s=1)
+    assert planned.method == "backward-walk" and planned.simulation.peak_bytes == 7264
+    assert simulate(graph, planned.schedule).fits(7264) and planned.schedule.recomputed_nodes()
