@@ -233,13 +233,6 @@ def solve(model, budget, batch, seq, device, precision, optimizer, solver, time_
              f"{', or a smaller --batch' if plan.graph.meta.get('batch', 2) != 1 else ''}{more_chunks}")
 
 
-def _floor_words(plan) -> str:
-    """What proves the plan's floor, as the report line words it."""
-    if plan.min_budget_lower_bound_bytes > plan.graph.min_budget_lower_bound():
-        return plan.min_budget_lower_bound_why
-    return "fixed memory + the largest single op's working set"
-
-
 def _note_over_device(budget_bytes: int, device: str) -> None:
     """A budget over the device's memory plans for memory the device does not have (an extra zero, or --device left
     at its h100 default for a smaller card): the plan is made, with a note that it will not fit that device."""
@@ -440,7 +433,7 @@ def _print_plan(plan, wall_s: float, out: str | None, share: str | None = None, 
         floor_at = meta.get("floor_at", with_split.strip() or "unsplit")
         console.print(f"minimum budget {_fmt(plan.min_feasible_bytes)} is the lowest peak found "
                       f"(no schedule fits below {format_bytes(plan.min_budget_lower_bound_bytes)}: "
-                      f"{_floor_words(plan)}{'' if floor_at == 'unsplit' else ' ' + floor_at})")
+                      f"{plan.min_budget_lower_bound_why}{'' if floor_at == 'unsplit' else ' ' + floor_at})")
     if sim is None:
         console.print(f"[bold red]plan           none fits[/]: {escape(plan.message)}")
     else:

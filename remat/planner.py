@@ -175,7 +175,7 @@ class Plan:
         """What proves min_budget_lower_bound_bytes, in words."""
         if self.min_budget_lower_bound_bytes > self.graph.min_budget_lower_bound():
             return "what every schedule holds at some moment before the step's last op (the walk back from its end)"
-        return "fixed memory and the largest op's working set"
+        return "fixed memory + the largest single op's working set"
 
     def to_json(self) -> dict:
         """The plan file: enough to check it fits a graph and to run it."""
