@@ -693,6 +693,7 @@ def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, bac
             coarser_sim = simulate(working, coarser)
             if coarser_sim.fits(budget_bytes):
                 options.append((coarser_sim.compute_s, coarser))
+        walked_bound = None  # the walk's bound where it ran: the min-peak MILP's bound row, not searched again
         if (not levels and lowest_peak > bound and len(graph) - 1 in graph.outputs
                 and not _out_of_time(deadline, candidates, budget_bytes)):
             # Every valid schedule runs the last node (an output): no schedule peaks below the backward walk's bound,
@@ -701,7 +702,7 @@ def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, bac
             # the min-peak MILP named 7,296 to 7,360 in 3 s)
             say("lower bound on the peak, walking back from the step's end")
             walked = _walk(graph, left(WALK_SHARE), lowest_peak)
-            bound = max(bound, walked.detail["backward_peak_bound_bytes"])
+            bound = walked_bound = max(bound, walked.detail["backward_peak_bound_bytes"])
             if walked.schedule is not None:
                 candidates.append(_candidate(graph, "backward-walk", walked, walked.schedule))
                 if candidates[-1].schedule is not None:  # (valid)
@@ -716,7 +717,7 @@ def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, bac
             # (then the MILP for the budget settles at once and the lowest peak is the answer wanted).
             below_floor = max(working.min_budget_lower_bound(), bound) > budget_bytes
             min_peak_options = SolveOptions(time_limit_s=left(1.0 if below_floor else 0.25), backend=backend,
-                                            warm_start=lowest.schedule)
+                                            warm_start=lowest.schedule, peak_floor_bytes=walked_bound)
             unbuilt = unbuildable_in(working, min_peak_options)
             min_peak = (SolverResult("checkmate-min-peak", NO_SOLUTION, None, message=unbuilt) if unbuilt
                         else solve_with("checkmate-min-peak", working, budget_bytes, min_peak_options))

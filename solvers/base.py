@@ -38,6 +38,9 @@ class SolveOptions:
     threads: int = 0  # 0: the back-end's default
     verbose: bool = False
     mip_gap: float = 1e-4  # relative gap at which a MILP stops as optimal
+    # min-peak: a peak no schedule goes below, found before (the planner's walk back from the step's end), which the
+    # MILP then takes as its bound row instead of searching for it again (solvers/peak_bound.py)
+    peak_floor_bytes: int | None = None
 
 
 @dataclass(frozen=True)

@@ -717,7 +717,9 @@ def _solve(graph: Graph, budget_bytes: int | None, options: SolveOptions, name: 
         reference = sum(node.output_bytes for node in graph.nodes) + max(node.workspace_bytes for node in graph.nodes)
     byte_unit = max(reference, 1) / MEMORY_SCALE
     peak_floor = None  # min-peak: a bound far above the MILP's relaxation on some graphs, in a share of the time
-    if budget_bytes is None:
+    if budget_bytes is None and options.peak_floor_bytes is not None:
+        peak_floor = options.peak_floor_bytes
+    elif budget_bytes is None:
         given = simulate(graph, options.warm_start) if options.warm_start is not None else None
         target = given.peak_bytes if given is not None and given.valid else None  # no bound goes above it
         peak_floor = backward_peak_bound(graph, started + PEAK_BOUND_SHARE * options.time_limit_s, target)

@@ -536,3 +536,26 @@ def test_a_budget_under_the_walk_back_from_the_steps_end_is_proven_infeasible_an
     planned = solve(graph, 7264, time_limit_s=1)
     assert planned.method == "backward-walk" and planned.simulation.peak_bytes == 7264
     assert simulate(graph, planned.schedule).fits(7264) and planned.schedule.recomputed_nodes()
+
+
+def test_the_min_peak_milp_takes_the_walks_bound_from_the_planner_and_does_not_search_it_again(monkeypatch):
+    """The planner walks back from the step's end, then (its walk cut short here) asks the min-peak MILP for the lowest
+    peak: the MILP searched the same bound again with a tenth of its limit. Now it gets the planner's."""
+    graph = step_whose_lowest_peak_recomputes()
+    real_walk = planner.backward_walk
+    monkeypatch.setattr(planner, "backward_walk", lambda g, deadline, target: Walk(real_walk(g, 0.0, None).bound_bytes,
+                                                                                    None))  # cut at once: no path
+    searched, asked = [], []
+    monkeypatch.setattr(checkmate, "backward_peak_bound", lambda *args: searched.append(args) or 0)
+    real_solve_with = planner.solve_with
+
+    def solve_with_recorded(name, graph, budget_bytes, options):
+        asked.append((name, options.peak_floor_bytes))
+        return real_solve_with(name, graph, budget_bytes, options)
+
+    monkeypatch.setattr(planner, "solve_with", solve_with_recorded)
+    plan = solve(graph, 7300, time_limit_s=2)
+    floors = [floor for name, floor in asked if name == "checkmate-min-peak"]
+    assert floors and floors[0] == plan.min_budget_lower_bound_bytes > graph.min_budget_lower_bound()
+    assert not searched
+    assert plan.schedule is not None and plan.simulation.peak_bytes <= 7300
