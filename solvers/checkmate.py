@@ -31,6 +31,7 @@ Units inside the model: bytes in `byte_unit` (about 1/1000 of the budget) and se
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import math
 import os
 import sys
@@ -468,11 +469,29 @@ class _HighsWithStart(pulp.HiGHS):
             lp.solverModel.setSolution(solution)
         if self.deadline is not None:
             lp.solverModel.setOptionValue("time_limit", max(MIN_RUN_S, self.deadline - time.perf_counter()))
+        for name, value in presolve_settings().items():
+            lp.solverModel.setOptionValue(name, value)
         improving = getattr(lp.solverModel, "cbMipImprovingSolution", None)  # highspy 1.10 and later
         if self.on_incumbent is not None and improving is not None:
             on_incumbent = self.on_incumbent
             improving.subscribe(lambda event: on_incumbent(event.data_out.mip_solution))
         lp.solverModel.run()
+
+
+ENUMERATION_RULE_BIT = 1 << 16  # HiGHS 1.15 and 1.16 number their presolve rules so (presolve_rule_logging)
+
+
+@functools.cache
+def presolve_settings() -> dict[str, int]:
+    """HiGHS options every run of ours takes: its presolve's Enumeration rule off. HiGHS 1.16.0's Enumeration
+    called feasible Checkmate models infeasible (a 7-node step at 11 bytes, where a schedule peaks at 11 and HiGHS
+    1.15.1, presolve off, or the rule off, all solve it; tests/test_checkmate.py). The rule is off in 1.15 too,
+    which numbers it the same; older HiGHS numbers the rules otherwise and gets no setting."""
+    try:
+        version = tuple(int(part) for part in importlib.metadata.version("highspy").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return {}
+    return {"presolve_rule_off": ENUMERATION_RULE_BIT} if version >= (1, 15) else {}
 
 
 @functools.cache
@@ -552,7 +571,7 @@ def _run_in_child(problem: pulp.LpProblem, model: HighsArrays, options: SolveOpt
                   on_incumbent: Callable[[Sequence[float]], None] | None, presolve: bool) -> HighsResult:
     """The same run in a process of its own, killed if it overruns its deadline (solvers/highs_process.py);
     the problem's variables get the values it ends with, as PuLP gives them in-process."""
-    highs_options: dict[str, object] = {}
+    highs_options: dict[str, object] = dict(presolve_settings())
     if mip:
         highs_options["mip_rel_gap"] = options.mip_gap
     if options.threads:

@@ -364,3 +364,30 @@ def test_min_peak_of_a_step_that_returns_its_gradients_is_proven_in_a_short_limi
     assert result.status == OPTIMAL and result.detail["peak_bytes"] == 30408
     assert result.detail["peak_lower_bound_bytes"] == 30408
     assert simulate(graph, result.schedule).peak_bytes == 30408
+
+
+def step_highs_presolve_called_infeasible(last_reads: list[int]) -> Graph:
+    """7 nodes whose node 4 has a byte of workspace (Hypothesis found both): HiGHS 1.16.0's presolve rule
+    Enumeration called their Checkmate models infeasible."""
+    sizes = [0, 1, 2, 5, 5, 2, 0] if last_reads == [4, 5] else [0, 1, 1, 5, 8, 8, 0]
+    graph = make_graph([[], [0], [0, 1], [], [0, 1, 2], [0, 2, 3], last_reads], sizes)
+    nodes = list(graph.nodes)
+    nodes[4] = dataclasses.replace(nodes[4], workspace_bytes=1)
+    return dataclasses.replace(graph, nodes=tuple(nodes))
+
+
+def test_highs_presolve_does_not_call_a_budget_a_schedule_fits_infeasible():
+    graph = step_highs_presolve_called_infeasible([4, 5])
+    best = smallest_peak_schedule(graph)
+    assert best.peak_bytes == 11
+    result = solve_checkmate(graph, 11, EXACT)  # infeasible before (presolve_settings)
+    assert result.status == OPTIMAL
+    sim = simulate(graph, result.schedule)
+    assert sim.valid and sim.peak_bytes <= 11 and result.objective_s == sim.compute_s
+
+
+def test_highs_presolve_does_not_call_the_min_peak_model_infeasible():
+    graph = step_highs_presolve_called_infeasible([0, 4, 5])
+    best = smallest_peak_schedule(graph)
+    result = solve_min_peak(graph, EXACT)  # infeasible before (presolve_settings)
+    assert result.status == OPTIMAL and result.detail["peak_bytes"] == best.peak_bytes == 19
