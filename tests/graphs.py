@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from remat.graph import FixedMemory, Graph, Node
+from dataclasses import replace
+
+from remat.graph import RETURN_OP, FixedMemory, Graph, Node
 from remat.schedule import Schedule
 
 
@@ -104,3 +106,26 @@ def step_whose_lowest_peak_recomputes() -> Graph:
     sizes = [384, 384, 384, 384, 48, 8, 384, 192, 192, 16, 192, 192, 384, 256, 32, 8, 384, 384, 512, 64, 384, 512,
              64, 0]
     return make_graph(deps, sizes, outputs=[9, 23], fixed_bytes=5344, backward=[i >= 10 for i in range(len(deps))])
+
+
+def set_to_none_chain_step(layers: int, activation_bytes: int = 10, gradient_bytes: int = 4) -> Graph:
+    """chain_training_graph's step as lowered with gradients="set-to-none": each layer's weight gradient is made by a
+    node of its own (reading the layer's input and the gradient from above) and held to the backward's return
+    (RETURN_OP), the last node, which reads them all. Layers in reverse, backward: b_k, then w_k."""
+    deps: list[list[int]] = [[k - 1] if k else [] for k in range(layers)]
+    deps.append([layers - 1])  # the loss
+    sizes = [activation_bytes] * layers + [1]
+    grad_of_next, weight_gradients = layers, []
+    for k in reversed(range(layers)):
+        inputs = [k - 1] if k else []
+        deps.append([grad_of_next] + inputs + [k])  # b_k: the gradient of layer k's input
+        deps.append([grad_of_next] + inputs)  # w_k: layer k's weight gradient
+        sizes += [activation_bytes, gradient_bytes]
+        grad_of_next = len(deps) - 2
+        weight_gradients.append(len(deps) - 1)
+    deps.append(weight_gradients)
+    sizes.append(0)
+    n = len(deps)
+    graph = make_graph(deps, sizes, outputs=[layers, n - 1], backward=[i > layers for i in range(n)])
+    nodes = (*graph.nodes[:-1], replace(graph.nodes[-1], op=RETURN_OP, compute_s=0.0))
+    return replace(graph, nodes=nodes)

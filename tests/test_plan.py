@@ -10,13 +10,13 @@ from remat import planner
 from remat.graph import Graph
 from remat.planner import MAX_EXACT_NODES, MAX_WHOLE_NODES, MIN_STAGE_S, SEARCHED_MILP_SHARE, solve, sweep
 from remat.simulate import simulate
-from solvers import base, baselines, checkmate
+from solvers import base, baselines, checkmate, peak_bound
 from solvers.base import SolverResult
 from solvers.baselines import BASELINES
 from solvers.bounds import Bound
 from solvers.peak_bound import Walk
 from solvers.registry import solve_with
-from tests.graphs import chain_training_graph, make_graph, step_whose_lowest_peak_recomputes
+from tests.graphs import chain_training_graph, make_graph, set_to_none_chain_step, step_whose_lowest_peak_recomputes
 
 
 def residual_training_graph(blocks: int) -> Graph:
@@ -559,3 +559,23 @@ def test_the_min_peak_milp_takes_the_walks_bound_from_the_planner_and_does_not_s
     assert floors and floors[0] == plan.min_budget_lower_bound_bytes > graph.min_budget_lower_bound()
     assert not searched
     assert plan.schedule is not None and plan.simulation.peak_bytes <= 7300
+
+
+def test_a_set_to_none_step_over_the_whole_graph_size_is_walked_back_and_a_budget_under_its_bound_refused(monkeypatch):
+    """The walk back from the step's end ran on whole graphs only: a budget between the node floor (160 bytes: the
+    return's gradients) and what every schedule holds as it makes the last gradient was no_solution, "not below 160".
+    Now a set-to-none step over MAX_WHOLE_NODES is walked too (its cap lowered here: 2,000 sets, 0.01 s), and such a
+    budget is infeasible, the walk named as the proof. Its held twin (the last node reads the gradients but is not
+    the return) is not walked: the main job's plans pay nothing for it."""
+    monkeypatch.setattr(peak_bound, "MAX_SETS", 2000)
+    graph = set_to_none_chain_step(40)
+    assert len(graph) > MAX_WHOLE_NODES and graph.min_budget_lower_bound() == 160
+    plan = solve(graph, 170, time_limit_s=3)
+    assert plan.status == base.INFEASIBLE and plan.min_budget_lower_bound_bytes > 170
+    assert "walk back from its end" in plan.min_budget_lower_bound_why
+    walks = []
+    monkeypatch.setattr(planner, "backward_walk", lambda *args: walks.append(args))
+    held = dataclasses.replace(graph, nodes=(*graph.nodes[:-1], dataclasses.replace(graph.nodes[-1], op="test")))
+    assert not held.gradients_made and held.min_budget_lower_bound() == 160
+    assert solve(held, 170, time_limit_s=1).min_feasible_bytes > 170  # nothing fits: the walk was not run all the same
+    assert not walks
