@@ -729,7 +729,10 @@ def _plan_traced(tracer: SplitTracer, budget: str | int | float, solver: str, ti
         # a search cut short by the time limit names the lowest peak it reached, which a longer one may beat
         minimum = ("the minimum feasible budget for this model and input is" if proven else
                    f"the lowest peak found in time_limit={time_limit:g} s is")
-        shorter = "" if proven else " (a longer time_limit may find a lower one)"
+        # and what proves the floor under it: a budget between the two may fit, one under the floor never does
+        shorter = "" if proven else (f" (a longer time_limit may find a lower one, not below "
+                                     f"{format_bytes(result.min_budget_lower_bound_bytes)}: "
+                                     f"{result.min_budget_lower_bound_why})")
         # a share is of this step's store-all peak: say which share the lowest is (a step planned as set-to-none
         # peaks lower than the held one, and a small model's floor, its gradients at the backward's end, can be
         # above a share that the held step fitted)

@@ -57,9 +57,10 @@ def backward_peak_bound(graph: Graph, deadline: float, target: int | None = None
     return backward_walk(graph, deadline, target).bound_bytes
 
 
-def backward_walk(graph: Graph, deadline: float, target: int | None = None) -> Walk:
+def backward_walk(graph: Graph, deadline: float, target: int | None = None, max_sets: int | None = None) -> Walk:
     """backward_peak_bound's search, with the walk it found when it reached the empty set (walk_schedule makes a
-    schedule of it)."""
+    schedule of it). `max_sets`: the sets it reaches at most, in place of MAX_SETS."""
+    max_sets = MAX_SETS if max_sets is None else max_sets
     n = len(graph)
     if n == 0:
         return Walk(graph.fixed.total_bytes, ())
@@ -113,7 +114,7 @@ def backward_walk(graph: Graph, deadline: float, target: int | None = None) -> W
         if target is not None and cost >= target:
             return Walk(cost, None)
         expanded += 1
-        if len(best) > MAX_SETS or (expanded % CHECK_EVERY == 0 and time.perf_counter() > deadline):
+        if len(best) > max_sets or (expanded % CHECK_EVERY == 0 and time.perf_counter() > deadline):
             return Walk(cost, None)
         needed_bytes = held(needed)
         makers = set()

@@ -10,7 +10,7 @@ from remat import planner
 from remat.graph import Graph
 from remat.planner import MAX_EXACT_NODES, MAX_WHOLE_NODES, MIN_STAGE_S, SEARCHED_MILP_SHARE, solve, sweep
 from remat.simulate import simulate
-from solvers import base, baselines, checkmate, peak_bound
+from solvers import base, baselines, checkmate
 from solvers.base import SolverResult
 from solvers.baselines import BASELINES
 from solvers.bounds import Bound
@@ -515,7 +515,7 @@ def test_a_solve_that_finds_nothing_in_time_says_no_solution_and_infeasible_only
     monkeypatch.setattr(planner, "solve_with", nothing_in_time)
     monkeypatch.setattr(planner, "covering_bound", lambda graph, *args, **kwargs:
                         Bound(graph.compute_s, "covering (not solved in time: test)", 0.0))
-    monkeypatch.setattr(planner, "backward_walk", lambda graph, deadline, target: Walk(30, None))  # the node floor
+    monkeypatch.setattr(planner, "backward_walk", lambda graph, *limits: Walk(30, None))  # the node floor
     plan = solve(graph, 45, time_limit_s=10)
     assert plan.status == base.NO_SOLUTION and plan.schedule is None
     lowest = plan.min_feasible_bytes  # the baselines' (the min-peak MILP was cut short too)
@@ -543,7 +543,7 @@ def test_the_min_peak_milp_takes_the_walks_bound_from_the_planner_and_does_not_s
     peak: the MILP searched the same bound again with a tenth of its limit. Now it gets the planner's."""
     graph = step_whose_lowest_peak_recomputes()
     real_walk = planner.backward_walk
-    monkeypatch.setattr(planner, "backward_walk", lambda g, deadline, target: Walk(real_walk(g, 0.0, None).bound_bytes,
+    monkeypatch.setattr(planner, "backward_walk", lambda g, *limits: Walk(real_walk(g, 0.0, None).bound_bytes,
                                                                                     None))  # cut at once: no path
     searched, asked = [], []
     monkeypatch.setattr(checkmate, "backward_peak_bound", lambda *args: searched.append(args) or 0)
@@ -567,7 +567,7 @@ def test_a_set_to_none_step_over_the_whole_graph_size_is_walked_back_and_a_budge
     Now a set-to-none step over MAX_WHOLE_NODES is walked too (its cap lowered here: 2,000 sets, 0.01 s), and such a
     budget is infeasible, the walk named as the proof. Its held twin (the last node reads the gradients but is not
     the return) is not walked: the main job's plans pay nothing for it."""
-    monkeypatch.setattr(peak_bound, "MAX_SETS", 2000)
+    monkeypatch.setattr(planner, "LARGE_WALK_MAX_SETS", 2000)
     graph = set_to_none_chain_step(40)
     assert len(graph) > MAX_WHOLE_NODES and graph.min_budget_lower_bound() == 160
     plan = solve(graph, 170, time_limit_s=3)
