@@ -62,6 +62,10 @@ WALK_SHARE = 0.5  # of the time left, at most, for the walk back from the step's
 LARGE_WALK_MAX_SETS = 800_000  # the walk's cap on graphs over MAX_WHOLE_NODES, in place of MAX_SETS: a ResNet-50
 #                                set-to-none step at batch 2 (521 nodes) reaches the empty set after about 620k sets
 #                                (7 to 8 s, 258 MB of host memory) at the lowest peak, 3.6% under any other plan's
+LARGE_WALK_PROBE_SETS = 20_000  # ... but first this many (0.2 s), and on only where its bound has risen over the node
+#                                 floor by then: on ResNet-50 and U-Net steps it has, and it reaches the empty set; on
+#                                 MobileNet-v2 and VGG16 steps it stays at the floor through 800k sets (11 s of a 30-s
+#                                 plan for nothing: their bound is the floor still at 5 s, searched without a cap)
 MIN_STAGE_S = 0.5  # the least time a solver stage gets once the deadline is near or past (then it keeps its warm start)
 BOUND_SHARE = 1 / 6  # of the time limit, at most BOUND_MAX_S, for the covering lower bound (up to MAX_REPAIR_NODES)
 BOUND_MAX_S = 20.0  # gpt2-medium (90 s a chunk count) gets 15 s: its covering MILP (so cover-round) improves to ~15 s
@@ -565,8 +569,12 @@ def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, bac
         # set, its schedule peaks at the lowest peak of all (a set-to-none U-Net step at batch 1: 498.0 MB in 0.9 s,
         # where the baselines' lowest was 542.1 MB and no MILP ran)
         say("lower bound on the peak, walking back from the step's end")
-        walked = _walk(graph, left(WALK_SHARE), _lowest_peak(candidates), LARGE_WALK_MAX_SETS)
+        node_floor = bound
+        walked = _walk(graph, left(WALK_SHARE), _lowest_peak(candidates), LARGE_WALK_PROBE_SETS)
         bound = max(bound, walked.detail["backward_peak_bound_bytes"])
+        if walked.schedule is None and bound > node_floor:  # rising over the floor: walk on
+            walked = _walk(graph, left(WALK_SHARE), _lowest_peak(candidates), LARGE_WALK_MAX_SETS)
+            bound = max(bound, walked.detail["backward_peak_bound_bytes"])
         if walked.schedule is not None:
             candidates.append(_candidate(graph, "backward-walk", walked, walked.schedule))
         if budget_bytes < bound:

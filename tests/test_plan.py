@@ -564,9 +564,10 @@ def test_the_min_peak_milp_takes_the_walks_bound_from_the_planner_and_does_not_s
 def test_a_set_to_none_step_over_the_whole_graph_size_is_walked_back_and_a_budget_under_its_bound_refused(monkeypatch):
     """The walk back from the step's end ran on whole graphs only: a budget between the node floor (160 bytes: the
     return's gradients) and what every schedule holds as it makes the last gradient was no_solution, "not below 160".
-    Now a set-to-none step over MAX_WHOLE_NODES is walked too (its cap lowered here: 2,000 sets, 0.01 s), and such a
+    Now a set-to-none step over MAX_WHOLE_NODES is walked too (its caps lowered here: 500, then 2,000 sets), and such a
     budget is infeasible, the walk named as the proof. Its held twin (the last node reads the gradients but is not
     the return) is not walked: the main job's plans pay nothing for it."""
+    monkeypatch.setattr(planner, "LARGE_WALK_PROBE_SETS", 500)
     monkeypatch.setattr(planner, "LARGE_WALK_MAX_SETS", 2000)
     graph = set_to_none_chain_step(40)
     assert len(graph) > MAX_WHOLE_NODES and graph.min_budget_lower_bound() == 160
