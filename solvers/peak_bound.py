@@ -27,6 +27,14 @@ each walk then keeps every gradient not made yet in its set, and the bound sees 
 return runs beside all the others. The node floor (fixed memory and the largest single working set) does not; nor
 does the min-peak MILP's LP relaxation, which keeps gradients a fraction each and makes them again at no cost in
 the last stage: on a 24-node step it stayed at the floor, 6,784 bytes, where this walk gives the optimum, 7,264.
+
+A set M inside a set N does at least as well as N from the same cost: take a walk from N; where its step runs a k
+that makes a part of M, the same run from M costs no more (M's parts are N's) and leads inside N's next set, and
+where k makes no part of M, M is already inside N's next set (N - outputs(k) keeps M), so a walk from M follows
+with no costlier step. So where a run reads only parts of the set N it is taken from, and costs no more than the
+walk so far, it leads to N - outputs(k), inside N at the same cost, and the search takes that step alone from N:
+the bound stays a bound, and the walk it finds the cheapest. On a set-to-none ResNet-50 step (batch 2, 521 nodes)
+the search then reached the empty set in 2.4 s, where it had not in 4 s; on a U-Net one in 0.33 s (0.58 s before).
 """
 
 from __future__ import annotations
@@ -123,8 +131,12 @@ def backward_walk(graph: Graph, deadline: float, target: int | None = None, max_
             low = bits & -bits
             makers.add(maker[low.bit_length() - 1])
             bits ^= low
-        for k in makers:
-            step = max(cost, fixed + needed_bytes + held((outputs[k] | inputs[k]) & ~needed) + workspace[k])
+        steps = {k: fixed + needed_bytes + held((outputs[k] | inputs[k]) & ~needed) + workspace[k] for k in makers}
+        # a run that reads only parts of the set, at no more than the cost so far, leads to a set inside it at the
+        # same cost: the only step worth taking from here (the docstring's last paragraph)
+        free = next((k for k in makers if not inputs[k] & ~needed and steps[k] <= cost), None)
+        for k in makers if free is None else (free,):
+            step = max(cost, steps[k])
             before = (needed & ~outputs[k]) | inputs[k]
             if step < best.get(before, step + 1):
                 best[before] = step

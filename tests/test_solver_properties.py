@@ -296,6 +296,19 @@ def test_the_walk_back_to_the_empty_set_is_a_valid_schedule_at_or_over_its_bound
     assert simulation.peak_bytes >= walk.bound_bytes
 
 
+def test_a_run_that_reads_only_needed_parts_is_the_walks_only_step_from_its_set():
+    # w (50 bytes) makes z (100) and x (10); x makes y1..y14 (1 each); the last node reads z, x and every y. Every
+    # order of the y runs costs the node floor, 150 (z's working set), and the lowest peak, 160 (x made beside z),
+    # comes after them: the search went through all 2^14 sets of y's at 150 first. Each y run reads only x, already
+    # needed: a set inside the one it leaves, at the same cost, so it is the only step taken there
+    ys = 14
+    deps = [[], [0], [0]] + [[2]] * ys + [[1, 2, *range(3, 3 + ys)]]
+    graph = make_graph(deps, [50, 100, 10] + [1] * ys + [0])
+    walk = backward_walk(graph, math.inf, max_sets=100)
+    assert graph.min_budget_lower_bound() == 150 and walk.bound_bytes == 160 and walk.runs is not None
+    assert simulate(graph, walk_schedule(graph, walk.runs)).peak_bytes == 160
+
+
 def test_the_walk_back_reaches_the_lowest_peak_of_a_step_in_few_sets(monkeypatch):
     # of the sets at the same cost the search takes the last reached: breadth-first among them, the walk had not
     # reached the empty set after 200,000 sets on 24 to 50-node steps
