@@ -60,8 +60,9 @@ WALK_SHARE = 0.5  # of the time left, at most, for the walk back from the step's
 #                   reaches the empty set in under 0.05 s (the lowest peak, and a schedule at it), or stops at once
 #                   where its bound meets the lowest peak found; else at MAX_SETS sets (1 s on a 95-node MLP's step)
 LARGE_WALK_MAX_SETS = 800_000  # the walk's cap on graphs over MAX_WHOLE_NODES, in place of MAX_SETS: a ResNet-50
-#                                set-to-none step at batch 2 (521 nodes) reaches the empty set after about 620k sets
-#                                (7 to 8 s, 258 MB of host memory) at the lowest peak, 3.6% under any other plan's
+#                                set-to-none step at batch 2 (521 nodes) reaches the empty set after 200k to 400k sets
+#                                (3 s; 620k sets, 5 to 8 s and 258 MB of host memory before the walk's step through
+#                                runs that read only needed parts) at the lowest peak, 3.6% under any other plan's
 LARGE_WALK_PROBE_SETS = 20_000  # ... but first this many (0.2 s), and on only where its bound has risen over the node
 #                                 floor by then: on ResNet-50 and U-Net steps it has, and it reaches the empty set; on
 #                                 MobileNet-v2 and VGG16 steps it stays at the floor through 800k sets (11 s of a 30-s
