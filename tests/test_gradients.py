@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from remat import planner
 from remat.planner import solve
 from remat.training import PlanError, apply, plan, trace_step
 from remat.units import format_bytes
@@ -309,17 +310,22 @@ def test_the_walk_back_from_the_steps_end_plans_its_lowest_peak_and_runs_it_as_e
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, p.grad, rtol=0, atol=0)
 
 
-def test_a_budget_under_the_walk_back_on_a_step_over_the_whole_graph_size_is_infeasible_and_the_error_names_why():
+def test_a_budget_under_the_walk_back_on_a_step_over_the_whole_graph_size_is_infeasible_and_the_error_names_why(
+        monkeypatch):
     """A 20-layer tanh MLP's set-to-none step (124 nodes, over MAX_WHOLE_NODES) was not walked back from its end: a
-    budget between its node floor (179,232 bytes) and what every schedule holds as it makes the last gradient (the
-    walk: 189,208 in 2 s; the baselines' lowest peak 191,264) was no_solution, and the PlanError named only the lowest
-    peak found. Now the walk runs on it: the budget is infeasible, and the error says what no schedule goes below."""
+    budget between its node floor (179,232 bytes) and its lowest peak was no_solution, the lowest peak found 191,264
+    (the baselines'). Now the walk runs on it and reaches the empty set: the budget is infeasible, the minimum proven
+    and planned, 189,208. With the walk cut short (its caps lowered) the PlanError names what no schedule goes below,
+    and why, beside the lowest peak found."""
     torch.manual_seed(0)
     model = nn.Sequential(*[m for _ in range(20) for m in (nn.Linear(16, 16), nn.Tanh())], nn.Linear(16, 1)).double()
     inputs = (torch.randn(32, 16, dtype=torch.float64),)
     graph, _ = trace_step(model, inputs, device="cpu", gradients="set-to-none")
     budget = graph.min_budget_lower_bound() + 2000
-    assert solve(graph, budget, time_limit_s=2).status == INFEASIBLE
+    refused = solve(graph, budget, time_limit_s=2)
+    assert refused.status == INFEASIBLE and refused.min_feasible_proven and refused.min_feasible_bytes == 189208
+    monkeypatch.setattr(planner, "LARGE_WALK_PROBE_SETS", 500)
+    monkeypatch.setattr(planner, "LARGE_WALK_MAX_SETS", 1000)
     proof = r"not below [^:]+: what every schedule holds .* \(the walk back from its end\)"
     with pytest.raises(PlanError, match=proof):
         plan(model, inputs, budget=budget, device="cpu", time_limit=2, gradients="set-to-none")
