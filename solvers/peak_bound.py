@@ -169,4 +169,29 @@ def walk_schedule(graph: Graph, runs: tuple[int, ...]) -> Schedule:
     for k in graph.outputs:
         if k not in computed:
             run(k)
-    return tighten_frees(graph, Schedule(tuple(ops), len(graph)))
+    return tighten_frees(graph, Schedule(tuple(with_every_node_run(graph, ops)), len(graph)))
+
+
+def with_every_node_run(graph: Graph, ops: list[Op]) -> list[Op]:
+    """`ops` with each node they never compute (one that no output reads, directly or not: dead code in a random
+    graph) computed right after the first computations of its inputs, which are in memory then. Every schedule of the
+    other solvers runs every node, store-all included: without these, the walk's schedule cost less than store-all's,
+    and a budget's plan less than a larger one's (sweep's curve rose: 0.4 s at 2 bytes, store-all's 0.7 s at 3)."""
+    pending = [k for k in range(len(graph)) if k not in {op.node for op in ops if op.kind == COMPUTE}]
+    ran: set[int] = set()
+    result: list[Op] = []
+
+    def run_ready() -> None:
+        while ready := [k for k in pending if all(d in ran for d in graph.nodes[k].deps)]:
+            for k in ready:
+                pending.remove(k)
+                result.append(Op(COMPUTE, k))
+                ran.add(k)
+
+    run_ready()
+    for op in ops:
+        result.append(op)
+        if op.kind == COMPUTE and op.node not in ran:
+            ran.add(op.node)
+            run_ready()
+    return result

@@ -181,8 +181,10 @@ def test_swept_cost_never_rises_and_matches_the_optimum(graph):
         best = cheapest_schedule(graph, plan.budget_bytes)
         if best is None:
             continue
-        assert plan.compute_s == pytest.approx(best.compute_s, rel=1e-6)  # whole-graph MILP: exact
-        assert plan.lower_bound_s is not None and plan.lower_bound_s <= best.compute_s * (1 + 1e-9)
+        # the whole-graph MILP is exact over the schedules in the traced order; the walk's schedule, in another order,
+        # can only do better
+        assert plan.compute_s <= best.compute_s * (1 + 1e-6) and plan.simulation.fits(plan.budget_bytes)
+        assert plan.lower_bound_s is not None and plan.lower_bound_s <= plan.compute_s * (1 + 1e-9)
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
