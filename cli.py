@@ -26,7 +26,9 @@ FORMAT_ONLY = 10**18  # a reference size for checking a share's format before th
 EXIT_BAD_INPUT = 2  # bad input and infeasible budgets: the user has something to change
 SLOW_BATCH_OVERHEAD = 1.0  # maxbatch hints at --max-overhead past this overhead (twice store-all's step time)
 
-stderr = Console(stderr=True, emoji=False)  # a factory called `llama` is not :llama:
+# soft_wrap: a line is printed whole, however long, and a terminal wraps it; rich cut lines at the console's width,
+# also into a pipe or a file (the main job's "plan" line, 158 characters, broke at "the split step's / own)")
+stderr = Console(stderr=True, emoji=False, soft_wrap=True)  # a factory called `llama` is not :llama:
 
 
 def fail(message: str) -> None:
@@ -398,8 +400,7 @@ def _print_plan(plan, wall_s: float, out: str | None, share: str | None = None, 
                 traced_overhead: float | None = None) -> None:
     from remat.split import Split
 
-    # piped output keeps whole lines: rich would wrap at 80 columns when stdout is not a terminal
-    console = Console(highlight=False, emoji=False, width=shutil.get_terminal_size((140, 24)).columns)
+    console = _console()
     graph, fixed, sim = plan.graph, plan.graph.fixed, plan.simulation
     meta = graph.meta
     forward = len(graph.forward_nodes)
@@ -529,7 +530,9 @@ def _batch_note(batch: int | None) -> str:
 
 
 def _console() -> Console:
-    return Console(highlight=False, emoji=False, width=shutil.get_terminal_size((140, 24)).columns)
+    """stdout's console: lines printed whole (soft_wrap), tables as wide as the terminal, or 140 columns in a pipe
+    (where rich would take 80)."""
+    return Console(highlight=False, emoji=False, soft_wrap=True, width=shutil.get_terminal_size((140, 24)).columns)
 
 
 @main.command()

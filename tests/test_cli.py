@@ -399,6 +399,25 @@ def test_the_floor_is_named_with_the_chunk_counts_it_is_of(capsys, monkeypatch):
     assert line.endswith("working set with the head in 8 chunks)")
 
 
+def test_lines_longer_than_the_terminal_print_whole(capsys, monkeypatch):
+    """Piped into a file, the main job's "minimum budget" and "plan" lines (158 characters) were cut at the console's
+    width, mid-sentence ("the split step's" / "own)"), where the README shows them whole."""
+    import dataclasses
+
+    from cli import _print_plan
+    from remat.planner import solve
+    from tests.graphs import chain_training_graph
+
+    monkeypatch.setenv("COLUMNS", "80")
+    plan = solve(chain_training_graph(10), 10**6, time_limit_s=10)
+    graph = dataclasses.replace(plan.graph, meta={**plan.graph.meta, "floor_at": "with the head in 8 chunks"})
+    _print_plan(dataclasses.replace(plan, graph=graph), 1.0, None)
+    lines = capsys.readouterr().out.splitlines()
+    line = next(x for x in lines if x.startswith("minimum budget"))
+    assert len(line) > 80 and line.endswith("working set with the head in 8 chunks)"), line
+    assert any(x.startswith("┏") for x in lines)  # the table is still drawn
+
+
 def test_a_share_below_fixed_memory_says_what_share_fixed_memory_takes(factory_file):
     """A small model's AdamW state is most of its store-all peak: "60%" fits nothing, and the error said only the
     bytes (the README's own shares failed so on small models)."""
@@ -417,7 +436,7 @@ def test_outputs_all_on_a_model_that_returns_one_tensor_alone_says_so(factory_fi
     def note(*args):
         result = remat("solve", *args, "--budget", "100%", "--outputs", "all", "--json")
         assert result.returncode == 0, result.stderr
-        return " ".join(result.stderr.split())  # as one line, however the console wrapped it
+        return result.stderr  # one line: the note was cut at 80 columns in a pipe
 
     assert said in note("--model", "mlp", "--batch", "2")
     assert said in note("--model", f"{factory_file}:logits")
