@@ -579,9 +579,7 @@ def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, bac
         if walked.schedule is not None:
             candidates.append(_candidate(graph, "backward-walk", walked, walked.schedule))
         if budget_bytes < bound:
-            return _finish(graph, budget_bytes, candidates, candidates, store_all, bound, started, None,
-                           bound_method="the walk back from the step's end: no schedule fits",
-                           picked="none: no schedule peaks below the walk back from the step's end")
+            return _refused_by_the_walk(graph, budget_bytes, candidates, store_all, bound, started)
 
     # A valid lower bound on the fine graph, whatever solves it (solvers/bounds.py): cheap, so always.
     say("lower bound")
@@ -699,7 +697,7 @@ def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, bac
         candidates.append(_candidate(graph, "lp-round", rounded, rounded.schedule))
     name = "checkmate" if solver == "auto" else solver
     coarser: Schedule | None = None  # the previous level's plan, expanded to this level
-    lowest_peak = min(c.simulation.peak_bytes for c in candidates if c.simulation is not None and c.simulation.valid)
+    lowest_peak = _lowest_peak(candidates)
     milp_candidates: list[Candidate] = []
     result = None
     for depth in reversed(range(1 if levels else 0, len(graphs))):  # the whole graph only when it is small
@@ -754,9 +752,7 @@ def _plan(graph: Graph, budget_bytes: int, solver: str, time_limit_s: float, bac
                 if min_peak_sim.fits(budget_bytes):
                     options.append((min_peak_sim.compute_s, min_peak.schedule))
         if graph.min_budget_lower_bound() <= budget_bytes < bound:  # under the walk's bound: proven, no MILP needed
-            return _finish(graph, budget_bytes, candidates, candidates, store_all, bound, started, None,
-                           bound_method="the walk back from the step's end: no schedule fits",
-                           picked="none: no schedule peaks below the walk back from the step's end")
+            return _refused_by_the_walk(graph, budget_bytes, candidates, store_all, bound, started)
         warm = min(options, key=lambda option: option[0])[1] if options else None
 
         # of two coarse levels, the coarser gets a third of the time left and the finer what is left after it; on a
@@ -903,6 +899,14 @@ def _walks_before_solving(graph: Graph, budget_bytes: int, candidates: Sequence[
     nothing for it."""
     return (len(graph) > MAX_WHOLE_NODES and graph.gradients_made
             and not any(c.fits(budget_bytes) for c in candidates) and _lowest_peak(candidates) > bound)
+
+
+def _refused_by_the_walk(graph: Graph, budget_bytes: int, candidates: list[Candidate], store_all: Simulation,
+                         bound: int, started: float) -> Plan:
+    """The plan for a budget under the walk's bound (`bound`): infeasible, with the walk named as the proof."""
+    return _finish(graph, budget_bytes, candidates, candidates, store_all, bound, started, None,
+                   bound_method="the walk back from the step's end: no schedule fits",
+                   picked="none: no schedule peaks below the walk back from the step's end")
 
 
 def _lowest_peak(candidates: Sequence[Candidate]) -> int:
